@@ -1,0 +1,1 @@
+"""B-STaR: balanced self-taught reasoning on top of the engine."""

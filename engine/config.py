@@ -1,0 +1,149 @@
+"""Model and engine configuration, as plain dataclasses."""
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.errors import CheckpointError
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    sliding_window: int | None
+    eos_token_ids: list[int] = field(default_factory=list)
+    torch_dtype: str | None = None
+
+    @classmethod
+    def from_dir(cls, path: str) -> "ModelConfig":
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise CheckpointError(f"no config.json in model directory {path}")
+        try:
+            with open(cfg_path) as f:
+                c = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from None
+        return cls.from_dict(c, where=cfg_path)
+
+    @classmethod
+    def from_dict(cls, c: dict, where: str = "config") -> "ModelConfig":
+        archs = c.get("architectures") or []
+        arch = archs[0] if archs else None
+        if arch is None:
+            arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}.get(
+                c.get("model_type", ""))
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise CheckpointError(
+                f"unknown architecture {arch or c.get('model_type')!r} in {where}; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        act = c.get("hidden_act", "silu")
+        if act != "silu":
+            raise CheckpointError(f"unsupported hidden_act {act!r} in {where}; only 'silu' is supported")
+        try:
+            hidden, heads = int(c["hidden_size"]), int(c["num_attention_heads"])
+            # transformers 5 writes rope settings under rope_parameters; 4.x used rope_theta/rope_scaling.
+            rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+            theta = float(rope.get("rope_theta", c.get("rope_theta", 10000.0)))
+            rtype = rope.get("rope_type", rope.get("type", "default"))
+            if rtype not in ("default", "llama3"):
+                raise CheckpointError(f"unsupported rope_type {rtype!r} in {where}; supported: default, llama3")
+            window = None
+            if arch == "MistralForCausalLM":
+                window = c.get("sliding_window")
+            elif arch == "Qwen2ForCausalLM" and c.get("use_sliding_window"):
+                window = c.get("sliding_window")
+            eos = c.get("eos_token_id")
+            eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+            return cls(
+                architecture=arch,
+                vocab_size=int(c["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(c["intermediate_size"]),
+                num_layers=int(c["num_hidden_layers"]),
+                num_heads=heads,
+                num_kv_heads=int(c.get("num_key_value_heads") or heads),
+                head_dim=int(c.get("head_dim") or hidden // heads),
+                rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+                rope_theta=theta,
+                rope_scaling=rope if rtype == "llama3" else None,
+                max_position_embeddings=int(c.get("max_position_embeddings", 2048)),
+                tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+                qkv_bias=arch == "Qwen2ForCausalLM" or bool(c.get("attention_bias", False)),
+                o_bias=arch != "Qwen2ForCausalLM" and bool(c.get("attention_bias", False)),
+                mlp_bias=bool(c.get("mlp_bias", False)),
+                sliding_window=int(window) if window else None,
+                eos_token_ids=eos,
+                torch_dtype=c.get("torch_dtype") or c.get("dtype"),
+            )
+        except KeyError as e:
+            raise CheckpointError(f"{where} lacks required field {e.args[0]!r}") from None
+
+    def rope_cos_sin(self, max_len: int, device) -> torch.Tensor:
+        """float32 [max_len, head_dim]: cos in the first half, sin in the second (neox layout)."""
+        d = self.head_dim
+        inv_freq = 1.0 / (self.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+        if self.rope_scaling is not None:
+            inv_freq = _llama3_inv_freq(inv_freq, self.rope_scaling)
+        t = torch.arange(max_len, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)
+        return torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(device)
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
+    """Llama 3.1 frequency scaling, as transformers' _compute_llama3_parameters."""
+    factor = float(s["factor"])
+    low, high = float(s.get("low_freq_factor", 1.0)), float(s.get("high_freq_factor", 4.0))
+    old_len = float(s["original_max_position_embeddings"])
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+@dataclass
+class EngineConfig:
+    """Knobs of the paged KV cache and the scheduler."""
+
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # explicit KV budget in blocks; wins over the two below
+    gpu_memory_utilization: float = 0.90  # CUDA: fraction of device memory for weights+activations+KV
+    cpu_kv_cache_bytes: int = 1 << 30  # CPU: bytes of KV cache
+    max_num_seqs: int = 256  # running sequences per step
+    max_num_batched_tokens: int = 4096  # tokens per step (prefill chunks + decodes)
+    max_model_len: int | None = None  # defaults to the model's max_position_embeddings
+    enable_prefix_caching: bool = True
+
+    def validate(self):
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")

@@ -1,0 +1,17 @@
+"""Errors a user can act on. The CLI prints their message as one line and exits non-zero."""
+
+
+class BStarError(Exception):
+    """Base class: bad input, missing file, unsupported checkpoint, invalid option."""
+
+
+class CheckpointError(BStarError):
+    """A model directory that cannot be loaded (missing or corrupt files, unknown architecture...)."""
+
+
+class RequestError(BStarError, ValueError):
+    """A request that cannot be served (invalid sampling value, prompt longer than the context...)."""
+
+
+class DataError(BStarError, ValueError):
+    """A malformed data file (bad JSONL line, missing field); the message names file and line."""

@@ -1,0 +1,68 @@
+"""The user-facing entry point, named as in vLLM: `LLM(path).generate(prompts, SamplingParams(...))`."""
+
+import torch
+from tqdm.auto import tqdm
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+
+class LLM:
+    def __init__(self, model: str, dtype: str = "auto", device: str = "auto", seed: int = 0,
+                 block_size: int = 16, num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.9,
+                 cpu_kv_cache_bytes: int = 1 << 30, max_num_seqs: int = 256, max_num_batched_tokens: int = 4096,
+                 max_model_len: int | None = None, enable_prefix_caching: bool = True):
+        cfg = EngineConfig(block_size=block_size, num_kv_blocks=num_kv_blocks,
+                           gpu_memory_utilization=gpu_memory_utilization, cpu_kv_cache_bytes=cpu_kv_cache_bytes,
+                           max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                           max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching)
+        self.engine = LLMEngine(model, dtype=dtype, device=device, seed=seed, engine_config=cfg)
+        self._counter = 0
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """prompts: a string, a list of strings, or a list of token id lists. Outputs keep input order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params):
+                rid = f"gen-{self._counter}"
+                self._counter += 1
+                self.engine.add_request(rid, prompt, p)
+                ids.append(rid)
+        except Exception:
+            for rid in ids:  # a bad prompt rejects the whole call, leaving the engine clean
+                self.engine.abort_request(rid)
+            raise
+        results = {}
+        total = sum(p.n * p.max_tokens for p in params)
+        bar = tqdm(total=total, desc="generate", unit="tok", disable=not use_tqdm, leave=False)
+        before = self.engine.num_generated_tokens
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                results[out.request_id] = out
+            bar.update(self.engine.num_generated_tokens - before - bar.n)
+        bar.close()
+        return [results[r] for r in ids]
+
+    def load_weights(self, named_tensors):
+        """Replace weights in place from (HF name, tensor) pairs, e.g. straight from a trainer."""
+        self.engine.load_weights(named_tensors)
+
+    def compute_logits(self, token_lists: list[list[int]]) -> list[torch.Tensor]:
+        """Full-sequence logits [len, vocab] (float32, CPU) of each token list; no caching, no sampling."""
+        out = [None] * len(token_lists)
+        for k, _, h in self.engine.forward_prompts(token_lists, use_prefix_cache=False):
+            out[k] = self.engine.model.compute_logits(h).float().cpu()
+        return out

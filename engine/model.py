@@ -1,0 +1,172 @@
+"""Llama / Qwen2 / Mistral decoder over a paged KV cache.
+
+One module tree serves the three families: they differ only in q/k/v bias (Qwen2), tied embeddings
+and rope settings. Q/K/V and gate/up projections are fused into one matmul each; `load_weights`
+maps Hugging Face tensor names onto the fused slices.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+from engine.config import ModelConfig
+from engine.errors import CheckpointError
+
+
+@dataclass
+class AttnMetadata:
+    """How the packed tokens of one step map onto sequences and cache slots.
+
+    Rows [0, num_decode) are single-token steps (decode kernel); the rest are prefill/extend
+    chunks (prefill kernel), sequence b owning rows num_decode + cu_seqlens_q[b] : ... [b+1].
+    """
+
+    slot_mapping: torch.Tensor  # int64 [T]   cache slot (block * block_size + offset) of each new token
+    block_tables: torch.Tensor  # int32 [B, max_blocks]   decode sequences first
+    seq_lens: torch.Tensor  # int32 [B]   tokens in the cache after this step
+    num_decode: int
+    cu_seqlens_q: torch.Tensor  # int32 [B - num_decode + 1]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.nh, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.nh + 2 * self.nkv) * self.hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=cfg.o_bias)
+        self.scale = self.hd ** -0.5
+
+    def forward(self, x, positions, cos_sin, kv_cache, meta: AttnMetadata):
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
+        q, k = kernels.apply_rotary(q.view(T, self.nh, self.hd), k.view(T, self.nkv, self.hd), positions, cos_sin)
+        v = v.view(T, self.nkv, self.hd)
+        k_cache, v_cache = kv_cache  # [num_blocks, block_size, Hkv, D]
+        # Write the new tokens' K/V first: both kernels then read everything from the cache.
+        k_cache.view(-1, self.nkv, self.hd).index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
+        v_cache.view(-1, self.nkv, self.hd).index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+        nd = meta.num_decode
+        if nd == T:
+            o = kernels.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale)
+        else:
+            o = torch.empty_like(q)
+            if nd:
+                o[:nd] = kernels.paged_decode_attention(
+                    q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], self.scale)
+            o[nd:] = kernels.paged_prefill_attention(
+                q[nd:], k_cache, v_cache, meta.block_tables[nd:], meta.cu_seqlens_q, meta.seq_lens[nd:], self.scale)
+        return self.o_proj(o.view(T, self.nh * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden))
+        self.eps = eps
+
+    def forward(self, x, residual=None):
+        return kernels.rms_norm(x, self.weight, self.eps, residual)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, h, residual, positions, cos_sin, kv_cache, meta):
+        if residual is None:
+            x, residual = self.input_layernorm(h), h
+        else:
+            x, residual = self.input_layernorm(h, residual)
+        h = self.self_attn(x, positions, cos_sin, kv_cache, meta)
+        x, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(x), residual
+
+
+class CausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.model.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids, positions, cos_sin, kv_caches, meta: AttnMetadata):
+        """input_ids, positions int64 [T] -> final normed hidden states [T, hidden]."""
+        h = self.model.embed_tokens(input_ids)
+        residual = None
+        for layer, kv in zip(self.model.layers, kv_caches):
+            h, residual = layer(h, residual, positions, cos_sin, kv, meta)
+        h, _ = self.model.norm(h, residual)
+        return h
+
+    def compute_logits(self, hidden):
+        return self.lm_head(hidden)
+
+    # -- weights ------------------------------------------------------------------------------
+    def weight_map(self) -> dict[str, tuple[torch.Tensor, slice | None]]:
+        """HF tensor name -> (our parameter, row slice of it or None for the whole)."""
+        cfg, out = self.cfg, {}
+        params = dict(self.named_parameters(remove_duplicate=False))
+        q, kv, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+        for name, p in params.items():
+            if ".qkv_proj." in name:
+                for part, sl in (("q_proj", slice(0, q)), ("k_proj", slice(q, q + kv)), ("v_proj", slice(q + kv, q + 2 * kv))):
+                    out[name.replace("qkv_proj", part)] = (p, sl)
+            elif ".gate_up_proj." in name:
+                out[name.replace("gate_up_proj", "gate_proj")] = (p, slice(0, inter))
+                out[name.replace("gate_up_proj", "up_proj")] = (p, slice(inter, 2 * inter))
+            else:
+                out[name] = (p, None)
+        return out
+
+    @torch.no_grad()
+    def load_weights(self, named_tensors, strict: bool = True) -> set[str]:
+        """Copy (HF name, tensor) pairs into the model. Returns the names loaded.
+
+        Shapes are checked; unknown names are an error (rotary inv_freq buffers are skipped)."""
+        wmap = self.weight_map()
+        loaded = set()
+        for name, t in named_tensors:
+            if name.endswith("rotary_emb.inv_freq"):
+                continue
+            if name not in wmap:
+                raise CheckpointError(f"unexpected tensor {name!r} for {self.cfg.architecture}")
+            p, sl = wmap[name]
+            dst = p if sl is None else p[sl]
+            if tuple(t.shape) != tuple(dst.shape):
+                raise CheckpointError(
+                    f"shape mismatch for tensor {name!r}: checkpoint has {tuple(t.shape)}, "
+                    f"config expects {tuple(dst.shape)}")
+            dst.copy_(t.to(device=dst.device, dtype=dst.dtype))
+            loaded.add(name)
+        if strict:
+            required = set(wmap)
+            if self.cfg.tie_word_embeddings:
+                required.discard("lm_head.weight")
+            missing = sorted(required - loaded)
+            if missing:
+                more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+                raise CheckpointError(f"checkpoint lacks tensors: {', '.join(missing[:5])}{more}")
+        return loaded

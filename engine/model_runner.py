@@ -1,0 +1,107 @@
+"""Owns the model and its KV cache; turns a scheduled batch into logits."""
+
+import torch
+
+from engine.config import EngineConfig, ModelConfig
+from engine.model import AttnMetadata, CausalLM
+from engine.scheduler import Batch
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, mcfg: ModelConfig, ecfg: EngineConfig, max_model_len: int,
+                 device: torch.device, dtype: torch.dtype):
+        self.model, self.mcfg, self.ecfg = model, mcfg, ecfg
+        self.device, self.dtype = device, dtype
+        self.block_size = ecfg.block_size
+        self.cos_sin = mcfg.rope_cos_sin(max_model_len, device)
+        self.num_blocks = ecfg.num_kv_blocks or self._auto_num_blocks()
+        # [layers, K/V, blocks, block_size, kv_heads, head_dim]: a layer's K (or V) is one contiguous view.
+        self.kv = torch.empty(mcfg.num_layers, 2, self.num_blocks, self.block_size, mcfg.num_kv_heads,
+                              mcfg.head_dim, dtype=dtype, device=device)
+        self.kv_caches = [(self.kv[i, 0], self.kv[i, 1]) for i in range(mcfg.num_layers)]
+
+    def block_bytes(self) -> int:
+        m = self.mcfg
+        return 2 * m.num_layers * self.block_size * m.num_kv_heads * m.head_dim * torch.finfo(self.dtype).bits // 8
+
+    def _auto_num_blocks(self) -> int:
+        if self.device.type != "cuda":
+            return max(1, self.ecfg.cpu_kv_cache_bytes // self.block_bytes())
+        # Measure the activation peak of a full-budget prefill, then give the rest to the cache.
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        n = min(self.ecfg.max_num_batched_tokens, self.cos_sin.shape[0])
+        nblk = -(-n // self.block_size)
+        saved_kv = getattr(self, "kv_caches", None)
+        kv = torch.empty(self.mcfg.num_layers, 2, nblk, self.block_size, self.mcfg.num_kv_heads,
+                         self.mcfg.head_dim, dtype=self.dtype, device=self.device)
+        self.kv_caches = [(kv[i, 0], kv[i, 1]) for i in range(self.mcfg.num_layers)]
+        ids = torch.randint(0, self.mcfg.vocab_size, (n,), device=self.device)
+        meta = AttnMetadata(
+            slot_mapping=torch.arange(n, device=self.device),
+            block_tables=torch.arange(nblk, dtype=torch.int32, device=self.device)[None],
+            seq_lens=torch.tensor([n], dtype=torch.int32, device=self.device), num_decode=0,
+            cu_seqlens_q=torch.tensor([0, n], dtype=torch.int32, device=self.device))
+        with torch.inference_mode():
+            h = self.model(ids, torch.arange(n, device=self.device), self.cos_sin, self.kv_caches, meta)
+            self.model.compute_logits(h[-min(n, self.ecfg.max_num_seqs):])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        del kv, h
+        self.kv_caches = saved_kv
+        torch.cuda.empty_cache()
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        free_for_kv = total * self.ecfg.gpu_memory_utilization - peak
+        blocks = int(free_for_kv // self.block_bytes())
+        if blocks < 1:
+            raise RuntimeError(f"no GPU memory left for the KV cache (peak {peak / 2**30:.1f} GiB of "
+                               f"{total / 2**30:.1f} GiB at gpu_memory_utilization={self.ecfg.gpu_memory_utilization})")
+        return blocks
+
+    @torch.inference_mode()
+    def copy_blocks(self, copies: list[tuple[int, int]]):
+        if copies:
+            src = torch.tensor([s for s, _ in copies], device=self.device)
+            dst = torch.tensor([d for _, d in copies], device=self.device)
+            self.kv[:, :, dst] = self.kv[:, :, src]
+
+    def prepare(self, batch: Batch):
+        bs = self.block_size
+        ids, pos, slots, lens, cu, last_rows = [], [], [], [], [0], []
+        for seq, n in zip(batch.seqs, batch.num_new):
+            start, end = seq.num_computed, seq.num_computed + n
+            ids += seq.token_ids[start:end]
+            pos += range(start, end)
+            table = seq.block_table
+            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            lens.append(end)
+            last_rows.append(len(ids) - 1)
+        for n in batch.num_new[batch.num_decode:]:
+            cu.append(cu[-1] + n)
+        width = max(len(s.block_table) for s in batch.seqs)
+        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in batch.seqs]
+        dev = self.device
+        meta = AttnMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
+            num_decode=batch.num_decode,
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
+        )
+        return (torch.tensor(ids, dtype=torch.int64, device=dev), torch.tensor(pos, dtype=torch.int64, device=dev),
+                meta, last_rows)
+
+    @torch.inference_mode()
+    def hidden_states(self, batch: Batch):
+        """Final hidden states [T, hidden] of every new token, and the row of each sequence's last token."""
+        ids, pos, meta, last_rows = self.prepare(batch)
+        return self.model(ids, pos, self.cos_sin, self.kv_caches, meta), last_rows
+
+    @torch.inference_mode()
+    def run(self, batch: Batch, rows: list[int]) -> torch.Tensor:
+        """Logits [len(rows), vocab] (float32) at the last token of the batch sequences picked by `rows`."""
+        h, last_rows = self.hidden_states(batch)
+        if not rows:
+            return torch.empty(0, self.mcfg.vocab_size, device=self.device)
+        idx = torch.tensor([last_rows[r] for r in rows], device=self.device)
+        return self.model.compute_logits(h[idx]).float()

@@ -1,0 +1,49 @@
+"""From logits rows to sampled tokens: per-row parameters, bans, seeds, logprobs."""
+
+import torch
+
+import kernels
+from engine.sampling_params import SamplingParams
+
+_MASK64 = (1 << 64) - 1
+
+
+def splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def draw_seed(request_seed: int, candidate: int, position: int) -> int:
+    """Seed of one draw: a function of the request's seed, the candidate and the token position only,
+    so a candidate's tokens do not depend on batching, preemption or other requests."""
+    h = splitmix64(splitmix64(splitmix64(request_seed & _MASK64) ^ candidate) ^ position)
+    return h - (1 << 64) if h >= 1 << 63 else h  # as int64
+
+
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int],
+                bans: list[list[int]]):
+    """logits float32 [R, V]; one SamplingParams, seed and banned-id list per row.
+
+    Returns (tokens list[int], logprobs list[float], top list[dict[int, float]] | None per row)."""
+    dev = logits.device
+    for r, ban in enumerate(bans):
+        if ban:
+            logits[r, ban] = float("-inf")
+    temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev)
+    top_k = torch.tensor([p.top_k for p in params], dtype=torch.int32, device=dev)
+    top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)
+    min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev)
+    seed_t = torch.tensor(seeds, dtype=torch.int64, device=dev)
+    tokens, logprobs = kernels.sample(logits, temperature, top_k, top_p, min_p, seed_t)
+    want = max((p.logprobs or 0) for p in params)
+    top = [None] * len(params)
+    if want:
+        lp = torch.log_softmax(logits, dim=-1)
+        vals, ids = lp.topk(min(want, lp.shape[-1]), dim=-1)
+        vals, ids = vals.tolist(), ids.tolist()
+        for r, p in enumerate(params):
+            if p.logprobs:
+                top[r] = dict(zip(ids[r][:p.logprobs], vals[r][:p.logprobs]))
+    return tokens.tolist(), logprobs.tolist(), top

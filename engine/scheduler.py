@@ -1,0 +1,117 @@
+"""Continuous batching: which sequences run this step, and how many tokens each.
+
+Every step, running sequences go first (oldest first): a decode takes one token, an unfinished
+prefill takes its next chunk. Waiting sequences are then admitted in arrival order while the token
+budget, the sequence cap and free blocks allow. When blocks run out the newest running sequences
+are preempted: their blocks are freed and they rejoin the front of the queue to be recomputed
+(prefix-cache hits make that cheap). Outputs are never corrupted, only delayed.
+"""
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.sequence import Sequence, Status
+
+
+@dataclass
+class Batch:
+    seqs: list[Sequence] = field(default_factory=list)  # single-token rows first
+    num_new: list[int] = field(default_factory=list)  # tokens computed this step, per sequence
+    num_decode: int = 0
+    copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst) blocks
+
+    def __len__(self):
+        return len(self.seqs)
+
+
+class Scheduler:
+    def __init__(self, cfg: EngineConfig, block_manager: BlockManager):
+        self.cfg = cfg
+        self.bm = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence):
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _preempt(self, seq: Sequence):
+        self.bm.free_seq(seq)
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def schedule(self) -> Batch:
+        budget = self.cfg.max_num_batched_tokens
+        picked: list[tuple[Sequence, int]] = []
+        copies: list[tuple[int, int]] = []
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(len(seq) - seq.num_computed, budget)
+            while self.bm.blocks_needed(seq, n) > self.bm.num_free:
+                victim = self.running.pop()  # newest first
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            else:
+                copies += self.bm.allocate(seq, n)
+                picked.append((seq, n))
+                budget -= n
+                i += 1
+        # Admit new work only when nothing was preempted: otherwise it would be evicted again.
+        in_flight = sum(1 + s.fork_count for s in self.running)
+        while self.waiting and budget > 0 and not preempted:
+            seq = self.waiting[0]
+            if in_flight + 1 + seq.fork_count > self.cfg.max_num_seqs and self.running:
+                break
+            if not seq.block_table:
+                self.bm.match_prefix(seq)
+            n = min(len(seq) - seq.num_computed, budget)
+            if self.bm.blocks_needed(seq, n) > self.bm.num_free:
+                break
+            self.waiting.popleft()
+            copies += self.bm.allocate(seq, n)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            picked.append((seq, n))
+            budget -= n
+            in_flight += 1 + seq.fork_count
+        picked.sort(key=lambda p: p[1] != 1)  # stable: single-token rows first
+        batch = Batch(copies=copies)
+        for seq, n in picked:
+            batch.seqs.append(seq)
+            batch.num_new.append(n)
+        batch.num_decode = sum(1 for n in batch.num_new if n == 1)
+        return batch
+
+    def add_running(self, seq: Sequence):
+        """A forked sibling joins the running set right away (its KV is already there)."""
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+
+    def finish(self, seq: Sequence, reason: str):
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+        self.bm.free_seq(seq)
+        self.running.remove(seq)
+
+    def abort(self, request_id: str) -> list[Sequence]:
+        gone = [s for s in list(self.waiting) + self.running if s.request_id == request_id]
+        for s in gone:
+            if s in self.running:
+                self.running.remove(s)
+            else:
+                self.waiting.remove(s)
+            self.bm.free_seq(s)
+            s.status = Status.FINISHED
+            s.finish_reason = "abort"
+        return gone

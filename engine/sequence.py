@@ -1,0 +1,70 @@
+"""A sequence: one candidate's tokens, its place in the KV cache, and its sampling state."""
+
+import enum
+import itertools
+
+from engine.sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = 0
+    RUNNING = 1
+    FINISHED = 2
+
+
+_ids = itertools.count()
+
+
+class Sequence:
+    """Prompt + output tokens of one candidate.
+
+    A request with n > 1 starts as a single sequence (candidate 0) that prefills the prompt once;
+    when its first token is sampled it forks n - 1 siblings that share its KV blocks.
+    """
+
+    def __init__(self, request_id: str, token_ids: list[int], params: SamplingParams, index: int = 0,
+                 fork_count: int = 0):
+        self.seq_id = next(_ids)
+        self.request_id = request_id
+        self.index = index  # candidate index within the request
+        self.token_ids = list(token_ids)
+        self.prompt_len = len(token_ids)
+        self.params = params
+        self.fork_count = fork_count  # siblings still to fork at the first sampled token
+        self.status = Status.WAITING
+        self.num_computed = 0  # tokens whose KV is in the cache
+        self.block_table: list[int] = []
+        self.num_hashed_blocks = 0  # leading full blocks registered in the prefix cache
+        self.last_hash: int | None = None
+        self.logprobs: list[dict[int, float]] = []
+        self.cumulative_logprob = 0.0
+        self.finish_reason: str | None = None
+        self.stop_reason: str | int | None = None  # the stop string or stop token id that ended it
+        self.stop_text: str | None = None  # output text cut at a stop string
+        self.num_preemptions = 0
+
+    def __len__(self):
+        return len(self.token_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len:]
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == Status.FINISHED
+
+    def fork(self, index: int) -> "Sequence":
+        """A sibling sharing everything computed so far (the caller shares the blocks)."""
+        child = Sequence(self.request_id, self.token_ids, self.params, index=index)
+        child.prompt_len = self.prompt_len
+        child.status = self.status
+        child.num_computed = self.num_computed
+        child.block_table = list(self.block_table)
+        child.num_hashed_blocks = self.num_hashed_blocks
+        child.last_hash = self.last_hash
+        return child

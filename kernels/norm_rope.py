@@ -1,0 +1,51 @@
+"""RMSNorm (optionally fused with the residual add) and rotary position embedding."""
+
+import torch
+
+from kernels.dispatch import use_triton
+
+
+def rms_norm_ref(x, weight, eps, residual=None):
+    """x [T, H]; weight [H]. Without residual returns norm(x); with it returns
+    (norm(x + residual), x + residual). Matches transformers' LlamaRMSNorm rounding."""
+    if residual is not None:
+        x = x + residual
+        residual = x
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    out = weight * h.to(x.dtype)
+    return out if residual is None else (out, residual)
+
+
+def apply_rotary_ref(q, k, positions, cos_sin_cache):
+    """Neox-style rotary, in place semantics not assumed: returns (q, k).
+
+    q [T, Hq, D], k [T, Hkv, D], positions int64 [T], cos_sin_cache float32 [max_pos, D]
+    holding cos in the first D/2 columns and sin in the last D/2.
+    """
+    half = q.shape[-1] // 2
+    cs = cos_sin_cache[positions]
+    cos = torch.cat([cs[:, :half], cs[:, :half]], -1)[:, None, :].to(q.dtype)
+    sin = torch.cat([cs[:, half:], cs[:, half:]], -1)[:, None, :].to(q.dtype)
+
+    def rot(x):
+        x1, x2 = x[..., :half], x[..., half:]
+        return x * cos + torch.cat([-x2, x1], -1) * sin
+
+    return rot(q), rot(k)
+
+
+def rms_norm(x, weight, eps, residual=None):
+    if use_triton(x):
+        from kernels.norm_rope_triton import rms_norm_triton
+
+        return rms_norm_triton(x, weight, eps, residual)
+    return rms_norm_ref(x, weight, eps, residual)
+
+
+def apply_rotary(q, k, positions, cos_sin_cache):
+    if use_triton(q):
+        from kernels.norm_rope_triton import apply_rotary_triton
+
+        return apply_rotary_triton(q, k, positions, cos_sin_cache)
+    return apply_rotary_ref(q, k, positions, cos_sin_cache)

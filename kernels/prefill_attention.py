@@ -1,0 +1,53 @@
+"""Paged prefill / extend attention: new tokens attend causally to themselves and their cached prefix."""
+
+import torch
+
+from kernels.dispatch import use_triton
+
+
+def paged_prefill_attention_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale=None):
+    """Torch reference.
+
+    q            [T, Hq, D]  new tokens of B sequences, packed: sequence b owns rows
+                             cu_seqlens_q[b] : cu_seqlens_q[b+1]
+    k_cache      [num_blocks, block_size, Hkv, D]  (v_cache alike); the new tokens' K/V are
+                             already written to the cache
+    block_tables int32 [B, max_blocks]
+    cu_seqlens_q int32 [B+1]
+    seq_lens     int32 [B]   total tokens of each sequence (cached prefix + new); the new tokens of
+                             sequence b sit at positions seq_lens[b]-q_len_b .. seq_lens[b]-1
+    returns      [T, Hq, D]; a query at position p attends keys 0..p.
+    """
+    T, Hq, D = q.shape
+    _, block_size, Hkv, _ = k_cache.shape
+    G = Hq // Hkv
+    scale = D ** -0.5 if scale is None else scale
+    out = torch.empty_like(q)
+    cu = cu_seqlens_q.tolist()
+    lens = seq_lens.tolist()
+    for b in range(len(lens)):
+        s, e, L = cu[b], cu[b + 1], lens[b]
+        n = e - s
+        if n == 0:
+            continue
+        nblk = (L + block_size - 1) // block_size
+        table = block_tables[b, :nblk].long()
+        k = k_cache[table].reshape(nblk * block_size, Hkv, D)[:L].float()  # [L, Hkv, D]
+        v = v_cache[table].reshape(nblk * block_size, Hkv, D)[:L].float()
+        qf = q[s:e].float().view(n, Hkv, G, D)
+        scores = torch.einsum("nhgd,lhd->hgnl", qf, k) * scale  # [Hkv, G, n, L]
+        qpos = torch.arange(L - n, L, device=q.device)
+        kpos = torch.arange(L, device=q.device)
+        scores.masked_fill_(kpos[None, :] > qpos[:, None], float("-inf"))
+        p = torch.softmax(scores, dim=-1)
+        o = torch.einsum("hgnl,lhd->nhgd", p, v)
+        out[s:e] = o.reshape(n, Hq, D).to(q.dtype)
+    return out
+
+
+def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale=None):
+    if use_triton(q):
+        from kernels.prefill_attention_triton import paged_prefill_attention_triton
+
+        return paged_prefill_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale)
+    return paged_prefill_attention_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale)

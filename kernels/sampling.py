@@ -1,0 +1,92 @@
+"""Sampling from logits with per-row temperature, top-k, top-p, min-p and seed.
+
+The reference draws by inverse CDF: one uniform per row from a counter-based hash of the row's
+seed, then a search in the cumulative sum of the filtered distribution. A row's draw depends only
+on its own seed and logits, never on the rest of the batch, and no vocabulary sort is needed unless
+top-p is on. (The Triton kernel draws the same distribution by its own random stream.)
+"""
+
+import torch
+
+from kernels.dispatch import use_triton
+
+_M32 = 0xFFFFFFFF
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    """murmur3 finaliser on uint32 values held in int64 (products wrap, low 32 bits stay exact)."""
+    h = h & _M32
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & _M32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & _M32
+    return h ^ (h >> 16)
+
+
+def row_uniform(seeds: torch.Tensor) -> torch.Tensor:
+    """u [B] float64 in (0, 1), a pure function of each row's int64 seed."""
+    s = seeds.long()
+    h = _fmix32(_fmix32((s >> 32) & _M32) ^ (s & _M32) ^ 0x9E3779B9)
+    return (h.double() + 0.5) * (1.0 / 4294967296.0)
+
+
+def apply_filters(logits, temperature, top_k, top_p, min_p):
+    """Masked, temperature-scaled float32 logits [B, V]: -inf where a token is not allowed.
+
+    Order: temperature, top-k, top-p (over the top-k renormalised distribution), min-p
+    (relative to the most likely token). top_k <= 0, top_p >= 1 and min_p <= 0 mean off.
+    """
+    x = logits.float() / temperature.clamp(min=1e-6).float()[:, None]
+    B, V = x.shape
+    k = top_k.long().clamp(min=0)
+    k = torch.where((k <= 0) | (k > V), torch.full_like(k, V), k)
+    use_k, use_p = bool((k < V).any()), bool((top_p < 1).any())
+    if use_k and not use_p:  # top-k alone: a partial selection, no full sort
+        kth = torch.topk(x, int(k.max()), dim=-1).values.gather(1, (k - 1).clamp(max=int(k.max()) - 1)[:, None])
+        x = x.masked_fill(x < kth, float("-inf"))
+    elif use_p:
+        sorted_x, order = torch.sort(x, dim=-1, descending=True)
+        rank = torch.arange(V, device=x.device)[None, :]
+        keep = rank < k[:, None]
+        sorted_x = sorted_x.masked_fill(~keep, float("-inf"))
+        probs = torch.softmax(sorted_x, dim=-1)
+        before = torch.cumsum(probs, dim=-1) - probs  # mass strictly before each token
+        keep &= before < top_p.float()[:, None]
+        keep[:, 0] = True
+        x = torch.full_like(x, float("-inf")).scatter(1, order, sorted_x.masked_fill(~keep, float("-inf")))
+    if bool((min_p > 0).any()):
+        logp = torch.log_softmax(x, dim=-1)
+        thresh = logp.max(dim=-1, keepdim=True).values + torch.log(min_p.float().clamp(min=1e-30))[:, None]
+        x = x.masked_fill((logp < thresh) & (min_p > 0)[:, None], float("-inf"))
+    return x
+
+
+def sample_ref(logits, temperature, top_k, top_p, min_p, seeds):
+    """Torch reference.
+
+    logits      [B, V] (any float dtype)
+    temperature float32 [B]  (0 = greedy: argmax)
+    top_k       int32 [B]    (<= 0: off)
+    top_p       float32 [B]  (1.0: off)
+    min_p       float32 [B]  (0.0: off)
+    seeds       int64 [B]    (per-row seed of this draw)
+    returns (tokens int64 [B], logprobs float32 [B]): the logprob is that of the raw model
+    distribution log_softmax(logits), as vLLM reports it.
+    """
+    x = apply_filters(logits, temperature, top_k, top_p, min_p)
+    cdf = torch.cumsum(torch.softmax(x, dim=-1), dim=-1)  # flat where a token is masked
+    total = cdf[:, -1:]
+    # strictly below the total, so the search lands on a token with non-zero probability
+    target = torch.minimum((row_uniform(seeds)[:, None] * total.double()).float(), torch.nextafter(total, torch.zeros_like(total)))
+    drawn = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=x.shape[1] - 1)
+    tokens = torch.where(temperature <= 0, logits.float().argmax(-1), drawn)
+    logprobs = torch.log_softmax(logits.float(), dim=-1).gather(1, tokens[:, None]).squeeze(1)
+    return tokens, logprobs
+
+
+def sample(logits, temperature, top_k, top_p, min_p, seeds):
+    if use_triton(logits):
+        from kernels.sampling_triton import sample_triton
+
+        return sample_triton(logits, temperature, top_k, top_p, min_p, seeds)
+    return sample_ref(logits, temperature, top_k, top_p, min_p, seeds)
