@@ -145,6 +145,7 @@ class LLMEngine:
         return self.scheduler.has_work()
 
     # -- one step -----------------------------------------------------------------------------
+    @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """Run one scheduled model step; return the requests that finished in it."""
         batch = self.scheduler.schedule()

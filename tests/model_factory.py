@@ -36,7 +36,7 @@ def build_tokenizer(path: str, vocab_size: int = 256):
 def make_config(arch: str = "llama", **overrides):
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
-    base = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    base = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                 bos_token_id=0, eos_token_id=1, pad_token_id=2, rms_norm_eps=1e-6)
     base.update(overrides)
@@ -64,7 +64,7 @@ def make_model(path: str, arch: str = "llama", seed: int = 0, tokenizer: bool = 
                 p.normal_(0, 0.05)
     model.to(dtype).save_pretrained(path)
     if tokenizer:
-        build_tokenizer(path, vocab_size=min(cfg.vocab_size, 256))
+        build_tokenizer(path, vocab_size=min(cfg.vocab_size, 300))
     return path
 
 

@@ -1,0 +1,410 @@
+"""Engine against transformers (the reference implementation) on tiny random checkpoints."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from engine import LLM, CheckpointError, RequestError, SamplingParams
+from model_factory import ARCHS, hf_model, make_model
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+ARCH_OPTS = {
+    "llama": dict(rope_scaling=LLAMA3_ROPE, rope_theta=50000.0),  # GQA 4:2 + llama3 rope
+    "qwen2": dict(num_key_value_heads=1),  # q/k/v bias, GQA 4:1
+    "qwen2_tied": dict(tie_word_embeddings=True),  # tied embeddings (greedy repeats itself: logits only)
+    "mistral": dict(num_key_value_heads=4, sliding_window=4096),
+}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {a: make_model(str(root / a), a.split("_")[0], seed=i + 1, **ARCH_OPTS[a]) for i, a in enumerate(ARCH_OPTS)}
+
+
+@pytest.fixture(scope="module")
+def llama(models):
+    return models["llama"]
+
+
+def _prompts(seed, lengths, vocab=320):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("arch", list(ARCH_OPTS))
+def test_logits_match_transformers(models, arch):
+    path = models[arch]
+    llm = LLM(path, dtype="float32", device="cpu")
+    hf = hf_model(path)
+    prompts = _prompts(0, [1, 7, 16, 33, 90])  # one batch, ragged, on and off block boundaries
+    ours = llm.compute_logits(prompts)
+    for p, o in zip(prompts, ours):
+        with torch.no_grad():
+            ref = hf(torch.tensor([p])).logits[0].float()
+        assert o.shape == ref.shape
+        assert (o - ref).abs().max().item() < 1e-4
+
+
+def test_chunked_prefill_matches_whole(llama):
+    prompts = _prompts(1, [70, 45])
+    whole = LLM(llama, dtype="float32", device="cpu").compute_logits(prompts)
+    chunked = LLM(llama, dtype="float32", device="cpu", max_num_batched_tokens=16).compute_logits(prompts)
+    for a, b in zip(whole, chunked):
+        assert (a - b).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_matches_transformers_generate(models, arch):
+    path = models[arch]
+    llm = LLM(path, dtype="float32", device="cpu")
+    hf = hf_model(path)
+    prompts = _prompts(2, [5, 19, 40])
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=40, min_tokens=40), use_tqdm=False)
+    for p, o in zip(prompts, outs):
+        ref = hf.generate(torch.tensor([p]), max_new_tokens=40, min_new_tokens=40, do_sample=False)[0, len(p):]
+        assert o.outputs[0].token_ids == ref.tolist()
+        assert len(set(ref.tolist())) > 3  # a real sequence, not one repeated token
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_close_to_transformers(llama, dtype):
+    name = {torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
+    llm = LLM(llama, dtype=name, device="cpu")
+    hf = hf_model(llama, dtype=torch.float32)
+    p = _prompts(3, [24])[0]
+    ours = llm.compute_logits([p])[0]
+    with torch.no_grad():
+        ref = hf(torch.tensor([p])).logits[0]
+    rel = (ours - ref).norm() / ref.norm()
+    assert rel < (2e-2 if dtype == torch.bfloat16 else 5e-3)
+
+
+def test_n_candidates_share_prompt_blocks(llama):
+    llm = LLM(llama, dtype="float32", device="cpu", num_kv_blocks=256)
+    eng, bm = llm.engine, llm.engine.block_manager
+    prompt = _prompts(4, [40])[0]  # 2 full blocks + a partial one
+    eng.add_request("r", prompt, SamplingParams(n=16, temperature=1.0, max_tokens=4, ignore_eos=True, seed=0))
+    eng.step()  # prefill once, then fork 16 candidates
+    assert len(eng.scheduler.running) == 16
+    assert bm.num_used == 3  # the prompt's KV is stored once
+    tables = [s.block_table for s in eng.scheduler.running]
+    assert all(t[:3] == tables[0][:3] for t in tables)
+    eng.step()  # each candidate writes its first token: copy-on-write of the shared partial block
+    assert bm.num_used == 3 + 15
+    assert all(t[:2] == tables[0][:2] for t in (s.block_table for s in eng.scheduler.running))
+    while eng.has_unfinished_requests():
+        outs = eng.step()
+    assert bm.num_used == 0
+    assert len(outs[0].outputs) == 16 and all(len(c.token_ids) == 4 for c in outs[0].outputs)
+
+
+def test_shared_prompt_candidates_equal_separate_requests(llama):
+    """Forked candidates see the same KV as if each had prefilled the prompt alone."""
+    llm = LLM(llama, dtype="float32", device="cpu", enable_prefix_caching=False)
+    p = _prompts(5, [37])[0]
+    forked = llm.generate([p], SamplingParams(n=4, temperature=1.0, max_tokens=12, seed=7), use_tqdm=False)[0]
+    single = LLM(llama, dtype="float32", device="cpu", enable_prefix_caching=False)
+    for j in range(4):
+        eng = single.engine
+        seq_out = forked.outputs[j]
+        logits = single.compute_logits([p + seq_out.token_ids[:-1]])[0][len(p) - 1:]
+        lp = torch.log_softmax(logits, -1)[torch.arange(len(seq_out.token_ids)), seq_out.token_ids]
+        assert abs(lp.sum().item() - seq_out.cumulative_logprob) < 1e-3
+        assert eng.block_manager.num_used == 0
+
+
+def test_preemption_keeps_greedy_outputs(llama):
+    prompts = _prompts(6, [37, 20, 50, 9, 33, 28])
+    sp = SamplingParams(n=3, temperature=0, max_tokens=40, ignore_eos=True)
+    ref = LLM(llama, dtype="float32", device="cpu").generate(prompts, sp, use_tqdm=False)
+    small = LLM(llama, dtype="float32", device="cpu", num_kv_blocks=14)
+    got = small.generate(prompts, sp, use_tqdm=False)
+    assert small.engine.scheduler.num_preemptions > 0
+    for a, b in zip(ref, got):
+        assert [c.token_ids for c in a.outputs] == [c.token_ids for c in b.outputs]
+    assert small.engine.block_manager.num_used == 0
+
+
+def test_seeded_sampling_is_reproducible_across_batching(llama):
+    prompts = _prompts(7, [12, 30])
+    sp = SamplingParams(n=4, temperature=0.9, top_p=0.95, max_tokens=20, seed=11, ignore_eos=True)
+    a = LLM(llama, dtype="float32", device="cpu").generate(prompts, sp, use_tqdm=False)
+    b = LLM(llama, dtype="float32", device="cpu", num_kv_blocks=10, max_num_seqs=3).generate(prompts, sp, use_tqdm=False)
+    assert [[c.token_ids for c in o.outputs] for o in a] == [[c.token_ids for c in o.outputs] for o in b]
+    c = LLM(llama, dtype="float32", device="cpu").generate(prompts, SamplingParams(
+        n=4, temperature=0.9, top_p=0.95, max_tokens=20, seed=12, ignore_eos=True), use_tqdm=False)
+    assert [[x.token_ids for x in o.outputs] for o in a] != [[x.token_ids for x in o.outputs] for o in c]
+    # candidates of one prompt differ from one another
+    assert len({tuple(x.token_ids) for x in a[0].outputs}) == 4
+
+
+def test_engine_seed_makes_unseeded_requests_reproducible(llama):
+    sp = SamplingParams(n=2, temperature=1.0, max_tokens=10, ignore_eos=True)
+    p = _prompts(8, [10])
+    a = LLM(llama, dtype="float32", device="cpu", seed=3).generate(p, sp, use_tqdm=False)
+    b = LLM(llama, dtype="float32", device="cpu", seed=3).generate(p, sp, use_tqdm=False)
+    assert [x.token_ids for x in a[0].outputs] == [x.token_ids for x in b[0].outputs]
+
+
+def _next_token_probs(path, prompt, temperature):
+    with torch.no_grad():
+        logits = hf_model(path)(torch.tensor([prompt])).logits[0, -1].double()
+    return torch.softmax(logits / temperature, -1)
+
+
+def test_sampling_frequencies_match_softmax(llama):
+    """Chi-square of 4000 one-token draws against transformers' softmax at temperature 1.5."""
+    from scipy.stats import chisquare
+
+    p = _prompts(9, [8])[0]
+    llm = LLM(llama, dtype="float32", device="cpu")
+    out = llm.generate([p], SamplingParams(n=4000, temperature=1.5, max_tokens=1, seed=0), use_tqdm=False)[0]
+    counts = torch.bincount(torch.tensor([c.token_ids[0] for c in out.outputs]), minlength=320).double()
+    probs = _next_token_probs(llama, p, 1.5)
+    big = probs * 4000 >= 5  # pool rare tokens into one bin
+    obs = torch.cat([counts[big], counts[~big].sum()[None]])
+    exp = torch.cat([probs[big], probs[~big].sum()[None]]) * 4000
+    assert chisquare(obs.numpy(), exp.numpy()).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("opts", [dict(top_k=5), dict(top_p=0.3), dict(min_p=0.2), dict(top_k=8, top_p=0.5)])
+def test_only_allowed_tokens_are_drawn(llama, opts):
+    p = _prompts(10, [8])[0]
+    llm = LLM(llama, dtype="float32", device="cpu")
+    out = llm.generate([p], SamplingParams(n=300, temperature=1.0, max_tokens=1, seed=1, **opts), use_tqdm=False)[0]
+    drawn = {c.token_ids[0] for c in out.outputs}
+    probs = _next_token_probs(llama, p, 1.0)
+    order = torch.argsort(probs, descending=True)
+    allowed = set(order.tolist())
+    if "top_k" in opts:
+        allowed &= set(order[:opts["top_k"]].tolist())
+    if "top_p" in opts:
+        q = probs[order[:opts.get("top_k", len(order))]]
+        q = q / q.sum()
+        before = torch.cumsum(q, 0) - q
+        allowed &= set(order[:len(q)][before < opts["top_p"]].tolist())
+    if "min_p" in opts:
+        allowed &= set(torch.nonzero(probs >= opts["min_p"] * probs.max()).flatten().tolist())
+    assert drawn <= allowed
+    assert len(drawn) > 1
+
+
+def test_logprobs_match_transformers(llama):
+    p = _prompts(11, [15])[0]
+    llm = LLM(llama, dtype="float32", device="cpu")
+    out = llm.generate([p], SamplingParams(temperature=0.7, max_tokens=6, logprobs=3, seed=2, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    with torch.no_grad():
+        logits = hf_model(llama)(torch.tensor([p + out.token_ids])).logits[0, len(p) - 1:-1]
+    ref = torch.log_softmax(logits.double(), -1)
+    total = 0.0
+    for t, (tok, d) in enumerate(zip(out.token_ids, out.logprobs)):
+        assert abs(d[tok] - ref[t, tok].item()) < 1e-4
+        top = torch.topk(ref[t], 3)
+        for i, v in zip(top.indices.tolist(), top.values.tolist()):
+            assert abs(d[i] - v) < 1e-4
+        total += ref[t, tok].item()
+    assert abs(out.cumulative_logprob - total) < 1e-3
+
+
+def test_stopping_rules(llama):
+    llm = LLM(llama, dtype="float32", device="cpu")
+    p = _prompts(12, [10])[0]
+    free = llm.generate([p], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    assert free.finish_reason == "length" and len(free.token_ids) == 30
+    stop_id = free.token_ids[5]
+    first = free.token_ids.index(stop_id)
+    o = llm.generate([p], SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[stop_id]), use_tqdm=False)[0].outputs[0]
+    assert o.finish_reason == "stop" and o.stop_reason == stop_id and o.token_ids == free.token_ids[:first + 1]
+    # min_tokens bans the stop token until reached
+    o = llm.generate([p], SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[stop_id],
+                                         min_tokens=first + 2), use_tqdm=False)[0].outputs[0]
+    assert len(o.token_ids) >= first + 2 and stop_id not in o.token_ids[:first + 2]
+    # stop strings cut the text
+    tok = llm.get_tokenizer()
+    text = tok.decode(free.token_ids)
+    stop = text[len(text) // 2: len(text) // 2 + 2]
+    if stop.strip():
+        o = llm.generate([p], SamplingParams(temperature=0, max_tokens=30, stop=stop, ignore_eos=True),
+                         use_tqdm=False)[0].outputs[0]
+        assert o.finish_reason == "stop" and stop not in o.text and text.startswith(o.text)
+
+
+def test_eos_stops_unless_ignored(tmp_path):
+    path = make_model(str(tmp_path / "m"), "llama", seed=3)
+    llm = LLM(path, dtype="float32", device="cpu")
+    p = _prompts(13, [6])[0]
+    free = llm.generate([p], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["eos_token_id"] = free.token_ids[3]
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    os.remove(os.path.join(path, "generation_config.json")) if os.path.exists(os.path.join(path, "generation_config.json")) else None
+    llm = LLM(path, dtype="float32", device="cpu")
+    o = llm.generate([p], SamplingParams(temperature=0, max_tokens=20), use_tqdm=False)[0].outputs[0]
+    k = free.token_ids.index(free.token_ids[3])
+    assert o.finish_reason == "stop" and o.token_ids == free.token_ids[:k + 1]
+    o = llm.generate([p], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    assert o.token_ids == free.token_ids
+
+
+def test_prefix_cache_across_requests(llama):
+    llm = LLM(llama, dtype="float32", device="cpu")
+    shared = _prompts(14, [48])[0]
+    a, b = shared + [5, 6, 7], shared + [9, 10]
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    ra = llm.generate([a], sp, use_tqdm=False)[0]
+    hits = llm.engine.block_manager.prefix_hits
+    rb = llm.generate([b], sp, use_tqdm=False)[0]
+    assert llm.engine.block_manager.prefix_hits - hits == 48  # three full blocks reused
+    fresh = LLM(llama, dtype="float32", device="cpu", enable_prefix_caching=False)
+    assert fresh.generate([b], sp, use_tqdm=False)[0].outputs[0].token_ids == rb.outputs[0].token_ids
+    assert ra.outputs[0].token_ids == fresh.generate([a], sp, use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_text_prompts_and_tokenizer(llama):
+    llm = LLM(llama, dtype="float32", device="cpu")
+    outs = llm.generate(["Janet has 3 apples", "The quick brown fox"],
+                        SamplingParams(n=2, temperature=0.8, max_tokens=8, seed=0), use_tqdm=False)
+    tok = llm.get_tokenizer()
+    assert outs[0].prompt_token_ids == tok.encode("Janet has 3 apples")
+    assert outs[0].prompt_token_ids[0] == 0  # BOS from the tokenizer's post-processor
+    for o in outs:
+        for c in o.outputs:
+            assert c.text == tok.decode(c.token_ids)
+
+
+def test_load_weights_in_process(models, tmp_path):
+    src, other = models["llama"], make_model(str(tmp_path / "other"), "llama", seed=99, **ARCH_OPTS["llama"])
+    llm = LLM(src, dtype="float32", device="cpu")
+    p = _prompts(15, [20])
+    before = llm.generate(p, SamplingParams(temperature=0, max_tokens=10), use_tqdm=False)[0]
+    from safetensors.torch import load_file
+
+    llm.load_weights(load_file(os.path.join(other, "model.safetensors")).items())
+    after_logits = llm.compute_logits(p)[0]
+    ref_logits = LLM(other, dtype="float32", device="cpu").compute_logits(p)[0]
+    assert torch.equal(after_logits, ref_logits)
+    after = llm.generate(p, SamplingParams(temperature=0, max_tokens=10), use_tqdm=False)[0]
+    assert after.outputs[0].token_ids != before.outputs[0].token_ids
+
+
+def test_sharded_checkpoint(llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(llama)
+    out = tmp_path / "sharded"
+    model.save_pretrained(out, max_shard_size="40KB")
+    assert (out / "model.safetensors.index.json").exists()
+    p = _prompts(16, [9])
+    a = LLM(str(out), dtype="float32", device="cpu").compute_logits(p)[0]
+    b = LLM(llama, dtype="float32", device="cpu").compute_logits(p)[0]
+    assert torch.equal(a, b)
+
+
+# -- bad input ------------------------------------------------------------------------------
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def test_checkpoint_errors(llama, tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        LLM(str(tmp_path / "nope"), device="cpu")
+    d = _copy(llama, tmp_path / "noconfig")
+    os.remove(os.path.join(d, "config.json"))
+    with pytest.raises(CheckpointError, match="config.json"):
+        LLM(d, device="cpu")
+    d = _copy(llama, tmp_path / "arch")
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    with pytest.raises(CheckpointError, match="unknown architecture 'GPT2LMHeadModel'"):
+        LLM(d, device="cpu")
+    d = _copy(llama, tmp_path / "noweights")
+    os.remove(os.path.join(d, "model.safetensors"))
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        LLM(d, device="cpu")
+    open(os.path.join(d, "pytorch_model.bin"), "wb").write(b"\x80\x04not really")
+    with pytest.raises(CheckpointError, match="pickle"):
+        LLM(d, device="cpu")
+    d = _copy(llama, tmp_path / "truncated")
+    f = os.path.join(d, "model.safetensors")
+    data = open(f, "rb").read()
+    open(f, "wb").write(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        LLM(d, device="cpu")
+    d = _copy(llama, tmp_path / "shape")
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    cfg["intermediate_size"] = 96
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    with pytest.raises(CheckpointError, match=r"shape mismatch for tensor 'model.layers.0.mlp.(down|gate|up)_proj.weight': checkpoint has"):
+        LLM(d, device="cpu")
+
+
+def test_missing_and_unexpected_tensors(llama, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    w = load_file(os.path.join(llama, "model.safetensors"))
+    d = _copy(llama, tmp_path / "missing")
+    save_file({k: v for k, v in w.items() if "layers.1.mlp.up_proj" not in k}, os.path.join(d, "model.safetensors"))
+    with pytest.raises(CheckpointError, match="lacks tensors: model.layers.1.mlp.up_proj.weight"):
+        LLM(d, device="cpu")
+    d = _copy(llama, tmp_path / "extra")
+    save_file({**w, "model.layers.9.foo.weight": torch.randn(2)}, os.path.join(d, "model.safetensors"))
+    with pytest.raises(CheckpointError, match="unexpected tensor 'model.layers.9.foo.weight'"):
+        LLM(d, device="cpu")
+
+
+def test_request_errors(llama, tmp_path):
+    llm = LLM(llama, dtype="float32", device="cpu", max_model_len=64, num_kv_blocks=3)
+    with pytest.raises(RequestError, match="longer than the context"):
+        llm.generate([list(range(3, 70))], SamplingParams(), use_tqdm=False)
+    with pytest.raises(RequestError, match="whole cache"):
+        llm.generate([list(range(3, 60))], SamplingParams(), use_tqdm=False)
+    with pytest.raises(RequestError, match="outside the vocabulary"):
+        llm.generate([[5, 100000]], SamplingParams(), use_tqdm=False)
+    with pytest.raises(RequestError, match="empty prompt"):
+        llm.generate([[]], SamplingParams(), use_tqdm=False)
+    # a bad prompt rejects the call and leaves the engine usable
+    out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 3
+    for bad in [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-5), dict(min_p=2),
+                dict(max_tokens=0), dict(n=0), dict(min_tokens=50, max_tokens=10), dict(logprobs=-1),
+                dict(temperature=float("nan")), dict(stop=[""])]:
+        with pytest.raises(RequestError, match="invalid sampling value " + next(iter(bad))):
+            SamplingParams(**bad)
+    nt = _copy(llama, tmp_path / "notok")
+    os.remove(os.path.join(nt, "tokenizer.json"))
+    with pytest.raises(RequestError, match="needs a tokenizer"):
+        LLM(nt, device="cpu").generate(["hello"], use_tqdm=False)
+    with pytest.raises(RequestError, match="unsupported dtype"):
+        LLM(llama, dtype="float8", device="cpu")
+
+
+def test_cli_generate(llama, tmp_path):
+    from click.testing import CliRunner
+
+    from bstar.cli import main
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Janet has 3 apples"}) + "\n" + json.dumps({"prompt_token_ids": [5, 6, 7]}) + "\n")
+    out = tmp_path / "o.jsonl"
+    r = CliRunner().invoke(main, ["generate", "--model", llama, "--prompts", str(prompts), "--out", str(out),
+                                  "--n", "3", "--max-tokens", "5", "--temperature", "0.8", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(recs) == 2 and all(len(x["outputs"]) == 3 for x in recs)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{not json\n')
+    r = CliRunner().invoke(main, ["generate", "--model", llama, "--prompts", str(bad), "--device", "cpu"])
+    assert r.exit_code == 1 and "bad.jsonl:2: malformed JSON" in r.output
+    r = CliRunner().invoke(main, ["generate", "--model", str(tmp_path / "none"), "--prompts", str(prompts)])
+    assert r.exit_code == 1 and "does not exist" in r.output
