@@ -10,6 +10,13 @@ import torch
 from engine.errors import CheckpointError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+# Reward-model heads on the same decoders (read by engine.PRM): a token-classification head
+# (transformers' *ForTokenClassification) or Qwen2.5-Math-PRM's two-layer head.
+HEAD_ARCHITECTURES = {
+    **{a: "lm" for a in SUPPORTED_ARCHITECTURES},
+    **{f"{f}ForTokenClassification": "token_cls" for f in ("Llama", "Qwen2", "Mistral")},
+    "Qwen2ForProcessRewardModel": "prm_mlp",
+}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -34,6 +41,8 @@ class ModelConfig:
     sliding_window: int | None
     eos_token_ids: list[int] = field(default_factory=list)
     torch_dtype: str | None = None
+    head: str = "lm"  # "lm" (causal LM), "token_cls" or "prm_mlp" (reward heads, see HEAD_ARCHITECTURES)
+    num_labels: int = 2
 
     @classmethod
     def from_dir(cls, path: str) -> "ModelConfig":
@@ -54,10 +63,12 @@ class ModelConfig:
         if arch is None:
             arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}.get(
                 c.get("model_type", ""))
-        if arch not in SUPPORTED_ARCHITECTURES:
+        if arch not in HEAD_ARCHITECTURES:
             raise CheckpointError(
                 f"unknown architecture {arch or c.get('model_type')!r} in {where}; "
-                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+                f"supported: {', '.join(HEAD_ARCHITECTURES)}")
+        head = HEAD_ARCHITECTURES[arch]
+        arch = arch.replace("ForTokenClassification", "ForCausalLM").replace("ForProcessRewardModel", "ForCausalLM")
         act = c.get("hidden_act", "silu")
         if act != "silu":
             raise CheckpointError(f"unsupported hidden_act {act!r} in {where}; only 'silu' is supported")
@@ -96,6 +107,8 @@ class ModelConfig:
                 sliding_window=int(window) if window else None,
                 eos_token_ids=eos,
                 torch_dtype=c.get("torch_dtype") or c.get("dtype"),
+                head=head,
+                num_labels=int(c.get("num_labels") or len(c.get("id2label") or {}) or 2),
             )
         except KeyError as e:
             raise CheckpointError(f"{where} lacks required field {e.args[0]!r}") from None
@@ -132,7 +145,7 @@ class EngineConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None  # explicit KV budget in blocks; wins over the two below
     gpu_memory_utilization: float = 0.90  # CUDA: fraction of device memory for weights+activations+KV
-    cpu_kv_cache_bytes: int = 1 << 30  # CPU: bytes of KV cache
+    cpu_kv_cache_bytes: int = 256 << 20  # CPU: bytes of KV cache
     max_num_seqs: int = 256  # running sequences per step
     max_num_batched_tokens: int = 4096  # tokens per step (prefill chunks + decodes)
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings

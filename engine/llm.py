@@ -12,7 +12,7 @@ from engine.sampling_params import SamplingParams
 class LLM:
     def __init__(self, model: str, dtype: str = "auto", device: str = "auto", seed: int = 0,
                  block_size: int = 16, num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.9,
-                 cpu_kv_cache_bytes: int = 1 << 30, max_num_seqs: int = 256, max_num_batched_tokens: int = 4096,
+                 cpu_kv_cache_bytes: int = 256 << 20, max_num_seqs: int = 256, max_num_batched_tokens: int = 4096,
                  max_model_len: int | None = None, enable_prefix_caching: bool = True):
         cfg = EngineConfig(block_size=block_size, num_kv_blocks=num_kv_blocks,
                            gpu_memory_utilization=gpu_memory_utilization, cpu_kv_cache_bytes=cpu_kv_cache_bytes,

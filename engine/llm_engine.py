@@ -85,7 +85,7 @@ class LLMEngine:
         with torch.device("meta"):
             net = CausalLM(self.mcfg)
         net = net.to_empty(device=self.device).to(self.dtype)
-        if self.mcfg.tie_word_embeddings:
+        if self.mcfg.tie_word_embeddings and self.mcfg.head == "lm":
             net.lm_head.weight = net.model.embed_tokens.weight
         net.load_weights(iter_weights(model))
         self.model = net.eval().requires_grad_(False)
@@ -128,6 +128,9 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None):
         params = params or SamplingParams()
+        if self.mcfg.head != "lm":
+            raise RequestError(f"{self.model_path} is a reward model ({self.mcfg.head} head) without an LM head; "
+                               "load it with engine.PRM to score, not to generate")
         if request_id in self.requests:
             raise RequestError(f"duplicate request id {request_id!r}")
         text, ids = self.encode_prompt(prompt)

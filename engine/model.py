@@ -108,9 +108,15 @@ class CausalLM(nn.Module):
         self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.model.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        if cfg.head == "lm":
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            if cfg.tie_word_embeddings:
+                self.lm_head.weight = self.model.embed_tokens.weight
+        elif cfg.head == "token_cls":
+            self.score = nn.Linear(cfg.hidden_size, cfg.num_labels)
+        else:  # prm_mlp: Linear -> ReLU -> Linear, as Qwen2.5-Math-PRM
+            self.score = nn.Sequential(nn.Linear(cfg.hidden_size, cfg.hidden_size), nn.ReLU(),
+                                       nn.Linear(cfg.hidden_size, cfg.num_labels))
 
     def forward(self, input_ids, positions, cos_sin, kv_caches, meta: AttnMetadata):
         """input_ids, positions int64 [T] -> final normed hidden states [T, hidden]."""
@@ -163,7 +169,7 @@ class CausalLM(nn.Module):
             loaded.add(name)
         if strict:
             required = set(wmap)
-            if self.cfg.tie_word_embeddings:
+            if self.cfg.tie_word_embeddings and self.cfg.head == "lm":
                 required.discard("lm_head.weight")
             missing = sorted(required - loaded)
             if missing:

@@ -16,7 +16,8 @@ class ModelRunner:
         self.cos_sin = mcfg.rope_cos_sin(max_model_len, device)
         self.num_blocks = ecfg.num_kv_blocks or self._auto_num_blocks()
         # [layers, K/V, blocks, block_size, kv_heads, head_dim]: a layer's K (or V) is one contiguous view.
-        self.kv = torch.empty(mcfg.num_layers, 2, self.num_blocks, self.block_size, mcfg.num_kv_heads,
+        # Zeroed, not empty: masked-out slots still meet a 0 weight, and 0 * NaN garbage would be NaN.
+        self.kv = torch.zeros(mcfg.num_layers, 2, self.num_blocks, self.block_size, mcfg.num_kv_heads,
                               mcfg.head_dim, dtype=dtype, device=device)
         self.kv_caches = [(self.kv[i, 0], self.kv[i, 1]) for i in range(mcfg.num_layers)]
 

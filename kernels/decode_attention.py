@@ -1,6 +1,7 @@
 """Paged decode attention: one query token per sequence against its paged KV cache."""
 
 import torch
+import torch.nn.functional as F
 
 from kernels.dispatch import use_triton
 
@@ -16,20 +17,17 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scal
     """
     B, Hq, D = q.shape
     _, block_size, Hkv, _ = k_cache.shape
-    G = Hq // Hkv
     scale = D ** -0.5 if scale is None else scale
-    max_len = int(seq_lens.max().item()) if B else 0
-    nblk = (max_len + block_size - 1) // block_size
-    tables = block_tables[:, :nblk].long().clamp(min=0)
-    k = k_cache[tables].reshape(B, nblk * block_size, Hkv, D).float()  # [B, L, Hkv, D]
-    v = v_cache[tables].reshape(B, nblk * block_size, Hkv, D).float()
-    qf = q.float().view(B, Hkv, G, D)
-    scores = torch.einsum("bhgd,blhd->bhgl", qf, k) * scale  # [B, Hkv, G, L]
-    pos = torch.arange(nblk * block_size, device=q.device)
-    mask = pos[None, :] >= seq_lens.long()[:, None]  # [B, L]
-    scores.masked_fill_(mask[:, None, None, :], float("-inf"))
-    p = torch.softmax(scores, dim=-1)
-    out = torch.einsum("bhgl,blhd->bhgd", p, v)
+    nblk = -(-int(seq_lens.max()) // block_size) if B else 0
+    L = nblk * block_size
+    tables = block_tables[:, :nblk].long()
+    # Gather each sequence's blocks: [B, L, Hkv, D] -> [B, Hkv, L, D] (a view, no second copy).
+    k = k_cache[tables].view(B, L, Hkv, D).transpose(1, 2).float()
+    v = v_cache[tables].view(B, L, Hkv, D).transpose(1, 2).float()
+    valid = (torch.arange(L, device=q.device)[None, :] < seq_lens.long()[:, None])[:, None, None, :]
+    # GQA: the G query heads of a KV head become G "query positions" against that head.
+    qf = q.float().view(B, Hkv, Hq // Hkv, D)
+    out = F.scaled_dot_product_attention(qf, k, v, attn_mask=valid, scale=scale)  # [B, Hkv, G, D]
     return out.reshape(B, Hq, D).to(q.dtype)
 
 

@@ -1,6 +1,7 @@
 """Paged prefill / extend attention: new tokens attend causally to themselves and their cached prefix."""
 
 import torch
+import torch.nn.functional as F
 
 from kernels.dispatch import use_triton
 
@@ -20,7 +21,6 @@ def paged_prefill_attention_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q,
     """
     T, Hq, D = q.shape
     _, block_size, Hkv, _ = k_cache.shape
-    G = Hq // Hkv
     scale = D ** -0.5 if scale is None else scale
     out = torch.empty_like(q)
     cu = cu_seqlens_q.tolist()
@@ -30,18 +30,15 @@ def paged_prefill_attention_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q,
         n = e - s
         if n == 0:
             continue
-        nblk = (L + block_size - 1) // block_size
+        nblk = -(-L // block_size)
         table = block_tables[b, :nblk].long()
-        k = k_cache[table].reshape(nblk * block_size, Hkv, D)[:L].float()  # [L, Hkv, D]
-        v = v_cache[table].reshape(nblk * block_size, Hkv, D)[:L].float()
-        qf = q[s:e].float().view(n, Hkv, G, D)
-        scores = torch.einsum("nhgd,lhd->hgnl", qf, k) * scale  # [Hkv, G, n, L]
+        k = k_cache[table].view(nblk * block_size, Hkv, D)[:L].transpose(0, 1).float()  # [Hkv, L, D]
+        v = v_cache[table].view(nblk * block_size, Hkv, D)[:L].transpose(0, 1).float()
         qpos = torch.arange(L - n, L, device=q.device)
-        kpos = torch.arange(L, device=q.device)
-        scores.masked_fill_(kpos[None, :] > qpos[:, None], float("-inf"))
-        p = torch.softmax(scores, dim=-1)
-        o = torch.einsum("hgnl,lhd->nhgd", p, v)
-        out[s:e] = o.reshape(n, Hq, D).to(q.dtype)
+        causal = torch.arange(L, device=q.device)[None, :] <= qpos[:, None]  # [n, L]
+        o = F.scaled_dot_product_attention(q[s:e].float().transpose(0, 1), k, v, attn_mask=causal,
+                                           scale=scale, enable_gqa=True)  # [Hq, n, D]
+        out[s:e] = o.transpose(0, 1).to(q.dtype)
     return out
 
 
