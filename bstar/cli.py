@@ -27,7 +27,7 @@ def _register():
     from bstar.generate_cli import generate
 
     main.add_command(generate)
-    for module, name in (("bstar.sft_cli", "sft"),):
+    for module, name in (("bstar.score_cli", "score"), ("bstar.sft_cli", "sft")):
         try:
             mod = __import__(module, fromlist=[name])
         except ModuleNotFoundError as e:

@@ -72,15 +72,16 @@ class BlockManager:
     def hash_block(self, prev: int | None, tokens) -> int:
         return hash((prev, tuple(tokens)))
 
-    def match_prefix(self, seq: Sequence):
-        """Give a fresh sequence the cached blocks of its longest cached prefix.
+    def match_prefix(self, seq: Sequence, limit: int | None = None):
+        """Give a fresh sequence the cached blocks of its longest cached prefix (of at most `limit` tokens).
 
         At least one token is always left to compute: its logits are needed to sample."""
         if not self.enable_prefix_caching or seq.block_table:
             return
         bs = self.block_size
         prev = None
-        for i in range((len(seq.token_ids) - 1) // bs):
+        usable = len(seq.token_ids) - 1 if limit is None else min(limit, len(seq.token_ids) - 1)
+        for i in range(usable // bs):
             h = self.hash_block(prev, seq.token_ids[i * bs:(i + 1) * bs])
             block = self.hash_to_block.get(h)
             if block is None:

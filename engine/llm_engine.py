@@ -248,12 +248,14 @@ class LLMEngine:
 
     # -- prompt-only forward (logits, PRM scoring) --------------------------------------------
     @torch.inference_mode()
-    def forward_prompts(self, token_lists: list[list[int]], use_prefix_cache: bool = False):
+    def forward_prompts(self, token_lists: list[list[int]], use_prefix_cache: bool = False,
+                        prefix_limits: list[int] | None = None):
         """Final hidden states of each token list: yields (index, first_row, hidden [n, H]).
 
-        With use_prefix_cache, tokens already in the prefix cache are not recomputed and first_row
-        says where the returned rows start; computed blocks are registered for later lists, so
-        lists sharing a prefix (a question and its candidates) compute it once."""
+        With use_prefix_cache, tokens already in the prefix cache (at most prefix_limits[i] of them)
+        are not recomputed and first_row says where the returned rows start; computed blocks are
+        registered for later lists, so lists sharing a prefix (a question and its candidates)
+        compute it once."""
         if self.scheduler.has_work():
             raise RuntimeError("forward_prompts needs an idle engine (no unfinished requests)")
         bm, budget_total = self.block_manager, self.ecfg.max_num_batched_tokens
@@ -266,7 +268,7 @@ class LLMEngine:
             while i < N:
                 seq = Sequence(f"_fwd{i}", token_lists[i], SamplingParams())
                 if use_prefix_cache:
-                    bm.match_prefix(seq)
+                    bm.match_prefix(seq, None if prefix_limits is None else prefix_limits[i])
                 n = len(seq) - seq.num_computed
                 fits = bm.blocks_needed(seq, n) <= bm.num_free
                 if batch.seqs and (n > budget or not fits):

@@ -35,9 +35,19 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size()
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         # The tokenizer's own post-processor adds BOS where the model expects it, as in transformers.
-        return self.tok.encode(text, add_special_tokens=True).ids
+        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def single_token_id(self, text: str) -> int:
+        """The id of a string that must be exactly one token (a PRM's step tag, good/bad labels)."""
+        tid = self.tok.token_to_id(text)
+        if tid is None:
+            ids = self.encode(text, add_special_tokens=False)
+            if len(ids) != 1:
+                raise RequestError(f"{text!r} is not a single token of this tokenizer (it encodes to {ids})")
+            tid = ids[0]
+        return tid
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)

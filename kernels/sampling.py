@@ -51,7 +51,9 @@ def apply_filters(logits, temperature, top_k, top_p, min_p):
         sorted_x = sorted_x.masked_fill(~keep, float("-inf"))
         probs = torch.softmax(sorted_x, dim=-1)
         before = torch.cumsum(probs, dim=-1) - probs  # mass strictly before each token
-        keep &= before < top_p.float()[:, None]
+        # top_p >= 1 is off: without the guard, rounding in the cumsum (mass reaching 1.0 early)
+        # would drop tail tokens from rows that did not ask for top-p.
+        keep &= (before < top_p.float()[:, None]) | (top_p >= 1)[:, None]
         keep[:, 0] = True
         x = torch.full_like(x, float("-inf")).scatter(1, order, sorted_x.masked_fill(~keep, float("-inf")))
     if bool((min_p > 0).any()):

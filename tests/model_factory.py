@@ -15,7 +15,7 @@ _CORPUS = [
 ] * 20
 
 
-def build_tokenizer(path: str, vocab_size: int = 256):
+def build_tokenizer(path: str, vocab_size: int = 256, extra_tokens=()):
     """A byte-level BPE tokenizer trained on a few sentences, saved as tokenizer.json + config."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -26,6 +26,8 @@ def build_tokenizer(path: str, vocab_size: int = 256):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(_CORPUS, trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    if extra_tokens:
+        tok.add_tokens(list(extra_tokens))
     tok.save(os.path.join(path, "tokenizer.json"))
     with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
         json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
@@ -45,15 +47,19 @@ def make_config(arch: str = "llama", **overrides):
 
 
 def make_model(path: str, arch: str = "llama", seed: int = 0, tokenizer: bool = True, dtype=torch.float32,
-               **overrides) -> str:
+               head: str = "lm", extra_tokens=(), **overrides) -> str:
     """Save a random model (and tokenizer) to `path`; returns the path. Weights are scaled up from
     the default init so logits are far from uniform and greedy decoding is not tie-prone."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
 
     os.makedirs(path, exist_ok=True)
     cfg = make_config(arch, **overrides)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    if head == "token_cls":  # a classification-head reward model
+        cfg.num_labels = 2
+        model = AutoModelForTokenClassification.from_config(cfg, dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() > 1:
@@ -64,7 +70,7 @@ def make_model(path: str, arch: str = "llama", seed: int = 0, tokenizer: bool = 
                 p.normal_(0, 0.05)
     model.to(dtype).save_pretrained(path)
     if tokenizer:
-        build_tokenizer(path, vocab_size=min(cfg.vocab_size, 300))
+        build_tokenizer(path, vocab_size=min(cfg.vocab_size, 300) - len(extra_tokens), extra_tokens=extra_tokens)
     return path
 
 

@@ -1,0 +1,189 @@
+"""GPU benchmarks of the Triton kernels, each against a real peer in the same run.
+
+* decode: achieved bandwidth (K/V bytes read / time) of paged_decode_attention_triton against the
+  device's measured copy bandwidth, batch 1..256 x context 512..32k (Llama-3-8B layer shape:
+  32 query heads, 8 KV heads, head dim 128, bf16, engine page size 16); and the same kernel
+  against flash-attn `flash_attn_with_kvcache` with a `block_table` (page 256, its minimum, same
+  cache contents for both), or torch SDPA on a dense copy of the cache when flash-attn is absent;
+* prefill: paged_prefill_attention_triton against flash-attn `flash_attn_varlen_func`, or torch
+  SDPA (causal, GQA) when flash-attn is absent;
+* sampling: sample_triton against the torch reference (sort + cumsum), vocabulary 151936.
+
+Run: pytest bench/test_kernels_gpu.py --benchmark-only -s   (skips without CUDA)
+"""
+
+import functools
+import math
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU kernel benchmarks need CUDA")
+
+HQ, HKV, D, PAGE, DTYPE = 32, 8, 128, 16, torch.bfloat16
+MAX_KV_BYTES = 24 * 2**30  # skip shapes whose K+V would not leave room for a peer's copy
+
+try:
+    from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
+except ImportError:  # optional GPU extra; SDPA is the peer without it
+    flash_attn_varlen_func = flash_attn_with_kvcache = None
+PEER = "flash-attn" if flash_attn_with_kvcache is not None else "torch-sdpa"
+
+
+def cuda_time(fn, iters=20, warmup=3):
+    """Median seconds per call, timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+@functools.lru_cache(maxsize=None)
+def copy_bandwidth() -> float:
+    """Device-to-device copy of 2 GiB: (bytes read + bytes written) / time, in bytes/s."""
+    src = torch.empty(2**30, dtype=torch.float16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    t = cuda_time(lambda: dst.copy_(src), iters=10)
+    return 2 * src.numel() * src.element_size() / t
+
+
+def paged_cache(batch, context, page, gen):
+    """Random K/V cache with shuffled blocks: (k, v, block_tables, seq_lens)."""
+    per_seq = math.ceil(context / page)
+    num_blocks = batch * per_seq
+    k = torch.randn(num_blocks, page, HKV, D, device="cuda", dtype=DTYPE, generator=gen)
+    v = torch.randn(num_blocks, page, HKV, D, device="cuda", dtype=DTYPE, generator=gen)
+    tables = torch.randperm(num_blocks, device="cuda", generator=gen).view(batch, per_seq).int()
+    seq_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+    return k, v, tables, seq_lens
+
+
+def dense_from_paged(cache, tables, context):
+    """[B, Hkv, L, D] contiguous copy of each sequence's tokens (for the SDPA / varlen peers)."""
+    B = tables.shape[0]
+    return cache[tables.long()].view(B, -1, HKV, D)[:, :context].transpose(1, 2).contiguous()
+
+
+def kv_bytes(batch, context):
+    return 2 * batch * context * HKV * D * torch.finfo(DTYPE).bits // 8
+
+
+@pytest.mark.parametrize("context", [512, 2048, 8192, 32768])
+@pytest.mark.parametrize("batch", [1, 8, 32, 64, 256])
+def test_decode_bandwidth(benchmark, batch, context):
+    from kernels.decode_attention_triton import paged_decode_attention_triton
+
+    nbytes = kv_bytes(batch, context)
+    if nbytes > MAX_KV_BYTES:
+        pytest.skip(f"K+V of {nbytes / 2**30:.0f} GiB")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    k, v, tables, seq_lens = paged_cache(batch, context, PAGE, gen)
+    q = torch.randn(batch, HQ, D, device="cuda", dtype=DTYPE, generator=gen)
+    run = functools.partial(paged_decode_attention_triton, q, k, v, tables, seq_lens)
+    t = cuda_time(run)
+    benchmark.pedantic(run, rounds=5, iterations=3, warmup_rounds=1)
+    achieved, peak = nbytes / t, copy_bandwidth()
+    benchmark.extra_info.update(device=torch.cuda.get_device_name(), kv_gib=round(nbytes / 2**30, 3),
+                                achieved_gbps=round(achieved / 1e9, 1), copy_gbps=round(peak / 1e9, 1),
+                                fraction_of_copy=round(achieved / peak, 3), us=round(t * 1e6, 1))
+    print(f"\ndecode B={batch} ctx={context}: {t * 1e6:.1f} us, {achieved / 1e9:.0f} GB/s = "
+          f"{achieved / peak:.0%} of copy bandwidth ({peak / 1e9:.0f} GB/s)")
+
+
+@pytest.mark.parametrize("context", [2048, 16384])
+@pytest.mark.parametrize("batch", [1, 64])
+def test_decode_vs_peer(benchmark, batch, context):
+    from kernels.decode_attention_triton import paged_decode_attention_triton
+
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    page = 256 if PEER == "flash-attn" else PAGE  # flash-attn's paged KV needs pages of 256
+    k, v, tables, seq_lens = paged_cache(batch, context, page, gen)
+    q = torch.randn(batch, HQ, D, device="cuda", dtype=DTYPE, generator=gen)
+    ours = functools.partial(paged_decode_attention_triton, q, k, v, tables, seq_lens)
+    if PEER == "flash-attn":
+        def peer():
+            return flash_attn_with_kvcache(q[:, None], k, v, cache_seqlens=seq_lens, block_table=tables).squeeze(1)
+    else:
+        kd, vd = dense_from_paged(k, tables, context), dense_from_paged(v, tables, context)
+
+        def peer():
+            return torch.nn.functional.scaled_dot_product_attention(q[:, :, None], kd, vd, enable_gqa=True)[:, :, 0]
+    torch.testing.assert_close(ours().float(), peer().float(), atol=2e-2, rtol=2e-2)
+    t_ours, t_peer = cuda_time(ours), cuda_time(peer)
+    benchmark.pedantic(ours, rounds=5, iterations=3, warmup_rounds=1)
+    benchmark.extra_info.update(device=torch.cuda.get_device_name(), peer=PEER, page=page,
+                                ours_us=round(t_ours * 1e6, 1), peer_us=round(t_peer * 1e6, 1),
+                                speedup=round(t_peer / t_ours, 2))
+    print(f"\ndecode B={batch} ctx={context} page={page}: ours {t_ours * 1e6:.1f} us, {PEER} "
+          f"{t_peer * 1e6:.1f} us, ratio {t_peer / t_ours:.2f}x")
+
+
+@pytest.mark.parametrize("batch,new,prefix", [(4, 2048, 0), (16, 512, 0), (8, 512, 1536)])
+def test_prefill_vs_peer(benchmark, batch, new, prefix):
+    """Packed prefill of `batch` sequences of `new` tokens each after `prefix` cached tokens."""
+    from kernels.prefill_attention_triton import paged_prefill_attention_triton
+
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    context = prefix + new
+    k, v, tables, seq_lens = paged_cache(batch, context, PAGE, gen)
+    q = torch.randn(batch * new, HQ, D, device="cuda", dtype=DTYPE, generator=gen)
+    cu_q = torch.arange(0, batch * new + 1, new, dtype=torch.int32, device="cuda")
+    ours = functools.partial(paged_prefill_attention_triton, q, k, v, tables, cu_q, seq_lens)
+    kd, vd = dense_from_paged(k, tables, context), dense_from_paged(v, tables, context)  # [B, Hkv, L, D]
+    if PEER == "flash-attn":
+        kp = kd.transpose(1, 2).reshape(batch * context, HKV, D)
+        vp = vd.transpose(1, 2).reshape(batch * context, HKV, D)
+        cu_k = torch.arange(0, batch * context + 1, context, dtype=torch.int32, device="cuda")
+
+        def peer():  # causal with seqlen_k > seqlen_q aligns to the bottom right, like ours
+            return flash_attn_varlen_func(q, kp, vp, cu_q, cu_k, new, context, causal=True)
+    else:
+        qd = q.view(batch, new, HQ, D).transpose(1, 2)
+        qpos = torch.arange(prefix, context, device="cuda")
+        mask = None if prefix == 0 else torch.arange(context, device="cuda")[None, :] <= qpos[:, None]
+
+        def peer():
+            o = torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, is_causal=mask is None,
+                                                                 enable_gqa=True)
+            return o.transpose(1, 2).reshape(batch * new, HQ, D)
+    torch.testing.assert_close(ours().float(), peer().float(), atol=2e-2, rtol=2e-2)
+    t_ours, t_peer = cuda_time(ours), cuda_time(peer)
+    benchmark.pedantic(ours, rounds=5, iterations=3, warmup_rounds=1)
+    flops = 4 * batch * HQ * D * sum(prefix + i + 1 for i in range(new))  # causal QK^T and PV
+    benchmark.extra_info.update(device=torch.cuda.get_device_name(), peer=PEER, ours_us=round(t_ours * 1e6, 1),
+                                peer_us=round(t_peer * 1e6, 1), speedup=round(t_peer / t_ours, 2),
+                                ours_tflops=round(flops / t_ours / 1e12, 1))
+    print(f"\nprefill B={batch} new={new} prefix={prefix}: ours {t_ours * 1e6:.0f} us "
+          f"({flops / t_ours / 1e12:.0f} TFLOP/s), {PEER} {t_peer * 1e6:.0f} us, ratio {t_peer / t_ours:.2f}x")
+
+
+@pytest.mark.parametrize("filters", ["plain", "top_p", "top_k_top_p"])
+@pytest.mark.parametrize("batch", [1, 64, 256])
+def test_sampling_vs_torch(benchmark, batch, filters):
+    """Fused sampling against the torch reference (full sort + cumsum) on Qwen-sized logits."""
+    from kernels.sampling import sample_ref
+    from kernels.sampling_triton import sample_triton
+
+    V = 151936
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    logits = torch.randn(batch, V, device="cuda", dtype=DTYPE, generator=gen) * 4
+    temp = torch.full((batch,), 0.8, device="cuda")
+    top_k = torch.full((batch,), 50 if filters == "top_k_top_p" else 0, dtype=torch.int32, device="cuda")
+    top_p = torch.full((batch,), 1.0 if filters == "plain" else 0.9, device="cuda")
+    min_p = torch.zeros(batch, device="cuda")
+    seeds = torch.arange(batch, device="cuda")
+    args = (logits, temp, top_k, top_p, min_p, seeds)
+    t_ours, t_peer = cuda_time(lambda: sample_triton(*args)), cuda_time(lambda: sample_ref(*args))
+    benchmark.pedantic(lambda: sample_triton(*args), rounds=5, iterations=3, warmup_rounds=1)
+    benchmark.extra_info.update(device=torch.cuda.get_device_name(), peer="torch sample_ref",
+                                ours_us=round(t_ours * 1e6, 1), peer_us=round(t_peer * 1e6, 1),
+                                speedup=round(t_peer / t_ours, 2))
+    print(f"\nsampling B={batch} {filters}: ours {t_ours * 1e6:.0f} us, torch {t_peer * 1e6:.0f} us, "
+          f"ratio {t_peer / t_ours:.2f}x")

@@ -1,0 +1,147 @@
+"""Training / eval queries: GSM8K and MATH JSONL files, normalised to one Example type.
+
+    GSM8K: {"question": ..., "answer": "...steps...\\n#### 72"}
+    MATH:  {"problem": ..., "solution": "...\\boxed{...}...", "answer": ...}  (answer optional
+           when the solution has a \\boxed{})
+
+The format is detected per file from its first record (or forced with task=). A bad line raises
+DataError naming file and line: "data.jsonl:7: malformed JSON (...)", "data.jsonl:3: missing
+field 'question'".
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.errors import BStarError, DataError
+
+DEFAULT_PROMPT = "Question: {question}\nAnswer: Let's think step by step.\n"
+
+_FIELDS = {"gsm8k": ("question", "answer"), "math": ("problem", "solution")}
+
+
+@dataclass(frozen=True)
+class Example:
+    id: str
+    question: str
+    gold_answer: str        # final answer only ('72', '\\frac{1}{2}'): what grading compares
+    gold_solution: str      # full reference solution (a gold candidate for selection)
+    task: str               # 'gsm8k' or 'math': bstar.rewards.grade's task
+
+
+def check_template(template: str) -> None:
+    """A prompt template is str.format text whose only field is {question} (use {{ }} for
+    literal braces)."""
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as e:
+        raise BStarError(f"prompt template is not valid str.format text: {e}") from None
+    if fields != {"question"}:
+        extra = sorted(fields - {"question"})
+        why = f"unknown field(s) {', '.join('{' + f + '}' for f in extra)}" if extra \
+            else "it has no {question} field"
+        raise BStarError(f"prompt template must use exactly the field {{question}}: {why}")
+
+
+def format_prompt(example: Example | str, template: str = DEFAULT_PROMPT) -> str:
+    """The prompt for one example (or a bare question string)."""
+    check_template(template)
+    q = example.question if isinstance(example, Example) else example
+    return template.format(question=q)
+
+
+def _last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} with balanced braces, or None."""
+    i = text.rfind("\\boxed{")
+    if i < 0:
+        return None
+    start = i + len("\\boxed{")
+    depth = 1
+    for j in range(start, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start:j]
+    return None
+
+
+def _gsm8k_answer(answer: str) -> str | None:
+    if "####" not in answer:
+        return None
+    a = answer.rsplit("####", 1)[1].strip().replace(",", "")
+    return a or None
+
+
+def _detect(rec: dict, where: str) -> str:
+    if "question" in rec:
+        return "gsm8k"
+    if "problem" in rec:
+        return "math"
+    raise DataError(f"{where}: cannot tell the format: expected GSM8K fields 'question'/'answer' "
+                    "or MATH fields 'problem'/'solution'/'answer'")
+
+
+def _records(path: Path):
+    """(line number, record) of every non-empty line, with line-numbered errors."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                raise DataError(f"{where}: line is not valid UTF-8") from None
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: malformed JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+            yield lineno, rec
+
+
+def load_examples(path: str | Path, task: str | None = None) -> list[Example]:
+    """Every example of a GSM8K or MATH JSONL file (format auto-detected unless task is given)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist")
+    if task is not None and task not in _FIELDS:
+        raise DataError(f"unknown data format {task!r}; expected gsm8k or math")
+    out: list[Example] = []
+    for lineno, rec in _records(path):
+        where = f"{path}:{lineno}"
+        if task is None:
+            task = _detect(rec, where)
+        for k in _FIELDS[task]:
+            if k not in rec:
+                raise DataError(f"{where}: missing field {k!r}")
+            if not isinstance(rec[k], str) or not rec[k].strip():
+                raise DataError(f"{where}: field {k!r} must be a non-empty string")
+        if task == "gsm8k":
+            question, solution = rec["question"], rec["answer"]
+            gold = _gsm8k_answer(solution)
+            if gold is None:
+                raise DataError(f"{where}: field 'answer' has no final '#### N' line")
+        else:
+            question, solution = rec["problem"], rec["solution"]
+            gold = rec.get("answer")
+            if gold is None:
+                gold = _last_boxed(solution)
+                if gold is None:
+                    raise DataError(f"{where}: missing field 'answer' (and no \\boxed{{}} in 'solution')")
+            elif not isinstance(gold, (str, int, float)) or isinstance(gold, bool):
+                raise DataError(f"{where}: field 'answer' must be a string or a number")
+            gold = str(gold).strip()
+            if not gold:
+                raise DataError(f"{where}: field 'answer' is empty")
+        ex_id = rec.get("id", rec.get("unique_id", f"{path.stem}:{lineno}"))
+        out.append(Example(str(ex_id), question, gold, solution, task))
+    if not out:
+        raise DataError(f"data file {path} has no examples")
+    return out

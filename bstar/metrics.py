@@ -1,0 +1,141 @@
+"""Per-iteration metrics of a self-improvement run: pure functions over plain lists.
+
+Inputs are per query: `correct[i][j]` whether sample j of query i is right, `prm[i][j]` its
+aggregated PRM score, `texts[i][j]` its text.
+
+    pass_at_k(n, c, k)                    unbiased pass@k of one query (Chen et al. 2021)
+    mean_pass_at_k(correct, k)            over queries; pass_at_1 = mean_pass_at_k(correct, 1)
+    greedy_accuracy(correct)              one greedy answer per query
+    reward_at_k(correct, prm, k)          accuracy of the PRM's best of the first k samples
+    frac_any_correct(correct)             queries with at least one correct sample
+    distinct_correct(texts, correct)      distinct correct responses per query
+    extract_equations(text)               the reference's "equations" of a response
+    equation_diversity(texts)             distinct / total equations per query (reference)
+    selected_stats(per_query)             selected-set size and accuracy from (s_i, c_i)
+    sample_metrics(correct, prm, texts, k) the sampled-eval metrics as one dict
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Sequence
+
+from engine.errors import RequestError
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """P(at least one of k samples drawn without replacement from n, c of them correct, is
+    correct) = 1 - C(n-c, k) / C(n, k), as the product prod_{i=n-c+1}^{n} (1 - k/i), which
+    never forms the huge binomials."""
+    if not (0 <= c <= n):
+        raise RequestError(f"pass@k needs 0 <= c <= n, got n={n}, c={c}")
+    if not (1 <= k <= n):
+        raise RequestError(f"pass@k needs 1 <= k <= n, got k={k}, n={n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if len(xs) else 0.0
+
+
+def mean_pass_at_k(correct: Sequence[Sequence[bool]], k: int) -> float:
+    """Mean unbiased pass@k over queries (each query's n = its number of samples)."""
+    return _mean([pass_at_k(len(row), sum(map(bool, row)), k) for row in correct])
+
+
+def pass_at_1(correct: Sequence[Sequence[bool]]) -> float:
+    return mean_pass_at_k(correct, 1)
+
+
+def greedy_accuracy(correct: Sequence[bool]) -> float:
+    return _mean([float(bool(x)) for x in correct])
+
+
+def reward_at_k(correct: Sequence[Sequence[bool]], prm: Sequence[Sequence[float]],
+                k: int | None = None) -> float:
+    """Accuracy when the PRM picks one of each query's first k samples (all when k is None);
+    ties go to the earlier sample."""
+    if len(correct) != len(prm):
+        raise RequestError(f"reward@k: {len(correct)} queries of grades but {len(prm)} of PRM scores")
+    hits = []
+    for i, (cs, ps) in enumerate(zip(correct, prm)):
+        if len(cs) != len(ps):
+            raise RequestError(f"reward@k: query {i} has {len(cs)} grades but {len(ps)} PRM scores")
+        kk = len(cs) if k is None else k
+        if not 1 <= kk <= len(cs):
+            raise RequestError(f"reward@k needs 1 <= k <= samples, got k={kk} for {len(cs)} samples")
+        best = max(range(kk), key=lambda j: (ps[j], -j))
+        hits.append(float(bool(cs[best])))
+    return _mean(hits)
+
+
+def frac_any_correct(correct: Sequence[Sequence[bool]]) -> float:
+    return _mean([float(any(row)) for row in correct])
+
+
+def distinct_correct(texts: Sequence[Sequence[str]], correct: Sequence[Sequence[bool]]) -> float:
+    """Mean number of distinct correct responses per query (whitespace-normalised text).
+
+    Distinct correct *final answers* would be at most 1 on single-answer tasks, so diversity
+    counts distinct correct solutions instead."""
+    if len(texts) != len(correct):
+        raise RequestError(f"distinct_correct: {len(texts)} queries of texts but {len(correct)} of grades")
+    return _mean([float(len({" ".join(t.split()) for t, ok in zip(ts, cs) if ok}))
+                  for ts, cs in zip(texts, correct)])
+
+
+# The reference's equations: $...$, GSM8K calculator annotations <<...>> and \[...\].
+_DELIMITED_EQ = re.compile(r"\$(.*?)\$|<<([^<>]*)>>|\\\[(.*?)\\\]", re.S)
+# Plain "3 * 4 = 12" / "12-5=7" steps (our synthetic task, undecorated GSM8K-style text).
+_NUM = r"\d+(?:\.\d+)?"
+_PLAIN_EQ = re.compile(rf"(?<![\w.]){_NUM}(?:[ \t]*[-+*/×÷][ \t]*{_NUM})+[ \t]*=[ \t]*{_NUM}(?![\w.])")
+
+
+def extract_equations(text: str) -> list[str]:
+    """The equations of one response, in order, repeats kept.
+
+    As the reference (metric_modiacc_auto.py, cal_diversity): every non-empty $...$, <<...>> and
+    \\[...\\] span, verbatim. When a response has none of those, plain arithmetic steps
+    'a op b (op c...) = r' count instead, spaces removed."""
+    eqs = [g for m in _DELIMITED_EQ.findall(text) for g in m if g]
+    if eqs:
+        return eqs
+    return [re.sub(r"\s+", "", m) for m in _PLAIN_EQ.findall(text)]
+
+
+def equation_diversity(texts: Sequence[Sequence[str]]) -> float | None:
+    """Mean over queries of (distinct equations) / (all equations) among that query's responses.
+
+    Queries whose responses hold no equation are skipped, as in the reference; None when no
+    query has any (undefined)."""
+    ratios = []
+    for ts in texts:
+        eqs = [e for t in ts for e in extract_equations(t)]
+        if eqs:
+            ratios.append(len(set(eqs)) / len(eqs))
+    return _mean(ratios) if ratios else None
+
+
+def selected_stats(per_query: Sequence[tuple[int, int]]) -> tuple[int, float]:
+    """(selected-set size, fraction of it that is correct) from per-query (s_i, c_i)."""
+    size = sum(s for s, _ in per_query)
+    return size, (sum(c for _, c in per_query) / size if size else 0.0)
+
+
+def sample_metrics(correct: Sequence[Sequence[bool]], prm: Sequence[Sequence[float]] | None,
+                   texts: Sequence[Sequence[str]] | None, k: int) -> dict[str, float | None]:
+    """The metrics of K samples per eval query, under the keys bstar.plots knows."""
+    out: dict[str, float | None] = {
+        "pass_at_1": pass_at_1(correct),
+        "pass_at_k": mean_pass_at_k(correct, k),
+        "frac_any_correct": frac_any_correct(correct),
+    }
+    if prm is not None:
+        out["reward_at_k"] = reward_at_k(correct, prm, k)
+    if texts is not None:
+        out["diversity_distinct_correct"] = distinct_correct(texts, correct)
+        out["diversity_equations"] = equation_diversity(texts)
+    return out

@@ -1,0 +1,226 @@
+"""Triton paged decode attention (flash-decoding).
+
+One query token per sequence against its paged KV cache. Decode is memory bound, so the design
+goal is to read every K/V byte exactly once:
+
+* one program per (sequence, KV head, split): the G query heads that share a KV head are
+  processed together as the rows of one `tl.dot` tile, so each KV head is loaded once per group;
+* split-KV: when batch * kv_heads is too small to fill the GPU (small batch, long context), the
+  context is cut into `num_splits` ranges processed in parallel, each writing a normalised partial
+  output and its log-sum-exp; a second small kernel merges them. With enough programs the split
+  pass writes the final output directly and the merge kernel is skipped.
+
+Block tables are gathered per token, so any page size works and many sequences may share blocks.
+The launcher does no host synchronisation (CUDA-graph friendly): the split count is derived from
+the block table's width, an upper bound of the context length.
+"""
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q, K, V, BT, SEQ, OUT, MID_O, MID_LSE,
+    scale_log2,
+    stride_qb, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_bt,
+    stride_ob, stride_oh,
+    stride_mb, stride_mh, stride_ms,
+    stride_lb, stride_lh,
+    G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr, OFF64: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+
+    seq_len = tl.load(SEQ + b)
+    # Every split of a sequence gets the same number of whole BLOCK_N tiles.
+    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+
+    offs_g = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_g = offs_g < G
+    mask_d = offs_d < D
+    heads = kvh * G + offs_g  # query heads of this KV group
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=mask_g[:, None] & mask_d[None, :], other=0.0)
+    q = q.to(K.dtype.element_ty)  # [BLOCK_H, BLOCK_D]
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    bt_row = BT + b * stride_bt
+    k_head = K + kvh * stride_kh
+    v_head = V + kvh * stride_vh
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        blk = tl.load(bt_row + offs_n // PAGE, mask=mask_n, other=0)
+        if OFF64:
+            blk = blk.to(tl.int64)
+        slot = offs_n % PAGE
+        # Row offsets of the BLOCK_N tokens; 32-bit when the cache allows (halves address registers).
+        k_off = blk * stride_kb + slot * stride_ks
+        v_off = blk * stride_vb + slot * stride_vs
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_head + k_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [BLOCK_H, BLOCK_N], log2 units
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_head + v_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    safe_l = tl.where(l_i > 0, l_i, 1.0)
+    o = acc / safe_l[:, None]
+    omask = mask_g[:, None] & mask_d[None, :]
+    if NUM_SPLITS == 1:
+        tl.store(OUT + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                 o.to(OUT.dtype.element_ty), mask=omask)
+    else:
+        tl.store(MID_O + b * stride_mb + heads[:, None] * stride_mh + split * stride_ms + offs_d[None, :],
+                 o, mask=omask)
+        lse = tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf"))  # log2 domain; -inf: empty split
+        tl.store(MID_LSE + b * stride_lb + heads * stride_lh + split, lse, mask=mask_g)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    MID_O, MID_LSE, OUT,
+    stride_mb, stride_mh, stride_ms,
+    stride_lb, stride_lh,
+    stride_ob, stride_oh,
+    D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_s = offs_s < NUM_SPLITS
+    mask_d = offs_d < D
+    lse = tl.load(MID_LSE + b * stride_lb + h * stride_lh + offs_s, mask=mask_s, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # all splits empty (seq_len 0): output zeros
+    w = tl.exp2(lse - m)  # [BLOCK_S]
+    o = tl.load(MID_O + b * stride_mb + h * stride_mh + offs_s[:, None] * stride_ms + offs_d[None, :],
+                mask=mask_s[:, None] & mask_d[None, :], other=0.0)
+    denom = tl.sum(w, 0)
+    out = tl.sum(o * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)
+    tl.store(OUT + b * stride_ob + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty), mask=mask_d)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_num_splits(batch: int, kv_heads: int, max_context: int, device: torch.device,
+                      min_tokens_per_split: int = 256, max_splits: int = 64) -> int:
+    """Enough splits for about two waves of programs, never splits shorter than
+    min_tokens_per_split tokens (a split's fixed cost would dominate)."""
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 132
+    programs = batch * kv_heads
+    if programs >= sms:
+        return 1
+    want = triton.cdiv(2 * sms, max(programs, 1))
+    by_len = triton.cdiv(max_context, min_tokens_per_split)
+    return max(1, min(want, by_len, max_splits))
+
+
+def _config(D: int, dtype: torch.dtype):
+    """(BLOCK_N, num_warps, num_stages). ptxas (sm_90) reports no spills for any of these; a 16-bit
+    D=128 program uses 142 registers with 32-token tiles (3 programs per SM, as sglang's grouped
+    decode), D=64 uses 135 with 64-token tiles. Not yet tuned on a GPU."""
+    if dtype == torch.float32 or D > 128:
+        return 16, 4, 2
+    return (64 if D <= 64 else 32), 4, 2
+
+
+def _needs_64bit_offsets(*caches) -> bool:
+    return any(c.shape[0] * c.stride(0) >= 2 ** 31 for c in caches)
+
+
+def paged_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, scale=None, *,
+                                  num_splits=None, block_n=None):
+    """Same contract as kernels.decode_attention.paged_decode_attention_ref.
+
+    num_splits / block_n override the heuristics (tests use them to cover both code paths).
+    """
+    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"expected q [B, Hq, D] and k/v caches [blocks, block_size, Hkv, D], got "
+                         f"q {tuple(q.shape)}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}")
+    B, Hq, D = q.shape
+    _, page, Hkv, Dk = k_cache.shape
+    if Dk != D or Hq % Hkv:
+        raise ValueError(f"head dim {D} vs cache {Dk}, or Hq={Hq} not a multiple of Hkv={Hkv}")
+    if block_tables.dim() != 2 or block_tables.shape[0] != B or seq_lens.shape != (B,):
+        raise ValueError(f"block_tables must be [B={B}, max_blocks] and seq_lens [B], got "
+                         f"{tuple(block_tables.shape)} and {tuple(seq_lens.shape)}")
+    G = Hq // Hkv
+    scale = D ** -0.5 if scale is None else float(scale)
+    out = torch.empty_like(q)
+    if B == 0:
+        return out
+    # Only the innermost (head-dim) stride is assumed to be 1.
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k_cache = k_cache if k_cache.stride(-1) == 1 else k_cache.contiguous()
+    v_cache = v_cache if v_cache.stride(-1) == 1 else v_cache.contiguous()
+    seq_lens = seq_lens.contiguous()
+
+    cfg_n, num_warps, num_stages = _config(D, k_cache.dtype)
+    BLOCK_N = block_n or cfg_n
+    BLOCK_H = max(16, triton.next_power_of_2(G))  # tl.dot needs M >= 16
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    if num_splits is None:
+        num_splits = choose_num_splits(B, Hkv, block_tables.shape[1] * page, q.device)
+    precision = "ieee" if k_cache.dtype == torch.float32 else "tf32"  # fp32 caches: no TF32 rounding
+
+    if num_splits > 1:
+        mid_o = torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=q.device)
+        mid_lse = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=q.device)
+    else:  # unused by the kernel; any tensor will do for the pointer arguments
+        mid_o, mid_lse = out, out
+    _decode_split_kernel[(B, Hkv, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, out, mid_o, mid_lse,
+        scale * _LOG2E,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        mid_o.stride(0) if num_splits > 1 else 0, mid_o.stride(1) if num_splits > 1 else 0,
+        mid_o.stride(2) if num_splits > 1 else 0,
+        mid_lse.stride(0) if num_splits > 1 else 0, mid_lse.stride(1) if num_splits > 1 else 0,
+        G=G, D=D, PAGE=page, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N,
+        NUM_SPLITS=num_splits, PRECISION=precision, OFF64=_needs_64bit_offsets(k_cache, v_cache),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if num_splits > 1:
+        _decode_merge_kernel[(B, Hq)](
+            mid_o, mid_lse, out,
+            mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
+            mid_lse.stride(0), mid_lse.stride(1),
+            out.stride(0), out.stride(1),
+            D=D, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=BLOCK_D,
+            num_warps=4 if BLOCK_D >= 128 else 2,
+        )
+    return out
+
+
+__all__ = ["paged_decode_attention_triton", "choose_num_splits"]

@@ -1,0 +1,134 @@
+"""Triton RMSNorm (optionally fused with the residual add) and neox-style rotary embedding.
+
+Both are one program per token row, memory bound: the fusion saves the separate passes torch
+makes (add, square, mean, rsqrt, mul, mul; or slice, cat, mul, add per q and k). Rounding follows
+the references step by step (sum rounded to the activation dtype, normalised value rounded
+before the weight multiply, rotary products rounded before the add), so outputs agree to the
+last bit or so, not just to a tolerance.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_kernel(
+    X, RES, W, OUT, RES_OUT,
+    H, stride_x, stride_r, stride_o, stride_ro, eps,
+    HAS_RES: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_H)
+    mask = offs < H
+    x = tl.load(X + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        r = tl.load(RES + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
+        xs = (x + r).to(RES_OUT.dtype.element_ty)  # x + residual in the activation dtype
+        tl.store(RES_OUT + row * stride_ro + offs, xs, mask=mask)
+        x = xs.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, 0) / H + eps)
+    if HAS_RES:
+        h = (x * rstd).to(RES_OUT.dtype.element_ty)
+    else:
+        h = (x * rstd).to(X.dtype.element_ty)
+    w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(OUT + row * stride_o + offs, (w * h.to(tl.float32)).to(OUT.dtype.element_ty), mask=mask)
+
+
+def rms_norm_triton(x, weight, eps, residual=None):
+    """Same contract as kernels.norm_rope.rms_norm_ref (x [..., H]); returns new tensors."""
+    H = x.shape[-1]
+    if weight.shape != (H,):
+        raise ValueError(f"weight must be [{H}], got {tuple(weight.shape)}")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"residual shape {tuple(residual.shape)} differs from x {tuple(x.shape)}")
+    x2 = x.reshape(-1, H)
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    rows = x2.shape[0]
+    res_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    out = torch.empty(rows, H, dtype=torch.promote_types(weight.dtype, res_dtype), device=x.device)
+    res_out = r2 = None
+    if residual is not None:
+        r2 = residual.reshape(-1, H)
+        r2 = r2 if r2.stride(-1) == 1 else r2.contiguous()
+        res_out = torch.empty(rows, H, dtype=res_dtype, device=x.device)
+    if rows:
+        BLOCK_H = triton.next_power_of_2(H)
+        num_warps = 4 if BLOCK_H <= 1024 else (8 if BLOCK_H <= 4096 else 16)
+        _rms_norm_kernel[(rows,)](
+            x2, r2 if r2 is not None else x2, weight, out, res_out if res_out is not None else out,
+            H, x2.stride(0), r2.stride(0) if r2 is not None else 0, out.stride(0),
+            res_out.stride(0) if res_out is not None else 0, float(eps),
+            HAS_RES=residual is not None, BLOCK_H=BLOCK_H, num_warps=num_warps,
+        )
+    out = out.view(x.shape)
+    return out if residual is None else (out, res_out.view(x.shape))
+
+
+@triton.jit
+def _rotate_heads(X, OUT, stride_xt, stride_xh, stride_ot, stride_oh, t, cos, sin, NH,
+                  HALF: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """out = x * cos + rotate_half(x) * sin for all heads of token t; cos/sin [BLOCK_HALF]."""
+    heads = tl.arange(0, BLOCK_HEADS)
+    offs = tl.arange(0, BLOCK_HALF)
+    mask = (heads[:, None] < NH) & (offs[None, :] < HALF)
+    ptr = X + t * stride_xt + heads[:, None] * stride_xh + offs[None, :]
+    x1 = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(ptr + HALF, mask=mask, other=0.0).to(tl.float32)
+    dt = OUT.dtype.element_ty
+    # Round each product to the activation dtype before the add, as the eager reference does.
+    o1 = ((x1 * cos[None, :]).to(dt).to(tl.float32) - (x2 * sin[None, :]).to(dt).to(tl.float32)).to(dt)
+    o2 = ((x2 * cos[None, :]).to(dt).to(tl.float32) + (x1 * sin[None, :]).to(dt).to(tl.float32)).to(dt)
+    optr = OUT + t * stride_ot + heads[:, None] * stride_oh + offs[None, :]
+    tl.store(optr, o1, mask=mask)
+    tl.store(optr + HALF, o2, mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(
+    Q, K, POS, CS, QO, KO,
+    HQ, HK, stride_qt, stride_qh, stride_kt, stride_kh,
+    stride_qot, stride_qoh, stride_kot, stride_koh, stride_cs,
+    HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(POS + t).to(tl.int64)
+    offs = tl.arange(0, BLOCK_HALF)
+    m = offs < HALF
+    # cos/sin rounded to the activation dtype first, like the reference's .to(q.dtype)
+    dt = QO.dtype.element_ty
+    cos = tl.load(CS + pos * stride_cs + offs, mask=m, other=0.0).to(dt).to(tl.float32)
+    sin = tl.load(CS + pos * stride_cs + HALF + offs, mask=m, other=0.0).to(dt).to(tl.float32)
+    _rotate_heads(Q, QO, stride_qt, stride_qh, stride_qot, stride_qoh, t, cos, sin, HQ,
+                  HALF, BLOCK_HQ, BLOCK_HALF)
+    _rotate_heads(K, KO, stride_kt, stride_kh, stride_kot, stride_koh, t, cos, sin, HK,
+                  HALF, BLOCK_HK, BLOCK_HALF)
+
+
+def apply_rotary_triton(q, k, positions, cos_sin_cache):
+    """Same contract as kernels.norm_rope.apply_rotary_ref; returns new (q, k)."""
+    if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"expected q [T, Hq, D] and k [T, Hkv, D], got {tuple(q.shape)} and {tuple(k.shape)}")
+    T, Hq, D = q.shape
+    Hk = k.shape[1]
+    if D % 2 or cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != D or positions.shape != (T,):
+        raise ValueError(f"need an even head dim, cos_sin_cache [max_pos, {D}] and positions [{T}], got "
+                         f"D={D}, {tuple(cos_sin_cache.shape)}, {tuple(positions.shape)}")
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    cs = cos_sin_cache if cos_sin_cache.stride(-1) == 1 else cos_sin_cache.contiguous()
+    qo, ko = torch.empty_like(q), torch.empty_like(k)
+    if T:
+        half = D // 2
+        _rotary_kernel[(T,)](
+            q, k, positions.contiguous(), cs, qo, ko,
+            Hq, Hk, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1), cs.stride(0),
+            HALF=half, BLOCK_HQ=triton.next_power_of_2(Hq), BLOCK_HK=triton.next_power_of_2(Hk),
+            BLOCK_HALF=triton.next_power_of_2(half), num_warps=4,
+        )
+    return qo, ko
+
+
+__all__ = ["rms_norm_triton", "apply_rotary_triton"]

@@ -1,0 +1,180 @@
+"""Triton paged prefill / extend attention.
+
+The new tokens of B sequences are packed in q [T, Hq, D]; their K/V are already in the paged
+cache. A query at position p attends keys 0..p of its own sequence: the cached prefix (shared
+prompt, prefix-cache hit) plus the causal part of the new tokens.
+
+One program per (query tile of BLOCK_M new tokens, query head, sequence), FlashAttention-2 style
+online softmax. The key loop has two phases: keys strictly before the tile's first query need no
+mask (that is the whole cached prefix, usually the bulk of the work), then the diagonal tiles
+apply the causal mask. Query heads of one KV group are neighbours on the grid, so the K/V tiles
+they share are served from L2.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _prefill_kernel(
+    Q, K, V, BT, CU_Q, SEQ, OUT,
+    scale_log2,
+    stride_qt, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_bt,
+    stride_ot, stride_oh,
+    G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    OFF64: tl.constexpr,
+):
+    m_tile = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start = tl.load(CU_Q + b)
+    q_len = tl.load(CU_Q + b + 1) - q_start
+    if m_tile * BLOCK_M >= q_len:
+        return
+    seq_len = tl.load(SEQ + b)
+    prefix = seq_len - q_len  # cached tokens before the first new token
+    kvh = h // G
+
+    offs_m = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)  # index among the new tokens
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < q_len
+    mask_d = offs_d < D
+    qpos = prefix + offs_m  # absolute positions of the queries
+    q = tl.load(Q + (q_start + offs_m)[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0).to(K.dtype.element_ty)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    bt_row = BT + b * stride_bt
+    k_head = K + kvh * stride_kh
+    v_head = V + kvh * stride_vh
+
+    first_q = prefix + m_tile * BLOCK_M
+    unmasked_end = (first_q // BLOCK_N) * BLOCK_N  # keys < this are visible to every query of the tile
+    end = tl.minimum(seq_len, first_q + BLOCK_M)
+
+    # Phase 1: keys every query of the tile sees (no mask needed: all < first_q <= seq_len).
+    for n0 in range(0, unmasked_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        blk = tl.load(bt_row + offs_n // PAGE)
+        if OFF64:
+            blk = blk.to(tl.int64)
+        slot = offs_n % PAGE
+        # 32-bit row offsets when the cache allows: half the address registers.
+        k_off = blk * stride_kb + slot * stride_ks
+        v_off = blk * stride_vb + slot * stride_vs
+        k = tl.load(k_head + k_off[:, None] + offs_d[None, :], mask=mask_d[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_head + v_off[:, None] + offs_d[None, :], mask=mask_d[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    # Phase 2: the diagonal, causal mask key <= query position.
+    for n0 in range(unmasked_end, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        blk = tl.load(bt_row + offs_n // PAGE, mask=mask_n, other=0)
+        if OFF64:
+            blk = blk.to(tl.int64)
+        slot = offs_n % PAGE
+        k_off = blk * stride_kb + slot * stride_ks
+        v_off = blk * stride_vb + slot * stride_vs
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_head + k_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        visible = (offs_n[None, :] <= qpos[:, None]) & mask_n[None, :]
+        s = tl.where(visible, s, float("-inf"))
+        # Padded query rows (past q_len) may see no key at all; keep their max finite.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_head + v_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(OUT + (q_start + offs_m)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+             o.to(OUT.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+
+
+def _needs_64bit_offsets(*caches) -> bool:
+    return any(c.shape[0] * c.stride(0) >= 2 ** 31 for c in caches)
+
+
+def _config(D: int, dtype: torch.dtype):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for sm_90, chosen so that ptxas reports no register
+    spills for the gathered (paged) K/V tiles at D=64/128 in fp16/bf16. fp32 caches (tests,
+    debugging) and D=256 spill a little."""
+    if dtype == torch.float32:
+        return (32 if D <= 128 else 16), 16, 4, 2
+    if D <= 64:
+        return 128, 64, 8, 2
+    if D <= 128:
+        return 128, 32, 8, 2
+    return 64, 32, 8, 2
+
+
+def paged_prefill_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale=None, *,
+                                   block_m=None, block_n=None):
+    """Same contract as kernels.prefill_attention.paged_prefill_attention_ref.
+
+    block_m / block_n override the tile sizes (tests use small tiles to cover several of them).
+    Reads the longest new-token count from cu_seqlens_q (one host sync, fine for prefill).
+    """
+    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"expected q [T, Hq, D] and k/v caches [blocks, block_size, Hkv, D], got "
+                         f"q {tuple(q.shape)}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}")
+    T, Hq, D = q.shape
+    _, page, Hkv, Dk = k_cache.shape
+    if Dk != D or Hq % Hkv:
+        raise ValueError(f"head dim {D} vs cache {Dk}, or Hq={Hq} not a multiple of Hkv={Hkv}")
+    B = seq_lens.shape[0]
+    if cu_seqlens_q.shape != (B + 1,) or block_tables.dim() != 2 or block_tables.shape[0] != B:
+        raise ValueError(f"cu_seqlens_q must be [B+1={B + 1}] and block_tables [B, max_blocks], got "
+                         f"{tuple(cu_seqlens_q.shape)} and {tuple(block_tables.shape)}")
+    scale = D ** -0.5 if scale is None else float(scale)
+    out = torch.empty_like(q)
+    if T == 0 or B == 0:
+        return out
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k_cache = k_cache if k_cache.stride(-1) == 1 else k_cache.contiguous()
+    v_cache = v_cache if v_cache.stride(-1) == 1 else v_cache.contiguous()
+    cu_seqlens_q = cu_seqlens_q.contiguous()
+    seq_lens = seq_lens.contiguous()
+
+    cfg_m, cfg_n, num_warps, num_stages = _config(D, k_cache.dtype)
+    BLOCK_M, BLOCK_N = block_m or cfg_m, block_n or cfg_n
+    max_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item())
+    grid = (triton.cdiv(max_q, BLOCK_M), Hq, B)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, out,
+        scale * _LOG2E,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        G=Hq // Hkv, D=D, PAGE=page,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(D)),
+        PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
+        OFF64=_needs_64bit_offsets(k_cache, v_cache),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
+
+
+__all__ = ["paged_prefill_attention_triton"]
