@@ -20,10 +20,12 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scal
     scale = D ** -0.5 if scale is None else scale
     nblk = -(-int(seq_lens.max()) // block_size) if B else 0
     L = nblk * block_size
-    tables = block_tables[:, :nblk].long()
-    # Gather each sequence's blocks: [B, L, Hkv, D] -> [B, Hkv, L, D] (a view, no second copy).
-    k = k_cache[tables].view(B, L, Hkv, D).transpose(1, 2).float()
-    v = v_cache[tables].view(B, L, Hkv, D).transpose(1, 2).float()
+    # -1 padding is never read (masked by seq_lens) but must be a valid index for the gather.
+    flat = block_tables[:, :nblk].reshape(-1).long().clamp(min=0)
+    # Gather each sequence's blocks (index_select: whole-block copies, about twice as fast as
+    # advanced indexing): [B, L, Hkv, D] -> [B, Hkv, L, D] (a view, no second copy).
+    k = k_cache.index_select(0, flat).view(B, L, Hkv, D).transpose(1, 2).float()
+    v = v_cache.index_select(0, flat).view(B, L, Hkv, D).transpose(1, 2).float()
     valid = (torch.arange(L, device=q.device)[None, :] < seq_lens.long()[:, None])[:, None, None, :]
     # GQA: the G query heads of a KV head become G "query positions" against that head.
     qf = q.float().view(B, Hkv, Hq // Hkv, D)

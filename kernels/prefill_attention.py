@@ -32,8 +32,8 @@ def paged_prefill_attention_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q,
             continue
         nblk = -(-L // block_size)
         table = block_tables[b, :nblk].long()
-        k = k_cache[table].view(nblk * block_size, Hkv, D)[:L].transpose(0, 1).float()  # [Hkv, L, D]
-        v = v_cache[table].view(nblk * block_size, Hkv, D)[:L].transpose(0, 1).float()
+        k = k_cache.index_select(0, table).view(nblk * block_size, Hkv, D)[:L].transpose(0, 1).float()  # [Hkv, L, D]
+        v = v_cache.index_select(0, table).view(nblk * block_size, Hkv, D)[:L].transpose(0, 1).float()
         qpos = torch.arange(L - n, L, device=q.device)
         causal = torch.arange(L, device=q.device)[None, :] <= qpos[:, None]  # [n, L]
         o = F.scaled_dot_product_attention(q[s:e].float().transpose(0, 1), k, v, attn_mask=causal,

@@ -81,7 +81,8 @@ def sample_ref(logits, temperature, top_k, top_p, min_p, seeds):
     # strictly below the total, so the search lands on a token with non-zero probability
     target = torch.minimum((row_uniform(seeds)[:, None] * total.double()).float(), torch.nextafter(total, torch.zeros_like(total)))
     drawn = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=x.shape[1] - 1)
-    tokens = torch.where(temperature <= 0, logits.float().argmax(-1), drawn)
+    greedy = temperature <= 0
+    tokens = torch.where(greedy, logits.float().argmax(-1), drawn) if bool(greedy.any()) else drawn
     logprobs = torch.log_softmax(logits.float(), dim=-1).gather(1, tokens[:, None]).squeeze(1)
     return tokens, logprobs
 
