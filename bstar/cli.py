@@ -25,16 +25,15 @@ def main():
 
 def _register():
     from bstar.generate_cli import generate
+    from bstar.run_cli import report_cmd, run
+    from bstar.score_cli import score
+    from bstar.sft_cli import sft
 
-    main.add_command(generate)
-    for module, name in (("bstar.score_cli", "score"), ("bstar.sft_cli", "sft")):
-        try:
-            mod = __import__(module, fromlist=[name])
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            continue
-        main.add_command(getattr(mod, name))
+    for cmd in (generate, score, sft, run, report_cmd):
+        main.add_command(cmd)
 
 
 _register()
+
+if __name__ == "__main__":  # torchrun -m bstar.cli run ...
+    main()

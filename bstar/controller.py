@@ -1,0 +1,470 @@
+"""The B-STaR loop: search, generate, reward and select, fine-tune, hand off, evaluate.
+
+Each iteration t, with policy P(t-1):
+  1. configuration search (mode bstar): on a fixed random subset of training queries, sample K
+     candidates per query at every temperature of a grid, grade and PRM-score them once, and pick
+     the (temperature, threshold) with the best mean balance score (bstar.search);
+  2. generate N candidates per training query at the chosen temperature;
+  3. score = correctness + scaled PRM, select per query (bstar.selection);
+  4. fine-tune on the selection (bstar.trainer; continue from P(t-1), or restart from the base
+     model for rest-em / star);
+  5. hand the new weights to the live engine in process and evaluate.
+
+Every phase writes its result under --out before the next starts (atomically), so a killed run
+resumes from the last completed phase and, with the same seed, ends exactly where an
+uninterrupted run would: generation seeds depend only on (run seed, iteration, phase, query), and
+each iteration's trainer starts from the checkpoint that the previous iteration saved.
+Under torchrun every rank generates for its shard of the queries with its own engine; training
+is FSDP2 across ranks; every rank's engine receives the new weights.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from bstar import dist_utils
+from bstar.data import DEFAULT_PROMPT, Example, check_template, format_prompt, load_examples
+from bstar.jsonl import write_jsonl
+from bstar.metrics import greedy_accuracy, sample_metrics
+from bstar.search import SearchConfig, choose_subset, search_config
+from bstar.selection import PRM_SCALE, Candidate, aggregate_prm, select
+from engine.errors import BStarError, DataError
+
+MODES = ("bstar", "online-rft", "rest-em", "star")
+_SEED_MASK = (1 << 62) - 1
+
+
+@dataclass
+class RunConfig:
+    """Everything a run depends on; saved as config.json in the run directory.
+
+    Defaults are the reference's (hkust-nlp/B-STaR) where it has one; the embedded default scales
+    them down (see embedded_run_config)."""
+
+    mode: str = "bstar"
+    model: str | None = None  # policy checkpoint (HF dir); None: the built-in task and models
+    prm: str | None = None  # PRM checkpoint; None: selection by correctness alone
+    train_data: str | None = None
+    eval_data: str | None = None
+    prompt_template: str = DEFAULT_PROMPT
+    iterations: int = 5
+    seed: int = 0
+    max_train_queries: int | None = None  # use the first N training queries (None: all)
+    max_eval_queries: int | None = None
+    # generation
+    num_samples: int = 64  # N candidates per training query
+    max_tokens: int = 768
+    stop: list[str] = field(default_factory=list)
+    # configuration search (mode bstar)
+    temperatures: list[float] = field(default_factory=lambda: list(SearchConfig().temperatures))
+    thresholds: list[float] = field(default_factory=lambda: list(SearchConfig().thresholds))
+    search_k: int = 64
+    search_subset: int = 1000
+    n_star: int = 8
+    target_size: int | None = 3550  # auto-M: smallest per-query cap reaching this many (on the subset)
+    max_per_query: int | None = None  # fixed M instead of target_size
+    # fixed configuration (online-rft, rest-em, star)
+    temperature: float = 1.0
+    threshold: float = 0.5  # score = correct + prm_scale * prm, so > 0.5 keeps exactly the correct ones
+    include_gold: bool = True  # add the gold solution as a candidate (reference behaviour)
+    rationalize: bool = False  # star: retry unsolved queries with the answer as a hint
+    prm_aggregate: str = "min"
+    prm_scale: float = PRM_SCALE
+    # evaluation
+    eval_k: int = 16  # samples per eval query for Pass@K / Reward@K / diversity
+    eval_temperature: float = 1.0
+    # training
+    lr: float = 1e-5
+    epochs: int = 1
+    batch_tokens: int = 16384
+    max_seq_len: int = 2048
+    restart_from_base: bool | None = None  # default: True for rest-em and star
+    # engine
+    dtype: str = "auto"
+    device: str = "auto"
+    num_kv_blocks: int | None = None
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise BStarError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        check_template(self.prompt_template)
+        if self.iterations < 1 or self.num_samples < 1 or self.search_k < 1 or self.eval_k < 1:
+            raise BStarError("iterations, num_samples, search_k and eval_k must be >= 1")
+        if self.max_per_query is not None:
+            self.target_size = None
+        if self.restart_from_base is None:
+            self.restart_from_base = self.mode in ("rest-em", "star")
+        self.temperatures = sorted(float(t) for t in self.temperatures)
+
+    @classmethod
+    def from_json(cls, path: str) -> "RunConfig":
+        with open(path) as f:
+            d = json.load(f)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _seed(*parts) -> int:
+    """A request seed from the run seed and where it is used (stable across processes)."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps(parts).encode()).digest()
+    return int.from_bytes(h[:8], "little") & _SEED_MASK
+
+
+def _atomic_json(path: Path, obj):
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class Controller:
+    def __init__(self, cfg: RunConfig, out_dir: str, policy: str, base: str, prm: str | None,
+                 train: list[Example], test: list[Example]):
+        from engine import LLM, PRM
+
+        self.cfg, self.out = cfg, Path(out_dir)
+        self.base, self.policy_dir = base, self.out / "policy"
+        self.rank, self.world = dist_utils.world()
+        self.train, self.test = train, test
+        self.llm = LLM(policy, dtype=cfg.dtype, device=cfg.device, seed=cfg.seed, num_kv_blocks=cfg.num_kv_blocks)
+        self.tok = self.llm.get_tokenizer()
+        if self.tok is None:
+            raise BStarError(f"the policy {policy} has no tokenizer.json; B-STaR needs text")
+        self.eos = sorted(self.llm.engine.eos_ids)
+        self.prm = PRM(prm, dtype=cfg.dtype, device=cfg.device, aggregate=cfg.prm_aggregate) if prm else None
+        self.subset = choose_subset(len(train), cfg.search_subset, cfg.seed)
+
+    # -- generation, grading, PRM -------------------------------------------------------------
+    def _mine(self, n: int) -> list[int]:
+        return list(range(self.rank, n, self.world))
+
+    def _sample(self, examples: list[Example], idx: list[int], n: int, temperature: float, tag: str) -> list[dict]:
+        """n graded (and PRM-scored) candidates for each example in `idx` (this rank's share):
+        one record per query {"query": i, "texts", "token_ids", "correct", "prm", "steps"}."""
+        from bstar.rewards import grade_batch
+        from engine import SamplingParams
+
+        if not idx:
+            return []
+        cfg = self.cfg
+        prompts = [format_prompt(examples[i], cfg.prompt_template) for i in idx]
+        params = [SamplingParams(n=n, temperature=temperature, max_tokens=cfg.max_tokens, stop=cfg.stop or None,
+                                 seed=_seed(cfg.seed, tag, i)) for i in idx]
+        outs = self.llm.generate(prompts, params, use_tqdm=cfg.progress)
+        self._gen_tokens += sum(len(c.token_ids) for o in outs for c in o.outputs)
+        texts = [[c.text for c in o.outputs] for o in outs]
+        flat = [t for ts in texts for t in ts]
+        owner = [i for i in idx for _ in range(n)]
+        correct = [False] * len(flat)
+        for task in sorted({examples[i].task for i in idx}):  # one grading call per task
+            ks = [k for k, i in enumerate(owner) if examples[i].task == task]
+            res = grade_batch([flat[k] for k in ks], [examples[owner[k]].gold_answer for k in ks], task,
+                              workers=0 if len(ks) < 512 else None, progress=cfg.progress)
+            for k, ok in zip(ks, res):
+                correct[k] = ok
+        prm_scores = [[0.0] * n for _ in idx]
+        steps = [[[] for _ in range(n)] for _ in idx]
+        if self.prm is not None:
+            scored = self.prm.score_batch([examples[i].question for i in idx], texts, progress=cfg.progress)
+            prm_scores = [[s.score for s in qs] for qs in scored]
+            steps = [[s.step_scores for s in qs] for qs in scored]
+        recs = []
+        for k, (i, o) in enumerate(zip(idx, outs)):
+            recs.append({"query": i, "prompt_token_ids": o.prompt_token_ids, "texts": texts[k],
+                         "token_ids": [c.token_ids for c in o.outputs], "correct": correct[k * n:(k + 1) * n],
+                         "prm": prm_scores[k], "step_scores": steps[k]})
+        return recs
+
+    def _sample_all(self, examples, idx, n, temperature, tag) -> list[dict]:
+        """All ranks' records for `idx`, in query order."""
+        mine = self._sample(examples, [i for j, i in enumerate(idx) if j % self.world == self.rank], n,
+                            temperature, tag)
+        recs = [r for part in dist_utils.all_gather_json(mine) for r in part]
+        return sorted(recs, key=lambda r: r["query"])
+
+    def _candidates(self, recs: list[dict]) -> list[list[Candidate]]:
+        return [[Candidate(r["query"], t, bool(ok), float(p)) for t, ok, p in zip(r["texts"], r["correct"], r["prm"])]
+                for r in recs]
+
+    def _golds(self, recs: list[dict]):
+        if not self.cfg.include_gold:
+            return None
+        return [Candidate.gold(r["query"], self.train[r["query"]].gold_solution) for r in recs]
+
+    # -- phases -------------------------------------------------------------------------------
+    def _phase_file(self, t: int, name: str) -> Path:
+        d = self.out / f"iter_{t:03d}"
+        d.mkdir(parents=True, exist_ok=True)
+        return d / name
+
+    def search(self, t: int) -> dict:
+        cfg = self.cfg
+        path = self._phase_file(t, "search.json")
+        if path.exists():
+            return json.loads(path.read_text())
+        t0, self._gen_tokens = time.perf_counter(), 0
+        if cfg.mode != "bstar":
+            res = {"temperature": cfg.temperature, "threshold": cfg.threshold, "balance_score": None,
+                   "cap": cfg.max_per_query}
+        else:
+            samples = {temp: self._candidates(self._sample_all(self.train, self.subset, cfg.search_k, temp,
+                                                                 f"search-{t}-{temp}"))
+                       for temp in cfg.temperatures}
+            golds = self._golds([{"query": i} for i in self.subset])
+            sc = SearchConfig(temperatures=tuple(cfg.temperatures), thresholds=tuple(cfg.thresholds), k=cfg.search_k,
+                              n_star=cfg.n_star, subset_size=cfg.search_subset, target_size=cfg.target_size,
+                              max_per_query=cfg.max_per_query, prm_scale=cfg.prm_scale)
+            r = search_config(samples, sc, golds=golds)
+            res = {"temperature": r.temperature, "threshold": r.threshold, "balance_score": r.balance_score,
+                   "cap": r.cap, "table": [asdict(row) for row in r.table]}
+        res["time_s"] = time.perf_counter() - t0
+        res["tokens_per_s"] = self._gen_tokens * self.world / max(res["time_s"], 1e-9)
+        if self.rank == 0:
+            _atomic_json(path, res)
+        dist_utils.barrier()
+        return res
+
+    def generate(self, t: int, temperature: float) -> tuple[list[dict], dict]:
+        path = self._phase_file(t, "candidates.jsonl")
+        if path.exists():
+            return _read_jsonl(path), json.loads(self._phase_file(t, "generate.json").read_text())
+        t0, self._gen_tokens = time.perf_counter(), 0
+        recs = self._sample_all(self.train, list(range(len(self.train))), self.cfg.num_samples, temperature,
+                                f"generate-{t}")
+        if self.cfg.rationalize and self.cfg.mode == "star":
+            recs = self._rationalize(t, recs)
+        dt = time.perf_counter() - t0
+        info = {"time_s": dt, "tokens_per_s": self._gen_tokens * self.world / max(dt, 1e-9)}
+        if self.rank == 0:
+            _atomic_json(self._phase_file(t, "generate.json"), info)
+            write_jsonl(str(path), recs)
+        dist_utils.barrier()
+        return recs, info
+
+    def _rationalize(self, t: int, recs: list[dict]) -> list[dict]:
+        """STaR rationalisation: unsolved queries are retried with the answer given as a hint; a
+        correct rationale is trained on with the original prompt."""
+        unsolved = [r["query"] for r in recs if not any(r["correct"])]
+        if not unsolved:
+            return recs
+        hinted = [dataclasses.replace(e, question=f"{e.question} (Hint: the answer is {e.gold_answer}.)")
+                  for e in self.train]
+        extra = {r["query"]: r for r in self._sample_all(hinted, unsolved, 1, 0.0, f"rationalize-{t}")}
+        for r in recs:
+            x = extra.get(r["query"])
+            if x and x["correct"][0]:
+                r["texts"].append(x["texts"][0])
+                r["token_ids"].append(x["token_ids"][0])
+                r["correct"].append(True)
+                r["prm"].append(x["prm"][0])
+                r["step_scores"].append(x["step_scores"][0])
+        return recs
+
+    def select(self, recs: list[dict], threshold: float, cap: int | None):
+        cfg = self.cfg
+        kw = {"max_per_query": cap} if cap is not None else {}
+        if cfg.mode == "star":
+            kw = {"max_per_query": 1}
+        return select(self._candidates(recs), threshold, golds=self._golds(recs), prm_scale=cfg.prm_scale, **kw)
+
+    def _sft_examples(self, recs: list[dict], selection) -> list:
+        """Selected candidates as token-level SFT examples: the exact prompt and completion ids."""
+        from bstar.sft_data import SFTExample
+
+        by_query = {r["query"]: r for r in recs}
+        out = []
+        for c in selection.selected:
+            r = by_query[c.query_id]
+            if c.is_gold:
+                ids = self.tok.encode(c.text, add_special_tokens=False) + self.eos[:1]
+            else:
+                ids = r["token_ids"][r["texts"].index(c.text)]
+            if ids:
+                out.append(SFTExample(tuple(r["prompt_token_ids"]) + tuple(ids), len(r["prompt_token_ids"]), len(out) + 1))
+        return out
+
+    def train_policy(self, t: int, examples: list) -> dict:
+        """Fine-tune, save the policy checkpoint (atomically), hand the weights to the engine."""
+        from bstar.trainer import SFTConfig, SFTTrainer
+
+        cfg = self.cfg
+        marker = self.policy_dir / "iteration.json"
+        if marker.exists() and json.loads(marker.read_text())["iteration"] == t:
+            from engine.loader import iter_weights
+
+            self.llm.load_weights(iter_weights(str(self.policy_dir)))
+            return json.loads(self._phase_file(t, "train.json").read_text())
+        start = self.base if cfg.restart_from_base or not (self.policy_dir / "config.json").exists() else str(self.policy_dir)
+        t0 = time.perf_counter()
+        info = {"examples": len(examples), "steps": 0, "final_loss": None}
+        if examples:
+            sft = SFTConfig(lr=cfg.lr, epochs=cfg.epochs, batch_tokens=cfg.batch_tokens,
+                            micro_batch_tokens=max(4096, cfg.max_seq_len), max_seq_len=cfg.max_seq_len,
+                            seed=_seed(cfg.seed, "train", t) % (1 << 31), progress=cfg.progress,
+                            metrics_path=str(self._phase_file(t, "train_metrics.jsonl")) if self.rank == 0 else None,
+                            device=None if cfg.device == "auto" else cfg.device)
+            trainer = SFTTrainer(start, sft)
+            result = trainer.train(examples)
+            tokens = sum(len(e) for e in examples) * cfg.epochs
+            info.update(steps=result.steps, final_loss=result.losses[-1] if result.losses else None,
+                        tokens_per_s=tokens / max(time.perf_counter() - t0, 1e-9))
+            self.llm.load_weights(trainer.named_weights())  # in process: no disk round trip
+            trainer.save(self.policy_dir, trainer_state=False)  # for resume and for the user
+            del trainer
+        else:  # nothing selected: the policy stays as it is
+            from engine.loader import iter_weights
+
+            if start != str(self.policy_dir):
+                if self.rank == 0:
+                    tmp = self.out / ".policy.tmp"
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    shutil.copytree(start, tmp)
+                    shutil.rmtree(self.policy_dir, ignore_errors=True)
+                    os.replace(tmp, self.policy_dir)
+                dist_utils.barrier()
+                self.llm.load_weights(iter_weights(str(self.policy_dir)))
+        info["time_s"] = time.perf_counter() - t0
+        if self.rank == 0:
+            _atomic_json(self._phase_file(t, "train.json"), info)
+            _atomic_json(marker, {"iteration": t})
+        dist_utils.barrier()
+        return info
+
+    def evaluate(self, t: int) -> dict:
+        """Greedy accuracy, and Pass@1 / Pass@K / Reward@K / diversity from eval_k samples."""
+        cfg = self.cfg
+        t0, self._gen_tokens = time.perf_counter(), 0
+        idx = list(range(len(self.test)))
+        greedy = self._sample_all(self.test, idx, 1, 0.0, f"eval-greedy-{t}")
+        sampled = self._sample_all(self.test, idx, cfg.eval_k, cfg.eval_temperature, f"eval-sample-{t}")
+        m = {"greedy_acc": greedy_accuracy([r["correct"][0] for r in greedy])}
+        m.update(sample_metrics([r["correct"] for r in sampled], [r["prm"] for r in sampled] if self.prm else None,
+                                [r["texts"] for r in sampled], cfg.eval_k))
+        m["eval_time_s"] = time.perf_counter() - t0
+        m["eval_tokens_per_s"] = self._gen_tokens * self.world / max(m["eval_time_s"], 1e-9)
+        if self.rank == 0:
+            write_jsonl(str(self._phase_file(t, "eval_samples.jsonl")), greedy + sampled)
+        return m
+
+    # -- the loop -----------------------------------------------------------------------------
+    def completed(self) -> list[dict]:
+        path = self.out / "iterations.jsonl"
+        return _read_jsonl(path) if path.exists() else []
+
+    def _record(self, rec: dict):
+        if self.rank == 0:
+            recs = self.completed() + [rec]
+            write_jsonl(str(self.out / "iterations.jsonl"), recs)
+            from bstar.report import redraw
+
+            redraw(str(self.out))
+        dist_utils.barrier()
+
+    def run(self) -> list[dict]:
+        cfg = self.cfg
+        done = self.completed()
+        if not done:  # iteration 0: the starting policy
+            rec = {"iteration": 0, **self.evaluate(0)}
+            self._record(rec)
+            self._print(rec)
+        for t in range(len(self.completed()), cfg.iterations + 1):
+            rec = {"iteration": t, "mode": cfg.mode}
+            s = self.search(t)
+            rec.update(temperature=s["temperature"], threshold=s["threshold"], balance_score=s["balance_score"],
+                       search_time_s=s["time_s"], search_tokens_per_s=s["tokens_per_s"])
+            recs, g = self.generate(t, s["temperature"])
+            rec.update(generate_time_s=g["time_s"], generate_tokens_per_s=g["tokens_per_s"])
+            sel = self.select(recs, s["threshold"], s.get("cap"))
+            rec.update(selected_size=sel.size, selected_acc=sel.accuracy, cap=sel.cap,
+                       train_frac_any_correct=sum(any(r["correct"]) for r in recs) / max(1, len(recs)))
+            if cfg.mode != "bstar":
+                from bstar.balance import mean_balance_score
+
+                rec["balance_score"] = mean_balance_score(sel.per_query, cfg.n_star)
+            tr = self.train_policy(t, self._sft_examples(recs, sel))
+            rec.update(train_time_s=tr["time_s"], train_steps=tr["steps"], train_loss=tr["final_loss"],
+                       train_tokens_per_s=tr.get("tokens_per_s"))
+            rec.update(self.evaluate(t))
+            self._record(rec)
+            self._print(rec)
+        return self.completed()
+
+    def _print(self, rec: dict):
+        if self.rank != 0 or not self.cfg.progress:
+            return
+        keys = ("iteration", "greedy_acc", "pass_at_1", "pass_at_k", "reward_at_k", "temperature", "threshold",
+                "balance_score", "selected_size", "selected_acc")
+        cells = []
+        for k in keys:
+            v = rec.get(k)
+            cells.append(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}")
+        print("  ".join(cells), flush=True)
+
+
+# -- entry points ---------------------------------------------------------------------------
+
+def _load_data(cfg: RunConfig) -> tuple[list[Example], list[Example]]:
+    if not cfg.train_data:
+        raise DataError("--train-data is required with --model")
+    train = load_examples(cfg.train_data)
+    test = load_examples(cfg.eval_data) if cfg.eval_data else []
+    if cfg.max_train_queries:
+        train = train[:cfg.max_train_queries]
+    if cfg.max_eval_queries:
+        test = test[:cfg.max_eval_queries]
+    if not test:
+        raise DataError("--eval-data is required (and must hold at least one example)")
+    return train, test
+
+
+def prepare_out_dir(out: str, cfg: RunConfig | None, resume: bool) -> RunConfig:
+    """Create (or, with resume, reopen) a run directory; returns the run's config."""
+    p = Path(out)
+    cfg_file = p / "config.json"
+    if resume:
+        if not cfg_file.exists():
+            raise BStarError(f"cannot resume: {out} holds no run (no config.json)")
+        return RunConfig.from_json(str(cfg_file))
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise BStarError(f"cannot write to out dir {out}: {e.strerror or e}") from None
+    if cfg_file.exists() and (p / "iterations.jsonl").exists():
+        raise BStarError(f"{out} already holds a run; use --resume {out} to continue it, or another --out")
+    rank, _ = dist_utils.world()
+    if rank == 0:
+        _atomic_json(cfg_file, asdict(cfg))
+    dist_utils.barrier()
+    return cfg
+
+
+def run(cfg: RunConfig | None, out: str, resume: bool = False) -> list[dict]:
+    """Run (or, with resume, continue) a whole B-STaR run in `out`; returns the per-iteration records."""
+    dist_utils.init_from_env()
+    cfg = prepare_out_dir(out, cfg, resume)
+    if cfg.model is None:
+        from bstar.embedded import build_assets
+
+        assets = build_assets(progress=cfg.progress)
+        policy_base, prm, train, test = str(assets.policy_path), str(assets.prm_path), assets.train, assets.test
+    else:
+        policy_base, prm = cfg.model, cfg.prm
+        train, test = _load_data(cfg)
+    policy_dir = Path(out) / "policy"
+    start = str(policy_dir) if (policy_dir / "config.json").exists() else policy_base
+    ctl = Controller(cfg, out, start, policy_base, prm, train, test)
+    return ctl.run()
