@@ -31,7 +31,7 @@ from bstar.data import DEFAULT_PROMPT, Example, check_template, format_prompt, l
 from bstar.jsonl import write_jsonl
 from bstar.metrics import greedy_accuracy, sample_metrics
 from bstar.search import SearchConfig, choose_subset, search_config
-from bstar.selection import PRM_SCALE, Candidate, aggregate_prm, select
+from bstar.selection import PRM_SCALE, Candidate, select
 from engine.errors import BStarError, DataError
 
 MODES = ("bstar", "online-rft", "rest-em", "star")

@@ -11,7 +11,6 @@ field 'question'".
 
 from __future__ import annotations
 
-import json
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,22 +87,9 @@ def _detect(rec: dict, where: str) -> str:
 
 def _records(path: Path):
     """(line number, record) of every non-empty line, with line-numbered errors."""
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8").strip()
-            except UnicodeDecodeError:
-                raise DataError(f"{where}: line is not valid UTF-8") from None
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: malformed JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-            yield lineno, rec
+    from bstar.jsonl import iter_jsonl
+
+    return iter_jsonl(str(path))
 
 
 def load_examples(path: str | Path, task: str | None = None) -> list[Example]:

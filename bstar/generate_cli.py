@@ -44,7 +44,7 @@ def _load_prompts(path: str) -> list[str | list[int]]:
 def generate(model, prompts_file, out, n, temperature, top_p, top_k, min_p, max_tokens, min_tokens, stop,
              ignore_eos, seed, logprobs, dtype, device, num_kv_blocks):
     """Generate candidates for every prompt and write one JSONL record per prompt."""
-    from bstar.jsonl import write_jsonl
+    from bstar.jsonl import emit
     from engine import LLM, SamplingParams
 
     prompts = _load_prompts(prompts_file)
@@ -61,11 +61,4 @@ def generate(model, prompts_file, out, n, temperature, top_p, top_k, min_p, max_
                         if c.logprobs is not None else {})}
                     for c in o.outputs],
     } for o in outputs]
-    if out == "-":
-        import json
-
-        for r in records:
-            click.echo(json.dumps(r, ensure_ascii=False))
-    else:
-        write_jsonl(out, records)
-        click.echo(f"wrote {len(records)} records to {out}", err=True)
+    emit(records, out)

@@ -17,9 +17,7 @@ import click
 @click.option("--device", default="auto", show_default=True)
 def score(prm_path, data, out, kind, step_tag, good_token, bad_token, delimiter, aggregate, dtype, device):
     """Score every candidate's steps with a process reward model."""
-    import json
-
-    from bstar.jsonl import read_jsonl, write_jsonl
+    from bstar.jsonl import emit, read_jsonl
     from engine import PRM
     from engine.errors import DataError
 
@@ -35,9 +33,4 @@ def score(prm_path, data, out, kind, step_tag, good_token, bad_token, delimiter,
     results = prm.score_batch([r["question"] for r in records], cands, progress=True)
     outs = [{**r, "scores": [{"step_scores": s.step_scores, "score": s.score} for s in res]}
             for r, res in zip(records, results)]
-    if out == "-":
-        for r in outs:
-            click.echo(json.dumps(r, ensure_ascii=False))
-    else:
-        write_jsonl(out, outs)
-        click.echo(f"wrote {len(outs)} records to {out}", err=True)
+    emit(outs, out)
