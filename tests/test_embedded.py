@@ -1,0 +1,273 @@
+"""bstar.embedded: the built-in tiny policy + PRM, built once per module with the tiny preset."""
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bstar import embedded
+from bstar.data import format_prompt
+from bstar.embedded import EmbeddedConfig, build_assets
+from bstar.rewards import grade
+from engine import LLM, PRM
+from engine.errors import BStarError
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny models: 1 thread is as fast, and 2 threads on a busy 2-core box spin (~15x slower)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache")
+    t = time.perf_counter()
+    assets = build_assets(EmbeddedConfig.tiny(), cache_dir=root, progress=False)
+    return root, assets, time.perf_counter() - t
+
+
+def _tok(path):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
+
+
+def test_splits_and_manifest(built):
+    root, a, _ = built
+    cfg = EmbeddedConfig.tiny()
+    assert len(a.train) == cfg.n_train and len(a.test) == cfg.n_test
+    assert not {e.question for e in a.train} & {e.question for e in a.test}
+    m = json.loads((a.policy_path.parent / "manifest.json").read_text())
+    assert m == a.manifest
+    assert m["config"] == embedded.asdict(cfg) and m["version"] == embedded.VERSION
+    assert a.policy_path.parent.name == f"embedded-{cfg.key()}"
+    acc = m["metrics"]["warm_test_accuracy"]
+    assert 0.0 <= acc <= 1.0 and acc * cfg.n_test == pytest.approx(round(acc * cfg.n_test))
+    for k in ("data", "tokenizer", "policy", "prm", "total"):
+        assert m["seconds"][k] >= 0
+    assert set(m["versions"]) >= {"torch", "transformers", "tokenizers"}
+    # nothing but the finished dir is left in the cache root
+    assert [p.name for p in root.iterdir()] == [a.policy_path.parent.name]
+
+
+def test_tokenizer_round_trip_and_grade(built):
+    _, a, _ = built
+    tok = _tok(a.policy_path)
+    for s in ("ки", "+", "-", "*", "=", "#", "\n"):
+        assert len(tok.encode(s, add_special_tokens=False).ids) == 1, s
+    for e in a.train + a.test:
+        ids = tok.encode(e.gold_solution, add_special_tokens=False).ids
+        back = tok.decode(ids)
+        assert back == e.gold_solution
+        assert grade(back, e.gold_answer, "gsm8k")
+        # digits are one token each: every number costs as many tokens as it has digits
+        assert all(not t.strip("Ġ").isdigit() or len(t.strip("Ġ")) == 1 for t in tok.encode(e.gold_solution).tokens)
+    # a wrong answer does not grade as right after the round trip (the check can fail)
+    e = a.test[0]
+    wrong = e.gold_solution.rsplit("####", 1)[0] + f"#### {int(e.gold_answer) + 1}"
+    assert not grade(tok.decode(tok.encode(wrong, add_special_tokens=False).ids), e.gold_answer, "gsm8k")
+    assert tok.encode("x").ids[0] == embedded.BOS and tok.token_to_id("</s>") == embedded.EOS
+
+
+def test_policy_engine_matches_transformers(built):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, a, _ = built
+    prompt = format_prompt(a.test[0]) + "3 * 4 = 12\n"
+    hf_tok = AutoTokenizer.from_pretrained(a.policy_path)
+    ids = hf_tok(prompt)["input_ids"]
+    assert ids == _tok(a.policy_path).encode(prompt).ids  # same tokenisation through transformers
+    hf = AutoModelForCausalLM.from_pretrained(a.policy_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].double()
+    llm = LLM(str(a.policy_path), device="cpu", dtype="float32")
+    got = llm.compute_logits([ids])[0].double()
+    assert got.shape == ref.shape
+    assert ref.std() > 0.1  # trained weights: logits are not flat
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert hf.config.eos_token_id == embedded.EOS
+
+
+def test_prm_loads_and_scores(built):
+    _, a, _ = built
+    m = a.manifest["metrics"]
+    assert 0.0 <= m["prm_step_accuracy"] <= 1.0 and m["prm_held_out_steps"] > 0
+    assert 0.5 <= m["prm_majority_rate"] <= 1.0
+    prm = PRM(str(a.prm_path), device="cpu")
+    e = a.test[1]
+    wrong = e.gold_solution.replace("=", "= 1", 1)
+    scores = prm.score(e.question, [e.gold_solution, wrong])
+    for s, cand in zip(scores, [e.gold_solution, wrong]):
+        assert len(s.step_scores) == len(cand.splitlines())
+        assert all(0.0 <= p <= 1.0 and math.isfinite(p) for p in s.step_scores)
+        assert s.score == pytest.approx(min(s.step_scores), abs=1e-6)
+
+
+def _labels(a):
+    rows = [json.loads(line) for line in (a.policy_path.parent / "prm_labels.jsonl").read_text().splitlines()]
+    assert rows and {r["split"] for r in rows} == {"fit", "held_out"}
+    return rows
+
+
+def test_prm_labels_follow_hard_estimation(built):
+    _, a, _ = built
+    train = {e.id: e for e in a.train}
+    for r in _labels(a):
+        e = train[r["id"]]  # labelled questions come from the train split, never the test split
+        assert len(r["labels"]) == len(r["steps"]) >= 1
+        ok = grade("\n".join(r["steps"]), e.gold_answer, "gsm8k")
+        assert r["labels"][-1] == ok  # the last step's label is the candidate's own correctness
+        if ok:
+            assert all(r["labels"])
+    # held-out and fit questions are disjoint
+    rows = _labels(a)
+    assert not {r["id"] for r in rows if r["split"] == "fit"} & {r["id"] for r in rows if r["split"] == "held_out"}
+
+
+def test_hard_labels():
+    assert embedded.hard_labels(3, False, [True, False]) == [True, False, False]
+    assert embedded.hard_labels(3, True, [False, False]) == [True, True, True]
+    assert embedded.hard_labels(1, False, []) == [False]
+    with pytest.raises(BStarError, match="prefix results"):
+        embedded.hard_labels(3, False, [True])
+
+
+def test_manifest_prm_accuracy_matches_engine_prm(built):
+    """The recorded held-out accuracy is recomputed here from the saved labels and engine.PRM."""
+    _, a, _ = built
+    prm = PRM(str(a.prm_path), device="cpu")
+    qs = {e.id: e.question for e in a.train}
+    right = total = 0
+    for r in _labels(a):
+        if r["split"] != "held_out":
+            continue
+        s = prm.score(qs[r["id"]], ["\n".join(r["steps"])])[0]
+        right += sum((p > 0.5) == y for p, y in zip(s.step_scores, r["labels"]))
+        total += len(r["labels"])
+    m = a.manifest["metrics"]
+    assert total == m["prm_held_out_steps"]
+    assert right / total == pytest.approx(m["prm_step_accuracy"])
+
+
+def test_policy_greedy_matches_transformers_generate(built):
+    """The engine (which measured the manifest's accuracy) and transformers decode the saved policy
+    identically, eos included."""
+    from transformers import AutoModelForCausalLM
+
+    _, a, _ = built
+    from engine import SamplingParams
+
+    tok = _tok(a.policy_path)
+    hf = AutoModelForCausalLM.from_pretrained(a.policy_path, dtype=torch.float32).eval()
+    llm = LLM(str(a.policy_path), device="cpu", dtype="float32")
+    for e in a.test[:2]:
+        ids = tok.encode(format_prompt(e)).ids
+        got = llm.generate([ids], SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)[0].outputs[0]
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False,
+                              eos_token_id=embedded.EOS, pad_token_id=embedded.PAD)[0, len(ids):].tolist()
+        if ref and ref[-1] == embedded.EOS:
+            ref = ref[:-1]
+        assert got.token_ids[: len(ref)] == ref
+
+
+def test_prm_inputs_match_engine_tokenisation(built):
+    """The PRM's training inputs are tokenised exactly as engine.PRM tokenises at scoring time."""
+    _, a, _ = built
+    prm = PRM(str(a.prm_path), device="cpu")
+    tok = _tok(a.prm_path)
+    e = a.train[0]
+    steps = embedded.split_steps(e.gold_solution)
+    ids, tags = embedded.prm_inputs(tok, e.question, steps)
+    q = prm.tokenizer.encode(prm.question_template.format(question=e.question))
+    c_ids, c_tags = prm._candidate_ids(prm.split_steps(e.gold_solution))
+    assert ids == q + c_ids and tags == [len(q) + t for t in c_tags]
+    ex = embedded.prm_examples(tok, [(e, steps, [True] * (len(steps) - 1) + [False])])
+    assert len(ex) == len(steps)
+    assert [x.input_ids[-1] for x in ex] == [tok.token_to_id("+")] * (len(steps) - 1) + [tok.token_to_id("-")]
+    assert all(x.input_ids[x.prompt_len - 1] == tok.token_to_id("ки") and x.prompt_len == len(x) - 1 for x in ex)
+
+
+def test_second_call_hits_cache(built, monkeypatch):
+    root, a, _ = built
+    before = {p: p.stat().st_mtime_ns for p in a.policy_path.parent.rglob("*")}
+
+    def no_build(*args, **kw):
+        raise AssertionError("rebuilt although the cache holds this config")
+
+    monkeypatch.setattr(embedded, "_build", no_build)
+    b = build_assets(EmbeddedConfig.tiny(), cache_dir=root, progress=False)
+    assert b.policy_path == a.policy_path and b.manifest == a.manifest
+    assert b.train == a.train and b.test == a.test
+    assert {p: p.stat().st_mtime_ns for p in a.policy_path.parent.rglob("*")} == before
+    # $BSTAR_CACHE is the default location
+    monkeypatch.setenv("BSTAR_CACHE", str(root))
+    assert build_assets(EmbeddedConfig.tiny(), progress=False).policy_path == a.policy_path
+
+
+def test_failed_build_leaves_no_partial_cache(tmp_path, monkeypatch):
+    def boom(*args, **kw):
+        raise RuntimeError("killed in the PRM phase")
+
+    monkeypatch.setattr(embedded, "train_prm", boom)
+    cfg = EmbeddedConfig.tiny()
+    threads = torch.get_num_threads()
+    with pytest.raises(RuntimeError, match="killed in the PRM phase"):
+        build_assets(cfg, cache_dir=tmp_path, progress=False, threads=threads + 1)
+    assert list(tmp_path.iterdir()) == []  # neither the final dir nor the temp dir
+    assert torch.get_num_threads() == threads  # the build's thread setting is undone
+
+
+def test_stale_temp_dir_of_dead_build_is_swept(tmp_path):
+    cfg = EmbeddedConfig.tiny()
+    name = f"embedded-{cfg.key()}"
+    # a pid that cannot be alive: above the kernel's pid_max
+    dead = tmp_path / f".{name}.tmp-{2 ** 22 + 1}-abc"
+    dead.mkdir()
+    (dead / "half.safetensors").write_bytes(b"\0" * 8)
+    embedded._sweep_stale(tmp_path, name)
+    assert not dead.exists()
+    alive = tmp_path / f".{name}.tmp-{os.getpid()}-abc"
+    alive.mkdir()
+    embedded._sweep_stale(tmp_path, name)
+    assert alive.exists()
+
+
+def test_config_key_and_validation():
+    assert EmbeddedConfig().key() == EmbeddedConfig().key()
+    assert EmbeddedConfig().key() != EmbeddedConfig(seed=1).key()
+    with pytest.raises(BStarError, match="prm_questions"):
+        EmbeddedConfig(n_train=4, prm_questions=8)
+    with pytest.raises(BStarError, match="num_heads"):
+        EmbeddedConfig(hidden_size=30, num_heads=4)
+    with pytest.raises(BStarError, match="prm_holdout"):
+        EmbeddedConfig(prm_holdout=1.0)
+    with pytest.raises(BStarError, match="warm_lr"):
+        EmbeddedConfig(warm_lr=0.0)
+    with pytest.raises(BStarError, match="threads"):
+        build_assets(EmbeddedConfig.tiny(), cache_dir="/nonexistent", threads=0)
+
+
+def test_uncreatable_cache_dir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a dir")
+    with pytest.raises(BStarError, match="cannot create the embedded-model cache dir"):
+        build_assets(EmbeddedConfig.tiny(), cache_dir=blocker / "cache", progress=False)
+
+
+def test_corrupt_cache_is_a_clear_error(tmp_path):
+    from engine.errors import CheckpointError
+
+    d = tmp_path / "x"
+    d.mkdir()
+    (d / "manifest.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="delete it to rebuild"):
+        embedded.load_assets(d)
