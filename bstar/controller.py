@@ -457,8 +457,13 @@ def run(cfg: RunConfig | None, out: str, resume: bool = False) -> list[dict]:
     dist_utils.init_from_env()
     cfg = prepare_out_dir(out, cfg, resume)
     if cfg.model is None:
+        import torch
+
         from bstar.embedded import build_assets
 
+        # Tiny models on a small CPU: one thread avoids OpenMP overhead that costs more than it saves.
+        if cfg.device in ("auto", "cpu") and not torch.cuda.is_available():
+            torch.set_num_threads(1)
         assets = build_assets(progress=cfg.progress)
         policy_base, prm, train, test = str(assets.policy_path), str(assets.prm_path), assets.train, assets.test
     else:

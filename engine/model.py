@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
+from kernels.cascade_attention import CascadePlan, cascade_decode_attention
 from engine.config import ModelConfig
 from engine.errors import CheckpointError
 
@@ -29,11 +30,15 @@ class AttnMetadata:
     seq_lens: torch.Tensor  # int32 [B]   tokens in the cache after this step
     num_decode: int
     cu_seqlens_q: torch.Tensor  # int32 [B - num_decode + 1]
+    # Decode rows grouped by shared leading blocks (sibling candidates), built once per step for the
+    # torch path; None: the decode kernel reads block_tables itself.
+    cascade: CascadePlan | None = None
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
+        self.layer_idx = layer_idx  # picks this layer's per-step buffers (AttnMetadata.cascade.own_kv)
         self.nh, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, (self.nh + 2 * self.nkv) * self.hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=cfg.o_bias)
@@ -50,15 +55,21 @@ class Attention(nn.Module):
         v_cache.view(-1, self.nkv, self.hd).index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
         nd = meta.num_decode
         if nd == T:
-            o = kernels.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale)
+            o = self._decode(q, k_cache, v_cache, meta)
         else:
             o = torch.empty_like(q)
             if nd:
-                o[:nd] = kernels.paged_decode_attention(
-                    q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], self.scale)
+                o[:nd] = self._decode(q[:nd], k_cache, v_cache, meta)
             o[nd:] = kernels.paged_prefill_attention(
                 q[nd:], k_cache, v_cache, meta.block_tables[nd:], meta.cu_seqlens_q, meta.seq_lens[nd:], self.scale)
         return self.o_proj(o.view(T, self.nh * self.hd))
+
+    def _decode(self, q, k_cache, v_cache, meta: AttnMetadata):
+        nd, plan = q.shape[0], meta.cascade
+        if plan is not None:
+            own = plan.own_kv[self.layer_idx] if plan.own_kv is not None else None
+            return cascade_decode_attention(q, k_cache, v_cache, plan, self.scale, own)
+        return kernels.paged_decode_attention(q, k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], self.scale)
 
 
 class MLP(nn.Module):
@@ -83,10 +94,10 @@ class RMSNorm(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
@@ -106,7 +117,7 @@ class CausalLM(nn.Module):
         self.cfg = cfg
         self.model = nn.Module()
         self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.model.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.model.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if cfg.head == "lm":
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)

@@ -5,6 +5,8 @@ import torch
 from engine.config import EngineConfig, ModelConfig
 from engine.model import AttnMetadata, CausalLM
 from engine.scheduler import Batch
+from kernels.cascade_attention import build_cascade_plan
+from kernels.dispatch import use_triton
 
 
 class ModelRunner:
@@ -20,6 +22,10 @@ class ModelRunner:
         self.kv = torch.zeros(mcfg.num_layers, 2, self.num_blocks, self.block_size, mcfg.num_kv_heads,
                               mcfg.head_dim, dtype=dtype, device=device)
         self.kv_caches = [(self.kv[i, 0], self.kv[i, 1]) for i in range(mcfg.num_layers)]
+        # Torch decode path: per layer, each decode row's own K/V kept contiguous across steps, and
+        # the step it mirrors (seq ids, own block tables, lengths); see _attach_own_kv.
+        self._own_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._own_prev = None
 
     def block_bytes(self) -> int:
         m = self.mcfg
@@ -82,15 +88,47 @@ class ModelRunner:
         width = max(len(s.block_table) for s in batch.seqs)
         tables = [s.block_table + [0] * (width - len(s.block_table)) for s in batch.seqs]
         dev = self.device
+        nd = batch.num_decode
+        cascade = None
+        if nd and not use_triton(self.kv):  # the torch path reads shared prefixes once per group
+            cascade = build_cascade_plan([s.block_table for s in batch.seqs[:nd]], lens[:nd], bs, dev)
+            self._attach_own_kv(cascade, batch.seqs[:nd], lens[:nd])
         meta = AttnMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
             block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
             seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
             num_decode=batch.num_decode,
             cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
+            cascade=cascade,
         )
         return (torch.tensor(ids, dtype=torch.int64, device=dev), torch.tensor(pos, dtype=torch.int64, device=dev),
                 meta, last_rows)
+
+    def _attach_own_kv(self, plan, seqs, lens):
+        """Give the plan this runner's contiguous own-K/V buffers, marked reusable when the previous
+        step decoded the same sequences, one token shorter, whose own blocks this step only extends
+        (no copy-on-write, no preemption in between): then each layer copies B new tokens instead of
+        re-gathering every row's history from the paged cache."""
+        B, O = plan.own_blocks.shape
+        m, bs = self.mcfg, self.block_size
+        key = [s.seq_id for s in seqs]
+        prev, self._own_prev = self._own_prev, (key, plan.own_tables, lens, plan.prefix_blocks, plan.slot_of_row)
+        bufs = self._own_kv
+        if bufs is None or bufs[0][0].shape[0] < B or bufs[0][0].shape[1] < O * bs:
+            rows = max(B, bufs[0][0].shape[0] if bufs else 0)
+            shape = (rows, (O + 8) * bs, m.num_kv_heads, m.head_dim)  # headroom: regrow every 8 blocks
+            if 2 * m.num_layers * rows * shape[1] * shape[2] * shape[3] * self.kv.element_size() > self.kv.nbytes:
+                self._own_kv = self._own_prev = None  # never more memory than the KV cache itself
+                return
+            self._own_kv = bufs = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                                    torch.zeros(shape, dtype=self.dtype, device=self.device))
+                                   for _ in range(m.num_layers)]
+            prev = None
+        plan.own_kv = bufs
+        plan.own_fresh = not (
+            prev is not None and prev[0] == key
+            and torch.equal(prev[3], plan.prefix_blocks) and torch.equal(prev[4], plan.slot_of_row)
+            and all(n == p + 1 and t[:len(pt)] == pt for n, p, t, pt in zip(lens, prev[2], plan.own_tables, prev[1])))
 
     @torch.inference_mode()
     def hidden_states(self, batch: Batch):

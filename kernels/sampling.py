@@ -36,7 +36,9 @@ def apply_filters(logits, temperature, top_k, top_p, min_p):
     Order: temperature, top-k, top-p (over the top-k renormalised distribution), min-p
     (relative to the most likely token). top_k <= 0, top_p >= 1 and min_p <= 0 mean off.
     """
-    x = logits.float() / temperature.clamp(min=1e-6).float()[:, None]
+    x = logits.float()
+    if bool((temperature != 1).any()):  # dividing by 1 is exact: skip the pass over [B, V]
+        x = x / temperature.clamp(min=1e-6).float()[:, None]
     B, V = x.shape
     k = top_k.long().clamp(min=0)
     k = torch.where((k <= 0) | (k > V), torch.full_like(k, V), k)
@@ -76,14 +78,18 @@ def sample_ref(logits, temperature, top_k, top_p, min_p, seeds):
     distribution log_softmax(logits), as vLLM reports it.
     """
     x = apply_filters(logits, temperature, top_k, top_p, min_p)
-    cdf = torch.cumsum(torch.softmax(x, dim=-1), dim=-1)  # flat where a token is masked
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    # No filter and temperature 1 (x is then the float32 logits themselves): the draw's distribution
+    # is the raw one, exp(lp), which saves a second softmax pass over [B, V].
+    probs = lp.exp() if x is logits else torch.softmax(x, dim=-1)
+    cdf = torch.cumsum(probs, dim=-1)  # flat where a token is masked
     total = cdf[:, -1:]
     # strictly below the total, so the search lands on a token with non-zero probability
     target = torch.minimum((row_uniform(seeds)[:, None] * total.double()).float(), torch.nextafter(total, torch.zeros_like(total)))
     drawn = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=x.shape[1] - 1)
     greedy = temperature <= 0
     tokens = torch.where(greedy, logits.float().argmax(-1), drawn) if bool(greedy.any()) else drawn
-    logprobs = torch.log_softmax(logits.float(), dim=-1).gather(1, tokens[:, None]).squeeze(1)
+    logprobs = lp.gather(1, tokens[:, None]).squeeze(1)
     return tokens, logprobs
 
 
