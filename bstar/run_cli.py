@@ -10,11 +10,11 @@ from bstar.controller import MODES, RunConfig
 def embedded_run_config(**overrides) -> RunConfig:
     """The built-in task's run: the reference's settings scaled down to a tiny model on a 2-core CPU."""
     base = dict(
-        iterations=4, num_samples=8, max_tokens=64, search_k=8, search_subset=64,
+        iterations=3, num_samples=16, max_tokens=64, search_k=8, search_subset=64,
         temperatures=[round(0.5 + 0.1 * i, 2) for i in range(8)],
         thresholds=[round(-1 + 0.05 * i, 2) for i in range(41)],
         n_star=4, target_size=3 * 64, eval_k=8, include_gold=False,
-        lr=3e-4, epochs=2, batch_tokens=4096, max_seq_len=256,
+        lr=1e-4, epochs=3, batch_tokens=4096, max_seq_len=256,
     )
     base.update({k: v for k, v in overrides.items() if v is not None})
     return RunConfig(**base)
