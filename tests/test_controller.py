@@ -175,3 +175,24 @@ def test_two_ranks_one_iteration(setup, full_run, tmp_path):
     assert max(abs(x - y) for r, q in zip(a, b) for x, y in zip(r["prm"], q["prm"])) < 1e-5
     assert two[0]["greedy_acc"] == one[0]["greedy_acc"]
     assert (out / "policy" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("mode", ["rest-em", "star"])
+def test_restart_modes(setup, mode, monkeypatch):
+    """rest-em and star fine-tune from the base model every iteration; star keeps one per query."""
+    starts = []
+    import bstar.trainer as trainer_mod
+
+    real = trainer_mod.SFTTrainer.__init__
+
+    def spy(self, model, *a, **kw):
+        starts.append(str(model))
+        return real(self, model, *a, **kw)
+
+    monkeypatch.setattr(trainer_mod.SFTTrainer, "__init__", spy)
+    out = setup["root"] / mode
+    records = controller.run(_cfg(setup, mode=mode, rationalize=mode == "star"), str(out))
+    assert len(records) == 3 and all(s == setup["policy"] for s in starts) and len(starts) == 2
+    if mode == "star":
+        cands = [json.loads(x) for x in (out / "iter_001" / "candidates.jsonl").read_text().splitlines()]
+        assert records[1]["selected_size"] <= len(cands)  # at most one per query (gold included)
