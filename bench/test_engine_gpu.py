@@ -4,7 +4,6 @@
 Run: pytest bench/test_engine_gpu.py --benchmark-only -s
 """
 
-import os
 import time
 
 import pytest
