@@ -150,6 +150,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 4096  # tokens per step (prefill chunks + decodes)
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings
     enable_prefix_caching: bool = True
+    # CPU float32: bytes of MKL-packed weight copies for the steady decode batch (0: never pack);
+    # see engine/packed_linear.py.
+    cpu_packed_weights_bytes: int = 1 << 30
 
     def validate(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -160,3 +163,5 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.cpu_packed_weights_bytes < 0:
+            raise ValueError(f"cpu_packed_weights_bytes must be >= 0, got {self.cpu_packed_weights_bytes}")

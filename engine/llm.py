@@ -13,11 +13,13 @@ class LLM:
     def __init__(self, model: str, dtype: str = "auto", device: str = "auto", seed: int = 0,
                  block_size: int = 16, num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.9,
                  cpu_kv_cache_bytes: int = 256 << 20, max_num_seqs: int = 256, max_num_batched_tokens: int = 4096,
-                 max_model_len: int | None = None, enable_prefix_caching: bool = True):
+                 max_model_len: int | None = None, enable_prefix_caching: bool = True,
+                 cpu_packed_weights_bytes: int = 1 << 30):
         cfg = EngineConfig(block_size=block_size, num_kv_blocks=num_kv_blocks,
                            gpu_memory_utilization=gpu_memory_utilization, cpu_kv_cache_bytes=cpu_kv_cache_bytes,
                            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                           max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching)
+                           max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching,
+                           cpu_packed_weights_bytes=cpu_packed_weights_bytes)
         self.engine = LLMEngine(model, dtype=dtype, device=device, seed=seed, engine_config=cfg)
         self._counter = 0
 

@@ -19,7 +19,7 @@ from engine.loader import iter_weights
 from engine.model import CausalLM
 from engine.model_runner import ModelRunner
 from engine.outputs import CompletionOutput, RequestOutput
-from engine.sampler import draw_seed, sample_rows
+from engine.sampler import candidate_seed, position_seed, sample_rows
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Batch, Scheduler
 from engine.sequence import Sequence
@@ -168,13 +168,12 @@ class LLMEngine:
             seq = batch.seqs[i]
             group = [seq]
             if seq.fork_count:
-                req = self.requests[seq.request_id]
                 for c in range(1, seq.fork_count + 1):
                     child = seq.fork(c)
                     self.block_manager.fork(seq, child)
-                    self.scheduler.add_running(child)
-                    req.seqs.append(child)
                     group.append(child)
+                self.scheduler.add_forks(seq, group[1:])
+                self.requests[seq.request_id].seqs += group[1:]
                 seq.fork_count = 0
             targets += group
             rows += [j] * len(group)
@@ -183,7 +182,10 @@ class LLMEngine:
         if len(rows) != logits.shape[0] or rows != list(range(len(rows))):
             logits = logits[torch.tensor(rows, device=logits.device)]
         params = [s.params for s in targets]
-        seeds = [draw_seed(self.requests[s.request_id].seed, s.index, s.num_output) for s in targets]
+        for s in targets:
+            if s.seed_base is None:
+                s.seed_base = candidate_seed(self.requests[s.request_id].seed, s.index)
+        seeds = [position_seed(s.seed_base, s.num_output) for s in targets]
         bans = [self._banned(s) for s in targets]
         tokens, lps, tops = sample_rows(logits, params, seeds, bans)
         self.num_generated_tokens += len(tokens)
@@ -312,3 +314,4 @@ class LLMEngine:
         """In-process weight update (e.g. from a trainer). Invalidates the prefix cache."""
         self.model.load_weights(named_tensors, strict=strict)
         self.block_manager.reset_prefix_cache()
+        self.runner.invalidate_buffers()

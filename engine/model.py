@@ -15,6 +15,7 @@ import kernels
 from kernels.cascade_attention import CascadePlan, cascade_decode_attention
 from engine.config import ModelConfig
 from engine.errors import CheckpointError
+from engine.packed_linear import Linear, unpack_linears
 
 
 @dataclass
@@ -38,10 +39,10 @@ class AttnMetadata:
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
-        self.layer_idx = layer_idx  # picks this layer's per-step buffers (AttnMetadata.cascade.own_kv)
+        self.layer_idx = layer_idx  # picks this layer's kept buffers (AttnMetadata.cascade.buffers)
         self.nh, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.nh + 2 * self.nkv) * self.hd, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=cfg.o_bias)
+        self.qkv_proj = Linear(cfg.hidden_size, (self.nh + 2 * self.nkv) * self.hd, bias=cfg.qkv_bias)
+        self.o_proj = Linear(self.nh * self.hd, cfg.hidden_size, bias=cfg.o_bias)
         self.scale = self.hd ** -0.5
 
     def forward(self, x, positions, cos_sin, kv_cache, meta: AttnMetadata):
@@ -55,28 +56,28 @@ class Attention(nn.Module):
         v_cache.view(-1, self.nkv, self.hd).index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
         nd = meta.num_decode
         if nd == T:
-            o = self._decode(q, k_cache, v_cache, meta)
+            o = self._decode(q, k, v, k_cache, v_cache, meta)
         else:
             o = torch.empty_like(q)
             if nd:
-                o[:nd] = self._decode(q[:nd], k_cache, v_cache, meta)
+                o[:nd] = self._decode(q[:nd], k[:nd], v[:nd], k_cache, v_cache, meta)
             o[nd:] = kernels.paged_prefill_attention(
                 q[nd:], k_cache, v_cache, meta.block_tables[nd:], meta.cu_seqlens_q, meta.seq_lens[nd:], self.scale)
         return self.o_proj(o.view(T, self.nh * self.hd))
 
-    def _decode(self, q, k_cache, v_cache, meta: AttnMetadata):
+    def _decode(self, q, k, v, k_cache, v_cache, meta: AttnMetadata):
         nd, plan = q.shape[0], meta.cascade
         if plan is not None:
-            own = plan.own_kv[self.layer_idx] if plan.own_kv is not None else None
-            return cascade_decode_attention(q, k_cache, v_cache, plan, self.scale, own)
+            bufs = plan.buffers[self.layer_idx] if plan.buffers is not None else None
+            return cascade_decode_attention(q, k_cache, v_cache, plan, self.scale, bufs, (k, v))
         return kernels.paged_decode_attention(q, k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], self.scale)
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -120,7 +121,7 @@ class CausalLM(nn.Module):
         self.model.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if cfg.head == "lm":
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
             if cfg.tie_word_embeddings:
                 self.lm_head.weight = self.model.embed_tokens.weight
         elif cfg.head == "token_cls":
@@ -163,6 +164,7 @@ class CausalLM(nn.Module):
         """Copy (HF name, tensor) pairs into the model. Returns the names loaded.
 
         Shapes are checked; unknown names are an error (rotary inv_freq buffers are skipped)."""
+        unpack_linears(self)  # packed copies would go stale
         wmap = self.weight_map()
         loaded = set()
         for name, t in named_tensors:

@@ -4,8 +4,9 @@ import torch
 
 from engine.config import EngineConfig, ModelConfig
 from engine.model import AttnMetadata, CausalLM
+from engine.packed_linear import pack_linears
 from engine.scheduler import Batch
-from kernels.cascade_attention import build_cascade_plan
+from kernels.cascade_attention import CascadeBuffers, build_cascade_plan
 from kernels.dispatch import use_triton
 
 
@@ -22,10 +23,12 @@ class ModelRunner:
         self.kv = torch.zeros(mcfg.num_layers, 2, self.num_blocks, self.block_size, mcfg.num_kv_heads,
                               mcfg.head_dim, dtype=dtype, device=device)
         self.kv_caches = [(self.kv[i, 0], self.kv[i, 1]) for i in range(mcfg.num_layers)]
-        # Torch decode path: per layer, each decode row's own K/V kept contiguous across steps, and
-        # the step it mirrors (seq ids, own block tables, lengths); see _attach_own_kv.
-        self._own_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        self._own_prev = None
+        # Torch decode path: per layer, each decode row's own K/V kept contiguous across steps and the
+        # gathered group prefixes, and the step they mirror (seq ids, own tables, lengths); see _attach_buffers.
+        self._buffers: list[CascadeBuffers] | None = None
+        self._prev = None
+        # CPU float32: weights packed for the decode batch size once it holds for a few steps.
+        self._rows_seen, self._rows_streak, self._packed_rows = 0, 0, None
 
     def block_bytes(self) -> int:
         m = self.mcfg
@@ -92,7 +95,7 @@ class ModelRunner:
         cascade = None
         if nd and not use_triton(self.kv):  # the torch path reads shared prefixes once per group
             cascade = build_cascade_plan([s.block_table for s in batch.seqs[:nd]], lens[:nd], bs, dev)
-            self._attach_own_kv(cascade, batch.seqs[:nd], lens[:nd])
+            self._attach_buffers(cascade, batch.seqs[:nd], lens[:nd])
         meta = AttnMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
             block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
@@ -104,36 +107,57 @@ class ModelRunner:
         return (torch.tensor(ids, dtype=torch.int64, device=dev), torch.tensor(pos, dtype=torch.int64, device=dev),
                 meta, last_rows)
 
-    def _attach_own_kv(self, plan, seqs, lens):
-        """Give the plan this runner's contiguous own-K/V buffers, marked reusable when the previous
-        step decoded the same sequences, one token shorter, whose own blocks this step only extends
-        (no copy-on-write, no preemption in between): then each layer copies B new tokens instead of
-        re-gathering every row's history from the paged cache."""
+    def invalidate_buffers(self):
+        """Forget the kept decode buffers and packed weights (new weights, or a changed cache)."""
+        self._prev = None
+        self._packed_rows = None  # the model dropped its packed copies when its weights were loaded
+
+    def _maybe_pack(self, batch: Batch):
+        """Pack the linear weights for the decode batch size once it has held for 3 steps: packing
+        costs about one pass over the weights, repaid after a step or two at that size."""
+        budget = self.ecfg.cpu_packed_weights_bytes
+        if self.device.type != "cpu" or self.dtype != torch.float32 or not budget:
+            return
+        rows = len(batch.seqs) if batch.num_decode == len(batch.seqs) else 0
+        self._rows_streak = self._rows_streak + 1 if rows == self._rows_seen else 0
+        self._rows_seen = rows
+        if rows and self._rows_streak == 2 and rows != self._packed_rows:
+            pack_linears(self.model, rows, budget)
+            self._packed_rows = rows
+
+    def _attach_buffers(self, plan, seqs, lens):
+        """Give the plan this runner's per-layer CascadeBuffers. When the previous step decoded the
+        same sequences with the same group prefixes, the prefixes are reused; when, in addition,
+        each row is one token longer and its own blocks were only extended (no copy-on-write, no
+        preemption in between), each layer copies B new tokens instead of re-gathering every row's
+        history from the paged cache."""
         B, O = plan.own_blocks.shape
         m, bs = self.mcfg, self.block_size
         key = [s.seq_id for s in seqs]
-        prev, self._own_prev = self._own_prev, (key, plan.own_tables, lens, plan.prefix_blocks, plan.slot_of_row)
-        bufs = self._own_kv
-        if bufs is None or bufs[0][0].shape[0] < B or bufs[0][0].shape[1] < O * bs:
-            rows = max(B, bufs[0][0].shape[0] if bufs else 0)
+        prev, self._prev = self._prev, (key, plan.own_tables, lens, plan.prefix_blocks, plan.slot_of_row)
+        bufs = self._buffers
+        if bufs is None or bufs[0].own_k.shape[0] < B or bufs[0].own_k.shape[1] < O * bs:
+            rows = max(B, bufs[0].own_k.shape[0] if bufs else 0)
             shape = (rows, (O + 8) * bs, m.num_kv_heads, m.head_dim)  # headroom: regrow every 8 blocks
             if 2 * m.num_layers * rows * shape[1] * shape[2] * shape[3] * self.kv.element_size() > self.kv.nbytes:
-                self._own_kv = self._own_prev = None  # never more memory than the KV cache itself
+                self._buffers = self._prev = None  # never more memory than the KV cache itself
                 return
-            self._own_kv = bufs = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                                    torch.zeros(shape, dtype=self.dtype, device=self.device))
-                                   for _ in range(m.num_layers)]
+            self._buffers = bufs = [CascadeBuffers(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                                                   torch.zeros(shape, dtype=self.dtype, device=self.device))
+                                    for _ in range(m.num_layers)]
             prev = None
-        plan.own_kv = bufs
-        plan.own_fresh = not (
-            prev is not None and prev[0] == key
-            and torch.equal(prev[3], plan.prefix_blocks) and torch.equal(prev[4], plan.slot_of_row)
-            and all(n == p + 1 and t[:len(pt)] == pt for n, p, t, pt in zip(lens, prev[2], plan.own_tables, prev[1])))
+        plan.buffers = bufs
+        same_rows = (prev is not None and prev[0] == key and torch.equal(prev[3], plan.prefix_blocks)
+                     and torch.equal(prev[4], plan.slot_of_row))
+        plan.prefix_fresh = not same_rows
+        plan.own_fresh = not (same_rows and all(
+            n == p + 1 and t[:len(pt)] == pt for n, p, t, pt in zip(lens, prev[2], plan.own_tables, prev[1])))
 
     @torch.inference_mode()
     def hidden_states(self, batch: Batch):
         """Final hidden states [T, hidden] of every new token, and the row of each sequence's last token."""
         ids, pos, meta, last_rows = self.prepare(batch)
+        self._maybe_pack(batch)
         return self.model(ids, pos, self.cos_sin, self.kv_caches, meta), last_rows
 
     @torch.inference_mode()

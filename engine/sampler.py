@@ -3,6 +3,7 @@
 import torch
 
 import kernels
+from kernels.host import long_tensor
 from engine.sampling_params import SamplingParams
 
 _MASK64 = (1 << 64) - 1
@@ -15,11 +16,21 @@ def splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
+def candidate_seed(request_seed: int, candidate: int) -> int:
+    """The part of a draw's seed fixed for a candidate's lifetime."""
+    return splitmix64(splitmix64(request_seed & _MASK64) ^ candidate)
+
+
+def position_seed(candidate_base: int, position: int) -> int:
+    """Seed (int64) of one draw from its candidate's base and the token position."""
+    h = splitmix64(candidate_base ^ position)
+    return h - (1 << 64) if h >= 1 << 63 else h
+
+
 def draw_seed(request_seed: int, candidate: int, position: int) -> int:
     """Seed of one draw: a function of the request's seed, the candidate and the token position only,
     so a candidate's tokens do not depend on batching, preemption or other requests."""
-    h = splitmix64(splitmix64(splitmix64(request_seed & _MASK64) ^ candidate) ^ position)
-    return h - (1 << 64) if h >= 1 << 63 else h  # as int64
+    return position_seed(candidate_seed(request_seed, candidate), position)
 
 
 def sample_rows(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int],
@@ -31,11 +42,17 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], seeds: list[
     for r, ban in enumerate(bans):
         if ban:
             logits[r, ban] = float("-inf")
-    temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev)
-    top_k = torch.tensor([p.top_k for p in params], dtype=torch.int32, device=dev)
-    top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)
-    min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev)
-    seed_t = torch.tensor(seeds, dtype=torch.int64, device=dev)
+    R, p0 = len(params), params[0]
+    if all(p is p0 for p in params):  # the common case: one request's (or one call's) parameters
+        temperature, top_k, top_p, min_p = (
+            torch.full((R,), v, dtype=dt, device=dev) for v, dt in
+            ((p0.temperature, torch.float32), (p0.top_k, torch.int32), (p0.top_p, torch.float32), (p0.min_p, torch.float32)))
+    else:
+        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev)
+        top_k = torch.tensor([p.top_k for p in params], dtype=torch.int32, device=dev)
+        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)
+        min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev)
+    seed_t = long_tensor(seeds, dev)
     tokens, logprobs = kernels.sample(logits, temperature, top_k, top_p, min_p, seed_t)
     want = max((p.logprobs or 0) for p in params)
     top = [None] * len(params)

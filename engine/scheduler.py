@@ -93,10 +93,14 @@ class Scheduler:
         batch.num_decode = sum(1 for n in batch.num_new if n == 1)
         return batch
 
-    def add_running(self, seq: Sequence):
-        """A forked sibling joins the running set right away (its KV is already there)."""
-        seq.status = Status.RUNNING
-        self.running.append(seq)
+    def add_forks(self, parent: Sequence, children: list[Sequence]):
+        """Forked siblings join the running set right away (their KV is already there), right after
+        their parent: a request's candidates stay adjacent, so decode rows come group-major (no
+        shuffles in cascade attention) and preemption still takes the newest request's first."""
+        for c in children:
+            c.status = Status.RUNNING
+        i = self.running.index(parent)
+        self.running[i + 1:i + 1] = children
 
     def finish(self, seq: Sequence, reason: str):
         seq.status = Status.FINISHED

@@ -42,6 +42,7 @@ class Sequence:
         self.stop_reason: str | int | None = None  # the stop string or stop token id that ended it
         self.stop_text: str | None = None  # output text cut at a stop string
         self.num_preemptions = 0
+        self.seed_base: int | None = None  # engine.sampler.candidate_seed of this candidate, once known
 
     def __len__(self):
         return len(self.token_ids)

@@ -13,10 +13,11 @@ of leading blocks that every row of it references and that lies wholly below eve
 so every key is counted exactly once, whatever else the rows share.
 
 Usage: `plan = build_cascade_plan(tables, lens, block_size, device)` once per step (host lists),
-then `cascade_decode_attention(q, k_cache, v_cache, plan, scale, own_kv)` in every layer. With
-`own_kv` buffers kept across steps (the engine's ModelRunner does this), a step copies each row's
-newest token into them instead of re-gathering every row's own blocks: decode is then bound by
-reading each row's own keys once, the shared prefix once per group.
+then `cascade_decode_attention(q, k_cache, v_cache, plan, scale, buffers)` in every layer. With
+`CascadeBuffers` kept across steps (the engine's ModelRunner does this), a step copies each row's
+newest token into them instead of re-gathering every row's own blocks, and reuses the gathered
+group prefixes: decode is then bound by reading each row's own keys once, the shared prefix once
+per group.
 """
 
 from dataclasses import dataclass
@@ -24,7 +25,19 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kernels.host import long_tensor
+
 _NEG_INF = float("-inf")
+
+
+@dataclass
+class CascadeBuffers:
+    """One layer's K/V copies, kept by the caller across decode steps."""
+
+    own_k: torch.Tensor  # [>= B, cap, Hkv, D] each row's own keys, contiguous, zero-initialised
+    own_v: torch.Tensor
+    pre_k: torch.Tensor | None = None  # [Gr, P*bs, Hkv, D] the group prefixes of the last fresh gather
+    pre_v: torch.Tensor | None = None
 
 
 @dataclass
@@ -45,12 +58,16 @@ class CascadePlan:
     own_len: int  # Lk: the most own keys of any row (the own part reads no whole trailing block)
     own_empty: torch.Tensor | None  # bool [B, 1, 1]: rows whose keys are all in the prefix (None: no such row)
     own_tables: list[list[int]]  # host copy of each row's own blocks (unpadded), for step-to-step reuse
+    rows_in_order: bool  # row_of_slot is arange(B): rows are already group-major (no shuffles needed)
     new_pos: torch.Tensor  # int64 [B]   own-part position of each row's newest token (seq_len - 1 - prefix)
     new_slots: torch.Tensor  # int64 [B]   cache slot of that token
-    # With own_kv buffers (see cascade_decode_attention): True when they must be refilled from the cache,
-    # False when they already hold every own key but each row's newest token.
+    # With CascadeBuffers (see cascade_decode_attention): own_fresh is True when the own copies must
+    # be refilled from the cache, False when they hold every own key but each row's newest token;
+    # prefix_fresh is True when the group prefixes must be gathered again.
     own_fresh: bool = True
-    own_kv: list | None = None  # per layer (k_buf, v_buf), attached by the caller that keeps them
+    prefix_fresh: bool = True
+    buffers: list | None = None  # per layer CascadeBuffers, attached by the caller that keeps them
+    write_idx: tuple | None = None  # (flat own-buffer index of each row's newest token, buffer capacity)
 
     @property
     def num_prefix_blocks(self) -> int:
@@ -87,13 +104,14 @@ def build_cascade_plan(block_tables, seq_lens, block_size: int, device=None) -> 
         if len(rows) < 2:
             continue
         limit = min(seq_lens[b] for b in rows) // bs  # blocks full for every row
-        first = block_tables[rows[0]]
         p = 0
-        while p < limit and all(block_tables[b][p] == first[p] for b in rows):
+        for column in zip(*(block_tables[b][:limit] for b in rows)):
+            if column.count(column[0]) != len(column):
+                break
             p += 1
         if p:
             groups.append(rows)
-            prefix.append(first[:p])
+            prefix.append(block_tables[rows[0]][:p])
     P = max(map(len, prefix), default=0)
     S = max(map(len, groups), default=0)
     Gr = len(groups)
@@ -107,33 +125,38 @@ def build_cascade_plan(block_tables, seq_lens, block_size: int, device=None) -> 
             pre_len[b] = len(prefix[g])
     O = max(n - p for n, p in zip(nblk, pre_len))
     own = [block_tables[b][pre_len[b]:nblk[b]] for b in range(B)]
-    own_blocks = [t + [0] * (O - len(t)) for t in own]
-    own_keys = torch.tensor([L - p * bs for L, p in zip(seq_lens, pre_len)])  # keys in the own part
-    Lk = int(own_keys.max()) if B else 0
-    own_bias = torch.zeros(B, Lk).masked_fill_(torch.arange(Lk)[None, :] >= own_keys[:, None], _NEG_INF)
-    own_empty = own_keys == 0
-    ppos = torch.arange(P * bs)
-    plen = torch.tensor([len(x) * bs for x in prefix], dtype=torch.long)
-    prefix_bias = torch.zeros(Gr, P * bs).masked_fill_(ppos[None, :] >= plen[:, None], _NEG_INF)
+    own_keys = [L - p * bs for L, p in zip(seq_lens, pre_len)]  # keys in each row's own part
+    Lk = max(own_keys, default=0)
     # A row whose newest token closes a shared prefix block has no own keys: its buffer write goes to
     # its own masked position 0, never to a neighbour's.
-    new_pos = [max(0, L - 1 - p * bs) for L, p in zip(seq_lens, pre_len)]
+    new_pos = [max(0, k - 1) for k in own_keys]
     new_slots = [block_tables[b][(L - 1) // bs] * bs + (L - 1) % bs for b, L in enumerate(seq_lens)]
-    as_long = dict(dtype=torch.long, device=device)
+    # Every integer field in one host->tensor conversion (this runs once per decode step).
+    flat = [x for t in prefix for x in t + [0] * (P - len(t))] + slot_of_row + row_of_slot
+    flat += [x for t in own for x in t + [0] * (O - len(t))]
+    flat += own_keys + new_pos + new_slots + [len(x) * bs for x in prefix]
+    ints = long_tensor(flat, device)
+    (prefix_blocks, slot_t, row_t, own_blocks, keys_t, new_pos_t, new_slots_t,
+     plen) = ints.split([Gr * P, B, Gr * S, B * O, B, B, B, Gr])
+    neg_inf = torch.tensor(_NEG_INF, device=device)
+    own_bias = torch.where(torch.arange(Lk, device=device) >= keys_t[:, None], neg_inf, 0.0)
+    prefix_bias = torch.where(torch.arange(P * bs, device=device) >= plen[:, None], neg_inf, 0.0)
+    empty = 0 in own_keys
     return CascadePlan(
-        prefix_blocks=torch.tensor([x + [0] * (P - len(x)) for x in prefix], **as_long).view(Gr, P),
-        prefix_bias=prefix_bias.view(Gr, 1, 1, P * bs).to(device),
-        slot_of_row=torch.tensor(slot_of_row, **as_long),
-        row_of_slot=torch.tensor(row_of_slot, **as_long),
+        prefix_blocks=prefix_blocks.view(Gr, P),
+        prefix_bias=prefix_bias.view(Gr, 1, 1, P * bs),
+        slot_of_row=slot_t,
+        row_of_slot=row_t,
         group_size=S,
         all_grouped=Gr * S not in slot_of_row,
-        own_blocks=torch.tensor(own_blocks, **as_long).view(B, O),
-        own_bias=own_bias.view(B, 1, 1, Lk).to(device),
+        own_blocks=own_blocks.view(B, O),
+        own_bias=own_bias.view(B, 1, 1, Lk),
         own_len=Lk,
-        own_empty=own_empty.view(B, 1, 1).to(device) if bool(own_empty.any()) else None,
+        own_empty=(keys_t == 0).view(B, 1, 1) if empty else None,
         own_tables=own,
-        new_pos=torch.tensor(new_pos, **as_long),
-        new_slots=torch.tensor(new_slots, **as_long),
+        rows_in_order=Gr * S == B and row_of_slot == list(range(B)),
+        new_pos=new_pos_t,
+        new_slots=new_slots_t,
     )
 
 
@@ -155,32 +178,36 @@ def _attend(q, k, v, bias, scale):
     return p @ v, lse
 
 
-def _own_keys(cache, buf, plan: CascadePlan, B, O, bs, Hkv, D, write_idx):
+def _own_keys(cache, buf, plan: CascadePlan, B, O, bs, Hkv, D, write_idx, new):
     """Each row's own keys (or values) [B, Lk, Hkv, D]: gathered from the paged cache, or read
     from `buf`, a contiguous copy kept across steps, so that a decode step copies B new tokens
-    instead of every row's whole history."""
+    (`new` [B, Hkv, D], or read back from the cache) instead of every row's whole history."""
     if buf is None or plan.own_fresh:
         own = cache.index_select(0, plan.own_blocks.view(-1)).view(B, O * bs, Hkv, D)
         if buf is None:
             return own[:, :plan.own_len]
         buf[:B, :O * bs].copy_(own)
     else:
-        new = cache.view(-1, Hkv, D).index_select(0, plan.new_slots)  # [B, Hkv, D]
-        buf.view(-1, Hkv, D)[:B * buf.shape[1]].index_copy_(0, write_idx, new)
+        if new is None:
+            new = cache.view(-1, Hkv, D).index_select(0, plan.new_slots)
+        buf.view(-1, Hkv, D)[:B * buf.shape[1]].index_copy_(0, write_idx, new.to(buf.dtype))
     return buf[:B, :plan.own_len]
 
 
-def cascade_decode_attention(q, k_cache, v_cache, plan: CascadePlan, scale=None, own_kv=None):
+def cascade_decode_attention(q, k_cache, v_cache, plan: CascadePlan, scale=None,
+                             buffers: CascadeBuffers | None = None, new_kv=None):
     """Decode attention of B single-token rows, equal to `paged_decode_attention_ref` on the same
     block tables and lengths the plan was built from.
 
     q        [B, Hq, D]
     k_cache  [num_blocks, block_size, Hkv, D]  (v_cache alike)
-    own_kv   optional (k_buf, v_buf), each [>= B, >= O*bs, Hkv, D] in the cache dtype, zero-initialised,
-             kept by the caller for this layer across steps: filled from the cache when
-             plan.own_fresh, else only each row's newest token (already in the cache) is copied in.
-             The caller must only clear own_fresh when every row's own blocks and tokens, bar the
-             newest, are unchanged since the buffers were last used.
+    buffers  optional CascadeBuffers the caller keeps for this layer across steps. The own copies
+             are filled from the cache when plan.own_fresh, else only each row's newest token is
+             copied in; the group prefixes are gathered when plan.prefix_fresh, else reused. The
+             caller must only clear a flag when what it covers is unchanged since the last step:
+             the same rows with the same own blocks, one token longer; the same prefix blocks.
+    new_kv   optional (k, v) [B, Hkv, D]: each row's newest K/V (also already in the cache), copied
+             into the own buffers directly instead of being read back from the cache.
     returns  [B, Hq, D] in q's dtype; softmax and accumulation in float32.
     """
     B, Hq, D = q.shape
@@ -192,12 +219,15 @@ def cascade_decode_attention(q, k_cache, v_cache, plan: CascadePlan, scale=None,
     # Own part: each row against its blocks after the group prefix.  [B, Lk, Hkv, D] -> [B, Hkv, Lk, D]
     O = plan.own_blocks.shape[1]
     if O:
-        kb, vb = own_kv if own_kv is not None else (None, None)
-        write_idx = None  # flat [B*cap] buffer index of each row's newest token
+        kb, vb = (buffers.own_k, buffers.own_v) if buffers is not None else (None, None)
+        nk, nv = new_kv if new_kv is not None else (None, None)
+        write_idx = None  # flat [B*cap] buffer index of each row's newest token (same in every layer)
         if kb is not None and not plan.own_fresh:
-            write_idx = torch.arange(B, device=kb.device) * kb.shape[1] + plan.new_pos
-        k = _own_keys(k_cache, kb, plan, B, O, bs, Hkv, D, write_idx).transpose(1, 2).float()
-        v = _own_keys(v_cache, vb, plan, B, O, bs, Hkv, D, write_idx).transpose(1, 2).float()
+            if plan.write_idx is None or plan.write_idx[1] != kb.shape[1]:
+                plan.write_idx = (torch.arange(B, device=kb.device) * kb.shape[1] + plan.new_pos, kb.shape[1])
+            write_idx = plan.write_idx[0]
+        k = _own_keys(k_cache, kb, plan, B, O, bs, Hkv, D, write_idx, nk).transpose(1, 2).float()
+        v = _own_keys(v_cache, vb, plan, B, O, bs, Hkv, D, write_idx, nv).transpose(1, 2).float()
         o_own, lse_own = _attend(qf, k, v, plan.own_bias, scale)  # [B, Hkv, G, D], [B, Hkv, G]
         if plan.own_empty is not None:
             lse_own = lse_own.masked_fill(plan.own_empty, _NEG_INF)
@@ -207,20 +237,31 @@ def cascade_decode_attention(q, k_cache, v_cache, plan: CascadePlan, scale=None,
 
     # Prefix part: a group's S rows become S*G query positions against the group's shared keys.
     Gr, S = plan.prefix_blocks.shape[0], plan.group_size
-    qg = qf.index_select(0, plan.row_of_slot).view(Gr, S, Hkv, G, D).transpose(1, 2).reshape(Gr, Hkv, S * G, D)
-    flat = plan.prefix_blocks.view(-1)
-    k = k_cache.index_select(0, flat).view(Gr, P * bs, Hkv, D).transpose(1, 2).float()
-    v = v_cache.index_select(0, flat).view(Gr, P * bs, Hkv, D).transpose(1, 2).float()
-    o_pre, lse_pre = _attend(qg, k, v, plan.prefix_bias, scale)  # [Gr, Hkv, S*G, D], [Gr, Hkv, S*G]
-    # Back to rows; ungrouped rows read the extra slot (out 0, lse -inf).
-    o_pre = o_pre.view(Gr, Hkv, S, G, D).transpose(1, 2).reshape(Gr * S, Hkv, G, D)
-    lse_pre = lse_pre.view(Gr, Hkv, S, G).transpose(1, 2).reshape(Gr * S, Hkv, G)
-    if not plan.all_grouped:
-        o_pre, lse_pre = F.pad(o_pre, (0, 0, 0, 0, 0, 0, 0, 1)), F.pad(lse_pre, (0, 0, 0, 0, 0, 1), value=_NEG_INF)
-    o_pre, lse_pre = o_pre.index_select(0, plan.slot_of_row), lse_pre.index_select(0, plan.slot_of_row)
+    if not plan.rows_in_order:
+        qf = qf.index_select(0, plan.row_of_slot)
+    qg = qf.view(Gr, S, Hkv, G, D).transpose(1, 2).reshape(Gr, Hkv, S * G, D)
+    if buffers is not None and not plan.prefix_fresh and buffers.pre_k is not None:
+        kp, vp = buffers.pre_k, buffers.pre_v
+    else:
+        flat = plan.prefix_blocks.view(-1)
+        kp = k_cache.index_select(0, flat).view(Gr, P * bs, Hkv, D)
+        vp = v_cache.index_select(0, flat).view(Gr, P * bs, Hkv, D)
+        if buffers is not None:
+            buffers.pre_k, buffers.pre_v = kp, vp
+    o_pre, lse_pre = _attend(qg, kp.transpose(1, 2).float(), vp.transpose(1, 2).float(), plan.prefix_bias, scale)
+    # Back to rows: [Gr, Hkv, S*G, D] -> [Gr*S, Hkv, G, D] (a strided view when the rows are in group
+    # order, else a gather; ungrouped rows read the extra slot: out 0, lse -inf).
+    o_pre = o_pre.view(Gr, Hkv, S, G, D).transpose(1, 2)  # [Gr, S, Hkv, G, D]
+    lse_pre = lse_pre.view(Gr, Hkv, S, G).transpose(1, 2)
+    if not plan.rows_in_order:
+        o_pre, lse_pre = o_pre.reshape(Gr * S, Hkv, G, D), lse_pre.reshape(Gr * S, Hkv, G)
+        if not plan.all_grouped:
+            o_pre, lse_pre = F.pad(o_pre, (0, 0, 0, 0, 0, 0, 0, 1)), F.pad(lse_pre, (0, 0, 0, 0, 0, 1), value=_NEG_INF)
+        o_pre, lse_pre = o_pre.index_select(0, plan.slot_of_row), lse_pre.index_select(0, plan.slot_of_row)
     if not O:
         return o_pre.reshape(B, Hq, D).to(q.dtype)
     # The weight of the prefix part, exp(lse_pre - logaddexp(lse_pre, lse_own)); 0 or 1 exactly
     # when one side has no keys (its lse is -inf), and lerp returns that side's output exactly.
-    w = torch.sigmoid(lse_pre - lse_own)[..., None]
-    return torch.lerp(o_own, o_pre, w).reshape(B, Hq, D).to(q.dtype)
+    shape = o_pre.shape  # [B, Hkv, G, D], or [Gr, S, Hkv, G, D] for rows in group order
+    w = torch.sigmoid(lse_pre - lse_own.view(shape[:-1]))[..., None]
+    return torch.lerp(o_own.view(shape), o_pre, w).reshape(B, Hq, D).to(q.dtype)

@@ -65,6 +65,34 @@ def apply_filters(logits, temperature, top_k, top_p, min_p):
     return x
 
 
+def _inverse_cdf(e: torch.Tensor, u: torch.Tensor):
+    """Token of each row where the cumulative weight first exceeds u * total, and that total.
+
+    e [B, V] non-negative float32 weights (0 = masked), u float64 [B] in (0, 1). Two-level search:
+    chunk sums and their cumsum locate the chunk, then one chunk's cumsum the token. That reads
+    [B, V] once (a sum) instead of a sequential cumsum over the whole vocabulary. The pick always
+    has a non-zero weight, whatever the rounding."""
+    B, V = e.shape
+    C = 64 if V <= 8192 else 512
+    nc = -(-V // C)
+    if nc * C != V:
+        e = torch.nn.functional.pad(e, (0, nc * C - V))
+    chunks = e.view(B, nc, C)
+    ccdf = chunks.sum(-1).double().cumsum_(-1)  # [B, nc]
+    total = ccdf[:, -1:]
+    target = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    j = torch.searchsorted(ccdf, target, right=True).clamp_(max=nc - 1)  # first chunk whose cdf > target
+    before = torch.where(j > 0, ccdf.gather(1, (j - 1).clamp(min=0)), torch.zeros_like(target))
+    rest = (target - before).clamp_(min=0)
+    inner = chunks[torch.arange(B, device=e.device), j.squeeze(1)]  # [B, C]
+    icdf = inner.double().cumsum(-1)
+    k = torch.searchsorted(icdf, rest, right=True).squeeze(1)
+    # k == C only by rounding (rest at or past the chunk's own total): take its last non-zero token.
+    last = ((inner > 0) * torch.arange(1, C + 1, device=e.device)).argmax(-1)
+    k = torch.where(k >= C, last, k)
+    return j.squeeze(1) * C + k, total.squeeze(1)
+
+
 def sample_ref(logits, temperature, top_k, top_p, min_p, seeds):
     """Torch reference.
 
@@ -77,19 +105,16 @@ def sample_ref(logits, temperature, top_k, top_p, min_p, seeds):
     returns (tokens int64 [B], logprobs float32 [B]): the logprob is that of the raw model
     distribution log_softmax(logits), as vLLM reports it.
     """
-    x = apply_filters(logits, temperature, top_k, top_p, min_p)
-    lp = torch.log_softmax(logits.float(), dim=-1)
-    # No filter and temperature 1 (x is then the float32 logits themselves): the draw's distribution
-    # is the raw one, exp(lp), which saves a second softmax pass over [B, V].
-    probs = lp.exp() if x is logits else torch.softmax(x, dim=-1)
-    cdf = torch.cumsum(probs, dim=-1)  # flat where a token is masked
-    total = cdf[:, -1:]
-    # strictly below the total, so the search lands on a token with non-zero probability
-    target = torch.minimum((row_uniform(seeds)[:, None] * total.double()).float(), torch.nextafter(total, torch.zeros_like(total)))
-    drawn = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=x.shape[1] - 1)
+    raw = logits.float()
+    x = apply_filters(raw, temperature, top_k, top_p, min_p)
+    # Unnormalised weights exp(x - max): the draw needs no softmax division, and with no filter at
+    # temperature 1 (x is then raw itself) their sum also gives the raw log-normaliser.
+    m = x.amax(-1, keepdim=True)
+    drawn, total = _inverse_cdf(torch.sub(x, m).exp_(), row_uniform(seeds))
+    lse = (m.squeeze(1) + torch.log(total).float()) if x is raw else torch.logsumexp(raw, dim=-1)
     greedy = temperature <= 0
-    tokens = torch.where(greedy, logits.float().argmax(-1), drawn) if bool(greedy.any()) else drawn
-    logprobs = lp.gather(1, tokens[:, None]).squeeze(1)
+    tokens = torch.where(greedy, raw.argmax(-1), drawn) if bool(greedy.any()) else drawn
+    logprobs = raw.gather(1, tokens[:, None]).squeeze(1) - lse
     return tokens, logprobs
 
 

@@ -8,7 +8,7 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.model_runner import ModelRunner
-from kernels.cascade_attention import build_cascade_plan, cascade_decode_attention
+from kernels.cascade_attention import CascadeBuffers, build_cascade_plan, cascade_decode_attention
 from kernels.decode_attention import paged_decode_attention_ref
 from model_factory import make_model
 
@@ -108,8 +108,10 @@ def test_plan_without_sharing_is_the_plain_reference():
     torch.testing.assert_close(cascade_decode_attention(q, k, v, plan), ref, atol=2e-6, rtol=2e-6)
 
 
-def test_own_buffers_across_steps_match_reference():
-    """Fresh fill, then appends of one token per row (crossing block boundaries), then a refill."""
+@pytest.mark.parametrize("pass_new", [False, True])
+def test_buffers_across_steps_match_reference(pass_new):
+    """Fresh fill, then appends of one token per row (crossing block boundaries) with the group
+    prefix reused, then a refill; the newest K/V read back from the cache or handed in."""
     bs, hq, hkv, d = 4, 4, 2, 8
     gen = torch.Generator().manual_seed(11)
     k, v = torch.randn(64, bs, hkv, d, generator=gen), torch.randn(64, bs, hkv, d, generator=gen)
@@ -117,12 +119,16 @@ def test_own_buffers_across_steps_match_reference():
     tables = [pre + [10], pre + [20], [30, 31]]
     lens = [2 * bs + 1, 2 * bs + 3, 6]
     next_block = iter(range(40, 64))
-    bufs = (torch.zeros(3, 8 * bs, hkv, d), torch.zeros(3, 8 * bs, hkv, d))
+    bufs = CascadeBuffers(torch.zeros(3, 8 * bs, hkv, d), torch.zeros(3, 8 * bs, hkv, d))
     for step in range(7):
         plan = build_cascade_plan(tables, lens, bs)
-        plan.own_fresh = step in (0, 5)
+        plan.own_fresh = plan.prefix_fresh = step in (0, 5)
         q = torch.randn(3, hq, d, generator=gen)
-        out = cascade_decode_attention(q, k, v, plan, 0.5, bufs)
+        new = None
+        if pass_new:
+            slots = [tables[r][(lens[r] - 1) // bs] * bs + (lens[r] - 1) % bs for r in range(3)]
+            new = (k.view(-1, hkv, d)[slots].clone(), v.view(-1, hkv, d)[slots].clone())
+        out = cascade_decode_attention(q, k, v, plan, 0.5, bufs, new)
         ref = paged_decode_attention_ref(q, k, v, padded(tables), torch.tensor(lens, dtype=torch.int32), 0.5)
         torch.testing.assert_close(out, ref, atol=2e-6, rtol=2e-6)
         for r in range(3):  # the next token of each row: a fresh block at a boundary, then its K/V
@@ -131,13 +137,38 @@ def test_own_buffers_across_steps_match_reference():
             blk, off = tables[r][lens[r] // bs], lens[r] % bs
             k[blk, off], v[blk, off] = torch.randn(hkv, d, generator=gen), torch.randn(hkv, d, generator=gen)
             lens[r] += 1
-    # a stale buffer (appends skipped) must show: the check above is not vacuous
+    # stale buffers (appends skipped, or a prefix changed behind the plan's back) must show:
+    # the checks above are not vacuous
     plan = build_cascade_plan(tables, lens, bs)
-    plan.own_fresh = False
-    bufs[0].zero_()
+    plan.own_fresh = plan.prefix_fresh = False
     q = torch.randn(3, hq, d, generator=gen)
     ref = paged_decode_attention_ref(q, k, v, padded(tables), torch.tensor(lens, dtype=torch.int32), 0.5)
+    torch.testing.assert_close(cascade_decode_attention(q, k, v, plan, 0.5, bufs), ref, atol=2e-6, rtol=2e-6)
+    saved = bufs.own_k.clone()
+    bufs.own_k.zero_()
     assert not torch.allclose(cascade_decode_attention(q, k, v, plan, 0.5, bufs), ref, atol=1e-3)
+    bufs.own_k.copy_(saved)
+    bufs.pre_k = torch.randn_like(bufs.pre_k)
+    assert not torch.allclose(cascade_decode_attention(q, k, v, plan, 0.5, bufs), ref, atol=1e-3)
+
+
+def test_rows_in_group_order_take_no_shuffle():
+    """Rows already group-major (as the scheduler orders siblings) give the same result as the same
+    rows shuffled, and the plan says so."""
+    bs, hq, hkv, d = 4, 8, 2, 16
+    gen = torch.Generator().manual_seed(3)
+    k, v = torch.randn(40, bs, hkv, d, generator=gen), torch.randn(40, bs, hkv, d, generator=gen)
+    tables = [[0, 1, 2 + i] for i in range(3)] + [[10, 11, 12, 20 + i] for i in range(3)]
+    lens = [2 * bs + 1 + i for i in range(3)] + [3 * bs + 2 + i for i in range(3)]
+    q = torch.randn(6, hq, d, generator=gen)
+    plan = build_cascade_plan(tables, lens, bs)
+    assert plan.rows_in_order and plan.num_prefix_blocks == 3
+    ref = paged_decode_attention_ref(q, k, v, padded(tables), torch.tensor(lens, dtype=torch.int32), 0.3)
+    torch.testing.assert_close(cascade_decode_attention(q, k, v, plan, 0.3), ref, atol=2e-6, rtol=2e-6)
+    perm = [3, 0, 4, 1, 5, 2]
+    plan = build_cascade_plan([tables[i] for i in perm], [lens[i] for i in perm], bs)
+    assert not plan.rows_in_order
+    torch.testing.assert_close(cascade_decode_attention(q[perm], k, v, plan, 0.3), ref[perm], atol=2e-6, rtol=2e-6)
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +192,7 @@ def test_engine_with_cascade_equals_plain_decode(tiny, monkeypatch):
     fast, small = run(), run(num_kv_blocks=40)
     import engine.model_runner as mr
     monkeypatch.setattr(mr, "build_cascade_plan", lambda *a, **k: None)
-    monkeypatch.setattr(ModelRunner, "_attach_own_kv", lambda *a, **k: None)
+    monkeypatch.setattr(ModelRunner, "_attach_buffers", lambda *a, **k: None)
     plain = run()
     for got in (fast, small):
         assert got[0] == plain[0]
