@@ -51,9 +51,11 @@ class Attention(nn.Module):
         q, k = kernels.apply_rotary(q.view(T, self.nh, self.hd), k.view(T, self.nkv, self.hd), positions, cos_sin)
         v = v.view(T, self.nkv, self.hd)
         k_cache, v_cache = kv_cache  # [num_blocks, block_size, Hkv, D]
-        # Write the new tokens' K/V first: both kernels then read everything from the cache.
-        k_cache.view(-1, self.nkv, self.hd).index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
-        v_cache.view(-1, self.nkv, self.hd).index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+        # Write the new tokens' K/V first: both kernels then read everything from the cache. (On the
+        # CPU decode path a steady step keeps them in the cascade buffers; the runner writes back.)
+        if meta.cascade is None or not meta.cascade.write_back:
+            k_cache.view(-1, self.nkv, self.hd).index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
+            v_cache.view(-1, self.nkv, self.hd).index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
         nd = meta.num_decode
         if nd == T:
             o = self._decode(q, k, v, k_cache, v_cache, meta)

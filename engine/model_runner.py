@@ -8,6 +8,7 @@ from engine.packed_linear import pack_linears
 from engine.scheduler import Batch
 from kernels.cascade_attention import CascadeBuffers, build_cascade_plan
 from kernels.dispatch import use_triton
+from kernels.host import long_tensor
 
 
 class ModelRunner:
@@ -27,6 +28,9 @@ class ModelRunner:
         # gathered group prefixes, and the step they mirror (seq ids, own tables, lengths); see _attach_buffers.
         self._buffers: list[CascadeBuffers] | None = None
         self._prev = None
+        # Write-back: each row's last `_dirty` own tokens are in the buffers but not yet in the
+        # paged cache; see flush.
+        self._dirty = 0
         # CPU float32: weights packed for the decode batch size once it holds for a few steps.
         self._rows_seen, self._rows_streak, self._packed_rows = 0, 0, None
 
@@ -71,6 +75,7 @@ class ModelRunner:
     @torch.inference_mode()
     def copy_blocks(self, copies: list[tuple[int, int]]):
         if copies:
+            self.flush()
             src = torch.tensor([s for s, _ in copies], device=self.device)
             dst = torch.tensor([d for _, d in copies], device=self.device)
             self.kv[:, :, dst] = self.kv[:, :, src]
@@ -88,17 +93,23 @@ class ModelRunner:
             last_rows.append(len(ids) - 1)
         for n in batch.num_new[batch.num_decode:]:
             cu.append(cu[-1] + n)
-        width = max(len(s.block_table) for s in batch.seqs)
-        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in batch.seqs]
         dev = self.device
         nd = batch.num_decode
         cascade = None
         if nd and not use_triton(self.kv):  # the torch path reads shared prefixes once per group
             cascade = build_cascade_plan([s.block_table for s in batch.seqs[:nd]], lens[:nd], bs, dev)
-            self._attach_buffers(cascade, batch.seqs[:nd], lens[:nd])
+            self._attach_buffers(cascade, batch.seqs[:nd], lens[:nd], decode_only=nd == len(batch.seqs))
+        else:
+            self.flush()
+        # Block tables for the kernels that read them (the cascade path has its own plan for decodes).
+        need = batch.seqs if cascade is None else batch.seqs[nd:]
+        width = max((len(s.block_table) for s in need), default=0)
+        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in need]
+        if cascade is not None:
+            tables = [[0] * width] * nd + tables  # decode rows' entries are never read
         meta = AttnMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            slot_mapping=long_tensor(slots, dev),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev).view(len(batch.seqs), width),
             seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
             num_decode=batch.num_decode,
             cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
@@ -109,6 +120,7 @@ class ModelRunner:
 
     def invalidate_buffers(self):
         """Forget the kept decode buffers and packed weights (new weights, or a changed cache)."""
+        self.flush()
         self._prev = None
         self._packed_rows = None  # the model dropped its packed copies when its weights were loaded
 
@@ -125,18 +137,28 @@ class ModelRunner:
             pack_linears(self.model, rows, budget)
             self._packed_rows = rows
 
-    def _attach_buffers(self, plan, seqs, lens):
+    def _attach_buffers(self, plan, seqs, lens, decode_only: bool):
         """Give the plan this runner's per-layer CascadeBuffers. When the previous step decoded the
         same sequences with the same group prefixes, the prefixes are reused; when, in addition,
         each row is one token longer and its own blocks were only extended (no copy-on-write, no
         preemption in between), each layer copies B new tokens instead of re-gathering every row's
-        history from the paged cache."""
+        history from the paged cache, and in a decode-only step those tokens skip the paged cache
+        (write-back: see flush)."""
         B, O = plan.own_blocks.shape
         m, bs = self.mcfg, self.block_size
         key = [s.seq_id for s in seqs]
-        prev, self._prev = self._prev, (key, plan.own_tables, lens, plan.prefix_blocks, plan.slot_of_row)
-        bufs = self._buffers
-        if bufs is None or bufs[0].own_k.shape[0] < B or bufs[0].own_k.shape[1] < O * bs:
+        prev, bufs = self._prev, self._buffers
+        same_rows = (prev is not None and prev[0] == key and torch.equal(prev[3], plan.prefix_blocks)
+                     and torch.equal(prev[4], plan.slot_of_row))
+        extends = same_rows and all(
+            n == p + 1 and t[:len(pt)] == pt for n, p, t, pt in zip(lens, prev[2], plan.own_tables, prev[1]))
+        fits = bufs is not None and bufs[0].own_k.shape[0] >= B and bufs[0].own_k.shape[1] >= O * bs
+        # (a row with no own keys would have its newest token in a shared block: never written back)
+        plan.write_back = extends and fits and decode_only and plan.own_empty is None
+        if not plan.write_back:
+            self.flush()  # before the buffers or their bookkeeping change
+        self._prev = (key, plan.own_tables, lens, plan.prefix_blocks, plan.slot_of_row, plan.own_lens)
+        if not fits:
             rows = max(B, bufs[0].own_k.shape[0] if bufs else 0)
             shape = (rows, (O + 8) * bs, m.num_kv_heads, m.head_dim)  # headroom: regrow every 8 blocks
             if 2 * m.num_layers * rows * shape[1] * shape[2] * shape[3] * self.kv.element_size() > self.kv.nbytes:
@@ -145,13 +167,35 @@ class ModelRunner:
             self._buffers = bufs = [CascadeBuffers(torch.zeros(shape, dtype=self.dtype, device=self.device),
                                                    torch.zeros(shape, dtype=self.dtype, device=self.device))
                                     for _ in range(m.num_layers)]
-            prev = None
+            same_rows = extends = False
         plan.buffers = bufs
-        same_rows = (prev is not None and prev[0] == key and torch.equal(prev[3], plan.prefix_blocks)
-                     and torch.equal(prev[4], plan.slot_of_row))
         plan.prefix_fresh = not same_rows
-        plan.own_fresh = not (same_rows and all(
-            n == p + 1 and t[:len(pt)] == pt for n, p, t, pt in zip(lens, prev[2], plan.own_tables, prev[1])))
+        plan.own_fresh = not extends
+        self._dirty += plan.write_back
+
+    def flush(self):
+        """Write back into the paged cache the K/V that write-back steps left only in the buffers:
+        each row's last `self._dirty` own tokens.
+
+        Every forward and block copy runs after this (prepare and copy_blocks call it unless the
+        step continues the write-back), so nothing reads those slots before they are written; a
+        slot whose sequence was freed meanwhile is at worst rewritten before its new owner writes it."""
+        if not self._dirty:
+            return
+        _, own_tables, _, _, _, own_lens = self._prev
+        bs, n, cap = self.block_size, self._dirty, self._buffers[0].own_k.shape[1]
+        slots, src = [], []
+        for b, (table, own) in enumerate(zip(own_tables, own_lens)):
+            for j in range(own - n, own):
+                slots.append(table[j // bs] * bs + j % bs)
+                src.append(b * cap + j)
+        slots, src = long_tensor(slots, self.device), long_tensor(src, self.device)
+        shape = (-1, self.mcfg.num_kv_heads, self.mcfg.head_dim)
+        with torch.inference_mode():
+            for (kc, vc), bufs in zip(self.kv_caches, self._buffers):
+                kc.view(shape).index_copy_(0, slots, bufs.own_k.view(shape).index_select(0, src))
+                vc.view(shape).index_copy_(0, slots, bufs.own_v.view(shape).index_select(0, src))
+        self._dirty = 0
 
     @torch.inference_mode()
     def hidden_states(self, batch: Batch):

@@ -58,6 +58,7 @@ class CascadePlan:
     own_len: int  # Lk: the most own keys of any row (the own part reads no whole trailing block)
     own_empty: torch.Tensor | None  # bool [B, 1, 1]: rows whose keys are all in the prefix (None: no such row)
     own_tables: list[list[int]]  # host copy of each row's own blocks (unpadded), for step-to-step reuse
+    own_lens: list[int]  # host copy of each row's own key count
     rows_in_order: bool  # row_of_slot is arange(B): rows are already group-major (no shuffles needed)
     new_pos: torch.Tensor  # int64 [B]   own-part position of each row's newest token (seq_len - 1 - prefix)
     new_slots: torch.Tensor  # int64 [B]   cache slot of that token
@@ -68,6 +69,9 @@ class CascadePlan:
     prefix_fresh: bool = True
     buffers: list | None = None  # per layer CascadeBuffers, attached by the caller that keeps them
     write_idx: tuple | None = None  # (flat own-buffer index of each row's newest token, buffer capacity)
+    # Set by a caller that kept this step's newest K/V out of the paged cache (they are only in
+    # new_kv and, after the call, in the buffers); it writes them back later.
+    write_back: bool = False
 
     @property
     def num_prefix_blocks(self) -> int:
@@ -154,6 +158,7 @@ def build_cascade_plan(block_tables, seq_lens, block_size: int, device=None) -> 
         own_len=Lk,
         own_empty=(keys_t == 0).view(B, 1, 1) if empty else None,
         own_tables=own,
+        own_lens=own_keys,
         rows_in_order=Gr * S == B and row_of_slot == list(range(B)),
         new_pos=new_pos_t,
         new_slots=new_slots_t,
@@ -189,6 +194,7 @@ def _own_keys(cache, buf, plan: CascadePlan, B, O, bs, Hkv, D, write_idx, new):
         buf[:B, :O * bs].copy_(own)
     else:
         if new is None:
+            assert not plan.write_back, "write_back needs the newest K/V passed in (new_kv)"
             new = cache.view(-1, Hkv, D).index_select(0, plan.new_slots)
         buf.view(-1, Hkv, D)[:B * buf.shape[1]].index_copy_(0, write_idx, new.to(buf.dtype))
     return buf[:B, :plan.own_len]

@@ -23,7 +23,8 @@ def apply_rotary_ref(q, k, positions, cos_sin_cache):
     q [T, Hq, D], k [T, Hkv, D], positions int64 [T], cos_sin_cache float32 [max_pos, D]
     holding cos in the first D/2 columns and sin in the last D/2.
     """
-    half = q.shape[-1] // 2
+    T, Hq, D = q.shape
+    half = D // 2
     cs = cos_sin_cache[positions]
     cos = torch.cat([cs[:, :half], cs[:, :half]], -1)[:, None, :].to(q.dtype)
     sin = torch.cat([cs[:, half:], cs[:, half:]], -1)[:, None, :].to(q.dtype)
@@ -32,6 +33,11 @@ def apply_rotary_ref(q, k, positions, cos_sin_cache):
         x1, x2 = x[..., :half], x[..., half:]
         return x * cos + torch.cat([-x2, x1], -1) * sin
 
+    # q and k as neighbouring views of one fused projection (the engine's case): one pass for both.
+    if (q.stride() == k.stride() and q.stride(-1) == 1 and q.stride(1) == D and q.dtype == k.dtype
+            and k.data_ptr() == q.data_ptr() + Hq * D * q.element_size()):
+        qk = rot(q.as_strided((T, Hq + k.shape[1], D), q.stride()))
+        return qk[:, :Hq], qk[:, Hq:]
     return rot(q), rot(k)
 
 

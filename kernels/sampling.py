@@ -107,14 +107,16 @@ def sample_ref(logits, temperature, top_k, top_p, min_p, seeds):
     """
     raw = logits.float()
     x = apply_filters(raw, temperature, top_k, top_p, min_p)
-    # Unnormalised weights exp(x - max): the draw needs no softmax division, and with no filter at
-    # temperature 1 (x is then raw itself) their sum also gives the raw log-normaliser.
-    m = x.amax(-1, keepdim=True)
-    drawn, total = _inverse_cdf(torch.sub(x, m).exp_(), row_uniform(seeds))
-    lse = (m.squeeze(1) + torch.log(total).float()) if x is raw else torch.logsumexp(raw, dim=-1)
+    # One fused softmax pass gives the draw's weights; with no filter at temperature 1 (x is then
+    # raw itself) they are also the raw distribution, so the logprob needs no second pass.
+    probs = torch.softmax(x, dim=-1)
+    drawn, _ = _inverse_cdf(probs, row_uniform(seeds))
     greedy = temperature <= 0
     tokens = torch.where(greedy, raw.argmax(-1), drawn) if bool(greedy.any()) else drawn
-    logprobs = raw.gather(1, tokens[:, None]).squeeze(1) - lse
+    if x is raw:  # a drawn token has a non-zero probability
+        logprobs = probs.gather(1, tokens[:, None]).squeeze(1).log()
+    else:
+        logprobs = raw.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(raw, dim=-1)
     return tokens, logprobs
 
 

@@ -197,3 +197,60 @@ def test_engine_with_cascade_equals_plain_decode(tiny, monkeypatch):
     for got in (fast, small):
         assert got[0] == plain[0]
         assert got[1] == pytest.approx(plain[1], abs=1e-4)
+
+
+def test_write_back_keeps_the_cache_whole(tiny, monkeypatch):
+    """Steady decode steps keep their new K/V out of the paged cache until a write-back. Whatever
+    reads those slots later must see them: candidates that stop at different steps, an aborted
+    request, later requests whose prompts reuse generated blocks from the prefix cache, and a
+    prompt-only forward over them. Everything equals the plain decode path."""
+    from engine.llm_engine import LLMEngine
+    from engine.config import EngineConfig
+
+    p0, p1 = list(range(3, 3 + 21)), list(range(60, 60 + 14))
+    stops = list(range(200, 212))  # about 4% of the vocabulary: candidates stop at scattered steps
+
+    def drive(eng, rid, prompt, params, abort_after=None):
+        eng.add_request(rid, prompt, params)
+        steps = 0
+        while eng.has_unfinished_requests():
+            for out in eng.step():
+                return out
+            steps += 1
+            if abort_after is not None and steps == abort_after:
+                seqs = eng.requests[rid].seqs
+                longest = max(seqs, key=len).token_ids
+                eng.abort_request(rid)
+                return longest
+
+    def run():
+        eng = LLMEngine(tiny, dtype="float32", device="cpu", engine_config=EngineConfig(block_size=4))
+        a = drive(eng, "a", p0, SamplingParams(n=6, temperature=1.0, max_tokens=40, seed=5, stop_token_ids=stops,
+                                                logprobs=0))
+        a_out = [(c.token_ids, c.cumulative_logprob, c.finish_reason) for c in a.outputs]
+        cut = drive(eng, "c", p1, SamplingParams(n=3, temperature=1.0, max_tokens=40, ignore_eos=True, seed=6),
+                    abort_after=17)
+        longest = max(a.outputs, key=lambda c: len(c.token_ids))
+        reuse = p0 + longest.token_ids[:16]
+        b = drive(eng, "b", reuse, SamplingParams(n=2, temperature=1.0, max_tokens=8, ignore_eos=True, seed=7,
+                                                   logprobs=0))
+        d = drive(eng, "d", cut, SamplingParams(n=2, temperature=1.0, max_tokens=8, ignore_eos=True, seed=8,
+                                                 logprobs=0))
+        hits = eng.block_manager.prefix_hits
+        logits = [lg for _, _, lg in eng.forward_prompts([reuse, cut], use_prefix_cache=False)]
+        later = [(c.token_ids, c.cumulative_logprob) for r in (b, d) for c in r.outputs]
+        return a_out, later, hits, logits, [c.finish_reason for c in a.outputs]
+
+    fast = run()
+    assert len(set(map(len, (t for t, _, _ in fast[0])))) > 1  # the candidates stopped at different steps
+    assert fast[2] >= 8 * 4  # b and d took generated blocks from the prefix cache
+    import engine.model_runner as mr
+    monkeypatch.setattr(mr, "build_cascade_plan", lambda *a, **k: None)
+    monkeypatch.setattr(ModelRunner, "_attach_buffers", lambda *a, **k: None)
+    plain = run()
+    assert [t for t, _, _ in fast[0]] == [t for t, _, _ in plain[0]]
+    assert [lp for _, lp, _ in fast[0]] == pytest.approx([lp for _, lp, _ in plain[0]], abs=1e-4)
+    assert [t for t, _ in fast[1]] == [t for t, _ in plain[1]]
+    assert [lp for _, lp in fast[1]] == pytest.approx([lp for _, lp in plain[1]], abs=1e-4)
+    for x, y in zip(fast[3], plain[3]):
+        torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)

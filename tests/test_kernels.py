@@ -495,7 +495,9 @@ def test_rotary(dtype):
     q = qkv[:, : hq * d].view(T, hq, d)  # non-contiguous views, as from a fused projection
     k = qkv[:, hq * d : (hq + hkv) * d].view(T, hkv, d)
     pos = torch.randint(0, 100, (T,), generator=gen).to(DEV)
-    rq, rk = apply_rotary_ref(q, k, pos, cos_sin)
+    rq, rk = apply_rotary_ref(q, k, pos, cos_sin)  # adjacent views: rotated in one pass
+    sq, sk = apply_rotary_ref(q.contiguous(), k.contiguous(), pos, cos_sin)  # separate tensors
+    assert torch.equal(rq, sq) and torch.equal(rk, sk)
     f64_tol = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 5e-2}[dtype]
     torch.testing.assert_close(rq.double(), rotary_f64(q, pos, cos_sin), atol=f64_tol, rtol=f64_tol)
     torch.testing.assert_close(rk.double(), rotary_f64(k, pos, cos_sin), atol=f64_tol, rtol=f64_tol)
