@@ -82,8 +82,15 @@ class ModelRunner:
 
     def prepare(self, batch: Batch):
         bs = self.block_size
-        ids, pos, slots, lens, cu, last_rows = [], [], [], [], [0], []
-        for seq, n in zip(batch.seqs, batch.num_new):
+        nd = batch.num_decode
+        # Decode rows (first, one token each), then prefill chunks.
+        pos = [s.num_computed for s in batch.seqs[:nd]]
+        ids = [s.token_ids[p] for s, p in zip(batch.seqs, pos)]
+        slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(batch.seqs, pos)]
+        lens = [p + 1 for p in pos]
+        last_rows = list(range(nd))
+        cu = [0]
+        for seq, n in zip(batch.seqs[nd:], batch.num_new[nd:]):
             start, end = seq.num_computed, seq.num_computed + n
             ids += seq.token_ids[start:end]
             pos += range(start, end)
@@ -91,10 +98,8 @@ class ModelRunner:
             slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
             lens.append(end)
             last_rows.append(len(ids) - 1)
-        for n in batch.num_new[batch.num_decode:]:
             cu.append(cu[-1] + n)
         dev = self.device
-        nd = batch.num_decode
         cascade = None
         if nd and not use_triton(self.kv):  # the torch path reads shared prefixes once per group
             cascade = build_cascade_plan([s.block_table for s in batch.seqs[:nd]], lens[:nd], bs, dev)
@@ -115,8 +120,7 @@ class ModelRunner:
             cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
             cascade=cascade,
         )
-        return (torch.tensor(ids, dtype=torch.int64, device=dev), torch.tensor(pos, dtype=torch.int64, device=dev),
-                meta, last_rows)
+        return long_tensor(ids, dev), long_tensor(pos, dev), meta, last_rows
 
     def invalidate_buffers(self):
         """Forget the kept decode buffers and packed weights (new weights, or a changed cache)."""
