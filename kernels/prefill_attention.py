@@ -34,12 +34,30 @@ def paged_prefill_attention_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q,
         table = block_tables[b, :nblk].long()
         k = k_cache.index_select(0, table).view(nblk * block_size, Hkv, D)[:L].transpose(0, 1).float()  # [Hkv, L, D]
         v = v_cache.index_select(0, table).view(nblk * block_size, Hkv, D)[:L].transpose(0, 1).float()
-        qpos = torch.arange(L - n, L, device=q.device)
-        causal = torch.arange(L, device=q.device)[None, :] <= qpos[:, None]  # [n, L]
-        o = F.scaled_dot_product_attention(q[s:e].float().transpose(0, 1), k, v, attn_mask=causal,
-                                           scale=scale, enable_gqa=True)  # [Hq, n, D]
-        out[s:e] = o.transpose(0, 1).to(q.dtype)
+        qb = q[s:e].float().transpose(0, 1)  # [Hq, n, D]
+        if _FLASH_CPU is not None and q.device.type == "cpu":
+            o = _prefix_then_causal(qb, k, v, L - n, scale)
+        else:
+            qpos = torch.arange(L - n, L, device=q.device)
+            causal = torch.arange(L, device=q.device)[None, :] <= qpos[:, None]  # [n, L]
+            o = F.scaled_dot_product_attention(qb, k, v, attn_mask=causal, scale=scale, enable_gqa=True)
+        out[s:e] = o.transpose(0, 1).to(q.dtype)  # [Hq, n, D] -> [n, Hq, D]
     return out
+
+
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _prefix_then_causal(q, k, v, p, scale):
+    """q [Hq, n, D] at positions p..p+n-1 against k/v [Hkv, p+n, D]: the new tokens attend all p
+    prefix keys and causally to each other. ATen's CPU flash kernel only aligns a causal mask at
+    the top left, so the two parts run without a mask and merge by log-sum-exp (as in
+    kernels/cascade_attention.py): no [n, L] mask is built and no masked scores are computed."""
+    o, lse = _FLASH_CPU(q[None], k[None, :, p:], v[None, :, p:], is_causal=True, scale=scale)
+    if p:
+        o_pre, lse_pre = _FLASH_CPU(q[None], k[None, :, :p], v[None, :, :p], scale=scale)
+        o = torch.lerp(o, o_pre, torch.sigmoid(lse_pre - lse)[..., None])
+    return o[0]
 
 
 def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale=None):
