@@ -72,7 +72,7 @@ def _run_pair(benchmark, path, device, dtype, rounds):
 def test_generate_cpu_vs_transformers(benchmark, tmp_path):
     path = make_model(str(tmp_path / "m"), "llama", vocab_size=4096, hidden_size=256, intermediate_size=704,
                       num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, tokenizer=False)
-    _run_pair(benchmark, path, "cpu", torch.float32, rounds=2)
+    _run_pair(benchmark, path, "cpu", torch.float32, rounds=3)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
