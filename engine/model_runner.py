@@ -102,7 +102,12 @@ class ModelRunner:
         dev = self.device
         cascade = None
         if nd and not use_triton(self.kv):  # the torch path reads shared prefixes once per group
-            cascade = build_cascade_plan([s.block_table for s in batch.seqs[:nd]], lens[:nd], bs, dev)
+            seqs = batch.seqs[:nd]
+            # Sibling candidates hold bit-identical prompt K/V (the partial last block is copied on
+            # write); a preempted one recomputed its own, so it shares nothing beyond whole blocks.
+            shared = [s.prompt_len if s.params.n > 1 and not s.num_preemptions else 0 for s in seqs]
+            cascade = build_cascade_plan([s.block_table for s in seqs], lens[:nd], bs, dev, shared_lens=shared,
+                                         share_ids=[s.request_id for s in seqs])
             self._attach_buffers(cascade, batch.seqs[:nd], lens[:nd], decode_only=nd == len(batch.seqs))
         else:
             self.flush()
@@ -153,7 +158,7 @@ class ModelRunner:
         key = [s.seq_id for s in seqs]
         prev, bufs = self._prev, self._buffers
         same_rows = (prev is not None and prev[0] == key and torch.equal(prev[3], plan.prefix_blocks)
-                     and torch.equal(prev[4], plan.slot_of_row))
+                     and torch.equal(prev[4], plan.slot_of_row) and prev[6] == plan.own_offsets)
         extends = same_rows and all(
             n == p + 1 and t[:len(pt)] == pt for n, p, t, pt in zip(lens, prev[2], plan.own_tables, prev[1]))
         fits = bufs is not None and bufs[0].own_k.shape[0] >= B and bufs[0].own_k.shape[1] >= O * bs
@@ -161,7 +166,8 @@ class ModelRunner:
         plan.write_back = extends and fits and decode_only and plan.own_empty is None
         if not plan.write_back:
             self.flush()  # before the buffers or their bookkeeping change
-        self._prev = (key, plan.own_tables, lens, plan.prefix_blocks, plan.slot_of_row, plan.own_lens)
+        self._prev = (key, plan.own_tables, lens, plan.prefix_blocks, plan.slot_of_row, plan.own_lens,
+                      plan.own_offsets)
         if not fits:
             rows = max(B, bufs[0].own_k.shape[0] if bufs else 0)
             shape = (rows, (O + 8) * bs, m.num_kv_heads, m.head_dim)  # headroom: regrow every 8 blocks
@@ -186,12 +192,12 @@ class ModelRunner:
         slot whose sequence was freed meanwhile is at worst rewritten before its new owner writes it."""
         if not self._dirty:
             return
-        _, own_tables, _, _, _, own_lens = self._prev
+        _, own_tables, _, _, _, own_lens, offsets = self._prev
         bs, n, cap = self.block_size, self._dirty, self._buffers[0].own_k.shape[1]
         slots, src = [], []
-        for b, (table, own) in enumerate(zip(own_tables, own_lens)):
+        for b, (table, own, off) in enumerate(zip(own_tables, own_lens, offsets)):
             for j in range(own - n, own):
-                slots.append(table[j // bs] * bs + j % bs)
+                slots.append(table[(off + j) // bs] * bs + (off + j) % bs)
                 src.append(b * cap + j)
         slots, src = long_tensor(slots, self.device), long_tensor(src, self.device)
         shape = (-1, self.mcfg.num_kv_heads, self.mcfg.head_dim)

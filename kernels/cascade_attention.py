@@ -53,12 +53,14 @@ class CascadePlan:
     row_of_slot: torch.Tensor  # int64 [Gr*S]   the row in each slot (0 for an empty slot; never read back)
     group_size: int  # S
     all_grouped: bool  # every row has a prefix (no row reads the extra slot)
-    own_blocks: torch.Tensor  # int64 [B, O]   each row's blocks after its group prefix (0-padded)
-    own_bias: torch.Tensor  # float32 [B, 1, 1, Lk]   0 for a key below the row's length, else -inf
+    own_blocks: torch.Tensor  # int64 [B, O]   the blocks holding each row's own part (0-padded)
+    own_bias: torch.Tensor | None  # float32 [B, 1, 1, Lk]: 0 for a key of the row, else -inf (None: all rows Lk keys)
     own_len: int  # Lk: the most own keys of any row (the own part reads no whole trailing block)
     own_empty: torch.Tensor | None  # bool [B, 1, 1]: rows whose keys are all in the prefix (None: no such row)
     own_tables: list[list[int]]  # host copy of each row's own blocks (unpadded), for step-to-step reuse
     own_lens: list[int]  # host copy of each row's own key count
+    own_offsets: list[int]  # where each row's own part starts in its first own block
+    own_offsets_t: torch.Tensor | None  # int64 [B] the same (None: all 0)
     rows_in_order: bool  # row_of_slot is arange(B): rows are already group-major (no shuffles needed)
     new_pos: torch.Tensor  # int64 [B]   own-part position of each row's newest token (seq_len - 1 - prefix)
     new_slots: torch.Tensor  # int64 [B]   cache slot of that token
@@ -78,15 +80,22 @@ class CascadePlan:
         return self.prefix_blocks.shape[1]
 
 
-def build_cascade_plan(block_tables, seq_lens, block_size: int, device=None) -> CascadePlan:
+def build_cascade_plan(block_tables, seq_lens, block_size: int, device=None, shared_lens=None,
+                       share_ids=None) -> CascadePlan:
     """Group decode rows by shared leading blocks.
 
     block_tables: per row, a list of block ids (or an int [B, max_blocks] tensor; entries past a
                   row's last block are ignored)
     seq_lens:     per row, tokens in the cache (>= 1)
+    shared_lens, share_ids: optional, per row. Rows with the same share id hold bitwise-identical
+                  K/V for their first shared_lens tokens, wherever they are stored (sibling
+                  candidates: the prompt, whose partial last block each copied on write).
     Rows whose first block is the same form a group; its prefix is the longest run of leading
-    blocks all rows share, cut to the blocks that are full for every row. Groups of one row, or
-    without a full shared block, take no prefix.
+    blocks all rows share, cut to the blocks that are full for every row. When all of a group's
+    rows have one share id, the prefix also takes their common tokens of the next block, read from
+    the group's first row: each row's own part then holds only what differs (its generated
+    tokens), and rows with own parts of one length need no mask. Groups of one row, or with
+    nothing to share, take no prefix.
     """
     if isinstance(block_tables, torch.Tensor):
         block_tables = block_tables.tolist()
@@ -103,48 +112,58 @@ def build_cascade_plan(block_tables, seq_lens, block_size: int, device=None) -> 
     by_first: dict[int, list[int]] = {}
     for b, t in enumerate(block_tables):
         by_first.setdefault(t[0], []).append(b)
-    groups, prefix = [], []  # rows of each group, its shared leading blocks
+    groups, prefix, plen = [], [], []  # rows of each group, its prefix blocks and tokens
     for rows in by_first.values():
         if len(rows) < 2:
             continue
-        limit = min(seq_lens[b] for b in rows) // bs  # blocks full for every row
+        shortest = min(seq_lens[b] for b in rows)
         p = 0
-        for column in zip(*(block_tables[b][:limit] for b in rows)):
+        for column in zip(*(block_tables[b][:shortest // bs] for b in rows)):  # blocks full for every row
             if column.count(column[0]) != len(column):
                 break
             p += 1
-        if p:
+        extra = 0  # tokens of block p common to the group (same share id: same K/V)
+        if shared_lens is not None and len({share_ids[b] for b in rows}) == 1:
+            extra = max(0, min(min(shared_lens[b] for b in rows), shortest, (p + 1) * bs - 1) - p * bs)
+        if p or extra:
             groups.append(rows)
-            prefix.append(block_tables[rows[0]][:p])
+            prefix.append(block_tables[rows[0]][:p + (extra > 0)])
+            plen.append(p * bs + extra)
     P = max(map(len, prefix), default=0)
     S = max(map(len, groups), default=0)
     Gr = len(groups)
-    pre_len = [0] * B
+    pre_tokens = [0] * B
     slot_of_row = [Gr * S] * B  # the extra slot past the layout stands for "no prefix"
     row_of_slot = [0] * (Gr * S)
     for g, rows in enumerate(groups):
         for s, b in enumerate(rows):
             slot_of_row[b] = g * S + s
             row_of_slot[g * S + s] = b
-            pre_len[b] = len(prefix[g])
-    O = max(n - p for n, p in zip(nblk, pre_len))
-    own = [block_tables[b][pre_len[b]:nblk[b]] for b in range(B)]
-    own_keys = [L - p * bs for L, p in zip(seq_lens, pre_len)]  # keys in each row's own part
+            pre_tokens[b] = plen[g]
+    # A row's own part: its tokens from pre_tokens on, stored from block pre_tokens // bs at offset
+    # pre_tokens % bs.
+    offsets = [t % bs for t in pre_tokens]
+    own = [block_tables[b][pre_tokens[b] // bs:nblk[b]] for b in range(B)]
+    O = max(map(len, own), default=0)
+    own_keys = [L - t for L, t in zip(seq_lens, pre_tokens)]  # keys in each row's own part
     Lk = max(own_keys, default=0)
-    # A row whose newest token closes a shared prefix block has no own keys: its buffer write goes to
-    # its own masked position 0, never to a neighbour's.
+    # A row whose keys all lie in its group's prefix has no own keys: its buffer write goes to its
+    # own masked position 0, never to a neighbour's.
     new_pos = [max(0, k - 1) for k in own_keys]
     new_slots = [block_tables[b][(L - 1) // bs] * bs + (L - 1) % bs for b, L in enumerate(seq_lens)]
     # Every integer field in one host->tensor conversion (this runs once per decode step).
     flat = [x for t in prefix for x in t + [0] * (P - len(t))] + slot_of_row + row_of_slot
     flat += [x for t in own for x in t + [0] * (O - len(t))]
-    flat += own_keys + new_pos + new_slots + [len(x) * bs for x in prefix]
+    flat += own_keys + new_pos + new_slots + plen + offsets
     ints = long_tensor(flat, device)
-    (prefix_blocks, slot_t, row_t, own_blocks, keys_t, new_pos_t, new_slots_t,
-     plen) = ints.split([Gr * P, B, Gr * S, B * O, B, B, B, Gr])
-    neg_inf = torch.tensor(_NEG_INF, device=device)
-    own_bias = torch.where(torch.arange(Lk, device=device) >= keys_t[:, None], neg_inf, 0.0)
-    prefix_bias = torch.where(torch.arange(P * bs, device=device) >= plen[:, None], neg_inf, 0.0)
+    (prefix_blocks, slot_t, row_t, own_blocks, keys_t, new_pos_t, new_slots_t, plen_t,
+     offsets_t) = ints.split([Gr * P, B, Gr * S, B * O, B, B, B, Gr, B])
+    own_bias = None  # own parts of one length: every own key counts, no mask
+    if min(own_keys, default=Lk) != Lk:
+        own_bias = torch.zeros(B, Lk, device=device).masked_fill_(
+            torch.arange(Lk, device=device) >= keys_t[:, None], _NEG_INF).view(B, 1, 1, Lk)
+    prefix_bias = torch.zeros(Gr, P * bs, device=device).masked_fill_(
+        torch.arange(P * bs, device=device) >= plen_t[:, None], _NEG_INF)
     empty = 0 in own_keys
     return CascadePlan(
         prefix_blocks=prefix_blocks.view(Gr, P),
@@ -154,11 +173,13 @@ def build_cascade_plan(block_tables, seq_lens, block_size: int, device=None) -> 
         group_size=S,
         all_grouped=Gr * S not in slot_of_row,
         own_blocks=own_blocks.view(B, O),
-        own_bias=own_bias.view(B, 1, 1, Lk),
+        own_bias=own_bias,
         own_len=Lk,
         own_empty=(keys_t == 0).view(B, 1, 1) if empty else None,
         own_tables=own,
         own_lens=own_keys,
+        own_offsets=offsets,
+        own_offsets_t=offsets_t if any(offsets) else None,
         rows_in_order=Gr * S == B and row_of_slot == list(range(B)),
         new_pos=new_pos_t,
         new_slots=new_slots_t,
@@ -168,7 +189,7 @@ def build_cascade_plan(block_tables, seq_lens, block_size: int, device=None) -> 
 def _attend(q, k, v, bias, scale):
     """Softmax attention that also returns the log-sum-exp of the scores.
 
-    q [N, H, M, D], k/v [N, H, L, D] (any strides), bias float [N, 1, 1, L] additive.
+    q [N, H, M, D], k/v [N, H, L, D] (any strides), bias float [N, 1, 1, L] additive, or None.
     Returns (out [N, H, M, D], lse [N, H, M]); a row whose keys are all masked gets out 0 and an
     lse the caller must overwrite with -inf.
     """
@@ -177,7 +198,9 @@ def _attend(q, k, v, bias, scale):
         # ATen's CPU flash kernel: one pass over K/V, and it hands back the lse we need to merge.
         out, lse = flash(q, k, v, attn_mask=bias, scale=scale)
         return out, lse
-    s = (q @ k.transpose(-1, -2)) * scale + bias
+    s = (q @ k.transpose(-1, -2)) * scale
+    if bias is not None:
+        s = s + bias
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse.nan_to_num(neginf=0.0)[..., None])
     return p @ v, lse
@@ -189,9 +212,12 @@ def _own_keys(cache, buf, plan: CascadePlan, B, O, bs, Hkv, D, write_idx, new):
     (`new` [B, Hkv, D], or read back from the cache) instead of every row's whole history."""
     if buf is None or plan.own_fresh:
         own = cache.index_select(0, plan.own_blocks.view(-1)).view(B, O * bs, Hkv, D)
+        if plan.own_offsets_t is not None:  # own parts starting inside a block: shift each row
+            pos = (plan.own_offsets_t[:, None] + torch.arange(plan.own_len, device=own.device)).clamp_(max=O * bs - 1)
+            own = own[torch.arange(B, device=own.device)[:, None], pos]
         if buf is None:
             return own[:, :plan.own_len]
-        buf[:B, :O * bs].copy_(own)
+        buf[:B, :own.shape[1]].copy_(own)
     else:
         if new is None:
             assert not plan.write_back, "write_back needs the newest K/V passed in (new_kv)"

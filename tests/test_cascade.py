@@ -254,3 +254,35 @@ def test_write_back_keeps_the_cache_whole(tiny, monkeypatch):
     assert [lp for _, lp in fast[1]] == pytest.approx([lp for _, lp in plain[1]], abs=1e-4)
     for x, y in zip(fast[3], plain[3]):
         torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("lens_equal", [True, False])
+def test_shared_partial_block_joins_the_prefix(lens_equal):
+    """Siblings whose prompt ends inside a block each hold a copy of that block: with share ids
+    the group prefix takes the copied prompt tokens from the first row, own parts start mid-block,
+    and with own parts of one length no mask is built. Results equal the plain reference; and a
+    copy that differs shows, so the sharing claim matters."""
+    bs, hq, hkv, d = 4, 4, 2, 8
+    gen = torch.Generator().manual_seed(21)
+    k, v = torch.randn(40, bs, hkv, d, generator=gen), torch.randn(40, bs, hkv, d, generator=gen)
+    prompt = 2 * bs + 3  # two shared full blocks, 3 prompt tokens in each row's copy of block 2
+    copies = [10, 11, 12]
+    for c in copies[1:]:
+        k[c, :3], v[c, :3] = k[copies[0], :3], v[copies[0], :3]
+    tables = [[0, 1, c, 20 + i] for i, c in enumerate(copies)] + [[5, 6]]  # and a row on its own
+    lens = [prompt + 3] * 3 + [3] if lens_equal else [prompt + 3, prompt + 2, prompt + 4, 6]
+    q = torch.randn(4, hq, d, generator=gen)
+    plan = build_cascade_plan(tables, lens, bs, shared_lens=[prompt] * 3 + [0], share_ids=["r", "r", "r", "x"])
+    assert plan.own_offsets[:3] == [3, 3, 3] and plan.num_prefix_blocks == 3
+    assert (plan.own_bias is None) == lens_equal
+    ref = paged_decode_attention_ref(q, k, v, padded(tables), torch.tensor(lens, dtype=torch.int32), 0.5)
+    torch.testing.assert_close(cascade_decode_attention(q, k, v, plan, 0.5), ref, atol=2e-6, rtol=2e-6)
+    bufs = CascadeBuffers(torch.zeros(4, 8 * bs, hkv, d), torch.zeros(4, 8 * bs, hkv, d))
+    torch.testing.assert_close(cascade_decode_attention(q, k, v, plan, 0.5, bufs), ref, atol=2e-6, rtol=2e-6)
+    # Different share ids: no extension (offsets 0), same result.
+    plain = build_cascade_plan(tables, lens, bs, shared_lens=[prompt] * 3 + [0], share_ids=["r", "s", "r", "x"])
+    assert plain.own_offsets == [0, 0, 0, 0]
+    torch.testing.assert_close(cascade_decode_attention(q, k, v, plain, 0.5), ref, atol=2e-6, rtol=2e-6)
+    k[copies[1], 1] += 1.0  # the copies now differ: claiming they are shared gives a wrong answer
+    ref = paged_decode_attention_ref(q, k, v, padded(tables), torch.tensor(lens, dtype=torch.int32), 0.5)
+    assert not torch.allclose(cascade_decode_attention(q, k, v, plan, 0.5), ref, atol=1e-3)
