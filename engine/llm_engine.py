@@ -159,9 +159,11 @@ class LLMEngine:
         self.runner.copy_blocks(batch.copies)
         sample_idx = [i for i, (s, n) in enumerate(zip(batch.seqs, batch.num_new)) if s.num_computed + n == len(s)]
         logits = self.runner.run(batch, sample_idx)
+        bs = self.ecfg.block_size
         for s, n in zip(batch.seqs, batch.num_new):
             s.num_computed += n
-            self.block_manager.register_full_blocks(s)
+            if s.num_computed // bs > s.num_hashed_blocks:  # a block filled up: hash it for reuse
+                self.block_manager.register_full_blocks(s)
         # One row per candidate to draw: a prefilled parent draws for all of its siblings at once.
         targets, rows = [], []
         for j, i in enumerate(sample_idx):
@@ -186,7 +188,7 @@ class LLMEngine:
             if s.seed_base is None:
                 s.seed_base = candidate_seed(self.requests[s.request_id].seed, s.index)
         seeds = [position_seed(s.seed_base, s.num_output) for s in targets]
-        bans = [self._banned(s) for s in targets]
+        bans = [self._banned(s) if s.params.min_tokens else [] for s in targets]
         tokens, lps, tops = sample_rows(logits, params, seeds, bans)
         self.num_generated_tokens += len(tokens)
         finished_reqs = []
