@@ -25,13 +25,18 @@ def apply_rotary_ref(q, k, positions, cos_sin_cache):
     """
     T, Hq, D = q.shape
     half = D // 2
-    cs = cos_sin_cache[positions]
-    cos = torch.cat([cs[:, :half], cs[:, :half]], -1)[:, None, :].to(q.dtype)
-    sin = torch.cat([cs[:, half:], cs[:, half:]], -1)[:, None, :].to(q.dtype)
+    cs = cos_sin_cache[positions].to(q.dtype)[:, None, :]  # [T, 1, D]
+    cos, sin = cs[..., :half], cs[..., half:]
 
     def rot(x):
+        # out = x * cos + rotate_half(x) * sin, written per half: the same products and sums,
+        # rounded the same way, without building rotate_half(x) or full-width cos/sin.
         x1, x2 = x[..., :half], x[..., half:]
-        return x * cos + torch.cat([-x2, x1], -1) * sin
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        o1, o2 = out[..., :half], out[..., half:]
+        torch.mul(x1, cos, out=o1).sub_(x2 * sin)
+        torch.mul(x2, cos, out=o2).add_(x1 * sin)
+        return out
 
     # q and k as neighbouring views of one fused projection (the engine's case): one pass for both.
     if (q.stride() == k.stride() and q.stride(-1) == 1 and q.stride(1) == D and q.dtype == k.dtype
