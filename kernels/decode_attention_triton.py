@@ -21,6 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.paged_triton import needs_64bit_offsets as _needs_64bit_offsets
+from kernels.paged_triton import paged_row_offsets
+
 _LOG2E = 1.4426950408889634
 
 
@@ -68,12 +71,7 @@ def _decode_split_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
         blk = tl.load(bt_row + offs_n // PAGE, mask=mask_n, other=0)
-        if OFF64:
-            blk = blk.to(tl.int64)
-        slot = offs_n % PAGE
-        # Row offsets of the BLOCK_N tokens; 32-bit when the cache allows (halves address registers).
-        k_off = blk * stride_kb + slot * stride_ks
-        v_off = blk * stride_vb + slot * stride_vs
+        k_off, v_off = paged_row_offsets(blk, offs_n, PAGE, stride_kb, stride_ks, stride_vb, stride_vs, OFF64)
         kv_mask = mask_n[:, None] & mask_d[None, :]
         k = tl.load(k_head + k_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [BLOCK_H, BLOCK_N], log2 units
@@ -150,10 +148,6 @@ def _config(D: int, dtype: torch.dtype):
     if dtype == torch.float32 or D > 128:
         return 16, 4, 2
     return (64 if D <= 64 else 32), 4, 2
-
-
-def _needs_64bit_offsets(*caches) -> bool:
-    return any(c.shape[0] * c.stride(0) >= 2 ** 31 for c in caches)
 
 
 def paged_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, scale=None, *,

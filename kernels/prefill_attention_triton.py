@@ -15,6 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.paged_triton import needs_64bit_offsets as _needs_64bit_offsets
+from kernels.paged_triton import paged_row_offsets
+
 _LOG2E = 1.4426950408889634
 
 
@@ -65,12 +68,7 @@ def _prefill_kernel(
     for n0 in range(0, unmasked_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         blk = tl.load(bt_row + offs_n // PAGE)
-        if OFF64:
-            blk = blk.to(tl.int64)
-        slot = offs_n % PAGE
-        # 32-bit row offsets when the cache allows: half the address registers.
-        k_off = blk * stride_kb + slot * stride_ks
-        v_off = blk * stride_vb + slot * stride_vs
+        k_off, v_off = paged_row_offsets(blk, offs_n, PAGE, stride_kb, stride_ks, stride_vb, stride_vs, OFF64)
         k = tl.load(k_head + k_off[:, None] + offs_d[None, :], mask=mask_d[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -86,11 +84,7 @@ def _prefill_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
         blk = tl.load(bt_row + offs_n // PAGE, mask=mask_n, other=0)
-        if OFF64:
-            blk = blk.to(tl.int64)
-        slot = offs_n % PAGE
-        k_off = blk * stride_kb + slot * stride_ks
-        v_off = blk * stride_vb + slot * stride_vs
+        k_off, v_off = paged_row_offsets(blk, offs_n, PAGE, stride_kb, stride_ks, stride_vb, stride_vs, OFF64)
         kv_mask = mask_n[:, None] & mask_d[None, :]
         k = tl.load(k_head + k_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
@@ -109,10 +103,6 @@ def _prefill_kernel(
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(OUT + (q_start + offs_m)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
              o.to(OUT.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
-
-
-def _needs_64bit_offsets(*caches) -> bool:
-    return any(c.shape[0] * c.stride(0) >= 2 ** 31 for c in caches)
 
 
 def _config(D: int, dtype: torch.dtype):
