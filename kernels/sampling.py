@@ -65,8 +65,8 @@ def apply_filters(logits, temperature, top_k, top_p, min_p):
     return x
 
 
-def _inverse_cdf(e: torch.Tensor, u: torch.Tensor):
-    """Token of each row where the cumulative weight first exceeds u * total, and that total.
+def _inverse_cdf(e: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Token of each row where the cumulative weight first exceeds u * total.
 
     e [B, V] non-negative float32 weights (0 = masked), u float64 [B] in (0, 1). Two-level search:
     chunk sums and their cumsum locate the chunk, then one chunk's cumsum the token. That reads
@@ -90,7 +90,7 @@ def _inverse_cdf(e: torch.Tensor, u: torch.Tensor):
     # k == C only by rounding (rest at or past the chunk's own total): take its last non-zero token.
     last = ((inner > 0) * torch.arange(1, C + 1, device=e.device)).argmax(-1)
     k = torch.where(k >= C, last, k)
-    return j.squeeze(1) * C + k, total.squeeze(1)
+    return j.squeeze(1) * C + k
 
 
 def sample_ref(logits, temperature, top_k, top_p, min_p, seeds):
@@ -110,7 +110,7 @@ def sample_ref(logits, temperature, top_k, top_p, min_p, seeds):
     # One fused softmax pass gives the draw's weights; with no filter at temperature 1 (x is then
     # raw itself) they are also the raw distribution, so the logprob needs no second pass.
     probs = torch.softmax(x, dim=-1)
-    drawn, _ = _inverse_cdf(probs, row_uniform(seeds))
+    drawn = _inverse_cdf(probs, row_uniform(seeds))
     greedy = temperature <= 0
     tokens = torch.where(greedy, raw.argmax(-1), drawn) if bool(greedy.any()) else drawn
     if x is raw:  # a drawn token has a non-zero probability
