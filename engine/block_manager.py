@@ -41,6 +41,13 @@ class BlockManager:
             need += 1
         return need
 
+    def fits_in_place(self, seq: Sequence) -> bool:
+        """The next single token lands in a block the sequence holds alone: nothing to allocate or
+        copy (the common decode step)."""
+        i = seq.num_computed // self.block_size
+        return (seq.num_computed % self.block_size != 0 and i < len(seq.block_table)
+                and self.ref_counts[seq.block_table[i]] == 1)
+
     def _needs_cow(self, seq: Sequence) -> bool:
         """The next token lands in a partial block that another sequence also references."""
         if seq.num_computed % self.block_size == 0 or not seq.block_table:

@@ -53,14 +53,10 @@ class Scheduler:
         copies: list[tuple[int, int]] = []
         preempted = False
         i = 0
-        bs = self.bm.block_size
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(len(seq) - seq.num_computed, budget)
-            last = seq.num_computed // bs
-            if n == 1 and seq.num_computed % bs and last < len(seq.block_table) \
-                    and self.bm.ref_counts[seq.block_table[last]] == 1:
-                # The common decode step: the token fits the sequence's own last block, no CoW.
+            if n == 1 and self.bm.fits_in_place(seq):  # no block to take or copy
                 picked.append((seq, 1))
                 budget -= 1
                 i += 1
