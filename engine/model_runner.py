@@ -6,7 +6,7 @@ from engine.config import EngineConfig, ModelConfig
 from engine.model import AttnMetadata, CausalLM
 from engine.packed_linear import pack_linears
 from engine.scheduler import Batch
-from kernels.cascade_attention import CascadeBuffers, build_cascade_plan
+from kernels.cascade_attention import CascadeBuffers, CascadePlan, build_cascade_plan
 from kernels.dispatch import use_triton
 from kernels.host import long_tensor
 
@@ -25,9 +25,9 @@ class ModelRunner:
                               mcfg.head_dim, dtype=dtype, device=device)
         self.kv_caches = [(self.kv[i, 0], self.kv[i, 1]) for i in range(mcfg.num_layers)]
         # Torch decode path: per layer, each decode row's own K/V kept contiguous across steps and the
-        # gathered group prefixes, and the step they mirror (seq ids, own tables, lengths); see _attach_buffers.
+        # gathered group prefixes, and the step they mirror (seq ids, lengths, plan); see _attach_buffers.
         self._buffers: list[CascadeBuffers] | None = None
-        self._prev = None
+        self._prev: tuple[list[int], list[int], CascadePlan] | None = None
         # Write-back: each row's last `_dirty` own tokens are in the buffers but not yet in the
         # paged cache; see flush.
         self._dirty = 0
@@ -157,17 +157,19 @@ class ModelRunner:
         m, bs = self.mcfg, self.block_size
         key = [s.seq_id for s in seqs]
         prev, bufs = self._prev, self._buffers
-        same_rows = (prev is not None and prev[0] == key and torch.equal(prev[3], plan.prefix_blocks)
-                     and torch.equal(prev[4], plan.slot_of_row) and prev[6] == plan.own_offsets)
+        same_rows = False
+        if prev is not None:
+            prev_key, prev_lens, was = prev
+            same_rows = (prev_key == key and torch.equal(was.prefix_blocks, plan.prefix_blocks)
+                         and torch.equal(was.slot_of_row, plan.slot_of_row) and was.own_offsets == plan.own_offsets)
         extends = same_rows and all(
-            n == p + 1 and t[:len(pt)] == pt for n, p, t, pt in zip(lens, prev[2], plan.own_tables, prev[1]))
+            n == p + 1 and t[:len(pt)] == pt for n, p, t, pt in zip(lens, prev_lens, plan.own_tables, was.own_tables))
         fits = bufs is not None and bufs[0].own_k.shape[0] >= B and bufs[0].own_k.shape[1] >= O * bs
         # (a row with no own keys would have its newest token in a shared block: never written back)
         plan.write_back = extends and fits and decode_only and plan.own_empty is None
         if not plan.write_back:
             self.flush()  # before the buffers or their bookkeeping change
-        self._prev = (key, plan.own_tables, lens, plan.prefix_blocks, plan.slot_of_row, plan.own_lens,
-                      plan.own_offsets)
+        self._prev = (key, lens, plan)
         if not fits:
             rows = max(B, bufs[0].own_k.shape[0] if bufs else 0)
             shape = (rows, (O + 8) * bs, m.num_kv_heads, m.head_dim)  # headroom: regrow every 8 blocks
@@ -192,7 +194,8 @@ class ModelRunner:
         slot whose sequence was freed meanwhile is at worst rewritten before its new owner writes it."""
         if not self._dirty:
             return
-        _, own_tables, _, _, _, own_lens, offsets = self._prev
+        plan = self._prev[2]
+        own_tables, own_lens, offsets = plan.own_tables, plan.own_lens, plan.own_offsets
         bs, n, cap = self.block_size, self._dirty, self._buffers[0].own_k.shape[1]
         slots, src = [], []
         for b, (table, own, off) in enumerate(zip(own_tables, own_lens, offsets)):
