@@ -134,10 +134,10 @@ class BlockManager:
 
     def register_full_blocks(self, seq: Sequence):
         """Hash blocks that became full and computed, so later requests can reuse them."""
-        if not self.enable_prefix_caching:
-            return
         bs = self.block_size
         full = min(seq.num_computed, len(seq.token_ids)) // bs
+        if not self.enable_prefix_caching or full <= seq.num_hashed_blocks:  # the common case: nothing new
+            return
         while seq.num_hashed_blocks < full:
             i = seq.num_hashed_blocks
             h = self.hash_block(seq.last_hash, seq.token_ids[i * bs:(i + 1) * bs])

@@ -159,11 +159,9 @@ class LLMEngine:
         self.runner.copy_blocks(batch.copies)
         sample_idx = [i for i, (s, n) in enumerate(zip(batch.seqs, batch.num_new)) if s.num_computed + n == len(s)]
         logits = self.runner.run(batch, sample_idx)
-        bs = self.ecfg.block_size
         for s, n in zip(batch.seqs, batch.num_new):
             s.num_computed += n
-            if s.num_computed // bs > s.num_hashed_blocks:  # a block filled up: hash it for reuse
-                self.block_manager.register_full_blocks(s)
+            self.block_manager.register_full_blocks(s)
         # One row per candidate to draw: a prefilled parent draws for all of its siblings at once.
         targets, rows = [], []
         for j, i in enumerate(sample_idx):
