@@ -16,9 +16,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from sft_fixtures import make_model_dir  # noqa: E402
+
 from bstar.sft_data import SFTExample, epoch_batches  # noqa: E402
 from bstar.trainer import SFTConfig, SFTTrainer  # noqa: E402
-from sft_fixtures import make_model_dir  # noqa: E402
 
 BATCH = 8
 ROUNDS = 4
@@ -69,8 +70,15 @@ def test_bench_sft_throughput_vs_transformers_loop(benchmark, tmp_path, one_thre
     d = make_model_dir(tmp_path / "m", "llama", seed=0, layers=4, hidden=128)
     examples = _examples()
     n_tokens = sum(len(x) for x in examples)
-    cfg = SFTConfig(lr=1e-4, batch_examples=BATCH, micro_batch_tokens=2048, max_seq_len=256,
-                    max_grad_norm=1.0, progress=False, device="cpu")
+    cfg = SFTConfig(
+        lr=1e-4,
+        batch_examples=BATCH,
+        micro_batch_tokens=2048,
+        max_seq_len=256,
+        max_grad_norm=1.0,
+        progress=False,
+        device="cpu",
+    )
     ours = SFTTrainer(d, cfg)
     peer = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="sdpa").train()
     peer_opt = torch.optim.AdamW(peer.parameters(), lr=1e-4, betas=cfg.betas, eps=cfg.eps, weight_decay=0.0)
@@ -104,6 +112,8 @@ def test_bench_sft_throughput_vs_transformers_loop(benchmark, tmp_path, one_thre
         padded_tokens_peer=pad_tokens,
         model="llama hidden=128 layers=4 vocab=384",
     )
-    print(f"\nSFT CPU tokens/s: ours {ours_tps:.0f}, transformers padded {peer_tps:.0f}, "
-          f"ratio {ours_tps / peer_tps:.2f}x, pairwise median {pairwise[len(pairwise) // 2]:.2f}x "
-          f"(peer pads {n_tokens} real tokens to {pad_tokens})")
+    print(
+        f"\nSFT CPU tokens/s: ours {ours_tps:.0f}, transformers padded {peer_tps:.0f}, "
+        f"ratio {ours_tps / peer_tps:.2f}x, pairwise median {pairwise[len(pairwise) // 2]:.2f}x "
+        f"(peer pads {n_tokens} real tokens to {pad_tokens})"
+    )

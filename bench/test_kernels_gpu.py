@@ -45,7 +45,7 @@ def cuda_time(fn, iters=20, warmup=3):
     return sorted(times)[len(times) // 2]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def copy_bandwidth() -> float:
     """Device-to-device copy of 2 GiB: (bytes read + bytes written) / time, in bytes/s."""
     src = torch.empty(2**30, dtype=torch.float16, device="cuda").normal_()
@@ -90,11 +90,18 @@ def test_decode_bandwidth(benchmark, batch, context):
     t = cuda_time(run)
     benchmark.pedantic(run, rounds=5, iterations=3, warmup_rounds=1)
     achieved, peak = nbytes / t, copy_bandwidth()
-    benchmark.extra_info.update(device=torch.cuda.get_device_name(), kv_gib=round(nbytes / 2**30, 3),
-                                achieved_gbps=round(achieved / 1e9, 1), copy_gbps=round(peak / 1e9, 1),
-                                fraction_of_copy=round(achieved / peak, 3), us=round(t * 1e6, 1))
-    print(f"\ndecode B={batch} ctx={context}: {t * 1e6:.1f} us, {achieved / 1e9:.0f} GB/s = "
-          f"{achieved / peak:.0%} of copy bandwidth ({peak / 1e9:.0f} GB/s)")
+    benchmark.extra_info.update(
+        device=torch.cuda.get_device_name(),
+        kv_gib=round(nbytes / 2**30, 3),
+        achieved_gbps=round(achieved / 1e9, 1),
+        copy_gbps=round(peak / 1e9, 1),
+        fraction_of_copy=round(achieved / peak, 3),
+        us=round(t * 1e6, 1),
+    )
+    print(
+        f"\ndecode B={batch} ctx={context}: {t * 1e6:.1f} us, {achieved / 1e9:.0f} GB/s = "
+        f"{achieved / peak:.0%} of copy bandwidth ({peak / 1e9:.0f} GB/s)"
+    )
 
 
 @pytest.mark.parametrize("context", [2048, 16384])
@@ -108,6 +115,7 @@ def test_decode_vs_peer(benchmark, batch, context):
     q = torch.randn(batch, HQ, D, device="cuda", dtype=DTYPE, generator=gen)
     ours = functools.partial(paged_decode_attention_triton, q, k, v, tables, seq_lens)
     if PEER == "flash-attn":
+
         def peer():
             return flash_attn_with_kvcache(q[:, None], k, v, cache_seqlens=seq_lens, block_table=tables).squeeze(1)
     else:
@@ -115,14 +123,22 @@ def test_decode_vs_peer(benchmark, batch, context):
 
         def peer():
             return torch.nn.functional.scaled_dot_product_attention(q[:, :, None], kd, vd, enable_gqa=True)[:, :, 0]
+
     torch.testing.assert_close(ours().float(), peer().float(), atol=2e-2, rtol=2e-2)
     t_ours, t_peer = cuda_time(ours), cuda_time(peer)
     benchmark.pedantic(ours, rounds=5, iterations=3, warmup_rounds=1)
-    benchmark.extra_info.update(device=torch.cuda.get_device_name(), peer=PEER, page=page,
-                                ours_us=round(t_ours * 1e6, 1), peer_us=round(t_peer * 1e6, 1),
-                                speedup=round(t_peer / t_ours, 2))
-    print(f"\ndecode B={batch} ctx={context} page={page}: ours {t_ours * 1e6:.1f} us, {PEER} "
-          f"{t_peer * 1e6:.1f} us, ratio {t_peer / t_ours:.2f}x")
+    benchmark.extra_info.update(
+        device=torch.cuda.get_device_name(),
+        peer=PEER,
+        page=page,
+        ours_us=round(t_ours * 1e6, 1),
+        peer_us=round(t_peer * 1e6, 1),
+        speedup=round(t_peer / t_ours, 2),
+    )
+    print(
+        f"\ndecode B={batch} ctx={context} page={page}: ours {t_ours * 1e6:.1f} us, {PEER} "
+        f"{t_peer * 1e6:.1f} us, ratio {t_peer / t_ours:.2f}x"
+    )
 
 
 @pytest.mark.parametrize("batch,new,prefix", [(4, 2048, 0), (16, 512, 0), (8, 512, 1536)])
@@ -150,18 +166,27 @@ def test_prefill_vs_peer(benchmark, batch, new, prefix):
         mask = None if prefix == 0 else torch.arange(context, device="cuda")[None, :] <= qpos[:, None]
 
         def peer():
-            o = torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, is_causal=mask is None,
-                                                                 enable_gqa=True)
+            o = torch.nn.functional.scaled_dot_product_attention(
+                qd, kd, vd, attn_mask=mask, is_causal=mask is None, enable_gqa=True
+            )
             return o.transpose(1, 2).reshape(batch * new, HQ, D)
+
     torch.testing.assert_close(ours().float(), peer().float(), atol=2e-2, rtol=2e-2)
     t_ours, t_peer = cuda_time(ours), cuda_time(peer)
     benchmark.pedantic(ours, rounds=5, iterations=3, warmup_rounds=1)
     flops = 4 * batch * HQ * D * sum(prefix + i + 1 for i in range(new))  # causal QK^T and PV
-    benchmark.extra_info.update(device=torch.cuda.get_device_name(), peer=PEER, ours_us=round(t_ours * 1e6, 1),
-                                peer_us=round(t_peer * 1e6, 1), speedup=round(t_peer / t_ours, 2),
-                                ours_tflops=round(flops / t_ours / 1e12, 1))
-    print(f"\nprefill B={batch} new={new} prefix={prefix}: ours {t_ours * 1e6:.0f} us "
-          f"({flops / t_ours / 1e12:.0f} TFLOP/s), {PEER} {t_peer * 1e6:.0f} us, ratio {t_peer / t_ours:.2f}x")
+    benchmark.extra_info.update(
+        device=torch.cuda.get_device_name(),
+        peer=PEER,
+        ours_us=round(t_ours * 1e6, 1),
+        peer_us=round(t_peer * 1e6, 1),
+        speedup=round(t_peer / t_ours, 2),
+        ours_tflops=round(flops / t_ours / 1e12, 1),
+    )
+    print(
+        f"\nprefill B={batch} new={new} prefix={prefix}: ours {t_ours * 1e6:.0f} us "
+        f"({flops / t_ours / 1e12:.0f} TFLOP/s), {PEER} {t_peer * 1e6:.0f} us, ratio {t_peer / t_ours:.2f}x"
+    )
 
 
 @pytest.mark.parametrize("filters", ["plain", "top_p", "top_k_top_p"])
@@ -182,8 +207,14 @@ def test_sampling_vs_torch(benchmark, batch, filters):
     args = (logits, temp, top_k, top_p, min_p, seeds)
     t_ours, t_peer = cuda_time(lambda: sample_triton(*args)), cuda_time(lambda: sample_ref(*args))
     benchmark.pedantic(lambda: sample_triton(*args), rounds=5, iterations=3, warmup_rounds=1)
-    benchmark.extra_info.update(device=torch.cuda.get_device_name(), peer="torch sample_ref",
-                                ours_us=round(t_ours * 1e6, 1), peer_us=round(t_peer * 1e6, 1),
-                                speedup=round(t_peer / t_ours, 2))
-    print(f"\nsampling B={batch} {filters}: ours {t_ours * 1e6:.0f} us, torch {t_peer * 1e6:.0f} us, "
-          f"ratio {t_peer / t_ours:.2f}x")
+    benchmark.extra_info.update(
+        device=torch.cuda.get_device_name(),
+        peer="torch sample_ref",
+        ours_us=round(t_ours * 1e6, 1),
+        peer_us=round(t_peer * 1e6, 1),
+        speedup=round(t_peer / t_ours, 2),
+    )
+    print(
+        f"\nsampling B={batch} {filters}: ours {t_ours * 1e6:.0f} us, torch {t_peer * 1e6:.0f} us, "
+        f"ratio {t_peer / t_ours:.2f}x"
+    )

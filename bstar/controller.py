@@ -129,8 +129,16 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 class Controller:
-    def __init__(self, cfg: RunConfig, out_dir: str, policy: str, base: str, prm: str | None,
-                 train: list[Example], test: list[Example]):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        out_dir: str,
+        policy: str,
+        base: str,
+        prm: str | None,
+        train: list[Example],
+        test: list[Example],
+    ):
         from engine import LLM, PRM
 
         self.cfg, self.out = cfg, Path(out_dir)
@@ -159,8 +167,16 @@ class Controller:
             return []
         cfg = self.cfg
         prompts = [format_prompt(examples[i], cfg.prompt_template) for i in idx]
-        params = [SamplingParams(n=n, temperature=temperature, max_tokens=cfg.max_tokens, stop=cfg.stop or None,
-                                 seed=_seed(cfg.seed, tag, i)) for i in idx]
+        params = [
+            SamplingParams(
+                n=n,
+                temperature=temperature,
+                max_tokens=cfg.max_tokens,
+                stop=cfg.stop or None,
+                seed=_seed(cfg.seed, tag, i),
+            )
+            for i in idx
+        ]
         outs = self.llm.generate(prompts, params, use_tqdm=cfg.progress)
         self._gen_tokens += sum(len(c.token_ids) for o in outs for c in o.outputs)
         texts = [[c.text for c in o.outputs] for o in outs]
@@ -169,8 +185,13 @@ class Controller:
         correct = [False] * len(flat)
         for task in sorted({examples[i].task for i in idx}):  # one grading call per task
             ks = [k for k, i in enumerate(owner) if examples[i].task == task]
-            res = grade_batch([flat[k] for k in ks], [examples[owner[k]].gold_answer for k in ks], task,
-                              workers=0 if len(ks) < 512 else None, progress=cfg.progress)
+            res = grade_batch(
+                [flat[k] for k in ks],
+                [examples[owner[k]].gold_answer for k in ks],
+                task,
+                workers=0 if len(ks) < 512 else None,
+                progress=cfg.progress,
+            )
             for k, ok in zip(ks, res):
                 correct[k] = ok
         prm_scores = [[0.0] * n for _ in idx]
@@ -181,21 +202,32 @@ class Controller:
             steps = [[s.step_scores for s in qs] for qs in scored]
         recs = []
         for k, (i, o) in enumerate(zip(idx, outs)):
-            recs.append({"query": i, "prompt_token_ids": o.prompt_token_ids, "texts": texts[k],
-                         "token_ids": [c.token_ids for c in o.outputs], "correct": correct[k * n:(k + 1) * n],
-                         "prm": prm_scores[k], "step_scores": steps[k]})
+            recs.append(
+                {
+                    "query": i,
+                    "prompt_token_ids": o.prompt_token_ids,
+                    "texts": texts[k],
+                    "token_ids": [c.token_ids for c in o.outputs],
+                    "correct": correct[k * n : (k + 1) * n],
+                    "prm": prm_scores[k],
+                    "step_scores": steps[k],
+                }
+            )
         return recs
 
     def _sample_all(self, examples, idx, n, temperature, tag) -> list[dict]:
         """All ranks' records for `idx`, in query order."""
-        mine = self._sample(examples, [i for j, i in enumerate(idx) if j % self.world == self.rank], n,
-                            temperature, tag)
+        mine = self._sample(
+            examples, [i for j, i in enumerate(idx) if j % self.world == self.rank], n, temperature, tag
+        )
         recs = [r for part in dist_utils.all_gather_json(mine) for r in part]
         return sorted(recs, key=lambda r: r["query"])
 
     def _candidates(self, recs: list[dict]) -> list[list[Candidate]]:
-        return [[Candidate(r["query"], t, bool(ok), float(p)) for t, ok, p in zip(r["texts"], r["correct"], r["prm"])]
-                for r in recs]
+        return [
+            [Candidate(r["query"], t, bool(ok), float(p)) for t, ok, p in zip(r["texts"], r["correct"], r["prm"])]
+            for r in recs
+        ]
 
     def _golds(self, recs: list[dict]):
         if not self.cfg.include_gold:
@@ -215,19 +247,38 @@ class Controller:
             return json.loads(path.read_text())
         t0, self._gen_tokens = time.perf_counter(), 0
         if cfg.mode != "bstar":
-            res = {"temperature": cfg.temperature, "threshold": cfg.threshold, "balance_score": None,
-                   "cap": cfg.max_per_query}
+            res = {
+                "temperature": cfg.temperature,
+                "threshold": cfg.threshold,
+                "balance_score": None,
+                "cap": cfg.max_per_query,
+            }
         else:
-            samples = {temp: self._candidates(self._sample_all(self.train, self.subset, cfg.search_k, temp,
-                                                                 f"search-{t}-{temp}"))
-                       for temp in cfg.temperatures}
+            samples = {
+                temp: self._candidates(
+                    self._sample_all(self.train, self.subset, cfg.search_k, temp, f"search-{t}-{temp}")
+                )
+                for temp in cfg.temperatures
+            }
             golds = self._golds([{"query": i} for i in self.subset])
-            sc = SearchConfig(temperatures=tuple(cfg.temperatures), thresholds=tuple(cfg.thresholds), k=cfg.search_k,
-                              n_star=cfg.n_star, subset_size=cfg.search_subset, target_size=cfg.target_size,
-                              max_per_query=cfg.max_per_query, prm_scale=cfg.prm_scale)
+            sc = SearchConfig(
+                temperatures=tuple(cfg.temperatures),
+                thresholds=tuple(cfg.thresholds),
+                k=cfg.search_k,
+                n_star=cfg.n_star,
+                subset_size=cfg.search_subset,
+                target_size=cfg.target_size,
+                max_per_query=cfg.max_per_query,
+                prm_scale=cfg.prm_scale,
+            )
             r = search_config(samples, sc, golds=golds)
-            res = {"temperature": r.temperature, "threshold": r.threshold, "balance_score": r.balance_score,
-                   "cap": r.cap, "table": [asdict(row) for row in r.table]}
+            res = {
+                "temperature": r.temperature,
+                "threshold": r.threshold,
+                "balance_score": r.balance_score,
+                "cap": r.cap,
+                "table": [asdict(row) for row in r.table],
+            }
         res["time_s"] = time.perf_counter() - t0
         res["tokens_per_s"] = self._gen_tokens * self.world / max(res["time_s"], 1e-9)
         if self.rank == 0:
@@ -240,8 +291,9 @@ class Controller:
         if path.exists():
             return _read_jsonl(path), json.loads(self._phase_file(t, "generate.json").read_text())
         t0, self._gen_tokens = time.perf_counter(), 0
-        recs = self._sample_all(self.train, list(range(len(self.train))), self.cfg.num_samples, temperature,
-                                f"generate-{t}")
+        recs = self._sample_all(
+            self.train, list(range(len(self.train))), self.cfg.num_samples, temperature, f"generate-{t}"
+        )
         if self.cfg.rationalize and self.cfg.mode == "star":
             recs = self._rationalize(t, recs)
         dt = time.perf_counter() - t0
@@ -258,8 +310,9 @@ class Controller:
         unsolved = [r["query"] for r in recs if not any(r["correct"])]
         if not unsolved:
             return recs
-        hinted = [dataclasses.replace(e, question=f"{e.question} (Hint: the answer is {e.gold_answer}.)")
-                  for e in self.train]
+        hinted = [
+            dataclasses.replace(e, question=f"{e.question} (Hint: the answer is {e.gold_answer}.)") for e in self.train
+        ]
         extra = {r["query"]: r for r in self._sample_all(hinted, unsolved, 1, 0.0, f"rationalize-{t}")}
         for r in recs:
             x = extra.get(r["query"])
@@ -291,7 +344,9 @@ class Controller:
             else:
                 ids = r["token_ids"][r["texts"].index(c.text)]
             if ids:
-                out.append(SFTExample(tuple(r["prompt_token_ids"]) + tuple(ids), len(r["prompt_token_ids"]), len(out) + 1))
+                out.append(
+                    SFTExample(tuple(r["prompt_token_ids"]) + tuple(ids), len(r["prompt_token_ids"]), len(out) + 1)
+                )
         return out
 
     def train_policy(self, t: int, examples: list) -> dict:
@@ -305,20 +360,33 @@ class Controller:
 
             self.llm.load_weights(iter_weights(str(self.policy_dir)))
             return json.loads(self._phase_file(t, "train.json").read_text())
-        start = self.base if cfg.restart_from_base or not (self.policy_dir / "config.json").exists() else str(self.policy_dir)
+        start = (
+            self.base
+            if cfg.restart_from_base or not (self.policy_dir / "config.json").exists()
+            else str(self.policy_dir)
+        )
         t0 = time.perf_counter()
         info = {"examples": len(examples), "steps": 0, "final_loss": None}
         if examples:
-            sft = SFTConfig(lr=cfg.lr, epochs=cfg.epochs, batch_tokens=cfg.batch_tokens,
-                            micro_batch_tokens=max(4096, cfg.max_seq_len), max_seq_len=cfg.max_seq_len,
-                            seed=_seed(cfg.seed, "train", t) % (1 << 31), progress=cfg.progress,
-                            metrics_path=str(self._phase_file(t, "train_metrics.jsonl")) if self.rank == 0 else None,
-                            device=None if cfg.device == "auto" else cfg.device)
+            sft = SFTConfig(
+                lr=cfg.lr,
+                epochs=cfg.epochs,
+                batch_tokens=cfg.batch_tokens,
+                micro_batch_tokens=max(4096, cfg.max_seq_len),
+                max_seq_len=cfg.max_seq_len,
+                seed=_seed(cfg.seed, "train", t) % (1 << 31),
+                progress=cfg.progress,
+                metrics_path=str(self._phase_file(t, "train_metrics.jsonl")) if self.rank == 0 else None,
+                device=None if cfg.device == "auto" else cfg.device,
+            )
             trainer = SFTTrainer(start, sft)
             result = trainer.train(examples)
             tokens = sum(len(e) for e in examples) * cfg.epochs
-            info.update(steps=result.steps, final_loss=result.losses[-1] if result.losses else None,
-                        tokens_per_s=tokens / max(time.perf_counter() - t0, 1e-9))
+            info.update(
+                steps=result.steps,
+                final_loss=result.losses[-1] if result.losses else None,
+                tokens_per_s=tokens / max(time.perf_counter() - t0, 1e-9),
+            )
             self.llm.load_weights(trainer.named_weights())  # in process: no disk round trip
             trainer.save(self.policy_dir, trainer_state=False)  # for resume and for the user
             del trainer
@@ -349,8 +417,14 @@ class Controller:
         greedy = self._sample_all(self.test, idx, 1, 0.0, f"eval-greedy-{t}")
         sampled = self._sample_all(self.test, idx, cfg.eval_k, cfg.eval_temperature, f"eval-sample-{t}")
         m = {"greedy_acc": greedy_accuracy([r["correct"][0] for r in greedy])}
-        m.update(sample_metrics([r["correct"] for r in sampled], [r["prm"] for r in sampled] if self.prm else None,
-                                [r["texts"] for r in sampled], cfg.eval_k))
+        m.update(
+            sample_metrics(
+                [r["correct"] for r in sampled],
+                [r["prm"] for r in sampled] if self.prm else None,
+                [r["texts"] for r in sampled],
+                cfg.eval_k,
+            )
+        )
         m["eval_time_s"] = time.perf_counter() - t0
         m["eval_tokens_per_s"] = self._gen_tokens * self.world / max(m["eval_time_s"], 1e-9)
         if self.rank == 0:
@@ -381,20 +455,33 @@ class Controller:
         for t in range(len(self.completed()), cfg.iterations + 1):
             rec = {"iteration": t, "mode": cfg.mode}
             s = self.search(t)
-            rec.update(temperature=s["temperature"], threshold=s["threshold"], balance_score=s["balance_score"],
-                       search_time_s=s["time_s"], search_tokens_per_s=s["tokens_per_s"])
+            rec.update(
+                temperature=s["temperature"],
+                threshold=s["threshold"],
+                balance_score=s["balance_score"],
+                search_time_s=s["time_s"],
+                search_tokens_per_s=s["tokens_per_s"],
+            )
             recs, g = self.generate(t, s["temperature"])
             rec.update(generate_time_s=g["time_s"], generate_tokens_per_s=g["tokens_per_s"])
             sel = self.select(recs, s["threshold"], s.get("cap"))
-            rec.update(selected_size=sel.size, selected_acc=sel.accuracy, cap=sel.cap,
-                       train_frac_any_correct=sum(any(r["correct"]) for r in recs) / max(1, len(recs)))
+            rec.update(
+                selected_size=sel.size,
+                selected_acc=sel.accuracy,
+                cap=sel.cap,
+                train_frac_any_correct=sum(any(r["correct"]) for r in recs) / max(1, len(recs)),
+            )
             if cfg.mode != "bstar":
                 from bstar.balance import mean_balance_score
 
                 rec["balance_score"] = mean_balance_score(sel.per_query, cfg.n_star)
             tr = self.train_policy(t, self._sft_examples(recs, sel))
-            rec.update(train_time_s=tr["time_s"], train_steps=tr["steps"], train_loss=tr["final_loss"],
-                       train_tokens_per_s=tr.get("tokens_per_s"))
+            rec.update(
+                train_time_s=tr["time_s"],
+                train_steps=tr["steps"],
+                train_loss=tr["final_loss"],
+                train_tokens_per_s=tr.get("tokens_per_s"),
+            )
             rec.update(self.evaluate(t))
             self._record(rec)
             self._print(rec)
@@ -403,8 +490,18 @@ class Controller:
     def _print(self, rec: dict):
         if self.rank != 0 or not self.cfg.progress:
             return
-        keys = ("iteration", "greedy_acc", "pass_at_1", "pass_at_k", "reward_at_k", "temperature", "threshold",
-                "balance_score", "selected_size", "selected_acc")
+        keys = (
+            "iteration",
+            "greedy_acc",
+            "pass_at_1",
+            "pass_at_k",
+            "reward_at_k",
+            "temperature",
+            "threshold",
+            "balance_score",
+            "selected_size",
+            "selected_acc",
+        )
         cells = []
         for k in keys:
             v = rec.get(k)
@@ -414,15 +511,16 @@ class Controller:
 
 # -- entry points ---------------------------------------------------------------------------
 
+
 def _load_data(cfg: RunConfig) -> tuple[list[Example], list[Example]]:
     if not cfg.train_data:
         raise DataError("--train-data is required with --model")
     train = load_examples(cfg.train_data)
     test = load_examples(cfg.eval_data) if cfg.eval_data else []
     if cfg.max_train_queries:
-        train = train[:cfg.max_train_queries]
+        train = train[: cfg.max_train_queries]
     if cfg.max_eval_queries:
-        test = test[:cfg.max_eval_queries]
+        test = test[: cfg.max_eval_queries]
     if not test:
         raise DataError("--eval-data is required (and must hold at least one example)")
     return train, test

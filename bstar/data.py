@@ -26,9 +26,9 @@ _FIELDS = {"gsm8k": ("question", "answer"), "math": ("problem", "solution")}
 class Example:
     id: str
     question: str
-    gold_answer: str        # final answer only ('72', '\\frac{1}{2}'): what grading compares
-    gold_solution: str      # full reference solution (a gold candidate for selection)
-    task: str               # 'gsm8k' or 'math': bstar.rewards.grade's task
+    gold_answer: str  # final answer only ('72', '\\frac{1}{2}'): what grading compares
+    gold_solution: str  # full reference solution (a gold candidate for selection)
+    task: str  # 'gsm8k' or 'math': bstar.rewards.grade's task
 
 
 def check_template(template: str) -> None:
@@ -40,8 +40,7 @@ def check_template(template: str) -> None:
         raise BStarError(f"prompt template is not valid str.format text: {e}") from None
     if fields != {"question"}:
         extra = sorted(fields - {"question"})
-        why = f"unknown field(s) {', '.join('{' + f + '}' for f in extra)}" if extra \
-            else "it has no {question} field"
+        why = f"unknown field(s) {', '.join('{' + f + '}' for f in extra)}" if extra else "it has no {question} field"
         raise BStarError(f"prompt template must use exactly the field {{question}}: {why}")
 
 
@@ -81,8 +80,10 @@ def _detect(rec: dict, where: str) -> str:
         return "gsm8k"
     if "problem" in rec:
         return "math"
-    raise DataError(f"{where}: cannot tell the format: expected GSM8K fields 'question'/'answer' "
-                    "or MATH fields 'problem'/'solution'/'answer'")
+    raise DataError(
+        f"{where}: cannot tell the format: expected GSM8K fields 'question'/'answer' "
+        "or MATH fields 'problem'/'solution'/'answer'"
+    )
 
 
 def _records(path: Path):

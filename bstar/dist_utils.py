@@ -40,10 +40,10 @@ def all_gather_json(obj) -> list:
     dist.all_gather(sizes, n)
     width = int(max(s.item() for s in sizes))
     padded = torch.zeros(width, dtype=torch.uint8, device=dev)
-    padded[:data.numel()] = data
+    padded[: data.numel()] = data
     bufs = [torch.zeros_like(padded) for _ in range(size)]
     dist.all_gather(bufs, padded)
-    return [json.loads(bytes(b[:int(s.item())].tolist()).decode()) for b, s in zip(bufs, sizes)]
+    return [json.loads(bytes(b[: int(s.item())].tolist()).decode()) for b, s in zip(bufs, sizes)]
 
 
 def barrier():

@@ -84,20 +84,50 @@ class EmbeddedConfig:
     prm_batch: int = 32
 
     @classmethod
-    def tiny(cls) -> "EmbeddedConfig":
+    def tiny(cls) -> EmbeddedConfig:
         """CI preset: builds in seconds; the models are too small to learn much."""
-        return cls(n_train=24, n_test=16, n_seed=32, vocab_size=300, hidden_size=32, intermediate_size=64,
-                   num_layers=2, num_heads=2, num_kv_heads=1, warm_epochs=2, warm_batch=16,
-                   max_new_tokens=40, prm_questions=8, prm_candidates=2, prm_rollouts=2, prm_epochs=1,
-                   prm_batch=16)
+        return cls(
+            n_train=24,
+            n_test=16,
+            n_seed=32,
+            vocab_size=300,
+            hidden_size=32,
+            intermediate_size=64,
+            num_layers=2,
+            num_heads=2,
+            num_kv_heads=1,
+            warm_epochs=2,
+            warm_batch=16,
+            max_new_tokens=40,
+            prm_questions=8,
+            prm_candidates=2,
+            prm_rollouts=2,
+            prm_epochs=1,
+            prm_batch=16,
+        )
 
     def __post_init__(self):
         def bad(name, why):
             raise BStarError(f"EmbeddedConfig.{name}={getattr(self, name)!r}: {why}")
 
-        for f in ("n_train", "n_test", "n_seed", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                  "num_kv_heads", "warm_epochs", "warm_batch", "max_new_tokens", "prm_questions",
-                  "prm_candidates", "prm_rollouts", "prm_epochs", "prm_batch"):
+        for f in (
+            "n_train",
+            "n_test",
+            "n_seed",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "warm_epochs",
+            "warm_batch",
+            "max_new_tokens",
+            "prm_questions",
+            "prm_candidates",
+            "prm_rollouts",
+            "prm_epochs",
+            "prm_batch",
+        ):
             if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
                 bad(f, "must be an integer >= 1")
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
@@ -134,8 +164,12 @@ def default_cache_dir() -> Path:
 # -- public entry point ------------------------------------------------------------------------------
 
 
-def build_assets(cfg: EmbeddedConfig | None = None, cache_dir: str | os.PathLike | None = None,
-                 progress: bool = True, threads: int | None = 1) -> EmbeddedAssets:
+def build_assets(
+    cfg: EmbeddedConfig | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    threads: int | None = 1,
+) -> EmbeddedAssets:
     """The cached assets for `cfg`, building them first when the cache has none.
 
     `threads`: torch intra-op threads during the build (restored after). 1 by default: these models
@@ -183,8 +217,10 @@ def load_assets(path: str | os.PathLike) -> EmbeddedAssets:
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"embedded-model cache {path} is unreadable ({e}); delete it to rebuild") from None
     if manifest.get("version") != VERSION:
-        raise CheckpointError(f"embedded-model cache {path} has version {manifest.get('version')!r}, "
-                              f"expected {VERSION!r}; delete it to rebuild")
+        raise CheckpointError(
+            f"embedded-model cache {path} has version {manifest.get('version')!r}, "
+            f"expected {VERSION!r}; delete it to rebuild"
+        )
     train = [Example(**e) for e in splits["train"]]
     test = [Example(**e) for e in splits["test"]]
     return EmbeddedAssets(path / "policy", path / "prm", train, test, manifest)
@@ -220,8 +256,10 @@ def _build(cfg: EmbeddedConfig, out: Path, progress: bool) -> None:
     t = time.perf_counter()
     train, test, seed_set = make_data(cfg)
     times["data"] = time.perf_counter() - t
-    _log(progress, f"data: {len(train)} train, {len(test)} test, {len(seed_set)} warm-start examples "
-                   f"({times['data']:.1f}s)")
+    _log(
+        progress,
+        f"data: {len(train)} train, {len(test)} test, {len(seed_set)} warm-start examples ({times['data']:.1f}s)",
+    )
 
     t = time.perf_counter()
     tok_dir = out / "tokenizer"
@@ -245,34 +283,59 @@ def _build(cfg: EmbeddedConfig, out: Path, progress: bool) -> None:
 
     t = time.perf_counter()
     fit, held, label_stats = label_steps(cfg, policy_dir, train[: cfg.prm_questions], progress)
-    _log(progress, f"prm labels: {label_stats['steps']} steps, {label_stats['good_rate']:.2f} '+', "
-                   f"candidate accuracy {label_stats['candidate_accuracy']:.2f} ({time.perf_counter() - t:.1f}s)")
+    _log(
+        progress,
+        f"prm labels: {label_stats['steps']} steps, {label_stats['good_rate']:.2f} '+', "
+        f"candidate accuracy {label_stats['candidate_accuracy']:.2f} ({time.perf_counter() - t:.1f}s)",
+    )
     with open(out / "prm_labels.jsonl", "w") as f:  # for inspection (and the tests)
         for part, rows in (("fit", fit), ("held_out", held)):
             for e, steps, labels in rows:
-                f.write(json.dumps({"id": e.id, "split": part, "question": e.question, "gold": e.gold_answer,
-                                    "steps": steps, "labels": labels}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "id": e.id,
+                            "split": part,
+                            "question": e.question,
+                            "gold": e.gold_answer,
+                            "steps": steps,
+                            "labels": labels,
+                        }
+                    )
+                    + "\n"
+                )
     prm_dir = out / "prm"
     prm_loss = train_prm(cfg, policy_dir, tok, fit, prm_dir, progress)
     prm_eval = prm_accuracy(prm_dir, held)
     times["prm"] = time.perf_counter() - t
     metrics.update(prm_labels=label_stats, prm_final_loss=prm_loss, **prm_eval)
-    _log(progress, f"prm: held-out step accuracy {prm_eval['prm_step_accuracy']:.3f} vs majority "
-                   f"{prm_eval['prm_majority_rate']:.3f} ({times['prm']:.1f}s)")
+    _log(
+        progress,
+        f"prm: held-out step accuracy {prm_eval['prm_step_accuracy']:.3f} vs majority "
+        f"{prm_eval['prm_majority_rate']:.3f} ({times['prm']:.1f}s)",
+    )
 
     times["total"] = time.perf_counter() - t_all
-    (out / "splits.json").write_text(json.dumps({"train": [asdict(e) for e in train],
-                                                 "test": [asdict(e) for e in test]}))
+    (out / "splits.json").write_text(
+        json.dumps({"train": [asdict(e) for e in train], "test": [asdict(e) for e in test]})
+    )
     import tokenizers
     import transformers
 
     manifest = {
-        "version": VERSION, "key": cfg.key(), "config": asdict(cfg), "metrics": metrics,
+        "version": VERSION,
+        "key": cfg.key(),
+        "config": asdict(cfg),
+        "metrics": metrics,
         "seconds": {k: round(v, 2) for k, v in times.items()},
-        "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
-                     "transformers": transformers.__version__, "tokenizers": tokenizers.__version__},
-        "prompt_template": DEFAULT_PROMPT, "prm": {"step_tag": STEP_TAG, "good": GOOD, "bad": BAD,
-                                                   "question_template": PRM_QUESTION_TEMPLATE},
+        "versions": {
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "tokenizers": tokenizers.__version__,
+        },
+        "prompt_template": DEFAULT_PROMPT,
+        "prm": {"step_tag": STEP_TAG, "good": GOOD, "bad": BAD, "question_template": PRM_QUESTION_TEMPLATE},
     }
     # written last: a cache dir with a manifest is complete
     (out / _MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -286,7 +349,7 @@ def make_data(cfg: EmbeddedConfig) -> tuple[list[Example], list[Example], list[E
     """(train, test, warm-start seed set). The seed set continues the train stream, so it is
     disjoint from both splits and the train split is exactly make_splits(n_train, n_test)."""
     train, test = make_splits(cfg.n_train + cfg.n_seed, cfg.n_test, cfg.seed)
-    return train[: cfg.n_train], test, train[cfg.n_train:]
+    return train[: cfg.n_train], test, train[cfg.n_train :]
 
 
 # -- 2. tokenizer ------------------------------------------------------------------------------------
@@ -303,11 +366,16 @@ def build_tokenizer(path: Path, examples: list[Example], vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(_corpus(examples), trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
     tok.add_tokens([STEP_TAG])
@@ -317,9 +385,17 @@ def build_tokenizer(path: Path, examples: list[Example], vocab_size: int):
         if len(tok.encode(s, add_special_tokens=False).ids) != 1:
             raise BStarError(f"embedded tokenizer: {s!r} is not a single token")
     tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
-         "pad_token": "<pad>", "model_max_length": 4096}))
+    (path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "pad_token": "<pad>",
+                "model_max_length": 4096,
+            }
+        )
+    )
     return tok
 
 
@@ -340,30 +416,49 @@ def save_random_policy(cfg: EmbeddedConfig, tok_dir: Path, path: Path, n_vocab: 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    mc = LlamaConfig(vocab_size=n_vocab, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-                     num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-                     num_key_value_heads=cfg.num_kv_heads, max_position_embeddings=cfg.max_position_embeddings,
-                     bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, rms_norm_eps=1e-6,
-                     tie_word_embeddings=False)
+    mc = LlamaConfig(
+        vocab_size=n_vocab,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(cfg.seed)
     model = LlamaForCausalLM(mc)
     model.save_pretrained(path)
     for f in tok_dir.iterdir():
         shutil.copy2(f, path / f.name)
-    (path / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD}))
+    (path / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD})
+    )
 
 
 def _sft_config(cfg: EmbeddedConfig, lr: float, epochs: int, batch: int, progress: bool):
     from bstar.trainer import SFTConfig
 
-    return SFTConfig(lr=lr, epochs=epochs, batch_examples=batch, max_seq_len=cfg.max_position_embeddings,
-                     micro_batch_tokens=max(4096, cfg.max_position_embeddings), warmup_ratio=0.05,
-                     min_lr_ratio=0.1, weight_decay=0.0, seed=cfg.seed, progress=progress, device="cpu")
+    return SFTConfig(
+        lr=lr,
+        epochs=epochs,
+        batch_examples=batch,
+        max_seq_len=cfg.max_position_embeddings,
+        micro_batch_tokens=max(4096, cfg.max_position_embeddings),
+        warmup_ratio=0.05,
+        min_lr_ratio=0.1,
+        weight_decay=0.0,
+        seed=cfg.seed,
+        progress=progress,
+        device="cpu",
+    )
 
 
-def warm_start(cfg: EmbeddedConfig, init_dir: Path, tok, seed_set: list[Example], out: Path,
-               progress: bool) -> float:
+def warm_start(cfg: EmbeddedConfig, init_dir: Path, tok, seed_set: list[Example], out: Path, progress: bool) -> float:
     """SFT of the random policy on the seed set (loss on solution + eos); returns the last loss."""
     from bstar.sft_data import SFTExample
     from bstar.trainer import SFTTrainer
@@ -390,8 +485,11 @@ def greedy_accuracy(policy: Path, examples: list[Example], cfg: EmbeddedConfig, 
     from engine import SamplingParams
 
     llm = _llm(policy, cfg)
-    outs = llm.generate([format_prompt(e) for e in examples],
-                        SamplingParams(temperature=0.0, max_tokens=cfg.max_new_tokens), use_tqdm=progress)
+    outs = llm.generate(
+        [format_prompt(e) for e in examples],
+        SamplingParams(temperature=0.0, max_tokens=cfg.max_new_tokens),
+        use_tqdm=progress,
+    )
     return sum(grade(o.outputs[0].text, e.gold_answer, e.task) for o, e in zip(outs, examples)) / len(examples)
 
 
@@ -413,8 +511,9 @@ def label_steps(cfg: EmbeddedConfig, policy: Path, questions: list[Example], pro
     from engine import SamplingParams
 
     llm = _llm(policy, cfg)
-    sample = SamplingParams(n=cfg.prm_candidates, temperature=cfg.prm_temperature,
-                            max_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    sample = SamplingParams(
+        n=cfg.prm_candidates, temperature=cfg.prm_temperature, max_tokens=cfg.max_new_tokens, seed=cfg.seed
+    )
     outs = llm.generate([format_prompt(e) for e in questions], sample, use_tqdm=progress)
     cands = []  # (question index, steps, candidate correct)
     for qi, (o, e) in enumerate(zip(outs, questions)):
@@ -424,13 +523,14 @@ def label_steps(cfg: EmbeddedConfig, policy: Path, questions: list[Example], pro
                 cands.append((qi, steps, grade(c.text, e.gold_answer, e.task)))
     # rollouts from every proper prefix of every wrong candidate (a right one's prefixes are good)
     jobs = [(k, i) for k, (qi, steps, ok) in enumerate(cands) if not ok for i in range(1, len(steps))]
-    roll = SamplingParams(n=cfg.prm_rollouts, temperature=cfg.prm_temperature, max_tokens=cfg.max_new_tokens,
-                          seed=cfg.seed + 1)
+    roll = SamplingParams(
+        n=cfg.prm_rollouts, temperature=cfg.prm_temperature, max_tokens=cfg.max_new_tokens, seed=cfg.seed + 1
+    )
     reached: dict[tuple[int, int], bool] = {}
     chunk = 256  # prompts per generate call: one bar over all of them
     bar = tqdm(total=len(jobs), desc="prm rollouts", disable=not progress)
     for s in range(0, len(jobs), chunk):
-        part = jobs[s:s + chunk]
+        part = jobs[s : s + chunk]
         prompts = [format_prompt(questions[cands[k][0]]) + "\n".join(cands[k][1][:i]) + "\n" for k, i in part]
         for (k, i), o in zip(part, llm.generate(prompts, roll, use_tqdm=False)):
             e = questions[cands[k][0]]
@@ -438,19 +538,25 @@ def label_steps(cfg: EmbeddedConfig, policy: Path, questions: list[Example], pro
         bar.update(len(part))
     bar.close()
     del llm
-    labelled = [(qi, steps, hard_labels(len(steps), ok, [reached.get((k, i), False) for i in range(1, len(steps))]))
-                for k, (qi, steps, ok) in enumerate(cands)]
+    labelled = [
+        (qi, steps, hard_labels(len(steps), ok, [reached.get((k, i), False) for i in range(1, len(steps))]))
+        for k, (qi, steps, ok) in enumerate(cands)
+    ]
     order = list(range(len(questions)))
     random.Random(cfg.seed).shuffle(order)
     held_q = set(order[: max(1, round(cfg.prm_holdout * len(questions)))])
     fit = [(questions[qi], st, lb) for qi, st, lb in labelled if qi not in held_q]
     held = [(questions[qi], st, lb) for qi, st, lb in labelled if qi in held_q]
     all_labels = [x for _, _, lb in labelled for x in lb]
-    stats = {"candidates": len(cands), "steps": len(all_labels),
-             "good_rate": sum(all_labels) / max(1, len(all_labels)),
-             "candidate_accuracy": sum(ok for _, _, ok in cands) / max(1, len(cands)),
-             "rollout_prompts": len(jobs), "fit_steps": sum(len(lb) for _, _, lb in fit),
-             "held_out_steps": sum(len(lb) for _, _, lb in held)}
+    stats = {
+        "candidates": len(cands),
+        "steps": len(all_labels),
+        "good_rate": sum(all_labels) / max(1, len(all_labels)),
+        "candidate_accuracy": sum(ok for _, _, ok in cands) / max(1, len(cands)),
+        "rollout_prompts": len(jobs),
+        "fit_steps": sum(len(lb) for _, _, lb in fit),
+        "held_out_steps": sum(len(lb) for _, _, lb in held),
+    }
     return fit, held, stats
 
 
@@ -515,6 +621,9 @@ def prm_accuracy(prm: Path, held) -> dict:
         preds += [p > 0.5 for p in s.step_scores]
     n = max(1, len(labels))
     good = sum(labels) / n
-    return {"prm_step_accuracy": sum(p == y for p, y in zip(preds, labels)) / n,
-            "prm_majority_rate": max(good, 1 - good), "prm_held_out_good_rate": good,
-            "prm_held_out_steps": len(labels)}
+    return {
+        "prm_step_accuracy": sum(p == y for p, y in zip(preds, labels)) / n,
+        "prm_majority_rate": max(good, 1 - good),
+        "prm_held_out_good_rate": good,
+        "prm_held_out_steps": len(labels),
+    }

@@ -41,24 +41,65 @@ def _load_prompts(path: str) -> list[str | list[int]]:
 @click.option("--dtype", default="auto", show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--num-kv-blocks", default=None, type=int)
-def generate(model, prompts_file, out, n, temperature, top_p, top_k, min_p, max_tokens, min_tokens, stop,
-             ignore_eos, seed, logprobs, dtype, device, num_kv_blocks):
+def generate(
+    model,
+    prompts_file,
+    out,
+    n,
+    temperature,
+    top_p,
+    top_k,
+    min_p,
+    max_tokens,
+    min_tokens,
+    stop,
+    ignore_eos,
+    seed,
+    logprobs,
+    dtype,
+    device,
+    num_kv_blocks,
+):
     """Generate candidates for every prompt and write one JSONL record per prompt."""
     from bstar.jsonl import emit
     from engine import LLM, SamplingParams
 
     prompts = _load_prompts(prompts_file)
-    params = SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-                            max_tokens=max_tokens, min_tokens=min_tokens, stop=list(stop) or None,
-                            ignore_eos=ignore_eos, seed=seed, logprobs=logprobs)
+    params = SamplingParams(
+        n=n,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        max_tokens=max_tokens,
+        min_tokens=min_tokens,
+        stop=list(stop) or None,
+        ignore_eos=ignore_eos,
+        seed=seed,
+        logprobs=logprobs,
+    )
     llm = LLM(model, dtype=dtype, device=device, seed=seed, num_kv_blocks=num_kv_blocks)
     outputs = llm.generate(prompts, params)
-    records = [{
-        "prompt": o.prompt, "prompt_token_ids": o.prompt_token_ids,
-        "outputs": [{"index": c.index, "text": c.text, "token_ids": c.token_ids,
-                     "cumulative_logprob": c.cumulative_logprob, "finish_reason": c.finish_reason,
-                     **({"logprobs": [{str(k): v for k, v in d.items()} for d in c.logprobs]}
-                        if c.logprobs is not None else {})}
-                    for c in o.outputs],
-    } for o in outputs]
+    records = [
+        {
+            "prompt": o.prompt,
+            "prompt_token_ids": o.prompt_token_ids,
+            "outputs": [
+                {
+                    "index": c.index,
+                    "text": c.text,
+                    "token_ids": c.token_ids,
+                    "cumulative_logprob": c.cumulative_logprob,
+                    "finish_reason": c.finish_reason,
+                    **(
+                        {"logprobs": [{str(k): v for k, v in d.items()} for d in c.logprobs]}
+                        if c.logprobs is not None
+                        else {}
+                    ),
+                }
+                for c in o.outputs
+            ],
+        }
+        for o in outputs
+    ]
     emit(records, out)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from engine.errors import RequestError
 
@@ -54,8 +54,7 @@ def greedy_accuracy(correct: Sequence[bool]) -> float:
     return _mean([float(bool(x)) for x in correct])
 
 
-def reward_at_k(correct: Sequence[Sequence[bool]], prm: Sequence[Sequence[float]],
-                k: int | None = None) -> float:
+def reward_at_k(correct: Sequence[Sequence[bool]], prm: Sequence[Sequence[float]], k: int | None = None) -> float:
     """Accuracy when the PRM picks one of each query's first k samples (all when k is None);
     ties go to the earlier sample."""
     if len(correct) != len(prm):
@@ -83,8 +82,7 @@ def distinct_correct(texts: Sequence[Sequence[str]], correct: Sequence[Sequence[
     counts distinct correct solutions instead."""
     if len(texts) != len(correct):
         raise RequestError(f"distinct_correct: {len(texts)} queries of texts but {len(correct)} of grades")
-    return _mean([float(len({" ".join(t.split()) for t, ok in zip(ts, cs) if ok}))
-                  for ts, cs in zip(texts, correct)])
+    return _mean([float(len({" ".join(t.split()) for t, ok in zip(ts, cs) if ok})) for ts, cs in zip(texts, correct)])
 
 
 # The reference's equations: $...$, GSM8K calculator annotations <<...>> and \[...\].
@@ -125,8 +123,12 @@ def selected_stats(per_query: Sequence[tuple[int, int]]) -> tuple[int, float]:
     return size, (sum(c for _, c in per_query) / size if size else 0.0)
 
 
-def sample_metrics(correct: Sequence[Sequence[bool]], prm: Sequence[Sequence[float]] | None,
-                   texts: Sequence[Sequence[str]] | None, k: int) -> dict[str, float | None]:
+def sample_metrics(
+    correct: Sequence[Sequence[bool]],
+    prm: Sequence[Sequence[float]] | None,
+    texts: Sequence[Sequence[str]] | None,
+    k: int,
+) -> dict[str, float | None]:
     """The metrics of K samples per eval query, under the keys bstar.plots knows."""
     out: dict[str, float | None] = {
         "pass_at_1": pass_at_1(correct),

@@ -12,8 +12,8 @@ NaN values are skipped; a panel no run has data for is left out, a figure with n
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 # Figure + the Agg canvas directly: no pyplot, so no global backend state and no display needed.
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -40,16 +40,28 @@ LABELS = {
 
 FIGURES = {  # file stem -> (title, metric keys: one panel each)
     "accuracy": ("Exploitation and accuracy", ("greedy_acc", "pass_at_1", "pass_at_k", "reward_at_k")),
-    "diversity": ("Exploration", ("pass_at_k", "diversity_distinct_correct", "diversity_equations",
-                                  "frac_any_correct")),
+    "diversity": (
+        "Exploration",
+        ("pass_at_k", "diversity_distinct_correct", "diversity_equations", "frac_any_correct"),
+    ),
     "config": ("Chosen configuration", ("temperature", "threshold", "balance_score")),
     "selection": ("Selected training data", ("selected_size", "selected_acc")),
 }
 
 # Table columns of the report, in this order, when present.
-REPORT_KEYS = ("greedy_acc", "pass_at_1", "pass_at_k", "reward_at_k", "diversity_distinct_correct",
-               "diversity_equations", "temperature", "threshold", "balance_score",
-               "selected_size", "selected_acc")
+REPORT_KEYS = (
+    "greedy_acc",
+    "pass_at_1",
+    "pass_at_k",
+    "reward_at_k",
+    "diversity_distinct_correct",
+    "diversity_equations",
+    "temperature",
+    "threshold",
+    "balance_score",
+    "selected_size",
+    "selected_acc",
+)
 
 
 def _as_runs(runs: Runs | Records) -> dict[str, list[Mapping]]:
@@ -169,8 +181,12 @@ def _changes(records: Records, keys: Sequence[str]) -> list[str]:
     return lines
 
 
-def write_report(runs: Runs | Records, path: str | Path | None = None,
-                 title: str = "B-STaR run report", figures: Sequence[str | Path] = ()) -> str:
+def write_report(
+    runs: Runs | Records,
+    path: str | Path | None = None,
+    title: str = "B-STaR run report",
+    figures: Sequence[str | Path] = (),
+) -> str:
     """A short markdown report: one table per run (a row per iteration) and what changed from
     the first to the last iteration; several runs also get a side-by-side of final values."""
     runs = _as_runs(runs)
@@ -191,10 +207,15 @@ def write_report(runs: Runs | Records, path: str | Path | None = None,
         if changes:
             out += ["What changed (first → last iteration):", ""] + changes + [""]
     if len(runs) > 1:
-        keys = [k for k in REPORT_KEYS if any(_number(r.get(k)) is not None
-                                               for recs in runs.values() for r in recs[-1:])]
-        out += ["## Final iteration, side by side", "",
-                "| run | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
+        keys = [
+            k for k in REPORT_KEYS if any(_number(r.get(k)) is not None for recs in runs.values() for r in recs[-1:])
+        ]
+        out += [
+            "## Final iteration, side by side",
+            "",
+            "| run | " + " | ".join(keys) + " |",
+            "|" + "---|" * (len(keys) + 1),
+        ]
         for name, recs in runs.items():
             last = recs[-1] if recs else {}
             out.append(f"| {name} | " + " | ".join(_fmt(last.get(k)) for k in keys) + " |")

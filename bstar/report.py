@@ -35,7 +35,12 @@ def redraw(out: str, runs: dict[str, str] | None = None) -> str:
             if table:
                 rows = table
                 prefix = "" if runs is None else f"{name}-"
-                figures.append(plot_search_table(rows, plots_dir / f"{prefix}search_{searches[-1].parent.name}.png",
-                                                 title=f"balance score, {searches[-1].parent.name}"))
+                figures.append(
+                    plot_search_table(
+                        rows,
+                        plots_dir / f"{prefix}search_{searches[-1].parent.name}.png",
+                        title=f"balance score, {searches[-1].parent.name}",
+                    )
+                )
     rel = [Path("plots") / Path(f).name for f in figures]
     return write_report(data if runs else data["run"], out_p / "report.md", figures=rel)

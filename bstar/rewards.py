@@ -41,15 +41,15 @@ from tqdm.auto import tqdm
 
 TASKS = ("gsm8k", "math")
 
-DEFAULT_TIMEOUT = 1.0      # seconds per symbolic comparison (MATH500 references need < 0.15)
-MAX_TEXT_CHARS = 16_384    # tail of a response that is searched for an answer
-MAX_ANSWER_CHARS = 400     # longer extracted answers are rejected, not parsed (MATH500: <= 53)
-MAX_DEPTH = 8              # bracket nesting (MATH500 answers: at most 2)
-MAX_DIGITS = 64            # longest digit run
-MAX_EXPONENT = 10_000      # largest integer literal inside an exponent
-MAX_FACTORIAL = 1_000      # largest integer literal next to ! or binomials
-_GRACE = 1.0               # extra seconds before a helper process that overran is killed
-_STARTUP_TIMEOUT = 120.0   # seconds for a helper process to import math-verify
+DEFAULT_TIMEOUT = 1.0  # seconds per symbolic comparison (MATH500 references need < 0.15)
+MAX_TEXT_CHARS = 16_384  # tail of a response that is searched for an answer
+MAX_ANSWER_CHARS = 400  # longer extracted answers are rejected, not parsed (MATH500: <= 53)
+MAX_DEPTH = 8  # bracket nesting (MATH500 answers: at most 2)
+MAX_DIGITS = 64  # longest digit run
+MAX_EXPONENT = 10_000  # largest integer literal inside an exponent
+MAX_FACTORIAL = 1_000  # largest integer literal next to ! or binomials
+_GRACE = 1.0  # extra seconds before a helper process that overran is killed
+_STARTUP_TIMEOUT = 120.0  # seconds for a helper process to import math-verify
 
 # We enforce time limits ourselves; stop math-verify warning that its own are off.
 math_verify.parser.TIMEOUT_WARNING_SHOWN = True
@@ -76,8 +76,7 @@ def _check_task(task: str) -> None:
 
 _NUM = r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|[+-]?\.\d+"
 _NUM_RE = re.compile(rf"(?<![\w.])(?:{_NUM})(?![\d])")
-_NUM_UNITS_RE = re.compile(
-    rf"({_NUM})((?:\s*\\(?:text|mbox|mathrm|textbf)\s*\{{[^{{}}]*\}}|\s+[A-Za-z]{{2,}}\.?)*)")
+_NUM_UNITS_RE = re.compile(rf"({_NUM})((?:\s*\\(?:text|mbox|mathrm|textbf)\s*\{{[^{{}}]*\}}|\s+[A-Za-z]{{2,}}\.?)*)")
 _HASH_RE = re.compile(r"####\s*(.*)")
 _ANSWER_IS_RE = re.compile(r"(?i)answer\s*(?:is|:)\s*:?\s*(.*)")
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox)\b\s*")
@@ -108,7 +107,7 @@ def _last_boxed(text: str) -> str | None:
     for s in reversed(starts):
         if s < len(text) and text[s] == "{":
             if s in close:
-                return text[s + 1:close[s]]
+                return text[s + 1 : close[s]]
         else:  # "\boxed 5": one token
             m = _TOKEN_RE.match(text, s)
             if m:
@@ -288,7 +287,7 @@ def _is_safe(s: str) -> bool:
     # integer literal beyond MAX_EXPONENT.
     for m in _EXP_RE.finditer(s):
         j = m.start()
-        if j > 0 and s[j - 1] in _CLOSE and _EXP_RE.search(s[_group_start(s, j - 1):j]):
+        if j > 0 and s[j - 1] in _CLOSE and _EXP_RE.search(s[_group_start(s, j - 1) : j]):
             return False
         i = m.end()
         while i < len(s) and s[i] == " ":
@@ -388,7 +387,8 @@ def grade(response: str, gold: str, task: str, *, timeout: float = DEFAULT_TIMEO
     _check_task(task)
     if not isinstance(response, str) or not isinstance(gold, str):
         raise _request_error(
-            f"grade expects str response and gold, got {type(response).__name__} and {type(gold).__name__}")
+            f"grade expects str response and gold, got {type(response).__name__} and {type(gold).__name__}"
+        )
     if not timeout > 0:
         raise _request_error(f"grade timeout must be > 0 seconds, got {timeout}")
     pred = extract_answer(response, task)
@@ -414,8 +414,7 @@ def grade(response: str, gold: str, task: str, *, timeout: float = DEFAULT_TIMEO
 # spawn they do not re-import the caller's __main__ (scripts need no main guard), they work from
 # daemonic processes, and nothing is unpickled.
 
-_JOBS = {"grade": lambda resp, gold, task, timeout: grade(resp, gold, task, timeout=timeout),
-         "symbolic": _symbolic_job}
+_JOBS = {"grade": lambda resp, gold, task, timeout: grade(resp, gold, task, timeout=timeout), "symbolic": _symbolic_job}
 _CHILD_CODE = "from bstar.rewards import _worker_main; _worker_main()"
 
 
@@ -451,13 +450,14 @@ class _Worker:
     """One helper process; items go one at a time, so killing it loses at most one."""
 
     def __init__(self):
-        self.proc = subprocess.Popen([sys.executable, "-c", _CHILD_CODE], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, env=_child_env())
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _CHILD_CODE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=_child_env()
+        )
         self.fd = self.proc.stdout.fileno()
         self._buf = b""
         self.started = time.monotonic()
         self.ready = False
-        self.item: int | None = None   # index in flight
+        self.item: int | None = None  # index in flight
         self.deadline = 0.0
 
     def send(self, idx: int, job: str, args: tuple, limit: float) -> None:
@@ -515,7 +515,7 @@ class _Sandbox:
         w = self._worker
         if w is not None and self._pid == os.getpid() and w.proc.poll() is None:
             return w
-        self._worker, self._pid = None, os.getpid()   # a forked child must not reuse ours
+        self._worker, self._pid = None, os.getpid()  # a forked child must not reuse ours
         w = _Worker()
         if w.recv(_STARTUP_TIMEOUT) != [["ready", None]]:
             w.stop(kill=True)
@@ -555,8 +555,14 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_SANDBOX.reset_after_fork)
 
 
-def grade_batch(responses: list[str], golds: list[str], task: str, workers: int | None = None,
-                timeout: float = DEFAULT_TIMEOUT, progress: bool = True) -> list[bool]:
+def grade_batch(
+    responses: list[str],
+    golds: list[str],
+    task: str,
+    workers: int | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    progress: bool = True,
+) -> list[bool]:
     """grade() over many responses; golds[i] is the gold answer of responses[i].
 
     workers: helper processes (None: one per CPU, at most 8; 0: grade in this process).
@@ -610,8 +616,11 @@ def _run_pool(items, task, n_workers, timeout, bar) -> list[bool]:
                     except OSError:
                         gone.add(w)
             now = time.monotonic()
-            deadlines = [w.deadline if w.ready else w.started + _STARTUP_TIMEOUT
-                         for w in pool if w.item is not None or not w.ready]
+            deadlines = [
+                w.deadline if w.ready else w.started + _STARTUP_TIMEOUT
+                for w in pool
+                if w.item is not None or not w.ready
+            ]
             wait_s = max(min(deadlines) - now, 0.0) if deadlines else 1.0
             readable = set(select.select([w.fd for w in pool], [], [], wait_s)[0]) if not gone else set()
             now = time.monotonic()

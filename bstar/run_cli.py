@@ -10,11 +10,21 @@ from bstar.controller import MODES, RunConfig
 def embedded_run_config(**overrides) -> RunConfig:
     """The built-in task's run: the reference's settings scaled down to a tiny model on a 2-core CPU."""
     base = dict(
-        iterations=3, num_samples=16, max_tokens=64, search_k=8, search_subset=64,
+        iterations=3,
+        num_samples=16,
+        max_tokens=64,
+        search_k=8,
+        search_subset=64,
         temperatures=[round(0.5 + 0.1 * i, 2) for i in range(8)],
         thresholds=[round(-1 + 0.05 * i, 2) for i in range(41)],
-        n_star=4, target_size=3 * 64, eval_k=8, include_gold=False,
-        lr=1e-4, epochs=3, batch_tokens=4096, max_seq_len=256,
+        n_star=4,
+        target_size=3 * 64,
+        eval_k=8,
+        include_gold=False,
+        lr=1e-4,
+        epochs=3,
+        batch_tokens=4096,
+        max_seq_len=256,
     )
     base.update({k: v for k, v in overrides.items() if v is not None})
     return RunConfig(**base)
@@ -84,8 +94,15 @@ def run(model, prm, train_data, eval_data, out, resume, compare, quiet, temperat
         raise BStarError("--out DIR is required (or --resume DIR)")
     if model is None and (prm or train_data or eval_data):
         raise BStarError("--prm/--train-data/--eval-data need --model (without it the built-in task runs)")
-    opts.update(model=model, prm=prm, train_data=train_data, eval_data=eval_data, temperatures=_grid(temperatures),
-                thresholds=_grid(thresholds), progress=not quiet)
+    opts.update(
+        model=model,
+        prm=prm,
+        train_data=train_data,
+        eval_data=eval_data,
+        temperatures=_grid(temperatures),
+        thresholds=_grid(thresholds),
+        progress=not quiet,
+    )
     given = {k: v for k, v in opts.items() if v is not None}
     if model is None:
         cfg = embedded_run_config(**given)
@@ -112,8 +129,10 @@ def run(model, prm, train_data, eval_data, out, resume, compare, quiet, temperat
 def _summary(records):
     if records:
         first, last = records[0], records[-1]
-        click.echo(f"greedy accuracy: iteration {first['iteration']} {first.get('greedy_acc', 0):.3f} -> "
-                   f"iteration {last['iteration']} {last.get('greedy_acc', 0):.3f}")
+        click.echo(
+            f"greedy accuracy: iteration {first['iteration']} {first.get('greedy_acc', 0):.3f} -> "
+            f"iteration {last['iteration']} {last.get('greedy_acc', 0):.3f}"
+        )
 
 
 @click.command("report")
@@ -124,7 +143,10 @@ def report_cmd(run_dir):
 
     from bstar import report
 
-    subs = {m: os.path.join(run_dir, m) for m in ("bstar", "online-rft")
-            if os.path.exists(os.path.join(run_dir, m, "iterations.jsonl"))}
+    subs = {
+        m: os.path.join(run_dir, m)
+        for m in ("bstar", "online-rft")
+        if os.path.exists(os.path.join(run_dir, m, "iterations.jsonl"))
+    }
     text = report.redraw(run_dir, runs=subs or None)
     click.echo(text)

@@ -28,9 +28,20 @@ def score(prm_path, data, out, kind, step_tag, good_token, bad_token, delimiter,
         if not isinstance(c, list) or not all(isinstance(x, str) for x in c):
             raise DataError(f"{data}:{i + 1}: needs 'candidates' (a list of strings) or 'response'")
         cands.append(c)
-    prm = PRM(prm_path, kind=kind, step_tag=step_tag, good_token=good_token, bad_token=bad_token,
-              step_delimiter=delimiter, aggregate=aggregate, dtype=dtype, device=device)
+    prm = PRM(
+        prm_path,
+        kind=kind,
+        step_tag=step_tag,
+        good_token=good_token,
+        bad_token=bad_token,
+        step_delimiter=delimiter,
+        aggregate=aggregate,
+        dtype=dtype,
+        device=device,
+    )
     results = prm.score_batch([r["question"] for r in records], cands, progress=True)
-    outs = [{**r, "scores": [{"step_scores": s.step_scores, "score": s.score} for s in res]}
-            for r, res in zip(records, results)]
+    outs = [
+        {**r, "scores": [{"step_scores": s.step_scores, "score": s.score} for s in res]}
+        for r, res in zip(records, results)
+    ]
     emit(outs, out)

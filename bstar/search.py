@@ -15,8 +15,8 @@ reference (strict '>' while scanning thresholds upwards, then list.index(max) ov
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -37,11 +37,11 @@ class SearchConfig:
     per query, gold included); scale it with subset_size. Give max_per_query (a fixed M)
     instead to skip the search for M (then set target_size=None)."""
 
-    temperatures: tuple[float, ...] = _grid(0.50, 1.20, 0.05)    # 15 values
-    thresholds: tuple[float, ...] = _grid(-1.00, 1.00, 0.01)     # 201 values (reference loop)
-    k: int = 64                     # samples per query and temperature
-    n_star: int = 8                 # balance-score saturation
-    subset_size: int = 1000         # training queries the search runs on
+    temperatures: tuple[float, ...] = _grid(0.50, 1.20, 0.05)  # 15 values
+    thresholds: tuple[float, ...] = _grid(-1.00, 1.00, 0.01)  # 201 values (reference loop)
+    k: int = 64  # samples per query and temperature
+    n_star: int = 8  # balance-score saturation
+    subset_size: int = 1000  # training queries the search runs on
     target_size: int | None = 3550  # auto-M: smallest cap reaching this many selected
     max_per_query: int | None = None
     max_cap: int = MAX_CAP
@@ -77,7 +77,7 @@ class SearchResult:
     cap: int | None
     selected_size: int
     selected_acc: float
-    table: list[SearchRow] = field(default_factory=list)   # every grid pair, grid order
+    table: list[SearchRow] = field(default_factory=list)  # every grid pair, grid order
 
     def best_per_temperature(self) -> dict[float, SearchRow]:
         """For plots: the best threshold's row at each temperature (first on ties)."""
@@ -97,10 +97,10 @@ def choose_subset(n_queries: int, subset_size: int, seed: int) -> list[int]:
 
 def _cap_for_target(n: np.ndarray, target_size: int, max_cap: int) -> int:
     """selection.cap_for_target, vectorised: size(M) = sum_i min(n_i, M) for all M at once."""
-    counts = np.bincount(n)                                   # [L + 1] queries with n_i = v
+    counts = np.bincount(n)  # [L + 1] queries with n_i = v
     values = np.arange(len(counts))
     caps = np.arange(1, max_cap + 1)
-    sizes = (np.minimum(values[None, :], caps[:, None]) * counts).sum(axis=1)   # [max_cap]
+    sizes = (np.minimum(values[None, :], caps[:, None]) * counts).sum(axis=1)  # [max_cap]
     reached = np.flatnonzero(sizes >= target_size)
     return int(caps[reached[0]]) if len(reached) else max_cap
 
@@ -111,35 +111,38 @@ class _Grid:
     def __init__(self, ranked: Sequence[RankedQuery]):
         q = len(ranked)
         width = max((len(r.scores) for r in ranked), default=0)
-        self.scores = np.full((q, max(width, 1)), -np.inf)          # [Q, L] descending per row
+        self.scores = np.full((q, max(width, 1)), -np.inf)  # [Q, L] descending per row
         self.correct_prefix = np.zeros((q, width + 1), dtype=np.int64)  # [Q, L + 1]
         for i, r in enumerate(ranked):
             n = len(r.scores)
             self.scores[i, :n] = r.scores
-            self.correct_prefix[i, :n + 1] = r.correct_prefix
-            self.correct_prefix[i, n + 1:] = r.correct_prefix[-1]
+            self.correct_prefix[i, : n + 1] = r.correct_prefix
+            self.correct_prefix[i, n + 1 :] = r.correct_prefix[-1]
         self.rows = np.arange(q)
 
-    def evaluate(self, threshold: float, n_star: int, max_per_query: int | None,
-                 target_size: int | None, max_cap: int) -> tuple[float, int, float, int | None]:
+    def evaluate(
+        self, threshold: float, n_star: int, max_per_query: int | None, target_size: int | None, max_cap: int
+    ) -> tuple[float, int, float, int | None]:
         """(mean balance, selected size, selected accuracy, cap) of one threshold."""
-        n = (self.scores > threshold).sum(axis=1)                  # [Q] candidates above
+        n = (self.scores > threshold).sum(axis=1)  # [Q] candidates above
         if target_size is not None:
             cap = _cap_for_target(n, target_size, max_cap)
         else:
             cap = max_per_query
-        s = n if cap is None else np.minimum(n, cap)               # [Q] selected
-        c = self.correct_prefix[self.rows, s]                      # [Q] selected and correct
+        s = n if cap is None else np.minimum(n, cap)  # [Q] selected
+        c = self.correct_prefix[self.rows, s]  # [Q] selected and correct
         bs = np.where(s > 0, np.minimum(c / n_star, 1.0) * (c / np.maximum(s, 1)), 0.0)
         size = int(s.sum())
         acc = float(c.sum() / size) if size else 0.0
         return float(bs.mean()) if len(bs) else 0.0, size, acc, cap
 
 
-def search_config(samples: Mapping[float, Sequence[Sequence[Candidate]]],
-                  config: SearchConfig | None = None,
-                  golds: Sequence[Candidate | None] | None = None,
-                  progress: bool = False) -> SearchResult:
+def search_config(
+    samples: Mapping[float, Sequence[Sequence[Candidate]]],
+    config: SearchConfig | None = None,
+    golds: Sequence[Candidate | None] | None = None,
+    progress: bool = False,
+) -> SearchResult:
     """Best (temperature, threshold) by mean balance score, and the full table.
 
     samples: temperature -> per-query candidate lists (the same queries, in the same order, at
@@ -163,14 +166,17 @@ def search_config(samples: Mapping[float, Sequence[Sequence[Candidate]]],
     table: list[SearchRow] = []
     best: SearchRow | None = None
     for t in tqdm(temps, desc="config search", unit="temp", disable=not progress):
-        grid = _Grid([rank_query(g, golds[i] if golds is not None else None, config.prm_scale)
-                      for i, g in enumerate(samples[t])])
+        grid = _Grid(
+            [rank_query(g, golds[i] if golds is not None else None, config.prm_scale) for i, g in enumerate(samples[t])]
+        )
         for thr in config.thresholds:
-            bs, size, acc, cap = grid.evaluate(thr, config.n_star, config.max_per_query,
-                                               config.target_size, config.max_cap)
+            bs, size, acc, cap = grid.evaluate(
+                thr, config.n_star, config.max_per_query, config.target_size, config.max_cap
+            )
             row = SearchRow(t, thr, bs, size, acc, cap)
             table.append(row)
             if best is None or row.balance_score > best.balance_score:
                 best = row
-    return SearchResult(best.temperature, best.threshold, best.balance_score, best.cap,
-                        best.selected_size, best.selected_acc, table)
+    return SearchResult(
+        best.temperature, best.threshold, best.balance_score, best.cap, best.selected_size, best.selected_acc, table
+    )

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Hashable, Sequence
 
 from engine.errors import RequestError
 
-PRM_SCALE = 0.2     # reference: prm_score / 5
-MAX_CAP = 64        # reference: per-query caps 1..64 are tried when searching M
+PRM_SCALE = 0.2  # reference: prm_score / 5
+MAX_CAP = 64  # reference: per-query caps 1..64 are tried when searching M
 
 
 @dataclass
@@ -38,7 +38,7 @@ class Candidate:
     query_id: Hashable
     text: str
     correct: bool
-    prm: float = 0.0        # aggregated PRM score (see aggregate_prm), expected in [0, 1]
+    prm: float = 0.0  # aggregated PRM score (see aggregate_prm), expected in [0, 1]
     is_gold: bool = False
 
     @classmethod
@@ -68,7 +68,8 @@ def candidate_score(c: Candidate, prm_scale: float = PRM_SCALE) -> float:
     if not (0.0 <= term < 1.0):  # also rejects NaN
         raise RequestError(
             f"query {c.query_id!r}: prm_scale * prm = {prm_scale} * {c.prm} = {term} is outside "
-            "[0, 1); correct candidates would no longer always outrank wrong ones")
+            "[0, 1); correct candidates would no longer always outrank wrong ones"
+        )
     return float(c.correct) + term
 
 
@@ -81,24 +82,24 @@ class RankedQuery:
 
     query_id: Hashable
     ranked: list[Candidate]
-    scores: list[float]                 # descending, aligned with ranked
-    correct_prefix: list[int]           # correct_prefix[j] = correct among ranked[:j]; len + 1
+    scores: list[float]  # descending, aligned with ranked
+    correct_prefix: list[int]  # correct_prefix[j] = correct among ranked[:j]; len + 1
 
     def n_above(self, threshold: float) -> int:
         # scores are descending: the first index whose -score >= -threshold is the count
         return bisect_left(self.scores, -threshold, key=lambda s: -s)
 
 
-def rank_query(candidates: Sequence[Candidate], gold: Candidate | None = None,
-               prm_scale: float = PRM_SCALE) -> RankedQuery:
+def rank_query(
+    candidates: Sequence[Candidate], gold: Candidate | None = None, prm_scale: float = PRM_SCALE
+) -> RankedQuery:
     """Score, stable-sort (descending) and de-duplicate one query's candidates (+ optional gold,
     appended last so that it ranks after sampled candidates of equal score)."""
     cands = list(candidates) + ([gold] if gold is not None else [])
     qids = {c.query_id for c in cands}
     if len(qids) > 1:
         raise RequestError(f"candidates of one query carry different query ids: {sorted(map(repr, qids))[:4]}")
-    scored = sorted(((candidate_score(c, prm_scale), i, c) for i, c in enumerate(cands)),
-                    key=lambda t: (-t[0], t[1]))
+    scored = sorted(((candidate_score(c, prm_scale), i, c) for i, c in enumerate(cands)), key=lambda t: (-t[0], t[1]))
     seen: set[str] = set()
     ranked, scores, prefix = [], [], [0]
     for s, _, c in scored:
@@ -135,10 +136,10 @@ def cap_for_target(n_above: Sequence[int], target_size: int, max_cap: int = MAX_
 class Selection:
     """The selected training set and what the balance score needs from it."""
 
-    selected: list[Candidate]               # query by query (input order), best first
-    per_query: list[tuple[int, int]]        # (s_i, c_i): selected and selected-correct, per query
+    selected: list[Candidate]  # query by query (input order), best first
+    per_query: list[tuple[int, int]]  # (s_i, c_i): selected and selected-correct, per query
     threshold: float
-    cap: int | None                         # the M used (None: no cap)
+    cap: int | None  # the M used (None: no cap)
     query_ids: list[Hashable] = field(default_factory=list)
 
     @property
@@ -159,9 +160,14 @@ def _check_cap_options(max_per_query: int | None, target_size: int | None) -> No
         raise RequestError(f"max_per_query must be >= 1, got {max_per_query}")
 
 
-def select_ranked(ranked: Sequence[RankedQuery], threshold: float, *,
-                  max_per_query: int | None = None, target_size: int | None = None,
-                  max_cap: int = MAX_CAP) -> Selection:
+def select_ranked(
+    ranked: Sequence[RankedQuery],
+    threshold: float,
+    *,
+    max_per_query: int | None = None,
+    target_size: int | None = None,
+    max_cap: int = MAX_CAP,
+) -> Selection:
     """The selection for one threshold over already ranked queries (cheap: no re-sorting)."""
     _check_cap_options(max_per_query, target_size)
     n_above = [q.n_above(threshold) for q in ranked]
@@ -177,10 +183,16 @@ def select_ranked(ranked: Sequence[RankedQuery], threshold: float, *,
     return Selection(selected, per_query, threshold, cap, [q.query_id for q in ranked])
 
 
-def select(groups: Sequence[Sequence[Candidate]], threshold: float, *,
-           max_per_query: int | None = None, target_size: int | None = None,
-           max_cap: int = MAX_CAP, prm_scale: float = PRM_SCALE,
-           golds: Sequence[Candidate | None] | None = None) -> Selection:
+def select(
+    groups: Sequence[Sequence[Candidate]],
+    threshold: float,
+    *,
+    max_per_query: int | None = None,
+    target_size: int | None = None,
+    max_cap: int = MAX_CAP,
+    prm_scale: float = PRM_SCALE,
+    golds: Sequence[Candidate | None] | None = None,
+) -> Selection:
     """Select training data from per-query candidate groups (groups[i] = candidates of query i).
 
     threshold: keep candidates with score > threshold (score = correct + prm_scale * prm).
@@ -191,7 +203,5 @@ def select(groups: Sequence[Sequence[Candidate]], threshold: float, *,
     _check_cap_options(max_per_query, target_size)
     if golds is not None and len(golds) != len(groups):
         raise RequestError(f"golds has {len(golds)} entries for {len(groups)} queries")
-    ranked = [rank_query(g, golds[i] if golds is not None else None, prm_scale)
-              for i, g in enumerate(groups)]
-    return select_ranked(ranked, threshold, max_per_query=max_per_query,
-                         target_size=target_size, max_cap=max_cap)
+    ranked = [rank_query(g, golds[i] if golds is not None else None, prm_scale) for i, g in enumerate(groups)]
+    return select_ranked(ranked, threshold, max_per_query=max_per_query, target_size=target_size, max_cap=max_cap)

@@ -21,15 +21,45 @@ import click
 
 
 @click.command("sft")
-@click.option("--model", "model", required=True, type=click.Path(exists=True, file_okay=False), help="HF model directory to start from.")
-@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="JSONL with prompt and completion fields.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (final/, step-N/, metrics.jsonl).")
+@click.option(
+    "--model",
+    "model",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="HF model directory to start from.",
+)
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="JSONL with prompt and completion fields.",
+)
+@click.option(
+    "--out", required=True, type=click.Path(file_okay=False), help="Run directory (final/, step-N/, metrics.jsonl)."
+)
 @click.option("--epochs", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--max-steps", default=None, type=click.IntRange(min=1), help="Stop after this many optimizer steps.")
 @click.option("--lr", default=1e-5, show_default=True, type=float)
-@click.option("--batch-tokens", default=16384, show_default=True, type=click.IntRange(min=1), help="Global batch per optimizer step, in tokens.")
-@click.option("--batch-examples", default=None, type=click.IntRange(min=1), help="Global batch in examples (overrides --batch-tokens).")
-@click.option("--micro-batch-tokens", default=4096, show_default=True, type=click.IntRange(min=1), help="Tokens per forward per device.")
+@click.option(
+    "--batch-tokens",
+    default=16384,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Global batch per optimizer step, in tokens.",
+)
+@click.option(
+    "--batch-examples",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Global batch in examples (overrides --batch-tokens).",
+)
+@click.option(
+    "--micro-batch-tokens",
+    default=4096,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Tokens per forward per device.",
+)
 @click.option("--max-seq-len", default=2048, show_default=True, type=click.IntRange(min=2))
 @click.option("--no-pack", is_flag=True, help="Length-bucketed padded batches instead of packing.")
 @click.option("--schedule", default="cosine", show_default=True, type=click.Choice(["cosine", "constant"]))
@@ -41,9 +71,19 @@ import click
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16"]))
 @click.option("--grad-checkpointing", is_flag=True, help="Recompute activations in backward (less memory).")
 @click.option("--on-bad-data", default="skip", show_default=True, type=click.Choice(["skip", "refuse"]))
-@click.option("--save-every", default=0, show_default=True, type=click.IntRange(min=0), help="Checkpoint every N steps (0: final only).")
-@click.option("--save-dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
-@click.option("--resume", default=None, type=click.Path(exists=True, file_okay=False), help="Checkpoint dir to continue from.")
+@click.option(
+    "--save-every",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Checkpoint every N steps (0: final only).",
+)
+@click.option(
+    "--save-dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"])
+)
+@click.option(
+    "--resume", default=None, type=click.Path(exists=True, file_okay=False), help="Checkpoint dir to continue from."
+)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default=None, help="Default: cuda if available, else cpu.")
 def sft(model, data, out, resume, save_every, max_grad_norm, no_pack, **kw):
@@ -65,7 +105,9 @@ def _run(model, data, out, resume, save_every, max_grad_norm, no_pack, kw):
     from bstar.trainer import SFTConfig, SFTTrainer
 
     out.mkdir(parents=True, exist_ok=True)
-    cfg = SFTConfig(**kw, pack=not no_pack, max_grad_norm=max_grad_norm or None, metrics_path=str(out / "metrics.jsonl"))
+    cfg = SFTConfig(
+        **kw, pack=not no_pack, max_grad_norm=max_grad_norm or None, metrics_path=str(out / "metrics.jsonl")
+    )
     trainer = SFTTrainer(model, cfg)
     res = trainer.train(data, resume_from=resume, checkpoint_dir=out, save_every=save_every)
     final = trainer.save(out / "final")

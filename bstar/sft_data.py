@@ -12,9 +12,9 @@ import hashlib
 import json
 import random
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -292,8 +292,15 @@ class MicroBatch:
 
     def to(self, device):
         f = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return MicroBatch(f(self.input_ids), f(self.targets), f(self.position_ids), f(self.attention_mask),
-                          self.n_tokens, f(self.cu_seq_lens), self.max_len)
+        return MicroBatch(
+            f(self.input_ids),
+            f(self.targets),
+            f(self.position_ids),
+            f(self.attention_mask),
+            self.n_tokens,
+            f(self.cu_seq_lens),
+            self.max_len,
+        )
 
     @property
     def n_targets(self) -> int:
@@ -362,4 +369,3 @@ def step_plan(
     mine = micro[rank] + [[] for _ in range(n - len(micro[rank]))]
     targets = sum(len(examples[i]) - max(examples[i].prompt_len, 1) for i in batch)
     return StepPlan(mine, targets, sum(lengths[i] for i in batch))
-

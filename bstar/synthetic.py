@@ -19,11 +19,19 @@ import random
 from bstar.data import Example
 from engine.errors import BStarError
 
-NAMES = (("Tom", "he"), ("Ben", "he"), ("Sam", "he"), ("Max", "he"),
-         ("Anna", "she"), ("Lisa", "she"), ("Mia", "she"), ("Emma", "she"))
+NAMES = (
+    ("Tom", "he"),
+    ("Ben", "he"),
+    ("Sam", "he"),
+    ("Max", "he"),
+    ("Anna", "she"),
+    ("Lisa", "she"),
+    ("Mia", "she"),
+    ("Emma", "she"),
+)
 ITEMS = ("apples", "pens", "books", "cards", "eggs", "marbles", "stickers", "coins")
 CONTAINERS = ("boxes", "bags", "packs", "jars")
-MAX_VALUE = 999     # keeps every intermediate result at most 3 digits
+MAX_VALUE = 999  # keeps every intermediate result at most 3 digits
 
 
 def _problem(rng: random.Random) -> tuple[str, list[str], int]:
@@ -85,8 +93,9 @@ def _problem(rng: random.Random) -> tuple[str, list[str], int]:
     return " ".join(sentences), steps, v
 
 
-def generate(n: int, seed: int | str, exclude: set[str] | frozenset = frozenset(),
-             split: str = "train") -> list[Example]:
+def generate(
+    n: int, seed: int | str, exclude: set[str] | frozenset = frozenset(), split: str = "train"
+) -> list[Example]:
     """n distinct problems from one seeded stream, skipping questions in `exclude`."""
     if n < 0:
         raise BStarError(f"number of synthetic problems must be >= 0, got {n}")

@@ -37,10 +37,10 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -49,6 +49,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from bstar.sft_data import (
+    IGNORE,
     SFTExample,
     collate_packed,
     collate_padded,
@@ -57,7 +58,6 @@ from bstar.sft_data import (
     fingerprint,
     load_examples,
     step_plan,
-    IGNORE,
 )
 from engine.errors import BStarError, CheckpointError
 
@@ -158,8 +158,9 @@ def sft_loss_sum(model, mb) -> torch.Tensor:
         keep[0, 0] = True
     kw = {}
     if mb.cu_seq_lens is not None:  # packed row: segment bounds for varlen attention (ours or flash)
-        kw = dict(cu_seq_lens_q=mb.cu_seq_lens, cu_seq_lens_k=mb.cu_seq_lens,
-                  max_length_q=mb.max_len, max_length_k=mb.max_len)
+        kw = dict(
+            cu_seq_lens_q=mb.cu_seq_lens, cu_seq_lens_k=mb.cu_seq_lens, max_length_q=mb.max_len, max_length_k=mb.max_len
+        )
     out = model(
         input_ids=mb.input_ids,
         attention_mask=mb.attention_mask,
@@ -195,7 +196,9 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if attention_mask is not None or query.shape[2] != key.shape[2]:  # padded batch: the mask says it all
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     cu, pos = kwargs.get("cu_seq_lens_q"), kwargs.get("position_ids")
     gqa = query.shape[1] != key.shape[1]
     p = dropout if module.training else 0.0
@@ -204,11 +207,18 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         bounds = _segments(query.shape[2], cu if query.shape[0] == 1 else None, pos, b)
         sw = kwargs.get("sliding_window")
         if sw is not None and max(e - s for s, e in zip(bounds[:-1], bounds[1:])) > sw:
-            raise BStarError(f"{VARLEN} has no sliding window: example longer than {sw}; use attn_implementation='sdpa'")
+            raise BStarError(
+                f"{VARLEN} has no sliding window: example longer than {sw}; use attn_implementation='sdpa'"
+            )
         outs = [
             F.scaled_dot_product_attention(
-                query[b : b + 1, :, s:e], key[b : b + 1, :, s:e], value[b : b + 1, :, s:e],
-                dropout_p=p, is_causal=True, scale=scaling, enable_gqa=gqa,
+                query[b : b + 1, :, s:e],
+                key[b : b + 1, :, s:e],
+                value[b : b + 1, :, s:e],
+                dropout_p=p,
+                is_causal=True,
+                scale=scaling,
+                enable_gqa=gqa,
             )
             for s, e in zip(bounds[:-1], bounds[1:])
             if e > s
@@ -295,9 +305,7 @@ class SFTTrainer:
         except (OSError, ValueError, KeyError) as e:
             raise CheckpointError(f"{self.model_dir}: cannot load model: {e}") from e
         m.config.use_cache = False
-        self.pad_id = next(
-            (t for t in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, 0) if t is not None)
-        )
+        self.pad_id = next(t for t in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, 0) if t is not None)
         self.model = m
         if weights is not None:
             self.load_weights(weights)
@@ -412,10 +420,15 @@ class SFTTrainer:
             cfg.pop("torch_dtype", None)
             (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
             for f in sorted(self.model_dir.iterdir()):  # tokenizer files, generation_config.json, ...
-                if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and f.name not in (
-                    "config.json",
-                    "model.safetensors.index.json",
-                    "pytorch_model.bin.index.json",
+                if (
+                    f.is_file()
+                    and not f.name.endswith(_WEIGHT_SUFFIXES)
+                    and f.name
+                    not in (
+                        "config.json",
+                        "model.safetensors.index.json",
+                        "pytorch_model.bin.index.json",
+                    )
                 ):
                     shutil.copy2(f, tmp / f.name)
             if state is not None:
@@ -436,7 +449,9 @@ class SFTTrainer:
     def _write_state(self, d: Path, state: dict):
         d.mkdir()
         osd = state["optim"]
-        flat = {f"{name}/{k}": v.detach().cpu().contiguous() for name, st in osd["state"].items() for k, v in st.items()}
+        flat = {
+            f"{name}/{k}": v.detach().cpu().contiguous() for name, st in osd["state"].items() for k, v in st.items()
+        }
         save_file(flat, str(d / "optimizer.safetensors"))
         rng = {"cpu": state["rng"]}
         if torch.cuda.is_available():
@@ -512,9 +527,7 @@ class SFTTrainer:
         c = self.cfg
         examples = self.load_data(data)
         lengths = [len(x) for x in examples]
-        plan = [
-            b for e in range(c.epochs) for b in epoch_batches(lengths, e, c.seed, c.batch_tokens, c.batch_examples)
-        ]
+        plan = [b for e in range(c.epochs) for b in epoch_batches(lengths, e, c.seed, c.batch_tokens, c.batch_examples)]
         if c.max_steps is not None:
             plan = plan[: c.max_steps]
         total = len(plan)

@@ -7,5 +7,16 @@ from engine.outputs import CompletionOutput, RequestOutput
 from engine.prm import PRM, PRMScore
 from engine.sampling_params import SamplingParams
 
-__all__ = ["LLM", "LLMEngine", "SamplingParams", "PRM", "PRMScore", "RequestOutput", "CompletionOutput",
-           "BStarError", "CheckpointError", "RequestError", "DataError"]
+__all__ = [
+    "LLM",
+    "LLMEngine",
+    "SamplingParams",
+    "PRM",
+    "PRMScore",
+    "RequestOutput",
+    "CompletionOutput",
+    "BStarError",
+    "CheckpointError",
+    "RequestError",
+    "DataError",
+]

@@ -45,8 +45,11 @@ class BlockManager:
         """The next single token lands in a block the sequence holds alone: nothing to allocate or
         copy (the common decode step)."""
         i = seq.num_computed // self.block_size
-        return (seq.num_computed % self.block_size != 0 and i < len(seq.block_table)
-                and self.ref_counts[seq.block_table[i]] == 1)
+        return (
+            seq.num_computed % self.block_size != 0
+            and i < len(seq.block_table)
+            and self.ref_counts[seq.block_table[i]] == 1
+        )
 
     def _needs_cow(self, seq: Sequence) -> bool:
         """The next token lands in a partial block that another sequence also references."""
@@ -89,7 +92,7 @@ class BlockManager:
         prev = None
         usable = len(seq.token_ids) - 1 if limit is None else min(limit, len(seq.token_ids) - 1)
         for i in range(usable // bs):
-            h = self.hash_block(prev, seq.token_ids[i * bs:(i + 1) * bs])
+            h = self.hash_block(prev, seq.token_ids[i * bs : (i + 1) * bs])
             block = self.hash_to_block.get(h)
             if block is None:
                 break
@@ -140,7 +143,7 @@ class BlockManager:
             return
         while seq.num_hashed_blocks < full:
             i = seq.num_hashed_blocks
-            h = self.hash_block(seq.last_hash, seq.token_ids[i * bs:(i + 1) * bs])
+            h = self.hash_block(seq.last_hash, seq.token_ids[i * bs : (i + 1) * bs])
             block = seq.block_table[i]
             if h not in self.hash_to_block and self.block_hash[block] is None:
                 self.hash_to_block[h] = block

@@ -62,11 +62,13 @@ class ModelConfig:
         arch = archs[0] if archs else None
         if arch is None:
             arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}.get(
-                c.get("model_type", ""))
+                c.get("model_type", "")
+            )
         if arch not in HEAD_ARCHITECTURES:
             raise CheckpointError(
                 f"unknown architecture {arch or c.get('model_type')!r} in {where}; "
-                f"supported: {', '.join(HEAD_ARCHITECTURES)}")
+                f"supported: {', '.join(HEAD_ARCHITECTURES)}"
+            )
         head = HEAD_ARCHITECTURES[arch]
         arch = arch.replace("ForTokenClassification", "ForCausalLM").replace("ForProcessRewardModel", "ForCausalLM")
         act = c.get("hidden_act", "silu")

@@ -10,24 +10,42 @@ from engine.sampling_params import SamplingParams
 
 
 class LLM:
-    def __init__(self, model: str, dtype: str = "auto", device: str = "auto", seed: int = 0,
-                 block_size: int = 16, num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.9,
-                 cpu_kv_cache_bytes: int = 256 << 20, max_num_seqs: int = 256, max_num_batched_tokens: int = 4096,
-                 max_model_len: int | None = None, enable_prefix_caching: bool = True,
-                 cpu_packed_weights_bytes: int = 1 << 30):
-        cfg = EngineConfig(block_size=block_size, num_kv_blocks=num_kv_blocks,
-                           gpu_memory_utilization=gpu_memory_utilization, cpu_kv_cache_bytes=cpu_kv_cache_bytes,
-                           max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                           max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching,
-                           cpu_packed_weights_bytes=cpu_packed_weights_bytes)
+    def __init__(
+        self,
+        model: str,
+        dtype: str = "auto",
+        device: str = "auto",
+        seed: int = 0,
+        block_size: int = 16,
+        num_kv_blocks: int | None = None,
+        gpu_memory_utilization: float = 0.9,
+        cpu_kv_cache_bytes: int = 256 << 20,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 4096,
+        max_model_len: int | None = None,
+        enable_prefix_caching: bool = True,
+        cpu_packed_weights_bytes: int = 1 << 30,
+    ):
+        cfg = EngineConfig(
+            block_size=block_size,
+            num_kv_blocks=num_kv_blocks,
+            gpu_memory_utilization=gpu_memory_utilization,
+            cpu_kv_cache_bytes=cpu_kv_cache_bytes,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_model_len=max_model_len,
+            enable_prefix_caching=enable_prefix_caching,
+            cpu_packed_weights_bytes=cpu_packed_weights_bytes,
+        )
         self.engine = LLMEngine(model, dtype=dtype, device=device, seed=seed, engine_config=cfg)
         self._counter = 0
 
     def get_tokenizer(self):
         return self.engine.tokenizer
 
-    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+    def generate(
+        self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = True
+    ) -> list[RequestOutput]:
         """prompts: a string, a list of strings, or a list of token id lists. Outputs keep input order."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]

@@ -64,8 +64,14 @@ def resolve_dtype(dtype: str | torch.dtype, mcfg: ModelConfig, device: torch.dev
 
 
 class LLMEngine:
-    def __init__(self, model: str, dtype: str = "auto", device: str = "auto", seed: int = 0,
-                 engine_config: EngineConfig | None = None):
+    def __init__(
+        self,
+        model: str,
+        dtype: str = "auto",
+        device: str = "auto",
+        seed: int = 0,
+        engine_config: EngineConfig | None = None,
+    ):
         self.model_path = model
         self.device = resolve_device(device)
         self.mcfg = ModelConfig.from_dir(model) if os.path.isdir(model) else None
@@ -119,18 +125,24 @@ class LLMEngine:
         if n == 0:
             raise RequestError("empty prompt")
         if n >= self.max_model_len:
-            raise RequestError(f"prompt of {n} tokens is longer than the context: max_model_len is "
-                               f"{self.max_model_len} and at least one token must be generated")
+            raise RequestError(
+                f"prompt of {n} tokens is longer than the context: max_model_len is "
+                f"{self.max_model_len} and at least one token must be generated"
+            )
         need = -(-(n + 1) // self.ecfg.block_size)
         if need > self.block_manager.num_blocks:
-            raise RequestError(f"prompt of {n} tokens needs {need} KV blocks but the whole cache has "
-                               f"{self.block_manager.num_blocks} (block_size {self.ecfg.block_size})")
+            raise RequestError(
+                f"prompt of {n} tokens needs {need} KV blocks but the whole cache has "
+                f"{self.block_manager.num_blocks} (block_size {self.ecfg.block_size})"
+            )
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None):
         params = params or SamplingParams()
         if self.mcfg.head != "lm":
-            raise RequestError(f"{self.model_path} is a reward model ({self.mcfg.head} head) without an LM head; "
-                               "load it with engine.PRM to score, not to generate")
+            raise RequestError(
+                f"{self.model_path} is a reward model ({self.mcfg.head} head) without an LM head; "
+                "load it with engine.PRM to score, not to generate"
+            )
         if request_id in self.requests:
             raise RequestError(f"duplicate request id {request_id!r}")
         text, ids = self.encode_prompt(prompt)
@@ -227,7 +239,7 @@ class LLMEngine:
                 for stop in p.stop_strings:
                     k = text.find(stop, max(0, len(text) - tail - len(stop)))
                     if k >= 0:
-                        s.stop_text = text[:k + len(stop)] if p.include_stop_str_in_output else text[:k]
+                        s.stop_text = text[: k + len(stop)] if p.include_stop_str_in_output else text[:k]
                         return "stop", stop
         if s.num_output >= p.max_tokens or len(s) >= self.max_model_len:
             return "length", None
@@ -242,16 +254,24 @@ class LLMEngine:
                 text = self.tokenizer.decode(s.output_ids, s.params.skip_special_tokens)
             else:
                 text = ""
-            outs.append(CompletionOutput(
-                index=s.index, text=text, token_ids=s.output_ids, cumulative_logprob=s.cumulative_logprob,
-                logprobs=s.logprobs if s.params.logprobs is not None else None,
-                finish_reason=s.finish_reason, stop_reason=s.stop_reason))
+            outs.append(
+                CompletionOutput(
+                    index=s.index,
+                    text=text,
+                    token_ids=s.output_ids,
+                    cumulative_logprob=s.cumulative_logprob,
+                    logprobs=s.logprobs if s.params.logprobs is not None else None,
+                    finish_reason=s.finish_reason,
+                    stop_reason=s.stop_reason,
+                )
+            )
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished=True)
 
     # -- prompt-only forward (logits, PRM scoring) --------------------------------------------
     @torch.inference_mode()
-    def forward_prompts(self, token_lists: list[list[int]], use_prefix_cache: bool = False,
-                        prefix_limits: list[int] | None = None):
+    def forward_prompts(
+        self, token_lists: list[list[int]], use_prefix_cache: bool = False, prefix_limits: list[int] | None = None
+    ):
         """Final hidden states of each token list: yields (index, first_row, hidden [n, H]).
 
         With use_prefix_cache, tokens already in the prefix cache (at most prefix_limits[i] of them)

@@ -37,7 +37,8 @@ def weight_files(path: str) -> list[str]:
     if pickled:
         raise CheckpointError(
             f"{path} holds only pickle weights ({pickled[0]}); refusing to unpickle. "
-            "Convert the checkpoint to safetensors (model.safetensors).")
+            "Convert the checkpoint to safetensors (model.safetensors)."
+        )
     raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path}")
 
 

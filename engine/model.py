@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
-from kernels.cascade_attention import CascadePlan, cascade_decode_attention
 from engine.config import ModelConfig
 from engine.errors import CheckpointError
 from engine.packed_linear import Linear, unpack_linears
+from kernels.cascade_attention import CascadePlan, cascade_decode_attention
 
 
 @dataclass
@@ -43,7 +43,7 @@ class Attention(nn.Module):
         self.nh, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.qkv_proj = Linear(cfg.hidden_size, (self.nh + 2 * self.nkv) * self.hd, bias=cfg.qkv_bias)
         self.o_proj = Linear(self.nh * self.hd, cfg.hidden_size, bias=cfg.o_bias)
-        self.scale = self.hd ** -0.5
+        self.scale = self.hd**-0.5
 
     def forward(self, x, positions, cos_sin, kv_cache, meta: AttnMetadata):
         T = x.shape[0]
@@ -64,7 +64,8 @@ class Attention(nn.Module):
             if nd:
                 o[:nd] = self._decode(q[:nd], k[:nd], v[:nd], k_cache, v_cache, meta)
             o[nd:] = kernels.paged_prefill_attention(
-                q[nd:], k_cache, v_cache, meta.block_tables[nd:], meta.cu_seqlens_q, meta.seq_lens[nd:], self.scale)
+                q[nd:], k_cache, v_cache, meta.block_tables[nd:], meta.cu_seqlens_q, meta.seq_lens[nd:], self.scale
+            )
         return self.o_proj(o.view(T, self.nh * self.hd))
 
     def _decode(self, q, k, v, k_cache, v_cache, meta: AttnMetadata):
@@ -72,7 +73,9 @@ class Attention(nn.Module):
         if plan is not None:
             bufs = plan.buffers[self.layer_idx] if plan.buffers is not None else None
             return cascade_decode_attention(q, k_cache, v_cache, plan, self.scale, bufs, (k, v))
-        return kernels.paged_decode_attention(q, k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], self.scale)
+        return kernels.paged_decode_attention(
+            q, k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], self.scale
+        )
 
 
 class MLP(nn.Module):
@@ -129,8 +132,9 @@ class CausalLM(nn.Module):
         elif cfg.head == "token_cls":
             self.score = nn.Linear(cfg.hidden_size, cfg.num_labels)
         else:  # prm_mlp: Linear -> ReLU -> Linear, as Qwen2.5-Math-PRM
-            self.score = nn.Sequential(nn.Linear(cfg.hidden_size, cfg.hidden_size), nn.ReLU(),
-                                       nn.Linear(cfg.hidden_size, cfg.num_labels))
+            self.score = nn.Sequential(
+                nn.Linear(cfg.hidden_size, cfg.hidden_size), nn.ReLU(), nn.Linear(cfg.hidden_size, cfg.num_labels)
+            )
 
     def forward(self, input_ids, positions, cos_sin, kv_caches, meta: AttnMetadata):
         """input_ids, positions int64 [T] -> final normed hidden states [T, hidden]."""
@@ -152,7 +156,11 @@ class CausalLM(nn.Module):
         q, kv, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
         for name, p in params.items():
             if ".qkv_proj." in name:
-                for part, sl in (("q_proj", slice(0, q)), ("k_proj", slice(q, q + kv)), ("v_proj", slice(q + kv, q + 2 * kv))):
+                for part, sl in (
+                    ("q_proj", slice(0, q)),
+                    ("k_proj", slice(q, q + kv)),
+                    ("v_proj", slice(q + kv, q + 2 * kv)),
+                ):
                     out[name.replace("qkv_proj", part)] = (p, sl)
             elif ".gate_up_proj." in name:
                 out[name.replace("gate_up_proj", "gate_proj")] = (p, slice(0, inter))
@@ -179,7 +187,8 @@ class CausalLM(nn.Module):
             if tuple(t.shape) != tuple(dst.shape):
                 raise CheckpointError(
                     f"shape mismatch for tensor {name!r}: checkpoint has {tuple(t.shape)}, "
-                    f"config expects {tuple(dst.shape)}")
+                    f"config expects {tuple(dst.shape)}"
+                )
             dst.copy_(t.to(device=dst.device, dtype=dst.dtype))
             loaded.add(name)
         if strict:

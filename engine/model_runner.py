@@ -12,8 +12,15 @@ from kernels.host import long_tensor
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, mcfg: ModelConfig, ecfg: EngineConfig, max_model_len: int,
-                 device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        model: CausalLM,
+        mcfg: ModelConfig,
+        ecfg: EngineConfig,
+        max_model_len: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
         self.model, self.mcfg, self.ecfg = model, mcfg, ecfg
         self.device, self.dtype = device, dtype
         self.block_size = ecfg.block_size
@@ -21,8 +28,16 @@ class ModelRunner:
         self.num_blocks = ecfg.num_kv_blocks or self._auto_num_blocks()
         # [layers, K/V, blocks, block_size, kv_heads, head_dim]: a layer's K (or V) is one contiguous view.
         # Zeroed, not empty: masked-out slots still meet a 0 weight, and 0 * NaN garbage would be NaN.
-        self.kv = torch.zeros(mcfg.num_layers, 2, self.num_blocks, self.block_size, mcfg.num_kv_heads,
-                              mcfg.head_dim, dtype=dtype, device=device)
+        self.kv = torch.zeros(
+            mcfg.num_layers,
+            2,
+            self.num_blocks,
+            self.block_size,
+            mcfg.num_kv_heads,
+            mcfg.head_dim,
+            dtype=dtype,
+            device=device,
+        )
         self.kv_caches = [(self.kv[i, 0], self.kv[i, 1]) for i in range(mcfg.num_layers)]
         # Torch decode path: per layer, each decode row's own K/V kept contiguous across steps and the
         # gathered group prefixes, and the step they mirror (seq ids, lengths, plan); see _attach_buffers.
@@ -47,18 +62,28 @@ class ModelRunner:
         n = min(self.ecfg.max_num_batched_tokens, self.cos_sin.shape[0])
         nblk = -(-n // self.block_size)
         saved_kv = getattr(self, "kv_caches", None)
-        kv = torch.empty(self.mcfg.num_layers, 2, nblk, self.block_size, self.mcfg.num_kv_heads,
-                         self.mcfg.head_dim, dtype=self.dtype, device=self.device)
+        kv = torch.empty(
+            self.mcfg.num_layers,
+            2,
+            nblk,
+            self.block_size,
+            self.mcfg.num_kv_heads,
+            self.mcfg.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+        )
         self.kv_caches = [(kv[i, 0], kv[i, 1]) for i in range(self.mcfg.num_layers)]
         ids = torch.randint(0, self.mcfg.vocab_size, (n,), device=self.device)
         meta = AttnMetadata(
             slot_mapping=torch.arange(n, device=self.device),
             block_tables=torch.arange(nblk, dtype=torch.int32, device=self.device)[None],
-            seq_lens=torch.tensor([n], dtype=torch.int32, device=self.device), num_decode=0,
-            cu_seqlens_q=torch.tensor([0, n], dtype=torch.int32, device=self.device))
+            seq_lens=torch.tensor([n], dtype=torch.int32, device=self.device),
+            num_decode=0,
+            cu_seqlens_q=torch.tensor([0, n], dtype=torch.int32, device=self.device),
+        )
         with torch.inference_mode():
             h = self.model(ids, torch.arange(n, device=self.device), self.cos_sin, self.kv_caches, meta)
-            self.model.compute_logits(h[-min(n, self.ecfg.max_num_seqs):])
+            self.model.compute_logits(h[-min(n, self.ecfg.max_num_seqs) :])
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         del kv, h
@@ -68,8 +93,10 @@ class ModelRunner:
         free_for_kv = total * self.ecfg.gpu_memory_utilization - peak
         blocks = int(free_for_kv // self.block_bytes())
         if blocks < 1:
-            raise RuntimeError(f"no GPU memory left for the KV cache (peak {peak / 2**30:.1f} GiB of "
-                               f"{total / 2**30:.1f} GiB at gpu_memory_utilization={self.ecfg.gpu_memory_utilization})")
+            raise RuntimeError(
+                f"no GPU memory left for the KV cache (peak {peak / 2**30:.1f} GiB of "
+                f"{total / 2**30:.1f} GiB at gpu_memory_utilization={self.ecfg.gpu_memory_utilization})"
+            )
         return blocks
 
     @torch.inference_mode()
@@ -106,8 +133,14 @@ class ModelRunner:
             # Sibling candidates hold bit-identical prompt K/V (the partial last block is copied on
             # write); a preempted one recomputed its own, so it shares nothing beyond whole blocks.
             shared = [s.prompt_len if s.params.n > 1 and not s.num_preemptions else 0 for s in seqs]
-            cascade = build_cascade_plan([s.block_table for s in seqs], lens[:nd], bs, dev, shared_lens=shared,
-                                         share_ids=[s.request_id for s in seqs])
+            cascade = build_cascade_plan(
+                [s.block_table for s in seqs],
+                lens[:nd],
+                bs,
+                dev,
+                shared_lens=shared,
+                share_ids=[s.request_id for s in seqs],
+            )
             self._attach_buffers(cascade, batch.seqs[:nd], lens[:nd], decode_only=nd == len(batch.seqs))
         else:
             self.flush()
@@ -160,10 +193,15 @@ class ModelRunner:
         same_rows = False
         if prev is not None:
             prev_key, prev_lens, was = prev
-            same_rows = (prev_key == key and torch.equal(was.prefix_blocks, plan.prefix_blocks)
-                         and torch.equal(was.slot_of_row, plan.slot_of_row) and was.own_offsets == plan.own_offsets)
+            same_rows = (
+                prev_key == key
+                and torch.equal(was.prefix_blocks, plan.prefix_blocks)
+                and torch.equal(was.slot_of_row, plan.slot_of_row)
+                and was.own_offsets == plan.own_offsets
+            )
         extends = same_rows and all(
-            n == p + 1 and t[:len(pt)] == pt for n, p, t, pt in zip(lens, prev_lens, plan.own_tables, was.own_tables))
+            n == p + 1 and t[: len(pt)] == pt for n, p, t, pt in zip(lens, prev_lens, plan.own_tables, was.own_tables)
+        )
         fits = bufs is not None and bufs[0].own_k.shape[0] >= B and bufs[0].own_k.shape[1] >= O * bs
         # (a row with no own keys would have its newest token in a shared block: never written back)
         plan.write_back = extends and fits and decode_only and plan.own_empty is None
@@ -176,9 +214,13 @@ class ModelRunner:
             if 2 * m.num_layers * rows * shape[1] * shape[2] * shape[3] * self.kv.element_size() > self.kv.nbytes:
                 self._buffers = self._prev = None  # never more memory than the KV cache itself
                 return
-            self._buffers = bufs = [CascadeBuffers(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                                                   torch.zeros(shape, dtype=self.dtype, device=self.device))
-                                    for _ in range(m.num_layers)]
+            self._buffers = bufs = [
+                CascadeBuffers(
+                    torch.zeros(shape, dtype=self.dtype, device=self.device),
+                    torch.zeros(shape, dtype=self.dtype, device=self.device),
+                )
+                for _ in range(m.num_layers)
+            ]
             same_rows = extends = False
         plan.buffers = bufs
         plan.prefix_fresh = not same_rows

@@ -29,8 +29,11 @@ class Linear(nn.Linear):
 
 
 def packable(model: nn.Module) -> list[Linear]:
-    return [m for m in model.modules() if isinstance(m, Linear)
-            and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, Linear) and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
+    ]
 
 
 def pack_linears(model: nn.Module, rows: int, budget_bytes: int) -> int:

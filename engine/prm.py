@@ -33,15 +33,32 @@ class PRMScore:
 
 
 class PRM:
-    def __init__(self, model: str, kind: str | None = None, step_tag: str | None = None, good_token: str = "+",
-                 bad_token: str = "-", good_label: int = 1, step_delimiter: str = "\n", aggregate: str = "min",
-                 question_template: str = "{question} ", dtype: str = "auto", device: str = "auto",
-                 num_kv_blocks: int | None = None, max_num_batched_tokens: int = 4096,
-                 cpu_kv_cache_bytes: int = 256 << 20, gpu_memory_utilization: float = 0.9):
+    def __init__(
+        self,
+        model: str,
+        kind: str | None = None,
+        step_tag: str | None = None,
+        good_token: str = "+",
+        bad_token: str = "-",
+        good_label: int = 1,
+        step_delimiter: str = "\n",
+        aggregate: str = "min",
+        question_template: str = "{question} ",
+        dtype: str = "auto",
+        device: str = "auto",
+        num_kv_blocks: int | None = None,
+        max_num_batched_tokens: int = 4096,
+        cpu_kv_cache_bytes: int = 256 << 20,
+        gpu_memory_utilization: float = 0.9,
+    ):
         if aggregate not in kernels.prm_scoring.AGGREGATES:
             raise RequestError(f"unknown PRM aggregate {aggregate!r}; choose one of {kernels.prm_scoring.AGGREGATES}")
-        cfg = EngineConfig(num_kv_blocks=num_kv_blocks, max_num_batched_tokens=max_num_batched_tokens,
-                           cpu_kv_cache_bytes=cpu_kv_cache_bytes, gpu_memory_utilization=gpu_memory_utilization)
+        cfg = EngineConfig(
+            num_kv_blocks=num_kv_blocks,
+            max_num_batched_tokens=max_num_batched_tokens,
+            cpu_kv_cache_bytes=cpu_kv_cache_bytes,
+            gpu_memory_utilization=gpu_memory_utilization,
+        )
         self.engine = LLMEngine(model, dtype=dtype, device=device, engine_config=cfg)
         head = self.engine.mcfg.head
         self.kind = kind or ("lm" if head == "lm" else "classifier")
@@ -57,8 +74,9 @@ class PRM:
             self.label_rows = [self.tokenizer.single_token_id(good_token), self.tokenizer.single_token_id(bad_token)]
         else:
             if self._last_layer().out_features != 2:
-                raise RequestError(f"classification PRM needs a 2-class head, this one has "
-                                   f"{self._last_layer().out_features}")
+                raise RequestError(
+                    f"classification PRM needs a 2-class head, this one has {self._last_layer().out_features}"
+                )
             self.label_rows = [good_label, 1 - good_label]
 
     def _last_layer(self) -> torch.nn.Linear:
@@ -99,8 +117,9 @@ class PRM:
         return self.score_batch([question], [candidates])[0]
 
     @torch.inference_mode()
-    def score_batch(self, questions: list[str], candidates: list[list[str]], progress: bool = False,
-                    share_prefix: bool = True) -> list[list[PRMScore]]:
+    def score_batch(
+        self, questions: list[str], candidates: list[list[str]], progress: bool = False, share_prefix: bool = True
+    ) -> list[list[PRMScore]]:
         """Per question, per candidate: step scores and their aggregate."""
         if len(questions) != len(candidates):
             raise RequestError(f"{len(questions)} questions but {len(candidates)} candidate lists")
@@ -130,14 +149,21 @@ class PRM:
         if pre is not None:
             hidden = pre(hidden)
         step_cand = torch.tensor([i for i, t in enumerate(tag_pos) for _ in t], device=hidden.device)
-        p_good, agg = kernels.prm_step_scores(hidden, torch.arange(hidden.shape[0], device=hidden.device),
-                                              weight, bias, step_cand, len(seqs), self.aggregate)
+        p_good, agg = kernels.prm_step_scores(
+            hidden,
+            torch.arange(hidden.shape[0], device=hidden.device),
+            weight,
+            bias,
+            step_cand,
+            len(seqs),
+            self.aggregate,
+        )
         p_good, agg = p_good.tolist(), agg.tolist()
         out = [[] for _ in questions]
         i = 0
         for k, steps in enumerate(steps_of):
             n = len(steps)
-            out[owner[k]].append(PRMScore(step_scores=p_good[i:i + n], score=agg[k], steps=steps))
+            out[owner[k]].append(PRMScore(step_scores=p_good[i : i + n], score=agg[k], steps=steps))
             i += n
         return out
 

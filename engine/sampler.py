@@ -3,8 +3,8 @@
 import torch
 
 import kernels
-from kernels.host import long_tensor
 from engine.sampling_params import SamplingParams
+from kernels.host import long_tensor
 
 _MASK64 = (1 << 64) - 1
 
@@ -33,8 +33,7 @@ def draw_seed(request_seed: int, candidate: int, position: int) -> int:
     return position_seed(candidate_seed(request_seed, candidate), position)
 
 
-def sample_rows(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int],
-                bans: list[list[int]]):
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], bans: list[list[int]]):
     """logits float32 [R, V]; one SamplingParams, seed and banned-id list per row.
 
     Returns (tokens list[int], logprobs list[float], top list[dict[int, float]] | None per row)."""
@@ -45,8 +44,14 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], seeds: list[
     R, p0 = len(params), params[0]
     if all(p is p0 for p in params):  # the common case: one request's (or one call's) parameters
         temperature, top_k, top_p, min_p = (
-            torch.full((R,), v, dtype=dt, device=dev) for v, dt in
-            ((p0.temperature, torch.float32), (p0.top_k, torch.int32), (p0.top_p, torch.float32), (p0.min_p, torch.float32)))
+            torch.full((R,), v, dtype=dt, device=dev)
+            for v, dt in (
+                (p0.temperature, torch.float32),
+                (p0.top_k, torch.int32),
+                (p0.top_p, torch.float32),
+                (p0.min_p, torch.float32),
+            )
+        )
     else:
         temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev)
         top_k = torch.tensor([p.top_k for p in params], dtype=torch.int32, device=dev)
@@ -62,5 +67,5 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], seeds: list[
         vals, ids = vals.tolist(), ids.tolist()
         for r, p in enumerate(params):
             if p.logprobs:
-                top[r] = dict(zip(ids[r][:p.logprobs], vals[r][:p.logprobs]))
+                top[r] = dict(zip(ids[r][: p.logprobs], vals[r][: p.logprobs]))
     return tokens.tolist(), logprobs.tolist(), top

@@ -105,7 +105,7 @@ class Scheduler:
         for c in children:
             c.status = Status.RUNNING
         i = self.running.index(parent)
-        self.running[i + 1:i + 1] = children
+        self.running[i + 1 : i + 1] = children
 
     def finish(self, seq: Sequence, reason: str):
         seq.status = Status.FINISHED

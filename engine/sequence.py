@@ -22,8 +22,9 @@ class Sequence:
     when its first token is sampled it forks n - 1 siblings that share its KV blocks.
     """
 
-    def __init__(self, request_id: str, token_ids: list[int], params: SamplingParams, index: int = 0,
-                 fork_count: int = 0):
+    def __init__(
+        self, request_id: str, token_ids: list[int], params: SamplingParams, index: int = 0, fork_count: int = 0
+    ):
         self.seq_id = next(_ids)
         self.request_id = request_id
         self.index = index  # candidate index within the request
@@ -49,7 +50,7 @@ class Sequence:
 
     @property
     def output_ids(self) -> list[int]:
-        return self.token_ids[self.prompt_len:]
+        return self.token_ids[self.prompt_len :]
 
     @property
     def num_output(self) -> int:

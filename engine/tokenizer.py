@@ -60,6 +60,7 @@ def load_tokenizer(path: str) -> Tokenizer | None:
 
 def require(tokenizer: Tokenizer | None, what: str) -> Tokenizer:
     if tokenizer is None:
-        raise RequestError(f"{what} needs a tokenizer, but the model directory has no tokenizer.json; "
-                           "pass token id lists instead")
+        raise RequestError(
+            f"{what} needs a tokenizer, but the model directory has no tokenizer.json; pass token id lists instead"
+        )
     return tokenizer

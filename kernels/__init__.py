@@ -10,9 +10,16 @@ from kernels.prm_scoring import prm_step_scores, prm_step_scores_ref
 from kernels.sampling import sample, sample_ref
 
 __all__ = [
-    "paged_decode_attention", "paged_decode_attention_ref",
-    "paged_prefill_attention", "paged_prefill_attention_ref",
-    "sample", "sample_ref",
-    "prm_step_scores", "prm_step_scores_ref",
-    "rms_norm", "rms_norm_ref", "apply_rotary", "apply_rotary_ref",
+    "paged_decode_attention",
+    "paged_decode_attention_ref",
+    "paged_prefill_attention",
+    "paged_prefill_attention_ref",
+    "sample",
+    "sample_ref",
+    "prm_step_scores",
+    "prm_step_scores_ref",
+    "rms_norm",
+    "rms_norm_ref",
+    "apply_rotary",
+    "apply_rotary_ref",
 ]

@@ -80,8 +80,9 @@ class CascadePlan:
         return self.prefix_blocks.shape[1]
 
 
-def build_cascade_plan(block_tables, seq_lens, block_size: int, device=None, shared_lens=None,
-                       share_ids=None) -> CascadePlan:
+def build_cascade_plan(
+    block_tables, seq_lens, block_size: int, device=None, shared_lens=None, share_ids=None
+) -> CascadePlan:
     """Group decode rows by shared leading blocks.
 
     block_tables: per row, a list of block ids (or an int [B, max_blocks] tensor; entries past a
@@ -118,7 +119,7 @@ def build_cascade_plan(block_tables, seq_lens, block_size: int, device=None, sha
             continue
         shortest = min(seq_lens[b] for b in rows)
         p = 0
-        for column in zip(*(block_tables[b][:shortest // bs] for b in rows)):  # blocks full for every row
+        for column in zip(*(block_tables[b][: shortest // bs] for b in rows)):  # blocks full for every row
             if column.count(column[0]) != len(column):
                 break
             p += 1
@@ -127,7 +128,7 @@ def build_cascade_plan(block_tables, seq_lens, block_size: int, device=None, sha
             extra = max(0, min(min(shared_lens[b] for b in rows), shortest, (p + 1) * bs - 1) - p * bs)
         if p or extra:
             groups.append(rows)
-            prefix.append(block_tables[rows[0]][:p + (extra > 0)])
+            prefix.append(block_tables[rows[0]][: p + (extra > 0)])
             plen.append(p * bs + extra)
     P = max(map(len, prefix), default=0)
     S = max(map(len, groups), default=0)
@@ -143,7 +144,7 @@ def build_cascade_plan(block_tables, seq_lens, block_size: int, device=None, sha
     # A row's own part: its tokens from pre_tokens on, stored from block pre_tokens // bs at offset
     # pre_tokens % bs.
     offsets = [t % bs for t in pre_tokens]
-    own = [block_tables[b][pre_tokens[b] // bs:nblk[b]] for b in range(B)]
+    own = [block_tables[b][pre_tokens[b] // bs : nblk[b]] for b in range(B)]
     O = max(map(len, own), default=0)
     own_keys = [L - t for L, t in zip(seq_lens, pre_tokens)]  # keys in each row's own part
     Lk = max(own_keys, default=0)
@@ -156,14 +157,19 @@ def build_cascade_plan(block_tables, seq_lens, block_size: int, device=None, sha
     flat += [x for t in own for x in t + [0] * (O - len(t))]
     flat += own_keys + new_pos + new_slots + plen + offsets
     ints = long_tensor(flat, device)
-    (prefix_blocks, slot_t, row_t, own_blocks, keys_t, new_pos_t, new_slots_t, plen_t,
-     offsets_t) = ints.split([Gr * P, B, Gr * S, B * O, B, B, B, Gr, B])
+    (prefix_blocks, slot_t, row_t, own_blocks, keys_t, new_pos_t, new_slots_t, plen_t, offsets_t) = ints.split(
+        [Gr * P, B, Gr * S, B * O, B, B, B, Gr, B]
+    )
     own_bias = None  # own parts of one length: every own key counts, no mask
     if min(own_keys, default=Lk) != Lk:
-        own_bias = torch.zeros(B, Lk, device=device).masked_fill_(
-            torch.arange(Lk, device=device) >= keys_t[:, None], _NEG_INF).view(B, 1, 1, Lk)
+        own_bias = (
+            torch.zeros(B, Lk, device=device)
+            .masked_fill_(torch.arange(Lk, device=device) >= keys_t[:, None], _NEG_INF)
+            .view(B, 1, 1, Lk)
+        )
     prefix_bias = torch.zeros(Gr, P * bs, device=device).masked_fill_(
-        torch.arange(P * bs, device=device) >= plen_t[:, None], _NEG_INF)
+        torch.arange(P * bs, device=device) >= plen_t[:, None], _NEG_INF
+    )
     empty = 0 in own_keys
     return CascadePlan(
         prefix_blocks=prefix_blocks.view(Gr, P),
@@ -216,18 +222,19 @@ def _own_keys(cache, buf, plan: CascadePlan, B, O, bs, Hkv, D, write_idx, new):
             pos = (plan.own_offsets_t[:, None] + torch.arange(plan.own_len, device=own.device)).clamp_(max=O * bs - 1)
             own = own[torch.arange(B, device=own.device)[:, None], pos]
         if buf is None:
-            return own[:, :plan.own_len]
-        buf[:B, :own.shape[1]].copy_(own)
+            return own[:, : plan.own_len]
+        buf[:B, : own.shape[1]].copy_(own)
     else:
         if new is None:
             assert not plan.write_back, "write_back needs the newest K/V passed in (new_kv)"
             new = cache.view(-1, Hkv, D).index_select(0, plan.new_slots)
-        buf.view(-1, Hkv, D)[:B * buf.shape[1]].index_copy_(0, write_idx, new.to(buf.dtype))
-    return buf[:B, :plan.own_len]
+        buf.view(-1, Hkv, D)[: B * buf.shape[1]].index_copy_(0, write_idx, new.to(buf.dtype))
+    return buf[:B, : plan.own_len]
 
 
-def cascade_decode_attention(q, k_cache, v_cache, plan: CascadePlan, scale=None,
-                             buffers: CascadeBuffers | None = None, new_kv=None):
+def cascade_decode_attention(
+    q, k_cache, v_cache, plan: CascadePlan, scale=None, buffers: CascadeBuffers | None = None, new_kv=None
+):
     """Decode attention of B single-token rows, equal to `paged_decode_attention_ref` on the same
     block tables and lengths the plan was built from.
 
@@ -245,7 +252,7 @@ def cascade_decode_attention(q, k_cache, v_cache, plan: CascadePlan, scale=None,
     B, Hq, D = q.shape
     _, bs, Hkv, _ = k_cache.shape
     G = Hq // Hkv
-    scale = D ** -0.5 if scale is None else scale
+    scale = D**-0.5 if scale is None else scale
     qf = q.float().view(B, Hkv, G, D)  # GQA: a KV head's G query heads are its query positions
 
     # Own part: each row against its blocks after the group prefix.  [B, Lk, Hkv, D] -> [B, Hkv, Lk, D]

@@ -17,7 +17,7 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scal
     """
     B, Hq, D = q.shape
     _, block_size, Hkv, _ = k_cache.shape
-    scale = D ** -0.5 if scale is None else scale
+    scale = D**-0.5 if scale is None else scale
     nblk = -(-int(seq_lens.max()) // block_size) if B else 0
     L = nblk * block_size
     # -1 padding is never read (masked by seq_lens) but must be a valid index for the gather.

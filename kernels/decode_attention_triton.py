@@ -29,18 +29,40 @@ _LOG2E = 1.4426950408889634
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, BT, SEQ, OUT, MID_O, MID_LSE,
+    Q,
+    K,
+    V,
+    BT,
+    SEQ,
+    OUT,
+    MID_O,
+    MID_LSE,
     scale_log2,
-    stride_qb, stride_qh,
-    stride_kb, stride_ks, stride_kh,
-    stride_vb, stride_vs, stride_vh,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
     stride_bt,
-    stride_ob, stride_oh,
-    stride_mb, stride_mh, stride_ms,
-    stride_lb, stride_lh,
-    G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr, OFF64: tl.constexpr,
+    stride_ob,
+    stride_oh,
+    stride_mb,
+    stride_mh,
+    stride_ms,
+    stride_lb,
+    stride_lh,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    OFF64: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -57,8 +79,11 @@ def _decode_split_kernel(
     mask_g = offs_g < G
     mask_d = offs_d < D
     heads = kvh * G + offs_g  # query heads of this KV group
-    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=mask_g[:, None] & mask_d[None, :], other=0.0)
+    q = tl.load(
+        Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=mask_g[:, None] & mask_d[None, :],
+        other=0.0,
+    )
     q = q.to(K.dtype.element_ty)  # [BLOCK_H, BLOCK_D]
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
@@ -88,22 +113,33 @@ def _decode_split_kernel(
     o = acc / safe_l[:, None]
     omask = mask_g[:, None] & mask_d[None, :]
     if NUM_SPLITS == 1:
-        tl.store(OUT + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-                 o.to(OUT.dtype.element_ty), mask=omask)
+        tl.store(
+            OUT + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :], o.to(OUT.dtype.element_ty), mask=omask
+        )
     else:
-        tl.store(MID_O + b * stride_mb + heads[:, None] * stride_mh + split * stride_ms + offs_d[None, :],
-                 o, mask=omask)
+        tl.store(
+            MID_O + b * stride_mb + heads[:, None] * stride_mh + split * stride_ms + offs_d[None, :], o, mask=omask
+        )
         lse = tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf"))  # log2 domain; -inf: empty split
         tl.store(MID_LSE + b * stride_lb + heads * stride_lh + split, lse, mask=mask_g)
 
 
 @triton.jit
 def _decode_merge_kernel(
-    MID_O, MID_LSE, OUT,
-    stride_mb, stride_mh, stride_ms,
-    stride_lb, stride_lh,
-    stride_ob, stride_oh,
-    D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    MID_O,
+    MID_LSE,
+    OUT,
+    stride_mb,
+    stride_mh,
+    stride_ms,
+    stride_lb,
+    stride_lh,
+    stride_ob,
+    stride_oh,
+    D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -115,24 +151,36 @@ def _decode_merge_kernel(
     m = tl.max(lse, 0)
     m = tl.where(m == float("-inf"), 0.0, m)  # all splits empty (seq_len 0): output zeros
     w = tl.exp2(lse - m)  # [BLOCK_S]
-    o = tl.load(MID_O + b * stride_mb + h * stride_mh + offs_s[:, None] * stride_ms + offs_d[None, :],
-                mask=mask_s[:, None] & mask_d[None, :], other=0.0)
+    o = tl.load(
+        MID_O + b * stride_mb + h * stride_mh + offs_s[:, None] * stride_ms + offs_d[None, :],
+        mask=mask_s[:, None] & mask_d[None, :],
+        other=0.0,
+    )
     denom = tl.sum(w, 0)
     out = tl.sum(o * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)
     tl.store(OUT + b * stride_ob + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty), mask=mask_d)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def choose_num_splits(batch: int, kv_heads: int, max_context: int, device: torch.device,
-                      min_tokens_per_split: int = 256, max_splits: int = 64) -> int:
+def choose_num_splits(
+    batch: int,
+    kv_heads: int,
+    max_context: int,
+    device: torch.device,
+    min_tokens_per_split: int = 256,
+    max_splits: int = 64,
+) -> int:
     """Enough splits for about two waves of programs, never splits shorter than
     min_tokens_per_split tokens (a split's fixed cost would dominate)."""
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else 132
+    sms = (
+        _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        if device.type == "cuda"
+        else 132
+    )
     programs = batch * kv_heads
     if programs >= sms:
         return 1
@@ -150,24 +198,29 @@ def _config(D: int, dtype: torch.dtype):
     return (64 if D <= 64 else 32), 4, 2
 
 
-def paged_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, scale=None, *,
-                                  num_splits=None, block_n=None):
+def paged_decode_attention_triton(
+    q, k_cache, v_cache, block_tables, seq_lens, scale=None, *, num_splits=None, block_n=None
+):
     """Same contract as kernels.decode_attention.paged_decode_attention_ref.
 
     num_splits / block_n override the heuristics (tests use them to cover both code paths).
     """
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(f"expected q [B, Hq, D] and k/v caches [blocks, block_size, Hkv, D], got "
-                         f"q {tuple(q.shape)}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}")
+        raise ValueError(
+            f"expected q [B, Hq, D] and k/v caches [blocks, block_size, Hkv, D], got "
+            f"q {tuple(q.shape)}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}"
+        )
     B, Hq, D = q.shape
     _, page, Hkv, Dk = k_cache.shape
     if Dk != D or Hq % Hkv:
         raise ValueError(f"head dim {D} vs cache {Dk}, or Hq={Hq} not a multiple of Hkv={Hkv}")
     if block_tables.dim() != 2 or block_tables.shape[0] != B or seq_lens.shape != (B,):
-        raise ValueError(f"block_tables must be [B={B}, max_blocks] and seq_lens [B], got "
-                         f"{tuple(block_tables.shape)} and {tuple(seq_lens.shape)}")
+        raise ValueError(
+            f"block_tables must be [B={B}, max_blocks] and seq_lens [B], got "
+            f"{tuple(block_tables.shape)} and {tuple(seq_lens.shape)}"
+        )
     G = Hq // Hkv
-    scale = D ** -0.5 if scale is None else float(scale)
+    scale = D**-0.5 if scale is None else float(scale)
     out = torch.empty_like(q)
     if B == 0:
         return out
@@ -191,27 +244,59 @@ def paged_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, s
     else:  # unused by the kernel; any tensor will do for the pointer arguments
         mid_o, mid_lse = out, out
     _decode_split_kernel[(B, Hkv, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, mid_o, mid_lse,
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        out,
+        mid_o,
+        mid_lse,
         scale * _LOG2E,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
         block_tables.stride(0),
-        out.stride(0), out.stride(1),
-        mid_o.stride(0) if num_splits > 1 else 0, mid_o.stride(1) if num_splits > 1 else 0,
+        out.stride(0),
+        out.stride(1),
+        mid_o.stride(0) if num_splits > 1 else 0,
+        mid_o.stride(1) if num_splits > 1 else 0,
         mid_o.stride(2) if num_splits > 1 else 0,
-        mid_lse.stride(0) if num_splits > 1 else 0, mid_lse.stride(1) if num_splits > 1 else 0,
-        G=G, D=D, PAGE=page, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N,
-        NUM_SPLITS=num_splits, PRECISION=precision, OFF64=_needs_64bit_offsets(k_cache, v_cache),
-        num_warps=num_warps, num_stages=num_stages,
+        mid_lse.stride(0) if num_splits > 1 else 0,
+        mid_lse.stride(1) if num_splits > 1 else 0,
+        G=G,
+        D=D,
+        PAGE=page,
+        BLOCK_H=BLOCK_H,
+        BLOCK_D=BLOCK_D,
+        BLOCK_N=BLOCK_N,
+        NUM_SPLITS=num_splits,
+        PRECISION=precision,
+        OFF64=_needs_64bit_offsets(k_cache, v_cache),
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     if num_splits > 1:
         _decode_merge_kernel[(B, Hq)](
-            mid_o, mid_lse, out,
-            mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
-            mid_lse.stride(0), mid_lse.stride(1),
-            out.stride(0), out.stride(1),
-            D=D, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=BLOCK_D,
+            mid_o,
+            mid_lse,
+            out,
+            mid_o.stride(0),
+            mid_o.stride(1),
+            mid_o.stride(2),
+            mid_lse.stride(0),
+            mid_lse.stride(1),
+            out.stride(0),
+            out.stride(1),
+            D=D,
+            NUM_SPLITS=num_splits,
+            BLOCK_S=triton.next_power_of_2(num_splits),
+            BLOCK_D=BLOCK_D,
             num_warps=4 if BLOCK_D >= 128 else 2,
         )
     return out

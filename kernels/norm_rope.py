@@ -39,8 +39,13 @@ def apply_rotary_ref(q, k, positions, cos_sin_cache):
         return out
 
     # q and k as neighbouring views of one fused projection (the engine's case): one pass for both.
-    if (q.stride() == k.stride() and q.stride(-1) == 1 and q.stride(1) == D and q.dtype == k.dtype
-            and k.data_ptr() == q.data_ptr() + Hq * D * q.element_size()):
+    if (
+        q.stride() == k.stride()
+        and q.stride(-1) == 1
+        and q.stride(1) == D
+        and q.dtype == k.dtype
+        and k.data_ptr() == q.data_ptr() + Hq * D * q.element_size()
+    ):
         qk = rot(q.as_strided((T, Hq + k.shape[1], D), q.stride()))
         return qk[:, :Hq], qk[:, Hq:]
     return rot(q), rot(k)

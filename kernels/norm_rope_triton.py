@@ -14,9 +14,19 @@ import triton.language as tl
 
 @triton.jit
 def _rms_norm_kernel(
-    X, RES, W, OUT, RES_OUT,
-    H, stride_x, stride_r, stride_o, stride_ro, eps,
-    HAS_RES: tl.constexpr, BLOCK_H: tl.constexpr,
+    X,
+    RES,
+    W,
+    OUT,
+    RES_OUT,
+    H,
+    stride_x,
+    stride_r,
+    stride_o,
+    stride_ro,
+    eps,
+    HAS_RES: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_H)
@@ -57,18 +67,41 @@ def rms_norm_triton(x, weight, eps, residual=None):
         BLOCK_H = triton.next_power_of_2(H)
         num_warps = 4 if BLOCK_H <= 1024 else (8 if BLOCK_H <= 4096 else 16)
         _rms_norm_kernel[(rows,)](
-            x2, r2 if r2 is not None else x2, weight, out, res_out if res_out is not None else out,
-            H, x2.stride(0), r2.stride(0) if r2 is not None else 0, out.stride(0),
-            res_out.stride(0) if res_out is not None else 0, float(eps),
-            HAS_RES=residual is not None, BLOCK_H=BLOCK_H, num_warps=num_warps,
+            x2,
+            r2 if r2 is not None else x2,
+            weight,
+            out,
+            res_out if res_out is not None else out,
+            H,
+            x2.stride(0),
+            r2.stride(0) if r2 is not None else 0,
+            out.stride(0),
+            res_out.stride(0) if res_out is not None else 0,
+            float(eps),
+            HAS_RES=residual is not None,
+            BLOCK_H=BLOCK_H,
+            num_warps=num_warps,
         )
     out = out.view(x.shape)
     return out if residual is None else (out, res_out.view(x.shape))
 
 
 @triton.jit
-def _rotate_heads(X, OUT, stride_xt, stride_xh, stride_ot, stride_oh, t, cos, sin, NH,
-                  HALF: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr):
+def _rotate_heads(
+    X,
+    OUT,
+    stride_xt,
+    stride_xh,
+    stride_ot,
+    stride_oh,
+    t,
+    cos,
+    sin,
+    NH,
+    HALF: tl.constexpr,
+    BLOCK_HEADS: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
     """out = x * cos + rotate_half(x) * sin for all heads of token t; cos/sin [BLOCK_HALF]."""
     heads = tl.arange(0, BLOCK_HEADS)
     offs = tl.arange(0, BLOCK_HALF)
@@ -87,10 +120,27 @@ def _rotate_heads(X, OUT, stride_xt, stride_xh, stride_ot, stride_oh, t, cos, si
 
 @triton.jit
 def _rotary_kernel(
-    Q, K, POS, CS, QO, KO,
-    HQ, HK, stride_qt, stride_qh, stride_kt, stride_kh,
-    stride_qot, stride_qoh, stride_kot, stride_koh, stride_cs,
-    HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    Q,
+    K,
+    POS,
+    CS,
+    QO,
+    KO,
+    HQ,
+    HK,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_qot,
+    stride_qoh,
+    stride_kot,
+    stride_koh,
+    stride_cs,
+    HALF: tl.constexpr,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HK: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(POS + t).to(tl.int64)
@@ -100,10 +150,8 @@ def _rotary_kernel(
     dt = QO.dtype.element_ty
     cos = tl.load(CS + pos * stride_cs + offs, mask=m, other=0.0).to(dt).to(tl.float32)
     sin = tl.load(CS + pos * stride_cs + HALF + offs, mask=m, other=0.0).to(dt).to(tl.float32)
-    _rotate_heads(Q, QO, stride_qt, stride_qh, stride_qot, stride_qoh, t, cos, sin, HQ,
-                  HALF, BLOCK_HQ, BLOCK_HALF)
-    _rotate_heads(K, KO, stride_kt, stride_kh, stride_kot, stride_koh, t, cos, sin, HK,
-                  HALF, BLOCK_HK, BLOCK_HALF)
+    _rotate_heads(Q, QO, stride_qt, stride_qh, stride_qot, stride_qoh, t, cos, sin, HQ, HALF, BLOCK_HQ, BLOCK_HALF)
+    _rotate_heads(K, KO, stride_kt, stride_kh, stride_kot, stride_koh, t, cos, sin, HK, HALF, BLOCK_HK, BLOCK_HALF)
 
 
 def apply_rotary_triton(q, k, positions, cos_sin_cache):
@@ -113,8 +161,10 @@ def apply_rotary_triton(q, k, positions, cos_sin_cache):
     T, Hq, D = q.shape
     Hk = k.shape[1]
     if D % 2 or cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != D or positions.shape != (T,):
-        raise ValueError(f"need an even head dim, cos_sin_cache [max_pos, {D}] and positions [{T}], got "
-                         f"D={D}, {tuple(cos_sin_cache.shape)}, {tuple(positions.shape)}")
+        raise ValueError(
+            f"need an even head dim, cos_sin_cache [max_pos, {D}] and positions [{T}], got "
+            f"D={D}, {tuple(cos_sin_cache.shape)}, {tuple(positions.shape)}"
+        )
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
     cs = cos_sin_cache if cos_sin_cache.stride(-1) == 1 else cos_sin_cache.contiguous()
@@ -122,11 +172,28 @@ def apply_rotary_triton(q, k, positions, cos_sin_cache):
     if T:
         half = D // 2
         _rotary_kernel[(T,)](
-            q, k, positions.contiguous(), cs, qo, ko,
-            Hq, Hk, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-            qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1), cs.stride(0),
-            HALF=half, BLOCK_HQ=triton.next_power_of_2(Hq), BLOCK_HK=triton.next_power_of_2(Hk),
-            BLOCK_HALF=triton.next_power_of_2(half), num_warps=4,
+            q,
+            k,
+            positions.contiguous(),
+            cs,
+            qo,
+            ko,
+            Hq,
+            Hk,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            qo.stride(0),
+            qo.stride(1),
+            ko.stride(0),
+            ko.stride(1),
+            cs.stride(0),
+            HALF=half,
+            BLOCK_HQ=triton.next_power_of_2(Hq),
+            BLOCK_HK=triton.next_power_of_2(Hk),
+            BLOCK_HALF=triton.next_power_of_2(half),
+            num_warps=4,
         )
     return qo, ko
 

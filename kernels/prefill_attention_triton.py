@@ -23,15 +23,32 @@ _LOG2E = 1.4426950408889634
 
 @triton.jit
 def _prefill_kernel(
-    Q, K, V, BT, CU_Q, SEQ, OUT,
+    Q,
+    K,
+    V,
+    BT,
+    CU_Q,
+    SEQ,
+    OUT,
     scale_log2,
-    stride_qt, stride_qh,
-    stride_kb, stride_ks, stride_kh,
-    stride_vb, stride_vs, stride_vh,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
     stride_bt,
-    stride_ot, stride_oh,
-    G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    stride_ot,
+    stride_oh,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
     OFF64: tl.constexpr,
 ):
     m_tile = tl.program_id(0)
@@ -50,8 +67,11 @@ def _prefill_kernel(
     mask_m = offs_m < q_len
     mask_d = offs_d < D
     qpos = prefix + offs_m  # absolute positions of the queries
-    q = tl.load(Q + (q_start + offs_m)[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-                mask=mask_m[:, None] & mask_d[None, :], other=0.0).to(K.dtype.element_ty)
+    q = tl.load(
+        Q + (q_start + offs_m)[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+        mask=mask_m[:, None] & mask_d[None, :],
+        other=0.0,
+    ).to(K.dtype.element_ty)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -101,8 +121,11 @@ def _prefill_kernel(
         m_i = m_new
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(OUT + (q_start + offs_m)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
-             o.to(OUT.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+    tl.store(
+        OUT + (q_start + offs_m)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+        o.to(OUT.dtype.element_ty),
+        mask=mask_m[:, None] & mask_d[None, :],
+    )
 
 
 def _config(D: int, dtype: torch.dtype):
@@ -118,25 +141,30 @@ def _config(D: int, dtype: torch.dtype):
     return 64, 32, 8, 2
 
 
-def paged_prefill_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale=None, *,
-                                   block_m=None, block_n=None):
+def paged_prefill_attention_triton(
+    q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale=None, *, block_m=None, block_n=None
+):
     """Same contract as kernels.prefill_attention.paged_prefill_attention_ref.
 
     block_m / block_n override the tile sizes (tests use small tiles to cover several of them).
     Reads the longest new-token count from cu_seqlens_q (one host sync, fine for prefill).
     """
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(f"expected q [T, Hq, D] and k/v caches [blocks, block_size, Hkv, D], got "
-                         f"q {tuple(q.shape)}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}")
+        raise ValueError(
+            f"expected q [T, Hq, D] and k/v caches [blocks, block_size, Hkv, D], got "
+            f"q {tuple(q.shape)}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}"
+        )
     T, Hq, D = q.shape
     _, page, Hkv, Dk = k_cache.shape
     if Dk != D or Hq % Hkv:
         raise ValueError(f"head dim {D} vs cache {Dk}, or Hq={Hq} not a multiple of Hkv={Hkv}")
     B = seq_lens.shape[0]
     if cu_seqlens_q.shape != (B + 1,) or block_tables.dim() != 2 or block_tables.shape[0] != B:
-        raise ValueError(f"cu_seqlens_q must be [B+1={B + 1}] and block_tables [B, max_blocks], got "
-                         f"{tuple(cu_seqlens_q.shape)} and {tuple(block_tables.shape)}")
-    scale = D ** -0.5 if scale is None else float(scale)
+        raise ValueError(
+            f"cu_seqlens_q must be [B+1={B + 1}] and block_tables [B, max_blocks], got "
+            f"{tuple(cu_seqlens_q.shape)} and {tuple(block_tables.shape)}"
+        )
+    scale = D**-0.5 if scale is None else float(scale)
     out = torch.empty_like(q)
     if T == 0 or B == 0:
         return out
@@ -151,18 +179,35 @@ def paged_prefill_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens
     max_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item())
     grid = (triton.cdiv(max_q, BLOCK_M), Hq, B)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, out,
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        cu_seqlens_q,
+        seq_lens,
+        out,
         scale * _LOG2E,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
         block_tables.stride(0),
-        out.stride(0), out.stride(1),
-        G=Hq // Hkv, D=D, PAGE=page,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(D)),
+        out.stride(0),
+        out.stride(1),
+        G=Hq // Hkv,
+        D=D,
+        PAGE=page,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        BLOCK_D=max(16, triton.next_power_of_2(D)),
         PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
         OFF64=_needs_64bit_offsets(k_cache, v_cache),
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     return out
 

@@ -36,7 +36,8 @@ def prm_step_scores_ref(hidden, tag_index, head_weight, head_bias, step_candidat
         out = out.index_add(0, cand, p_good) / count.clamp(min=1)
     else:  # last: steps are ordered within a candidate, so the last write wins
         last = torch.full_like(out, -1, dtype=torch.long).scatter_reduce(
-            0, cand, torch.arange(len(cand), device=cand.device), "amax")
+            0, cand, torch.arange(len(cand), device=cand.device), "amax"
+        )
         out = torch.where(last >= 0, p_good[last.clamp(min=0)] if len(cand) else out, out)
     return p_good, torch.where(count > 0, out, torch.zeros_like(out))
 

@@ -17,9 +17,18 @@ _AGG_CODE = {name: i for i, name in enumerate(AGGREGATES)}  # min 0, last 1, pro
 
 @triton.jit
 def _prm_step_kernel(
-    HIDDEN, TAG, W, BIAS, P_GOOD,
-    S, H, stride_hid, stride_w,
-    HAS_BIAS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
+    HIDDEN,
+    TAG,
+    W,
+    BIAS,
+    P_GOOD,
+    S,
+    H,
+    stride_hid,
+    stride_w,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     offs_s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
     mask_s = offs_s < S
@@ -29,8 +38,9 @@ def _prm_step_kernel(
     for h0 in range(0, H, BLOCK_H):
         offs_h = h0 + tl.arange(0, BLOCK_H)
         mask_h = offs_h < H
-        x = tl.load(HIDDEN + rows[:, None] * stride_hid + offs_h[None, :],
-                    mask=mask_s[:, None] & mask_h[None, :], other=0.0).to(tl.float32)
+        x = tl.load(
+            HIDDEN + rows[:, None] * stride_hid + offs_h[None, :], mask=mask_s[:, None] & mask_h[None, :], other=0.0
+        ).to(tl.float32)
         w_good = tl.load(W + offs_h, mask=mask_h, other=0.0).to(tl.float32)
         w_bad = tl.load(W + stride_w + offs_h, mask=mask_h, other=0.0).to(tl.float32)
         good += tl.sum(x * w_good[None, :], 1)
@@ -79,8 +89,9 @@ def prm_step_scores_triton(hidden, tag_index, head_weight, head_bias, step_candi
     if agg not in AGGREGATES:
         raise ValueError(f"unknown PRM aggregate {agg!r}; choose one of {AGGREGATES}")
     if hidden.dim() != 2 or head_weight.shape != (2, hidden.shape[1]):
-        raise ValueError(f"expected hidden [T, H] and head_weight [2, H], got {tuple(hidden.shape)} "
-                         f"and {tuple(head_weight.shape)}")
+        raise ValueError(
+            f"expected hidden [T, H] and head_weight [2, H], got {tuple(hidden.shape)} and {tuple(head_weight.shape)}"
+        )
     S = tag_index.shape[0]
     if step_candidate.shape != (S,):
         raise ValueError(f"step_candidate must be [S={S}], got {tuple(step_candidate.shape)}")
@@ -92,11 +103,17 @@ def prm_step_scores_triton(hidden, tag_index, head_weight, head_bias, step_candi
     tags = tag_index.long().contiguous()
     if S:
         # One host sync per scoring call (not per token): the kernels rely on these.
-        bad = ((tags.min() < 0) | (tags.max() >= T) | (cand.min() < 0) | (cand.max() >= num_candidates)
-               | (cand[1:] < cand[:-1]).any())
+        bad = (
+            (tags.min() < 0)
+            | (tags.max() >= T)
+            | (cand.min() < 0)
+            | (cand.max() >= num_candidates)
+            | (cand[1:] < cand[:-1]).any()
+        )
         if bool(bad):
-            raise ValueError(f"tag_index must lie in [0, {T}) and step_candidate must be non-decreasing "
-                             f"in [0, {num_candidates})")
+            raise ValueError(
+                f"tag_index must lie in [0, {T}) and step_candidate must be non-decreasing in [0, {num_candidates})"
+            )
     hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
     head_weight = head_weight if head_weight.stride(-1) == 1 else head_weight.contiguous()
 
@@ -105,9 +122,19 @@ def prm_step_scores_triton(hidden, tag_index, head_weight, head_bias, step_candi
     if S:
         BLOCK_S, BLOCK_H = 16, min(256, triton.next_power_of_2(H))
         _prm_step_kernel[(triton.cdiv(S, BLOCK_S),)](
-            hidden, tags, head_weight, head_bias if head_bias is not None else head_weight, p_good,
-            S, H, hidden.stride(0), head_weight.stride(0),
-            HAS_BIAS=head_bias is not None, BLOCK_S=BLOCK_S, BLOCK_H=BLOCK_H, num_warps=4,
+            hidden,
+            tags,
+            head_weight,
+            head_bias if head_bias is not None else head_weight,
+            p_good,
+            S,
+            H,
+            hidden.stride(0),
+            head_weight.stride(0),
+            HAS_BIAS=head_bias is not None,
+            BLOCK_S=BLOCK_S,
+            BLOCK_H=BLOCK_H,
+            num_warps=4,
         )
     if num_candidates:
         # starts[c] = first step of candidate c (steps are grouped by candidate)

@@ -34,9 +34,19 @@ def _ordered_key(x):
 
 @triton.jit
 def _sample_kernel(
-    LOGITS, TEMP, TOPK, TOPP, MINP, SEEDS, TOKENS, LOGPROBS,
-    B, V, stride_row,
-    BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+    LOGITS,
+    TEMP,
+    TOPK,
+    TOPP,
+    MINP,
+    SEEDS,
+    TOKENS,
+    LOGPROBS,
+    B,
+    V,
+    stride_row,
+    BLOCK_R: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     """BLOCK_R rows per program (1 on GPU; many under the interpreter, whose cost is per op).
     Per-row state is a [BLOCK_R] vector; a bisection loop runs until every row has converged
@@ -156,8 +166,13 @@ def sample_triton(logits, temperature, top_k, top_p, min_p, seeds, *, block_v=No
     if logits.dim() != 2:
         raise ValueError(f"logits must be [B, V], got {tuple(logits.shape)}")
     B, V = logits.shape
-    for name, t in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p),
-                    ("min_p", min_p), ("seeds", seeds)):
+    for name, t in (
+        ("temperature", temperature),
+        ("top_k", top_k),
+        ("top_p", top_p),
+        ("min_p", min_p),
+        ("seeds", seeds),
+    ):
         if t.shape != (B,):
             raise ValueError(f"{name} must have shape [B={B}], got {tuple(t.shape)}")
     tokens = torch.empty(B, dtype=torch.int64, device=logits.device)
@@ -169,10 +184,20 @@ def sample_triton(logits, temperature, top_k, top_p, min_p, seeds, *, block_v=No
     # One row per program on a GPU; the interpreter's cost is per op, so it takes many rows at once.
     BLOCK_R = block_r or (1 if logits.is_cuda else min(256, triton.next_power_of_2(B)))
     _sample_kernel[(triton.cdiv(B, BLOCK_R),)](
-        logits, temperature.contiguous(), top_k.contiguous(), top_p.contiguous(), min_p.contiguous(),
-        seeds.to(torch.int64).contiguous(), tokens, logprobs,
-        B, V, logits.stride(0),
-        BLOCK_R=BLOCK_R, BLOCK_V=BLOCK_V, num_warps=8 if BLOCK_V >= 2048 else 4,
+        logits,
+        temperature.contiguous(),
+        top_k.contiguous(),
+        top_p.contiguous(),
+        min_p.contiguous(),
+        seeds.to(torch.int64).contiguous(),
+        tokens,
+        logprobs,
+        B,
+        V,
+        logits.stride(0),
+        BLOCK_R=BLOCK_R,
+        BLOCK_V=BLOCK_V,
+        num_warps=8 if BLOCK_V >= 2048 else 4,
     )
     return tokens, logprobs
 

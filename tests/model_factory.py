@@ -22,32 +22,62 @@ def build_tokenizer(path: str, vocab_size: int = 256, extra_tokens=()):
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(_CORPUS, trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
     if extra_tokens:
         tok.add_tokens(list(extra_tokens))
     tok.save(os.path.join(path, "tokenizer.json"))
     with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
-                   "pad_token": "<pad>", "model_max_length": 4096}, f)
+        json.dump(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "pad_token": "<pad>",
+                "model_max_length": 4096,
+            },
+            f,
+        )
     return tok
 
 
 def make_config(arch: str = "llama", **overrides):
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
-    base = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                bos_token_id=0, eos_token_id=1, pad_token_id=2, rms_norm_eps=1e-6)
+    base = dict(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+        rms_norm_eps=1e-6,
+    )
     base.update(overrides)
     cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[arch]
     return cls(**base)
 
 
-def make_model(path: str, arch: str = "llama", seed: int = 0, tokenizer: bool = True, dtype=torch.float32,
-               head: str = "lm", extra_tokens=(), **overrides) -> str:
+def make_model(
+    path: str,
+    arch: str = "llama",
+    seed: int = 0,
+    tokenizer: bool = True,
+    dtype=torch.float32,
+    head: str = "lm",
+    extra_tokens=(),
+    **overrides,
+) -> str:
     """Save a random model (and tokenizer) to `path`; returns the path. Weights are scaled up from
     the default init so logits are far from uniform and greedy decoding is not tie-prone."""
     from transformers import AutoModelForCausalLM, AutoModelForTokenClassification

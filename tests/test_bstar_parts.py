@@ -13,12 +13,22 @@ import pytest
 
 from bstar.balance import balance_score, mean_balance_score
 from bstar.data import DEFAULT_PROMPT, Example, check_template, format_prompt, load_examples
-from bstar.metrics import (distinct_correct, equation_diversity, extract_equations,
-                           frac_any_correct, greedy_accuracy, mean_pass_at_k, pass_at_1,
-                           pass_at_k, reward_at_k, sample_metrics, selected_stats)
+from bstar.metrics import (
+    distinct_correct,
+    equation_diversity,
+    extract_equations,
+    frac_any_correct,
+    greedy_accuracy,
+    mean_pass_at_k,
+    pass_at_1,
+    pass_at_k,
+    reward_at_k,
+    sample_metrics,
+    selected_stats,
+)
 from bstar.plots import plot_runs, plot_search_table, write_report
 from bstar.search import SearchConfig, choose_subset, search_config
-from bstar.selection import Candidate, aggregate_prm, cap_for_target, candidate_score, select
+from bstar.selection import Candidate, aggregate_prm, candidate_score, cap_for_target, select
 from engine.errors import BStarError, DataError, RequestError
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -27,17 +37,21 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 # ---------------------------------------------------------------------------------------------
 # Balance score
 
-@pytest.mark.parametrize("s, c, n_star, want", [
-    (0, 0, 8, 0.0),             # nothing selected
-    (3, 0, 8, 0.0),             # only wrong ones selected
-    (2, 2, 8, 0.25),            # clean but too few: 2/8 * 1
-    (4, 1, 8, 0.03125),         # 1/8 * 1/4
-    (10, 8, 8, 0.8),            # enough correct: 1 * 8/10
-    (12, 12, 8, 1.0),           # c above n*: the first factor saturates at 1
-    (20, 12, 8, 0.6),           # c above n*, 12/20 clean
-    (6, 5, 4, 5 / 6),           # another n*
-    (6, 3, 4, 0.75 * 0.5),
-])
+
+@pytest.mark.parametrize(
+    "s, c, n_star, want",
+    [
+        (0, 0, 8, 0.0),  # nothing selected
+        (3, 0, 8, 0.0),  # only wrong ones selected
+        (2, 2, 8, 0.25),  # clean but too few: 2/8 * 1
+        (4, 1, 8, 0.03125),  # 1/8 * 1/4
+        (10, 8, 8, 0.8),  # enough correct: 1 * 8/10
+        (12, 12, 8, 1.0),  # c above n*: the first factor saturates at 1
+        (20, 12, 8, 0.6),  # c above n*, 12/20 clean
+        (6, 5, 4, 5 / 6),  # another n*
+        (6, 3, 4, 0.75 * 0.5),
+    ],
+)
 def test_balance_score_hand_values(s, c, n_star, want):
     assert balance_score(s, c, n_star) == pytest.approx(want, abs=1e-15)
 
@@ -68,6 +82,7 @@ def test_balance_score_rejects_impossible_counts(s, c, n_star):
 # ---------------------------------------------------------------------------------------------
 # Selection
 
+
 def C(q, text, correct, prm):
     return Candidate(q, text, bool(correct), prm)
 
@@ -75,12 +90,12 @@ def C(q, text, correct, prm):
 def naive_select(groups, threshold, cap=None, target=None, max_cap=64, scale=0.2, golds=None):
     """Straightforward re-implementation: score, sort, filter, dedup, cap (M found by trying
     1, 2, ... as the reference does)."""
+
     def per_query(m):
         out = []
         for i, g in enumerate(groups):
             cands = list(g) + ([golds[i]] if golds and golds[i] else [])
-            order = sorted(range(len(cands)),
-                           key=lambda j: (-(float(cands[j].correct) + scale * cands[j].prm), j))
+            order = sorted(range(len(cands)), key=lambda j: (-(float(cands[j].correct) + scale * cands[j].prm), j))
             kept, seen = [], set()
             for j in order:
                 c = cands[j]
@@ -89,6 +104,7 @@ def naive_select(groups, threshold, cap=None, target=None, max_cap=64, scale=0.2
                     kept.append(c)
             out.append(kept if m is None else kept[:m])
         return out
+
     if target is not None:
         for m in range(1, max_cap + 1):
             sel = per_query(m)
@@ -130,7 +146,7 @@ def test_correct_always_outranks_wrong():
 
 def test_prm_term_must_stay_below_one():
     with pytest.raises(RequestError, match="outside"):
-        candidate_score(C(0, "x", 0, 5.0), prm_scale=0.2)   # 5 * 0.2 = 1: could tie a correct one
+        candidate_score(C(0, "x", 0, 5.0), prm_scale=0.2)  # 5 * 0.2 = 1: could tie a correct one
     with pytest.raises(RequestError):
         candidate_score(C(0, "x", 0, -0.5))
     with pytest.raises(RequestError):
@@ -149,17 +165,18 @@ def test_duplicates_dropped_before_cap():
 def test_cap_m_limits_each_query():
     groups = [[C(q, f"{q}-{j}", j % 2, 0.1 * j) for j in range(6)] for q in range(3)]
     sel = select(groups, threshold=-1, max_per_query=4)
-    assert sel.per_query == [(4, 3)] * 3   # 1,3,5 correct rank first, then 4, (2, 0 cut)
+    assert sel.per_query == [(4, 3)] * 3  # 1,3,5 correct rank first, then 4, (2, 0 cut)
     assert [c.text for c in sel.selected[:4]] == ["0-5", "0-3", "0-1", "0-4"]
 
 
 def test_auto_cap_reaches_target_size():
-    groups = [[C(0, f"a{j}", 1, 0.1) for j in range(5)],
-              [C(1, "b0", 1, 0.1)],
-              [C(2, f"c{j}", 0, 0.5) for j in range(3)]]
+    groups = [
+        [C(0, f"a{j}", 1, 0.1) for j in range(5)],
+        [C(1, "b0", 1, 0.1)],
+        [C(2, f"c{j}", 0, 0.5) for j in range(3)],
+    ]
     # candidates above threshold -1: n = [5, 1, 3]; size(M) = 3, 5, 7, 8, 9 for M = 1..5
-    for target, want_m, want_size in [(0, 1, 3), (3, 1, 3), (4, 2, 5), (6, 3, 7), (7, 3, 7),
-                                      (9, 5, 9), (100, 64, 9)]:
+    for target, want_m, want_size in [(0, 1, 3), (3, 1, 3), (4, 2, 5), (6, 3, 7), (7, 3, 7), (9, 5, 9), (100, 64, 9)]:
         sel = select(groups, threshold=-1, target_size=target)
         assert (sel.cap, sel.size) == (want_m, want_size), target
     sel = select(groups, threshold=-1, target_size=100, max_cap=4)
@@ -189,10 +206,17 @@ def test_selection_matches_naive_on_random_data():
     for trial in range(40):
         groups = []
         for q in range(rng.randint(1, 8)):
-            groups.append([C(q, f"t{rng.randint(0, 6)}", rng.random() < 0.4, round(rng.random(), 3))
-                           for _ in range(rng.randint(0, 10))])
-        golds = [Candidate.gold(q, f"t{rng.randint(0, 8)}") if rng.random() < 0.5 else None
-                 for q in range(len(groups))] if trial % 2 else None
+            groups.append(
+                [
+                    C(q, f"t{rng.randint(0, 6)}", rng.random() < 0.4, round(rng.random(), 3))
+                    for _ in range(rng.randint(0, 10))
+                ]
+            )
+        golds = (
+            [Candidate.gold(q, f"t{rng.randint(0, 8)}") if rng.random() < 0.5 else None for q in range(len(groups))]
+            if trial % 2
+            else None
+        )
         # identical text must mean identical grade and score for dedup to be well defined
         for g in groups:
             info = {}
@@ -201,10 +225,10 @@ def test_selection_matches_naive_on_random_data():
         thr = rng.choice([-1.0, 0.0, 0.1, 0.5, 1.0, 1.1])
         for kw in ({}, {"max_per_query": rng.randint(1, 4)}, {"target_size": rng.randint(0, 30)}):
             sel = select(groups, thr, golds=golds, max_cap=6, **kw)
-            want, m = naive_select(groups, thr, cap=kw.get("max_per_query"),
-                                   target=kw.get("target_size"), max_cap=6, golds=golds)
-            assert [(c.query_id, c.text) for c in sel.selected] == \
-                   [(c.query_id, c.text) for g in want for c in g]
+            want, m = naive_select(
+                groups, thr, cap=kw.get("max_per_query"), target=kw.get("target_size"), max_cap=6, golds=golds
+            )
+            assert [(c.query_id, c.text) for c in sel.selected] == [(c.query_id, c.text) for g in want for c in g]
             assert sel.per_query == [(len(g), sum(c.correct for c in g)) for g in want]
             assert sel.cap == m
 
@@ -235,13 +259,18 @@ def test_aggregate_prm():
 # ---------------------------------------------------------------------------------------------
 # Configuration search
 
+
 def hand_samples():
     # prm_scale 0.2: score = correct + prm / 5
     return {
-        0.5: [[C(0, "a", 1, 0.8), C(0, "b", 0, 0.9), C(0, "c", 0, 0.2)],     # 1.16, 0.18, 0.04
-              [C(1, "d", 0, 0.4), C(1, "e", 0, 0.1)]],                         # 0.08, 0.02
-        1.0: [[C(0, "f", 1, 0.5), C(0, "g", 1, 0.9), C(0, "h", 0, 0.1)],     # 1.10, 1.18, 0.02
-              [C(1, "i", 1, 0.3), C(1, "j", 0, 0.8)]],                         # 1.06, 0.16
+        0.5: [
+            [C(0, "a", 1, 0.8), C(0, "b", 0, 0.9), C(0, "c", 0, 0.2)],  # 1.16, 0.18, 0.04
+            [C(1, "d", 0, 0.4), C(1, "e", 0, 0.1)],
+        ],  # 0.08, 0.02
+        1.0: [
+            [C(0, "f", 1, 0.5), C(0, "g", 1, 0.9), C(0, "h", 0, 0.1)],  # 1.10, 1.18, 0.02
+            [C(1, "i", 1, 0.3), C(1, "j", 0, 0.8)],
+        ],  # 1.06, 0.16
     }
 
 
@@ -250,12 +279,12 @@ def test_search_picks_hand_computed_best_pair():
     res = search_config(hand_samples(), cfg)
     # n* = 2; bs = min(c/2, 1) * c/s per query, mean of the two queries
     want = {
-        (0.5, 0.0): (0.5 * 1 / 3 + 0) / 2,    # q0 s3 c1, q1 s2 c0
-        (0.5, 0.1): (0.5 * 0.5 + 0) / 2,      # q0 s2 c1, q1 s0
-        (0.5, 1.12): (0.5 + 0) / 2,           # q0 s1 c1
+        (0.5, 0.0): (0.5 * 1 / 3 + 0) / 2,  # q0 s3 c1, q1 s2 c0
+        (0.5, 0.1): (0.5 * 0.5 + 0) / 2,  # q0 s2 c1, q1 s0
+        (0.5, 1.12): (0.5 + 0) / 2,  # q0 s1 c1
         (1.0, 0.0): (2 / 3 + 0.5 * 0.5) / 2,  # q0 s3 c2, q1 s2 c1
-        (1.0, 0.1): (1.0 + 0.25) / 2,         # q0 s2 c2, q1 s2 c1
-        (1.0, 1.12): (0.5 + 0) / 2,           # q0 s1 c1, q1 s0
+        (1.0, 0.1): (1.0 + 0.25) / 2,  # q0 s2 c2, q1 s2 c1
+        (1.0, 1.12): (0.5 + 0) / 2,  # q0 s1 c1, q1 s0
     }
     got = {(r.temperature, r.threshold): r.balance_score for r in res.table}
     assert got == pytest.approx(want)
@@ -293,16 +322,15 @@ def test_search_matches_select_on_random_data():
             groups.append(g)
         samples[t] = groups
     golds = [Candidate.gold(q, f"gold{q}") if q % 3 else None for q in range(n_q)]
-    for kw in ({"target_size": 25}, {"target_size": None, "max_per_query": 3},
-               {"target_size": None}):
-        cfg = SearchConfig(thresholds=(-1.0, 0.0, 0.05, 0.1, 0.15, 0.99, 1.0, 1.1, 1.15),
-                           n_star=3, max_cap=8, **kw)
+    for kw in ({"target_size": 25}, {"target_size": None, "max_per_query": 3}, {"target_size": None}):
+        cfg = SearchConfig(thresholds=(-1.0, 0.0, 0.05, 0.1, 0.15, 0.99, 1.0, 1.1, 1.15), n_star=3, max_cap=8, **kw)
         res = search_config(samples, cfg, golds=golds)
         best = None
         for t in sorted(samples):
             for thr in cfg.thresholds:
-                want, m = naive_select(samples[t], thr, cap=cfg.max_per_query,
-                                       target=cfg.target_size, max_cap=8, golds=golds)
+                want, m = naive_select(
+                    samples[t], thr, cap=cfg.max_per_query, target=cfg.target_size, max_cap=8, golds=golds
+                )
                 pq = [(len(g), sum(c.correct for c in g)) for g in want]
                 bs = mean_balance_score(pq, 3)
                 row = next(r for r in res.table if (r.temperature, r.threshold) == (t, thr))
@@ -321,7 +349,7 @@ def test_search_config_defaults_are_reference_values():
     assert cfg.thresholds[150] == 0.5
     assert (cfg.k, cfg.n_star, cfg.subset_size, cfg.target_size, cfg.prm_scale) == (64, 8, 1000, 3550, 0.2)
     with pytest.raises(RequestError):
-        SearchConfig(max_per_query=4)           # target_size is set too
+        SearchConfig(max_per_query=4)  # target_size is set too
     with pytest.raises(RequestError):
         SearchConfig(thresholds=())
     with pytest.raises(RequestError, match="same queries"):
@@ -337,8 +365,7 @@ def test_vectorised_cap_matches_pure():
     for _ in range(300):
         n = [rng.randint(0, 12) for _ in range(rng.randint(0, 20))]
         target, max_cap = rng.randint(0, 150), rng.randint(1, 15)
-        assert _cap_for_target(np.array(n, dtype=np.int64), target, max_cap) == \
-            cap_for_target(n, target, max_cap)
+        assert _cap_for_target(np.array(n, dtype=np.int64), target, max_cap) == cap_for_target(n, target, max_cap)
 
 
 def test_choose_subset():
@@ -350,6 +377,7 @@ def test_choose_subset():
 
 # ---------------------------------------------------------------------------------------------
 # Metrics
+
 
 def brute_pass_at_k(n, c, k):
     samples = [True] * c + [False] * (n - c)
@@ -383,9 +411,9 @@ def test_metric_hand_values():
     assert greedy_accuracy([True, False, False, True]) == 0.5
     rc, rp = [[0, 1, 0], [1, 0, 1]], [[0.2, 0.9, 0.5], [0.3, 0.8, 0.95]]
     assert reward_at_k(rc, rp) == 1.0
-    assert reward_at_k(rc, rp, 2) == 0.5      # q1 picks sample 1 (wrong)
+    assert reward_at_k(rc, rp, 2) == 0.5  # q1 picks sample 1 (wrong)
     assert reward_at_k(rc, rp, 1) == 0.5
-    assert reward_at_k([[0, 1]], [[0.5, 0.5]]) == 0.0   # tie: the earlier sample
+    assert reward_at_k([[0, 1]], [[0.5, 0.5]]) == 0.0  # tie: the earlier sample
     with pytest.raises(RequestError):
         reward_at_k([[1, 0]], [[0.5]])
     texts = [["a b", "a  b", "c", "d"], ["x", "y"]]
@@ -403,22 +431,32 @@ def test_extract_equations_follows_reference_patterns():
 
 
 def test_equation_diversity():
-    texts = [["3 * 4 = 12\n12 - 5 = 7", "3*4=12\n12 + 1 = 13"],   # 3 distinct of 4
-             ["nothing"],                                      # skipped, as the reference
-             ["<<2+2=4>>", "<<2+2=4>>"]]                       # 1 of 2
+    texts = [
+        ["3 * 4 = 12\n12 - 5 = 7", "3*4=12\n12 + 1 = 13"],  # 3 distinct of 4
+        ["nothing"],  # skipped, as the reference
+        ["<<2+2=4>>", "<<2+2=4>>"],
+    ]  # 1 of 2
     assert equation_diversity(texts) == pytest.approx((0.75 + 0.5) / 2)
     assert equation_diversity([["none"], []]) is None
 
 
 def test_sample_metrics_keys():
     m = sample_metrics([[1, 0], [0, 0]], [[0.9, 0.1], [0.2, 0.3]], [["1 + 1 = 2", "x"], ["y", "z"]], k=2)
-    assert m == pytest.approx({"pass_at_1": 0.25, "pass_at_k": 0.5, "frac_any_correct": 0.5,
-                               "reward_at_k": 0.5, "diversity_distinct_correct": 0.5,
-                               "diversity_equations": 1.0})
+    assert m == pytest.approx(
+        {
+            "pass_at_1": 0.25,
+            "pass_at_k": 0.5,
+            "frac_any_correct": 0.5,
+            "reward_at_k": 0.5,
+            "diversity_distinct_correct": 0.5,
+            "diversity_equations": 1.0,
+        }
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Data
+
 
 def test_load_gsm8k_files():
     from decimal import Decimal
@@ -448,8 +486,12 @@ def test_load_math500():
     raw = [json.loads(line) for line in (DATA / "math500_test.jsonl").read_text().splitlines()]
     assert len(exs) == 500 and all(e.task == "math" for e in exs)
     for e, r in zip(exs, raw):
-        assert (e.id, e.question, e.gold_solution, e.gold_answer) == \
-               (r["unique_id"], r["problem"], r["solution"], r["answer"])
+        assert (e.id, e.question, e.gold_solution, e.gold_answer) == (
+            r["unique_id"],
+            r["problem"],
+            r["solution"],
+            r["answer"],
+        )
     assert exs[0].gold_answer == "\\left( 3, \\frac{\\pi}{2} \\right)"
 
 
@@ -462,17 +504,20 @@ def write(tmp_path, name, data: bytes):
 GOOD_GSM = json.dumps({"question": "1+1?", "answer": "1 + 1 = 2\n#### 2"})
 
 
-@pytest.mark.parametrize("content, where, msg", [
-    (GOOD_GSM + "\n{not json\n", 2, "malformed JSON"),
-    (GOOD_GSM + "\n\n" + GOOD_GSM + "\n[1, 2]\n", 4, "expected a JSON object"),
-    (GOOD_GSM + "\n" + json.dumps({"question": "q"}) + "\n", 2, "missing field 'answer'"),
-    (json.dumps({"answer": "#### 1"}) + "\n", 1, "cannot tell the format"),
-    (GOOD_GSM + "\n" + json.dumps({"question": "q", "answer": "no final line"}), 2, "'#### N'"),
-    (GOOD_GSM + "\n" + json.dumps({"question": 5, "answer": "#### 1"}), 2, "non-empty string"),
-    (json.dumps({"problem": "p", "solution": "no box"}) + "\n", 1, "missing field 'answer'"),
-    (json.dumps({"problem": "p", "answer": "1"}) + "\n", 1, "missing field 'solution'"),
-    (json.dumps({"problem": "p", "solution": "s", "answer": "  "}) + "\n", 1, "is empty"),
-])
+@pytest.mark.parametrize(
+    "content, where, msg",
+    [
+        (GOOD_GSM + "\n{not json\n", 2, "malformed JSON"),
+        (GOOD_GSM + "\n\n" + GOOD_GSM + "\n[1, 2]\n", 4, "expected a JSON object"),
+        (GOOD_GSM + "\n" + json.dumps({"question": "q"}) + "\n", 2, "missing field 'answer'"),
+        (json.dumps({"answer": "#### 1"}) + "\n", 1, "cannot tell the format"),
+        (GOOD_GSM + "\n" + json.dumps({"question": "q", "answer": "no final line"}), 2, "'#### N'"),
+        (GOOD_GSM + "\n" + json.dumps({"question": 5, "answer": "#### 1"}), 2, "non-empty string"),
+        (json.dumps({"problem": "p", "solution": "no box"}) + "\n", 1, "missing field 'answer'"),
+        (json.dumps({"problem": "p", "answer": "1"}) + "\n", 1, "missing field 'solution'"),
+        (json.dumps({"problem": "p", "solution": "s", "answer": "  "}) + "\n", 1, "is empty"),
+    ],
+)
 def test_malformed_files_name_file_and_line(tmp_path, content, where, msg):
     p = write(tmp_path, "data.jsonl", content.encode())
     with pytest.raises(DataError) as e:
@@ -520,13 +565,24 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def test_plots_and_report(tmp_path):
-    bstar = [{"iteration": i, "greedy_acc": 0.2 + 0.1 * i, "pass_at_1": 0.2 + 0.05 * i,
-              "pass_at_k": 0.6 + 0.02 * i, "reward_at_k": 0.4, "diversity_distinct_correct": 3.0 - i,
-              "diversity_equations": None if i == 1 else 0.5, "temperature": 0.7 + 0.1 * i,
-              "threshold": 0.5, "balance_score": 0.3 + 0.1 * i, "selected_size": 100 + 10 * i,
-              "selected_acc": 0.9} for i in range(1, 4)]
-    rft = [{"iteration": i, "greedy_acc": 0.25, "pass_at_k": float("nan"), "temperature": 1.0}
-           for i in range(1, 4)]
+    bstar = [
+        {
+            "iteration": i,
+            "greedy_acc": 0.2 + 0.1 * i,
+            "pass_at_1": 0.2 + 0.05 * i,
+            "pass_at_k": 0.6 + 0.02 * i,
+            "reward_at_k": 0.4,
+            "diversity_distinct_correct": 3.0 - i,
+            "diversity_equations": None if i == 1 else 0.5,
+            "temperature": 0.7 + 0.1 * i,
+            "threshold": 0.5,
+            "balance_score": 0.3 + 0.1 * i,
+            "selected_size": 100 + 10 * i,
+            "selected_acc": 0.9,
+        }
+        for i in range(1, 4)
+    ]
+    rft = [{"iteration": i, "greedy_acc": 0.25, "pass_at_k": float("nan"), "temperature": 1.0} for i in range(1, 4)]
     paths = plot_runs({"bstar": bstar, "online-rft": rft}, tmp_path / "figs")
     assert {p.name for p in paths} == {"accuracy.png", "diversity.png", "config.png", "selection.png"}
     for p in paths:
@@ -537,8 +593,7 @@ def test_plots_and_report(tmp_path):
     assert [p.name for p in only] == ["accuracy.png"]
     assert plot_runs([{"iteration": 1}], tmp_path / "none") == []
 
-    res = search_config(hand_samples(), SearchConfig(thresholds=(0.0, 0.1, 1.12), n_star=2,
-                                                     target_size=None))
+    res = search_config(hand_samples(), SearchConfig(thresholds=(0.0, 0.1, 1.12), n_star=2, target_size=None))
     hp = plot_search_table(res.table, tmp_path / "search.png")
     assert hp.read_bytes().startswith(PNG)
 
@@ -550,6 +605,6 @@ def test_plots_and_report(tmp_path):
     assert "selected-set size: 110 → 130 (+20)" in text
     assert "chosen temperature over iterations: 0.800, 0.900, 1.000" in text
     assert "chosen reward threshold: 0.500 throughout" in text
-    assert "chosen temperature: 1.000 throughout" in text   # online-rft
+    assert "chosen temperature: 1.000 throughout" in text  # online-rft
     assert "![accuracy](accuracy.png)" in text
     assert "nan" not in text.lower()

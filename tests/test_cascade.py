@@ -5,12 +5,12 @@ import random
 
 import pytest
 import torch
+from model_factory import make_model
 
 from engine import LLM, SamplingParams
 from engine.model_runner import ModelRunner
 from kernels.cascade_attention import CascadeBuffers, build_cascade_plan, cascade_decode_attention
 from kernels.decode_attention import paged_decode_attention_ref
-from model_factory import make_model
 
 
 def dense_f64(q, k_cache, v_cache, table, n, scale):
@@ -79,8 +79,9 @@ def test_cascade_matches_reference_and_float64(seed, bs, hq, hkv):
     ref = paged_decode_attention_ref(q, k, v, padded(tables), torch.tensor(lens, dtype=torch.int32), scale=0.37)
     torch.testing.assert_close(out, ref, atol=2e-6, rtol=2e-6)
     for r in range(len(tables)):
-        torch.testing.assert_close(out[r].double(), dense_f64(q[r], k, v, tables[r], lens[r], 0.37),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            out[r].double(), dense_f64(q[r], k, v, tables[r], lens[r], 0.37), atol=1e-5, rtol=1e-5
+        )
 
 
 def test_plan_groups_only_full_common_leading_blocks():
@@ -173,9 +174,18 @@ def test_rows_in_group_order_take_no_shuffle():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return make_model(str(tmp_path_factory.mktemp("casc") / "m"), "llama", seed=4, vocab_size=320,
-                      hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, tokenizer=False)
+    return make_model(
+        str(tmp_path_factory.mktemp("casc") / "m"),
+        "llama",
+        seed=4,
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tokenizer=False,
+    )
 
 
 def test_engine_with_cascade_equals_plain_decode(tiny, monkeypatch):
@@ -191,6 +201,7 @@ def test_engine_with_cascade_equals_plain_decode(tiny, monkeypatch):
 
     fast, small = run(), run(num_kv_blocks=40)
     import engine.model_runner as mr
+
     monkeypatch.setattr(mr, "build_cascade_plan", lambda *a, **k: None)
     monkeypatch.setattr(ModelRunner, "_attach_buffers", lambda *a, **k: None)
     plain = run()
@@ -204,8 +215,8 @@ def test_write_back_keeps_the_cache_whole(tiny, monkeypatch):
     reads those slots later must see them: candidates that stop at different steps, an aborted
     request, later requests whose prompts reuse generated blocks from the prefix cache, and a
     prompt-only forward over them. Everything equals the plain decode path."""
-    from engine.llm_engine import LLMEngine
     from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
 
     p0, p1 = list(range(3, 3 + 21)), list(range(60, 60 + 14))
     stops = list(range(200, 212))  # about 4% of the vocabulary: candidates stop at scattered steps
@@ -225,17 +236,21 @@ def test_write_back_keeps_the_cache_whole(tiny, monkeypatch):
 
     def run():
         eng = LLMEngine(tiny, dtype="float32", device="cpu", engine_config=EngineConfig(block_size=4))
-        a = drive(eng, "a", p0, SamplingParams(n=6, temperature=1.0, max_tokens=40, seed=5, stop_token_ids=stops,
-                                                logprobs=0))
+        a = drive(
+            eng, "a", p0, SamplingParams(n=6, temperature=1.0, max_tokens=40, seed=5, stop_token_ids=stops, logprobs=0)
+        )
         a_out = [(c.token_ids, c.cumulative_logprob, c.finish_reason) for c in a.outputs]
-        cut = drive(eng, "c", p1, SamplingParams(n=3, temperature=1.0, max_tokens=40, ignore_eos=True, seed=6),
-                    abort_after=17)
+        cut = drive(
+            eng, "c", p1, SamplingParams(n=3, temperature=1.0, max_tokens=40, ignore_eos=True, seed=6), abort_after=17
+        )
         longest = max(a.outputs, key=lambda c: len(c.token_ids))
         reuse = p0 + longest.token_ids[:16]
-        b = drive(eng, "b", reuse, SamplingParams(n=2, temperature=1.0, max_tokens=8, ignore_eos=True, seed=7,
-                                                   logprobs=0))
-        d = drive(eng, "d", cut, SamplingParams(n=2, temperature=1.0, max_tokens=8, ignore_eos=True, seed=8,
-                                                 logprobs=0))
+        b = drive(
+            eng, "b", reuse, SamplingParams(n=2, temperature=1.0, max_tokens=8, ignore_eos=True, seed=7, logprobs=0)
+        )
+        d = drive(
+            eng, "d", cut, SamplingParams(n=2, temperature=1.0, max_tokens=8, ignore_eos=True, seed=8, logprobs=0)
+        )
         hits = eng.block_manager.prefix_hits
         logits = [lg for _, _, lg in eng.forward_prompts([reuse, cut], use_prefix_cache=False)]
         later = [(c.token_ids, c.cumulative_logprob) for r in (b, d) for c in r.outputs]
@@ -245,6 +260,7 @@ def test_write_back_keeps_the_cache_whole(tiny, monkeypatch):
     assert len(set(map(len, (t for t, _, _ in fast[0])))) > 1  # the candidates stopped at different steps
     assert fast[2] >= 8 * 4  # b and d took generated blocks from the prefix cache
     import engine.model_runner as mr
+
     monkeypatch.setattr(mr, "build_cascade_plan", lambda *a, **k: None)
     monkeypatch.setattr(ModelRunner, "_attach_buffers", lambda *a, **k: None)
     plain = run()

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from model_factory import make_model
 from safetensors.torch import load_file
 
 from bstar import controller
 from bstar.cli import main
 from bstar.controller import RunConfig
-from model_factory import make_model
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TIMING = ("time_s", "tokens_per_s")
@@ -34,10 +34,27 @@ def setup(tmp_path_factory):
 
 
 def _cfg(s, **kw):
-    base = dict(model=s["policy"], prm=s["prm"], train_data=s["train"], eval_data=s["test"], iterations=2,
-                num_samples=3, search_k=3, search_subset=4, temperatures=[0.7, 1.0], thresholds=[-0.5, 0.1, 0.5, 1.0],
-                target_size=6, max_tokens=24, eval_k=3, lr=1e-3, batch_tokens=2048, max_seq_len=512,
-                device="cpu", dtype="float32", progress=False)
+    base = dict(
+        model=s["policy"],
+        prm=s["prm"],
+        train_data=s["train"],
+        eval_data=s["test"],
+        iterations=2,
+        num_samples=3,
+        search_k=3,
+        search_subset=4,
+        temperatures=[0.7, 1.0],
+        thresholds=[-0.5, 0.1, 0.5, 1.0],
+        target_size=6,
+        max_tokens=24,
+        eval_k=3,
+        lr=1e-3,
+        batch_tokens=2048,
+        max_seq_len=512,
+        device="cpu",
+        dtype="float32",
+        progress=False,
+    )
     base.update(kw)
     return RunConfig(**base)
 
@@ -57,9 +74,23 @@ def test_full_run_layout_and_metrics(setup, full_run):
     out, records = full_run
     assert [r["iteration"] for r in records] == [0, 1, 2]
     r1 = records[1]
-    for key in ("greedy_acc", "pass_at_1", "pass_at_k", "reward_at_k", "diversity_distinct_correct",
-                "frac_any_correct", "selected_size", "selected_acc", "temperature", "threshold", "balance_score",
-                "search_time_s", "generate_tokens_per_s", "train_time_s", "eval_time_s"):
+    for key in (
+        "greedy_acc",
+        "pass_at_1",
+        "pass_at_k",
+        "reward_at_k",
+        "diversity_distinct_correct",
+        "frac_any_correct",
+        "selected_size",
+        "selected_acc",
+        "temperature",
+        "threshold",
+        "balance_score",
+        "search_time_s",
+        "generate_tokens_per_s",
+        "train_time_s",
+        "eval_time_s",
+    ):
         assert key in r1, key
     assert r1["temperature"] in (0.7, 1.0) and r1["threshold"] in (-0.5, 0.1, 0.5, 1.0)
     assert r1["selected_size"] > 0  # the gold solutions at least (include_gold is on by default)
@@ -106,7 +137,9 @@ def test_resume_after_kill_equals_uninterrupted(setup, full_run, monkeypatch):
     a = load_file(str(out / "policy" / "model.safetensors"))
     b = load_file(str(out_full / "policy" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert (out / "iter_002" / "candidates.jsonl").read_text() == (out_full / "iter_002" / "candidates.jsonl").read_text()
+    assert (out / "iter_002" / "candidates.jsonl").read_text() == (
+        out_full / "iter_002" / "candidates.jsonl"
+    ).read_text()
 
 
 def test_online_rft_mode_uses_fixed_configuration(setup):
@@ -117,13 +150,39 @@ def test_online_rft_mode_uses_fixed_configuration(setup):
 
 
 def test_cli_errors(setup, tmp_path):
-    r = CliRunner().invoke(main, ["run", "--model", str(tmp_path / "missing"), "--train-data", setup["train"],
-                                  "--eval-data", setup["test"], "--out", str(tmp_path / "o1")])
+    r = CliRunner().invoke(
+        main,
+        [
+            "run",
+            "--model",
+            str(tmp_path / "missing"),
+            "--train-data",
+            setup["train"],
+            "--eval-data",
+            setup["test"],
+            "--out",
+            str(tmp_path / "o1"),
+        ],
+    )
     assert r.exit_code == 1 and "does not exist" in r.output and "Traceback" not in r.output
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "answer": "#### 1"}\n{"question": "no answer field"}\n')
-    r = CliRunner().invoke(main, ["run", "--model", setup["policy"], "--train-data", str(bad),
-                                  "--eval-data", setup["test"], "--out", str(tmp_path / "o2"), "--device", "cpu"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "run",
+            "--model",
+            setup["policy"],
+            "--train-data",
+            str(bad),
+            "--eval-data",
+            setup["test"],
+            "--out",
+            str(tmp_path / "o2"),
+            "--device",
+            "cpu",
+        ],
+    )
     assert r.exit_code == 1 and "bad.jsonl:2" in r.output
     ro = tmp_path / "ro"
     ro.mkdir()
@@ -132,8 +191,20 @@ def test_cli_errors(setup, tmp_path):
     if os.access(ro, os.W_OK):  # running as root: make the out dir's parent a file instead
         target = tmp_path / "afile" / "sub"
         (tmp_path / "afile").write_text("")
-    r = CliRunner().invoke(main, ["run", "--model", setup["policy"], "--train-data", setup["train"],
-                                  "--eval-data", setup["test"], "--out", str(target)])
+    r = CliRunner().invoke(
+        main,
+        [
+            "run",
+            "--model",
+            setup["policy"],
+            "--train-data",
+            setup["train"],
+            "--eval-data",
+            setup["test"],
+            "--out",
+            str(target),
+        ],
+    )
     assert r.exit_code == 1 and "cannot write to out dir" in r.output
     r = CliRunner().invoke(main, ["run", "--resume", str(tmp_path / "nothing")])
     assert r.exit_code == 1 and "cannot resume" in r.output
@@ -159,10 +230,21 @@ def test_two_ranks_one_iteration(setup, full_run, tmp_path):
     out.mkdir()
     (out / "config.json").write_text(json.dumps(cfg.__dict__))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           "-m", "bstar.cli", "run", "--resume", str(out)]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400,
-                       cwd=Path(__file__).resolve().parents[1])
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+        "-m",
+        "bstar.cli",
+        "run",
+        "--resume",
+        str(out),
+    ]
+    p = subprocess.run(
+        cmd, env=env, capture_output=True, text=True, timeout=400, cwd=Path(__file__).resolve().parents[1]
+    )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     two = [json.loads(x) for x in (out / "iterations.jsonl").read_text().splitlines()]
     one = full_run[1]

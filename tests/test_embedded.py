@@ -172,8 +172,13 @@ def test_policy_greedy_matches_transformers_generate(built):
         ids = tok.encode(format_prompt(e)).ids
         got = llm.generate([ids], SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)[0].outputs[0]
         with torch.no_grad():
-            ref = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False,
-                              eos_token_id=embedded.EOS, pad_token_id=embedded.PAD)[0, len(ids):].tolist()
+            ref = hf.generate(
+                torch.tensor([ids]),
+                max_new_tokens=24,
+                do_sample=False,
+                eos_token_id=embedded.EOS,
+                pad_token_id=embedded.PAD,
+            )[0, len(ids) :].tolist()
         if ref and ref[-1] == embedded.EOS:
             ref = ref[:-1]
         assert got.token_ids[: len(ref)] == ref
@@ -230,7 +235,7 @@ def test_stale_temp_dir_of_dead_build_is_swept(tmp_path):
     cfg = EmbeddedConfig.tiny()
     name = f"embedded-{cfg.key()}"
     # a pid that cannot be alive: above the kernel's pid_max
-    dead = tmp_path / f".{name}.tmp-{2 ** 22 + 1}-abc"
+    dead = tmp_path / f".{name}.tmp-{2**22 + 1}-abc"
     dead.mkdir()
     (dead / "half.safetensors").write_bytes(b"\0" * 8)
     embedded._sweep_stale(tmp_path, name)

@@ -6,12 +6,17 @@ import shutil
 
 import pytest
 import torch
-
-from engine import LLM, CheckpointError, RequestError, SamplingParams
 from model_factory import ARCHS, hf_model, make_model
 
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 64}
+from engine import LLM, CheckpointError, RequestError, SamplingParams
+
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 ARCH_OPTS = {
     "llama": dict(rope_scaling=LLAMA3_ROPE, rope_theta=50000.0),  # GQA 4:2 + llama3 rope
     "qwen2": dict(num_key_value_heads=1),  # q/k/v bias, GQA 4:1
@@ -66,7 +71,7 @@ def test_greedy_matches_transformers_generate(models, arch):
     prompts = _prompts(2, [5, 19, 40])
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=40, min_tokens=40), use_tqdm=False)
     for p, o in zip(prompts, outs):
-        ref = hf.generate(torch.tensor([p]), max_new_tokens=40, min_new_tokens=40, do_sample=False)[0, len(p):]
+        ref = hf.generate(torch.tensor([p]), max_new_tokens=40, min_new_tokens=40, do_sample=False)[0, len(p) :]
         assert o.outputs[0].token_ids == ref.tolist()
         assert len(set(ref.tolist())) > 3  # a real sequence, not one repeated token
 
@@ -112,7 +117,7 @@ def test_shared_prompt_candidates_equal_separate_requests(llama):
     for j in range(4):
         eng = single.engine
         seq_out = forked.outputs[j]
-        logits = single.compute_logits([p + seq_out.token_ids[:-1]])[0][len(p) - 1:]
+        logits = single.compute_logits([p + seq_out.token_ids[:-1]])[0][len(p) - 1 :]
         lp = torch.log_softmax(logits, -1)[torch.arange(len(seq_out.token_ids)), seq_out.token_ids]
         assert abs(lp.sum().item() - seq_out.cumulative_logprob) < 1e-3
         assert eng.block_manager.num_used == 0
@@ -134,10 +139,15 @@ def test_seeded_sampling_is_reproducible_across_batching(llama):
     prompts = _prompts(7, [12, 30])
     sp = SamplingParams(n=4, temperature=0.9, top_p=0.95, max_tokens=20, seed=11, ignore_eos=True)
     a = LLM(llama, dtype="float32", device="cpu").generate(prompts, sp, use_tqdm=False)
-    b = LLM(llama, dtype="float32", device="cpu", num_kv_blocks=10, max_num_seqs=3).generate(prompts, sp, use_tqdm=False)
+    b = LLM(llama, dtype="float32", device="cpu", num_kv_blocks=10, max_num_seqs=3).generate(
+        prompts, sp, use_tqdm=False
+    )
     assert [[c.token_ids for c in o.outputs] for o in a] == [[c.token_ids for c in o.outputs] for o in b]
-    c = LLM(llama, dtype="float32", device="cpu").generate(prompts, SamplingParams(
-        n=4, temperature=0.9, top_p=0.95, max_tokens=20, seed=12, ignore_eos=True), use_tqdm=False)
+    c = LLM(llama, dtype="float32", device="cpu").generate(
+        prompts,
+        SamplingParams(n=4, temperature=0.9, top_p=0.95, max_tokens=20, seed=12, ignore_eos=True),
+        use_tqdm=False,
+    )
     assert [[x.token_ids for x in o.outputs] for o in a] != [[x.token_ids for x in o.outputs] for o in c]
     # candidates of one prompt differ from one another
     assert len({tuple(x.token_ids) for x in a[0].outputs}) == 4
@@ -182,12 +192,12 @@ def test_only_allowed_tokens_are_drawn(llama, opts):
     order = torch.argsort(probs, descending=True)
     allowed = set(order.tolist())
     if "top_k" in opts:
-        allowed &= set(order[:opts["top_k"]].tolist())
+        allowed &= set(order[: opts["top_k"]].tolist())
     if "top_p" in opts:
-        q = probs[order[:opts.get("top_k", len(order))]]
+        q = probs[order[: opts.get("top_k", len(order))]]
         q = q / q.sum()
         before = torch.cumsum(q, 0) - q
-        allowed &= set(order[:len(q)][before < opts["top_p"]].tolist())
+        allowed &= set(order[: len(q)][before < opts["top_p"]].tolist())
     if "min_p" in opts:
         allowed &= set(torch.nonzero(probs >= opts["min_p"] * probs.max()).flatten().tolist())
     assert drawn <= allowed
@@ -197,10 +207,11 @@ def test_only_allowed_tokens_are_drawn(llama, opts):
 def test_logprobs_match_transformers(llama):
     p = _prompts(11, [15])[0]
     llm = LLM(llama, dtype="float32", device="cpu")
-    out = llm.generate([p], SamplingParams(temperature=0.7, max_tokens=6, logprobs=3, seed=2, ignore_eos=True),
-                       use_tqdm=False)[0].outputs[0]
+    out = llm.generate(
+        [p], SamplingParams(temperature=0.7, max_tokens=6, logprobs=3, seed=2, ignore_eos=True), use_tqdm=False
+    )[0].outputs[0]
     with torch.no_grad():
-        logits = hf_model(llama)(torch.tensor([p + out.token_ids])).logits[0, len(p) - 1:-1]
+        logits = hf_model(llama)(torch.tensor([p + out.token_ids])).logits[0, len(p) - 1 : -1]
     ref = torch.log_softmax(logits.double(), -1)
     total = 0.0
     for t, (tok, d) in enumerate(zip(out.token_ids, out.logprobs)):
@@ -215,23 +226,31 @@ def test_logprobs_match_transformers(llama):
 def test_stopping_rules(llama):
     llm = LLM(llama, dtype="float32", device="cpu")
     p = _prompts(12, [10])[0]
-    free = llm.generate([p], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    free = llm.generate([p], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True), use_tqdm=False)[0].outputs[
+        0
+    ]
     assert free.finish_reason == "length" and len(free.token_ids) == 30
     stop_id = free.token_ids[5]
     first = free.token_ids.index(stop_id)
-    o = llm.generate([p], SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[stop_id]), use_tqdm=False)[0].outputs[0]
-    assert o.finish_reason == "stop" and o.stop_reason == stop_id and o.token_ids == free.token_ids[:first + 1]
+    o = llm.generate([p], SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[stop_id]), use_tqdm=False)[
+        0
+    ].outputs[0]
+    assert o.finish_reason == "stop" and o.stop_reason == stop_id and o.token_ids == free.token_ids[: first + 1]
     # min_tokens bans the stop token until reached
-    o = llm.generate([p], SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[stop_id],
-                                         min_tokens=first + 2), use_tqdm=False)[0].outputs[0]
-    assert len(o.token_ids) >= first + 2 and stop_id not in o.token_ids[:first + 2]
+    o = llm.generate(
+        [p],
+        SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[stop_id], min_tokens=first + 2),
+        use_tqdm=False,
+    )[0].outputs[0]
+    assert len(o.token_ids) >= first + 2 and stop_id not in o.token_ids[: first + 2]
     # stop strings cut the text
     tok = llm.get_tokenizer()
     text = tok.decode(free.token_ids)
-    stop = text[len(text) // 2: len(text) // 2 + 2]
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
     if stop.strip():
-        o = llm.generate([p], SamplingParams(temperature=0, max_tokens=30, stop=stop, ignore_eos=True),
-                         use_tqdm=False)[0].outputs[0]
+        o = llm.generate([p], SamplingParams(temperature=0, max_tokens=30, stop=stop, ignore_eos=True), use_tqdm=False)[
+            0
+        ].outputs[0]
         assert o.finish_reason == "stop" and stop not in o.text and text.startswith(o.text)
 
 
@@ -239,17 +258,21 @@ def test_eos_stops_unless_ignored(tmp_path):
     path = make_model(str(tmp_path / "m"), "llama", seed=3)
     llm = LLM(path, dtype="float32", device="cpu")
     p = _prompts(13, [6])[0]
-    free = llm.generate([p], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    free = llm.generate([p], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)[0].outputs[
+        0
+    ]
     with open(os.path.join(path, "config.json")) as f:
         cfg = json.load(f)
     cfg["eos_token_id"] = free.token_ids[3]
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f)
-    os.remove(os.path.join(path, "generation_config.json")) if os.path.exists(os.path.join(path, "generation_config.json")) else None
+    os.remove(os.path.join(path, "generation_config.json")) if os.path.exists(
+        os.path.join(path, "generation_config.json")
+    ) else None
     llm = LLM(path, dtype="float32", device="cpu")
     o = llm.generate([p], SamplingParams(temperature=0, max_tokens=20), use_tqdm=False)[0].outputs[0]
     k = free.token_ids.index(free.token_ids[3])
-    assert o.finish_reason == "stop" and o.token_ids == free.token_ids[:k + 1]
+    assert o.finish_reason == "stop" and o.token_ids == free.token_ids[: k + 1]
     o = llm.generate([p], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)[0].outputs[0]
     assert o.token_ids == free.token_ids
 
@@ -270,8 +293,11 @@ def test_prefix_cache_across_requests(llama):
 
 def test_text_prompts_and_tokenizer(llama):
     llm = LLM(llama, dtype="float32", device="cpu")
-    outs = llm.generate(["Janet has 3 apples", "The quick brown fox"],
-                        SamplingParams(n=2, temperature=0.8, max_tokens=8, seed=0), use_tqdm=False)
+    outs = llm.generate(
+        ["Janet has 3 apples", "The quick brown fox"],
+        SamplingParams(n=2, temperature=0.8, max_tokens=8, seed=0),
+        use_tqdm=False,
+    )
     tok = llm.get_tokenizer()
     assert outs[0].prompt_token_ids == tok.encode("Janet has 3 apples")
     assert outs[0].prompt_token_ids[0] == 0  # BOS from the tokenizer's post-processor
@@ -310,6 +336,7 @@ def test_sharded_checkpoint(llama, tmp_path):
 
 # -- bad input ------------------------------------------------------------------------------
 
+
 def _copy(src, dst):
     shutil.copytree(src, dst)
     return str(dst)
@@ -345,7 +372,10 @@ def test_checkpoint_errors(llama, tmp_path):
     cfg = json.load(open(os.path.join(d, "config.json")))
     cfg["intermediate_size"] = 96
     json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
-    with pytest.raises(CheckpointError, match=r"shape mismatch for tensor 'model.layers.0.mlp.(down|gate|up)_proj.weight': checkpoint has"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"shape mismatch for tensor 'model.layers.0.mlp.(down|gate|up)_proj.weight': checkpoint has",
+    ):
         LLM(d, device="cpu")
 
 
@@ -376,9 +406,19 @@ def test_request_errors(llama, tmp_path):
     # a bad prompt rejects the call and leaves the engine usable
     out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 3
-    for bad in [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-5), dict(min_p=2),
-                dict(max_tokens=0), dict(n=0), dict(min_tokens=50, max_tokens=10), dict(logprobs=-1),
-                dict(temperature=float("nan")), dict(stop=[""])]:
+    for bad in [
+        dict(temperature=-1),
+        dict(top_p=0),
+        dict(top_p=1.5),
+        dict(top_k=-5),
+        dict(min_p=2),
+        dict(max_tokens=0),
+        dict(n=0),
+        dict(min_tokens=50, max_tokens=10),
+        dict(logprobs=-1),
+        dict(temperature=float("nan")),
+        dict(stop=[""]),
+    ]:
         with pytest.raises(RequestError, match="invalid sampling value " + next(iter(bad))):
             SamplingParams(**bad)
     nt = _copy(llama, tmp_path / "notok")
@@ -395,10 +435,30 @@ def test_cli_generate(llama, tmp_path):
     from bstar.cli import main
 
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text(json.dumps({"prompt": "Janet has 3 apples"}) + "\n" + json.dumps({"prompt_token_ids": [5, 6, 7]}) + "\n")
+    prompts.write_text(
+        json.dumps({"prompt": "Janet has 3 apples"}) + "\n" + json.dumps({"prompt_token_ids": [5, 6, 7]}) + "\n"
+    )
     out = tmp_path / "o.jsonl"
-    r = CliRunner().invoke(main, ["generate", "--model", llama, "--prompts", str(prompts), "--out", str(out),
-                                  "--n", "3", "--max-tokens", "5", "--temperature", "0.8", "--device", "cpu"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "generate",
+            "--model",
+            llama,
+            "--prompts",
+            str(prompts),
+            "--out",
+            str(out),
+            "--n",
+            "3",
+            "--max-tokens",
+            "5",
+            "--temperature",
+            "0.8",
+            "--device",
+            "cpu",
+        ],
+    )
     assert r.exit_code == 0, r.output
     recs = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(recs) == 2 and all(len(x["outputs"]) == 3 for x in recs)

@@ -13,8 +13,13 @@ import torch
 from scipy import stats
 
 from kernels import (
-    apply_rotary_ref, paged_decode_attention, paged_decode_attention_ref, paged_prefill_attention_ref,
-    prm_step_scores_ref, rms_norm_ref, sample_ref,
+    apply_rotary_ref,
+    paged_decode_attention,
+    paged_decode_attention_ref,
+    paged_prefill_attention_ref,
+    prm_step_scores_ref,
+    rms_norm_ref,
+    sample_ref,
 )
 from kernels.decode_attention_triton import choose_num_splits, paged_decode_attention_triton
 from kernels.norm_rope_triton import apply_rotary_triton, rms_norm_triton
@@ -32,6 +37,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy inf/n
 
 
 # ----------------------------------------------------------------------------- paged KV fixtures
+
 
 def make_kv(num_blocks, page, hkv, d, dtype, gen):
     """K and V as views of one [blocks, 2, page, Hkv, D] tensor: non-contiguous, like a fused cache."""
@@ -84,11 +90,13 @@ def decode_case(B, hq, hkv, d, page, dtype, seed, lens=None, shared=0):
 
 # ----------------------------------------------------------------------------- decode attention
 
+
 @pytest.mark.parametrize("group", [1, 4, 8])
 def test_decode_reference_matches_float64(group):
     hkv, page = 2, 8
-    q, k, v, table, lens = decode_case(3, hkv * group, hkv, 16, page, torch.float32, 10 + group,
-                                       lens=[8, 13, 40], shared=1)
+    q, k, v, table, lens = decode_case(
+        3, hkv * group, hkv, 16, page, torch.float32, 10 + group, lens=[8, 13, 40], shared=1
+    )
     out = paged_decode_attention_ref(q, k, v, table, lens, scale=0.3)
     for b, n in enumerate(lens.tolist()):
         kd, vd = gather_dense(k, table[b], n), gather_dense(v, table[b], n)
@@ -111,8 +119,9 @@ DECODE_CASES = [
 @pytest.mark.parametrize("group,d,page,dtype,splits,lens,shared", DECODE_CASES)
 def test_decode_triton_matches_reference(group, d, page, dtype, splits, lens, shared):
     hkv = 2
-    q, k, v, table, seq = decode_case(len(lens), hkv * group, hkv, d, page, dtype, hash((group, d, page)) % 1000,
-                                      lens=lens, shared=shared)
+    q, k, v, table, seq = decode_case(
+        len(lens), hkv * group, hkv, d, page, dtype, hash((group, d, page)) % 1000, lens=lens, shared=shared
+    )
     want = paged_decode_attention_ref(q, k, v, table, seq)
     got = paged_decode_attention_triton(q, k, v, table, seq, num_splits=splits, block_n=16)
     assert got.dtype == q.dtype and got.shape == q.shape
@@ -149,11 +158,19 @@ def test_attention_64bit_offset_path(monkeypatch):
     monkeypatch.setattr(dec, "_needs_64bit_offsets", lambda *caches: True)
     monkeypatch.setattr(pre, "_needs_64bit_offsets", lambda *caches: True)
     q, k, v, table, seq = decode_case(3, 8, 2, 32, 8, torch.float32, 4, lens=[9, 30, 2], shared=1)
-    torch.testing.assert_close(dec.paged_decode_attention_triton(q, k, v, table, seq, num_splits=2, block_n=16),
-                               paged_decode_attention_ref(q, k, v, table, seq), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(
+        dec.paged_decode_attention_triton(q, k, v, table, seq, num_splits=2, block_n=16),
+        paged_decode_attention_ref(q, k, v, table, seq),
+        atol=2e-5,
+        rtol=2e-5,
+    )
     q, k, v, table, cu, seq = prefill_case([6, 11], [9, 0], 8, 2, 32, 8, torch.float32, 5, shared=1)
-    torch.testing.assert_close(pre.paged_prefill_attention_triton(q, k, v, table, cu, seq, block_m=16, block_n=16),
-                               paged_prefill_attention_ref(q, k, v, table, cu, seq), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(
+        pre.paged_prefill_attention_triton(q, k, v, table, cu, seq, block_m=16, block_n=16),
+        paged_prefill_attention_ref(q, k, v, table, cu, seq),
+        atol=2e-5,
+        rtol=2e-5,
+    )
 
 
 def test_decode_split_heuristic():
@@ -174,6 +191,7 @@ def test_decode_rejects_bad_shapes():
 
 
 # ----------------------------------------------------------------------------- prefill attention
+
 
 def prefill_case(q_lens, prefix_lens, hq, hkv, d, page, dtype, seed, shared=0):
     gen = torch.Generator().manual_seed(seed)
@@ -196,7 +214,7 @@ def test_prefill_reference_matches_float64(group):
         kd, vd = gather_dense(k, table[b], L), gather_dense(v, table[b], L)
         qpos = torch.arange(p, L, device=DEV)
         visible = torch.arange(L, device=DEV)[None, :] <= qpos[:, None]
-        want = attention_f64(q[cu[b] : cu[b + 1]], kd, vd, visible, 16 ** -0.5)
+        want = attention_f64(q[cu[b] : cu[b + 1]], kd, vd, visible, 16**-0.5)
         torch.testing.assert_close(out[cu[b] : cu[b + 1]].double(), want, atol=1e-5, rtol=1e-5)
 
 
@@ -228,6 +246,7 @@ def test_prefill_triton_bf16_gpu():
 
 
 # ----------------------------------------------------------------------------- sampling
+
 
 def allowed_f64(logits, temperature, top_k, top_p, min_p):
     """Independent numpy/float64 statement of the filter rules: (allowed mask, renormalised probs)."""
@@ -358,9 +377,14 @@ def test_sampling_triton_default_tiles_and_half_logits():
     top_k = [0, 40, 0, 5, 0, 2]
     top_p = [1.0, 1.0, 0.7, 0.9, 1.0, 1.0]
     min_p = [0.0, 0.0, 0.0, 0.1, 0.3, 0.0]
-    tok, lp = sample_triton(logits, torch.tensor(temp, device=DEV), torch.tensor(top_k, dtype=torch.int32, device=DEV),
-                            torch.tensor(top_p, device=DEV), torch.tensor(min_p, device=DEV),
-                            torch.arange(6, device=DEV))
+    tok, lp = sample_triton(
+        logits,
+        torch.tensor(temp, device=DEV),
+        torch.tensor(top_k, dtype=torch.int32, device=DEV),
+        torch.tensor(top_p, device=DEV),
+        torch.tensor(min_p, device=DEV),
+        torch.arange(6, device=DEV),
+    )
     x = logits.float().cpu().numpy()
     for i in range(6):
         keep, _ = allowed_f64(x[i], temp[i], top_k[i], top_p[i], min_p[i])
@@ -379,8 +403,13 @@ def test_sampling_masked_vocab_and_top_p_off_rows():
     logits[:, 450:] = -np.inf
     t = np.ones(B)
     p = np.where(np.arange(B) == 0, 0.5, 1.0)
-    x = apply_filters(torch.tensor(logits, dtype=torch.float32), torch.tensor(t, dtype=torch.float32),
-                      torch.zeros(B, dtype=torch.int32), torch.tensor(p, dtype=torch.float32), torch.zeros(B))
+    x = apply_filters(
+        torch.tensor(logits, dtype=torch.float32),
+        torch.tensor(t, dtype=torch.float32),
+        torch.zeros(B, dtype=torch.int32),
+        torch.tensor(p, dtype=torch.float32),
+        torch.zeros(B),
+    )
     assert torch.isfinite(x[1:, :450]).all() and not torch.isfinite(x[:, 450:]).any()
     for name, fn in SAMPLERS.items():
         tok, lp = run_sampler(fn, np.tile(logits, (64, 1)), np.tile(t, 64), 0, np.tile(p, 64), 0.0, np.arange(64 * B))
@@ -388,6 +417,7 @@ def test_sampling_masked_vocab_and_top_p_off_rows():
 
 
 # ----------------------------------------------------------------------------- PRM step scoring
+
 
 def prm_case(dtype, seed, bias):
     """Hidden states, a full LM head (both in `dtype`) and step tags for 6 candidates; candidate 2
@@ -414,8 +444,9 @@ def test_prm_matches_full_logits_softmax(dtype, bias, agg):
         logits = logits + lm_bias.double()
     want_p = torch.softmax(logits[tag][:, [good, bad]], -1)[:, 0]
     reduce = {"min": min, "last": lambda xs: xs[-1], "prod": math.prod, "mean": lambda xs: sum(xs) / len(xs)}[agg]
-    want_agg = torch.tensor([reduce(want_p[cand == c].tolist()) if (cand == c).any() else 0.0 for c in range(C)],
-                            dtype=torch.float64)
+    want_agg = torch.tensor(
+        [reduce(want_p[cand == c].tolist()) if (cand == c).any() else 0.0 for c in range(C)], dtype=torch.float64
+    )
     head_w = lm_head[[good, bad]].to(DEV)
     head_b = lm_bias[[good, bad]].to(DEV) if lm_bias is not None else None
     for fn in (prm_step_scores_ref, prm_step_scores_triton):
@@ -446,6 +477,7 @@ def test_prm_long_hidden_many_steps_and_errors():
 
 
 # ----------------------------------------------------------------------------- RMSNorm and rotary
+
 
 def rms_norm_f64(x, w, eps):
     x = x.double()

@@ -4,10 +4,10 @@ dropped when the weights change."""
 import pytest
 import torch
 import torch.nn.functional as F
+from model_factory import hf_model, make_model
 
 from engine import LLM, SamplingParams
 from engine.packed_linear import Linear, pack_linears, packing_available, unpack_linears
-from model_factory import hf_model, make_model
 
 pytestmark = pytest.mark.skipif(not packing_available(), reason="torch built without MKL")
 
@@ -43,9 +43,18 @@ def test_budget_limits_packing():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return make_model(str(tmp_path_factory.mktemp("pk") / "m"), "llama", seed=9, vocab_size=320,
-                      hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, tokenizer=False)
+    return make_model(
+        str(tmp_path_factory.mktemp("pk") / "m"),
+        "llama",
+        seed=9,
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tokenizer=False,
+    )
 
 
 def _packed_rows(llm):
@@ -80,4 +89,6 @@ def test_engine_packs_for_the_decode_batch_and_outputs_do_not_change(tiny):
     after = packed_llm.generate(prompts, greedy, use_tqdm=False)
     ref = LLM(tiny, dtype="float32", device="cpu", cpu_packed_weights_bytes=0)
     ref.load_weights(new.items())
-    assert [o.outputs[0].token_ids for o in after] == [o.outputs[0].token_ids for o in ref.generate(prompts, greedy, use_tqdm=False)]
+    assert [o.outputs[0].token_ids for o in after] == [
+        o.outputs[0].token_ids for o in ref.generate(prompts, greedy, use_tqdm=False)
+    ]

@@ -5,12 +5,13 @@ import os
 
 import pytest
 import torch
-
-from engine import PRM, RequestError
 from model_factory import make_model
 
-QUESTION = ("Janet has 3 apples and buys 5 more. A train travels 60 miles per hour for 2 hours. "
-            "How many apples does she have?")
+from engine import PRM, RequestError
+
+QUESTION = (
+    "Janet has 3 apples and buys 5 more. A train travels 60 miles per hour for 2 hours. How many apples does she have?"
+)
 CANDIDATES = [
     "Step 1: 3 + 5 = 8.\nStep 2: multiply by 4.\nThe answer is 8.",
     "3 + 5 = 8\n\n8 * 2 = 16\nThe answer is 16.",
@@ -26,8 +27,9 @@ def lm_prm_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cls_prm_path(tmp_path_factory):
-    return make_model(str(tmp_path_factory.mktemp("prm") / "cls"), "qwen2", seed=6, head="token_cls",
-                      extra_tokens=("<extra_0>",))
+    return make_model(
+        str(tmp_path_factory.mktemp("prm") / "cls"), "qwen2", seed=6, head="token_cls", extra_tokens=("<extra_0>",)
+    )
 
 
 def _sequences(prm, question, candidates):
@@ -43,8 +45,12 @@ def _sequences(prm, question, candidates):
 
 
 def _agg(p, how):
-    return {"min": min(p), "last": p[-1], "prod": float(torch.tensor(p, dtype=torch.float64).prod()),
-            "mean": sum(p) / len(p)}[how]
+    return {
+        "min": min(p),
+        "last": p[-1],
+        "prod": float(torch.tensor(p, dtype=torch.float64).prod()),
+        "mean": sum(p) / len(p),
+    }[how]
 
 
 @pytest.mark.parametrize("aggregate", ["min", "last", "prod", "mean"])
@@ -89,8 +95,12 @@ def test_qwen_math_prm_mlp_head(tmp_path):
     w = {k: v for k, v in load_file(os.path.join(path, "model.safetensors")).items() if not k.startswith("lm_head")}
     g = torch.Generator().manual_seed(0)
     H = 64
-    head = {"score.0.weight": torch.randn(H, H, generator=g) * 0.2, "score.0.bias": torch.randn(H, generator=g) * 0.1,
-            "score.2.weight": torch.randn(2, H, generator=g) * 0.5, "score.2.bias": torch.randn(2, generator=g) * 0.1}
+    head = {
+        "score.0.weight": torch.randn(H, H, generator=g) * 0.2,
+        "score.0.bias": torch.randn(H, generator=g) * 0.1,
+        "score.2.weight": torch.randn(2, H, generator=g) * 0.5,
+        "score.2.bias": torch.randn(2, generator=g) * 0.1,
+    }
     save_file({**w, **head}, os.path.join(path, "model.safetensors"))
     cfg = json.load(open(os.path.join(path, "config.json")))
     cfg["architectures"] = ["Qwen2ForProcessRewardModel"]
@@ -147,11 +157,29 @@ def test_cli_score(lm_prm_path, tmp_path):
     from bstar.cli import main
 
     data = tmp_path / "d.jsonl"
-    data.write_text(json.dumps({"question": QUESTION, "candidates": CANDIDATES[:2]}) + "\n"
-                    + json.dumps({"question": "What is 2 + 2?", "response": "2 + 2 = 4\nThe answer is 4."}) + "\n")
+    data.write_text(
+        json.dumps({"question": QUESTION, "candidates": CANDIDATES[:2]})
+        + "\n"
+        + json.dumps({"question": "What is 2 + 2?", "response": "2 + 2 = 4\nThe answer is 4."})
+        + "\n"
+    )
     out = tmp_path / "s.jsonl"
-    r = CliRunner().invoke(main, ["score", "--prm", lm_prm_path, "--data", str(data), "--out", str(out),
-                                  "--device", "cpu", "--aggregate", "mean"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "score",
+            "--prm",
+            lm_prm_path,
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--aggregate",
+            "mean",
+        ],
+    )
     assert r.exit_code == 0, r.output
     recs = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(recs[0]["scores"]) == 2 and len(recs[1]["scores"]) == 1

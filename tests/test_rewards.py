@@ -27,7 +27,6 @@ from engine.errors import DataError, RequestError
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-
 def _slow(n):
     """A correct answer whose check legitimately takes ~1-3 s of sympy: it passes the pre-screen,
     so only the time limit can stop it. sympy caches results, hence a distinct n per use."""
@@ -35,8 +34,8 @@ def _slow(n):
 
 
 SLOW = _slow(200)
-SHORT = 0.2   # a time limit far below SLOW's cost
-BOUND = 2.5   # what any limited call may take (limit + kill grace + slack for a loaded machine)
+SHORT = 0.2  # a time limit far below SLOW's cost
+BOUND = 2.5  # what any limited call may take (limit + kill grace + slack for a loaded machine)
 
 
 def _jsonl(name):
@@ -107,7 +106,7 @@ def _perturb(answer):
     """A wrong answer: the first number + 1, else an added term."""
     m = re.search(r"\d+", answer)
     if m:
-        return answer[:m.start()] + str(int(m.group()) + 1) + answer[m.end():]
+        return answer[: m.start()] + str(int(m.group()) + 1) + answer[m.end() :]
     return answer + "+1"
 
 
@@ -129,8 +128,9 @@ def test_math500_reference_answers(math500):
     perm = list(range(len(golds)))
     random.Random(1).shuffle(perm)
     pairs = [(golds[j], g) for j, g in zip(perm, golds) if golds[j].replace(" ", "") != g.replace(" ", "")]
-    got = grade_batch(["\\boxed{" + a + "}" for a, _ in pairs], [g for _, g in pairs], "math",
-                      workers=0, progress=False)
+    got = grade_batch(
+        ["\\boxed{" + a + "}" for a, _ in pairs], [g for _, g in pairs], "math", workers=0, progress=False
+    )
     rejected = 1 - sum(got) / len(got)
     print(f"MATH500: other problems' answers graded wrong: {rejected:.1%} of {len(pairs)}")
     assert rejected >= 0.98
@@ -257,25 +257,73 @@ def test_pathological_answers_false_fast(task):
         assert time.monotonic() - t0 < BOUND, resp[:40]
 
 
-FRAGMENTS = ["\\boxed{", "\\fbox{", "}", "{", "^", "**", "9", "10", "99999999", "!", "\\frac", "\\sqrt",
-             "(", ")", "x", "+", "-", "*", "/", "#### ", "The answer is ", "$", "\\left(", "\\right)",
-             ",", ".", "%", "e", "\\pi", "\\sum", "_", "\\text{", " ", "\n", "\\\\", "\\{", "\\}", "=",
-             "\\infty", "\\cup", "[", "]", "&", "\\begin{pmatrix}", "\\end{pmatrix}"]
-FUZZ = settings(max_examples=120, deadline=timedelta(seconds=10), database=None,
-                suppress_health_check=[HealthCheck.too_slow])
+FRAGMENTS = [
+    "\\boxed{",
+    "\\fbox{",
+    "}",
+    "{",
+    "^",
+    "**",
+    "9",
+    "10",
+    "99999999",
+    "!",
+    "\\frac",
+    "\\sqrt",
+    "(",
+    ")",
+    "x",
+    "+",
+    "-",
+    "*",
+    "/",
+    "#### ",
+    "The answer is ",
+    "$",
+    "\\left(",
+    "\\right)",
+    ",",
+    ".",
+    "%",
+    "e",
+    "\\pi",
+    "\\sum",
+    "_",
+    "\\text{",
+    " ",
+    "\n",
+    "\\\\",
+    "\\{",
+    "\\}",
+    "=",
+    "\\infty",
+    "\\cup",
+    "[",
+    "]",
+    "&",
+    "\\begin{pmatrix}",
+    "\\end{pmatrix}",
+]
+FUZZ = settings(
+    max_examples=120, deadline=timedelta(seconds=10), database=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 @FUZZ
-@given(st.text(max_size=400), st.sampled_from(["1", "\\frac{1}{2}", "x+1", "(1,2)"]),
-       st.sampled_from(["gsm8k", "math"]))
+@given(
+    st.text(max_size=400), st.sampled_from(["1", "\\frac{1}{2}", "x+1", "(1,2)"]), st.sampled_from(["gsm8k", "math"])
+)
 def test_fuzz_arbitrary_text(response, gold, task):
     assert grade(response, gold, task, timeout=0.5) in (True, False)
     extract_answer(response, task)
 
 
 @FUZZ
-@given(st.lists(st.sampled_from(FRAGMENTS), max_size=80).map("".join),
-       st.sampled_from(["1", "\\frac{1}{2}", "x+1", "(1,2)", "9^{9}"]), st.sampled_from(["gsm8k", "math"]))
+@given(
+    st.lists(st.sampled_from(FRAGMENTS), max_size=80).map("".join),
+    st.sampled_from(["1", "\\frac{1}{2}", "x+1", "(1,2)", "9^{9}"]),
+    st.sampled_from(["gsm8k", "math"]),
+)
 @example("\\boxed{" * 5000, "1", "math")
 @example("\\boxed{9^9^9^9}", "1", "math")
 @example("\\boxed{10**10**10}", "1", "math")
@@ -354,8 +402,12 @@ def test_time_limit_in_worker_processes():
     responses = [SLOW[0], "\\boxed{0.5}", SLOW[0], PATHOLOGICAL[1]]
     golds = [SLOW[1], "\\frac12", SLOW[1], "1"]
     t0 = time.monotonic()
-    assert grade_batch(responses, golds, "math", workers=2, timeout=SHORT, progress=False) == \
-        [False, True, False, False]
+    assert grade_batch(responses, golds, "math", workers=2, timeout=SHORT, progress=False) == [
+        False,
+        True,
+        False,
+        False,
+    ]
     # A user's own process pool (spawned workers run grade on their main thread).
     with cf.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
         assert ex.submit(grade, *SLOW, "math", timeout=SHORT).result(timeout=120) is False
@@ -382,8 +434,7 @@ def test_hung_worker_is_killed(monkeypatch):
     monkeypatch.setattr(rw, "_Worker", _StopsOnItem)
     responses = ["\\boxed{0.5}", "\\boxed{0.5}", "\\boxed{7}", "\\boxed{x+1}"]
     golds = ["\\frac12", "\\frac12", "7", "1+x"]
-    assert grade_batch(responses, golds, "math", workers=1, timeout=0.5, progress=False) == \
-        [True, False, True, True]
+    assert grade_batch(responses, golds, "math", workers=1, timeout=0.5, progress=False) == [True, False, True, True]
     assert len(_StopsOnItem.made) == 2  # the frozen worker was replaced
     assert all(w.proc.poll() is not None for w in _StopsOnItem.made)  # and none is left running
 
@@ -398,7 +449,8 @@ def test_script_without_main_guard(tmp_path):
         "box = []\n"
         "t = threading.Thread(target=lambda: box.append(grade('\\\\boxed{2/4}', '0.5', 'math')))\n"
         "t.start(); t.join()\n"
-        "print(json.dumps(out + box))\n")
+        "print(json.dumps(out + box))\n"
+    )
     res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads(res.stdout.strip().splitlines()[-1]) == [True, False, True]

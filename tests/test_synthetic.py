@@ -15,11 +15,15 @@ OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 
 # sentence -> how it changes the running count (v); one rule must match each sentence
 RULES = [
-    (re.compile(r"^[A-Z][a-z]+ has (\d+) (boxes|bags|packs|jars) with (\d+) [a-z]+ each\.$"),
-     lambda v, m: int(m[1]) * int(m[3])),
+    (
+        re.compile(r"^[A-Z][a-z]+ has (\d+) (boxes|bags|packs|jars) with (\d+) [a-z]+ each\.$"),
+        lambda v, m: int(m[1]) * int(m[3]),
+    ),
     (re.compile(r"^[A-Z][a-z]+ has (\d+) [a-z]+\.$"), lambda v, m: int(m[1])),
-    (re.compile(r"^(He|She) buys (\d+) (boxes|bags|packs|jars) with (\d+) [a-z]+ each\.$"),
-     lambda v, m: v + int(m[2]) * int(m[4])),
+    (
+        re.compile(r"^(He|She) buys (\d+) (boxes|bags|packs|jars) with (\d+) [a-z]+ each\.$"),
+        lambda v, m: v + int(m[2]) * int(m[4]),
+    ),
     (re.compile(r"^(He|She) (buys|finds|gets) (\d+) more [a-z]+\.$"), lambda v, m: v + int(m[3])),
     (re.compile(r"^(He|She) (gives away|loses|sells) (\d+) [a-z]+\.$"), lambda v, m: v - int(m[3])),
     (re.compile(r"^(He|She) doubles the number of [a-z]+\.$"), lambda v, m: v * 2),
@@ -37,7 +41,7 @@ def interpret(question: str) -> int:
         hits = [(rx.match(s), f) for rx, f in RULES if rx.match(s)]
         assert len(hits) == 1, s
         m, f = hits[0]
-        assert (v is None) == (" has " in s), s   # the story starts with exactly one "has"
+        assert (v is None) == (" has " in s), s  # the story starts with exactly one "has"
         v = f(v, m)
         assert v >= 0
     return v

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from sft_fixtures import make_model_dir, make_records, write_jsonl
 
 from bstar.sft_data import (
     IGNORE,
@@ -28,7 +29,6 @@ from bstar.sft_data import (
 )
 from bstar.trainer import SFTConfig, SFTTrainer, lr_at, sft_loss_sum
 from engine.errors import BStarError, CheckpointError, DataError
-from sft_fixtures import make_model_dir, make_records, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(micro_batch_tokens=256, max_seq_len=256, progress=False)
@@ -99,8 +99,15 @@ def test_bad_data_reported_with_line_numbers(llama_dir, tmp_path):
     with pytest.raises(DataError) as e:
         load_examples(path, tok, max_seq_len=128, on_bad="refuse")
     msg = str(e.value)
-    for line, what in [(2, "missing field 'completion'"), (3, "empty completion"), (5, "max_seq_len"),
-                       (6, "invalid JSON"), (8, "not a string"), (9, "JSON object"), (10, "UTF-8")]:
+    for line, what in [
+        (2, "missing field 'completion'"),
+        (3, "empty completion"),
+        (5, "max_seq_len"),
+        (6, "invalid JSON"),
+        (8, "not a string"),
+        (9, "JSON object"),
+        (10, "UTF-8"),
+    ]:
         assert f"line {line}: " in msg and what in msg, (line, msg)
     assert "line 1:" not in msg and "line 7:" not in msg and "line 4:" not in msg
 
@@ -174,7 +181,10 @@ def test_packed_loss_matches_per_example_float64_reference(arch, attn, llama_dir
     assert lu == pytest.approx(ref_sum, rel=1e-5)
     # the test can fail: counting prompt tokens too gives a different number
     with torch.no_grad():
-        full = sum(float(ref_model(torch.tensor([x.input_ids]), labels=torch.tensor([x.input_ids])).loss) * (len(x) - 1) for x in ex)
+        full = sum(
+            float(ref_model(torch.tensor([x.input_ids]), labels=torch.tensor([x.input_ids])).loss) * (len(x) - 1)
+            for x in ex
+        )
     assert abs(full - ref_sum) > 1e-2 * abs(ref_sum)
 
 
@@ -194,7 +204,11 @@ def test_packing_does_not_attend_across_examples(llama_dir):
         return F.cross_entropy(logits.float(), mb.targets[keep], reduction="none")
 
     na = collate_packed([a]).n_targets
-    for m, cu in [(model, False), (_hf(llama_dir, attn="bstar_varlen"), True), (_hf(llama_dir, attn="bstar_varlen"), False)]:
+    for m, cu in [
+        (model, False),
+        (_hf(llama_dir, attn="bstar_varlen"), True),
+        (_hf(llama_dir, attn="bstar_varlen"), False),
+    ]:
         l1, l2 = per_token(m, [a, b, c], cu), per_token(m, [a2, b, c], cu)
         torch.testing.assert_close(l1[na:], l2[na:], rtol=1e-5, atol=1e-5)
         assert (l1[:na] - l2[:na]).abs().max() > 1e-3
@@ -230,7 +244,7 @@ def test_overfit_loss_falls_and_metrics(llama_dir, tmp_path):
     res = SFTTrainer(llama_dir, cfg).train(recs)
     assert res.steps == 30 and len(res.losses) == 30
     assert res.losses[-1] < 0.25 * res.losses[0], res.losses
-    rows = [json.loads(l) for l in mpath.read_text().splitlines()]
+    rows = [json.loads(line) for line in mpath.read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 31))
     for r in rows:
         assert {"loss", "lr", "grad_norm", "tokens_per_s", "tokens"} <= r.keys() and r["tokens_per_s"] > 0
@@ -241,8 +255,17 @@ def test_first_step_matches_manual_adamw_reference(llama_dir, pack):
     """One optimizer step equals a hand-written transformers step on the same batch:
     mean loss over all completion tokens of the global batch, clip, AdamW."""
     recs = make_records(10, seed=2)
-    cfg = SFTConfig(lr=1e-3, batch_examples=10, max_steps=1, max_grad_norm=0.5, weight_decay=0.1, pack=pack,
-                    micro_batch_tokens=128, max_seq_len=128, progress=False)
+    cfg = SFTConfig(
+        lr=1e-3,
+        batch_examples=10,
+        max_steps=1,
+        max_grad_norm=0.5,
+        weight_decay=0.1,
+        pack=pack,
+        micro_batch_tokens=128,
+        max_seq_len=128,
+        progress=False,
+    )
     t = SFTTrainer(llama_dir, cfg)
     res = t.train(recs)
     ref = _hf(llama_dir).train()
@@ -307,8 +330,14 @@ def test_checkpoint_loads_in_transformers_atomically(qwen_dir, tmp_path, monkeyp
     t = SFTTrainer(qwen_dir, SFTConfig(lr=3e-3, batch_examples=4, **SMALL))
     t.train(recs)
     out = t.save(tmp_path / "ck")
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-            "generation_config.json", "trainer_state"} <= set(os.listdir(out))
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "trainer_state",
+    } <= set(os.listdir(out))
     ids = torch.tensor([list(x.input_ids) for x in _examples(qwen_dir, 1, seed=8)])
     t.model.eval()
     with torch.no_grad():
@@ -367,9 +396,19 @@ def test_torchrun_two_ranks_match_one_process(llama_dir, tmp_path):
     batches = epoch_batches([len(x) for x in ex], 0, 0, None, 8)
     assert any([] in step_plan(b, ex, r, 2, 256, True).micro for b in batches for r in range(2))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", str(REPO / "tests" / "fsdp_worker.py"), str(llama_dir), str(data),
-           str(tmp_path / "fsdp"), json.dumps({**kw, "save_every": 3, "grad_checkpointing": True})]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        str(REPO / "tests" / "fsdp_worker.py"),
+        str(llama_dir),
+        str(data),
+        str(tmp_path / "fsdp"),
+        json.dumps({**kw, "save_every": 3, "grad_checkpointing": True}),
+    ]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stderr[-4000:]
     got = json.loads((tmp_path / "fsdp" / "result.json").read_text())
@@ -406,8 +445,26 @@ def test_cli_sft(llama_dir, tmp_path):
 
     data = write_jsonl(tmp_path / "d.jsonl", make_records(8, seed=1) + ['{"prompt": "x"}'])
     out = tmp_path / "run"
-    args = ["--model", str(llama_dir), "--data", str(data), "--out", str(out), "--epochs", "2", "--lr", "1e-3",
-            "--batch-examples", "4", "--micro-batch-tokens", "256", "--max-seq-len", "256", "--save-every", "2"]
+    args = [
+        "--model",
+        str(llama_dir),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+        "--lr",
+        "1e-3",
+        "--batch-examples",
+        "4",
+        "--micro-batch-tokens",
+        "256",
+        "--max-seq-len",
+        "256",
+        "--save-every",
+        "2",
+    ]
     r = CliRunner().invoke(sft, args)
     assert r.exit_code == 0, r.output + repr(r.exception)
     assert "4 steps" in r.output

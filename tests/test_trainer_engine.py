@@ -3,9 +3,9 @@ handed to a live engine (no disk) give the same logits as the engine reloading t
 
 import pytest
 import torch
+from sft_fixtures import make_model_dir, make_records
 
 from bstar.trainer import SFTConfig, SFTTrainer
-from sft_fixtures import make_model_dir, make_records
 
 engine = pytest.importorskip("engine")
 LLM = getattr(engine, "LLM", None)
