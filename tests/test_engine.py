@@ -3,6 +3,8 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -34,6 +36,24 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def llama(models):
     return models["llama"]
+
+
+@pytest.mark.parametrize("module", ["engine", "engine.errors", "engine.sampling_params"])
+def test_package_import_does_not_load_torch(module):
+    """`from engine.errors import ...` (all that bstar's light modules need) must not pay for torch."""
+    code = f"import sys, {module}; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", f"importing {module} loaded {out.strip()}"
+
+
+def test_package_names_resolve():
+    import engine
+
+    assert sorted(engine.__all__) == sorted(engine._MODULE_OF)
+    for name in engine.__all__:
+        assert getattr(engine, name).__name__ == name
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        engine.nope  # noqa: B018
 
 
 def _prompts(seed, lengths, vocab=320):
