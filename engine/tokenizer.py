@@ -3,6 +3,8 @@
 import json
 import os
 
+import tokenizers
+
 from engine.errors import CheckpointError, RequestError
 
 
@@ -10,11 +12,9 @@ class Tokenizer:
     """A `tokenizers.Tokenizer` plus the special tokens named in tokenizer_config.json."""
 
     def __init__(self, path: str):
-        from tokenizers import Tokenizer as _Tok
-
         file = os.path.join(path, "tokenizer.json")
         try:
-            self.tok = _Tok.from_file(file)
+            self.tok = tokenizers.Tokenizer.from_file(file)
         except Exception as e:
             raise CheckpointError(f"cannot read tokenizer {file}: {e}") from None
         self.eos_token_id = None
