@@ -8,7 +8,6 @@ This is the lower-level interface for embedding in RL loops:
 import json
 import os
 import random
-from dataclasses import dataclass
 
 import torch
 
@@ -18,26 +17,13 @@ from engine.errors import CheckpointError, RequestError
 from engine.loader import iter_weights
 from engine.model import CausalLM
 from engine.model_runner import ModelRunner
-from engine.outputs import CompletionOutput, RequestOutput
-from engine.sampler import candidate_seed, position_seed, sample_rows
+from engine.output_processor import OutputProcessor
+from engine.outputs import RequestOutput
+from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Batch, Scheduler
-from engine.sequence import Sequence
+from engine.sequence import Request, Sequence
 from engine.tokenizer import load_tokenizer, require
-
-
-@dataclass
-class Request:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    seed: int
-    seqs: list[Sequence]
-
-    @property
-    def finished(self) -> bool:
-        return len(self.seqs) == self.params.n and all(s.is_finished for s in self.seqs)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -98,6 +84,8 @@ class LLMEngine:
         self.runner = ModelRunner(net, self.mcfg, self.ecfg, self.max_model_len, self.device, self.dtype)
         self.block_manager = BlockManager(self.runner.num_blocks, self.ecfg.block_size, self.ecfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.ecfg, self.block_manager)
+        self.sampler = Sampler(self.eos_ids)
+        self.output_processor = OutputProcessor(self.tokenizer, self.eos_ids, self.max_model_len)
         self.requests: dict[str, Request] = {}
         self._rng = random.Random(seed)
         self.num_generated_tokens = 0
@@ -148,9 +136,8 @@ class LLMEngine:
         text, ids = self.encode_prompt(prompt)
         self.check_prompt_len(len(ids))
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-        seq = Sequence(request_id, ids, params, index=0, fork_count=params.n - 1)
-        self.requests[request_id] = Request(request_id, text, ids, params, seed, [seq])
-        self.scheduler.add(seq)
+        self.requests[request_id] = Request(request_id, text, ids, params)
+        self.scheduler.add(Sequence(request_id, ids, params, index=0, fork_count=params.n - 1, seed=seed))
 
     def abort_request(self, request_id: str):
         self.scheduler.abort(request_id)
@@ -168,104 +155,29 @@ class LLMEngine:
             if self.scheduler.has_work():
                 raise RuntimeError("scheduler made no progress: KV cache too small for any waiting sequence")
             return []
-        self.runner.copy_blocks(batch.copies)
-        sample_idx = [i for i, (s, n) in enumerate(zip(batch.seqs, batch.num_new)) if s.num_computed + n == len(s)]
-        logits = self.runner.run(batch, sample_idx)
-        for s, n in zip(batch.seqs, batch.num_new):
-            s.num_computed += n
-            self.block_manager.register_full_blocks(s)
-        # One row per candidate to draw: a prefilled parent draws for all of its siblings at once.
-        targets, rows = [], []
-        for j, i in enumerate(sample_idx):
-            seq = batch.seqs[i]
-            group = [seq]
-            if seq.fork_count:
-                for c in range(1, seq.fork_count + 1):
-                    child = seq.fork(c)
-                    self.block_manager.fork(seq, child)
-                    group.append(child)
-                self.scheduler.add_forks(seq, group[1:])
-                self.requests[seq.request_id].seqs += group[1:]
-                seq.fork_count = 0
-            targets += group
-            rows += [j] * len(group)
-        if not targets:
+        logits = self.runner.run(batch)  # a row per sequence of batch.sampled
+        seqs, rows = self.scheduler.advance(batch)  # prefilled prompts fork their siblings here
+        if not seqs:
             return []
-        if len(rows) != logits.shape[0] or rows != list(range(len(rows))):
-            logits = logits[torch.tensor(rows, device=logits.device)]
-        params = [s.params for s in targets]
-        for s in targets:
-            if s.seed_base is None:
-                s.seed_base = candidate_seed(self.requests[s.request_id].seed, s.index)
-        seeds = [position_seed(s.seed_base, s.num_output) for s in targets]
-        bans = [self._banned(s) if s.params.min_tokens else [] for s in targets]
-        tokens, lps, tops = sample_rows(logits, params, seeds, bans)
+        tokens, logprobs, tops = self.sampler(logits, rows, seqs)
+        return self._postprocess(seqs, tokens, logprobs, tops)
+
+    def _postprocess(self, seqs, tokens, logprobs, tops) -> list[RequestOutput]:
+        """Append each candidate's token, finish those a stop rule ends, and return the outputs of the
+        requests whose candidates have all finished."""
         self.num_generated_tokens += len(tokens)
-        finished_reqs = []
-        for s, tok, lp, top in zip(targets, tokens, lps, tops):
-            s.token_ids.append(tok)
-            s.cumulative_logprob += lp
-            if s.params.logprobs is not None:
-                entry = {tok: lp}
-                entry.update(top or {})
-                s.logprobs.append(entry)
-            reason = self._stop_reason(s, tok)
-            if reason is not None:
-                self.scheduler.finish(s, reason[0])
-                s.stop_reason = reason[1]
-                req = self.requests[s.request_id]
-                if req.finished:
-                    finished_reqs.append(req)
-        return [self._output(self.requests.pop(r.request_id)) for r in finished_reqs]
-
-    def _banned(self, s: Sequence) -> list[int]:
-        if s.num_output >= s.params.min_tokens:
-            return []
-        ban = list(s.params.stop_token_ids)
-        if not s.params.ignore_eos:
-            ban += list(self.eos_ids)
-        return ban
-
-    def _stop_reason(self, s: Sequence, tok: int):
-        p = s.params
-        if s.num_output >= p.min_tokens:
-            if not p.ignore_eos and tok in self.eos_ids:
-                return "stop", None
-            if tok in p.stop_token_ids:
-                return "stop", tok
-            if p.stop_strings and self.tokenizer is not None:
-                text = self.tokenizer.decode(s.output_ids, p.skip_special_tokens)
-                tail = max(len(x) for x in p.stop_strings) + 16  # only the new tail can hold a new match
-                for stop in p.stop_strings:
-                    k = text.find(stop, max(0, len(text) - tail - len(stop)))
-                    if k >= 0:
-                        s.stop_text = text[: k + len(stop)] if p.include_stop_str_in_output else text[:k]
-                        return "stop", stop
-        if s.num_output >= p.max_tokens or len(s) >= self.max_model_len:
-            return "length", None
-        return None
-
-    def _output(self, req: Request) -> RequestOutput:
-        outs = []
-        for s in sorted(req.seqs, key=lambda s: s.index):
-            if s.stop_text is not None:
-                text = s.stop_text
-            elif self.tokenizer is not None:
-                text = self.tokenizer.decode(s.output_ids, s.params.skip_special_tokens)
-            else:
-                text = ""
-            outs.append(
-                CompletionOutput(
-                    index=s.index,
-                    text=text,
-                    token_ids=s.output_ids,
-                    cumulative_logprob=s.cumulative_logprob,
-                    logprobs=s.logprobs if s.params.logprobs is not None else None,
-                    finish_reason=s.finish_reason,
-                    stop_reason=s.stop_reason,
-                )
-            )
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished=True)
+        done = []
+        for s, tok, lp, top in zip(seqs, tokens, logprobs, tops):
+            s.append_token(tok, lp, top)
+            reason = self.output_processor.finish_reason(s)
+            if reason is None:
+                continue
+            self.scheduler.finish(s, reason)
+            req = self.requests[s.request_id]
+            req.finished.append(s)
+            if req.is_finished:
+                done.append(self.output_processor.request_output(self.requests.pop(s.request_id)))
+        return done
 
     # -- prompt-only forward (logits, PRM scoring) --------------------------------------------
     @torch.inference_mode()

@@ -255,14 +255,16 @@ class ModelRunner:
     @torch.inference_mode()
     def hidden_states(self, batch: Batch):
         """Final hidden states [T, hidden] of every new token, and the row of each sequence's last token."""
+        self.copy_blocks(batch.copies)
         ids, pos, meta, last_rows = self.prepare(batch)
         self._maybe_pack(batch)
         return self.model(ids, pos, self.cos_sin, self.kv_caches, meta), last_rows
 
     @torch.inference_mode()
-    def run(self, batch: Batch, rows: list[int]) -> torch.Tensor:
-        """Logits [len(rows), vocab] (float32) at the last token of the batch sequences picked by `rows`."""
+    def run(self, batch: Batch) -> torch.Tensor:
+        """Logits [len(batch.sampled), vocab] (float32) at the last token of the sequences batch.sampled picks."""
         h, last_rows = self.hidden_states(batch)
+        rows = batch.sampled
         if not rows:
             return torch.empty(0, self.mcfg.vocab_size, device=self.device)
         idx = torch.tensor([last_rows[r] for r in rows], device=self.device)

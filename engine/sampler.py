@@ -1,9 +1,15 @@
-"""From logits rows to sampled tokens: per-row parameters, bans, seeds, logprobs."""
+"""From logits rows to sampled tokens: per-row parameters, bans, seeds, logprobs.
+
+Each draw's seed is a function of the request's seed, the candidate's index and the token
+position only (`candidate_seed`, then `position_seed`), so a candidate's tokens do not depend on
+batching, preemption or other requests.
+"""
 
 import torch
 
 import kernels
 from engine.sampling_params import SamplingParams
+from engine.sequence import Sequence
 from kernels.host import long_tensor
 
 _MASK64 = (1 << 64) - 1
@@ -27,10 +33,30 @@ def position_seed(candidate_base: int, position: int) -> int:
     return h - (1 << 64) if h >= 1 << 63 else h
 
 
-def draw_seed(request_seed: int, candidate: int, position: int) -> int:
-    """Seed of one draw: a function of the request's seed, the candidate and the token position only,
-    so a candidate's tokens do not depend on batching, preemption or other requests."""
-    return position_seed(candidate_seed(request_seed, candidate), position)
+class Sampler:
+    """Draws the next token of each candidate of a step."""
+
+    def __init__(self, eos_ids: set[int]):
+        self.eos_ids = eos_ids  # banned, with params.stop_token_ids, until params.min_tokens
+
+    def __call__(self, logits: torch.Tensor, rows: list[int], seqs: list[Sequence]):
+        """logits float32 [R, V]; seqs[i] draws from row rows[i]. Returns sample_rows' lists."""
+        if len(rows) != logits.shape[0] or rows != list(range(len(rows))):
+            logits = logits[torch.tensor(rows, device=logits.device)]
+        for s in seqs:
+            if s.seed_base is None:
+                s.seed_base = candidate_seed(s.seed, s.index)
+        seeds = [position_seed(s.seed_base, s.num_output) for s in seqs]
+        bans = [self._banned(s) if s.params.min_tokens else [] for s in seqs]
+        return sample_rows(logits, [s.params for s in seqs], seeds, bans)
+
+    def _banned(self, s: Sequence) -> list[int]:
+        if s.num_output >= s.params.min_tokens:
+            return []
+        ban = list(s.params.stop_token_ids)
+        if not s.params.ignore_eos:
+            ban += list(self.eos_ids)
+        return ban
 
 
 def sample_rows(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], bans: list[list[int]]):

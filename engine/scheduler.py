@@ -5,6 +5,9 @@ prefill takes its next chunk. Waiting sequences are then admitted in arrival ord
 budget, the sequence cap and free blocks allow. When blocks run out the newest running sequences
 are preempted: their blocks are freed and they rejoin the front of the queue to be recomputed
 (prefix-cache hits make that cheap). Outputs are never corrupted, only delayed.
+
+After the forward, `advance` counts the computed tokens and forks the n - 1 siblings of every
+prompt whose prefill just ended: they share its KV blocks and draw from its logits row.
 """
 
 from collections import deque
@@ -21,6 +24,7 @@ class Batch:
     num_new: list[int] = field(default_factory=list)  # tokens computed this step, per sequence
     num_decode: int = 0
     copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst) blocks
+    sampled: list[int] = field(default_factory=list)  # sequences whose last token is computed this step
 
     def __len__(self):
         return len(self.seqs)
@@ -96,16 +100,39 @@ class Scheduler:
             batch.seqs.append(seq)
             batch.num_new.append(n)
         batch.num_decode = sum(1 for n in batch.num_new if n == 1)
+        batch.sampled = [i for i, (s, n) in enumerate(picked) if s.num_computed + n == len(s)]
         return batch
 
-    def add_forks(self, parent: Sequence, children: list[Sequence]):
-        """Forked siblings join the running set right away (their KV is already there), right after
-        their parent: a request's candidates stay adjacent, so decode rows come group-major (no
-        shuffles in cascade attention) and preemption still takes the newest request's first."""
+    def advance(self, batch: Batch) -> tuple[list[Sequence], list[int]]:
+        """After the batch's forward: count its computed tokens, register the blocks they filled,
+        and fork the siblings of each prompt whose prefill just ended. Returns the sequences to
+        sample, siblings right after their parent, and for each its row of the logits (the row of
+        batch.sampled it comes from: a parent's row serves its siblings)."""
+        for s, n in zip(batch.seqs, batch.num_new):
+            s.num_computed += n
+            self.bm.register_full_blocks(s)
+        seqs, rows = [], []
+        for row, i in enumerate(batch.sampled):
+            group = [batch.seqs[i]]
+            if group[0].fork_count:
+                group += self._fork(group[0])
+            seqs += group
+            rows += [row] * len(group)
+        return seqs, rows
+
+    def _fork(self, parent: Sequence) -> list[Sequence]:
+        """The parent's fork_count siblings, sharing its blocks. They join the running set right
+        away (their KV is already there), right after their parent: a request's candidates stay
+        adjacent, so decode rows come group-major (no shuffles in cascade attention) and preemption
+        still takes the newest request's first."""
+        children = [parent.fork(c) for c in range(1, parent.fork_count + 1)]
         for c in children:
+            self.bm.fork(parent, c)
             c.status = Status.RUNNING
         i = self.running.index(parent)
         self.running[i + 1 : i + 1] = children
+        parent.fork_count = 0
+        return children
 
     def finish(self, seq: Sequence, reason: str):
         seq.status = Status.FINISHED

@@ -1,7 +1,9 @@
-"""A sequence: one candidate's tokens, its place in the KV cache, and its sampling state."""
+"""A sequence: one candidate's tokens, its place in the KV cache, and its sampling state; a request:
+the candidates of one prompt."""
 
 import enum
 import itertools
+from dataclasses import dataclass, field
 
 from engine.sampling_params import SamplingParams
 
@@ -23,11 +25,18 @@ class Sequence:
     """
 
     def __init__(
-        self, request_id: str, token_ids: list[int], params: SamplingParams, index: int = 0, fork_count: int = 0
+        self,
+        request_id: str,
+        token_ids: list[int],
+        params: SamplingParams,
+        index: int = 0,
+        fork_count: int = 0,
+        seed: int = 0,
     ):
         self.seq_id = next(_ids)
         self.request_id = request_id
         self.index = index  # candidate index within the request
+        self.seed = seed  # the request's seed, shared by its candidates
         self.token_ids = list(token_ids)
         self.prompt_len = len(token_ids)
         self.params = params
@@ -60,9 +69,18 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status == Status.FINISHED
 
+    def append_token(self, token: int, logprob: float, top: dict[int, float] | None):
+        """Record a sampled token, its logprob and (when params.logprobs asks) the top-k logprobs."""
+        self.token_ids.append(token)
+        self.cumulative_logprob += logprob
+        if self.params.logprobs is not None:
+            entry = {token: logprob}
+            entry.update(top or {})
+            self.logprobs.append(entry)
+
     def fork(self, index: int) -> "Sequence":
         """A sibling sharing everything computed so far (the caller shares the blocks)."""
-        child = Sequence(self.request_id, self.token_ids, self.params, index=index)
+        child = Sequence(self.request_id, self.token_ids, self.params, index=index, seed=self.seed)
         child.prompt_len = self.prompt_len
         child.status = self.status
         child.num_computed = self.num_computed
@@ -70,3 +88,18 @@ class Sequence:
         child.num_hashed_blocks = self.num_hashed_blocks
         child.last_hash = self.last_hash
         return child
+
+
+@dataclass
+class Request:
+    """What the engine keeps of a request until all of its n candidates have finished."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    finished: list[Sequence] = field(default_factory=list)  # candidates done so far, in finishing order
+
+    @property
+    def is_finished(self) -> bool:
+        return len(self.finished) == self.params.n

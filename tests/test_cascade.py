@@ -229,7 +229,7 @@ def test_write_back_keeps_the_cache_whole(tiny, monkeypatch):
                 return out
             steps += 1
             if abort_after is not None and steps == abort_after:
-                seqs = eng.requests[rid].seqs
+                seqs = [s for s in eng.scheduler.running if s.request_id == rid]
                 longest = max(seqs, key=len).token_ids
                 eng.abort_request(rid)
                 return longest
