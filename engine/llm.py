@@ -6,6 +6,7 @@ from tqdm.auto import tqdm
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
+from engine.prompt_forward import forward_prompts
 from engine.sampling_params import SamplingParams
 
 
@@ -83,6 +84,6 @@ class LLM:
     def compute_logits(self, token_lists: list[list[int]]) -> list[torch.Tensor]:
         """Full-sequence logits [len, vocab] (float32, CPU) of each token list; no caching, no sampling."""
         out = [None] * len(token_lists)
-        for k, _, h in self.engine.forward_prompts(token_lists, use_prefix_cache=False):
+        for k, _, h in forward_prompts(self.engine, token_lists, use_prefix_cache=False):
             out[k] = self.engine.model.compute_logits(h).float().cpu()
         return out

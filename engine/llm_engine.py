@@ -21,7 +21,7 @@ from engine.output_processor import OutputProcessor
 from engine.outputs import RequestOutput
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Batch, Scheduler
+from engine.scheduler import Scheduler
 from engine.sequence import Request, Sequence
 from engine.tokenizer import load_tokenizer, require
 
@@ -178,68 +178,6 @@ class LLMEngine:
             if req.is_finished:
                 done.append(self.output_processor.request_output(self.requests.pop(s.request_id)))
         return done
-
-    # -- prompt-only forward (logits, PRM scoring) --------------------------------------------
-    @torch.inference_mode()
-    def forward_prompts(
-        self, token_lists: list[list[int]], use_prefix_cache: bool = False, prefix_limits: list[int] | None = None
-    ):
-        """Final hidden states of each token list: yields (index, first_row, hidden [n, H]).
-
-        With use_prefix_cache, tokens already in the prefix cache (at most prefix_limits[i] of them)
-        are not recomputed and first_row says where the returned rows start; computed blocks are
-        registered for later lists, so lists sharing a prefix (a question and its candidates)
-        compute it once."""
-        if self.scheduler.has_work():
-            raise RuntimeError("forward_prompts needs an idle engine (no unfinished requests)")
-        bm, budget_total = self.block_manager, self.ecfg.max_num_batched_tokens
-        for ids in token_lists:
-            self.check_prompt_len(len(ids))
-        i, N = 0, len(token_lists)
-        while i < N:
-            batch, starts, index = Batch(), [], []
-            budget = budget_total
-            while i < N:
-                seq = Sequence(f"_fwd{i}", token_lists[i], SamplingParams())
-                if use_prefix_cache:
-                    bm.match_prefix(seq, None if prefix_limits is None else prefix_limits[i])
-                n = len(seq) - seq.num_computed
-                fits = bm.blocks_needed(seq, n) <= bm.num_free
-                if batch.seqs and (n > budget or not fits):
-                    bm.free_seq(seq)
-                    break
-                if not fits:
-                    raise RuntimeError(f"KV cache too small for a {len(seq)}-token forward")
-                bm.allocate(seq, n)
-                batch.seqs.append(seq)
-                batch.num_new.append(n)
-                starts.append(seq.num_computed)
-                index.append(i)
-                budget -= n
-                i += 1
-            if len(batch.seqs) == 1 and batch.num_new[0] > budget_total:
-                hs = self._chunked_forward(batch.seqs[0], batch.num_new[0])
-            else:
-                batch.num_decode = 0
-                h, _ = self.runner.hidden_states(batch)
-                hs = list(h.split(batch.num_new))
-            for seq, n, start, k, hh in zip(batch.seqs, batch.num_new, starts, index, hs):
-                seq.num_computed += n
-                bm.register_full_blocks(seq)
-                bm.free_seq(seq)
-                yield k, start, hh
-
-    def _chunked_forward(self, seq: Sequence, n: int):
-        out, left = [], n
-        while left:
-            m = min(left, self.ecfg.max_num_batched_tokens)
-            b = Batch(seqs=[seq], num_new=[m], num_decode=int(m == 1))
-            h, _ = self.runner.hidden_states(b)
-            out.append(h)
-            seq.num_computed += m
-            left -= m
-        seq.num_computed -= n  # the caller advances it once
-        return [torch.cat(out)]
 
     # -- weights ------------------------------------------------------------------------------
     def load_weights(self, named_tensors, strict: bool = False):

@@ -20,6 +20,7 @@ import kernels
 from engine.config import EngineConfig
 from engine.errors import RequestError
 from engine.llm_engine import LLMEngine
+from engine.prompt_forward import forward_prompts
 from engine.tokenizer import require
 
 QWEN_PRM_SEPARATOR = "<extra_0>"
@@ -135,12 +136,12 @@ class PRM:
                 owner.append(qi)
         eng = self.engine
         if share_prefix and eng.ecfg.enable_prefix_caching:
-            for _ in eng.forward_prompts(q_ids, use_prefix_cache=True):  # fills the cache with the questions
+            for _ in forward_prompts(eng, q_ids, use_prefix_cache=True):  # fills the cache with the questions
                 pass
             limits = [len(q_ids[o]) for o in owner]
-            stream = eng.forward_prompts(seqs, use_prefix_cache=True, prefix_limits=limits)
+            stream = forward_prompts(eng, seqs, use_prefix_cache=True, prefix_limits=limits)
         else:
-            stream = eng.forward_prompts(seqs, use_prefix_cache=False)
+            stream = forward_prompts(eng, seqs, use_prefix_cache=False)
         rows = [None] * len(seqs)
         for k, first, h in tqdm(stream, total=len(seqs), desc="PRM", disable=not progress, leave=False):
             rows[k] = h[torch.tensor([p - first for p in tag_pos[k]], device=h.device)]

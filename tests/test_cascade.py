@@ -9,6 +9,7 @@ from model_factory import make_model
 
 from engine import LLM, SamplingParams
 from engine.model_runner import ModelRunner
+from engine.prompt_forward import forward_prompts
 from kernels.cascade_attention import CascadeBuffers, build_cascade_plan, cascade_decode_attention
 from kernels.decode_attention import paged_decode_attention_ref
 
@@ -252,7 +253,7 @@ def test_write_back_keeps_the_cache_whole(tiny, monkeypatch):
             eng, "d", cut, SamplingParams(n=2, temperature=1.0, max_tokens=8, ignore_eos=True, seed=8, logprobs=0)
         )
         hits = eng.block_manager.prefix_hits
-        logits = [lg for _, _, lg in eng.forward_prompts([reuse, cut], use_prefix_cache=False)]
+        logits = [lg for _, _, lg in forward_prompts(eng, [reuse, cut], use_prefix_cache=False)]
         later = [(c.token_ids, c.cumulative_logprob) for r in (b, d) for c in r.outputs]
         return a_out, later, hits, logits, [c.finish_reason for c in a.outputs]
 
