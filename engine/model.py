@@ -52,7 +52,7 @@ class Attention(nn.Module):
         v = v.view(T, self.nkv, self.hd)
         k_cache, v_cache = kv_cache  # [num_blocks, block_size, Hkv, D]
         # Write the new tokens' K/V first: both kernels then read everything from the cache. (On the
-        # CPU decode path a steady step keeps them in the cascade buffers; the runner writes back.)
+        # CPU decode path a steady step keeps them in the cascade buffers; engine.cpu_decode writes back.)
         if meta.cascade is None or not meta.cascade.write_back:
             k_cache.view(-1, self.nkv, self.hd).index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
             v_cache.view(-1, self.nkv, self.hd).index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))

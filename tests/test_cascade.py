@@ -8,7 +8,7 @@ import torch
 from model_factory import make_model
 
 from engine import LLM, SamplingParams
-from engine.model_runner import ModelRunner
+from engine.cpu_decode import CpuDecodeState
 from engine.prompt_forward import forward_prompts
 from kernels.cascade_attention import CascadeBuffers, build_cascade_plan, cascade_decode_attention
 from kernels.decode_attention import paged_decode_attention_ref
@@ -201,10 +201,7 @@ def test_engine_with_cascade_equals_plain_decode(tiny, monkeypatch):
         return [c.token_ids for c in outs], [c.cumulative_logprob for c in outs]
 
     fast, small = run(), run(num_kv_blocks=40)
-    import engine.model_runner as mr
-
-    monkeypatch.setattr(mr, "build_cascade_plan", lambda *a, **k: None)
-    monkeypatch.setattr(ModelRunner, "_attach_buffers", lambda *a, **k: None)
+    monkeypatch.setattr(CpuDecodeState, "plan", lambda *a, **k: None)  # decode rows take the plain path
     plain = run()
     for got in (fast, small):
         assert got[0] == plain[0]
@@ -260,10 +257,7 @@ def test_write_back_keeps_the_cache_whole(tiny, monkeypatch):
     fast = run()
     assert len(set(map(len, (t for t, _, _ in fast[0])))) > 1  # the candidates stopped at different steps
     assert fast[2] >= 8 * 4  # b and d took generated blocks from the prefix cache
-    import engine.model_runner as mr
-
-    monkeypatch.setattr(mr, "build_cascade_plan", lambda *a, **k: None)
-    monkeypatch.setattr(ModelRunner, "_attach_buffers", lambda *a, **k: None)
+    monkeypatch.setattr(CpuDecodeState, "plan", lambda *a, **k: None)  # decode rows take the plain path
     plain = run()
     assert [t for t, _, _ in fast[0]] == [t for t, _, _ in plain[0]]
     assert [lp for _, lp, _ in fast[0]] == pytest.approx([lp for _, lp, _ in plain[0]], abs=1e-4)
