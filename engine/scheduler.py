@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
-from engine.sequence import Sequence, Status
+from engine.sequence import Sequence
 
 
 @dataclass
@@ -46,7 +46,6 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence):
         self.bm.free_seq(seq)
-        seq.status = Status.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
@@ -89,7 +88,6 @@ class Scheduler:
                 break
             self.waiting.popleft()
             copies += self.bm.allocate(seq, n)
-            seq.status = Status.RUNNING
             self.running.append(seq)
             picked.append((seq, n))
             budget -= n
@@ -128,14 +126,12 @@ class Scheduler:
         children = [parent.fork(c) for c in range(1, parent.fork_count + 1)]
         for c in children:
             self.bm.fork(parent, c)
-            c.status = Status.RUNNING
         i = self.running.index(parent)
         self.running[i + 1 : i + 1] = children
         parent.fork_count = 0
         return children
 
     def finish(self, seq: Sequence, reason: str):
-        seq.status = Status.FINISHED
         seq.finish_reason = reason
         self.bm.free_seq(seq)
         self.running.remove(seq)
@@ -148,6 +144,5 @@ class Scheduler:
             else:
                 self.waiting.remove(s)
             self.bm.free_seq(s)
-            s.status = Status.FINISHED
             s.finish_reason = "abort"
         return gone

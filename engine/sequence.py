@@ -1,18 +1,10 @@
 """A sequence: one candidate's tokens, its place in the KV cache, and its sampling state; a request:
 the candidates of one prompt."""
 
-import enum
 import itertools
 from dataclasses import dataclass, field
 
 from engine.sampling_params import SamplingParams
-
-
-class Status(enum.Enum):
-    WAITING = 0
-    RUNNING = 1
-    FINISHED = 2
-
 
 _ids = itertools.count()
 
@@ -41,7 +33,6 @@ class Sequence:
         self.prompt_len = len(token_ids)
         self.params = params
         self.fork_count = fork_count  # siblings still to fork at the first sampled token
-        self.status = Status.WAITING
         self.num_computed = 0  # tokens whose KV is in the cache
         self.block_table: list[int] = []
         self.num_hashed_blocks = 0  # leading full blocks registered in the prefix cache
@@ -65,10 +56,6 @@ class Sequence:
     def num_output(self) -> int:
         return len(self.token_ids) - self.prompt_len
 
-    @property
-    def is_finished(self) -> bool:
-        return self.status == Status.FINISHED
-
     def append_token(self, token: int, logprob: float, top: dict[int, float] | None):
         """Record a sampled token, its logprob and (when params.logprobs asks) the top-k logprobs."""
         self.token_ids.append(token)
@@ -82,7 +69,6 @@ class Sequence:
         """A sibling sharing everything computed so far (the caller shares the blocks)."""
         child = Sequence(self.request_id, self.token_ids, self.params, index=index, seed=self.seed)
         child.prompt_len = self.prompt_len
-        child.status = self.status
         child.num_computed = self.num_computed
         child.block_table = list(self.block_table)
         child.num_hashed_blocks = self.num_hashed_blocks
