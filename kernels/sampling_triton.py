@@ -12,12 +12,14 @@ Each row (one program per row on a GPU) streams its logits in vocabulary tiles:
    mass strictly above it is < top_p, exactly the sorted-cumsum rule of the reference. It stops
    as soon as the probe set is the answer (its mass without its smallest member is < top_p);
 4. min-p is a closed-form threshold: x >= max(x) + log(min_p);
-5. the draw: Gumbel-max (equivalently the exponential race of the reference) with Philox
-   `tl.rand` keyed by the row's seed and the token index, so a row's draw depends only on its
-   seed: deterministic, batch-independent, exact in distribution.
+5. the draw: Gumbel-max over the allowed tokens, argmax of x - log(-log(u)) with one Philox
+   uniform u = `tl.rand(seed, token id)` per token, so a row's draw depends only on its seed and
+   logits: deterministic, batch-independent, exact in distribution. (The reference draws by
+   inverse CDF from one hashed uniform per row: the same distribution, not the same tokens.)
 
 Passes 2 and 3 only run for rows that use top-k / top-p; greedy rows only run pass 1. Ties at a
-threshold keep every tied token (the reference keeps an arbitrary subset of them).
+threshold keep every tied token (so does the reference's top-k alone; with top-p on, its sort
+keeps an arbitrary subset of them).
 """
 
 import torch
