@@ -267,6 +267,28 @@ def test_write_back_keeps_the_cache_whole(tiny, monkeypatch):
         torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
 
 
+def test_prompt_forward_right_after_write_back_reads_the_written_tokens(tiny):
+    """A request's last decode steps leave their K/V only in the cascade buffers (write-back). A
+    prompt forward that follows at once and takes those blocks from the prefix cache must see them
+    (ModelRunner.prepare flushes before a forward without torch-path decode rows)."""
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+
+    eng = LLMEngine(tiny, dtype="float32", device="cpu", engine_config=EngineConfig(block_size=4))
+    prompt = list(range(3, 3 + 21))
+    eng.add_request("a", prompt, SamplingParams(n=2, temperature=1.0, max_tokens=24, ignore_eos=True, seed=3))
+    outs = []
+    while eng.has_unfinished_requests():
+        outs += eng.step()
+    assert eng.runner.cpu_decode._dirty > 1  # the last steps' K/V are not in the paged cache yet
+    # candidate 0 computed 21 + 23 = 44 tokens: 11 full blocks in the prefix cache, the newest ones dirty
+    ids = prompt + outs[0].outputs[0].token_ids + [5]
+    [(_, first, cached)] = list(forward_prompts(eng, [ids], use_prefix_cache=True))
+    assert first == 44
+    [(_, _, whole)] = list(forward_prompts(eng, [ids], use_prefix_cache=False))
+    torch.testing.assert_close(cached, whole[first:], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("lens_equal", [True, False])
 def test_shared_partial_block_joins_the_prefix(lens_equal):
     """Siblings whose prompt ends inside a block each hold a copy of that block: with share ids

@@ -83,10 +83,12 @@ def test_chunked_prefill_matches_whole(llama):
         assert (a - b).abs().max().item() < 1e-4
 
 
+# With a 16-token step budget, prompts longer than it prefill in chunks next to other prompts' decodes.
+@pytest.mark.parametrize("max_num_batched_tokens", [4096, 16])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_greedy_matches_transformers_generate(models, arch):
+def test_greedy_matches_transformers_generate(models, arch, max_num_batched_tokens):
     path = models[arch]
-    llm = LLM(path, dtype="float32", device="cpu")
+    llm = LLM(path, dtype="float32", device="cpu", max_num_batched_tokens=max_num_batched_tokens)
     hf = hf_model(path)
     prompts = _prompts(2, [5, 19, 40])
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=40, min_tokens=40), use_tqdm=False)
@@ -94,6 +96,23 @@ def test_greedy_matches_transformers_generate(models, arch):
         ref = hf.generate(torch.tensor([p]), max_new_tokens=40, min_new_tokens=40, do_sample=False)[0, len(p) :]
         assert o.outputs[0].token_ids == ref.tolist()
         assert len(set(ref.tolist())) > 3  # a real sequence, not one repeated token
+
+
+def test_sliding_window_caps_the_context(tmp_path):
+    """Mistral with a 32-token window: max_model_len is capped at the window (within it, sliding
+    attention equals full attention), asked for or not; generation within it matches transformers."""
+    path = make_model(str(tmp_path / "m"), "mistral", seed=4, sliding_window=32)
+    for asked in (None, 64):
+        assert LLM(path, dtype="float32", device="cpu", max_model_len=asked).engine.max_model_len == 32
+    assert LLM(path, dtype="float32", device="cpu", max_model_len=16).engine.max_model_len == 16
+    llm = LLM(path, dtype="float32", device="cpu")
+    with pytest.raises(RequestError, match="max_model_len is 32"):
+        llm.generate([list(range(3, 35))], SamplingParams(), use_tqdm=False)
+    p = _prompts(18, [12])[0]
+    o = llm.generate([p], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True), use_tqdm=False)[0]
+    assert o.outputs[0].finish_reason == "length" and len(p) + len(o.outputs[0].token_ids) == 32
+    ref = hf_model(path).generate(torch.tensor([p]), max_new_tokens=20, min_new_tokens=20, do_sample=False)
+    assert o.outputs[0].token_ids == ref[0, len(p) :].tolist()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -179,6 +198,8 @@ def test_engine_seed_makes_unseeded_requests_reproducible(llama):
     a = LLM(llama, dtype="float32", device="cpu", seed=3).generate(p, sp, use_tqdm=False)
     b = LLM(llama, dtype="float32", device="cpu", seed=3).generate(p, sp, use_tqdm=False)
     assert [x.token_ids for x in a[0].outputs] == [x.token_ids for x in b[0].outputs]
+    c = LLM(llama, dtype="float32", device="cpu", seed=4).generate(p, sp, use_tqdm=False)
+    assert [x.token_ids for x in a[0].outputs] != [x.token_ids for x in c[0].outputs]
 
 
 def _next_token_probs(path, prompt, temperature):
@@ -263,15 +284,28 @@ def test_stopping_rules(llama):
         use_tqdm=False,
     )[0].outputs[0]
     assert len(o.token_ids) >= first + 2 and stop_id not in o.token_ids[: first + 2]
-    # stop strings cut the text
+    # stop strings cut the text: the first two-letter ASCII word piece of the free text after its
+    # first character, so the cut output is non-empty
     tok = llm.get_tokenizer()
     text = tok.decode(free.token_ids)
-    stop = text[len(text) // 2 : len(text) // 2 + 2]
-    if stop.strip():
-        o = llm.generate([p], SamplingParams(temperature=0, max_tokens=30, stop=stop, ignore_eos=True), use_tqdm=False)[
-            0
-        ].outputs[0]
-        assert o.finish_reason == "stop" and stop not in o.text and text.startswith(o.text)
+    stop = next(
+        text[i : i + 2] for i in range(1, len(text) - 1) if text[i : i + 2].isascii() and text[i : i + 2].isalnum()
+    )
+    k = text.find(stop)
+    assert k > 0
+    for include in (False, True):
+        o = llm.generate(
+            [p],
+            SamplingParams(
+                temperature=0, max_tokens=30, stop=stop, ignore_eos=True, include_stop_str_in_output=include
+            ),
+            use_tqdm=False,
+        )[0].outputs[0]
+        assert o.finish_reason == "stop" and o.stop_reason == stop
+        assert o.text == (text[: k + len(stop)] if include else text[:k])
+        # generation ended at the token that completed the stop string
+        assert o.token_ids == free.token_ids[: len(o.token_ids)]
+        assert stop in tok.decode(o.token_ids) and stop not in tok.decode(o.token_ids[:-1])
 
 
 def test_eos_stops_unless_ignored(tmp_path):
@@ -341,15 +375,19 @@ def test_load_weights_in_process(models, tmp_path):
     assert after.outputs[0].token_ids != before.outputs[0].token_ids
 
 
-def test_sharded_checkpoint(llama, tmp_path):
+@pytest.fixture(scope="module")
+def sharded(llama, tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(llama)
-    out = tmp_path / "sharded"
-    model.save_pretrained(out, max_shard_size="40KB")
+    out = tmp_path_factory.mktemp("sharded") / "m"
+    AutoModelForCausalLM.from_pretrained(llama).save_pretrained(out, max_shard_size="40KB")
     assert (out / "model.safetensors.index.json").exists()
+    return str(out)
+
+
+def test_sharded_checkpoint(llama, sharded):
     p = _prompts(16, [9])
-    a = LLM(str(out), dtype="float32", device="cpu").compute_logits(p)[0]
+    a = LLM(sharded, dtype="float32", device="cpu").compute_logits(p)[0]
     b = LLM(llama, dtype="float32", device="cpu").compute_logits(p)[0]
     assert torch.equal(a, b)
 
@@ -399,6 +437,39 @@ def test_checkpoint_errors(llama, tmp_path):
         LLM(d, device="cpu")
 
 
+def test_sharded_checkpoint_errors(sharded, tmp_path):
+    def index_of(d):
+        return os.path.join(d, "model.safetensors.index.json")
+
+    d = _copy(sharded, tmp_path / "badjson")
+    with open(index_of(d), "w") as f:
+        f.write('{"weight_map": {')
+    with pytest.raises(CheckpointError, match=r"model.safetensors.index.json is not a valid safetensors index: JSON"):
+        LLM(d, device="cpu")
+    d = _copy(sharded, tmp_path / "nomap")
+    with open(index_of(d), "w") as f:
+        json.dump({"metadata": {}}, f)
+    with pytest.raises(CheckpointError, match=r"is not a valid safetensors index: KeyError\('weight_map'\)"):
+        LLM(d, device="cpu")
+    d = _copy(sharded, tmp_path / "noshard")
+    with open(index_of(d)) as f:
+        shard = sorted(set(json.load(f)["weight_map"].values()))[-1]
+    os.remove(os.path.join(d, shard))
+    with pytest.raises(CheckpointError, match=f"shard {shard} listed in .*index.json is missing"):
+        LLM(d, device="cpu")
+
+
+def test_unsupported_activation(llama, tmp_path):
+    d = _copy(llama, tmp_path / "gelu")
+    with open(os.path.join(d, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["hidden_act"] = "gelu"
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(CheckpointError, match=r"unsupported hidden_act 'gelu' in .*config.json; only 'silu'"):
+        LLM(d, device="cpu")
+
+
 def test_missing_and_unexpected_tensors(llama, tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -423,6 +494,12 @@ def test_request_errors(llama, tmp_path):
         llm.generate([[5, 100000]], SamplingParams(), use_tqdm=False)
     with pytest.raises(RequestError, match="empty prompt"):
         llm.generate([[]], SamplingParams(), use_tqdm=False)
+    eng = llm.engine
+    eng.add_request("same", [5, 6, 7], SamplingParams(max_tokens=2))
+    with pytest.raises(RequestError, match="duplicate request id 'same'"):
+        eng.add_request("same", [8, 9], SamplingParams(max_tokens=2))
+    eng.abort_request("same")
+    assert not eng.has_unfinished_requests() and eng.block_manager.num_used == 0
     # a bad prompt rejects the call and leaves the engine usable
     out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 3
