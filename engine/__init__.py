@@ -1,5 +1,26 @@
 """Paged-KV inference engine for Llama / Qwen2 / Mistral checkpoints.
 
+A prompt's path through the files:
+
+    llm.py              LLM(path).generate(prompts, SamplingParams(...)), named as in vLLM
+    llm_engine.py       LLMEngine: loads the checkpoint (config.py, loader.py, tokenizer.py) into
+                        model.py's decoder; add_request makes the prompt a sequence.py Sequence;
+                        step() is schedule, run, sample, postprocess:
+    scheduler.py          1. schedule: which sequences run this step, how many tokens each
+                             (continuous batching, chunked prefill, preemption); after the
+                             forward, a prefilled prompt forks its n - 1 sibling candidates
+    block_manager.py         their KV cache blocks: shared prompt blocks, prefix cache, copy-on-write
+    model_runner.py       2. run: owns the paged KV cache, turns the batch into tensors
+                             (AttnMetadata) and runs model.py, whose attention, norm and rotary
+                             calls go to kernels/
+    cpu_decode.py            the torch decode path's state across steps: shared-prefix buffers,
+                             write-back, MKL-packed weights (packed_linear.py)
+    sampler.py            3. sample: per-candidate seeds, min_tokens bans, kernels.sample
+    output_processor.py   4. postprocess: stop rules, then outputs.py's RequestOutput
+    prompt_forward.py   prompts without sampling, for LLM.compute_logits and prm.py
+    prm.py              PRM: a process reward model's score for every step of every candidate
+    errors.py           the errors a user can act on
+
 Importing the package is light (no torch): the names below load their module on first use (PEP 562),
 so `from engine.errors import ...` costs nothing.
 """

@@ -1,6 +1,23 @@
 """Hot paths of the engine: Triton kernels beside torch references with the same signatures.
 
-CUDA tensors use Triton; CPU tensors use the reference; BSTAR_KERNELS=triton|torch forces one.
+Each `<name>.py` holds the torch reference and the dispatching function the engine calls;
+`<name>_triton.py` beside it holds the Triton kernel with the same contract. In the order a step
+meets them:
+
+    norm_rope.py            rms_norm (fused residual add), apply_rotary     (engine/model.py)
+    prefill_attention.py    paged_prefill_attention: new tokens against their cached prefix
+    decode_attention.py     paged_decode_attention: one token per sequence against its pages
+    cascade_attention.py    the torch decode path for sibling candidates: shared prompt blocks
+                            read once per group (no Triton twin; engine/cpu_decode.py keeps its buffers)
+    sampling.py             sample: temperature, top-k, top-p, min-p, seeded draw (engine/sampler.py)
+    prm_scoring.py          prm_step_scores: P(good) at step tags, per-candidate aggregate (engine/prm.py)
+    paged_triton.py         paged-KV addressing shared by the Triton attention kernels
+    dispatch.py             use_triton: CUDA tensors take Triton, CPU tensors the reference;
+                            BSTAR_KERNELS=triton|torch forces one
+    host.py                 long_tensor: host lists to int64 tensors, fast
+
+The `_triton` modules are imported on first use of the Triton path, so CPU-only use never imports
+triton (not installed off Linux).
 """
 
 from kernels.decode_attention import paged_decode_attention, paged_decode_attention_ref
