@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,27 +9,24 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from model_factory import make_model
 from safetensors.torch import load_file
 
+import bstar.train.trainer as trainer_mod
 from bstar import controller
 from bstar.cli import main
-from bstar.controller import RunConfig
+from bstar.config import RunConfig
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TIMING = ("time_s", "tokens_per_s")
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, shared_data, llama_dir, prm_dir):
     root = tmp_path_factory.mktemp("run")
     train, test = root / "train.jsonl", root / "test.jsonl"
-    lines = (DATA / "gsm8k_train.jsonl").read_text().splitlines()
+    lines = (shared_data / "gsm8k_train.jsonl").read_text().splitlines()
     train.write_text("\n".join(lines[:6]) + "\n")
-    test.write_text("\n".join((DATA / "gsm8k_test.jsonl").read_text().splitlines()[:3]) + "\n")
-    policy = make_model(str(root / "policy"), "llama", seed=1, max_position_embeddings=1024)
-    prm = make_model(str(root / "prm"), "llama", seed=2, max_position_embeddings=1024, extra_tokens=("ки",))
-    return dict(root=root, train=str(train), test=str(test), policy=policy, prm=prm)
+    test.write_text("\n".join((shared_data / "gsm8k_test.jsonl").read_text().splitlines()[:3]) + "\n")
+    return dict(root=root, train=str(train), test=str(test), policy=str(llama_dir), prm=str(prm_dir))
 
 
 def _cfg(s, **kw):
@@ -217,13 +213,7 @@ def test_report_command(full_run):
     assert r.exit_code == 0 and (out / "report.md").exists() and "greedy" in r.output
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_ranks_one_iteration(setup, full_run, tmp_path):
+def test_two_ranks_one_iteration(setup, full_run, tmp_path, free_port):
     """torchrun --nproc_per_node=2 (gloo): sharded generation, FSDP2 training, weights to both engines."""
     out = tmp_path / "two"
     cfg = _cfg(setup, iterations=1)
@@ -235,7 +225,7 @@ def test_two_ranks_one_iteration(setup, full_run, tmp_path):
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=2",
-        f"--master_port={_free_port()}",
+        f"--master_port={free_port}",
         "-m",
         "bstar.cli",
         "run",
@@ -262,8 +252,6 @@ def test_two_ranks_one_iteration(setup, full_run, tmp_path):
 def test_restart_modes(setup, mode, monkeypatch):
     """rest-em and star fine-tune from the base model every iteration; star keeps one per query."""
     starts = []
-    import bstar.trainer as trainer_mod
-
     real = trainer_mod.SFTTrainer.__init__
 
     def spy(self, model, *a, **kw):
