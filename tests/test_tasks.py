@@ -6,7 +6,7 @@ from decimal import Decimal
 import pytest
 
 from bstar.rewards import gsm8k_gold
-from bstar.tasks import DEFAULT_PROMPT, Example, check_template, format_prompt, load_task_examples
+from bstar.tasks import DEFAULT_PROMPT, Example, check_template, format_prompt, last_boxed, load_task_examples
 from engine.errors import BStarError, DataError
 
 
@@ -105,3 +105,13 @@ def test_prompt_template():
     for bad in ("{q}", "no field", "{question} {answer}", "{question"):
         with pytest.raises(BStarError):
             check_template(bad)
+
+
+def test_last_boxed():
+    """The one brace matcher: the MATH loader's gold answers and bstar.rewards' extraction both use it."""
+    assert last_boxed("a \\boxed{1} b \\boxed{\\frac{1}{2}} c") == "\\frac{1}{2}"
+    assert last_boxed("so \\fbox{x^{2}}.") == "x^{2}"
+    assert last_boxed("\\boxed{a \\} b}") == "a \\} b"  # an escaped brace does not close it
+    assert last_boxed("\\boxed 5 apples") == "5"
+    assert last_boxed("\\boxed{1} then \\boxed{2") == "1"  # an unclosed last box: the one before
+    assert last_boxed("no box here") is None and last_boxed("\\boxed{") is None
