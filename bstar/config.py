@@ -11,7 +11,7 @@ from bstar.tasks import DEFAULT_PROMPT, check_template
 from engine.errors import BStarError
 
 MODES = ("bstar", "online-rft", "rest-em", "star")
-EMBEDDED_PRESETS = ("default", "tiny")  # bstar.embedded.EmbeddedConfig.preset
+EMBEDDED_PRESETS = ("default", "tiny")  # sizes of the built-in task: bstar.embedded.EmbeddedConfig.preset
 
 
 @dataclass

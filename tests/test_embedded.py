@@ -13,6 +13,7 @@ from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import bstar.embedded.build as build_mod
+from bstar.config import RunConfig
 from bstar.embedded import EmbeddedConfig, build_assets, load_assets
 from bstar.embedded.config import VERSION
 from bstar.embedded.prm import hard_labels, prm_examples, prm_inputs
@@ -258,6 +259,13 @@ def test_config_key_and_validation():
         EmbeddedConfig(warm_lr=0.0)
     with pytest.raises(BStarError, match="threads"):
         build_assets(EmbeddedConfig.tiny(), cache_dir="/nonexistent", threads=0)
+    assert (
+        EmbeddedConfig.preset("tiny") == EmbeddedConfig.tiny() and EmbeddedConfig.preset("default") == EmbeddedConfig()
+    )
+    with pytest.raises(BStarError, match="unknown embedded preset 'small'"):
+        EmbeddedConfig.preset("small")
+    with pytest.raises(BStarError, match="unknown embedded preset"):
+        RunConfig(embedded_preset="small")
 
 
 def test_uncreatable_cache_dir(tmp_path):

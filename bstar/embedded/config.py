@@ -7,6 +7,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 
+from bstar.config import EMBEDDED_PRESETS
 from engine.errors import BStarError
 
 VERSION = "embedded-1"  # bump when the build procedure changes: old caches are then ignored
@@ -47,9 +48,10 @@ class EmbeddedConfig:
 
     @classmethod
     def preset(cls, name: str) -> EmbeddedConfig:
-        """ "default" (the built-in task as `bstar-engine run` uses it) or "tiny"."""
-        if name not in ("default", "tiny"):
-            raise BStarError(f"unknown embedded preset {name!r}; choose default or tiny")
+        """The named size (EMBEDDED_PRESETS): "default", the built-in task as `bstar-engine run` uses it, or
+        "tiny", which builds in about a second (a smoke test; its models learn little)."""
+        if name not in EMBEDDED_PRESETS:
+            raise BStarError(f"unknown embedded preset {name!r}; choose one of {', '.join(EMBEDDED_PRESETS)}")
         return cls() if name == "default" else cls.tiny()
 
     @classmethod
