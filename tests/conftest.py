@@ -3,10 +3,15 @@
 Without CUDA, Triton kernels run under the interpreter on CPU tensors; the variable must be set
 before triton is first imported, which is why it lives here (conftest loads before test modules).
 
+The folder holds one test file per module (the B-STaR side: test_<module>.py for bstar/<module>.py,
+test_embedded*.py for bstar/embedded/, test_trainer*.py for bstar/train/, test_cli.py), the one checkpoint
+factory (model_factory.py) and reference_selection.py (a naive selection the search and loop tests compare
+with).
+
 Fixtures: `shared_data` (the GSM8K / MATH500 files beside the project), `free_port` (for torchrun
-tests) and tiny checkpoints built once per session by tests/model_factory.py (`llama_dir`, `qwen2_dir`,
-`prm_dir`; read-only: tests write their outputs elsewhere). Every test runs with $BSTAR_CACHE in a temp
-dir, so nothing is built under ~/.cache.
+tests), `one_torch_thread`, and tiny checkpoints built once per session by model_factory.py
+(`llama_dir`, `qwen2_dir`, `prm_dir`; read-only: tests write their outputs elsewhere). Every test runs
+with $BSTAR_CACHE in a temp dir, so nothing is built under ~/.cache.
 """
 
 import os
@@ -46,6 +51,17 @@ def shared_data() -> Path:
         if (d / "gsm8k_test.jsonl").is_file():
             return d
     pytest.fail(f"shared data not found (looked in {', '.join(map(str, candidates[:3]))}); set BSTAR_SHARED_DATA")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`):
+    for tiny models it is as fast, results do not depend on what earlier tests set, they match torchrun
+    ranks (OMP_NUM_THREADS=1), and 2 threads on a busy 2-core machine spin (~15x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from bstar.cli import main
@@ -39,12 +38,8 @@ SMALL = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    # a built-in run sets torch to one thread for its tiny models; keep that out of other tests
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+# a built-in run sets torch to one thread for its tiny models: the fixture restores the count afterwards
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _lines(path: Path) -> list[dict]:

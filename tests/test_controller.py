@@ -25,6 +25,7 @@ from engine.outputs import CompletionOutput, RequestOutput
 from engine.tokenizer import load_tokenizer
 
 TIMING = ("time_s", "tokens_per_s")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # Gold answers the random policy's texts sometimes end with (their last number is what GSM8K grading
@@ -40,16 +41,6 @@ def _with_answers(lines: list[str], answers: list[str]) -> str:
         rec["answer"] = rec["answer"].rsplit("####", 1)[0] + f"#### {a}"
         out.append(json.dumps(rec))
     return "\n".join(out) + "\n"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models: one thread is as fast, the results do not depend on what earlier tests set, and they
-    # match the torchrun ranks (OMP_NUM_THREADS=1)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -24,14 +24,7 @@ from engine import LLM, PRM, SamplingParams
 from engine.errors import BStarError, CheckpointError
 from engine.prm import split_steps
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models: 1 thread is as fast, and 2 threads on a busy 2-core box spin (~15x slower)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
