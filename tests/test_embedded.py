@@ -238,12 +238,19 @@ def test_failed_build_leaves_no_partial_cache(tmp_path, monkeypatch):
         raise RuntimeError("killed in the PRM phase")
 
     monkeypatch.setattr(build_mod, "train_prm", boom)
+    seen, real_warm_start = [], build_mod.warm_start
+
+    def warm_start(*args, **kw):
+        seen.append(torch.get_num_threads())
+        return real_warm_start(*args, **kw)
+
+    monkeypatch.setattr(build_mod, "warm_start", warm_start)
     cfg = EmbeddedConfig.tiny()
-    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the build runs on 1 (threads=1) and puts 2 back; the module fixture restores 1
     with pytest.raises(RuntimeError, match="killed in the PRM phase"):
-        build_assets(cfg, cache_dir=tmp_path, progress=False, threads=threads + 1)
+        build_assets(cfg, cache_dir=tmp_path, progress=False, threads=1)
     assert list(tmp_path.iterdir()) == []  # neither the final dir nor the temp dir
-    assert torch.get_num_threads() == threads  # the build's thread setting is undone
+    assert seen == [1] and torch.get_num_threads() == 2  # the build's thread setting applied, then undone
 
 
 def test_stale_temp_dir_of_dead_build_is_swept(tmp_path):
