@@ -38,6 +38,7 @@ from engine.errors import BStarError, CheckpointError, DataError
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(micro_batch_tokens=256, max_seq_len=256, progress=False)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models; robust on a busy machine
 
 
 def _tok(d):

@@ -9,6 +9,8 @@ from transformers import AutoModelForCausalLM
 from bstar.train import SFTConfig, SFTTrainer
 from engine import LLM
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models; robust on a busy machine
+
 
 def _llm(path):
     return LLM(str(path), dtype="float32", device="cpu", seed=0)
