@@ -7,19 +7,14 @@ the ratio in benchmark.extra_info.
 """
 
 import random
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from model_factory import make_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from sft_fixtures import make_model_dir  # noqa: E402
-
-from bstar.sft_data import SFTExample, epoch_batches  # noqa: E402
-from bstar.trainer import SFTConfig, SFTTrainer  # noqa: E402
+from bstar.train import SFTConfig, SFTExample, SFTTrainer
+from bstar.train.data import epoch_batches
 
 BATCH = 8
 ROUNDS = 4
@@ -67,7 +62,7 @@ def one_thread():
 def test_bench_sft_throughput_vs_transformers_loop(benchmark, tmp_path, one_thread):
     from transformers import AutoModelForCausalLM
 
-    d = make_model_dir(tmp_path / "m", "llama", seed=0, layers=4, hidden=128)
+    d = make_model(str(tmp_path / "m"), "llama", seed=0, num_hidden_layers=4, hidden_size=128, intermediate_size=256)
     examples = _examples()
     n_tokens = sum(len(x) for x in examples)
     cfg = SFTConfig(

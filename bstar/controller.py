@@ -6,7 +6,7 @@ Each iteration t, with policy P(t-1):
      the (temperature, threshold) with the best mean balance score (bstar.search);
   2. generate N candidates per training query at the chosen temperature;
   3. score = correctness + scaled PRM, select per query (bstar.selection);
-  4. fine-tune on the selection (bstar.trainer; continue from P(t-1), or restart from the base
+  4. fine-tune on the selection (bstar.train; continue from P(t-1), or restart from the base
      model for rest-em / star);
   5. hand the new weights to the live engine in process and evaluate.
 
@@ -19,100 +19,37 @@ is FSDP2 across ranks; every rank's engine receives the new weights.
 """
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
+import torch
+
 from bstar import dist_utils
-from bstar.data import DEFAULT_PROMPT, Example, check_template, format_prompt, load_examples
-from bstar.jsonl import write_jsonl
+from bstar.balance import mean_balance_score
+from bstar.config import RunConfig
+from bstar.embedded import EmbeddedConfig, build_assets
+from bstar.jsonl import read_jsonl, write_jsonl
 from bstar.metrics import greedy_accuracy, sample_metrics
+from bstar.report import redraw
+from bstar.rewards import grade_batch
 from bstar.search import SearchConfig, choose_subset, search_config
-from bstar.selection import PRM_SCALE, Candidate, select
+from bstar.selection import Candidate, select
+from bstar.tasks import Example, format_prompt, load_task_examples
+from bstar.train import SFTConfig, SFTExample, SFTTrainer
+from engine import LLM, PRM, SamplingParams
 from engine.errors import BStarError, DataError
+from engine.loader import iter_weights
 
-MODES = ("bstar", "online-rft", "rest-em", "star")
 _SEED_MASK = (1 << 62) - 1
-
-
-@dataclass
-class RunConfig:
-    """Everything a run depends on; saved as config.json in the run directory.
-
-    Defaults are the reference's (hkust-nlp/B-STaR) where it has one; the embedded default scales
-    them down (see embedded_run_config)."""
-
-    mode: str = "bstar"
-    model: str | None = None  # policy checkpoint (HF dir); None: the built-in task and models
-    prm: str | None = None  # PRM checkpoint; None: selection by correctness alone
-    train_data: str | None = None
-    eval_data: str | None = None
-    prompt_template: str = DEFAULT_PROMPT
-    iterations: int = 5
-    seed: int = 0
-    max_train_queries: int | None = None  # use the first N training queries (None: all)
-    max_eval_queries: int | None = None
-    # generation
-    num_samples: int = 64  # N candidates per training query
-    max_tokens: int = 768
-    stop: list[str] = field(default_factory=list)
-    # configuration search (mode bstar)
-    temperatures: list[float] = field(default_factory=lambda: list(SearchConfig().temperatures))
-    thresholds: list[float] = field(default_factory=lambda: list(SearchConfig().thresholds))
-    search_k: int = 64
-    search_subset: int = 1000
-    n_star: int = 8
-    target_size: int | None = 3550  # auto-M: smallest per-query cap reaching this many (on the subset)
-    max_per_query: int | None = None  # fixed M instead of target_size
-    # fixed configuration (online-rft, rest-em, star)
-    temperature: float = 1.0
-    threshold: float = 0.5  # score = correct + prm_scale * prm, so > 0.5 keeps exactly the correct ones
-    include_gold: bool = True  # add the gold solution as a candidate (reference behaviour)
-    rationalize: bool = False  # star: retry unsolved queries with the answer as a hint
-    prm_aggregate: str = "min"
-    prm_scale: float = PRM_SCALE
-    # evaluation
-    eval_k: int = 16  # samples per eval query for Pass@K / Reward@K / diversity
-    eval_temperature: float = 1.0
-    # training
-    lr: float = 1e-5
-    epochs: int = 1
-    batch_tokens: int = 16384
-    max_seq_len: int = 2048
-    restart_from_base: bool | None = None  # default: True for rest-em and star
-    # engine
-    dtype: str = "auto"
-    device: str = "auto"
-    num_kv_blocks: int | None = None
-    progress: bool = True
-
-    def __post_init__(self):
-        if self.mode not in MODES:
-            raise BStarError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
-        check_template(self.prompt_template)
-        if self.iterations < 1 or self.num_samples < 1 or self.search_k < 1 or self.eval_k < 1:
-            raise BStarError("iterations, num_samples, search_k and eval_k must be >= 1")
-        if self.max_per_query is not None:
-            self.target_size = None
-        if self.restart_from_base is None:
-            self.restart_from_base = self.mode in ("rest-em", "star")
-        self.temperatures = sorted(float(t) for t in self.temperatures)
-
-    @classmethod
-    def from_json(cls, path: str) -> "RunConfig":
-        with open(path) as f:
-            d = json.load(f)
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 def _seed(*parts) -> int:
     """A request seed from the run seed and where it is used (stable across processes)."""
-    import hashlib
-
     h = hashlib.sha256(json.dumps(parts).encode()).digest()
     return int.from_bytes(h[:8], "little") & _SEED_MASK
 
@@ -121,11 +58,6 @@ def _atomic_json(path: Path, obj):
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=1))
     os.replace(tmp, path)
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 class Controller:
@@ -139,8 +71,6 @@ class Controller:
         train: list[Example],
         test: list[Example],
     ):
-        from engine import LLM, PRM
-
         self.cfg, self.out = cfg, Path(out_dir)
         self.base, self.policy_dir = base, self.out / "policy"
         self.rank, self.world = dist_utils.world()
@@ -154,15 +84,9 @@ class Controller:
         self.subset = choose_subset(len(train), cfg.search_subset, cfg.seed)
 
     # -- generation, grading, PRM -------------------------------------------------------------
-    def _mine(self, n: int) -> list[int]:
-        return list(range(self.rank, n, self.world))
-
     def _sample(self, examples: list[Example], idx: list[int], n: int, temperature: float, tag: str) -> list[dict]:
         """n graded (and PRM-scored) candidates for each example in `idx` (this rank's share):
         one record per query {"query": i, "texts", "token_ids", "correct", "prm", "steps"}."""
-        from bstar.rewards import grade_batch
-        from engine import SamplingParams
-
         if not idx:
             return []
         cfg = self.cfg
@@ -289,7 +213,7 @@ class Controller:
     def generate(self, t: int, temperature: float) -> tuple[list[dict], dict]:
         path = self._phase_file(t, "candidates.jsonl")
         if path.exists():
-            return _read_jsonl(path), json.loads(self._phase_file(t, "generate.json").read_text())
+            return read_jsonl(path), json.loads(self._phase_file(t, "generate.json").read_text())
         t0, self._gen_tokens = time.perf_counter(), 0
         recs = self._sample_all(
             self.train, list(range(len(self.train))), self.cfg.num_samples, temperature, f"generate-{t}"
@@ -333,8 +257,6 @@ class Controller:
 
     def _sft_examples(self, recs: list[dict], selection) -> list:
         """Selected candidates as token-level SFT examples: the exact prompt and completion ids."""
-        from bstar.sft_data import SFTExample
-
         by_query = {r["query"]: r for r in recs}
         out = []
         for c in selection.selected:
@@ -351,13 +273,9 @@ class Controller:
 
     def train_policy(self, t: int, examples: list) -> dict:
         """Fine-tune, save the policy checkpoint (atomically), hand the weights to the engine."""
-        from bstar.trainer import SFTConfig, SFTTrainer
-
         cfg = self.cfg
         marker = self.policy_dir / "iteration.json"
         if marker.exists() and json.loads(marker.read_text())["iteration"] == t:
-            from engine.loader import iter_weights
-
             self.llm.load_weights(iter_weights(str(self.policy_dir)))
             return json.loads(self._phase_file(t, "train.json").read_text())
         start = (
@@ -391,8 +309,6 @@ class Controller:
             trainer.save(self.policy_dir, trainer_state=False)  # for resume and for the user
             del trainer
         else:  # nothing selected: the policy stays as it is
-            from engine.loader import iter_weights
-
             if start != str(self.policy_dir):
                 if self.rank == 0:
                     tmp = self.out / ".policy.tmp"
@@ -434,14 +350,12 @@ class Controller:
     # -- the loop -----------------------------------------------------------------------------
     def completed(self) -> list[dict]:
         path = self.out / "iterations.jsonl"
-        return _read_jsonl(path) if path.exists() else []
+        return read_jsonl(path) if path.exists() else []
 
     def _record(self, rec: dict):
         if self.rank == 0:
             recs = self.completed() + [rec]
             write_jsonl(str(self.out / "iterations.jsonl"), recs)
-            from bstar.report import redraw
-
             redraw(str(self.out))
         dist_utils.barrier()
 
@@ -472,8 +386,6 @@ class Controller:
                 train_frac_any_correct=sum(any(r["correct"]) for r in recs) / max(1, len(recs)),
             )
             if cfg.mode != "bstar":
-                from bstar.balance import mean_balance_score
-
                 rec["balance_score"] = mean_balance_score(sel.per_query, cfg.n_star)
             tr = self.train_policy(t, self._sft_examples(recs, sel))
             rec.update(
@@ -515,8 +427,8 @@ class Controller:
 def _load_data(cfg: RunConfig) -> tuple[list[Example], list[Example]]:
     if not cfg.train_data:
         raise DataError("--train-data is required with --model")
-    train = load_examples(cfg.train_data)
-    test = load_examples(cfg.eval_data) if cfg.eval_data else []
+    train = load_task_examples(cfg.train_data)
+    test = load_task_examples(cfg.eval_data) if cfg.eval_data else []
     if cfg.max_train_queries:
         train = train[: cfg.max_train_queries]
     if cfg.max_eval_queries:
@@ -555,14 +467,10 @@ def run(cfg: RunConfig | None, out: str, resume: bool = False) -> list[dict]:
     dist_utils.init_from_env()
     cfg = prepare_out_dir(out, cfg, resume)
     if cfg.model is None:
-        import torch
-
-        from bstar.embedded import build_assets
-
         # Tiny models on a small CPU: one thread avoids OpenMP overhead that costs more than it saves.
         if cfg.device in ("auto", "cpu") and not torch.cuda.is_available():
             torch.set_num_threads(1)
-        assets = build_assets(progress=cfg.progress)
+        assets = build_assets(EmbeddedConfig.preset(cfg.embedded_preset), progress=cfg.progress)
         policy_base, prm, train, test = str(assets.policy_path), str(assets.prm_path), assets.train, assets.test
     else:
         policy_base, prm = cfg.model, cfg.prm

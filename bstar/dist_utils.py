@@ -1,4 +1,5 @@
-"""Process-group helpers for the controller: JSON over tensors, never pickle."""
+"""Process-group helpers for the loop and the trainer: join torchrun's group, exchange JSON over tensors
+(never pickle), barrier."""
 
 import json
 import os
@@ -15,12 +16,12 @@ def world() -> tuple[int, int]:
 
 
 def init_from_env() -> tuple[int, int]:
-    """Join the process group torchrun describes (gloo on CPU, NCCL on GPU); no-op otherwise."""
+    """Join the process group torchrun describes (NCCL on GPU, each rank on its LOCAL_RANK device;
+    gloo on CPU); a no-op without torchrun (WORLD_SIZE unset or 1) or when already joined."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return world()
 
 

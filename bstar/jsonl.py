@@ -1,37 +1,51 @@
-"""JSONL reading with line-numbered errors, and atomic writing."""
+"""JSONL reading with line-numbered errors (the one reader of every JSONL file), and atomic writing."""
 
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+
+import click
 
 from engine.errors import DataError
 
 
-def iter_jsonl(path: str):
-    """(line number, record) of every non-empty line; a malformed line raises DataError naming
-    file and line."""
+def parse_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict | None, str | None]]:
+    """(line number, record, None) for every non-empty line holding a JSON object, and (line number,
+    None, what is wrong) for every other non-empty line, so that callers choose to raise or to collect.
+    A missing file raises DataError."""
+    if not os.path.isfile(path):
+        raise DataError(f"data file {path} does not exist")
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
             try:
-                line = raw.decode("utf-8").strip()
-            except UnicodeDecodeError:
-                raise DataError(f"{where}: line is not valid UTF-8") from None
-            if not line:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield lineno, None, f"line is not valid UTF-8 ({e.reason} at byte {e.start})"
+                continue
+            if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{where}: malformed JSON ({e.msg})") from None
+                yield lineno, None, f"malformed JSON ({e.msg})"
+                continue
             if not isinstance(rec, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-            yield lineno, rec
+                yield lineno, None, f"expected a JSON object, got {type(rec).__name__}"
+                continue
+            yield lineno, rec, None
 
 
-def read_jsonl(path: str, required: tuple[str, ...] = ()) -> list[dict]:
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """(line number, record) of every non-empty line; a bad line raises DataError naming file and line."""
+    for lineno, rec, problem in parse_jsonl(path):
+        if problem is not None:
+            raise DataError(f"{path}:{lineno}: {problem}")
+        yield lineno, rec
+
+
+def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] = ()) -> list[dict]:
     """Every record of a JSONL file, each holding the `required` fields."""
-    if not os.path.isfile(path):
-        raise DataError(f"data file {path} does not exist")
     records = []
     for lineno, rec in iter_jsonl(path):
         missing = [k for k in required if k not in rec]
@@ -41,7 +55,7 @@ def read_jsonl(path: str, required: tuple[str, ...] = ()) -> list[dict]:
     return records
 
 
-def write_jsonl(path: str, records) -> None:
+def write_jsonl(path: str | os.PathLike, records) -> None:
     """Write records atomically: a crash never leaves a half-written file at `path`."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
@@ -59,8 +73,6 @@ def write_jsonl(path: str, records) -> None:
 
 def emit(records: list[dict], out: str) -> None:
     """Records to `out` as JSONL (atomically), or to stdout when out is '-'."""
-    import click
-
     if out == "-":
         for r in records:
             click.echo(json.dumps(r, ensure_ascii=False))

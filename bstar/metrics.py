@@ -11,7 +11,6 @@ aggregated PRM score, `texts[i][j]` its text.
     distinct_correct(texts, correct)      distinct correct responses per query
     extract_equations(text)               the reference's "equations" of a response
     equation_diversity(texts)             distinct / total equations per query (reference)
-    selected_stats(per_query)             selected-set size and accuracy from (s_i, c_i)
     sample_metrics(correct, prm, texts, k) the sampled-eval metrics as one dict
 """
 
@@ -115,12 +114,6 @@ def equation_diversity(texts: Sequence[Sequence[str]]) -> float | None:
         if eqs:
             ratios.append(len(set(eqs)) / len(eqs))
     return _mean(ratios) if ratios else None
-
-
-def selected_stats(per_query: Sequence[tuple[int, int]]) -> tuple[int, float]:
-    """(selected-set size, fraction of it that is correct) from per-query (s_i, c_i)."""
-    size = sum(s for s, _ in per_query)
-    return size, (sum(c for _, c in per_query) / size if size else 0.0)
 
 
 def sample_metrics(

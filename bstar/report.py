@@ -3,22 +3,19 @@
 import json
 from pathlib import Path
 
+from bstar.jsonl import read_jsonl
 from bstar.plots import plot_runs, plot_search_table, write_report
+from engine.errors import BStarError
 
 
 def _records(run_dir: Path) -> list[dict]:
     f = run_dir / "iterations.jsonl"
-    if not f.exists():
-        return []
-    with open(f) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    return read_jsonl(f) if f.exists() else []
 
 
 def redraw(out: str, runs: dict[str, str] | None = None) -> str:
     """Redraw plots and report.md of run directory `out`; `runs` (name -> run dir) compares several.
     Returns the report text."""
-    from engine.errors import BStarError
-
     out_p = Path(out)
     if runs is None:
         if not (out_p / "iterations.jsonl").exists():

@@ -39,6 +39,9 @@ import math_verify.parser
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 from tqdm.auto import tqdm
 
+from bstar.tasks import last_boxed
+from engine.errors import DataError, RequestError
+
 TASKS = ("gsm8k", "math")
 
 DEFAULT_TIMEOUT = 1.0  # seconds per symbolic comparison (MATH500 references need < 0.15)
@@ -59,16 +62,9 @@ logging.getLogger("math_verify").setLevel(logging.ERROR)
 _MV_CONFIG = (LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig())
 
 
-def _request_error(msg: str) -> Exception:
-    # Imported lazily: engine/__init__ may pull in torch, which worker processes do not need.
-    from engine.errors import RequestError
-
-    return RequestError(msg)
-
-
 def _check_task(task: str) -> None:
     if task not in TASKS:
-        raise _request_error(f"unknown grading task {task!r}; expected one of {', '.join(TASKS)}")
+        raise RequestError(f"unknown grading task {task!r}; expected one of {', '.join(TASKS)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,40 +75,12 @@ _NUM_RE = re.compile(rf"(?<![\w.])(?:{_NUM})(?![\d])")
 _NUM_UNITS_RE = re.compile(rf"({_NUM})((?:\s*\\(?:text|mbox|mathrm|textbf)\s*\{{[^{{}}]*\}}|\s+[A-Za-z]{{2,}}\.?)*)")
 _HASH_RE = re.compile(r"####\s*(.*)")
 _ANSWER_IS_RE = re.compile(r"(?i)answer\s*(?:is|:)\s*:?\s*(.*)")
-_BOXED_RE = re.compile(r"\\(?:boxed|fbox)\b\s*")
-_BRACE_RE = re.compile(r"\\.|[{}]", re.S)
-_TOKEN_RE = re.compile(r"[^\s$]+")
 _BASE_RE = re.compile(r"(\w+)\s*_\s*\{?\s*(\d+)\s*\}?")  # a numeral in base b: 4210_{5}
 _MATH_SPAN_RE = re.compile(r"\$+([^$]+)\$+")
 
 
 def _tail(text: str) -> str:
     return text[-MAX_TEXT_CHARS:]
-
-
-def _last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} / \\fbox{...} whose braces close (nested braces allowed)."""
-    starts = [m.end() for m in _BOXED_RE.finditer(text)]
-    if not starts:
-        return None
-    # One pass over braces (escaped \\{ \\} skipped) gives every '{' its matching '}'.
-    close: dict[int, int] = {}
-    stack: list[int] = []
-    for m in _BRACE_RE.finditer(text):
-        c = m.group()
-        if c == "{":
-            stack.append(m.start())
-        elif c == "}" and stack:
-            close[stack.pop()] = m.start()
-    for s in reversed(starts):
-        if s < len(text) and text[s] == "{":
-            if s in close:
-                return text[s + 1 : close[s]]
-        else:  # "\boxed 5": one token
-            m = _TOKEN_RE.match(text, s)
-            if m:
-                return m.group()
-    return None
 
 
 def _strip_decorations(s: str) -> str:
@@ -166,13 +134,13 @@ def _extract_gsm8k(text: str) -> str | None:
     answers = _ANSWER_IS_RE.findall(text)
     if answers:
         rest = answers[-1]
-        boxed = _last_boxed(rest)
+        boxed = last_boxed(rest)
         if boxed is not None:
             return _normalize(boxed)
         m = _NUM_RE.search(rest.replace("$", " "))
         if m:
             return _normalize(m.group())
-    boxed = _last_boxed(text)
+    boxed = last_boxed(text)
     if boxed is not None:
         return _normalize(boxed)
     nums = _NUM_RE.findall(text.replace("$", " "))
@@ -180,7 +148,7 @@ def _extract_gsm8k(text: str) -> str | None:
 
 
 def _extract_math(text: str) -> str | None:
-    boxed = _last_boxed(text)
+    boxed = last_boxed(text)
     if boxed is None:
         answers = _ANSWER_IS_RE.findall(text)
         if not answers:
@@ -199,7 +167,7 @@ def extract_answer(text: str, task: str) -> str | None:
     """
     _check_task(task)
     if not isinstance(text, str):
-        raise _request_error(f"extract_answer expects a str, got {type(text).__name__}")
+        raise RequestError(f"extract_answer expects a str, got {type(text).__name__}")
     text = _tail(text)
     return _extract_gsm8k(text) if task == "gsm8k" else _extract_math(text)
 
@@ -208,8 +176,6 @@ def gsm8k_gold(solution: str) -> str:
     """The `#### N` answer of a GSM8K reference solution, canonical ('1,234' -> '1234')."""
     m = re.search(r"####\s*(.+?)\s*$", solution)
     if not m:
-        from engine.errors import DataError
-
         raise DataError(f"GSM8K reference solution has no '#### answer' line: {solution[-80:]!r}")
     return _normalize(m.group(1))
 
@@ -218,7 +184,7 @@ def _gold_answer(gold: str, task: str) -> str:
     if task == "gsm8k" and "####" in gold:
         return gsm8k_gold(gold)
     if task == "math" and ("\\boxed" in gold or "\\fbox" in gold):
-        boxed = _last_boxed(gold)
+        boxed = last_boxed(gold)
         if boxed is not None:
             return _normalize(boxed)
     return _normalize(gold)
@@ -386,11 +352,11 @@ def grade(response: str, gold: str, task: str, *, timeout: float = DEFAULT_TIMEO
     """
     _check_task(task)
     if not isinstance(response, str) or not isinstance(gold, str):
-        raise _request_error(
+        raise RequestError(
             f"grade expects str response and gold, got {type(response).__name__} and {type(gold).__name__}"
         )
     if not timeout > 0:
-        raise _request_error(f"grade timeout must be > 0 seconds, got {timeout}")
+        raise RequestError(f"grade timeout must be > 0 seconds, got {timeout}")
     pred = extract_answer(response, task)
     ref = _gold_answer(gold, task)
     if not pred or not ref:
@@ -570,19 +536,19 @@ def grade_batch(
     """
     _check_task(task)
     if len(responses) != len(golds):
-        raise _request_error(f"grade_batch got {len(responses)} responses but {len(golds)} golds")
+        raise RequestError(f"grade_batch got {len(responses)} responses but {len(golds)} golds")
     for i, (r, g) in enumerate(zip(responses, golds)):
         if not isinstance(r, str) or not isinstance(g, str):
-            raise _request_error(f"grade_batch item {i}: response and gold must be str")
+            raise RequestError(f"grade_batch item {i}: response and gold must be str")
     if not timeout > 0:
-        raise _request_error(f"grade_batch timeout must be > 0 seconds, got {timeout}")
+        raise RequestError(f"grade_batch timeout must be > 0 seconds, got {timeout}")
     n = len(responses)
     if n == 0:
         return []
     if workers is None:
         workers = min(os.cpu_count() or 1, 8)
     if workers < 0:
-        raise _request_error(f"grade_batch workers must be >= 0, got {workers}")
+        raise RequestError(f"grade_batch workers must be >= 0, got {workers}")
     workers = min(workers, n)
     bar = tqdm(total=n, desc=f"grading {task}", unit="resp", disable=not progress)
     try:

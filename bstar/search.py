@@ -14,19 +14,44 @@ reference (strict '>' while scanning thresholds upwards, then list.index(max) ov
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from bstar.selection import MAX_CAP, PRM_SCALE, Candidate, RankedQuery, rank_query
-from engine.errors import RequestError
+from engine.errors import BStarError, RequestError
 
 
-def _grid(start: float, stop: float, step: float) -> tuple[float, ...]:
+def grid(start: float, stop: float, step: float) -> tuple[float, ...]:
+    """start, start + step, ... up to stop (both ends included when step divides the range), each
+    rounded to 4 decimals."""
     n = int(round((stop - start) / step))
     return tuple(round(start + i * step, 4) for i in range(n + 1))
+
+
+def parse_grid(spec: str) -> list[float]:
+    """A grid from the command line: 'start:stop:step' (see grid) or a comma-separated list of numbers.
+    An empty or malformed grid raises BStarError saying why."""
+    how = "use start:stop:step (step > 0, stop >= start) or a comma-separated list of numbers"
+    try:
+        if ":" in spec:
+            start, stop, step = (float(x) for x in spec.split(":"))
+            if not all(math.isfinite(x) for x in (start, stop, step)):
+                raise ValueError
+            if step <= 0 or stop < start:
+                why = "step must be > 0" if step <= 0 else f"stop {stop:g} is below start {start:g}"
+                raise BStarError(f"bad grid {spec!r}: {why}; {how}")
+            return list(grid(start, stop, step))
+        values = [float(x) for x in spec.split(",")]
+        if not all(math.isfinite(x) for x in values):
+            raise ValueError
+        return values
+    except ValueError:
+        raise BStarError(f"bad grid {spec!r}: {how}") from None
 
 
 @dataclass
@@ -37,8 +62,8 @@ class SearchConfig:
     per query, gold included); scale it with subset_size. Give max_per_query (a fixed M)
     instead to skip the search for M (then set target_size=None)."""
 
-    temperatures: tuple[float, ...] = _grid(0.50, 1.20, 0.05)  # 15 values
-    thresholds: tuple[float, ...] = _grid(-1.00, 1.00, 0.01)  # 201 values (reference loop)
+    temperatures: tuple[float, ...] = grid(0.50, 1.20, 0.05)  # 15 values
+    thresholds: tuple[float, ...] = grid(-1.00, 1.00, 0.01)  # 201 values (reference loop)
     k: int = 64  # samples per query and temperature
     n_star: int = 8  # balance-score saturation
     subset_size: int = 1000  # training queries the search runs on
@@ -78,14 +103,6 @@ class SearchResult:
     selected_size: int
     selected_acc: float
     table: list[SearchRow] = field(default_factory=list)  # every grid pair, grid order
-
-    def best_per_temperature(self) -> dict[float, SearchRow]:
-        """For plots: the best threshold's row at each temperature (first on ties)."""
-        best: dict[float, SearchRow] = {}
-        for r in self.table:
-            if r.temperature not in best or r.balance_score > best[r.temperature].balance_score:
-                best[r.temperature] = r
-        return best
 
 
 def choose_subset(n_queries: int, subset_size: int, seed: int) -> list[int]:
@@ -160,8 +177,6 @@ def search_config(
     n_queries = counts.pop()
     if golds is not None and len(golds) != n_queries:
         raise RequestError(f"golds has {len(golds)} entries for {n_queries} queries")
-
-    from tqdm.auto import tqdm
 
     table: list[SearchRow] = []
     best: SearchRow | None = None

@@ -20,10 +20,9 @@ duplicate never takes a slot of the M; ties keep input order (the reference shuf
 
 from __future__ import annotations
 
-import math
 from bisect import bisect_left
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from engine.errors import RequestError
 
@@ -38,28 +37,13 @@ class Candidate:
     query_id: Hashable
     text: str
     correct: bool
-    prm: float = 0.0  # aggregated PRM score (see aggregate_prm), expected in [0, 1]
+    prm: float = 0.0  # the PRM's aggregate over the steps (engine.PRM), expected in [0, 1]
     is_gold: bool = False
 
     @classmethod
     def gold(cls, query_id: Hashable, text: str, prm: float = 0.0) -> Candidate:
         """The reference solution as a candidate (reference: correct, PRM 0 -> score 1.0)."""
         return cls(query_id, text, True, prm, is_gold=True)
-
-
-def aggregate_prm(step_scores: Sequence[float], how: str = "min") -> float:
-    """One PRM score from per-step scores: 'min' (reference), 'mean', 'last' or 'prod'."""
-    if len(step_scores) == 0:
-        raise RequestError("aggregate_prm needs at least one step score")
-    if how == "min":
-        return float(min(step_scores))
-    if how == "mean":
-        return float(sum(step_scores) / len(step_scores))
-    if how == "last":
-        return float(step_scores[-1])
-    if how == "prod":
-        return float(math.prod(step_scores))
-    raise RequestError(f"unknown PRM aggregation {how!r}; expected min, mean, last or prod")
 
 
 def candidate_score(c: Candidate, prm_scale: float = PRM_SCALE) -> float:
@@ -140,7 +124,6 @@ class Selection:
     per_query: list[tuple[int, int]]  # (s_i, c_i): selected and selected-correct, per query
     threshold: float
     cap: int | None  # the M used (None: no cap)
-    query_ids: list[Hashable] = field(default_factory=list)
 
     @property
     def size(self) -> int:
@@ -180,7 +163,7 @@ def select_ranked(
         k = n if cap is None else min(n, cap)
         selected.extend(q.ranked[:k])
         per_query.append((k, q.correct_prefix[k]))
-    return Selection(selected, per_query, threshold, cap, [q.query_id for q in ranked])
+    return Selection(selected, per_query, threshold, cap)
 
 
 def select(

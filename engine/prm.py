@@ -11,6 +11,7 @@ computed once and shared through the paged cache's prefix matching; only the tag
 through the two-row head (kernels.prm_step_scores), never a [tokens, vocab] logits matrix.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,31 @@ from engine.prompt_forward import forward_prompts
 from engine.tokenizer import require
 
 QWEN_PRM_SEPARATOR = "<extra_0>"
+
+
+def split_steps(candidate: str, delimiter: str = "\n") -> list[str]:
+    """A candidate's steps: its non-empty stripped pieces between delimiters (the whole stripped
+    candidate when there are none)."""
+    steps = [s.strip() for s in candidate.split(delimiter)]
+    steps = [s for s in steps if s]
+    return steps or [candidate.strip()]
+
+
+def tagged_step_ids(
+    steps: list[str], encode: Callable[[str], list[int]], tag_id: int, delimiter: str = "\n"
+) -> tuple[list[int], list[int]]:
+    """The PRM input of a candidate after its question: each step's tokens (`encode` adds no special
+    tokens) followed by " " and the step tag, steps joined by the delimiter's tokens; returns (ids,
+    offsets of the tags in ids). The one definition of the format, for scoring and PRM training."""
+    ids, tags = [], []
+    delim = encode(delimiter)
+    for i, step in enumerate(steps):
+        if i:
+            ids += delim
+        ids += encode(step + " ")
+        tags.append(len(ids))
+        ids.append(tag_id)
+    return ids, tags
 
 
 @dataclass
@@ -96,22 +122,12 @@ class PRM:
 
     # -- text -> tokens -----------------------------------------------------------------------
     def split_steps(self, candidate: str) -> list[str]:
-        steps = [s.strip() for s in candidate.split(self.step_delimiter)]
-        steps = [s for s in steps if s]
-        return steps or [candidate.strip()]
+        return split_steps(candidate, self.step_delimiter)
 
     def _candidate_ids(self, steps: list[str]) -> tuple[list[int], list[int]]:
         """Tokens of the tagged candidate and the offsets of its tags within them."""
-        enc = self.tokenizer.encode
-        ids, tags = [], []
-        delim = enc(self.step_delimiter, add_special_tokens=False)
-        for i, step in enumerate(steps):
-            if i:
-                ids += delim
-            ids += enc(step + " ", add_special_tokens=False)
-            tags.append(len(ids))
-            ids.append(self.tag_id)
-        return ids, tags
+        encode = lambda text: self.tokenizer.encode(text, add_special_tokens=False)
+        return tagged_step_ids(steps, encode, self.tag_id, self.step_delimiter)
 
     # -- scoring ------------------------------------------------------------------------------
     def score(self, question: str, candidates: list[str]) -> list[PRMScore]:

@@ -1,4 +1,5 @@
-"""torchrun worker for tests/test_trainer.py: trains under FSDP2 (gloo, CPU), saves, resumes.
+"""torchrun worker for tests/test_trainer.py: trains under FSDP2 (gloo, CPU), saves, resumes (the test puts
+the checkout on PYTHONPATH).
 
     torchrun --nproc_per_node 2 tests/fsdp_worker.py MODEL_DIR DATA.jsonl OUT_DIR CONFIG_JSON
 
@@ -10,11 +11,9 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch.distributed as dist
 
-import torch.distributed as dist  # noqa: E402
-
-from bstar.trainer import SFTConfig, SFTTrainer  # noqa: E402
+from bstar.train import SFTConfig, SFTTrainer
 
 
 def main():

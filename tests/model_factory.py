@@ -1,9 +1,26 @@
-"""Tiny random Llama / Qwen2 / Mistral checkpoints built locally, with a small trained tokenizer."""
+"""The test suite's one factory (benchmarks use it too): tiny random Llama / Qwen2 / Mistral checkpoints
+built locally with a small trained tokenizer, and (prompt, completion) records for SFT.
+
+Tokenizers come from the built-in task's code (bstar.embedded.tokenizer), so every checkpoint here and
+the built-in models share the special-token ids <s> = 0, </s> = 1, <pad> = 2. Shared checkpoints of the
+suite are session fixtures in tests/conftest.py.
+"""
 
 import json
 import os
+import random
+from pathlib import Path
 
 import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForTokenClassification,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+)
+
+from bstar.embedded.tokenizer import BOS, EOS, PAD, save_tokenizer, train_bpe
 
 ARCHS = ("llama", "qwen2", "mistral")
 
@@ -16,40 +33,14 @@ _CORPUS = [
 
 
 def build_tokenizer(path: str, vocab_size: int = 256, extra_tokens=()):
-    """A byte-level BPE tokenizer trained on a few sentences, saved as tokenizer.json + config."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<s>", "</s>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_CORPUS, trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
-    if extra_tokens:
-        tok.add_tokens(list(extra_tokens))
-    tok.save(os.path.join(path, "tokenizer.json"))
-    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-        json.dump(
-            {
-                "tokenizer_class": "PreTrainedTokenizerFast",
-                "bos_token": "<s>",
-                "eos_token": "</s>",
-                "pad_token": "<pad>",
-                "model_max_length": 4096,
-            },
-            f,
-        )
+    """A byte-level BPE tokenizer trained on a few sentences, saved as tokenizer.json + config: the built-in
+    task's tokenizer code (<s>, </s>, <pad> = ids 0, 1, 2, <s> prepended), on other text."""
+    tok = train_bpe(_CORPUS, vocab_size, extra_tokens=extra_tokens)
+    save_tokenizer(tok, path)
     return tok
 
 
 def make_config(arch: str = "llama", **overrides):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
-
     base = dict(
         vocab_size=320,
         hidden_size=64,
@@ -58,9 +49,9 @@ def make_config(arch: str = "llama", **overrides):
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=2,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
         rms_norm_eps=1e-6,
     )
     base.update(overrides)
@@ -80,8 +71,6 @@ def make_model(
 ) -> str:
     """Save a random model (and tokenizer) to `path`; returns the path. Weights are scaled up from
     the default init so logits are far from uniform and greedy decoding is not tie-prone."""
-    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
-
     os.makedirs(path, exist_ok=True)
     cfg = make_config(arch, **overrides)
     torch.manual_seed(seed)
@@ -105,6 +94,32 @@ def make_model(
 
 
 def hf_model(path: str, dtype=torch.float32):
-    from transformers import AutoModelForCausalLM
-
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+
+# -- (prompt, completion) records for SFT ------------------------------------------------------------
+
+WORDS = (
+    "the a one two three four five six seven eight nine ten plus minus times equals answer is so we "
+    "have add take left right apples pears cost each total step first then more less half double"
+).split()
+
+
+def make_texts(n: int, seed: int = 0, min_words: int = 2, max_words: int = 24) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words))) for _ in range(n)]
+
+
+def make_records(n: int, seed: int = 0, max_words: int = 24) -> list[dict]:
+    rng = random.Random(seed + 1000)
+    prompts = make_texts(n, seed, 2, max_words)
+    comps = make_texts(n, seed + 1, 1, max_words)
+    return [{"prompt": f"Q: {p}\nA:", "completion": f" {c} #### {rng.randint(0, 99)}"} for p, c in zip(prompts, comps)]
+
+
+def write_lines(path: Path, records) -> Path:
+    """One line per record: a dict as JSON, a str as it is (to write malformed lines on purpose)."""
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return path

@@ -1,8 +1,9 @@
-"""The B-STaR loop end to end on tiny models: iterations, resume, CLI errors, 2 ranks."""
+"""The B-STaR loop end to end on tiny models: metrics recomputed from the run's files, resume, the modes,
+STaR rationalisation, MATH data, 2 ranks against 1, CLI errors."""
 
 import json
 import os
-import socket
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,27 +11,45 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from model_factory import make_model
+from reference_selection import C, naive_select
 from safetensors.torch import load_file
 
+import bstar.train.trainer as trainer_mod
 from bstar import controller
 from bstar.cli import main
-from bstar.controller import RunConfig
+from bstar.config import RunConfig
+from bstar.rewards import grade
+from bstar.selection import Candidate
+from engine import LLM, PRM
+from engine.outputs import CompletionOutput, RequestOutput
+from engine.tokenizer import load_tokenizer
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TIMING = ("time_s", "tokens_per_s")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+# Gold answers the random policy's texts sometimes end with (their last number is what GSM8K grading
+# reads), so that grades, selections and metrics are not all zero; 7777 / 9999 are never hit.
+TRAIN_ANSWERS = ["8", "2", "7777", "3", "5", "1"]
+TEST_ANSWERS = ["8", "2", "9999"]
+
+
+def _with_answers(lines: list[str], answers: list[str]) -> str:
+    out = []
+    for line, a in zip(lines, answers):
+        rec = json.loads(line)
+        rec["answer"] = rec["answer"].rsplit("####", 1)[0] + f"#### {a}"
+        out.append(json.dumps(rec))
+    return "\n".join(out) + "\n"
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, shared_data, llama_dir, prm_dir):
     root = tmp_path_factory.mktemp("run")
     train, test = root / "train.jsonl", root / "test.jsonl"
-    lines = (DATA / "gsm8k_train.jsonl").read_text().splitlines()
-    train.write_text("\n".join(lines[:6]) + "\n")
-    test.write_text("\n".join((DATA / "gsm8k_test.jsonl").read_text().splitlines()[:3]) + "\n")
-    policy = make_model(str(root / "policy"), "llama", seed=1, max_position_embeddings=1024)
-    prm = make_model(str(root / "prm"), "llama", seed=2, max_position_embeddings=1024, extra_tokens=("ки",))
-    return dict(root=root, train=str(train), test=str(test), policy=policy, prm=prm)
+    train.write_text(_with_answers((shared_data / "gsm8k_train.jsonl").read_text().splitlines(), TRAIN_ANSWERS))
+    test.write_text(_with_answers((shared_data / "gsm8k_test.jsonl").read_text().splitlines(), TEST_ANSWERS))
+    return dict(root=root, train=str(train), test=str(test), policy=str(llama_dir), prm=str(prm_dir))
 
 
 def _cfg(s, **kw):
@@ -50,7 +69,7 @@ def _cfg(s, **kw):
         eval_k=3,
         lr=1e-3,
         batch_tokens=2048,
-        max_seq_len=512,
+        max_seq_len=1024,
         device="cpu",
         dtype="float32",
         progress=False,
@@ -109,6 +128,71 @@ def test_full_run_layout_and_metrics(setup, full_run):
     assert any(not torch.equal(new[k], old[k]) for k in old)
 
 
+def _records(path) -> list[dict]:
+    return [json.loads(x) for x in Path(path).read_text().splitlines()]
+
+
+def _golds(path) -> list[tuple[str, str]]:
+    """(gold answer, gold solution) per line of a GSM8K file, read here without bstar.tasks."""
+    return [(r["answer"].rsplit("####", 1)[1].strip(), r["answer"]) for r in _records(path)]
+
+
+def test_full_run_metrics_recomputed_from_sample_files(setup, full_run, prm_dir):
+    """Every reported metric is recomputed from the run's own sample files, with the texts graded again
+    here and selection done by the naive re-implementation (tests/reference_selection.py)."""
+    out, records = full_run
+    train, test = _golds(setup["train"]), _golds(setup["test"])
+    seen_correct = seen_wrong = 0
+    for rec in records:
+        t = rec["iteration"]
+        samples = _records(out / f"iter_{t:03d}" / "eval_samples.jsonl")
+        greedy, sampled = samples[: len(test)], samples[len(test) :]
+        assert [r["query"] for r in greedy] == [r["query"] for r in sampled] == list(range(len(test)))
+        assert all(len(r["texts"]) == 1 for r in greedy) and all(len(r["texts"]) == 3 for r in sampled)
+        for r in samples:  # the stored grades are right
+            assert r["correct"] == [grade(x, test[r["query"]][0], "gsm8k") for x in r["texts"]]
+            seen_correct += sum(r["correct"])
+            seen_wrong += len(r["correct"]) - sum(r["correct"])
+        cs = [r["correct"] for r in sampled]
+        best = [max(range(3), key=lambda j: (r["prm"][j], -j)) for r in sampled]  # ties: earlier sample
+        want = {
+            "greedy_acc": sum(r["correct"][0] for r in greedy) / len(test),
+            "pass_at_1": sum(sum(c) / 3 for c in cs) / len(test),
+            "pass_at_k": sum(any(c) for c in cs) / len(test),  # k = n = 3 samples
+            "frac_any_correct": sum(any(c) for c in cs) / len(test),
+            "reward_at_k": sum(r["correct"][j] for r, j in zip(sampled, best)) / len(test),
+            "diversity_distinct_correct": sum(
+                len({" ".join(x.split()) for x, ok in zip(r["texts"], r["correct"]) if ok}) for r in sampled
+            )
+            / len(test),
+        }
+        assert {k: rec[k] for k in want} == pytest.approx(want, abs=1e-12), t
+        if t == 0:
+            continue
+        cands = _records(out / f"iter_{t:03d}" / "candidates.jsonl")
+        assert [r["query"] for r in cands] == list(range(len(train)))
+        for r in cands:
+            assert r["correct"] == [grade(x, train[r["query"]][0], "gsm8k") for x in r["texts"]]
+        groups = [[C(r["query"], x, ok, p) for x, ok, p in zip(r["texts"], r["correct"], r["prm"])] for r in cands]
+        golds = [Candidate.gold(q, sol) for q, (_, sol) in enumerate(train)]
+        search = json.loads((out / f"iter_{t:03d}" / "search.json").read_text())
+        assert (rec["temperature"], rec["threshold"]) == (search["temperature"], search["threshold"])
+        sel, _ = naive_select(groups, rec["threshold"], cap=search["cap"], golds=golds)
+        size = sum(len(g) for g in sel)
+        assert rec["selected_size"] == size > 0
+        assert rec["selected_acc"] == pytest.approx(sum(c.correct for g in sel for c in g) / size)
+        assert rec["train_frac_any_correct"] == pytest.approx(sum(any(r["correct"]) for r in cands) / len(cands))
+        assert json.loads((out / f"iter_{t:03d}" / "train.json").read_text())["examples"] == size
+    # the run's grades are neither all right nor all wrong, so the comparisons above can fail
+    assert seen_correct > 0 and seen_wrong > 0
+    # the stored PRM scores are engine.PRM's scores of the stored texts
+    prm = PRM(str(prm_dir), dtype="float32", device="cpu")
+    qs = [json.loads(x)["question"] for x in Path(setup["train"]).read_text().splitlines()]
+    for r in _records(out / "iter_001" / "candidates.jsonl")[:3]:
+        got = [s.score for s in prm.score(qs[r["query"]], r["texts"])]
+        assert got == pytest.approx(r["prm"], abs=1e-5)
+
+
 def test_search_reuses_samples_across_thresholds(setup, full_run):
     out, _ = full_run
     s = json.loads((out / "iter_001" / "search.json").read_text())
@@ -147,6 +231,47 @@ def test_online_rft_mode_uses_fixed_configuration(setup):
     records = controller.run(_cfg(setup, mode="online-rft", iterations=1, temperature=0.8), str(out))
     assert records[1]["temperature"] == 0.8 and records[1]["threshold"] == 0.5
     assert not (out / "iter_001" / "search.json").read_text().count('"table"')
+
+
+def test_math_data_through_the_loop(setup, shared_data, tmp_path, monkeypatch):
+    """MATH-format files (problem / solution with \\boxed{} / answer, one line without answer) run through
+    search, generation, MATH grading, selection with gold solutions, training and evaluation."""
+    _, trained = _spy_training(monkeypatch)
+    questions = [json.loads(x)["question"] for x in (shared_data / "gsm8k_test.jsonl").read_text().splitlines()[:6]]
+
+    def write(path, rows):
+        lines = []
+        for q, a in rows:
+            rec = {"problem": q, "solution": f"Count them.\nThe answer is $\\boxed{{{a}}}$."}
+            if a != "2":  # this one's answer comes from the \\boxed{} of its solution
+                rec["answer"] = a
+            lines.append(json.dumps(rec))
+        path.write_text("\n".join(lines) + "\n")
+        return str(path)
+
+    golds = {"train": ["8", "2", "8", "3"], "test": ["8", "2"]}
+    train = write(tmp_path / "math_train.jsonl", zip(questions[:4], golds["train"]))
+    test = write(tmp_path / "math_test.jsonl", zip(questions[4:], golds["test"]))
+    out = tmp_path / "math"
+    cfg = _cfg(setup, mode="online-rft", train_data=train, eval_data=test, iterations=1, num_samples=4)
+    records = controller.run(cfg, str(out))
+    assert [r["iteration"] for r in records] == [0, 1]
+    gsm8k_would_accept = 0
+    for name, split in (("candidates.jsonl", "train"), ("eval_samples.jsonl", "test")):
+        for r in _records(out / "iter_001" / name):
+            gold = golds[split][r["query"]]
+            assert r["correct"] == [grade(x, gold, "math") for x in r["texts"]]
+            gsm8k_would_accept += sum(grade(x, gold, "gsm8k") and not ok for x, ok in zip(r["texts"], r["correct"]))
+    # some texts end with the gold number: right by GSM8K rules, wrong by MATH's (no \\boxed{} / "answer is"),
+    # so the grades above show that the files' task reached the grader
+    assert gsm8k_would_accept > 0
+    # the gold solutions (graded correct: score 1 > the fixed threshold 0.5) are trained on, after the
+    # MATH problem
+    tok = load_tokenizer(setup["policy"])
+    texts = [tok.decode(list(x.input_ids)) for x in trained[0]]
+    for q, a in zip(questions[:4], golds["train"]):
+        assert any(q in t and f"\\boxed{{{a}}}" in t for t in texts), a
+    assert records[1]["selected_acc"] == 1.0 and records[1]["selected_size"] >= 4
 
 
 def test_cli_errors(setup, tmp_path):
@@ -217,25 +342,19 @@ def test_report_command(full_run):
     assert r.exit_code == 0 and (out / "report.md").exists() and "greedy" in r.output
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_ranks_one_iteration(setup, full_run, tmp_path):
-    """torchrun --nproc_per_node=2 (gloo): sharded generation, FSDP2 training, weights to both engines."""
+def test_two_ranks_match_one_process(setup, full_run, tmp_path, free_port):
+    """torchrun --nproc_per_node=2 (gloo): sharded generation, FSDP2 training, weights to both engines; the
+    same run as full_run in one process, compared iteration by iteration."""
     out = tmp_path / "two"
-    cfg = _cfg(setup, iterations=1)
     out.mkdir()
-    (out / "config.json").write_text(json.dumps(cfg.__dict__))
+    (out / "config.json").write_text(json.dumps(_cfg(setup).__dict__))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=2",
-        f"--master_port={_free_port()}",
+        f"--master_port={free_port}",
         "-m",
         "bstar.cli",
         "run",
@@ -246,34 +365,109 @@ def test_two_ranks_one_iteration(setup, full_run, tmp_path):
         cmd, env=env, capture_output=True, text=True, timeout=400, cwd=Path(__file__).resolve().parents[1]
     )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    two = [json.loads(x) for x in (out / "iterations.jsonl").read_text().splitlines()]
-    one = full_run[1]
-    # generation seeds depend on the query, not on the rank: the same candidates and selection
-    assert two[1]["selected_size"] == one[1]["selected_size"]
-    a = [json.loads(x) for x in (out / "iter_001" / "candidates.jsonl").read_text().splitlines()]
-    b = [json.loads(x) for x in (full_run[0] / "iter_001" / "candidates.jsonl").read_text().splitlines()]
-    assert [(r["query"], r["texts"], r["correct"]) for r in a] == [(r["query"], r["texts"], r["correct"]) for r in b]
-    assert max(abs(x - y) for r, q in zip(a, b) for x, y in zip(r["prm"], q["prm"])) < 1e-5
-    assert two[0]["greedy_acc"] == one[0]["greedy_acc"]
-    assert (out / "policy" / "model.safetensors").exists()
+    one_dir, one = full_run
+    two = _records(out / "iterations.jsonl")
+    assert [r["iteration"] for r in two] == [0, 1, 2]
+    keys = ("greedy_acc", "pass_at_1", "pass_at_k", "reward_at_k", "frac_any_correct", "diversity_distinct_correct")
+    for t in (0, 1, 2):
+        # evaluation of both engines (each rank's share, gathered), before and after each hand-off
+        assert {k: two[t][k] for k in keys} == pytest.approx({k: one[t][k] for k in keys}, abs=1e-9), t
+        if t == 0:
+            continue
+        # generation seeds depend on the query, not on the rank: the same candidates and selection, also
+        # in iteration 2, which both ranks' engines generate with the weights handed over in iteration 1
+        a, b = (
+            _records(out / f"iter_{t:03d}" / "candidates.jsonl"),
+            _records(one_dir / f"iter_{t:03d}" / "candidates.jsonl"),
+        )
+        assert [(r["query"], r["texts"], r["correct"]) for r in a] == [
+            (r["query"], r["texts"], r["correct"]) for r in b
+        ]
+        assert max(abs(x - y) for r, q in zip(a, b) for x, y in zip(r["prm"], q["prm"])) < 1e-5
+        assert (two[t]["selected_size"], two[t]["threshold"]) == (one[t]["selected_size"], one[t]["threshold"])
+        # training: the same per-step losses and grad norms (FSDP2 over 2 ranks vs one process)
+        m2, m1 = (
+            _records(out / f"iter_{t:03d}" / "train_metrics.jsonl"),
+            _records(one_dir / f"iter_{t:03d}" / "train_metrics.jsonl"),
+        )
+        assert len(m2) == len(m1) == two[t]["train_steps"] >= 1
+        assert [m["loss"] for m in m2] == pytest.approx([m["loss"] for m in m1], rel=1e-4)
+        assert [m["grad_norm"] for m in m2] == pytest.approx([m["grad_norm"] for m in m1], rel=1e-3)
+    # the final policies agree far below the size of the updates (Adam amplifies rounding differences where
+    # a gradient is near zero, so this is a bound in norm; a wrong gradient scale gives ~50%)
+    w2, w1 = (load_file(str(d / "policy" / "model.safetensors")) for d in (out, one_dir))
+    w0 = load_file(os.path.join(setup["policy"], "model.safetensors"))
+    for k in w0:
+        assert (w2[k] - w1[k]).norm() <= 2e-2 * (w1[k] - w0[k]).norm() + 1e-7, k
 
 
-@pytest.mark.parametrize("mode", ["rest-em", "star"])
-def test_restart_modes(setup, mode, monkeypatch):
-    """rest-em and star fine-tune from the base model every iteration; star keeps one per query."""
-    starts = []
-    import bstar.trainer as trainer_mod
+def _spy_training(monkeypatch):
+    """(model dirs each SFTTrainer started from, SFT examples of each train_policy call)."""
+    starts, examples = [], []
+    real_init, real_train = trainer_mod.SFTTrainer.__init__, controller.Controller.train_policy
 
-    real = trainer_mod.SFTTrainer.__init__
-
-    def spy(self, model, *a, **kw):
+    def init(self, model, *a, **kw):
         starts.append(str(model))
-        return real(self, model, *a, **kw)
+        return real_init(self, model, *a, **kw)
 
-    monkeypatch.setattr(trainer_mod.SFTTrainer, "__init__", spy)
-    out = setup["root"] / mode
-    records = controller.run(_cfg(setup, mode=mode, rationalize=mode == "star"), str(out))
-    assert len(records) == 3 and all(s == setup["policy"] for s in starts) and len(starts) == 2
-    if mode == "star":
-        cands = [json.loads(x) for x in (out / "iter_001" / "candidates.jsonl").read_text().splitlines()]
-        assert records[1]["selected_size"] <= len(cands)  # at most one per query (gold included)
+    def train_policy(self, t, exs):
+        examples.append(list(exs))
+        return real_train(self, t, exs)
+
+    monkeypatch.setattr(trainer_mod.SFTTrainer, "__init__", init)
+    monkeypatch.setattr(controller.Controller, "train_policy", train_policy)
+    return starts, examples
+
+
+def test_rest_em_restarts_from_the_base_model(setup, monkeypatch):
+    starts, _ = _spy_training(monkeypatch)
+    records = controller.run(_cfg(setup, mode="rest-em"), str(setup["root"] / "rest-em"))
+    assert len(records) == 3 and starts == [setup["policy"]] * 2
+
+
+def test_star_trains_a_hinted_rationale_with_the_unhinted_prompt(setup, monkeypatch):
+    """STaR with rationalisation: an unsolved query is retried with the answer as a hint. The policy's
+    answer to the hinted prompt is stubbed here (a random policy never finds one); it must be graded
+    correct, kept, and trained on after the original, unhinted prompt. star restarts from the base model
+    every iteration and keeps at most one candidate per query."""
+    starts, trained = _spy_training(monkeypatch)
+    hinted = {}  # query text -> (hinted prompt ids, stubbed answer ids)
+    real_generate = LLM.generate
+
+    def generate(self, prompts, params, **kw):
+        if not any("(Hint: the answer is" in p for p in prompts):
+            return real_generate(self, prompts, params, **kw)
+        tok, outs = self.get_tokenizer(), []
+        for i, p in enumerate(prompts):
+            answer = re.search(r"\(Hint: the answer is (.+?)\.\)", p)[1]
+            text = f"The hint says {answer}.\n#### {answer}"
+            ids = tok.encode(text, add_special_tokens=False)
+            hinted[p.split("(Hint:")[0]] = (tok.encode(p), ids)
+            outs.append(
+                RequestOutput(f"stub-{i}", p, tok.encode(p), [CompletionOutput(0, text, ids, 0.0, None, "stop")])
+            )
+        return outs
+
+    monkeypatch.setattr(LLM, "generate", generate)
+    out = setup["root"] / "star"
+    records = controller.run(_cfg(setup, mode="star", rationalize=True, include_gold=False), str(out))
+    assert len(records) == 3 and starts == [setup["policy"]] * 2
+    cands = _records(out / "iter_001" / "candidates.jsonl")
+    unsolved = {r["query"] for r in cands if not any(r["correct"][:3])}
+    assert unsolved and len(hinted) == len(unsolved)  # the rationalisation branch ran, for these
+    examples = trained[0]
+    assert len(examples) == records[1]["selected_size"] <= len(cands)  # at most one per query
+    for r in cands:
+        if r["query"] in unsolved:  # the stubbed rationale joined the candidates as a correct one ...
+            assert len(r["texts"]) == 4 and r["correct"][3] and "The hint says" in r["texts"][3]
+            prompt, completion = r["prompt_token_ids"], r["token_ids"][3]
+            # ... and is trained on after the original prompt, not the hinted one
+            x = next(x for x in examples if list(x.input_ids[: x.prompt_len]) == prompt)
+            assert list(x.input_ids[x.prompt_len :]) == completion
+            hinted_ids = next(h for q, (h, c) in hinted.items() if c == completion)
+            assert hinted_ids != prompt and list(x.input_ids[: len(hinted_ids)]) != hinted_ids
+        else:
+            assert len(r["texts"]) == 3
+    tok = load_tokenizer(setup["policy"])
+    for x in examples:  # nothing is trained with a hint in its prompt
+        assert "Hint" not in tok.decode(list(x.input_ids[: x.prompt_len]))

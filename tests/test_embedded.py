@@ -4,26 +4,27 @@ import json
 import math
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import Tokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from bstar import embedded
-from bstar.data import format_prompt
-from bstar.embedded import EmbeddedConfig, build_assets
+import bstar.embedded.build as build_mod
+from bstar.config import RunConfig
+from bstar.embedded import EmbeddedConfig, build_assets, load_assets
+from bstar.embedded.config import VERSION
+from bstar.embedded.prm import hard_labels, prm_examples, prm_inputs
+from bstar.embedded.tokenizer import BOS, EOS, PAD
 from bstar.rewards import grade
-from engine import LLM, PRM
-from engine.errors import BStarError
+from bstar.tasks import format_prompt
+from engine import LLM, PRM, SamplingParams
+from engine.errors import BStarError, CheckpointError
+from engine.prm import split_steps
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models: 1 thread is as fast, and 2 threads on a busy 2-core box spin (~15x slower)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +36,6 @@ def built(tmp_path_factory):
 
 
 def _tok(path):
-    from tokenizers import Tokenizer
-
     return Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
 
 
@@ -47,7 +46,7 @@ def test_splits_and_manifest(built):
     assert not {e.question for e in a.train} & {e.question for e in a.test}
     m = json.loads((a.policy_path.parent / "manifest.json").read_text())
     assert m == a.manifest
-    assert m["config"] == embedded.asdict(cfg) and m["version"] == embedded.VERSION
+    assert m["config"] == asdict(cfg) and m["version"] == VERSION
     assert a.policy_path.parent.name == f"embedded-{cfg.key()}"
     acc = m["metrics"]["warm_test_accuracy"]
     assert 0.0 <= acc <= 1.0 and acc * cfg.n_test == pytest.approx(round(acc * cfg.n_test))
@@ -74,12 +73,10 @@ def test_tokenizer_round_trip_and_grade(built):
     e = a.test[0]
     wrong = e.gold_solution.rsplit("####", 1)[0] + f"#### {int(e.gold_answer) + 1}"
     assert not grade(tok.decode(tok.encode(wrong, add_special_tokens=False).ids), e.gold_answer, "gsm8k")
-    assert tok.encode("x").ids[0] == embedded.BOS and tok.token_to_id("</s>") == embedded.EOS
+    assert tok.encode("x").ids[0] == BOS and tok.token_to_id("</s>") == EOS
 
 
 def test_policy_engine_matches_transformers(built):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     _, a, _ = built
     prompt = format_prompt(a.test[0]) + "3 * 4 = 12\n"
     hf_tok = AutoTokenizer.from_pretrained(a.policy_path)
@@ -93,7 +90,7 @@ def test_policy_engine_matches_transformers(built):
     assert got.shape == ref.shape
     assert ref.std() > 0.1  # trained weights: logits are not flat
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
-    assert hf.config.eos_token_id == embedded.EOS
+    assert hf.config.eos_token_id == EOS
 
 
 def test_prm_loads_and_scores(built):
@@ -109,6 +106,28 @@ def test_prm_loads_and_scores(built):
         assert len(s.step_scores) == len(cand.splitlines())
         assert all(0.0 <= p <= 1.0 and math.isfinite(p) for p in s.step_scores)
         assert s.score == pytest.approx(min(s.step_scores), abs=1e-6)
+
+
+def _gold_vs_corrupted(prm, examples) -> tuple[float, float, float]:
+    """(mean score of the gold solutions, mean score of copies whose first result is wrong, fraction of
+    problems where the gold one scores higher)."""
+    gold, bad = [], []
+    for e in examples:
+        s = prm.score(e.question, [e.gold_solution, e.gold_solution.replace("=", "= 1", 1)])  # 12 -> 1 12
+        gold.append(s[0].score)
+        bad.append(s[1].score)
+    return sum(gold) / len(gold), sum(bad) / len(bad), sum(g > b for g, b in zip(gold, bad)) / len(gold)
+
+
+@pytest.mark.slow
+def test_default_prm_prefers_gold_to_corrupted_solutions():
+    """The built-in PRM at its default size (a build of about 7 minutes on 2 cores, hence only under
+    `pytest -m slow`) scores each test problem's gold solution above a copy with a wrong first result, on
+    average over the 200 problems. Measured 2026-11-27: 0.214 vs 0.164, higher on 58% of the problems; a
+    wrong result further on (or a wrong '#### N') is not told apart at this size (0.214 vs 0.21)."""
+    a = build_assets(EmbeddedConfig(), progress=False)
+    gold, bad, frac = _gold_vs_corrupted(PRM(str(a.prm_path), device="cpu"), a.test)
+    assert gold > bad + 0.02 and frac > 0.5, (gold, bad, frac)
 
 
 def _labels(a):
@@ -133,11 +152,11 @@ def test_prm_labels_follow_hard_estimation(built):
 
 
 def test_hard_labels():
-    assert embedded.hard_labels(3, False, [True, False]) == [True, False, False]
-    assert embedded.hard_labels(3, True, [False, False]) == [True, True, True]
-    assert embedded.hard_labels(1, False, []) == [False]
+    assert hard_labels(3, False, [True, False]) == [True, False, False]
+    assert hard_labels(3, True, [False, False]) == [True, True, True]
+    assert hard_labels(1, False, []) == [False]
     with pytest.raises(BStarError, match="prefix results"):
-        embedded.hard_labels(3, False, [True])
+        hard_labels(3, False, [True])
 
 
 def test_manifest_prm_accuracy_matches_engine_prm(built):
@@ -160,11 +179,7 @@ def test_manifest_prm_accuracy_matches_engine_prm(built):
 def test_policy_greedy_matches_transformers_generate(built):
     """The engine (which measured the manifest's accuracy) and transformers decode the saved policy
     identically, eos included."""
-    from transformers import AutoModelForCausalLM
-
     _, a, _ = built
-    from engine import SamplingParams
-
     tok = _tok(a.policy_path)
     hf = AutoModelForCausalLM.from_pretrained(a.policy_path, dtype=torch.float32).eval()
     llm = LLM(str(a.policy_path), device="cpu", dtype="float32")
@@ -176,10 +191,10 @@ def test_policy_greedy_matches_transformers_generate(built):
                 torch.tensor([ids]),
                 max_new_tokens=24,
                 do_sample=False,
-                eos_token_id=embedded.EOS,
-                pad_token_id=embedded.PAD,
+                eos_token_id=EOS,
+                pad_token_id=PAD,
             )[0, len(ids) :].tolist()
-        if ref and ref[-1] == embedded.EOS:
+        if ref and ref[-1] == EOS:
             ref = ref[:-1]
         assert got.token_ids[: len(ref)] == ref
 
@@ -190,12 +205,12 @@ def test_prm_inputs_match_engine_tokenisation(built):
     prm = PRM(str(a.prm_path), device="cpu")
     tok = _tok(a.prm_path)
     e = a.train[0]
-    steps = embedded.split_steps(e.gold_solution)
-    ids, tags = embedded.prm_inputs(tok, e.question, steps)
+    steps = split_steps(e.gold_solution)
+    ids, tags = prm_inputs(tok, e.question, steps)
     q = prm.tokenizer.encode(prm.question_template.format(question=e.question))
     c_ids, c_tags = prm._candidate_ids(prm.split_steps(e.gold_solution))
     assert ids == q + c_ids and tags == [len(q) + t for t in c_tags]
-    ex = embedded.prm_examples(tok, [(e, steps, [True] * (len(steps) - 1) + [False])])
+    ex = prm_examples(tok, [(e, steps, [True] * (len(steps) - 1) + [False])])
     assert len(ex) == len(steps)
     assert [x.input_ids[-1] for x in ex] == [tok.token_to_id("+")] * (len(steps) - 1) + [tok.token_to_id("-")]
     assert all(x.input_ids[x.prompt_len - 1] == tok.token_to_id("ки") and x.prompt_len == len(x) - 1 for x in ex)
@@ -208,7 +223,7 @@ def test_second_call_hits_cache(built, monkeypatch):
     def no_build(*args, **kw):
         raise AssertionError("rebuilt although the cache holds this config")
 
-    monkeypatch.setattr(embedded, "_build", no_build)
+    monkeypatch.setattr(build_mod, "_build", no_build)
     b = build_assets(EmbeddedConfig.tiny(), cache_dir=root, progress=False)
     assert b.policy_path == a.policy_path and b.manifest == a.manifest
     assert b.train == a.train and b.test == a.test
@@ -222,13 +237,20 @@ def test_failed_build_leaves_no_partial_cache(tmp_path, monkeypatch):
     def boom(*args, **kw):
         raise RuntimeError("killed in the PRM phase")
 
-    monkeypatch.setattr(embedded, "train_prm", boom)
+    monkeypatch.setattr(build_mod, "train_prm", boom)
+    seen, real_warm_start = [], build_mod.warm_start
+
+    def warm_start(*args, **kw):
+        seen.append(torch.get_num_threads())
+        return real_warm_start(*args, **kw)
+
+    monkeypatch.setattr(build_mod, "warm_start", warm_start)
     cfg = EmbeddedConfig.tiny()
-    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the build runs on 1 (threads=1) and puts 2 back; the module fixture restores 1
     with pytest.raises(RuntimeError, match="killed in the PRM phase"):
-        build_assets(cfg, cache_dir=tmp_path, progress=False, threads=threads + 1)
+        build_assets(cfg, cache_dir=tmp_path, progress=False, threads=1)
     assert list(tmp_path.iterdir()) == []  # neither the final dir nor the temp dir
-    assert torch.get_num_threads() == threads  # the build's thread setting is undone
+    assert seen == [1] and torch.get_num_threads() == 2  # the build's thread setting applied, then undone
 
 
 def test_stale_temp_dir_of_dead_build_is_swept(tmp_path):
@@ -238,11 +260,11 @@ def test_stale_temp_dir_of_dead_build_is_swept(tmp_path):
     dead = tmp_path / f".{name}.tmp-{2**22 + 1}-abc"
     dead.mkdir()
     (dead / "half.safetensors").write_bytes(b"\0" * 8)
-    embedded._sweep_stale(tmp_path, name)
+    build_mod._sweep_stale(tmp_path, name)
     assert not dead.exists()
     alive = tmp_path / f".{name}.tmp-{os.getpid()}-abc"
     alive.mkdir()
-    embedded._sweep_stale(tmp_path, name)
+    build_mod._sweep_stale(tmp_path, name)
     assert alive.exists()
 
 
@@ -259,6 +281,13 @@ def test_config_key_and_validation():
         EmbeddedConfig(warm_lr=0.0)
     with pytest.raises(BStarError, match="threads"):
         build_assets(EmbeddedConfig.tiny(), cache_dir="/nonexistent", threads=0)
+    assert (
+        EmbeddedConfig.preset("tiny") == EmbeddedConfig.tiny() and EmbeddedConfig.preset("default") == EmbeddedConfig()
+    )
+    with pytest.raises(BStarError, match="unknown embedded preset 'small'"):
+        EmbeddedConfig.preset("small")
+    with pytest.raises(BStarError, match="unknown embedded preset"):
+        RunConfig(embedded_preset="small")
 
 
 def test_uncreatable_cache_dir(tmp_path):
@@ -269,10 +298,8 @@ def test_uncreatable_cache_dir(tmp_path):
 
 
 def test_corrupt_cache_is_a_clear_error(tmp_path):
-    from engine.errors import CheckpointError
-
     d = tmp_path / "x"
     d.mkdir()
     (d / "manifest.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="delete it to rebuild"):
-        embedded.load_assets(d)
+        load_assets(d)

@@ -14,17 +14,15 @@ import threading
 import time
 from datetime import timedelta
 from fractions import Fraction
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import bstar.rewards as rw
+from bstar.jsonl import read_jsonl
 from bstar.rewards import extract_answer, grade, grade_batch, gsm8k_gold
 from engine.errors import DataError, RequestError
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def _slow(n):
@@ -38,21 +36,14 @@ SHORT = 0.2  # a time limit far below SLOW's cost
 BOUND = 2.5  # what any limited call may take (limit + kill grace + slack for a loaded machine)
 
 
-def _jsonl(name):
-    path = DATA / name
-    if not path.exists():
-        pytest.skip(f"{path} not present")
-    return [json.loads(line) for line in path.open()]
+@pytest.fixture(scope="module")
+def gsm8k(shared_data):
+    return read_jsonl(shared_data / "gsm8k_test.jsonl")
 
 
 @pytest.fixture(scope="module")
-def gsm8k():
-    return _jsonl("gsm8k_test.jsonl")
-
-
-@pytest.fixture(scope="module")
-def math500():
-    return _jsonl("math500_test.jsonl")
+def math500(shared_data):
+    return read_jsonl(shared_data / "math500_test.jsonl")
 
 
 # ---------------------------------------------------------------------------------------------

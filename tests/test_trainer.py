@@ -1,4 +1,4 @@
-"""SFT trainer (bstar/trainer.py, bstar/sft_data.py, bstar/sft_cli.py) on tiny random models, CPU.
+"""SFT trainer (bstar/train/, bstar/cli/sft.py) on tiny random models, CPU.
 
 References are independent: transformers' own forward/loss per example (in float64 where it matters),
 a torchrun'd 2-rank FSDP2 run against one process, a transformers reload of the saved checkpoint.
@@ -7,7 +7,6 @@ a torchrun'd 2-rank FSDP2 run against one process, a transformers reload of the 
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,49 +14,49 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from sft_fixtures import make_model_dir, make_records, write_jsonl
+from click.testing import CliRunner
+from model_factory import make_records, write_lines
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from bstar.sft_data import (
+import bstar.train.checkpoint as checkpoint_mod
+from bstar.cli import main
+from bstar.train.config import SFTConfig, lr_at
+from bstar.train.data import (
     IGNORE,
     SFTExample,
     collate_packed,
     collate_padded,
     epoch_batches,
-    load_examples,
+    load_sft_examples,
     split_ranks,
     step_plan,
 )
-from bstar.trainer import SFTConfig, SFTTrainer, lr_at, sft_loss_sum
+from bstar.train.trainer import SFTTrainer, sft_loss_sum
+from bstar.train.varlen_attention import register_varlen_attention
 from engine.errors import BStarError, CheckpointError, DataError
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(micro_batch_tokens=256, max_seq_len=256, progress=False)
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    return make_model_dir(tmp_path_factory.mktemp("llama"), "llama", seed=0)
-
-
-@pytest.fixture(scope="module")
-def qwen_dir(tmp_path_factory):
-    return make_model_dir(tmp_path_factory.mktemp("qwen2"), "qwen2", seed=1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models; robust on a busy machine
 
 
 def _tok(d):
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(d)
 
 
 def _hf(d, dtype=torch.float32, attn="sdpa"):
-    from transformers import AutoModelForCausalLM
-
+    if attn == "bstar_varlen":
+        register_varlen_attention()
     return AutoModelForCausalLM.from_pretrained(d, dtype=dtype, attn_implementation=attn).eval()
 
 
+def _n_targets(mb) -> int:
+    return int((mb.targets != IGNORE).sum())
+
+
 def _examples(d, n=8, seed=0):
-    return load_examples(make_records(n, seed), _tok(d), max_seq_len=256)
+    return load_sft_examples(make_records(n, seed), _tok(d), max_seq_len=256)
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -66,7 +65,7 @@ def _examples(d, n=8, seed=0):
 def test_tokenisation_boundary_and_targets(llama_dir):
     tok = _tok(llama_dir)
     rec = {"prompt": "Q: two plus three\nA:", "completion": " five #### 5"}
-    (x,) = load_examples([rec], tok, max_seq_len=256)
+    (x,) = load_sft_examples([rec], tok, max_seq_len=256)
     p = tok(rec["prompt"])["input_ids"]
     c = tok(rec["completion"], add_special_tokens=False)["input_ids"]
     assert list(x.input_ids) == p + c + [tok.eos_token_id] and x.prompt_len == len(p)
@@ -97,13 +96,13 @@ def test_bad_data_reported_with_line_numbers(llama_dir, tmp_path):
     path.write_bytes(data)
 
     with pytest.raises(DataError) as e:
-        load_examples(path, tok, max_seq_len=128, on_bad="refuse")
+        load_sft_examples(path, tok, max_seq_len=128, on_bad="refuse")
     msg = str(e.value)
     for line, what in [
         (2, "missing field 'completion'"),
         (3, "empty completion"),
         (5, "max_seq_len"),
-        (6, "invalid JSON"),
+        (6, "malformed JSON"),
         (8, "not a string"),
         (9, "JSON object"),
         (10, "UTF-8"),
@@ -112,13 +111,13 @@ def test_bad_data_reported_with_line_numbers(llama_dir, tmp_path):
     assert "line 1:" not in msg and "line 7:" not in msg and "line 4:" not in msg
 
     with pytest.warns(UserWarning, match="line 2: missing field"):
-        ex = load_examples(path, tok, max_seq_len=128, on_bad="skip")
+        ex = load_sft_examples(path, tok, max_seq_len=128, on_bad="skip")
     assert [x.line for x in ex] == [1, 7, 11]
 
     with pytest.raises(DataError, match="no usable examples"), pytest.warns(UserWarning, match="record 1|line 1"):
-        load_examples([{"prompt": "a", "completion": ""}], tok, 64)
-    with pytest.raises(DataError, match="not found"):
-        load_examples(tmp_path / "nope.jsonl", tok, 64)
+        load_sft_examples([{"prompt": "a", "completion": ""}], tok, 64)
+    with pytest.raises(DataError, match="does not exist"):
+        load_sft_examples(tmp_path / "nope.jsonl", tok, 64)
 
 
 def test_plan_is_deterministic_and_covers_data():
@@ -158,8 +157,8 @@ def test_lr_schedule():
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("attn", ["bstar_varlen", "sdpa", "eager"])
-def test_packed_loss_matches_per_example_float64_reference(arch, attn, llama_dir, qwen_dir):
-    d = llama_dir if arch == "llama" else qwen_dir
+def test_packed_loss_matches_per_example_float64_reference(arch, attn, llama_dir, qwen2_dir):
+    d = llama_dir if arch == "llama" else qwen2_dir
     ex = _examples(d, 6, seed=3)
     model = _hf(d, attn=attn)
     ref_model = _hf(d, torch.float64, attn="eager")
@@ -174,7 +173,7 @@ def test_packed_loss_matches_per_example_float64_reference(arch, attn, llama_dir
             ref_sum += float(ref_model(ids, labels=labels).loss) * n
         n_ref += n
     packed, padded = collate_packed(ex), collate_padded(ex, pad_id=0)
-    assert packed.n_targets == padded.n_targets == n_ref
+    assert _n_targets(packed) == _n_targets(padded) == n_ref
     with torch.no_grad():
         lp, lu = float(sft_loss_sum(model, packed)), float(sft_loss_sum(model, padded))
     assert lp == pytest.approx(ref_sum, rel=1e-5)
@@ -203,7 +202,7 @@ def test_packing_does_not_attend_across_examples(llama_dir):
             logits = model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False, **kw).logits[keep]
         return F.cross_entropy(logits.float(), mb.targets[keep], reduction="none")
 
-    na = collate_packed([a]).n_targets
+    na = _n_targets(collate_packed([a]))
     for m, cu in [
         (model, False),
         (_hf(llama_dir, attn="bstar_varlen"), True),
@@ -254,7 +253,7 @@ def test_overfit_loss_falls_and_metrics(llama_dir, tmp_path):
 def test_first_step_matches_manual_adamw_reference(llama_dir, pack):
     """One optimizer step equals a hand-written transformers step on the same batch:
     mean loss over all completion tokens of the global batch, clip, AdamW."""
-    recs = make_records(10, seed=2)
+    recs = make_records(10, seed=2, max_words=16)  # all within max_seq_len 128
     cfg = SFTConfig(
         lr=1e-3,
         batch_examples=10,
@@ -269,7 +268,7 @@ def test_first_step_matches_manual_adamw_reference(llama_dir, pack):
     t = SFTTrainer(llama_dir, cfg)
     res = t.train(recs)
     ref = _hf(llama_dir).train()
-    ex = load_examples(recs, _tok(llama_dir), 128)
+    ex = load_sft_examples(recs, _tok(llama_dir), 128)
     tot, n = 0.0, 0
     for x in ex:  # one example at a time: independent of our batching
         ids = torch.tensor([x.input_ids])
@@ -303,16 +302,14 @@ def test_grad_checkpointing_same_step(llama_dir):
         torch.testing.assert_close(wa[n], wb[n], rtol=1e-5, atol=1e-7)
 
 
-def test_start_weights_are_callers_choice_and_tied_names(llama_dir, qwen_dir):
-    base = SFTTrainer(qwen_dir, SFTConfig(**SMALL))
+def test_start_weights_are_callers_choice_and_tied_names(llama_dir, qwen2_dir):
+    base = SFTTrainer(qwen2_dir, SFTConfig(**SMALL))
     names = [n for n, _ in base.named_weights()]
     assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names  # tied, as on disk
-    from safetensors.torch import load_file
-
-    assert sorted(names) == sorted(load_file(str(qwen_dir / "model.safetensors")).keys())
+    assert sorted(names) == sorted(load_file(str(qwen2_dir / "model.safetensors")).keys())
     g = torch.Generator().manual_seed(0)
     other = {n: torch.randn(t.shape, generator=g) * 0.05 for n, t in base.named_weights()}
-    t = SFTTrainer(qwen_dir, SFTConfig(**SMALL), weights=other)
+    t = SFTTrainer(qwen2_dir, SFTConfig(**SMALL), weights=other)
     got = dict(t.named_weights())
     for n in other:
         assert torch.equal(got[n], other[n])
@@ -325,9 +322,9 @@ def test_start_weights_are_callers_choice_and_tied_names(llama_dir, qwen_dir):
         SFTTrainer(llama_dir / "nope", SFTConfig(**SMALL))
 
 
-def test_checkpoint_loads_in_transformers_atomically(qwen_dir, tmp_path, monkeypatch):
+def test_checkpoint_loads_in_transformers_atomically(qwen2_dir, tmp_path, monkeypatch):
     recs = make_records(12, seed=6)
-    t = SFTTrainer(qwen_dir, SFTConfig(lr=3e-3, batch_examples=4, **SMALL))
+    t = SFTTrainer(qwen2_dir, SFTConfig(lr=3e-3, batch_examples=4, **SMALL))
     t.train(recs)
     out = t.save(tmp_path / "ck")
     assert {
@@ -338,23 +335,21 @@ def test_checkpoint_loads_in_transformers_atomically(qwen_dir, tmp_path, monkeyp
         "generation_config.json",
         "trainer_state",
     } <= set(os.listdir(out))
-    ids = torch.tensor([list(x.input_ids) for x in _examples(qwen_dir, 1, seed=8)])
+    ids = torch.tensor([list(x.input_ids) for x in _examples(qwen2_dir, 1, seed=8)])
     t.model.eval()
     with torch.no_grad():
         mine = t.model(ids).logits
         theirs = _hf(out)(ids).logits
-        base = _hf(qwen_dir)(ids).logits
+        base = _hf(qwen2_dir)(ids).logits
     torch.testing.assert_close(theirs, mine, rtol=0, atol=0)
     assert (base - mine).abs().max() > 1e-3  # training changed the weights
-    assert _tok(out)("two apples")["input_ids"] == _tok(qwen_dir)("two apples")["input_ids"]
+    assert _tok(out)("two apples")["input_ids"] == _tok(qwen2_dir)("two apples")["input_ids"]
 
     # a crash while writing leaves the previous checkpoint intact and no partial one
-    import bstar.trainer as tr
-
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(tr, "save_file", boom)
+    monkeypatch.setattr(checkpoint_mod, "save_file", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         t.save(out)
     monkeypatch.undo()
@@ -381,18 +376,12 @@ def test_resume_continues_exact_trajectory(llama_dir, tmp_path):
         SFTTrainer(llama_dir, cfg).train(recs[:-1], resume_from=tmp_path / "step-000003")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_torchrun_two_ranks_match_one_process(llama_dir, tmp_path):
+def test_torchrun_two_ranks_match_one_process(llama_dir, tmp_path, free_port):
     """2 ranks (FSDP2, gloo, with activation checkpointing) vs 1 plain process, same global batches."""
     recs = make_records(41, seed=12)  # 41 = 5 batches of 8 + 1: a rank with nothing to do runs a dummy
-    data = write_jsonl(tmp_path / "d.jsonl", recs)
+    data = write_lines(tmp_path / "d.jsonl", recs)
     kw = dict(lr=3e-3, epochs=2, batch_examples=8, micro_batch_tokens=256, max_seq_len=256, warmup_steps=2)
-    ex = load_examples(recs, _tok(llama_dir), 256)
+    ex = load_sft_examples(recs, _tok(llama_dir), 256)
     batches = epoch_batches([len(x) for x in ex], 0, 0, None, 8)
     assert any([] in step_plan(b, ex, r, 2, 256, True).micro for b in batches for r in range(2))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
@@ -402,7 +391,7 @@ def test_torchrun_two_ranks_match_one_process(llama_dir, tmp_path):
         "torch.distributed.run",
         "--nproc_per_node=2",
         "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}",
+        f"--master_port={free_port}",
         str(REPO / "tests" / "fsdp_worker.py"),
         str(llama_dir),
         str(data),
@@ -421,8 +410,6 @@ def test_torchrun_two_ranks_match_one_process(llama_dir, tmp_path):
         assert abs(a - b) <= 1e-5 * abs(b), (got["losses"], res.losses)
     gn = [m["grad_norm"] for m in res.metrics]
     assert got["grad_norms"] == pytest.approx(gn, rel=1e-4)
-    from safetensors.torch import load_file
-
     final = load_file(str(tmp_path / "fsdp" / "final" / "model.safetensors"))
     start = load_file(str(llama_dir / "model.safetensors"))
     mine = dict(single.named_weights())
@@ -439,13 +426,10 @@ def test_torchrun_two_ranks_match_one_process(llama_dir, tmp_path):
 
 
 def test_cli_sft(llama_dir, tmp_path):
-    from click.testing import CliRunner
-
-    from bstar.sft_cli import sft
-
-    data = write_jsonl(tmp_path / "d.jsonl", make_records(8, seed=1) + ['{"prompt": "x"}'])
+    data = write_lines(tmp_path / "d.jsonl", make_records(8, seed=1) + ['{"prompt": "x"}'])
     out = tmp_path / "run"
     args = [
+        "sft",
         "--model",
         str(llama_dir),
         "--data",
@@ -465,12 +449,12 @@ def test_cli_sft(llama_dir, tmp_path):
         "--save-every",
         "2",
     ]
-    r = CliRunner().invoke(sft, args)
+    r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output + repr(r.exception)
     assert "4 steps" in r.output
     assert (out / "final" / "model.safetensors").is_file() and (out / "step-000002" / "trainer_state").is_dir()
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
-    r = CliRunner().invoke(sft, args + ["--on-bad-data", "refuse"])
+    r = CliRunner().invoke(main, args + ["--on-bad-data", "refuse"])
     assert r.exit_code == 1 and "line 9: missing field 'completion'" in r.output
 
 

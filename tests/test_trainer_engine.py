@@ -3,14 +3,13 @@ handed to a live engine (no disk) give the same logits as the engine reloading t
 
 import pytest
 import torch
-from sft_fixtures import make_model_dir, make_records
+from model_factory import make_model, make_records
+from transformers import AutoModelForCausalLM
 
-from bstar.trainer import SFTConfig, SFTTrainer
+from bstar.train import SFTConfig, SFTTrainer
+from engine import LLM
 
-engine = pytest.importorskip("engine")
-LLM = getattr(engine, "LLM", None)
-if LLM is None or not hasattr(LLM, "compute_logits"):
-    pytest.skip("engine.LLM with compute_logits not available", allow_module_level=True)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models; robust on a busy machine
 
 
 def _llm(path):
@@ -19,9 +18,7 @@ def _llm(path):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_checkpoint_and_handoff_match_in_engine(arch, tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    base = make_model_dir(tmp_path / "base", arch, seed=3)
+    base = make_model(str(tmp_path / "base"), arch, seed=3, tie_word_embeddings=arch == "qwen2")
     t = SFTTrainer(base, SFTConfig(lr=3e-3, batch_examples=4, micro_batch_tokens=256, max_seq_len=256, progress=False))
     ids = [list(x.input_ids) for x in t.load_data(make_records(3, seed=21))]
 
@@ -30,7 +27,7 @@ def test_checkpoint_and_handoff_match_in_engine(arch, tmp_path):
     t.train(make_records(12, seed=20))
     ck = t.save(tmp_path / "ck")
 
-    t.push_to(live)  # in-process hand-off, nothing read from disk
+    live.load_weights(t.named_weights())  # in-process hand-off, nothing read from disk
     handed = live.compute_logits(ids)
     reloaded = _llm(ck).compute_logits(ids)
     hf = AutoModelForCausalLM.from_pretrained(ck, dtype=torch.float32).eval()

@@ -2,13 +2,12 @@
 
 import click
 
+from bstar.jsonl import emit, read_jsonl
 from engine.errors import DataError
 
 
 def _load_prompts(path: str) -> list[str | list[int]]:
     """JSONL lines with `prompt` (text) or `prompt_token_ids`; a .txt file gives one prompt per line."""
-    from bstar.jsonl import read_jsonl
-
     if path.endswith(".txt"):
         with open(path, encoding="utf-8") as f:
             return [line.rstrip("\n") for line in f if line.strip()]
@@ -61,8 +60,7 @@ def generate(
     num_kv_blocks,
 ):
     """Generate candidates for every prompt and write one JSONL record per prompt."""
-    from bstar.jsonl import emit
-    from engine import LLM, SamplingParams
+    from engine import LLM, SamplingParams  # torch: loaded when the command runs, not for --help
 
     prompts = _load_prompts(prompts_file)
     params = SamplingParams(

@@ -6,9 +6,9 @@ One device:
 
 Several devices (FSDP2; one process per GPU, NCCL; on CPU gloo):
 
-    torchrun --nproc_per_node N -m bstar.sft_cli --model PATH --data FILE.jsonl --out DIR
+    torchrun --nproc_per_node N -m bstar.cli sft --model PATH --data FILE.jsonl --out DIR
     torchrun --nnodes M --nproc_per_node N --rdzv_backend c10d --rdzv_endpoint HOST:29500 \\
-        -m bstar.sft_cli --model PATH --data FILE.jsonl --out DIR
+        -m bstar.cli sft --model PATH --data FILE.jsonl --out DIR
 
 DIR receives: final/ (HF safetensors checkpoint that transformers and the engine load, with
 trainer_state/ for resume), step-NNNNNN/ every --save-every steps, metrics.jsonl (one line per step).
@@ -18,6 +18,8 @@ Continue an interrupted run with --resume DIR/step-NNNNNN (same data and options
 from pathlib import Path
 
 import click
+
+from engine.errors import BStarError
 
 
 @click.command("sft")
@@ -88,13 +90,11 @@ import click
 @click.option("--device", default=None, help="Default: cuda if available, else cpu.")
 def sft(model, data, out, resume, save_every, max_grad_norm, no_pack, **kw):
     """Fine-tune MODEL on (prompt, completion) pairs; loss on completion tokens only."""
-    import torch.distributed as dist
-
-    from engine.errors import BStarError
+    import torch.distributed as dist  # torch: loaded when the command runs, not for --help
 
     try:
         _run(model, data, Path(out), resume, save_every, max_grad_norm, no_pack, kw)
-    except BStarError as e:  # one readable line, also when run as `-m bstar.sft_cli` without the group
+    except BStarError as e:  # one readable line, also when the command is invoked without the group
         raise click.ClickException(str(e)) from e
     finally:
         if dist.is_initialized():
@@ -102,7 +102,7 @@ def sft(model, data, out, resume, save_every, max_grad_norm, no_pack, **kw):
 
 
 def _run(model, data, out, resume, save_every, max_grad_norm, no_pack, kw):
-    from bstar.trainer import SFTConfig, SFTTrainer
+    from bstar.train import SFTConfig, SFTTrainer  # torch, transformers: not for --help
 
     out.mkdir(parents=True, exist_ok=True)
     cfg = SFTConfig(
@@ -114,7 +114,3 @@ def _run(model, data, out, resume, save_every, max_grad_norm, no_pack, kw):
     if trainer.rank == 0:
         last = f", last loss {res.losses[-1]:.4f}" if res.losses else ""
         click.echo(f"{res.steps} steps{last}; model saved to {final}")
-
-
-if __name__ == "__main__":  # torchrun -m bstar.sft_cli ...
-    sft()

@@ -1,49 +1,14 @@
-"""`bstar-engine run` (the B-STaR loop) and `bstar-engine report` (redraw a run's plots and report)."""
+"""`bstar-engine run`: the B-STaR loop on a model and data, or on the built-in task; --compare runs bstar
+and online-rft with the same budget and plots them together; --resume continues a run."""
 
 import dataclasses
+import os
 
 import click
 
-from bstar.controller import MODES, RunConfig
-
-
-def embedded_run_config(**overrides) -> RunConfig:
-    """The built-in task's run: the reference's settings scaled down to a tiny model on a 2-core CPU."""
-    base = dict(
-        iterations=3,
-        num_samples=16,
-        max_tokens=64,
-        search_k=8,
-        search_subset=64,
-        temperatures=[round(0.5 + 0.1 * i, 2) for i in range(8)],
-        thresholds=[round(-1 + 0.05 * i, 2) for i in range(41)],
-        n_star=4,
-        target_size=3 * 64,
-        eval_k=8,
-        include_gold=False,
-        lr=1e-4,
-        epochs=3,
-        batch_tokens=4096,
-        max_seq_len=256,
-    )
-    base.update({k: v for k, v in overrides.items() if v is not None})
-    return RunConfig(**base)
-
-
-def _grid(spec: str | None) -> list[float] | None:
-    """'0.5:1.2:0.05' or '0.5,0.7,0.9' -> a list of floats."""
-    if spec is None:
-        return None
-    from engine.errors import BStarError
-
-    try:
-        if ":" in spec:
-            a, b, step = (float(x) for x in spec.split(":"))
-            n = int(round((b - a) / step))
-            return [round(a + i * step, 4) for i in range(n + 1)]
-        return [float(x) for x in spec.split(",")]
-    except ValueError:
-        raise BStarError(f"bad grid {spec!r}: use start:stop:step or a comma-separated list") from None
+from bstar.config import EMBEDDED_PRESETS, MODES, RunConfig, embedded_run_config
+from bstar.search import parse_grid
+from engine.errors import BStarError
 
 
 @click.command("run")
@@ -79,41 +44,45 @@ def _grid(spec: str | None) -> list[float] | None:
 @click.option("--dtype", default=None)
 @click.option("--device", default=None)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option(
+    "--embedded-preset",
+    type=click.Choice(EMBEDDED_PRESETS),
+    default=None,
+    help="Built-in task size (without --model): 'tiny' builds in seconds, a smoke test whose models learn little.",
+)
 def run(model, prm, train_data, eval_data, out, resume, compare, quiet, temperatures, thresholds, **opts):
     """Iterative self-improvement with balanced exploration and exploitation."""
-    from bstar import controller, report
-    from engine.errors import BStarError
-
     if resume:
         if out and out != resume:
             raise BStarError("give either --out (a new run) or --resume DIR, not both")
-        records = controller.run(None, resume, resume=True)
-        _summary(records)
+    else:  # options are checked before anything heavy loads
+        if not out:
+            raise BStarError("--out DIR is required (or --resume DIR)")
+        if model is None and (prm or train_data or eval_data):
+            raise BStarError("--prm/--train-data/--eval-data need --model (without it the built-in task runs)")
+        if model is not None and opts["embedded_preset"] is not None:
+            raise BStarError("--embedded-preset sizes the built-in task; it does not go with --model")
+        opts.update(
+            model=model,
+            prm=prm,
+            train_data=train_data,
+            eval_data=eval_data,
+            temperatures=None if temperatures is None else parse_grid(temperatures),
+            thresholds=None if thresholds is None else parse_grid(thresholds),
+            progress=not quiet,
+        )
+        given = {k: v for k, v in opts.items() if v is not None}
+        cfg = embedded_run_config(**given) if model is None else RunConfig(**given)
+    # torch, transformers, the engine and matplotlib: loaded when the command runs, not for --help
+    from bstar import controller, report
+
+    if resume:
+        _summary(controller.run(None, resume, resume=True))
         return
-    if not out:
-        raise BStarError("--out DIR is required (or --resume DIR)")
-    if model is None and (prm or train_data or eval_data):
-        raise BStarError("--prm/--train-data/--eval-data need --model (without it the built-in task runs)")
-    opts.update(
-        model=model,
-        prm=prm,
-        train_data=train_data,
-        eval_data=eval_data,
-        temperatures=_grid(temperatures),
-        thresholds=_grid(thresholds),
-        progress=not quiet,
-    )
-    given = {k: v for k, v in opts.items() if v is not None}
-    if model is None:
-        cfg = embedded_run_config(**given)
-    else:
-        cfg = RunConfig(**given)
     if not compare:
         _summary(controller.run(cfg, out))
         return
-    import os
-
-    runs = {}
+    runs = {}  # bstar and online-rft on the same budget, each resumed when it already holds a run
     for mode in ("bstar", "online-rft"):
         d = os.path.join(out, mode)
         if os.path.exists(os.path.join(d, "iterations.jsonl")):
@@ -133,20 +102,3 @@ def _summary(records):
             f"greedy accuracy: iteration {first['iteration']} {first.get('greedy_acc', 0):.3f} -> "
             f"iteration {last['iteration']} {last.get('greedy_acc', 0):.3f}"
         )
-
-
-@click.command("report")
-@click.argument("run_dir")
-def report_cmd(run_dir):
-    """Redraw a run's plots and write report.md."""
-    import os
-
-    from bstar import report
-
-    subs = {
-        m: os.path.join(run_dir, m)
-        for m in ("bstar", "online-rft")
-        if os.path.exists(os.path.join(run_dir, m, "iterations.jsonl"))
-    }
-    text = report.redraw(run_dir, runs=subs or None)
-    click.echo(text)

@@ -1,4 +1,4 @@
-"""SFT data: JSONL (prompt, completion) reading and validation, tokenisation, and the batch plan.
+"""SFT data: (prompt, completion) records read and checked, tokenised into SFTExamples, and the batch plan.
 
 The plan is a pure function of (example lengths, seed, epoch, batch size, world size), so every rank
 computes the whole plan locally and no data is communicated; 1 process and N ranks see the same
@@ -9,7 +9,6 @@ taken: prompt positions, the last token of each example, padding.
 """
 
 import hashlib
-import json
 import random
 import warnings
 from collections.abc import Sequence
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from bstar.jsonl import parse_jsonl
 from engine.errors import DataError
 
 IGNORE = -100
@@ -58,40 +58,16 @@ def _check_on_bad(on_bad: str) -> None:
         raise DataError(f"on_bad must be 'skip' or 'refuse', got {on_bad!r}")
 
 
-def read_jsonl(
-    path, prompt_field: str = "prompt", completion_field: str = "completion", on_bad: str = "skip"
-) -> list[tuple[int, str, str]]:
-    """Reads (line, prompt, completion) triples. Bad lines (non-UTF-8, invalid JSON, missing or
-    non-string fields, empty completion) are reported by line number and skipped or refused."""
-    _check_on_bad(on_bad)
-    out, problems = _read_jsonl(path, prompt_field, completion_field)
-    _report(problems, str(path), on_bad)
-    return out
-
-
-def _read_jsonl(path, prompt_field, completion_field):
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file not found: {path}")
-    raw = path.read_bytes()
-    out, problems = [], []
-    for lineno, bline in enumerate(raw.split(b"\n"), start=1):
-        try:
-            text = bline.decode("utf-8")
-        except UnicodeDecodeError as e:
-            problems.append(Problem(lineno, f"not valid UTF-8 ({e.reason} at byte {e.start})"))
-            continue
-        if not text.strip():
-            continue
-        try:
-            rec = json.loads(text)
-        except json.JSONDecodeError as e:
-            problems.append(Problem(lineno, f"invalid JSON ({e.msg})"))
+def _read_file(path, prompt_field, completion_field):
+    items, problems = [], []
+    for lineno, rec, problem in parse_jsonl(path):
+        if problem is not None:
+            problems.append(Problem(lineno, problem))
             continue
         item = _check_record(rec, lineno, prompt_field, completion_field, problems)
         if item is not None:
-            out.append(item)
-    return out, problems
+            items.append(item)
+    return items, problems
 
 
 def _check_record(rec, lineno, prompt_field, completion_field, problems):
@@ -111,16 +87,6 @@ def _check_record(rec, lineno, prompt_field, completion_field, problems):
     return lineno, rec[prompt_field], rec[completion_field]
 
 
-def check_records(
-    records: Sequence[dict], prompt_field="prompt", completion_field="completion", on_bad="skip"
-) -> list[tuple[int, str, str]]:
-    """In-memory records get the same checks as file lines; 'line' is the 1-based record index."""
-    _check_on_bad(on_bad)
-    out, problems = _check_records(records, prompt_field, completion_field)
-    _report(problems, "records", on_bad)
-    return out
-
-
 def _check_records(records, prompt_field, completion_field):
     out, problems = [], []
     for i, rec in enumerate(records, start=1):
@@ -128,22 +94,6 @@ def _check_records(records, prompt_field, completion_field):
         if item is not None:
             out.append(item)
     return out, problems
-
-
-def tokenize(
-    items: Sequence[tuple[int, str, str]],
-    tokenizer,
-    max_seq_len: int,
-    add_eos: bool = True,
-    on_bad: str = "skip",
-    source: str = "data",
-) -> list[SFTExample]:
-    """Prompt with the tokenizer's special tokens (BOS if it adds one), completion without, then eos.
-    Tokenising the two parts separately keeps the prompt/completion boundary exact."""
-    _check_on_bad(on_bad)
-    out, problems = _tokenize(items, tokenizer, max_seq_len, add_eos)
-    _report(problems, source, on_bad)
-    return out
 
 
 def _tokenize(items, tokenizer, max_seq_len, add_eos):
@@ -166,7 +116,7 @@ def _tokenize(items, tokenizer, max_seq_len, add_eos):
     return out, problems
 
 
-def load_examples(
+def load_sft_examples(
     data,
     tokenizer,
     max_seq_len: int,
@@ -176,11 +126,15 @@ def load_examples(
     add_eos=True,
     on_bad="skip",
 ) -> list[SFTExample]:
-    """`data`: a JSONL path, a list of {prompt, completion} dicts, or a list of SFTExample (used as is,
-    e.g. token ids straight from generation; only the length check applies)."""
+    """Tokenised training examples from `data`: a JSONL path, a list of {prompt, completion} dicts, or a
+    list of SFTExample (used as is, e.g. token ids straight from generation; only the length check
+    applies). The prompt is tokenised with the tokenizer's special tokens (BOS if it adds one), the
+    completion without, then eos: tokenising the two parts separately keeps their boundary exact. Bad
+    lines (non-UTF-8, invalid JSON, missing or non-string fields, empty or over-long completion) are
+    reported by line number and skipped or refused (`on_bad`)."""
     _check_on_bad(on_bad)
     if isinstance(data, (str, Path)):
-        items, problems = _read_jsonl(data, prompt_field, completion_field)
+        items, problems = _read_file(data, prompt_field, completion_field)
         source = str(data)
     else:
         data = list(data)
@@ -301,10 +255,6 @@ class MicroBatch:
             f(self.cu_seq_lens),
             self.max_len,
         )
-
-    @property
-    def n_targets(self) -> int:
-        return int((self.targets != IGNORE).sum())
 
 
 def _targets(x: SFTExample) -> list[int]:

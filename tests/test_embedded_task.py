@@ -1,4 +1,4 @@
-"""The built-in arithmetic word-problem task: seeded, disjoint splits, and every gold solution
+"""bstar.embedded.task, the built-in arithmetic word-problem task: seeded, disjoint splits, and every gold solution
 checked twice without eval: each step line recomputed, and the answer re-derived from the
 question text by an independent sentence interpreter."""
 
@@ -7,8 +7,10 @@ import re
 
 import pytest
 
-from bstar.data import Example
-from bstar.synthetic import MAX_VALUE, generate, make_splits
+from bstar.embedded.task import MAX_VALUE, generate, make_splits
+from bstar.rewards import grade
+from bstar.tasks import Example
+from engine.errors import BStarError
 
 STEP = re.compile(r"^(\d+) ([+\-*]) (\d+) = (\d+)$")
 OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
@@ -102,15 +104,12 @@ def test_text_is_regular(splits):
 
 
 def test_rewards_grade_accepts_gold(splits):
-    rewards = pytest.importorskip("bstar.rewards")
     for e in splits[1][:50]:
-        assert rewards.grade(e.gold_solution, e.gold_answer, "gsm8k")
+        assert grade(e.gold_solution, e.gold_answer, "gsm8k")
         wrong = e.gold_solution.rsplit("####", 1)[0] + f"#### {int(e.gold_answer) + 1}"
-        assert not rewards.grade(wrong, e.gold_answer, "gsm8k")
+        assert not grade(wrong, e.gold_answer, "gsm8k")
 
 
 def test_generate_rejects_negative():
-    from engine.errors import BStarError
-
     with pytest.raises(BStarError):
         generate(-1, seed=0)

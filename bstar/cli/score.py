@@ -2,6 +2,9 @@
 
 import click
 
+from bstar.jsonl import emit, read_jsonl
+from engine.errors import DataError
+
 
 @click.command("score")
 @click.option("--prm", "prm_path", required=True, help="Local PRM directory (LM-style or classification head).")
@@ -17,9 +20,7 @@ import click
 @click.option("--device", default="auto", show_default=True)
 def score(prm_path, data, out, kind, step_tag, good_token, bad_token, delimiter, aggregate, dtype, device):
     """Score every candidate's steps with a process reward model."""
-    from bstar.jsonl import emit, read_jsonl
-    from engine import PRM
-    from engine.errors import DataError
+    from engine import PRM  # torch: loaded when the command runs, not for --help
 
     records = read_jsonl(data, required=("question",))
     cands = []

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import random
 
-from bstar.data import Example
+from bstar.tasks import Example
 from engine.errors import BStarError
 
 NAMES = (

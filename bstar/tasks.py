@@ -1,4 +1,4 @@
-"""Training / eval queries: GSM8K and MATH JSONL files, normalised to one Example type.
+"""Training / eval queries: GSM8K and MATH JSONL files, normalised to one Example type, and the prompt.
 
     GSM8K: {"question": ..., "answer": "...steps...\\n#### 72"}
     MATH:  {"problem": ..., "solution": "...\\boxed{...}...", "answer": ...}  (answer optional
@@ -11,15 +11,20 @@ field 'question'".
 
 from __future__ import annotations
 
+import re
 import string
 from dataclasses import dataclass
 from pathlib import Path
 
+from bstar.jsonl import iter_jsonl
 from engine.errors import BStarError, DataError
 
 DEFAULT_PROMPT = "Question: {question}\nAnswer: Let's think step by step.\n"
 
 _FIELDS = {"gsm8k": ("question", "answer"), "math": ("problem", "solution")}
+_BOXED_RE = re.compile(r"\\(?:boxed|fbox)\b\s*")
+_BRACE_RE = re.compile(r"\\.|[{}]", re.S)
+_TOKEN_RE = re.compile(r"[^\s$]+")
 
 
 @dataclass(frozen=True)
@@ -51,20 +56,29 @@ def format_prompt(example: Example | str, template: str = DEFAULT_PROMPT) -> str
     return template.format(question=q)
 
 
-def _last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} with balanced braces, or None."""
-    i = text.rfind("\\boxed{")
-    if i < 0:
+def last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} / \\fbox{...} whose braces close (nested braces allowed; escaped
+    \\{ \\} skipped), or the token after a brace-less "\\boxed 5"; None when there is none."""
+    starts = [m.end() for m in _BOXED_RE.finditer(text)]
+    if not starts:
         return None
-    start = i + len("\\boxed{")
-    depth = 1
-    for j in range(start, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start:j]
+    # One pass over braces (escaped \\{ \\} skipped) gives every '{' its matching '}'.
+    close: dict[int, int] = {}
+    stack: list[int] = []
+    for m in _BRACE_RE.finditer(text):
+        c = m.group()
+        if c == "{":
+            stack.append(m.start())
+        elif c == "}" and stack:
+            close[stack.pop()] = m.start()
+    for s in reversed(starts):
+        if s < len(text) and text[s] == "{":
+            if s in close:
+                return text[s + 1 : close[s]]
+        else:  # "\\boxed 5": one token
+            m = _TOKEN_RE.match(text, s)
+            if m:
+                return m.group()
     return None
 
 
@@ -86,22 +100,13 @@ def _detect(rec: dict, where: str) -> str:
     )
 
 
-def _records(path: Path):
-    """(line number, record) of every non-empty line, with line-numbered errors."""
-    from bstar.jsonl import iter_jsonl
-
-    return iter_jsonl(str(path))
-
-
-def load_examples(path: str | Path, task: str | None = None) -> list[Example]:
+def load_task_examples(path: str | Path, task: str | None = None) -> list[Example]:
     """Every example of a GSM8K or MATH JSONL file (format auto-detected unless task is given)."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file {path} does not exist")
     if task is not None and task not in _FIELDS:
         raise DataError(f"unknown data format {task!r}; expected gsm8k or math")
     out: list[Example] = []
-    for lineno, rec in _records(path):
+    for lineno, rec in iter_jsonl(path):
         where = f"{path}:{lineno}"
         if task is None:
             task = _detect(rec, where)
@@ -119,7 +124,7 @@ def load_examples(path: str | Path, task: str | None = None) -> list[Example]:
             question, solution = rec["problem"], rec["solution"]
             gold = rec.get("answer")
             if gold is None:
-                gold = _last_boxed(solution)
+                gold = last_boxed(solution)
                 if gold is None:
                     raise DataError(f"{where}: missing field 'answer' (and no \\boxed{{}} in 'solution')")
             elif not isinstance(gold, (str, int, float)) or isinstance(gold, bool):

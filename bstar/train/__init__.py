@@ -1,0 +1,18 @@
+"""Supervised fine-tuning (FSDP2), laid out as torchtitan lays out a trainer:
+
+    config.py            SFTConfig (every option of a run) and the LR schedule
+    data.py              (prompt, completion) records -> tokenised SFTExamples -> the batch plan
+    varlen_attention.py  packed-row attention, registered with transformers as "bstar_varlen"
+    parallelize.py       the `fully_shard` calls (every decoder layer, then the root)
+    checkpoint.py        HF safetensors dir + trainer_state/ for resume, written atomically
+    trainer.py           SFTTrainer: the training loop, weights in and out
+
+The B-STaR loop (bstar.controller) and the built-in task's warm start and PRM (bstar.embedded) train
+through SFTTrainer; `bstar-engine sft` (bstar.cli.sft) is its command line.
+"""
+
+from bstar.train.config import SFTConfig
+from bstar.train.data import SFTExample
+from bstar.train.trainer import SFTTrainer, TrainResult
+
+__all__ = ["SFTConfig", "SFTExample", "SFTTrainer", "TrainResult"]

@@ -1,0 +1,192 @@
+"""bstar.cli: `bstar-engine run` on the built-in task (the tiny preset) and with --compare, grid options, and
+the user errors each command turns into one line."""
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from bstar.cli import main
+from bstar.config import embedded_run_config
+from bstar.embedded import EmbeddedConfig
+from bstar.search import SearchConfig, grid, parse_grid
+from engine.errors import BStarError
+
+# the built-in task's run, CI-sized: the tiny preset builds in about a second
+SMALL = [
+    "--embedded-preset",
+    "tiny",
+    "--iterations",
+    "1",
+    "--num-samples",
+    "4",
+    "--search-k",
+    "4",
+    "--search-subset",
+    "8",
+    "--temperatures",
+    "0.7,1.0",
+    "--thresholds=-1:1:0.5",
+    "--eval-k",
+    "4",
+    "--max-tokens",
+    "24",
+    "--quiet",
+]
+
+
+# a built-in run sets torch to one thread for its tiny models: the fixture restores the count afterwards
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def _ours(output: str) -> list[str]:
+    """The command's own lines (transformers may draw progress bars in between)."""
+    return re.findall(r"(?:greedy accuracy: iteration|(?:bstar|online-rft): final greedy|comparison plots).*", output)
+
+
+def _invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _one_line_error(r, *fragments):
+    assert r.exit_code == 1, r.output
+    assert "Traceback" not in r.output and r.output.count("\n") == 1, r.output
+    assert r.output.startswith("error: "), r.output
+    for f in fragments:
+        assert f in r.output, r.output
+
+
+def test_run_builtin_task_through_the_cli(tmp_path):
+    out = tmp_path / "demo"
+    r = _invoke("run", "--out", out, *SMALL)
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    records = _lines(out / "iterations.jsonl")
+    assert [x["iteration"] for x in records] == [0, 1]
+    assert _ours(r.output) == [
+        f"greedy accuracy: iteration 0 {records[0]['greedy_acc']:.3f} -> iteration 1 {records[1]['greedy_acc']:.3f}"
+    ]
+    # the options reached the run; everything else is the built-in task's setting
+    cfg = json.loads((out / "config.json").read_text())
+    want = embedded_run_config(iterations=1, num_samples=4, search_k=4, search_subset=8, eval_k=4, max_tokens=24)
+    assert cfg["model"] is None and cfg["embedded_preset"] == "tiny"
+    assert cfg["temperatures"] == [0.7, 1.0] and cfg["thresholds"] == [-1.0, -0.5, 0.0, 0.5, 1.0]
+    for k in ("lr", "epochs", "include_gold", "n_star", "target_size", "iterations", "num_samples", "eval_k"):
+        assert cfg[k] == getattr(want, k), k
+    # the tiny preset was built in $BSTAR_CACHE (a temp dir here) and its splits were used
+    tiny = EmbeddedConfig.tiny()
+    assert (Path(os.environ["BSTAR_CACHE"]) / f"embedded-{tiny.key()}" / "manifest.json").is_file()
+    assert len(_lines(out / "iter_001" / "candidates.jsonl")) == tiny.n_train
+    assert len(_lines(out / "iter_001" / "eval_samples.jsonl")) == 2 * tiny.n_test  # greedy + sampled
+    assert len(json.loads((out / "iter_001" / "search.json").read_text())["table"]) == 2 * 5
+    assert (out / "policy" / "model.safetensors").is_file() and (out / "report.md").is_file()
+    # resuming a finished run trains nothing and reports the same
+    before = (out / "policy" / "model.safetensors").stat().st_mtime_ns
+    r2 = _invoke("run", "--resume", out)
+    assert r2.exit_code == 0 and _ours(r2.output) == _ours(r.output)
+    assert _lines(out / "iterations.jsonl") == records
+    assert (out / "policy" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_compare_runs_bstar_and_online_rft_on_the_same_budget(tmp_path):
+    out = tmp_path / "cmp"
+    r = _invoke("run", "--out", out, "--compare", *SMALL)
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    runs = {m: _lines(out / m / "iterations.jsonl") for m in ("bstar", "online-rft")}
+    assert _ours(r.output) == [
+        *(f"{m}: final greedy accuracy {runs[m][-1]['greedy_acc']:.3f}" for m in runs),
+        f"comparison plots and report in {out}",
+    ]
+    for m, records in runs.items():
+        assert [x["iteration"] for x in records] == [0, 1] and records[1]["mode"] == m
+    cfgs = {m: json.loads((out / m / "config.json").read_text()) for m in runs}
+    assert cfgs["bstar"]["mode"] == "bstar" and cfgs["online-rft"]["mode"] == "online-rft"
+    assert {**cfgs["bstar"], "mode": None} == {**cfgs["online-rft"], "mode": None}  # the same budget
+    # online-rft keeps the fixed configuration; bstar searched its grid
+    assert (runs["online-rft"][1]["temperature"], runs["online-rft"][1]["threshold"]) == (1.0, 0.5)
+    assert "table" not in json.loads((out / "online-rft" / "iter_001" / "search.json").read_text())
+    assert len(json.loads((out / "bstar" / "iter_001" / "search.json").read_text())["table"]) == 10
+    # plotted together
+    report = (out / "report.md").read_text()
+    assert "## bstar" in report and "## online-rft" in report
+    for png in ("accuracy.png", "config.png", "selection.png", "bstar-search_iter_001.png"):
+        assert (out / "plots" / png).stat().st_size > 1000, png
+    # a second --compare resumes both runs: nothing is trained again
+    mtimes = {m: (out / m / "policy" / "model.safetensors").stat().st_mtime_ns for m in runs}
+    r2 = _invoke("run", "--out", out, "--compare", *SMALL)
+    assert r2.exit_code == 0 and _ours(r2.output) == _ours(r.output)
+    assert {m: (out / m / "policy" / "model.safetensors").stat().st_mtime_ns for m in runs} == mtimes
+
+
+def test_parse_grid():
+    assert parse_grid("0.5:1.2:0.05") == list(SearchConfig().temperatures)  # the reference's 15 values
+    assert parse_grid("-1:1:0.01") == list(SearchConfig().thresholds)
+    assert parse_grid("0.5,0.7,1") == [0.5, 0.7, 1.0]
+    assert parse_grid("0.8") == [0.8] and parse_grid("1:1:0.1") == [1.0]
+    assert parse_grid("0:1:0.3") == list(grid(0, 1, 0.3)) == [0.0, 0.3, 0.6, 0.9]
+    for spec, why in [
+        ("2:1:0.1", "stop 1 is below start 2"),
+        ("0:1:0", "step must be > 0"),
+        ("0:1:-0.1", "step must be > 0"),
+        ("0:1", "start:stop:step"),
+        ("0:1:0.1:2", "start:stop:step"),
+        ("a,b", "comma-separated"),
+        ("", "comma-separated"),
+        ("0.5,,0.7", "comma-separated"),
+        ("nan:1:0.1", "start:stop:step"),
+        ("0.5,inf", "comma-separated"),
+    ]:
+        with pytest.raises(BStarError, match=why):
+            parse_grid(spec)
+
+
+@pytest.mark.parametrize(
+    "option, spec, why",
+    [
+        ("--temperatures", "2:1:0.1", "stop 1 is below start 2"),
+        ("--temperatures", "0.5:1:0", "step must be > 0"),
+        ("--thresholds", "low,high", "use start:stop:step"),
+    ],
+)
+def test_bad_grid_is_refused_with_one_line(tmp_path, option, spec, why):
+    r = _invoke("run", "--out", tmp_path / "o", option, spec)
+    _one_line_error(r, f"bad grid {spec!r}", why)
+    assert not (tmp_path / "o").exists()  # refused before anything ran
+
+
+def test_run_option_errors(tmp_path):
+    _one_line_error(_invoke("run"), "--out DIR is required")
+    _one_line_error(_invoke("run", "--resume", tmp_path / "a", "--out", tmp_path / "b"), "not both")
+    _one_line_error(_invoke("run", "--out", tmp_path / "o", "--prm", tmp_path), "need --model")
+    _one_line_error(
+        _invoke("run", "--out", tmp_path / "o", "--model", tmp_path, "--embedded-preset", "tiny"),
+        "does not go with --model",
+    )
+    _one_line_error(
+        _invoke("run", "--out", tmp_path / "o", "--prompt-template", "Q: {q}"), "exactly the field {question}"
+    )
+    assert not (tmp_path / "o").exists()
+    done = tmp_path / "done"  # a directory that already holds a run is not overwritten
+    done.mkdir()
+    (done / "config.json").write_text("{}")
+    (done / "iterations.jsonl").write_text('{"iteration": 0}\n')
+    _one_line_error(_invoke("run", "--out", done, *SMALL), "already holds a run", f"--resume {done}")
+    assert (done / "iterations.jsonl").read_text() == '{"iteration": 0}\n'
+
+
+def test_report_generate_score_errors(tmp_path):
+    _one_line_error(_invoke("report", tmp_path), "holds no run (no iterations.jsonl)")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a"}\n{"text": "b"}\n')
+    _one_line_error(_invoke("generate", "--model", tmp_path, "--prompts", bad), "record 2 has neither 'prompt' nor")
+    bad.write_text('{"question": "q", "candidates": ["a"]}\n{"question": "q", "candidates": "a"}\n')
+    _one_line_error(_invoke("score", "--prm", tmp_path, "--data", bad), "bad.jsonl:2: needs 'candidates'")
+    bad.write_text('{"question": "q"}\n{not json\n')
+    _one_line_error(_invoke("score", "--prm", tmp_path, "--data", bad), "bad.jsonl:2: malformed JSON")
+    _one_line_error(_invoke("generate", "--model", tmp_path, "--prompts", tmp_path / "none.jsonl"), "does not exist")
