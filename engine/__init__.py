@@ -19,6 +19,8 @@ A prompt's path through the files:
     output_processor.py   4. postprocess: stop rules, then outputs.py's RequestOutput
     prompt_forward.py   prompts without sampling, for LLM.compute_logits and prm.py
     prm.py              PRM: a process reward model's score for every step of every candidate
+    memory_plan.py      device memory arithmetic: each engine's KV budget, the trainer's estimate,
+                        a per-phase plan that refuses what cannot fit (sleep/wake: LLM.sleep)
     errors.py           the errors a user can act on
 
 Importing the package is light (no torch): the names below load their module on first use (PEP 562),
@@ -29,7 +31,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from engine.errors import BStarError, CheckpointError, DataError, RequestError
+    from engine.errors import BStarError, CheckpointError, DataError, MemoryPlanError, RequestError
     from engine.llm import LLM
     from engine.llm_engine import LLMEngine
     from engine.outputs import CompletionOutput, RequestOutput
@@ -48,6 +50,7 @@ __all__ = [
     "CheckpointError",
     "RequestError",
     "DataError",
+    "MemoryPlanError",
 ]
 _MODULE_OF = {  # name -> the module that defines it
     "LLM": "engine.llm",
@@ -61,6 +64,7 @@ _MODULE_OF = {  # name -> the module that defines it
     "CheckpointError": "engine.errors",
     "RequestError": "engine.errors",
     "DataError": "engine.errors",
+    "MemoryPlanError": "engine.errors",
 }
 
 

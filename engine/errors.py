@@ -15,3 +15,8 @@ class RequestError(BStarError, ValueError):
 
 class DataError(BStarError, ValueError):
     """A malformed data file (bad JSONL line, missing field); the message names file and line."""
+
+
+class MemoryPlanError(BStarError):
+    """A run, phase or engine that cannot fit in the device's memory: refused before allocating, with
+    the figures and what to change (more GPUs, offload, a smaller budget...)."""

@@ -1,0 +1,272 @@
+"""engine.memory_plan on real model shapes (config only, no weights) against hand-computed figures, and the
+engine's KV sizing from it on CPU.
+
+Every expected number below is written out by hand from the shapes (the arithmetic is in the comments); the
+parameter counts are also checked against transformers models built on the meta device.
+"""
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForTokenClassification,
+    MistralConfig,
+    Qwen2Config,
+)
+
+from engine.config import ModelConfig
+from engine.errors import MemoryPlanError
+from engine.memory_plan import (
+    DeviceMemory,
+    EngineSpec,
+    GiB,
+    Phase,
+    TrainerSpec,
+    activation_peak_bytes,
+    engine_activation_bytes,
+    engine_kv_blocks,
+    kv_bytes_per_token,
+    kv_cap_blocks,
+    layer_activation_bytes_per_token,
+    layer_param_count,
+    param_count,
+    plan_memory,
+    trainer_estimate,
+    weight_bytes,
+)
+
+BF16 = torch.bfloat16
+HF_CONFIGS = {
+    "qwen2.5-0.5b": Qwen2Config(
+        hidden_size=896,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        intermediate_size=4864,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+        max_position_embeddings=32768,
+    ),
+    "qwen2.5-7b": Qwen2Config(
+        hidden_size=3584,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        intermediate_size=18944,
+        vocab_size=152064,
+        tie_word_embeddings=False,
+        max_position_embeddings=4096,
+    ),
+    "mistral-7b": MistralConfig(
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=14336,
+        vocab_size=32000,
+        max_position_embeddings=32768,
+        sliding_window=4096,
+    ),
+}
+# Per model: (layer params, total params, KV bytes/token in bf16, one layer's activations/token in bf16).
+# Qwen2.5-0.5B: q = 896, kv = 2*64 = 128.
+#   layer = 896*(896+2*128) + 896*896 + (896+2*128) [qkv bias] + 3*896*4864 + 2*896 = 14,912,384
+#   total = 151936*896 [embed, tied head] + 24*14,912,384 + 896 [norm] = 494,032,768
+#   KV/token = 2*24*2*64*2 = 12,288; activations/token/layer = (4*896 + 2*896 + 2*128 + 4*4864)*2 = 50,176
+# Qwen2.5-7B: q = 3584, kv = 4*128 = 512.
+#   layer = 3584*4608 + 3584*3584 + 4608 + 3*3584*18944 + 2*3584 = 233,057,792
+#   total = 2*152064*3584 [embed + lm_head] + 28*233,057,792 + 3584 = 7,615,616,512
+#   KV/token = 2*28*4*128*2 = 57,344; activations = (4*3584 + 2*3584 + 2*512 + 4*18944)*2 = 196,608
+# Mistral-7B: q = 4096, kv = 8*128 = 1024, no biases.
+#   layer = 4096*6144 + 4096*4096 + 3*4096*14336 + 2*4096 = 218,112,000
+#   total = 2*32000*4096 + 32*218,112,000 + 4096 = 7,241,732,096
+#   KV/token = 2*32*8*128*2 = 131,072; activations = (4*4096 + 2*4096 + 2*1024 + 4*14336)*2 = 167,936
+EXPECTED = {
+    "qwen2.5-0.5b": (14_912_384, 494_032_768, 12_288, 50_176),
+    "qwen2.5-7b": (233_057_792, 7_615_616_512, 57_344, 196_608),
+    "mistral-7b": (218_112_000, 7_241_732_096, 131_072, 167_936),
+}
+
+
+def mcfg(name: str, **changes) -> ModelConfig:
+    return ModelConfig.from_dict({**HF_CONFIGS[name].to_dict(), **changes})
+
+
+def meta_numel(model) -> int:
+    return sum(p.numel() for p in model.parameters())  # parameters() lists a tied tensor once
+
+
+@pytest.mark.parametrize("name", list(HF_CONFIGS))
+def test_shapes_against_hand_counts_and_transformers(name):
+    layer, total, kv, act = EXPECTED[name]
+    m = mcfg(name)
+    assert layer_param_count(m) == layer
+    assert param_count(m) == total
+    assert weight_bytes(m, BF16) == 2 * total
+    assert kv_bytes_per_token(m, BF16) == kv
+    assert layer_activation_bytes_per_token(m, BF16) == act
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(HF_CONFIGS[name])
+    assert meta_numel(hf) == total
+
+
+def test_reward_heads_counted_as_transformers_and_qwen_prm():
+    # token classification: the LM head (152064*3584) replaced by score = Linear(3584, 2) with bias
+    tok = mcfg("qwen2.5-7b", architectures=["Qwen2ForTokenClassification"], num_labels=2)
+    assert tok.head == "token_cls"
+    assert param_count(tok) == 7_615_616_512 - 152064 * 3584 + 3584 * 2 + 2 == 7_070_626_306
+    cfg = Qwen2Config(**{**HF_CONFIGS["qwen2.5-7b"].to_dict(), "num_labels": 2})
+    with torch.device("meta"):
+        assert meta_numel(AutoModelForTokenClassification.from_config(cfg)) == 7_070_626_306
+    # Qwen2.5-Math-PRM: score = Linear(3584, 3584) -> ReLU -> Linear(3584, 2), both with bias
+    prm = mcfg("qwen2.5-7b", architectures=["Qwen2ForProcessRewardModel"], num_labels=2)
+    assert param_count(prm) == 7_615_616_512 - 152064 * 3584 + 3584 * 3584 + 3584 + 3584 * 2 + 2
+    # a tied LM: the head adds nothing
+    assert param_count(mcfg("qwen2.5-0.5b")) == param_count(mcfg("qwen2.5-0.5b", tie_word_embeddings=False)) - (
+        151936 * 896
+    )
+
+
+def test_engine_activation_estimate():
+    m = mcfg("qwen2.5-0.5b")
+    # 2048-token prefill (max_model_len < max_num_batched_tokens), logits on min(2048, 64) rows:
+    # 2048*50,176 + 64*151936*(2 bf16 logits + 4 float32 copy + 16 sampler) = 102,760,448 + 213,925,888
+    assert engine_activation_bytes(m, BF16, 4096, 64, 2048) == 316_686_336
+    # a classification head reads 64 rows of 2 labels: 64*2*2
+    cls = mcfg("qwen2.5-0.5b", architectures=["Qwen2ForTokenClassification"], num_labels=2)
+    assert engine_activation_bytes(cls, BF16, 4096, 64, 2048) == 102_760_448 + 256
+
+
+def test_kv_cap_blocks():
+    # 64 sequences x ceil(2048/16) = 8192 blocks, + ceil(8192 * 0.1) = 820 for the prefix cache
+    assert kv_cap_blocks(64, 2048, 16) == 9012
+    assert kv_cap_blocks(64, 2048, 16, enable_prefix_caching=False) == 8192
+    assert kv_cap_blocks(3, 33, 16) == 9 + 1  # ceil(33/16) = 3 blocks a sequence
+
+
+def test_engine_kv_blocks_per_instance():
+    bb = 57_344 * 16  # Qwen2.5-7B bf16 block: 917,504 bytes
+    total = 80 * GiB
+    # gpu_memory_utilization=0.45 of 80 GiB = 38,654,705,664; minus weights 15,231,233,024 and activations
+    # 1 GiB = 22,349,730,816 -> 24,359 blocks (22,349,730,816 / 917,504 = 24,359.2)
+    kw = dict(block_bytes=bb, total_bytes=total, gpu_memory_utilization=0.45, weights_bytes=15_231_233_024)
+    assert engine_kv_blocks(cap_blocks=10**9, activation_bytes=GiB, **kw) == 24_359
+    # a second engine on the same card gets the same: only its own allocations count, the first's do not
+    # (free memory after the first: 80 GiB - 38.6e9 - ... still holds this one)
+    assert engine_kv_blocks(cap_blocks=10**9, activation_bytes=GiB, free_bytes=40 * GiB, **kw) == 24_359
+    assert engine_kv_blocks(cap_blocks=1000, activation_bytes=GiB, **kw) == 1000  # never more than it can use
+    # explicit bytes win, still capped
+    assert engine_kv_blocks(block_bytes=bb, cap_blocks=10**9, kv_cache_memory_bytes=10 * bb + 5) == 10
+    assert engine_kv_blocks(block_bytes=bb, cap_blocks=7, kv_cache_memory_bytes=10 * bb) == 7
+    with pytest.raises(MemoryPlanError, match="no memory left for the KV cache on cuda:1.*weights take 14.2 GiB"):
+        engine_kv_blocks(cap_blocks=10**9, activation_bytes=24 * GiB, device="cuda:1", **kw)
+    # 24,359 blocks = 22,349,479,936 bytes (20.8 GiB) + 1 GiB of activations > 20 GiB free
+    with pytest.raises(
+        MemoryPlanError, match=r"KV cache of 20.8 GiB plus .* 1.0 GiB does not fit in the 20.0 GiB free"
+    ):
+        engine_kv_blocks(cap_blocks=10**9, activation_bytes=GiB, free_bytes=20 * GiB, **kw)
+    with pytest.raises(MemoryPlanError, match="less than one KV block"):
+        engine_kv_blocks(block_bytes=bb, cap_blocks=10, kv_cache_memory_bytes=bb - 1)
+    assert activation_peak_bytes(10 * GiB, 12 * GiB) == 2 * GiB
+    assert activation_peak_bytes(10 * GiB, 9 * GiB) == 0
+
+
+def test_plan_caps_kv_at_what_the_engine_can_use():
+    dev = DeviceMemory(total=80 * GiB, free=80 * GiB)
+    pol = EngineSpec("policy", mcfg("qwen2.5-0.5b"), max_num_seqs=64, max_model_len=2048)
+    plan = plan_memory(dev, [pol])
+    # budget = int(0.9 * 80 GiB) - 1 GiB reserve = 76,235,669,504: far more than the cap
+    assert plan.budget == 76_235_669_504
+    e = plan.engines["policy"]
+    assert e.weights == 988_065_536 and e.activations == 316_686_336
+    assert e.num_blocks == 9012 and e.kv == 9012 * 12_288 * 16 == plan.kv_cache_memory_bytes("policy")
+    assert e.kv_tokens == 144_192
+    assert [p.phase.name for p in plan.phases] == ["generate"]
+    assert plan.phases[0].total == 988_065_536 + 316_686_336 + 1_771_831_296
+    table = plan.table()
+    assert "policy" in table and "144192" in table and "generate" in table
+
+
+def test_plan_splits_what_is_left_between_resident_engines():
+    # Mistral-7B policy + Mistral-7B (Math-Shepherd, LM head) PRM, both resident (no sleep), no trainer.
+    dev = DeviceMemory(total=80 * GiB, free=80 * GiB)
+    m = mcfg("mistral-7b")
+    engines = [EngineSpec("policy", m, max_model_len=4096), EngineSpec("prm", m, max_model_len=4096)]
+    plan = plan_memory(dev, engines, sleep=False)
+    # each: weights 7,241,732,096*2 = 14,483,464,192; activations 4096*167,936 + 256*32000*22 = 868,089,856
+    # left = 76,235,669,504 - 2*(14,483,464,192 + 868,089,856) = 45,532,561,408, half each = 22,766,280,704
+    # blocks = 22,766,280,704 // (131,072*16) = 10,855
+    for name in ("policy", "prm"):
+        e = plan.engines[name]
+        assert (e.weights, e.activations, e.num_blocks) == (14_483_464_192, 868_089_856, 10_855)
+    assert [p.phase.engines for p in plan.phases] == [("policy", "prm"), ("policy", "prm")]
+    # an explicit budget for one engine: the other takes the rest
+    engines[1] = EngineSpec("prm", m, max_model_len=4096, kv_cache_memory_bytes=10 * GiB)
+    plan = plan_memory(dev, engines, sleep=False)
+    assert plan.engines["prm"].num_blocks == 10 * GiB // 2_097_152 == 5120
+    assert plan.engines["policy"].num_blocks == (45_532_561_408 - 10 * GiB) // 2_097_152 == 16_591
+
+
+def test_plan_refuses_full_fine_tuning_of_7b_on_one_gpu():
+    dev = DeviceMemory(total=80 * GiB, free=80 * GiB)
+    q7 = mcfg("qwen2.5-7b")
+    engines = [
+        EngineSpec("policy", q7),
+        EngineSpec("prm", mcfg("qwen2.5-7b", architectures=["Qwen2ForProcessRewardModel"])),
+    ]
+    spec = TrainerSpec(q7)  # 4096 tokens, activation checkpointing, CE chunks of 1024
+    est = trainer_estimate(spec)
+    # state: 7,615,616,512 * 16 = 121,849,864,192 (113.5 GiB), all on the one GPU
+    assert est.state_bytes == est.gpu_state == 121_849_864_192 and est.host_state == 0
+    # root = 2*152064*3584 + 3584 = 1,089,998,336; layer = 233,057,792
+    assert est.unsharded == (1_089_998_336 + 2 * 233_057_792) * 2 == 3_112_227_840
+    assert est.grad_transient == 1_089_998_336 * (2 + 4) == 6_539_990_016
+    assert est.activations == 4096 * 28 * 3584 * 2 + 2 * 4096 * 196_608 == 2_432_696_320
+    assert est.logits == 2 * 1024 * 152064 * 4 + 152064 * 3584 * 4 == 3_425_697_792
+    assert est.working == 15_510_611_968
+    with pytest.raises(MemoryPlanError) as err:
+        plan_memory(dev, engines, spec)
+    msg = str(err.value)
+    # GPUs: ceil(121,849,864,192 / (76,235,669,504 - 15,510,611,968)) = ceil(2.007) = 3
+    assert msg == (
+        "phase train: full fine-tuning of 7.6B params needs ~113.5 GiB for weights, gradients and AdamW state "
+        "(16 B/param) plus 14.4 GiB of working memory, but the train phase has 71.0 GiB of GPU memory; use 3 "
+        "GPUs under torchrun or --offload-optimizer"
+    )
+    assert "\n" not in msg
+    assert "train" in err.value.plan.table()  # the plan is still there to print
+    # with the optimizer offloaded it fits; the host holds the state and the policy's level-1 weights
+    off = TrainerSpec(q7, offload=True)
+    plan = plan_memory(dev, engines[:1], off, host_memory_bytes=128 * GiB)
+    est = plan.trainer
+    assert est.gpu_state == 0 and est.host_state == 121_849_864_192
+    assert est.unsharded == 1_556_113_920 * (2 + 4)  # + the float32 shard copied up before the all-gather
+    train = plan.phases[-1]
+    assert train.trainer == est.gpu_total == 9_336_683_520 + 6_539_990_016 + 2_432_696_320 + 3_425_697_792
+    assert train.host == 121_849_864_192 + 15_231_233_024
+    # ... but not with the PRM's level-1 weights on the host as well: 7,083,474,946 params * 2 = 14,166,949,892;
+    # 121,849,864,192 + 15,231,233,024 + 14,166,949,892 = 151,248,047,108 = 140.9 GiB
+    with pytest.raises(MemoryPlanError, match=r"^phase train needs ~140.9 GiB of host memory .* the host has 128.0"):
+        plan_memory(dev, engines, off, host_memory_bytes=128 * GiB)
+    # the PRM at level 2 (reloaded from disk) leaves the host as with the policy alone
+    engines[1] = EngineSpec("prm", engines[1].mcfg, sleep_level=2)
+    assert plan_memory(dev, engines, off, host_memory_bytes=128 * GiB).phases[-1].host == train.host
+
+
+def test_plan_refuses_a_kv_cache_below_one_sequence():
+    dev = DeviceMemory(total=24 * GiB, free=24 * GiB)
+    m = mcfg("mistral-7b")
+    engines = [EngineSpec("policy", m, max_model_len=4096), EngineSpec("prm", m, max_model_len=4096)]
+    # budget int(0.9*24 GiB) - 1 GiB = 22,119,081,574 < 2 x (weights + activations) = 30,703,108,096
+    with pytest.raises(MemoryPlanError, match="phase generate: the policy engine's KV cache would get 0.0 GiB but"):
+        plan_memory(dev, engines, sleep=False)
+    # asleep in turn, each fits: 22,119,081,574 - 15,351,554,048 = 6,767,527,526 -> 3227 blocks of 2,097,152
+    plan = plan_memory(dev, engines, sleep=True)
+    assert [p.phase.engines for p in plan.phases] == [("policy",), ("prm",)]
+    assert plan.engines["policy"].num_blocks == plan.engines["prm"].num_blocks == 3227
+
+
+def test_plan_rejects_unknown_engines():
+    dev = DeviceMemory(total=80 * GiB, free=80 * GiB)
+    with pytest.raises(ValueError, match="unknown engine"):
+        plan_memory(dev, [EngineSpec("policy", mcfg("qwen2.5-0.5b"))], phases=[Phase("score", ("prm",))])
