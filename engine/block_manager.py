@@ -17,12 +17,17 @@ class BlockManager:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.reset()
+        self.prefix_hits = 0  # tokens served from the prefix cache
+
+    def reset(self):
+        """Every block free, nothing cached (the KV cache was discarded: sleep). Only for an idle engine."""
+        num_blocks = self.num_blocks
         self.ref_counts = [0] * num_blocks
         self.block_hash: list[int | None] = [None] * num_blocks
         self.hash_to_block: dict[int, int] = {}
         # Free blocks in eviction order: never-hashed first would be nicer, LRU is what matters.
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
-        self.prefix_hits = 0  # tokens served from the prefix cache
 
     # -- accounting -------------------------------------------------------------------------
     @property

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.errors import CheckpointError
+from engine.errors import CheckpointError, RequestError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 # Reward-model heads on the same decoders (read by engine.PRM): a token-classification head
@@ -18,6 +18,30 @@ HEAD_ARCHITECTURES = {
     "Qwen2ForProcessRewardModel": "prm_mlp",
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: "str | torch.dtype", mcfg: "ModelConfig", device: torch.device) -> torch.dtype:
+    """The dtype an engine serves `mcfg` in on `device` (a torch.device; no CUDA call unless CUDA is there).
+
+    "auto": float32 on CPU. On CUDA the checkpoint's dtype when it is bfloat16 or float16, and bfloat16 for a
+    float32 (or unrecorded) checkpoint, as vLLM does: a trainer saves float32, and serving that in float32
+    doubles the weights and the KV cache and keeps the kernels off tensor cores (float16 on a GPU without
+    bfloat16)."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise RequestError(f"unsupported dtype {dtype}; use one of {', '.join(DTYPES)} or 'auto'")
+        return dtype
+    if dtype == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        stored = DTYPES.get(mcfg.torch_dtype or "")
+        if stored in (torch.bfloat16, torch.float16):
+            return stored
+        bf16_ok = not torch.cuda.is_available() or torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16_ok else torch.float16
+    if dtype not in DTYPES:
+        raise RequestError(f"unsupported dtype {dtype!r}; use one of {', '.join(DTYPES)} or 'auto'")
+    return DTYPES[dtype]
 
 
 @dataclass
@@ -145,8 +169,11 @@ class EngineConfig:
     """Knobs of the paged KV cache and the scheduler."""
 
     block_size: int = 16
-    num_kv_blocks: int | None = None  # explicit KV budget in blocks; wins over the two below
-    gpu_memory_utilization: float = 0.90  # CUDA: fraction of device memory for weights+activations+KV
+    num_kv_blocks: int | None = None  # explicit KV budget in blocks; wins over the three below
+    kv_cache_memory_bytes: int | None = None  # explicit KV budget in bytes (any device); wins over the two below
+    # CUDA: the fraction of the device this engine may use for its own weights + activation peak + KV cache
+    # (other engines' and the trainer's memory does not count against it)
+    gpu_memory_utilization: float = 0.90
     cpu_kv_cache_bytes: int = 256 << 20  # CPU: bytes of KV cache
     max_num_seqs: int = 256  # running sequences per step
     max_num_batched_tokens: int = 4096  # tokens per step (prefill chunks + decodes)
@@ -161,6 +188,8 @@ class EngineConfig:
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes < 1:
+            raise ValueError(f"kv_cache_memory_bytes must be >= 1, got {self.kv_cache_memory_bytes}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:

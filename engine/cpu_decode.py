@@ -24,7 +24,7 @@ A slot whose sequence was freed meanwhile is at worst rewritten before its new o
 import torch
 
 from engine.config import EngineConfig, ModelConfig
-from engine.packed_linear import pack_linears
+from engine.packed_linear import pack_linears, unpack_linears
 from engine.scheduler import Batch
 from engine.sequence import Sequence
 from kernels.cascade_attention import CascadeBuffers, CascadePlan, build_cascade_plan
@@ -140,6 +140,14 @@ class CpuDecodeState:
         self.flush()
         self._prev = None
         self._packed_rows = None  # the model dropped its packed copies when its weights were loaded
+
+    def release(self):
+        """Drop everything kept (buffers, previous plan, packed weight copies) without writing back: the
+        paged cache is being discarded (sleep)."""
+        self._buffers = self._prev = None
+        self._dirty = 0
+        self._rows_seen, self._rows_streak, self._packed_rows = 0, 0, None
+        unpack_linears(self.model)
 
     def maybe_pack(self, batch: Batch):
         """Pack the linear weights for the decode batch size once it has held for 3 steps: packing

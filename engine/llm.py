@@ -20,6 +20,7 @@ class LLM:
         block_size: int = 16,
         num_kv_blocks: int | None = None,
         gpu_memory_utilization: float = 0.9,
+        kv_cache_memory_bytes: int | None = None,
         cpu_kv_cache_bytes: int = 256 << 20,
         max_num_seqs: int = 256,
         max_num_batched_tokens: int = 4096,
@@ -31,6 +32,7 @@ class LLM:
             block_size=block_size,
             num_kv_blocks=num_kv_blocks,
             gpu_memory_utilization=gpu_memory_utilization,
+            kv_cache_memory_bytes=kv_cache_memory_bytes,
             cpu_kv_cache_bytes=cpu_kv_cache_bytes,
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
@@ -77,13 +79,27 @@ class LLM:
         bar.close()
         return [results[r] for r in ids]
 
-    def load_weights(self, named_tensors):
+    def load_weights(self, named_tensors) -> set[str]:
         """Replace weights in place from (HF name, tensor) pairs, e.g. straight from a trainer."""
-        self.engine.load_weights(named_tensors)
+        return self.engine.load_weights(named_tensors)
+
+    def sleep(self, level: int = 1):
+        """Free the device memory: level 1 keeps the weights in host memory, level 2 discards them (reload with
+        load_weights after wake_up(tags=["weights"])); the KV cache and prefix cache are discarded."""
+        self.engine.sleep(level)
+
+    def wake_up(self, tags: list[str] | None = None):
+        """Bring back "weights" and/or "kv_cache" (None: both)."""
+        self.engine.wake_up(tags)
+
+    def is_sleeping(self) -> bool:
+        return self.engine.is_sleeping()
 
     def compute_logits(self, token_lists: list[list[int]]) -> list[torch.Tensor]:
-        """Full-sequence logits [len, vocab] (float32, CPU) of each token list; no caching, no sampling."""
+        """Full-sequence logits [len, vocab] (float32, CPU) of each token list (for a reward model: its
+        class logits [len, labels]); no caching, no sampling."""
         out = [None] * len(token_lists)
         for k, _, h in forward_prompts(self.engine, token_lists, use_prefix_cache=False):
-            out[k] = self.engine.model.compute_logits(h).float().cpu()
+            with self.engine.runner.guard():
+                out[k] = self.engine.model.compute_logits(h).float().cpu()
         return out

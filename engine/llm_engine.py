@@ -3,18 +3,21 @@
 This is the lower-level interface for embedding in RL loops:
     eng = LLMEngine(model_path, ...); eng.add_request("r0", prompt, params)
     while eng.has_unfinished_requests(): for out in eng.step(): ...
+    eng.sleep(2); ...train...; eng.wake_up(["weights"]); eng.load_weights(new); eng.wake_up(["kv_cache"])
 """
 
 import json
 import os
 import random
+import warnings
 
 import torch
 
 from engine.block_manager import BlockManager
-from engine.config import DTYPES, EngineConfig, ModelConfig
+from engine.config import EngineConfig, ModelConfig, resolve_dtype
 from engine.errors import CheckpointError, RequestError
 from engine.loader import iter_weights
+from engine.memory_plan import SLEEP_TAGS, engine_max_model_len
 from engine.model import CausalLM
 from engine.model_runner import ModelRunner
 from engine.output_processor import OutputProcessor
@@ -34,19 +37,24 @@ def resolve_device(device: str) -> torch.device:
         raise RequestError("device 'cuda' requested but CUDA is not available")
     if dev.type not in ("cpu", "cuda"):
         raise RequestError(f"unsupported device {device!r}; use 'cpu' or 'cuda'")
+    if dev.type == "cuda":
+        if dev.index is None:  # pin it: the device guard, KV and profiling all name this one
+            dev = torch.device("cuda", torch.cuda.current_device())
+        if dev.index >= torch.cuda.device_count():
+            raise RequestError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 
-def resolve_dtype(dtype: str | torch.dtype, mcfg: ModelConfig, device: torch.device) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        if device.type == "cpu":
-            return torch.float32
-        return DTYPES.get(mcfg.torch_dtype or "bfloat16", torch.bfloat16)
-    if dtype not in DTYPES:
-        raise RequestError(f"unsupported dtype {dtype!r}; use one of {', '.join(DTYPES)} or 'auto'")
-    return DTYPES[dtype]
+def build_model(mcfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> CausalLM:
+    """The decoder with unset weights, materialised once on `device` directly in `dtype` (built and cast on
+    the meta device: no float32 copy of a bf16 model ever exists). load_weights then streams the
+    checkpoint in, one tensor at a time."""
+    with torch.device("meta"):
+        net = CausalLM(mcfg)
+    net = net.to(dtype).to_empty(device=device)
+    if mcfg.tie_word_embeddings and mcfg.head == "lm":  # to_empty unties
+        net.lm_head.weight = net.model.embed_tokens.weight
+    return net
 
 
 class LLMEngine:
@@ -66,19 +74,14 @@ class LLMEngine:
         self.dtype = resolve_dtype(dtype, self.mcfg, self.device)
         self.ecfg = engine_config or EngineConfig()
         self.ecfg.validate()
-        self.max_model_len = self.ecfg.max_model_len or self.mcfg.max_position_embeddings
-        if self.mcfg.sliding_window:  # within the window, sliding attention equals full attention
-            self.max_model_len = min(self.max_model_len, self.mcfg.sliding_window)
+        # within a sliding window, sliding attention equals full attention
+        self.max_model_len = engine_max_model_len(self.mcfg, self.ecfg.max_model_len)
         self.tokenizer = load_tokenizer(model)
         self.eos_ids = set(self.mcfg.eos_token_ids) | self._generation_eos(model)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
 
-        with torch.device("meta"):
-            net = CausalLM(self.mcfg)
-        net = net.to_empty(device=self.device).to(self.dtype)
-        if self.mcfg.tie_word_embeddings and self.mcfg.head == "lm":
-            net.lm_head.weight = net.model.embed_tokens.weight
+        net = build_model(self.mcfg, self.dtype, self.device)
         net.load_weights(iter_weights(model))
         self.model = net.eval().requires_grad_(False)
         self.runner = ModelRunner(net, self.mcfg, self.ecfg, self.max_model_len, self.device, self.dtype)
@@ -89,6 +92,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._rng = random.Random(seed)
         self.num_generated_tokens = 0
+        self._weights_to_load: set[str] = set()  # after a level-2 sleep: names load_weights has yet to set
 
     @staticmethod
     def _generation_eos(path: str) -> set[int]:
@@ -133,6 +137,7 @@ class LLMEngine:
             )
         if request_id in self.requests:
             raise RequestError(f"duplicate request id {request_id!r}")
+        self.require_awake("add_request")
         text, ids = self.encode_prompt(prompt)
         self.check_prompt_len(len(ids))
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
@@ -147,9 +152,13 @@ class LLMEngine:
         return self.scheduler.has_work()
 
     # -- one step -----------------------------------------------------------------------------
-    @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """Run one scheduled model step; return the requests that finished in it."""
+        with self.runner.guard():
+            return self._step()
+
+    @torch.inference_mode()
+    def _step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
         if not batch:
             if self.scheduler.has_work():
@@ -180,8 +189,58 @@ class LLMEngine:
         return done
 
     # -- weights ------------------------------------------------------------------------------
-    def load_weights(self, named_tensors, strict: bool = False):
-        """In-process weight update (e.g. from a trainer). Invalidates the prefix cache."""
-        self.model.load_weights(named_tensors, strict=strict)
+    def load_weights(self, named_tensors, strict: bool = False) -> set[str]:
+        """In-process weight update (e.g. from a trainer), cast to the engine's dtype and device as each
+        tensor arrives. Invalidates the prefix cache. Returns the names loaded."""
+        if "weights" in self.runner.asleep:
+            raise RequestError("load_weights: the weights are asleep; call wake_up(tags=['weights']) first")
+        loaded = self.model.load_weights(named_tensors, strict=strict)
+        self._weights_to_load -= loaded
         self.block_manager.reset_prefix_cache()
         self.runner.invalidate_buffers()
+        return loaded
+
+    # -- sleep / wake (as vLLM's) -----------------------------------------------------------------
+    def sleep(self, level: int = 1):
+        """Free this engine's device memory. Level 1: weights kept in host memory (pinned on CUDA), KV cache
+        discarded. Level 2: weights discarded too; after wake_up(tags=["weights"]) reload them with
+        load_weights. The block manager and prefix cache are reset. Refused while requests are unfinished."""
+        if level not in (1, 2):
+            raise RequestError(f"sleep level must be 1 or 2, got {level!r}")
+        if self.scheduler.has_work():
+            raise RequestError(
+                f"cannot sleep with {len(self.requests)} unfinished request(s); finish or abort them first"
+            )
+        self.runner.sleep(level)
+        self.block_manager.reset()
+
+    def wake_up(self, tags: list[str] | None = None):
+        """Bring back the weights and/or the KV cache (tags of "weights", "kv_cache"; None: both). Waking an
+        awake tag only warns. vLLM's RL order works: wake_up(["weights"]), load_weights(...),
+        wake_up(["kv_cache"])."""
+        tags = list(SLEEP_TAGS) if tags is None else [tags] if isinstance(tags, str) else list(tags)
+        bad = [t for t in tags if t not in SLEEP_TAGS]
+        if bad:
+            raise RequestError(f"unknown wake_up tag(s) {bad}; use {list(SLEEP_TAGS)}")
+        awake = [t for t in tags if t not in self.runner.asleep]
+        if awake:
+            warnings.warn(f"wake_up: {', '.join(awake)} already awake", stacklevel=3)
+        if self.runner.wake_up(tags):
+            self._weights_to_load = self.model.required_weight_names()
+
+    def is_sleeping(self) -> bool:
+        return bool(self.runner.asleep)
+
+    def require_awake(self, what: str):
+        """Refuse `what` (one line) while anything is asleep or level-2 weights are not all reloaded."""
+        if self.runner.asleep:
+            raise RequestError(
+                f"{what}: the engine is asleep ({', '.join(sorted(self.runner.asleep))}); call wake_up() first"
+            )
+        if self._weights_to_load:
+            names = sorted(self._weights_to_load)
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            raise RequestError(
+                f"{what}: after sleep(level=2) the weights must be reloaded with load_weights; "
+                f"{len(names)} tensor(s) not loaded yet ({', '.join(names[:3])}{more})"
+            )

@@ -146,7 +146,8 @@ class CausalLM(nn.Module):
         return h
 
     def compute_logits(self, hidden):
-        return self.lm_head(hidden)
+        """The head on hidden rows: vocabulary logits (LM head) or class logits (reward heads)."""
+        return self.lm_head(hidden) if self.cfg.head == "lm" else self.score(hidden)
 
     # -- weights ------------------------------------------------------------------------------
     def weight_map(self) -> dict[str, tuple[torch.Tensor, slice | None]]:
@@ -169,6 +170,13 @@ class CausalLM(nn.Module):
                 out[name] = (p, None)
         return out
 
+    def required_weight_names(self) -> set[str]:
+        """The HF tensor names a full checkpoint provides (a tied lm_head is the embeddings)."""
+        required = set(self.weight_map())
+        if self.cfg.tie_word_embeddings and self.cfg.head == "lm":
+            required.discard("lm_head.weight")
+        return required
+
     @torch.no_grad()
     def load_weights(self, named_tensors, strict: bool = True) -> set[str]:
         """Copy (HF name, tensor) pairs into the model. Returns the names loaded.
@@ -189,13 +197,10 @@ class CausalLM(nn.Module):
                     f"shape mismatch for tensor {name!r}: checkpoint has {tuple(t.shape)}, "
                     f"config expects {tuple(dst.shape)}"
                 )
-            dst.copy_(t.to(device=dst.device, dtype=dst.dtype))
+            dst.copy_(t)  # casts on the source's side of a host-to-device copy: no device temporary
             loaded.add(name)
         if strict:
-            required = set(wmap)
-            if self.cfg.tie_word_embeddings and self.cfg.head == "lm":
-                required.discard("lm_head.weight")
-            missing = sorted(required - loaded)
+            missing = sorted(self.required_weight_names() - loaded)
             if missing:
                 more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
                 raise CheckpointError(f"checkpoint lacks tensors: {', '.join(missing[:5])}{more}")

@@ -3,16 +3,50 @@
 The torch decode path's state across steps (cascade buffers, write-back, weight packing) lives in
 `engine.cpu_decode.CpuDecodeState`; this runner asks it for the decode rows' plan and flushes it
 before anything else touches the cache.
+
+KV sizing (`_auto_num_blocks`): `num_kv_blocks` when given; else `kv_cache_memory_bytes`, or on CUDA
+`gpu_memory_utilization` x the device's memory minus this engine's own weights and measured activation
+peak, or on CPU `cpu_kv_cache_bytes`; never more than the engine can use (engine.memory_plan).
+
+Sleep / wake (`sleep`, `wake_up`): the weights' and the KV cache's storages are resized to nothing and
+back, so every tensor object and view (tied weights, per-layer K/V views) stays valid and needs no
+rebuilding; only addresses change (see the two hooks, `before_sleep` and `after_wake_up`).
 """
+
+import contextlib
+import gc
 
 import torch
 
 from engine.config import EngineConfig, ModelConfig
 from engine.cpu_decode import CpuDecodeState
+from engine.memory_plan import (
+    SLEEP_TAGS,
+    activation_peak_bytes,
+    engine_kv_blocks,
+    kv_cap_blocks,
+    unique_storage_bytes,
+)
 from engine.model import AttnMetadata, CausalLM
+from engine.sampler import sample_rows
+from engine.sampling_params import SamplingParams
 from engine.scheduler import Batch
 from kernels.dispatch import use_triton
 from kernels.host import long_tensor
+
+
+def device_guard(device: torch.device):
+    """The current-device guard for `device`: Triton launches kernels on the current CUDA device, not on
+    their tensors', so every model forward, sampling and head call of an engine on cuda:N runs inside it.
+    A no-op context elsewhere."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def _as_bytes(storage: torch.UntypedStorage) -> torch.Tensor:
+    """A uint8 tensor over a whole storage (to copy it whatever its tensors' dtypes)."""
+    return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
 
 
 class ModelRunner:
@@ -28,72 +62,96 @@ class ModelRunner:
         self.model, self.mcfg, self.ecfg = model, mcfg, ecfg
         self.device, self.dtype = device, dtype
         self.block_size = ecfg.block_size
+        self.max_model_len = max_model_len
         self.cos_sin = mcfg.rope_cos_sin(max_model_len, device)
-        self.num_blocks = ecfg.num_kv_blocks or self._auto_num_blocks()
-        # [layers, K/V, blocks, block_size, kv_heads, head_dim]: a layer's K (or V) is one contiguous view.
-        # Zeroed, not empty: masked-out slots still meet a 0 weight, and 0 * NaN garbage would be NaN.
-        self.kv = torch.zeros(
-            mcfg.num_layers,
-            2,
-            self.num_blocks,
-            self.block_size,
-            mcfg.num_kv_heads,
-            mcfg.head_dim,
-            dtype=dtype,
-            device=device,
-        )
+        self.asleep: set[str] = set()  # of SLEEP_TAGS
+        self._slept_weights: list[tuple[torch.UntypedStorage, int, torch.Tensor | None]] | None = None
+        with self.guard():
+            self.num_blocks = ecfg.num_kv_blocks or self._auto_num_blocks()
+            # [layers, K/V, blocks, block_size, kv_heads, head_dim]: a layer's K (or V) is one contiguous view.
+            # Zeroed, not empty: masked-out slots still meet a 0 weight, and 0 * NaN garbage would be NaN.
+            self.kv = self._new_kv(self.num_blocks)
         self.kv_caches = [(self.kv[i, 0], self.kv[i, 1]) for i in range(mcfg.num_layers)]
         self.cpu_decode = CpuDecodeState(model, mcfg, ecfg, self.kv, self.kv_caches)
+
+    def guard(self):
+        return device_guard(self.device)
+
+    def _new_kv(self, num_blocks: int) -> torch.Tensor:
+        m = self.mcfg
+        shape = (m.num_layers, 2, num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
 
     def block_bytes(self) -> int:
         m = self.mcfg
         return 2 * m.num_layers * self.block_size * m.num_kv_heads * m.head_dim * torch.finfo(self.dtype).bits // 8
 
+    def weight_tensors(self) -> list[torch.Tensor]:
+        return [*self.model.parameters(), *self.model.buffers()]
+
     def _auto_num_blocks(self) -> int:
+        e = self.ecfg
+        cap = kv_cap_blocks(e.max_num_seqs, self.max_model_len, self.block_size, e.enable_prefix_caching)
         if self.device.type != "cuda":
-            return max(1, self.ecfg.cpu_kv_cache_bytes // self.block_bytes())
-        # Measure the activation peak of a full-budget prefill, then give the rest to the cache.
+            if e.kv_cache_memory_bytes is None:
+                return min(cap, max(1, e.cpu_kv_cache_bytes // self.block_bytes()))
+            return engine_kv_blocks(
+                block_bytes=self.block_bytes(),
+                cap_blocks=cap,
+                kv_cache_memory_bytes=e.kv_cache_memory_bytes,
+                device=str(self.device),
+            )
+        activations = self._profile_activation_peak()
+        free, total = torch.cuda.mem_get_info(self.device)
+        return engine_kv_blocks(
+            block_bytes=self.block_bytes(),
+            cap_blocks=cap,
+            kv_cache_memory_bytes=e.kv_cache_memory_bytes,
+            total_bytes=total,
+            gpu_memory_utilization=e.gpu_memory_utilization,
+            weights_bytes=unique_storage_bytes(self.weight_tensors()),
+            activation_bytes=activations,
+            free_bytes=free,
+            device=str(self.device),
+        )
+
+    def _profile_activation_peak(self) -> int:
+        """CUDA: how far this engine's biggest step raises the allocator's peak (other engines' memory,
+        already allocated, does not count). Resets the device's peak-memory statistics."""
+        n = min(self.ecfg.max_num_batched_tokens, self.max_model_len)
+        kv = self._new_kv(-(-n // self.block_size))  # a step writes the real cache: its KV is not activations
         torch.cuda.synchronize(self.device)
+        before = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
-        n = min(self.ecfg.max_num_batched_tokens, self.cos_sin.shape[0])
-        nblk = -(-n // self.block_size)
-        saved_kv = getattr(self, "kv_caches", None)
-        kv = torch.empty(
-            self.mcfg.num_layers,
-            2,
-            nblk,
-            self.block_size,
-            self.mcfg.num_kv_heads,
-            self.mcfg.head_dim,
-            dtype=self.dtype,
-            device=self.device,
-        )
-        self.kv_caches = [(kv[i, 0], kv[i, 1]) for i in range(self.mcfg.num_layers)]
-        ids = torch.randint(0, self.mcfg.vocab_size, (n,), device=self.device)
-        meta = AttnMetadata(
-            slot_mapping=torch.arange(n, device=self.device),
-            block_tables=torch.arange(nblk, dtype=torch.int32, device=self.device)[None],
-            seq_lens=torch.tensor([n], dtype=torch.int32, device=self.device),
-            num_decode=0,
-            cu_seqlens_q=torch.tensor([0, n], dtype=torch.int32, device=self.device),
-        )
-        with torch.inference_mode():
-            h = self.model(ids, torch.arange(n, device=self.device), self.cos_sin, self.kv_caches, meta)
-            self.model.compute_logits(h[-min(n, self.ecfg.max_num_seqs) :])
+        self.profile_step(n, kv)
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
-        del kv, h
-        self.kv_caches = saved_kv
+        del kv
         torch.cuda.empty_cache()
-        total = torch.cuda.get_device_properties(self.device).total_memory
-        free_for_kv = total * self.ecfg.gpu_memory_utilization - peak
-        blocks = int(free_for_kv // self.block_bytes())
-        if blocks < 1:
-            raise RuntimeError(
-                f"no GPU memory left for the KV cache (peak {peak / 2**30:.1f} GiB of "
-                f"{total / 2**30:.1f} GiB at gpu_memory_utilization={self.ecfg.gpu_memory_utilization})"
-            )
-        return blocks
+        return activation_peak_bytes(before, peak)
+
+    @torch.inference_mode()
+    def profile_step(self, n: int, kv: torch.Tensor) -> torch.Tensor:
+        """The biggest step's work on any device: a prefill of n random tokens into `kv` (a cache of at least
+        n tokens), the head on the rows a step reads (min(n, max_num_seqs)) and, for an LM head, sampling
+        them with top-p (the sorting path). Works for every head kind; returns the head's output."""
+        dev, blocks = self.device, kv.shape[2]
+        kv_caches = [(kv[i, 0], kv[i, 1]) for i in range(self.mcfg.num_layers)]
+        ids = torch.randint(0, self.mcfg.vocab_size, (n,), device=dev)
+        meta = AttnMetadata(
+            slot_mapping=torch.arange(n, device=dev),
+            block_tables=torch.arange(blocks, dtype=torch.int32, device=dev)[None],
+            seq_lens=torch.tensor([n], dtype=torch.int32, device=dev),
+            num_decode=0,
+            cu_seqlens_q=torch.tensor([0, n], dtype=torch.int32, device=dev),
+        )
+        h = self.model(ids, torch.arange(n, device=dev), self.cos_sin, kv_caches, meta)
+        rows = min(n, self.ecfg.max_num_seqs)
+        out = self.model.compute_logits(h[-rows:])
+        if self.mcfg.head == "lm":
+            out = out.float()
+            sample_rows(out, [SamplingParams(top_p=0.95)] * rows, list(range(rows)), [[]] * rows)
+        return out
 
     @torch.inference_mode()
     def copy_blocks(self, copies: list[tuple[int, int]]):
@@ -147,6 +205,82 @@ class ModelRunner:
     def invalidate_buffers(self):
         """Forget the kept decode buffers and packed weights (new weights, or a changed cache)."""
         self.cpu_decode.reset()
+
+    # -- sleep / wake (LLMEngine.sleep, LLMEngine.wake_up) --------------------------------------------
+    def before_sleep(self):
+        """Hook: runs before the weights or the KV cache leave the device. Drop here whatever holds their
+        addresses (CUDA graphs and their pool, persistent decode buffers)."""
+
+    def after_wake_up(self):
+        """Hook: runs once the weights and the KV cache are both back on the device after a sleep (KV zeroed;
+        weights restored, or allocated for load_weights after level 2). Their addresses have changed:
+        re-capture CUDA graphs here."""
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def sleep(self, level: int):
+        """Free the device memory of the KV cache (contents discarded) and of the weights: level 1 copies them
+        to host memory first (pinned on CUDA), level 2 discards them. Asleep weights stay asleep; level 2 then
+        drops their host copy. Tied or viewed tensors share a storage and are handled once."""
+        with self.guard():
+            self._sync()
+            self.before_sleep()
+            if "kv_cache" not in self.asleep:
+                self.cpu_decode.release()
+                self.kv.untyped_storage().resize_(0)
+            if "weights" not in self.asleep:
+                self._slept_weights = self._offload_weights(keep=level == 1)
+            elif level == 2:
+                self._slept_weights = [(s, n, None) for s, n, _ in self._slept_weights]
+            self.asleep = set(SLEEP_TAGS)
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def _offload_weights(self, keep: bool):
+        slept, seen = [], set()
+        for t in self.weight_tensors():
+            s = t.untyped_storage()
+            if not s.nbytes() or s.data_ptr() in seen:
+                continue
+            seen.add(s.data_ptr())
+            backup = None
+            if keep:
+                backup = torch.empty(s.nbytes(), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+                backup.copy_(_as_bytes(s), non_blocking=True)
+            slept.append((s, s.nbytes(), backup))
+        self._sync()  # the copies are done before the storages go
+        for s, _, _ in slept:
+            s.resize_(0)
+        return slept
+
+    def wake_up(self, tags) -> bool:
+        """Bring back the tags (of SLEEP_TAGS) that are asleep: weights from their host copy or, after level 2,
+        allocated but unset (returns True then: the caller must load_weights); the KV cache zeroed.
+        Runs after_wake_up once both are back."""
+        discarded, woke = False, False
+        with self.guard():
+            if "weights" in tags and "weights" in self.asleep:
+                for s, n, backup in self._slept_weights:
+                    s.resize_(n)
+                    if backup is None:
+                        discarded = True
+                    else:
+                        _as_bytes(s).copy_(backup, non_blocking=True)
+                self._sync()
+                self._slept_weights = None
+                self.asleep.discard("weights")
+                woke = True
+            if "kv_cache" in tags and "kv_cache" in self.asleep:
+                self.kv.untyped_storage().resize_(self.kv.numel() * self.kv.element_size())
+                self.kv.zero_()
+                self.asleep.discard("kv_cache")
+                woke = True
+            if woke and not self.asleep:
+                self.after_wake_up()
+        return discarded
 
     @torch.inference_mode()
     def hidden_states(self, batch: Batch):

@@ -77,6 +77,7 @@ class PRM:
         max_num_batched_tokens: int = 4096,
         cpu_kv_cache_bytes: int = 256 << 20,
         gpu_memory_utilization: float = 0.9,
+        kv_cache_memory_bytes: int | None = None,
     ):
         if aggregate not in kernels.prm_scoring.AGGREGATES:
             raise RequestError(f"unknown PRM aggregate {aggregate!r}; choose one of {kernels.prm_scoring.AGGREGATES}")
@@ -85,6 +86,7 @@ class PRM:
             max_num_batched_tokens=max_num_batched_tokens,
             cpu_kv_cache_bytes=cpu_kv_cache_bytes,
             gpu_memory_utilization=gpu_memory_utilization,
+            kv_cache_memory_bytes=kv_cache_memory_bytes,
         )
         self.engine = LLMEngine(model, dtype=dtype, device=device, engine_config=cfg)
         head = self.engine.mcfg.head
@@ -162,19 +164,20 @@ class PRM:
         for k, first, h in tqdm(stream, total=len(seqs), desc="PRM", disable=not progress, leave=False):
             rows[k] = h[torch.tensor([p - first for p in tag_pos[k]], device=h.device)]
         hidden = torch.cat(rows) if rows else torch.empty(0, eng.mcfg.hidden_size, device=eng.device)
-        pre, weight, bias = self._head()
-        if pre is not None:
-            hidden = pre(hidden)
-        step_cand = torch.tensor([i for i, t in enumerate(tag_pos) for _ in t], device=hidden.device)
-        p_good, agg = kernels.prm_step_scores(
-            hidden,
-            torch.arange(hidden.shape[0], device=hidden.device),
-            weight,
-            bias,
-            step_cand,
-            len(seqs),
-            self.aggregate,
-        )
+        with eng.runner.guard():
+            pre, weight, bias = self._head()
+            if pre is not None:
+                hidden = pre(hidden)
+            step_cand = torch.tensor([i for i, t in enumerate(tag_pos) for _ in t], device=hidden.device)
+            p_good, agg = kernels.prm_step_scores(
+                hidden,
+                torch.arange(hidden.shape[0], device=hidden.device),
+                weight,
+                bias,
+                step_cand,
+                len(seqs),
+                self.aggregate,
+            )
         p_good, agg = p_good.tolist(), agg.tolist()
         out = [[] for _ in questions]
         i = 0
@@ -184,5 +187,15 @@ class PRM:
             i += n
         return out
 
-    def load_weights(self, named_tensors):
-        self.engine.load_weights(named_tensors)
+    def load_weights(self, named_tensors) -> set[str]:
+        return self.engine.load_weights(named_tensors)
+
+    def sleep(self, level: int = 1):
+        """As LLM.sleep: free the device memory between scoring rounds (level 1 keeps the weights on the host)."""
+        self.engine.sleep(level)
+
+    def wake_up(self, tags: list[str] | None = None):
+        self.engine.wake_up(tags)
+
+    def is_sleeping(self) -> bool:
+        return self.engine.is_sleeping()

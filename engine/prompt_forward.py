@@ -28,6 +28,7 @@ def forward_prompts(
     compute it once."""
     if engine.scheduler.has_work():
         raise RuntimeError("forward_prompts needs an idle engine (no unfinished requests)")
+    engine.require_awake("forward")
     bm, budget_total = engine.block_manager, engine.ecfg.max_num_batched_tokens
     for ids in token_lists:
         engine.check_prompt_len(len(ids))
@@ -53,11 +54,12 @@ def forward_prompts(
             index.append(i)
             budget -= n
             i += 1
-        if len(batch.seqs) == 1 and batch.num_new[0] > budget_total:
-            hs = [_chunked_forward(engine, batch.seqs[0], batch.num_new[0])]
-        else:
-            h, _ = engine.runner.hidden_states(batch)
-            hs = list(h.split(batch.num_new))
+        with engine.runner.guard():
+            if len(batch.seqs) == 1 and batch.num_new[0] > budget_total:
+                hs = [_chunked_forward(engine, batch.seqs[0], batch.num_new[0])]
+            else:
+                h, _ = engine.runner.hidden_states(batch)
+                hs = list(h.split(batch.num_new))
         for seq, n, start, k, hh in zip(batch.seqs, batch.num_new, starts, index, hs):
             seq.num_computed += n
             bm.register_full_blocks(seq)

@@ -7,6 +7,7 @@ parameter counts are also checked against transformers models built on the meta 
 
 import pytest
 import torch
+from model_factory import make_model
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForTokenClassification,
@@ -14,6 +15,7 @@ from transformers import (
     Qwen2Config,
 )
 
+from engine import LLM, PRM
 from engine.config import ModelConfig
 from engine.errors import MemoryPlanError
 from engine.memory_plan import (
@@ -32,6 +34,7 @@ from engine.memory_plan import (
     param_count,
     plan_memory,
     trainer_estimate,
+    unique_storage_bytes,
     weight_bytes,
 )
 
@@ -270,3 +273,70 @@ def test_plan_rejects_unknown_engines():
     dev = DeviceMemory(total=80 * GiB, free=80 * GiB)
     with pytest.raises(ValueError, match="unknown engine"):
         plan_memory(dev, [EngineSpec("policy", mcfg("qwen2.5-0.5b"))], phases=[Phase("score", ("prm",))])
+
+
+# -- the engine sizes its cache from the same functions --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_model(str(tmp_path_factory.mktemp("tiny") / "m"), "llama", seed=3)
+
+
+def test_engine_kv_capped_and_explicit(tiny):
+    # tiny Llama: 2 layers, 2 KV heads of 16, float32: a block is 2*2*16*2*16*4 = 8,192 bytes
+    llm = LLM(tiny, dtype="float32", device="cpu", max_num_seqs=4, max_model_len=64)
+    assert llm.engine.runner.block_bytes() == 8192
+    assert llm.engine.runner.num_blocks == 4 * 4 + 2  # capped (256 MiB would be 32,768 blocks)
+    assert llm.engine.runner.kv.shape[2] == llm.engine.block_manager.num_blocks == 18
+    llm = LLM(tiny, dtype="float32", device="cpu", kv_cache_memory_bytes=5 * 8192 + 100)
+    assert llm.engine.runner.num_blocks == 5
+    with pytest.raises(MemoryPlanError, match="less than one KV block"):
+        LLM(tiny, dtype="float32", device="cpu", kv_cache_memory_bytes=100)
+
+
+def test_weights_counted_once_per_storage(tmp_path):
+    path = make_model(str(tmp_path / "q"), "qwen2", seed=4, tie_word_embeddings=True)
+    llm = LLM(path, dtype="float32", device="cpu")
+    net = llm.engine.model
+    assert net.lm_head.weight is net.model.embed_tokens.weight
+    m = llm.engine.mcfg
+    assert unique_storage_bytes(llm.engine.runner.weight_tensors()) == param_count(m) * 4
+    listed = sum(p.numel() for _, p in net.named_parameters(remove_duplicate=False))
+    assert listed == param_count(m) + m.vocab_size * m.hidden_size  # naive counting: the tied table twice
+    t = torch.zeros(10, 4)
+    assert unique_storage_bytes([t, t[1:], t.view(-1), torch.zeros(3)]) == 160 + 12  # views share a storage
+
+
+@pytest.mark.parametrize("head", ["lm", "token_cls", "prm_mlp"])
+def test_profile_step_for_every_head(tmp_path, head):
+    """The CUDA KV sizing runs this step; it used to call lm_head on models that have none."""
+    extra = ("<extra_0>",)
+    path = make_model(
+        str(tmp_path / "m"), "qwen2", seed=7, head=head if head != "prm_mlp" else "lm", extra_tokens=extra
+    )
+    if head == "prm_mlp":  # Qwen2.5-Math-PRM layout: replace the LM head by Linear -> ReLU -> Linear(2)
+        import json
+        import os
+
+        from safetensors.torch import load_file, save_file
+
+        w = {k: v for k, v in load_file(os.path.join(path, "model.safetensors")).items() if k != "lm_head.weight"}
+        g = torch.Generator().manual_seed(0)
+        w |= {
+            "score.0.weight": torch.randn(64, 64, generator=g),
+            "score.0.bias": torch.randn(64, generator=g),
+            "score.2.weight": torch.randn(2, 64, generator=g),
+            "score.2.bias": torch.randn(2, generator=g),
+        }
+        save_file(w, os.path.join(path, "model.safetensors"))
+        cfg = json.load(open(os.path.join(path, "config.json")))
+        cfg["architectures"] = ["Qwen2ForProcessRewardModel"]
+        json.dump(cfg, open(os.path.join(path, "config.json"), "w"))
+    eng = (LLM(path, dtype="float32", device="cpu", max_num_seqs=8) if head == "lm" else PRM(path, device="cpu")).engine
+    assert eng.mcfg.head == head
+    runner = eng.runner
+    out = runner.profile_step(40, runner._new_kv(3))
+    rows = min(40, eng.ecfg.max_num_seqs)
+    assert out.shape == (rows, eng.mcfg.vocab_size if head == "lm" else 2)
+    assert torch.isfinite(out).all()
