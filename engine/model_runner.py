@@ -66,6 +66,7 @@ class ModelRunner:
         self.cos_sin = mcfg.rope_cos_sin(max_model_len, device)
         self.asleep: set[str] = set()  # of SLEEP_TAGS
         self._slept_weights: list[tuple[torch.UntypedStorage, int, torch.Tensor | None]] | None = None
+        self.activation_bytes = 0  # CUDA: the measured activation peak of the biggest step
         with self.guard():
             self.num_blocks = ecfg.num_kv_blocks or self._auto_num_blocks()
             # [layers, K/V, blocks, block_size, kv_heads, head_dim]: a layer's K (or V) is one contiguous view.
@@ -101,7 +102,7 @@ class ModelRunner:
                 kv_cache_memory_bytes=e.kv_cache_memory_bytes,
                 device=str(self.device),
             )
-        activations = self._profile_activation_peak()
+        self.activation_bytes = activations = self._profile_activation_peak()
         free, total = torch.cuda.mem_get_info(self.device)
         return engine_kv_blocks(
             block_bytes=self.block_bytes(),

@@ -99,6 +99,23 @@ def test_sleep_level1_releases_device_memory_and_wakes_identical(models, name):
     assert _tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == _tokens(ref)
 
 
+def test_sleep_handles_a_shared_storage_once(models):
+    """Two distinct parameters over one storage (tying by data, not by object): one backup, one restore, and
+    both see the restored bytes."""
+    llm = LLM(models["qwen2_tied"], dtype="float32", device="cpu")
+    ref = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    net, runner = llm.engine.model, llm.engine.runner
+    net.lm_head.weight = torch.nn.Parameter(net.model.embed_tokens.weight.detach(), requires_grad=False)
+    tensors = runner.weight_tensors()
+    assert len(tensors) == len(_storages(tensors)) + 1  # the two share a storage
+    llm.sleep(1)
+    assert len(runner._slept_weights) == len(tensors) - 1
+    assert sum(b.numel() for _, _, b in runner._slept_weights) == param_count(llm.engine.mcfg) * 4
+    llm.wake_up()
+    assert net.lm_head.weight.data_ptr() == net.model.embed_tokens.weight.data_ptr()
+    assert _tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == _tokens(ref)
+
+
 def test_sleep_level2_reload_equals_a_fresh_engine(models):
     llm = LLM(models["llama"], dtype="float32", device="cpu")
     before = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
