@@ -249,13 +249,16 @@ def test_prefill_triton_bf16_gpu():
 
 
 def allowed_f64(logits, temperature, top_k, top_p, min_p):
-    """Independent numpy/float64 statement of the filter rules: (allowed mask, renormalised probs)."""
+    """Independent numpy/float64 statement of the filter rules, in vLLM's order (temperature, min-p,
+    top-k, top-p over what min-p and top-k kept): (allowed mask, renormalised probs)."""
     x = logits.astype(np.float64) / max(temperature, 1e-6)
     V = len(x)
     order = np.argsort(-x, kind="stable")
     keep = np.zeros(V, dtype=bool)
     k = V if top_k <= 0 or top_k > V else top_k
     keep[order[:k]] = True
+    if min_p > 0:
+        keep &= x >= x.max() + np.log(min_p)
     p = np.exp(x - x.max()) * keep
     p /= p.sum()
     if top_p < 1:
@@ -263,8 +266,6 @@ def allowed_f64(logits, temperature, top_k, top_p, min_p):
         drop = order[before >= top_p]
         drop = drop[drop != order[0]]
         keep[drop] = False
-    if min_p > 0:
-        keep &= x >= x.max() + np.log(min_p)
     probs = np.exp(x - x.max()) * keep
     return keep, probs / probs.sum()
 
