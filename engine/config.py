@@ -155,6 +155,10 @@ class EngineConfig:
     # CPU float32: bytes of MKL-packed weight copies for the steady decode batch (0: never pack);
     # see engine/packed_linear.py.
     cpu_packed_weights_bytes: int = 1 << 30
+    # What Logprob.logprob (and cumulative_logprob) hold, as vLLM's logprobs_mode: "raw_logprobs"
+    # (log_softmax of the model's logits), "raw_logits", "processed_logprobs" (after penalties,
+    # temperature and the min-p / top-k / top-p masks), "processed_logits". See engine/sampler.py.
+    logprobs_mode: str = "raw_logprobs"
 
     def validate(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -167,3 +171,6 @@ class EngineConfig:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         if self.cpu_packed_weights_bytes < 0:
             raise ValueError(f"cpu_packed_weights_bytes must be >= 0, got {self.cpu_packed_weights_bytes}")
+        modes = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")
+        if self.logprobs_mode not in modes:
+            raise ValueError(f"logprobs_mode must be one of {', '.join(modes)}, got {self.logprobs_mode!r}")
