@@ -9,12 +9,12 @@ import torch
 
 from engine.errors import CheckpointError
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "Qwen3ForCausalLM")
 # Reward-model heads on the same decoders (read by engine.PRM): a token-classification head
 # (transformers' *ForTokenClassification) or Qwen2.5-Math-PRM's two-layer head.
 HEAD_ARCHITECTURES = {
     **{a: "lm" for a in SUPPORTED_ARCHITECTURES},
-    **{f"{f}ForTokenClassification": "token_cls" for f in ("Llama", "Qwen2", "Mistral")},
+    **{f"{f}ForTokenClassification": "token_cls" for f in ("Llama", "Qwen2", "Mistral", "Qwen3")},
     "Qwen2ForProcessRewardModel": "prm_mlp",
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -43,6 +43,7 @@ class ModelConfig:
     torch_dtype: str | None = None
     head: str = "lm"  # "lm" (causal LM), "token_cls" or "prm_mlp" (reward heads, see HEAD_ARCHITECTURES)
     num_labels: int = 2
+    qk_norm: bool = False  # Qwen3: per-head RMSNorm of q and k (over head_dim) before rotary
 
     @classmethod
     def from_dir(cls, path: str) -> "ModelConfig":
@@ -61,9 +62,12 @@ class ModelConfig:
         archs = c.get("architectures") or []
         arch = archs[0] if archs else None
         if arch is None:
-            arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}.get(
-                c.get("model_type", "")
-            )
+            arch = {
+                "llama": "LlamaForCausalLM",
+                "qwen2": "Qwen2ForCausalLM",
+                "mistral": "MistralForCausalLM",
+                "qwen3": "Qwen3ForCausalLM",
+            }.get(c.get("model_type", ""))
         if arch not in HEAD_ARCHITECTURES:
             raise CheckpointError(
                 f"unknown architecture {arch or c.get('model_type')!r} in {where}; "
@@ -87,6 +91,10 @@ class ModelConfig:
                 window = c.get("sliding_window")
             elif arch == "Qwen2ForCausalLM" and c.get("use_sliding_window"):
                 window = c.get("sliding_window")
+            elif arch == "Qwen3ForCausalLM" and c.get("use_sliding_window"):
+                # transformers' layer_types say which layers slide (those >= max_window_layers)
+                types = c.get("layer_types") or ["sliding_attention"]
+                window = c.get("sliding_window") if "sliding_attention" in types else None
             eos = c.get("eos_token_id")
             eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
             return cls(
@@ -111,6 +119,7 @@ class ModelConfig:
                 torch_dtype=c.get("torch_dtype") or c.get("dtype"),
                 head=head,
                 num_labels=int(c.get("num_labels") or len(c.get("id2label") or {}) or 2),
+                qk_norm=arch == "Qwen3ForCausalLM",
             )
         except KeyError as e:
             raise CheckpointError(f"{where} lacks required field {e.args[0]!r}") from None

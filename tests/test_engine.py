@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from model_factory import ARCHS, hf_model, make_model
+from model_factory import ARCHS, hf_model, make_model, make_qwen3_model
 
 from engine import LLM, CheckpointError, RequestError, SamplingParams
 
@@ -24,13 +24,21 @@ ARCH_OPTS = {
     "qwen2": dict(num_key_value_heads=1),  # q/k/v bias, GQA 4:1
     "qwen2_tied": dict(tie_word_embeddings=True),  # tied embeddings (greedy repeats itself: logits only)
     "mistral": dict(num_key_value_heads=4, sliding_window=4096),
+    "qwen3": dict(),  # q_norm / k_norm, head_dim 24 (4 heads * 24 != hidden 64), GQA 4:2, no bias
+    "qwen3_tied": dict(tie_word_embeddings=True, num_key_value_heads=1, head_dim=32),
 }
+
+
+def _build(path, arch, seed, **opts):
+    if arch == "qwen3":
+        return make_qwen3_model(path, seed=seed, **opts)
+    return make_model(path, arch, seed=seed, **opts)
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    return {a: make_model(str(root / a), a.split("_")[0], seed=i + 1, **ARCH_OPTS[a]) for i, a in enumerate(ARCH_OPTS)}
+    return {a: _build(str(root / a), a.split("_")[0], seed=i + 1, **ARCH_OPTS[a]) for i, a in enumerate(ARCH_OPTS)}
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +93,7 @@ def test_chunked_prefill_matches_whole(llama):
 
 # With a 16-token step budget, prompts longer than it prefill in chunks next to other prompts' decodes.
 @pytest.mark.parametrize("max_num_batched_tokens", [4096, 16])
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [*ARCHS, "qwen3"])
 def test_greedy_matches_transformers_generate(models, arch, max_num_batched_tokens):
     path = models[arch]
     llm = LLM(path, dtype="float32", device="cpu", max_num_batched_tokens=max_num_batched_tokens)
@@ -115,17 +123,65 @@ def test_sliding_window_caps_the_context(tmp_path):
     assert o.outputs[0].token_ids == ref[0, len(p) :].tolist()
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_close_to_transformers(llama, dtype):
+def test_half_precision_close_to_transformers(models, arch, dtype):
+    path = models[arch]
     name = {torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
-    llm = LLM(llama, dtype=name, device="cpu")
-    hf = hf_model(llama, dtype=torch.float32)
+    llm = LLM(path, dtype=name, device="cpu")
+    hf = hf_model(path, dtype=torch.float32)
     p = _prompts(3, [24])[0]
     ours = llm.compute_logits([p])[0]
     with torch.no_grad():
         ref = hf(torch.tensor([p])).logits[0]
     rel = (ours - ref).norm() / ref.norm()
     assert rel < (2e-2 if dtype == torch.bfloat16 else 5e-3)
+
+
+def test_qwen3_triton_path_matches_transformers(models, monkeypatch):
+    """Qwen3 through the Triton kernels (under the interpreter on CPU): the fused q/k-norm + rotary,
+    paged prefill / decode attention, RMSNorm and sampling, against transformers; fp32 (the
+    interpreter's bf16 dot is unusable)."""
+    monkeypatch.setenv("BSTAR_KERNELS", "triton")
+    path = models["qwen3"]
+    llm = LLM(path, dtype="float32", device="cpu", max_num_batched_tokens=24)
+    hf = hf_model(path)
+    prompts = _prompts(27, [1, 9, 30])
+    for p, o in zip(prompts, llm.compute_logits(prompts)):
+        with torch.no_grad():
+            ref = hf(torch.tensor([p])).logits[0]
+        assert (o - ref).abs().max().item() < 1e-4
+    outs = llm.generate(prompts[1:], SamplingParams(temperature=0, max_tokens=10, min_tokens=10), use_tqdm=False)
+    for p, o in zip(prompts[1:], outs):
+        ref = hf.generate(torch.tensor([p]), max_new_tokens=10, min_new_tokens=10, do_sample=False)[0, len(p) :]
+        assert o.outputs[0].token_ids == ref.tolist()
+
+
+def test_qwen3_config(models, tmp_path):
+    """head_dim read from the config (never hidden / heads); the checkpoint's q_norm / k_norm names
+    load; Qwen3's sliding window only where transformers' layer_types use it."""
+    from engine.config import ModelConfig
+
+    cfg = ModelConfig.from_dir(models["qwen3"])
+    assert cfg.architecture == "Qwen3ForCausalLM" and cfg.qk_norm and cfg.head_dim == 24 and not cfg.qkv_bias
+    assert cfg.sliding_window is None
+    llm = LLM(models["qwen3"], dtype="float32", device="cpu")
+    attn = llm.engine.model.model.layers[1].self_attn
+    from safetensors.torch import load_file
+
+    w = load_file(os.path.join(models["qwen3"], "model.safetensors"))
+    assert torch.equal(attn.q_norm.weight, w["model.layers.1.self_attn.q_norm.weight"])
+    assert torch.equal(attn.k_norm.weight, w["model.layers.1.self_attn.k_norm.weight"])
+    base = json.load(open(os.path.join(models["qwen3"], "config.json")))
+    for use, types, want in [
+        (True, ["full_attention", "sliding_attention"], 64),
+        (True, ["full_attention", "full_attention"], None),
+        (False, ["sliding_attention"] * 2, None),
+    ]:
+        c = dict(base, use_sliding_window=use, sliding_window=64, layer_types=types)
+        assert ModelConfig.from_dict(c).sliding_window == want
+    c = dict(base, architectures=None, model_type="qwen3")
+    assert ModelConfig.from_dict(c).architecture == "Qwen3ForCausalLM"
 
 
 def test_n_candidates_share_prompt_blocks(llama):
