@@ -575,6 +575,25 @@ def test_prompt_logprobs_match_transformers(llama, mode, budget):
     assert bm.prefix_hits - hits == 48  # its blocks serve later requests
 
 
+def test_prompt_logprobs_survive_preemption_and_abort(llama):
+    prompts = _prompts(6, [37, 20, 50, 9, 33, 28])
+    sp = SamplingParams(n=3, temperature=0, max_tokens=40, ignore_eos=True, prompt_logprobs=1, logprobs=0)
+    ref = LLM(llama, dtype="float32", device="cpu").generate(prompts, sp, use_tqdm=False)
+    small = LLM(llama, dtype="float32", device="cpu", num_kv_blocks=14, max_num_batched_tokens=16)
+    got = small.generate(prompts, sp, use_tqdm=False)
+    assert small.engine.scheduler.num_preemptions > 0
+    for a, b in zip(ref, got):
+        assert [c.token_ids for c in a.outputs] == [c.token_ids for c in b.outputs]
+        assert b.prompt_logprobs[0] is None and len(b.prompt_logprobs) == len(b.prompt_token_ids)
+        for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
+            assert list(x) == list(y) and all(abs(x[t].logprob - y[t].logprob) < 1e-4 for t in x)
+    eng = small.engine
+    eng.add_request("x", prompts[2], sp)
+    eng.step()  # the first 16-token chunk of 50
+    eng.abort_request("x")
+    assert not eng._prompt_logprob_seqs and eng.block_manager.num_used == 0
+
+
 def test_penalties_seeded_and_batch_independent(llama):
     prompts = _prompts(24, [12, 30])
     sp = SamplingParams(
