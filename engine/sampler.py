@@ -239,7 +239,7 @@ def position_logprobs(values: torch.Tensor, tokens: torch.Tensor, want: list[int
             continue
         v, i = vals[r], ids[r]
         e = {i[0]: Logprob(v[0], ranks[r])}
-        for j in range(1, w + 1):
+        for j in range(1, min(w, len(i) - 1) + 1):  # (k beyond the vocabulary: all of it)
             e[i[j]] = Logprob(v[j], j)
         entries[r] = e
     return [v[0] for v in vals], entries

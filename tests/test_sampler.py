@@ -214,3 +214,5 @@ def test_position_logprobs_entries():
     assert entries[1] == {2: entries[1][2]} and entries[1][2].rank == 3  # both -1.0 tie: count(>=) = 3
     vals, entries = position_logprobs(values, torch.tensor([0, 4]), [1, None])
     assert list(entries[0]) == [0] and entries[0][0].rank == 1 and entries[1] is None
+    _, entries = position_logprobs(values, tokens, [10, 7])  # more than the vocabulary: all of it
+    assert [len(e) for e in entries] == [5, 5] and sorted(x.rank for x in entries[0].values()) == [1, 2, 3, 4, 5]
