@@ -1,8 +1,9 @@
-"""Paged-KV inference engine for Llama / Qwen2 / Mistral checkpoints.
+"""Paged-KV inference engine for Llama / Qwen2 / Mistral / Qwen3 checkpoints.
 
 A prompt's path through the files:
 
     llm.py              LLM(path).generate(prompts, SamplingParams(...)), named as in vLLM
+    inputs.py           the prompt forms (str, token ids, TextPrompt / TokensPrompt dicts)
     llm_engine.py       LLMEngine: loads the checkpoint (config.py, loader.py, tokenizer.py) into
                         model.py's decoder; add_request makes the prompt a sequence.py Sequence;
                         step() is schedule, run, sample, postprocess:
@@ -15,8 +16,9 @@ A prompt's path through the files:
                              calls go to kernels/
     cpu_decode.py            the torch decode path's state across steps: shared-prefix buffers,
                              write-back, MKL-packed weights (packed_linear.py)
-    sampler.py            3. sample: per-candidate seeds, min_tokens bans, kernels.sample
-    output_processor.py   4. postprocess: stop rules, then outputs.py's RequestOutput
+    sampler.py            3. sample: per-candidate seeds, min_tokens bans, penalties, kernels.sample,
+                             logprobs (logprobs_mode)
+    output_processor.py   4. postprocess: stop rules, then outputs.py's RequestOutput (Logprob entries)
     prompt_forward.py   prompts without sampling, for LLM.compute_logits and prm.py
     prm.py              PRM: a process reward model's score for every step of every candidate
     memory_plan.py      device memory arithmetic: each engine's KV budget, the trainer's estimate,
@@ -32,9 +34,10 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from engine.errors import BStarError, CheckpointError, DataError, MemoryPlanError, RequestError
+    from engine.inputs import TextPrompt, TokensPrompt
     from engine.llm import LLM
     from engine.llm_engine import LLMEngine
-    from engine.outputs import CompletionOutput, RequestOutput
+    from engine.outputs import CompletionOutput, Logprob, RequestOutput
     from engine.prm import PRM, PRMScore
     from engine.sampling_params import SamplingParams
 
@@ -46,6 +49,9 @@ __all__ = [
     "PRMScore",
     "RequestOutput",
     "CompletionOutput",
+    "Logprob",
+    "TextPrompt",
+    "TokensPrompt",
     "BStarError",
     "CheckpointError",
     "RequestError",
@@ -60,6 +66,9 @@ _MODULE_OF = {  # name -> the module that defines it
     "PRMScore": "engine.prm",
     "RequestOutput": "engine.outputs",
     "CompletionOutput": "engine.outputs",
+    "Logprob": "engine.outputs",
+    "TextPrompt": "engine.inputs",
+    "TokensPrompt": "engine.inputs",
     "BStarError": "engine.errors",
     "CheckpointError": "engine.errors",
     "RequestError": "engine.errors",

@@ -94,7 +94,7 @@ class BlockManager:
         if not self.enable_prefix_caching or seq.block_table:
             return
         bs = self.block_size
-        prev = None
+        prev = seq.hash_root  # a cache_salt keeps the request's blocks apart from unsalted ones
         usable = len(seq.token_ids) - 1 if limit is None else min(limit, len(seq.token_ids) - 1)
         for i in range(usable // bs):
             h = self.hash_block(prev, seq.token_ids[i * bs : (i + 1) * bs])
@@ -138,7 +138,7 @@ class BlockManager:
         seq.block_table = []
         seq.num_computed = 0
         seq.num_hashed_blocks = 0
-        seq.last_hash = None
+        seq.last_hash = seq.hash_root
 
     def register_full_blocks(self, seq: Sequence):
         """Hash blocks that became full and computed, so later requests can reuse them."""

@@ -9,12 +9,12 @@ import torch
 
 from engine.errors import CheckpointError, RequestError
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "Qwen3ForCausalLM")
 # Reward-model heads on the same decoders (read by engine.PRM): a token-classification head
 # (transformers' *ForTokenClassification) or Qwen2.5-Math-PRM's two-layer head.
 HEAD_ARCHITECTURES = {
     **{a: "lm" for a in SUPPORTED_ARCHITECTURES},
-    **{f"{f}ForTokenClassification": "token_cls" for f in ("Llama", "Qwen2", "Mistral")},
+    **{f"{f}ForTokenClassification": "token_cls" for f in ("Llama", "Qwen2", "Mistral", "Qwen3")},
     "Qwen2ForProcessRewardModel": "prm_mlp",
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -67,6 +67,7 @@ class ModelConfig:
     torch_dtype: str | None = None
     head: str = "lm"  # "lm" (causal LM), "token_cls" or "prm_mlp" (reward heads, see HEAD_ARCHITECTURES)
     num_labels: int = 2
+    qk_norm: bool = False  # Qwen3: per-head RMSNorm of q and k (over head_dim) before rotary
 
     @classmethod
     def from_dir(cls, path: str) -> "ModelConfig":
@@ -85,9 +86,12 @@ class ModelConfig:
         archs = c.get("architectures") or []
         arch = archs[0] if archs else None
         if arch is None:
-            arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}.get(
-                c.get("model_type", "")
-            )
+            arch = {
+                "llama": "LlamaForCausalLM",
+                "qwen2": "Qwen2ForCausalLM",
+                "mistral": "MistralForCausalLM",
+                "qwen3": "Qwen3ForCausalLM",
+            }.get(c.get("model_type", ""))
         if arch not in HEAD_ARCHITECTURES:
             raise CheckpointError(
                 f"unknown architecture {arch or c.get('model_type')!r} in {where}; "
@@ -111,6 +115,10 @@ class ModelConfig:
                 window = c.get("sliding_window")
             elif arch == "Qwen2ForCausalLM" and c.get("use_sliding_window"):
                 window = c.get("sliding_window")
+            elif arch == "Qwen3ForCausalLM" and c.get("use_sliding_window"):
+                # transformers' layer_types say which layers slide (those >= max_window_layers)
+                types = c.get("layer_types") or ["sliding_attention"]
+                window = c.get("sliding_window") if "sliding_attention" in types else None
             eos = c.get("eos_token_id")
             eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
             return cls(
@@ -135,6 +143,7 @@ class ModelConfig:
                 torch_dtype=c.get("torch_dtype") or c.get("dtype"),
                 head=head,
                 num_labels=int(c.get("num_labels") or len(c.get("id2label") or {}) or 2),
+                qk_norm=arch == "Qwen3ForCausalLM",
             )
         except KeyError as e:
             raise CheckpointError(f"{where} lacks required field {e.args[0]!r}") from None
@@ -182,6 +191,10 @@ class EngineConfig:
     # CPU float32: bytes of MKL-packed weight copies for the steady decode batch (0: never pack);
     # see engine/packed_linear.py.
     cpu_packed_weights_bytes: int = 1 << 30
+    # What Logprob.logprob (and cumulative_logprob) hold, as vLLM's logprobs_mode: "raw_logprobs"
+    # (log_softmax of the model's logits), "raw_logits", "processed_logprobs" (after penalties,
+    # temperature and the min-p / top-k / top-p masks), "processed_logits". See engine/sampler.py.
+    logprobs_mode: str = "raw_logprobs"
 
     def validate(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -196,3 +209,6 @@ class EngineConfig:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         if self.cpu_packed_weights_bytes < 0:
             raise ValueError(f"cpu_packed_weights_bytes must be >= 0, got {self.cpu_packed_weights_bytes}")
+        modes = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")
+        if self.logprobs_mode not in modes:
+            raise ValueError(f"logprobs_mode must be one of {', '.join(modes)}, got {self.logprobs_mode!r}")

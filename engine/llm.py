@@ -4,6 +4,7 @@ import torch
 from tqdm.auto import tqdm
 
 from engine.config import EngineConfig
+from engine.inputs import prompt_list
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.prompt_forward import forward_prompts
@@ -27,6 +28,7 @@ class LLM:
         max_model_len: int | None = None,
         enable_prefix_caching: bool = True,
         cpu_packed_weights_bytes: int = 1 << 30,
+        logprobs_mode: str = "raw_logprobs",
     ):
         cfg = EngineConfig(
             block_size=block_size,
@@ -39,6 +41,7 @@ class LLM:
             max_model_len=max_model_len,
             enable_prefix_caching=enable_prefix_caching,
             cpu_packed_weights_bytes=cpu_packed_weights_bytes,
+            logprobs_mode=logprobs_mode,
         )
         self.engine = LLMEngine(model, dtype=dtype, device=device, seed=seed, engine_config=cfg)
         self._counter = 0
@@ -49,9 +52,9 @@ class LLM:
     def generate(
         self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = True
     ) -> list[RequestOutput]:
-        """prompts: a string, a list of strings, or a list of token id lists. Outputs keep input order."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        """prompts: one prompt or a list of them; a prompt is a str, a list of token ids, or an
+        engine.inputs TextPrompt / TokensPrompt dict. Outputs keep input order."""
+        prompts = prompt_list(prompts)
         params = sampling_params or SamplingParams()
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
@@ -69,7 +72,7 @@ class LLM:
                 self.engine.abort_request(rid)
             raise
         results = {}
-        total = sum(p.n * p.max_tokens for p in params)
+        total = sum(p.n * (p.max_tokens or self.engine.max_model_len) for p in params)
         bar = tqdm(total=total, desc="generate", unit="tok", disable=not use_tqdm, leave=False)
         before = self.engine.num_generated_tokens
         while self.engine.has_unfinished_requests():

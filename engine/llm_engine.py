@@ -16,13 +16,14 @@ import torch
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, ModelConfig, resolve_dtype
 from engine.errors import CheckpointError, RequestError
+from engine.inputs import ParsedPrompt, parse_prompt
 from engine.loader import iter_weights
 from engine.memory_plan import SLEEP_TAGS, engine_max_model_len
 from engine.model import CausalLM
 from engine.model_runner import ModelRunner
 from engine.output_processor import OutputProcessor
 from engine.outputs import RequestOutput
-from engine.sampler import Sampler
+from engine.sampler import Sampler, position_logprobs
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Request, Sequence
@@ -87,9 +88,12 @@ class LLMEngine:
         self.runner = ModelRunner(net, self.mcfg, self.ecfg, self.max_model_len, self.device, self.dtype)
         self.block_manager = BlockManager(self.runner.num_blocks, self.ecfg.block_size, self.ecfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.ecfg, self.block_manager)
-        self.sampler = Sampler(self.eos_ids)
-        self.output_processor = OutputProcessor(self.tokenizer, self.eos_ids, self.max_model_len)
+        self.sampler = Sampler(self.eos_ids, self.ecfg.logprobs_mode)
+        # vLLM's primary EOS (the tokenizer's) ends with stop_reason None; the others give their id.
+        primary_eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
+        self.output_processor = OutputProcessor(self.tokenizer, self.eos_ids, self.max_model_len, primary_eos)
         self.requests: dict[str, Request] = {}
+        self._prompt_logprob_seqs: set[Sequence] = set()  # sequences whose prefill fills prompt_logprobs
         self._rng = random.Random(seed)
         self.num_generated_tokens = 0
         self._weights_to_load: set[str] = set()  # after a level-2 sleep: names load_weights has yet to set
@@ -104,14 +108,16 @@ class LLMEngine:
         return set() if eos is None else ({eos} if isinstance(eos, int) else set(eos))
 
     # -- requests -----------------------------------------------------------------------------
-    def encode_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            return prompt, require(self.tokenizer, "a text prompt").encode(prompt)
-        ids = [int(t) for t in prompt]
+    def encode_prompt(self, prompt) -> tuple[str | None, list[int]]:
+        """(prompt text or None, token ids) of a prompt in any engine.inputs form."""
+        parsed = prompt if isinstance(prompt, ParsedPrompt) else parse_prompt(prompt)
+        if parsed.token_ids is None:
+            return parsed.text, require(self.tokenizer, "a text prompt").encode(parsed.text)
+        ids = parsed.token_ids
         bad = [t for t in ids if not 0 <= t < self.mcfg.vocab_size]
         if bad:
             raise RequestError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.mcfg.vocab_size})")
-        return None, ids
+        return parsed.text, ids
 
     def check_prompt_len(self, n: int):
         if n == 0:
@@ -128,8 +134,10 @@ class LLMEngine:
                 f"{self.block_manager.num_blocks} (block_size {self.ecfg.block_size})"
             )
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None):
+    def add_request(self, request_id: str, prompt, params: SamplingParams | None = None):
+        """prompt: a str, a list of token ids, or an engine.inputs TextPrompt / TokensPrompt dict."""
         params = params or SamplingParams()
+        params.validate()  # again: fields may have changed since construction
         if self.mcfg.head != "lm":
             raise RequestError(
                 f"{self.model_path} is a reward model ({self.mcfg.head} head) without an LM head; "
@@ -138,14 +146,27 @@ class LLMEngine:
         if request_id in self.requests:
             raise RequestError(f"duplicate request id {request_id!r}")
         self.require_awake("add_request")
-        text, ids = self.encode_prompt(prompt)
+        parsed = parse_prompt(prompt)
+        text, ids = self.encode_prompt(parsed)
         self.check_prompt_len(len(ids))
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-        self.requests[request_id] = Request(request_id, text, ids, params)
-        self.scheduler.add(Sequence(request_id, ids, params, index=0, fork_count=params.n - 1, seed=seed))
+        req = Request(request_id, text, ids, params)
+        seq = Sequence(request_id, ids, params, index=0, fork_count=params.n - 1, seed=seed)
+        if parsed.cache_salt is not None:
+            seq.hash_root = seq.last_hash = hash(("cache_salt", parsed.cache_salt))
+        if params.prompt_logprobs is not None:
+            # Computed once per request, by candidate 0's prefill; it skips the prefix cache (a
+            # cached prefix has no logits), as vLLM does for such requests.
+            req.prompt_logprobs = [None] * len(ids)
+            if len(ids) > 1:
+                seq.prompt_logprobs_pending = True
+                self._prompt_logprob_seqs.add(seq)
+        self.requests[request_id] = req
+        self.scheduler.add(seq)
 
     def abort_request(self, request_id: str):
-        self.scheduler.abort(request_id)
+        for s in self.scheduler.abort(request_id):
+            self._prompt_logprob_seqs.discard(s)
         self.requests.pop(request_id, None)
 
     def has_unfinished_requests(self) -> bool:
@@ -164,12 +185,47 @@ class LLMEngine:
             if self.scheduler.has_work():
                 raise RuntimeError("scheduler made no progress: KV cache too small for any waiting sequence")
             return []
-        logits = self.runner.run(batch)  # a row per sequence of batch.sampled
+        spans = self._prompt_logprob_spans(batch) if self._prompt_logprob_seqs else None
+        if spans:
+            logits, hidden = self.runner.run_with_prompt_hidden(batch, [r for sp in spans for r in sp[3]])
+            self._fill_prompt_logprobs(spans, hidden)
+        else:
+            logits = self.runner.run(batch)  # a row per sequence of batch.sampled
         seqs, rows = self.scheduler.advance(batch)  # prefilled prompts fork their siblings here
         if not seqs:
             return []
         tokens, logprobs, tops = self.sampler(logits, rows, seqs)
         return self._postprocess(seqs, tokens, logprobs, tops)
+
+    def _prompt_logprob_spans(self, batch):
+        """For the batch's sequences that fill prompt_logprobs: (seq, first position, end position,
+        token rows) of the prompt positions computed this step whose next token is a prompt token.
+        A sequence whose prefill ends this step is done with them."""
+        spans, row = [], 0
+        for s, n in zip(batch.seqs, batch.num_new):
+            if s.prompt_logprobs_pending:
+                start = s.num_computed
+                end = min(start + n, s.prompt_len - 1)
+                if end > start:
+                    spans.append((s, start, end, range(row, row + end - start)))
+                if start + n >= s.prompt_len:
+                    s.prompt_logprobs_pending = False
+                    self._prompt_logprob_seqs.discard(s)
+            row += n
+        return spans
+
+    def _fill_prompt_logprobs(self, spans, hidden: torch.Tensor):
+        """Raw logprobs (no penalty, temperature or filter, as vLLM) of each span's next prompt
+        tokens from their hidden states, a slice of rows at a time (never [tokens, vocab] at once)."""
+        rows = [(s, p) for s, start, end, _ in spans for p in range(start, end)]
+        step = max(1, (1 << 24) // self.mcfg.vocab_size)
+        for i in range(0, len(rows), step):
+            part = rows[i : i + step]
+            lp = torch.log_softmax(self.model.compute_logits(hidden[i : i + step]).float(), dim=-1)
+            targets = torch.tensor([s.token_ids[p + 1] for s, p in part], device=lp.device)
+            _, entries = position_logprobs(lp, targets, [s.params.prompt_logprobs for s, _ in part])
+            for (s, p), e in zip(part, entries):
+                self.requests[s.request_id].prompt_logprobs[p + 1] = e
 
     def _postprocess(self, seqs, tokens, logprobs, tops) -> list[RequestOutput]:
         """Append each candidate's token, finish those a stop rule ends, and return the outputs of the

@@ -1,7 +1,8 @@
-"""Llama / Qwen2 / Mistral decoder over a paged KV cache.
+"""Llama / Qwen2 / Mistral / Qwen3 decoder over a paged KV cache.
 
-One module tree serves the three families: they differ only in q/k/v bias (Qwen2), tied embeddings
-and rope settings. Q/K/V and gate/up projections are fused into one matmul each; `load_weights`
+One module tree serves the four families: they differ only in q/k/v bias (Qwen2), Qwen3's per-head
+RMSNorm of q and k before rotary (q_norm / k_norm, with an explicit head_dim), tied embeddings and
+rope settings. Q/K/V and gate/up projections are fused into one matmul each; `load_weights`
 maps Hugging Face tensor names onto the fused slices.
 """
 
@@ -44,11 +45,20 @@ class Attention(nn.Module):
         self.qkv_proj = Linear(cfg.hidden_size, (self.nh + 2 * self.nkv) * self.hd, bias=cfg.qkv_bias)
         self.o_proj = Linear(self.nh * self.hd, cfg.hidden_size, bias=cfg.o_bias)
         self.scale = self.hd**-0.5
+        if cfg.qk_norm:  # Qwen3: one [head_dim] weight each, shared by the heads
+            self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
+        self.qk_norm = cfg.qk_norm
 
     def forward(self, x, positions, cos_sin, kv_cache, meta: AttnMetadata):
         T = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
-        q, k = kernels.apply_rotary(q.view(T, self.nh, self.hd), k.view(T, self.nkv, self.hd), positions, cos_sin)
+        q, k = q.view(T, self.nh, self.hd), k.view(T, self.nkv, self.hd)
+        if self.qk_norm:
+            qn, kn = self.q_norm, self.k_norm
+            q, k = kernels.qk_norm_rope(q, k, qn.weight, kn.weight, qn.eps, positions, cos_sin)
+        else:
+            q, k = kernels.apply_rotary(q, k, positions, cos_sin)
         v = v.view(T, self.nkv, self.hd)
         k_cache, v_cache = kv_cache  # [num_blocks, block_size, Hkv, D]
         # Write the new tokens' K/V first: both kernels then read everything from the cache. (On the

@@ -300,3 +300,17 @@ class ModelRunner:
             return torch.empty(0, self.mcfg.vocab_size, device=self.device)
         idx = torch.tensor([last_rows[r] for r in rows], device=self.device)
         return self.model.compute_logits(h[idx]).float()
+
+    @torch.inference_mode()
+    def run_with_prompt_hidden(self, batch: Batch, prompt_rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `run`, plus the final hidden states [len(prompt_rows), hidden] of the token rows
+        prompt_rows (rows in the order `prepare` packs the batch's new tokens): the engine turns them
+        into prompt_logprobs in slices, so a long prompt never holds [tokens, vocab] logits at once."""
+        h, last_rows = self.hidden_states(batch)
+        rows = batch.sampled
+        if rows:
+            logits = self.model.compute_logits(h[torch.tensor([last_rows[r] for r in rows], device=self.device)])
+            logits = logits.float()
+        else:
+            logits = torch.empty(0, self.mcfg.vocab_size, device=self.device)
+        return logits, h[torch.tensor(prompt_rows, dtype=torch.long, device=self.device)]

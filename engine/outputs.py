@@ -4,14 +4,33 @@ from dataclasses import dataclass, field
 
 
 @dataclass
+class Logprob:
+    """One token's entry at one position (vLLM's `Logprob`). `logprob` holds what the engine's
+    logprobs_mode asks for (by default the raw log-probability), `rank` is 1 + the number of tokens
+    with a strictly larger value (for top-k entries: their place in the top-k), and `decoded_token`
+    the token's text (None when the request has detokenize=False or the model has no tokenizer)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# Per position: {sampled or prompt token id: Logprob, then the top-k ids: Logprob}.
+PositionLogprobs = dict[int, Logprob]
+
+
+@dataclass
 class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    cumulative_logprob: float
-    logprobs: list[dict[int, float]] | None  # per token: {sampled id: logprob, top-k ids: logprob}
+    cumulative_logprob: float  # sum of the sampled tokens' values (always kept, even without logprobs)
+    logprobs: list[PositionLogprobs] | None  # one dict per generated token when params.logprobs is set
     finish_reason: str | None  # "stop" (EOS, stop token or string), "length", "abort"
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
 
 
 @dataclass
@@ -21,3 +40,5 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = True
+    # params.prompt_logprobs: one entry per prompt token, the first None (nothing predicts it)
+    prompt_logprobs: list[PositionLogprobs | None] | None = None

@@ -1,16 +1,29 @@
-"""From logits rows to sampled tokens: per-row parameters, bans, seeds, logprobs.
+"""From logits rows to sampled tokens: per-row parameters, bans, penalties, seeds, logprobs.
 
 Each draw's seed is a function of the request's seed, the candidate's index and the token
 position only (`candidate_seed`, then `position_seed`), so a candidate's tokens do not depend on
 batching, preemption or other requests.
+
+The order is vLLM's: min_tokens bans, then penalties (repetition, frequency, presence; only rows
+that use them, see `apply_penalties`), then temperature, min-p, top-k, top-p and the draw
+(kernels.sample). Reported values follow the engine's logprobs_mode (LOGPROBS_MODES): "raw_*" are
+taken from the model's logits before any of that, "processed_*" from the logits the draw used
+(penalised, divided by the temperature, filtered tokens at -inf; a greedy row's are only
+penalised). In the processed modes the filters run here once (kernels.sampling.apply_filters) and
+the draw samples the processed logits as they are, so the reported values are exactly the
+distribution drawn from.
 """
 
 import torch
 
 import kernels
+from engine.outputs import Logprob
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 from kernels.host import long_tensor
+from kernels.sampling import apply_filters
+
+LOGPROBS_MODES = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")
 
 _MASK64 = (1 << 64) - 1
 
@@ -36,8 +49,11 @@ def position_seed(candidate_base: int, position: int) -> int:
 class Sampler:
     """Draws the next token of each candidate of a step."""
 
-    def __init__(self, eos_ids: set[int]):
+    def __init__(self, eos_ids: set[int], logprobs_mode: str = "raw_logprobs"):
         self.eos_ids = eos_ids  # banned, with params.stop_token_ids, until params.min_tokens
+        if logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(f"logprobs_mode must be one of {', '.join(LOGPROBS_MODES)}, got {logprobs_mode!r}")
+        self.logprobs_mode = logprobs_mode
 
     def __call__(self, logits: torch.Tensor, rows: list[int], seqs: list[Sequence]):
         """logits float32 [R, V]; seqs[i] draws from row rows[i]. Returns sample_rows' lists."""
@@ -48,7 +64,9 @@ class Sampler:
                 s.seed_base = candidate_seed(s.seed, s.index)
         seeds = [position_seed(s.seed_base, s.num_output) for s in seqs]
         bans = [self._banned(s) if s.params.min_tokens else [] for s in seqs]
-        return sample_rows(logits, [s.params for s in seqs], seeds, bans)
+        params = [s.params for s in seqs]
+        penalised = [s for s in seqs if s.params.has_penalties]
+        return sample_rows(logits, params, seeds, bans, penalised or None, self.logprobs_mode)
 
     def _banned(self, s: Sequence) -> list[int]:
         if s.num_output >= s.params.min_tokens:
@@ -59,16 +77,94 @@ class Sampler:
         return ban
 
 
-def sample_rows(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], bans: list[list[int]]):
-    """logits float32 [R, V]; one SamplingParams, seed and banned-id list per row.
+def _penalty_prompt_ids(seqs: list[Sequence], device) -> list[torch.Tensor]:
+    """Each sequence's prompt ids as a device tensor, made once per request and kept on the
+    sequences (a request's candidates share one)."""
+    made = {}
+    out = []
+    for s in seqs:
+        t = s.penalty_prompt_ids
+        if t is None:
+            t = made.get(s.request_id)
+            if t is None:
+                t = long_tensor(s.token_ids[: s.prompt_len], device)
+            s.penalty_prompt_ids = t
+        made[s.request_id] = t
+        out.append(t)
+    return out
 
-    Returns (tokens list[int], logprobs list[float], top list[dict[int, float]] | None per row)."""
+
+def apply_penalties(x: torch.Tensor, rows: torch.Tensor | None, seqs: list[Sequence]) -> None:
+    """Repetition, frequency and presence penalties, in place on float32 logits x [R, V], as vLLM
+    applies them: rows `rows` (None: all rows) belong to `seqs`, in order.
+
+    repetition_penalty p acts once on every token of prompt + output: a logit l becomes l / p if
+    l > 0, else l * p. frequency_penalty f and presence_penalty r use the output tokens only:
+    l - f * count - r * (count > 0). Per-row counts are built on the device with scatter_add from
+    the padded output ids (the vocabulary size V is the padding id, dropped afterwards)."""
+    dev, V = x.device, x.shape[1]
+    P = len(seqs)
+    xs = x if rows is None else x[rows]
+    f32 = dict(dtype=torch.float32, device=dev)
+    out_lens = [len(s.token_ids) - s.prompt_len for s in seqs]
+    width = max(out_lens)
+    counts = torch.zeros(P, V + 1, **f32)
+    if width:
+        flat = []
+        for s, n in zip(seqs, out_lens):
+            flat += s.token_ids[s.prompt_len :]
+            flat += [V] * (width - n)
+        ids = long_tensor(flat, dev).view(P, width)
+        counts.scatter_add_(1, ids, torch.ones(P, width, **f32))
+    counts = counts[:, :V]
+    rep = [s.params.repetition_penalty for s in seqs]
+    if any(p != 1 for p in rep):
+        prompts = torch.nn.utils.rnn.pad_sequence(_penalty_prompt_ids(seqs, dev), batch_first=True, padding_value=V)
+        seen = torch.zeros(P, V + 1, dtype=torch.bool, device=dev).scatter_(1, prompts, True)[:, :V]
+        seen |= counts > 0
+        p = torch.tensor(rep, **f32)[:, None].expand(P, V)
+        p = torch.where(seen, p, torch.ones_like(p))
+        xs = torch.where(xs > 0, xs / p, xs * p)
+    freq = [s.params.frequency_penalty for s in seqs]
+    if any(freq):
+        xs = xs - torch.tensor(freq, **f32)[:, None] * counts
+    pres = [s.params.presence_penalty for s in seqs]
+    if any(pres):
+        xs = xs - torch.tensor(pres, **f32)[:, None] * (counts > 0).float()
+    if rows is None:
+        x.copy_(xs)
+    else:
+        x[rows] = xs
+
+
+def sample_rows(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    seeds: list[int],
+    bans: list[list[int]],
+    penalised: list[Sequence] | None = None,
+    logprobs_mode: str = "raw_logprobs",
+):
+    """logits float32 [R, V]; one SamplingParams, seed and banned-id list per row; `penalised`:
+    the sequences of the rows whose params have penalties (None when no row has them), in row order.
+
+    Returns (tokens list[int], the sampled tokens' values list[float] (what cumulative_logprob
+    sums), per row the position's {token id: Logprob} when params.logprobs asks, else None)."""
     dev = logits.device
+    raw = logits
+    if penalised is not None or any(bans):  # keep the raw logits for the raw modes' values
+        logits = logits.clone()
     for r, ban in enumerate(bans):
         if ban:
             logits[r, ban] = float("-inf")
+    if penalised is not None:
+        prows = None
+        if len(penalised) != len(params):
+            prows = torch.tensor([r for r, p in enumerate(params) if p.has_penalties], device=dev)
+        apply_penalties(logits, prows, penalised)
     R, p0 = len(params), params[0]
-    if all(p is p0 for p in params):  # the common case: one request's (or one call's) parameters
+    uniform = all(p is p0 for p in params)
+    if uniform:  # the common case: one request's (or one call's) parameters
         temperature, top_k, top_p, min_p = (
             torch.full((R,), v, dtype=dt, device=dev)
             for v, dt in (
@@ -84,14 +180,66 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], seeds: list[
         top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)
         min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev)
     seed_t = long_tensor(seeds, dev)
-    tokens, logprobs = kernels.sample(logits, temperature, top_k, top_p, min_p, seed_t)
-    want = max((p.logprobs or 0) for p in params)
-    top = [None] * len(params)
-    if want:
-        lp = torch.log_softmax(logits, dim=-1)
-        vals, ids = lp.topk(min(want, lp.shape[-1]), dim=-1)
-        vals, ids = vals.tolist(), ids.tolist()
-        for r, p in enumerate(params):
-            if p.logprobs:
-                top[r] = dict(zip(ids[r][: p.logprobs], vals[r][: p.logprobs]))
-    return tokens.tolist(), logprobs.tolist(), top
+    processed = logprobs_mode.startswith("processed")
+    if processed:
+        # The logits the draw uses, filtered once here; a greedy row keeps its penalised logits
+        # (temperature 1, no filter), as in vLLM. The draw then samples them as they are.
+        greedy = temperature <= 0
+        one = torch.ones_like(temperature)
+        proc = apply_filters(
+            logits,
+            torch.where(greedy, one, temperature),
+            torch.where(greedy, torch.zeros_like(top_k), top_k),
+            torch.where(greedy, one, top_p),
+            torch.where(greedy, torch.zeros_like(min_p), min_p),
+        )
+        tokens, logprobs = kernels.sample(
+            proc, torch.where(greedy, torch.zeros_like(one), one), top_k * 0, one, min_p * 0, seed_t
+        )
+    else:
+        tokens, logprobs = kernels.sample(logits, temperature, top_k, top_p, min_p, seed_t)
+        if logits is not raw:  # the kernel's logprob is of the banned / penalised logits
+            logprobs = raw.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(raw, dim=-1)
+    if uniform:
+        if p0.logprobs is None:  # the common case: no logprobs entries
+            return tokens.tolist(), logprobs.tolist(), [None] * R
+        want = [p0.logprobs] * R
+    else:
+        want = [p.logprobs for p in params]
+        if all(k is None for k in want):
+            return tokens.tolist(), logprobs.tolist(), [None] * R
+    values = {
+        "raw_logprobs": lambda: torch.log_softmax(raw, dim=-1),
+        "raw_logits": lambda: raw,
+        "processed_logprobs": lambda: torch.log_softmax(proc, dim=-1),
+        "processed_logits": lambda: proc,
+    }[logprobs_mode]()
+    return tokens.tolist(), *position_logprobs(values, tokens, want)
+
+
+def position_logprobs(values: torch.Tensor, tokens: torch.Tensor, want: list[int | None]):
+    """vLLM's per-position logprobs entries from `values` [R, V] (logprobs or logits): per row with
+    want[r] not None, {tokens[r]: Logprob(value, rank), then the top-want[r] ids: Logprob(value,
+    1..k)}, where rank = 1 + the number of strictly larger values. When the token is also in the
+    top-k, its top-k entry wins (as a dict built in that order: vLLM's
+    append_logprobs_for_next_position). Returns (the tokens' values list[float], the dicts)."""
+    chosen = values.gather(1, tokens[:, None])
+    rank = (values >= chosen).sum(-1)
+    k = max((w or 0) for w in want)
+    if k:
+        top_v, top_i = values.topk(min(k, values.shape[-1]), dim=-1)
+        vals = torch.cat([chosen, top_v], 1).tolist()
+        ids = torch.cat([tokens[:, None], top_i], 1).tolist()
+    else:
+        vals, ids = chosen.tolist(), tokens[:, None].tolist()
+    ranks = rank.tolist()
+    entries = [None] * len(want)
+    for r, w in enumerate(want):
+        if w is None:
+            continue
+        v, i = vals[r], ids[r]
+        e = {i[0]: Logprob(v[0], ranks[r])}
+        for j in range(1, min(w, len(i) - 1) + 1):  # (k beyond the vocabulary: all of it)
+            e[i[j]] = Logprob(v[j], j)
+        entries[r] = e
+    return [v[0] for v in vals], entries

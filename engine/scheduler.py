@@ -81,7 +81,7 @@ class Scheduler:
             seq = self.waiting[0]
             if in_flight + 1 + seq.fork_count > self.cfg.max_num_seqs and self.running:
                 break
-            if not seq.block_table:
+            if not seq.block_table and not seq.prompt_logprobs_pending:  # (a cached prefix has no logits)
                 self.bm.match_prefix(seq)
             n = min(len(seq) - seq.num_computed, budget)
             if self.bm.blocks_needed(seq, n) > self.bm.num_free:

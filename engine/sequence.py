@@ -4,6 +4,7 @@ the candidates of one prompt."""
 import itertools
 from dataclasses import dataclass, field
 
+from engine.outputs import PositionLogprobs
 from engine.sampling_params import SamplingParams
 
 _ids = itertools.count()
@@ -36,14 +37,17 @@ class Sequence:
         self.num_computed = 0  # tokens whose KV is in the cache
         self.block_table: list[int] = []
         self.num_hashed_blocks = 0  # leading full blocks registered in the prefix cache
+        self.hash_root: int | None = None  # the first block's "previous hash": the prompt's cache_salt, if any
         self.last_hash: int | None = None
-        self.logprobs: list[dict[int, float]] = []
+        self.logprobs: list[PositionLogprobs] = []
         self.cumulative_logprob = 0.0
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None  # the stop string or stop token id that ended it
         self.stop_text: str | None = None  # output text cut at a stop string
         self.num_preemptions = 0
         self.seed_base: int | None = None  # engine.sampler.candidate_seed of this candidate, once known
+        self.prompt_logprobs_pending = False  # this sequence computes its request's prompt_logprobs
+        self.penalty_prompt_ids = None  # the prompt ids on the device, for repetition_penalty (engine.sampler)
 
     def __len__(self):
         return len(self.token_ids)
@@ -56,13 +60,12 @@ class Sequence:
     def num_output(self) -> int:
         return len(self.token_ids) - self.prompt_len
 
-    def append_token(self, token: int, logprob: float, top: dict[int, float] | None):
-        """Record a sampled token, its logprob and (when params.logprobs asks) the top-k logprobs."""
+    def append_token(self, token: int, logprob: float, entry: PositionLogprobs | None):
+        """Record a sampled token, its logprob and (when params.logprobs asks) its position's
+        logprobs entry (the sampled token first, then the top-k)."""
         self.token_ids.append(token)
         self.cumulative_logprob += logprob
-        if self.params.logprobs is not None:
-            entry = {token: logprob}
-            entry.update(top or {})
+        if entry is not None:
             self.logprobs.append(entry)
 
     def fork(self, index: int) -> "Sequence":
@@ -72,7 +75,9 @@ class Sequence:
         child.num_computed = self.num_computed
         child.block_table = list(self.block_table)
         child.num_hashed_blocks = self.num_hashed_blocks
+        child.hash_root = self.hash_root
         child.last_hash = self.last_hash
+        child.penalty_prompt_ids = self.penalty_prompt_ids
         return child
 
 
@@ -85,6 +90,7 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     finished: list[Sequence] = field(default_factory=list)  # candidates done so far, in finishing order
+    prompt_logprobs: list[PositionLogprobs | None] | None = None  # filled during prefill (params.prompt_logprobs)
 
     @property
     def is_finished(self) -> bool:

@@ -4,7 +4,8 @@ Each `<name>.py` holds the torch reference and the dispatching function the engi
 `<name>_triton.py` beside it holds the Triton kernel with the same contract. In the order a step
 meets them:
 
-    norm_rope.py            rms_norm (fused residual add), apply_rotary     (engine/model.py)
+    norm_rope.py            rms_norm (fused residual add), apply_rotary, qk_norm_rope (Qwen3's
+                            per-head q/k norm + rotary)                       (engine/model.py)
     prefill_attention.py    paged_prefill_attention: new tokens against their cached prefix
     decode_attention.py     paged_decode_attention: one token per sequence against its pages
     cascade_attention.py    the torch decode path for sibling candidates: shared prompt blocks
@@ -21,7 +22,7 @@ triton (not installed off Linux).
 """
 
 from kernels.decode_attention import paged_decode_attention, paged_decode_attention_ref
-from kernels.norm_rope import apply_rotary, apply_rotary_ref, rms_norm, rms_norm_ref
+from kernels.norm_rope import apply_rotary, apply_rotary_ref, qk_norm_rope, qk_norm_rope_ref, rms_norm, rms_norm_ref
 from kernels.prefill_attention import paged_prefill_attention, paged_prefill_attention_ref
 from kernels.prm_scoring import prm_step_scores, prm_step_scores_ref
 from kernels.sampling import sample, sample_ref
@@ -39,4 +40,6 @@ __all__ = [
     "rms_norm_ref",
     "apply_rotary",
     "apply_rotary_ref",
+    "qk_norm_rope",
+    "qk_norm_rope_ref",
 ]

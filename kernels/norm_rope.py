@@ -1,4 +1,5 @@
-"""RMSNorm (optionally fused with the residual add) and rotary position embedding."""
+"""RMSNorm (optionally fused with the residual add), rotary position embedding, and Qwen3's per-head
+q/k RMSNorm fused with the rotary."""
 
 import torch
 
@@ -51,6 +52,15 @@ def apply_rotary_ref(q, k, positions, cos_sin_cache):
     return rot(q), rot(k)
 
 
+def qk_norm_rope_ref(q, k, q_weight, k_weight, eps, positions, cos_sin_cache):
+    """Qwen3 attention's q_norm / k_norm then rotary: RMSNorm of every head over head_dim (one
+    weight [D] shared by the heads), then apply_rotary_ref. Returns new (q, k).
+
+    q [T, Hq, D], k [T, Hkv, D] (views of a fused projection are fine); the norms round as
+    transformers' Qwen3RMSNorm (fp32 statistics, cast to the input dtype, then times the weight)."""
+    return apply_rotary_ref(rms_norm_ref(q, q_weight, eps), rms_norm_ref(k, k_weight, eps), positions, cos_sin_cache)
+
+
 def rms_norm(x, weight, eps, residual=None):
     if use_triton(x):
         from kernels.norm_rope_triton import rms_norm_triton
@@ -65,3 +75,11 @@ def apply_rotary(q, k, positions, cos_sin_cache):
 
         return apply_rotary_triton(q, k, positions, cos_sin_cache)
     return apply_rotary_ref(q, k, positions, cos_sin_cache)
+
+
+def qk_norm_rope(q, k, q_weight, k_weight, eps, positions, cos_sin_cache):
+    if use_triton(q):
+        from kernels.norm_rope_triton import qk_norm_rope_triton
+
+        return qk_norm_rope_triton(q, k, q_weight, k_weight, eps, positions, cos_sin_cache)
+    return qk_norm_rope_ref(q, k, q_weight, k_weight, eps, positions, cos_sin_cache)

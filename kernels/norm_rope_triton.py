@@ -1,6 +1,7 @@
-"""Triton RMSNorm (optionally fused with the residual add) and neox-style rotary embedding.
+"""Triton RMSNorm (optionally fused with the residual add), neox-style rotary embedding, and
+Qwen3's per-head q/k RMSNorm fused with the rotary.
 
-Both are one program per token row, memory bound: the fusion saves the separate passes torch
+All are one program per token row, memory bound: the fusion saves the separate passes torch
 makes (add, square, mean, rsqrt, mul, mul; or slice, cat, mul, add per q and k). Rounding follows
 the references step by step (sum rounded to the activation dtype, normalised value rounded
 before the weight multiply, rotary products rounded before the add), so outputs agree to the
@@ -198,4 +199,141 @@ def apply_rotary_triton(q, k, positions, cos_sin_cache):
     return qo, ko
 
 
-__all__ = ["rms_norm_triton", "apply_rotary_triton"]
+@triton.jit
+def _norm_rotate_heads(
+    X,
+    W,
+    OUT,
+    stride_xt,
+    stride_xh,
+    stride_ot,
+    stride_oh,
+    t,
+    cos,
+    sin,
+    NH,
+    eps,
+    HALF: tl.constexpr,
+    BLOCK_HEADS: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    """RMSNorm of each head of token t over its 2 * HALF values (weight W [2 * HALF]), then the
+    rotary; cos/sin [BLOCK_HALF] float32. Rounds as qk_norm_rope_ref: normalised value to the input
+    dtype, times the weight to the output dtype, then the rotary products and sums."""
+    heads = tl.arange(0, BLOCK_HEADS)
+    offs = tl.arange(0, BLOCK_HALF)
+    hm = offs < HALF
+    mask = (heads[:, None] < NH) & hm[None, :]
+    ptr = X + t * stride_xt + heads[:, None] * stride_xh + offs[None, :]
+    x1 = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(ptr + HALF, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)[:, None]
+    xt = X.dtype.element_ty
+    dt = OUT.dtype.element_ty
+    w1 = tl.load(W + offs, mask=hm, other=0.0).to(tl.float32)[None, :]
+    w2 = tl.load(W + HALF + offs, mask=hm, other=0.0).to(tl.float32)[None, :]
+    n1 = (w1 * (x1 * rstd).to(xt).to(tl.float32)).to(dt).to(tl.float32)
+    n2 = (w2 * (x2 * rstd).to(xt).to(tl.float32)).to(dt).to(tl.float32)
+    c = cos.to(dt).to(tl.float32)[None, :]
+    sn = sin.to(dt).to(tl.float32)[None, :]
+    o1 = ((n1 * c).to(dt).to(tl.float32) - (n2 * sn).to(dt).to(tl.float32)).to(dt)
+    o2 = ((n2 * c).to(dt).to(tl.float32) + (n1 * sn).to(dt).to(tl.float32)).to(dt)
+    optr = OUT + t * stride_ot + heads[:, None] * stride_oh + offs[None, :]
+    tl.store(optr, o1, mask=mask)
+    tl.store(optr + HALF, o2, mask=mask)
+
+
+@triton.jit
+def _qk_norm_rope_kernel(
+    Q,
+    K,
+    QW,
+    KW,
+    POS,
+    CS,
+    QO,
+    KO,
+    HQ,
+    HK,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_qot,
+    stride_qoh,
+    stride_kot,
+    stride_koh,
+    stride_cs,
+    eps,
+    HALF: tl.constexpr,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HK: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(POS + t).to(tl.int64)
+    offs = tl.arange(0, BLOCK_HALF)
+    m = offs < HALF
+    cos = tl.load(CS + pos * stride_cs + offs, mask=m, other=0.0)
+    sin = tl.load(CS + pos * stride_cs + HALF + offs, mask=m, other=0.0)
+    _norm_rotate_heads(
+        Q, QW, QO, stride_qt, stride_qh, stride_qot, stride_qoh, t, cos, sin, HQ, eps, HALF, BLOCK_HQ, BLOCK_HALF
+    )
+    _norm_rotate_heads(
+        K, KW, KO, stride_kt, stride_kh, stride_kot, stride_koh, t, cos, sin, HK, eps, HALF, BLOCK_HK, BLOCK_HALF
+    )
+
+
+def qk_norm_rope_triton(q, k, q_weight, k_weight, eps, positions, cos_sin_cache):
+    """Same contract as kernels.norm_rope.qk_norm_rope_ref; one program per token normalises and
+    rotates all of its q and k heads (one read and one write of each, instead of four passes)."""
+    if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"expected q [T, Hq, D] and k [T, Hkv, D], got {tuple(q.shape)} and {tuple(k.shape)}")
+    T, Hq, D = q.shape
+    Hk = k.shape[1]
+    if D % 2 or cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != D or positions.shape != (T,):
+        raise ValueError(
+            f"need an even head dim, cos_sin_cache [max_pos, {D}] and positions [{T}], got "
+            f"D={D}, {tuple(cos_sin_cache.shape)}, {tuple(positions.shape)}"
+        )
+    if q_weight.shape != (D,) or k_weight.shape != (D,):
+        raise ValueError(f"q/k norm weights must be [{D}], got {tuple(q_weight.shape)} and {tuple(k_weight.shape)}")
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    cs = cos_sin_cache if cos_sin_cache.stride(-1) == 1 else cos_sin_cache.contiguous()
+    # the reference's dtypes: the norm's output promotes with its weight, the rotary keeps it
+    qo = torch.empty(q.shape, dtype=torch.promote_types(q_weight.dtype, q.dtype), device=q.device)
+    ko = torch.empty(k.shape, dtype=torch.promote_types(k_weight.dtype, k.dtype), device=k.device)
+    if T:
+        half = D // 2
+        _qk_norm_rope_kernel[(T,)](
+            q,
+            k,
+            q_weight.contiguous(),
+            k_weight.contiguous(),
+            positions.contiguous(),
+            cs,
+            qo,
+            ko,
+            Hq,
+            Hk,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            qo.stride(0),
+            qo.stride(1),
+            ko.stride(0),
+            ko.stride(1),
+            cs.stride(0),
+            float(eps),
+            HALF=half,
+            BLOCK_HQ=triton.next_power_of_2(Hq),
+            BLOCK_HK=triton.next_power_of_2(Hk),
+            BLOCK_HALF=triton.next_power_of_2(half),
+            num_warps=4,
+        )
+    return qo, ko
+
+
+__all__ = ["rms_norm_triton", "apply_rotary_triton", "qk_norm_rope_triton"]

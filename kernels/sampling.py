@@ -33,12 +33,17 @@ def row_uniform(seeds: torch.Tensor) -> torch.Tensor:
 def apply_filters(logits, temperature, top_k, top_p, min_p):
     """Masked, temperature-scaled float32 logits [B, V]: -inf where a token is not allowed.
 
-    Order: temperature, top-k, top-p (over the top-k renormalised distribution), min-p
-    (relative to the most likely token). top_k <= 0, top_p >= 1 and min_p <= 0 mean off.
+    vLLM's order: temperature, min-p (relative to the most likely token), top-k, top-p (over the
+    distribution renormalised on what min-p and top-k kept). top_k <= 0, top_p >= 1 and
+    min_p <= 0 mean off.
     """
     x = logits.float()
     if bool((temperature != 1).any()):  # dividing by 1 is exact: skip the pass over [B, V]
         x = x / temperature.clamp(min=1e-6).float()[:, None]
+    if bool((min_p > 0).any()):
+        logp = torch.log_softmax(x, dim=-1)
+        thresh = logp.max(dim=-1, keepdim=True).values + torch.log(min_p.float().clamp(min=1e-30))[:, None]
+        x = x.masked_fill((logp < thresh) & (min_p > 0)[:, None], float("-inf"))
     B, V = x.shape
     k = top_k.long().clamp(min=0)
     k = torch.where((k <= 0) | (k > V), torch.full_like(k, V), k)
@@ -58,10 +63,6 @@ def apply_filters(logits, temperature, top_k, top_p, min_p):
         keep &= (before < top_p.float()[:, None]) | (top_p >= 1)[:, None]
         keep[:, 0] = True
         x = torch.full_like(x, float("-inf")).scatter(1, order, sorted_x.masked_fill(~keep, float("-inf")))
-    if bool((min_p > 0).any()):
-        logp = torch.log_softmax(x, dim=-1)
-        thresh = logp.max(dim=-1, keepdim=True).values + torch.log(min_p.float().clamp(min=1e-30))[:, None]
-        x = x.masked_fill((logp < thresh) & (min_p > 0)[:, None], float("-inf"))
     return x
 
 

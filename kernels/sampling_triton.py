@@ -1,18 +1,20 @@
-"""Triton fused sampling: temperature, top-k, top-p, min-p and a seeded draw, without sorting.
+"""Triton fused sampling: temperature, min-p, top-k, top-p and a seeded draw, without sorting.
 
 Each row (one program per row on a GPU) streams its logits in vocabulary tiles:
 
 1. statistics: max and log-sum-exp of the raw logits (for the reported logprob and greedy
-   argmax) and of the temperature-scaled logits x;
+   argmax) and of the temperature-scaled logits x; min-p is then a closed-form threshold,
+   x >= max(x) + log(min_p);
 2. top-k threshold: bisection on the 32-bit ordered key of x (float bits mapped to an int32
    whose order is the float order) for the largest key c with count(x >= c) >= k; exact in at
-   most 32 passes, and it stops as soon as a probe keeps exactly k tokens;
-3. top-p threshold over the top-k renormalised distribution: bisection on the same keys for the
-   largest c whose kept mass sum(p_i : x_i >= c) is still >= top_p; a token is then kept iff the
-   mass strictly above it is < top_p, exactly the sorted-cumsum rule of the reference. It stops
-   as soon as the probe set is the answer (its mass without its smallest member is < top_p);
-4. min-p is a closed-form threshold: x >= max(x) + log(min_p);
-5. the draw: Gumbel-max over the allowed tokens, argmax of x - log(-log(u)) with one Philox
+   most 32 passes, and it stops as soon as a probe keeps exactly k tokens. Min-p and top-k both
+   keep the largest values, so min-p then top-k keeps x above the larger of the two thresholds;
+3. top-p threshold over the distribution renormalised on what min-p and top-k kept (vLLM's
+   order): bisection on the same keys for the largest c whose kept mass sum(p_i : x_i >= c) is
+   still >= top_p; a token is then kept iff the mass strictly above it is < top_p, exactly the
+   sorted-cumsum rule of the reference. It stops as soon as the probe set is the answer (its mass
+   without its smallest member is < top_p);
+4. the draw: Gumbel-max over the allowed tokens, argmax of x - log(-log(u)) with one Philox
    uniform u = `tl.rand(seed, token id)` per token, so a row's draw depends only on its seed and
    logits: deterministic, batch-independent, exact in distribution. (The reference draws by
    inverse CDF from one hashed uniform per row: the same distribution, not the same tokens.)
@@ -87,6 +89,9 @@ def _sample_kernel(
         m = m_new
     mx = m / t_row  # max of x (division is monotone, so exactly the max of raw / t)
     top_key = _ordered_key(mx).to(tl.int64)
+    use_min_p = min_p > 0.0
+    min_x = tl.where(use_min_p, mx + tl.log(tl.minimum(tl.maximum(min_p, 1e-30), 1.0)), NEG_INF)
+    min_key = tl.where(use_min_p, _ordered_key(min_x).to(tl.int64), top_key * 0 - 2147483648)
 
     # ---- pass 2: top-k threshold key (largest c with count(key >= c) >= k) ----
     use_k = (top_k > 0) & (top_k < V) & (~greedy) & rmask
@@ -103,10 +108,10 @@ def _sample_kernel(
         take = cnt >= top_k
         lo = tl.where(take, mid, lo)
         hi = tl.where(take, tl.where(cnt == top_k, mid + 1, hi), mid)  # exactly k kept: done
-    k_key = lo
+    k_key = tl.maximum(lo, min_key)  # min-p first: top-k among the min-p survivors
 
-    # mass of the top-k set (relative to exp(mx)): the top-p normaliser
-    need_zk = use_k & (top_p < 1.0)
+    # mass of the min-p / top-k set (relative to exp(mx)): the top-p normaliser
+    need_zk = (use_k | use_min_p) & (top_p < 1.0)
     z_k = tl.where(need_zk, 0.0, s_x)
     if tl.max(need_zk.to(tl.int32), 0) > 0:
         for v0 in range(0, V, BLOCK_V):
@@ -138,8 +143,7 @@ def _sample_kernel(
         hi = tl.where(take, tl.where(exact, mid + 1, hi), mid)
     keep_key = lo
 
-    # ---- min-p (relative to the most likely token), then the Gumbel-max draw ----
-    min_x = tl.where(min_p > 0.0, mx + tl.log(tl.minimum(tl.maximum(min_p, 1e-30), 1.0)), NEG_INF)
+    # ---- the Gumbel-max draw ----
     best = tl.full([BLOCK_R], NEG_INF, tl.float32)
     token = arg
     if tl.min(greedy.to(tl.int32), 0) == 0:

@@ -1,5 +1,6 @@
-"""The test suite's one factory (benchmarks use it too): tiny random Llama / Qwen2 / Mistral checkpoints
-built locally with a small trained tokenizer, and (prompt, completion) records for SFT.
+"""The test suite's one factory (benchmarks use it too): tiny random Llama / Qwen2 / Mistral (make_model)
+and Qwen3 (make_qwen3_model) checkpoints built locally with a small trained tokenizer, and (prompt,
+completion) records for SFT.
 
 Tokenizers come from the built-in task's code (bstar.embedded.tokenizer), so every checkpoint here and
 the built-in models share the special-token ids <s> = 0, </s> = 1, <pad> = 2. Shared checkpoints of the
@@ -18,6 +19,7 @@ from transformers import (
     LlamaConfig,
     MistralConfig,
     Qwen2Config,
+    Qwen3Config,
 )
 
 from bstar.embedded.tokenizer import BOS, EOS, PAD, save_tokenizer, train_bpe
@@ -86,6 +88,54 @@ def make_model(
             elif "norm" in name:
                 p.uniform_(0.8, 1.2)
             else:  # biases
+                p.normal_(0, 0.05)
+    model.to(dtype).save_pretrained(path)
+    if tokenizer:
+        build_tokenizer(path, vocab_size=min(cfg.vocab_size, 300) - len(extra_tokens), extra_tokens=extra_tokens)
+    return path
+
+
+def make_qwen3_model(
+    path: str,
+    seed: int = 0,
+    tokenizer: bool = True,
+    dtype=torch.float32,
+    head: str = "lm",
+    extra_tokens=(),
+    **overrides,
+) -> str:
+    """A random Qwen3 checkpoint (as make_model): q_norm / k_norm on every layer, and by default a
+    head_dim of 24 with 4 heads, so heads * head_dim (96) differs from hidden_size (64)."""
+    os.makedirs(path, exist_ok=True)
+    base = dict(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,
+        max_position_embeddings=512,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+        rms_norm_eps=1e-6,
+    )
+    base.update(overrides)
+    cfg = Qwen3Config(**base)
+    torch.manual_seed(seed)
+    if head == "token_cls":
+        cfg.num_labels = 2
+        model = AutoModelForTokenClassification.from_config(cfg, dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.08)
+            elif "norm" in name:  # q_norm / k_norm included: far from 1, so a missing norm shows
+                p.uniform_(0.5, 1.5)
+            else:
                 p.normal_(0, 0.05)
     model.to(dtype).save_pretrained(path)
     if tokenizer:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from model_factory import ARCHS, hf_model, make_model
+from model_factory import ARCHS, hf_model, make_model, make_qwen3_model
 
 from engine import LLM, CheckpointError, RequestError, SamplingParams
 
@@ -24,13 +24,21 @@ ARCH_OPTS = {
     "qwen2": dict(num_key_value_heads=1),  # q/k/v bias, GQA 4:1
     "qwen2_tied": dict(tie_word_embeddings=True),  # tied embeddings (greedy repeats itself: logits only)
     "mistral": dict(num_key_value_heads=4, sliding_window=4096),
+    "qwen3": dict(),  # q_norm / k_norm, head_dim 24 (4 heads * 24 != hidden 64), GQA 4:2, no bias
+    "qwen3_tied": dict(tie_word_embeddings=True, num_key_value_heads=1, head_dim=32),
 }
+
+
+def _build(path, arch, seed, **opts):
+    if arch == "qwen3":
+        return make_qwen3_model(path, seed=seed, **opts)
+    return make_model(path, arch, seed=seed, **opts)
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    return {a: make_model(str(root / a), a.split("_")[0], seed=i + 1, **ARCH_OPTS[a]) for i, a in enumerate(ARCH_OPTS)}
+    return {a: _build(str(root / a), a.split("_")[0], seed=i + 1, **ARCH_OPTS[a]) for i, a in enumerate(ARCH_OPTS)}
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +93,7 @@ def test_chunked_prefill_matches_whole(llama):
 
 # With a 16-token step budget, prompts longer than it prefill in chunks next to other prompts' decodes.
 @pytest.mark.parametrize("max_num_batched_tokens", [4096, 16])
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [*ARCHS, "qwen3"])
 def test_greedy_matches_transformers_generate(models, arch, max_num_batched_tokens):
     path = models[arch]
     llm = LLM(path, dtype="float32", device="cpu", max_num_batched_tokens=max_num_batched_tokens)
@@ -115,17 +123,65 @@ def test_sliding_window_caps_the_context(tmp_path):
     assert o.outputs[0].token_ids == ref[0, len(p) :].tolist()
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_close_to_transformers(llama, dtype):
+def test_half_precision_close_to_transformers(models, arch, dtype):
+    path = models[arch]
     name = {torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
-    llm = LLM(llama, dtype=name, device="cpu")
-    hf = hf_model(llama, dtype=torch.float32)
+    llm = LLM(path, dtype=name, device="cpu")
+    hf = hf_model(path, dtype=torch.float32)
     p = _prompts(3, [24])[0]
     ours = llm.compute_logits([p])[0]
     with torch.no_grad():
         ref = hf(torch.tensor([p])).logits[0]
     rel = (ours - ref).norm() / ref.norm()
     assert rel < (2e-2 if dtype == torch.bfloat16 else 5e-3)
+
+
+def test_qwen3_triton_path_matches_transformers(models, monkeypatch):
+    """Qwen3 through the Triton kernels (under the interpreter on CPU): the fused q/k-norm + rotary,
+    paged prefill / decode attention, RMSNorm and sampling, against transformers; fp32 (the
+    interpreter's bf16 dot is unusable)."""
+    monkeypatch.setenv("BSTAR_KERNELS", "triton")
+    path = models["qwen3"]
+    llm = LLM(path, dtype="float32", device="cpu", max_num_batched_tokens=24)
+    hf = hf_model(path)
+    prompts = _prompts(27, [1, 9, 30])
+    for p, o in zip(prompts, llm.compute_logits(prompts)):
+        with torch.no_grad():
+            ref = hf(torch.tensor([p])).logits[0]
+        assert (o - ref).abs().max().item() < 1e-4
+    outs = llm.generate(prompts[1:], SamplingParams(temperature=0, max_tokens=10, min_tokens=10), use_tqdm=False)
+    for p, o in zip(prompts[1:], outs):
+        ref = hf.generate(torch.tensor([p]), max_new_tokens=10, min_new_tokens=10, do_sample=False)[0, len(p) :]
+        assert o.outputs[0].token_ids == ref.tolist()
+
+
+def test_qwen3_config(models, tmp_path):
+    """head_dim read from the config (never hidden / heads); the checkpoint's q_norm / k_norm names
+    load; Qwen3's sliding window only where transformers' layer_types use it."""
+    from engine.config import ModelConfig
+
+    cfg = ModelConfig.from_dir(models["qwen3"])
+    assert cfg.architecture == "Qwen3ForCausalLM" and cfg.qk_norm and cfg.head_dim == 24 and not cfg.qkv_bias
+    assert cfg.sliding_window is None
+    llm = LLM(models["qwen3"], dtype="float32", device="cpu")
+    attn = llm.engine.model.model.layers[1].self_attn
+    from safetensors.torch import load_file
+
+    w = load_file(os.path.join(models["qwen3"], "model.safetensors"))
+    assert torch.equal(attn.q_norm.weight, w["model.layers.1.self_attn.q_norm.weight"])
+    assert torch.equal(attn.k_norm.weight, w["model.layers.1.self_attn.k_norm.weight"])
+    base = json.load(open(os.path.join(models["qwen3"], "config.json")))
+    for use, types, want in [
+        (True, ["full_attention", "sliding_attention"], 64),
+        (True, ["full_attention", "full_attention"], None),
+        (False, ["sliding_attention"] * 2, None),
+    ]:
+        c = dict(base, use_sliding_window=use, sliding_window=64, layer_types=types)
+        assert ModelConfig.from_dict(c).sliding_window == want
+    c = dict(base, architectures=None, model_type="qwen3")
+    assert ModelConfig.from_dict(c).architecture == "Qwen3ForCausalLM"
 
 
 def test_n_candidates_share_prompt_blocks(llama):
@@ -255,11 +311,16 @@ def test_logprobs_match_transformers(llama):
         logits = hf_model(llama)(torch.tensor([p + out.token_ids])).logits[0, len(p) - 1 : -1]
     ref = torch.log_softmax(logits.double(), -1)
     total = 0.0
+    tok_text = llm.get_tokenizer()
     for t, (tok, d) in enumerate(zip(out.token_ids, out.logprobs)):
-        assert abs(d[tok] - ref[t, tok].item()) < 1e-4
+        assert next(iter(d)) == tok  # the sampled token first, as vLLM builds the dict
+        assert abs(d[tok].logprob - ref[t, tok].item()) < 1e-4
+        assert d[tok].rank == 1 + int((ref[t] > ref[t, tok]).sum())
         top = torch.topk(ref[t], 3)
-        for i, v in zip(top.indices.tolist(), top.values.tolist()):
-            assert abs(d[i] - v) < 1e-4
+        for j, (i, v) in enumerate(zip(top.indices.tolist(), top.values.tolist())):
+            assert abs(d[i].logprob - v) < 1e-4 and d[i].rank == j + 1
+        assert set(d) == {tok, *top.indices.tolist()}
+        assert all(x.decoded_token == tok_text.decode([i], skip_special_tokens=False) for i, x in d.items())
         total += ref[t, tok].item()
     assert abs(out.cumulative_logprob - total) < 1e-3
 
@@ -392,6 +453,258 @@ def test_sharded_checkpoint(llama, sharded):
     assert torch.equal(a, b)
 
 
+# -- vLLM's sampling fields: penalties, logprobs modes, prompt logprobs, text rules ---------------
+
+
+def _hf_logits(path, ids):
+    with torch.no_grad():
+        return hf_model(path)(torch.tensor([ids])).logits[0]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_repetition_penalty_greedy_matches_transformers(models, arch):
+    """Greedy generation with repetition_penalty equals transformers' generate(repetition_penalty=...),
+    one prompt per call (transformers counts a left-padded batch's pad tokens as seen)."""
+    path = models[arch]
+    llm = LLM(path, dtype="float32", device="cpu")
+    hf = hf_model(path)
+    prompts = _prompts(21, [6, 23])
+    plain = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=30, min_tokens=30), use_tqdm=False)
+    for penalty in (1.5, 0.8):
+        sp = SamplingParams(temperature=0, max_tokens=30, min_tokens=30, repetition_penalty=penalty)
+        outs = llm.generate(prompts, sp, use_tqdm=False)
+        for p, o, q in zip(prompts, outs, plain):
+            ref = hf.generate(
+                torch.tensor([p]), max_new_tokens=30, min_new_tokens=30, do_sample=False, repetition_penalty=penalty
+            )[0, len(p) :]
+            assert o.outputs[0].token_ids == ref.tolist()
+            if penalty > 1:  # the plain output repeats itself: discouraging that changes it
+                assert o.outputs[0].token_ids != q.outputs[0].token_ids
+
+
+MODES = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")
+
+
+def test_logprobs_modes_match_transformers(llama):
+    """Each logprobs_mode's value of the sampled token against transformers' logits: raw =
+    log_softmax(logits) / logits; processed = after transformers' repetition penalty, temperature,
+    top-k and top-p warpers (same order as vLLM's without min-p), masked tokens at -inf."""
+    from transformers.generation.logits_process import (
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    p = _prompts(22, [15])[0]
+    sp = SamplingParams(
+        temperature=0.7, top_k=12, top_p=0.9, max_tokens=8, logprobs=2, seed=3, ignore_eos=True, repetition_penalty=1.2
+    )
+    outs = {
+        m: LLM(llama, dtype="float32", device="cpu", logprobs_mode=m).generate([p], sp, use_tqdm=False) for m in MODES
+    }
+    outs = {m: o[0].outputs[0] for m, o in outs.items()}
+    toks = outs["raw_logprobs"].token_ids
+    assert all(o.token_ids == toks for o in outs.values())  # the mode never changes the draw
+    raw = _hf_logits(llama, p + toks)[len(p) - 1 : -1]
+    gap = 0.0
+    for t, tok in enumerate(toks):
+        ids = torch.tensor([p + toks[:t]])
+        x = RepetitionPenaltyLogitsProcessor(1.2)(ids, raw[t : t + 1].clone())
+        for warper in (TemperatureLogitsWarper(0.7), TopKLogitsWarper(12), TopPLogitsWarper(0.9)):
+            x = warper(ids, x)
+        x = x[0].double()
+        want = {
+            "raw_logprobs": torch.log_softmax(raw[t].double(), -1),
+            "raw_logits": raw[t].double(),
+            "processed_logprobs": torch.log_softmax(x, -1),
+            "processed_logits": x,
+        }
+        for m, o in outs.items():
+            e = o.logprobs[t]
+            assert abs(e[tok].logprob - want[m][tok].item()) < 2e-4, (m, t)
+            assert e[tok].rank == 1 + int((want[m] > want[m][tok]).sum()) or e[tok].rank <= 2
+            top = torch.topk(want[m], 2)
+            for j, (i, v) in enumerate(zip(top.indices.tolist(), top.values.tolist())):
+                assert abs(e[i].logprob - v) < 2e-4 and e[i].rank == j + 1
+        assert torch.isinf(want["processed_logprobs"]).sum() > 200  # top-k 12 of 320
+        gap += abs(want["processed_logprobs"][tok] - want["raw_logprobs"][tok]).item()
+    assert gap / len(toks) > 0.1  # the modes really differ here
+    for m in ("raw_logprobs", "processed_logprobs"):  # cumulative_logprob sums the reported values
+        o = outs[m]
+        assert abs(o.cumulative_logprob - sum(e[tk].logprob for tk, e in zip(o.token_ids, o.logprobs))) < 1e-5
+    with pytest.raises(ValueError, match="logprobs_mode must be one of"):
+        LLM(llama, dtype="float32", device="cpu", logprobs_mode="processed")
+
+
+@pytest.mark.parametrize("mode, budget", [("raw_logprobs", 4096), ("processed_logprobs", 16)])
+def test_prompt_logprobs_match_transformers(llama, mode, budget):
+    """Raw log_softmax of transformers' logits at every prompt position (whatever logprobs_mode),
+    vLLM's structure (first entry None, the prompt token first, then the top-k), once per request
+    with n > 1, across prefill chunks, and with the prompt already in the prefix cache: such a
+    request skips the cache (a cached prefix has no logits) and registers its blocks for others."""
+    llm = LLM(llama, dtype="float32", device="cpu", max_num_batched_tokens=budget, logprobs_mode=mode)
+    bm = llm.engine.block_manager
+    prompts = _prompts(23, [37, 1, 50])
+    sp = SamplingParams(n=3, temperature=0.8, top_k=5, max_tokens=4, seed=1, ignore_eos=True)
+    plain = llm.generate(prompts, sp, use_tqdm=False)  # caches the prompts' blocks
+    hits = bm.prefix_hits
+    sp.prompt_logprobs = 2
+    outs = llm.generate(prompts, sp, use_tqdm=False)
+    assert bm.prefix_hits == hits
+    for p, o, q in zip(prompts, outs, plain):
+        assert [c.token_ids for c in o.outputs] == [c.token_ids for c in q.outputs]
+        plp = o.prompt_logprobs
+        assert len(plp) == len(p) and plp[0] is None
+        if len(p) == 1:
+            continue
+        ref = torch.log_softmax(_hf_logits(llama, p).double(), -1)
+        for i in range(1, len(p)):
+            e, tok = plp[i], p[i]
+            assert next(iter(e)) == tok
+            assert abs(e[tok].logprob - ref[i - 1, tok].item()) < 1e-4
+            top = torch.topk(ref[i - 1], 2)
+            if tok not in top.indices.tolist():
+                assert e[tok].rank == 1 + int((ref[i - 1] > ref[i - 1, tok]).sum()) and len(e) == 3
+            for j, (k, v) in enumerate(zip(top.indices.tolist(), top.values.tolist())):
+                assert abs(e[k].logprob - v) < 1e-4 and e[k].rank == j + 1
+            assert e[tok].decoded_token == llm.get_tokenizer().decode([tok], skip_special_tokens=False)
+    assert q.prompt_logprobs is None
+    hits = bm.prefix_hits
+    llm.generate([prompts[2]], SamplingParams(max_tokens=2), use_tqdm=False)
+    assert bm.prefix_hits - hits == 48  # its blocks serve later requests
+
+
+def test_prompt_logprobs_survive_preemption_and_abort(llama):
+    prompts = _prompts(6, [37, 20, 50, 9, 33, 28])
+    sp = SamplingParams(n=3, temperature=0, max_tokens=40, ignore_eos=True, prompt_logprobs=1, logprobs=0)
+    ref = LLM(llama, dtype="float32", device="cpu").generate(prompts, sp, use_tqdm=False)
+    small = LLM(llama, dtype="float32", device="cpu", num_kv_blocks=14, max_num_batched_tokens=16)
+    got = small.generate(prompts, sp, use_tqdm=False)
+    assert small.engine.scheduler.num_preemptions > 0
+    for a, b in zip(ref, got):
+        assert [c.token_ids for c in a.outputs] == [c.token_ids for c in b.outputs]
+        assert b.prompt_logprobs[0] is None and len(b.prompt_logprobs) == len(b.prompt_token_ids)
+        for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
+            assert list(x) == list(y) and all(abs(x[t].logprob - y[t].logprob) < 1e-4 for t in x)
+    eng = small.engine
+    eng.add_request("x", prompts[2], sp)
+    eng.step()  # the first 16-token chunk of 50
+    eng.abort_request("x")
+    assert not eng._prompt_logprob_seqs and eng.block_manager.num_used == 0
+
+
+def test_penalties_seeded_and_batch_independent(llama):
+    prompts = _prompts(24, [12, 30])
+    sp = SamplingParams(
+        n=3, temperature=1.0, max_tokens=20, seed=5, ignore_eos=True, presence_penalty=1.0, frequency_penalty=0.5
+    )
+    a = LLM(llama, dtype="float32", device="cpu").generate(prompts, sp, use_tqdm=False)
+    b = LLM(llama, dtype="float32", device="cpu", num_kv_blocks=10, max_num_seqs=2).generate(
+        [prompts[0], prompts[0], prompts[1]], [sp, SamplingParams(max_tokens=3), sp], use_tqdm=False
+    )
+    assert [[c.token_ids for c in o.outputs] for o in a] == [[c.token_ids for c in o.outputs] for o in (b[0], b[2])]
+    sp0 = SamplingParams(n=3, temperature=1.0, max_tokens=20, seed=5, ignore_eos=True)
+    c = LLM(llama, dtype="float32", device="cpu").generate(prompts, sp0, use_tqdm=False)
+    assert [[x.token_ids for x in o.outputs] for o in a] != [[x.token_ids for x in o.outputs] for o in c]
+    # a strong presence penalty makes repeats rare
+    d = LLM(llama, dtype="float32", device="cpu").generate(
+        prompts, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, presence_penalty=2.0), use_tqdm=False
+    )
+    e = LLM(llama, dtype="float32", device="cpu").generate(
+        prompts, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), use_tqdm=False
+    )
+    distinct = [len(set(o.outputs[0].token_ids)) for o in d]
+    assert all(x > len(set(o.outputs[0].token_ids)) for x, o in zip(distinct, e))
+
+
+def test_text_rules_detokenize_and_max_tokens_none(llama, tmp_path):
+    """vLLM's text rules: a stop token or EOS that ended a candidate is not in .text (unless
+    include_stop_str_in_output); detokenize=False gives no text and no decoded tokens; max_tokens=None
+    runs to the end of the context."""
+    path = _copy(llama, tmp_path / "m")
+    llm = LLM(path, dtype="float32", device="cpu", max_model_len=48)
+    tok = llm.get_tokenizer()
+    p = _prompts(25, [10])[0]
+    free = llm.generate([p], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True), use_tqdm=False)
+    free = free[0].outputs[0].token_ids
+    stop_id = free[4]
+    k = free.index(stop_id)
+    for include in (False, True):
+        for skip in (True, False):
+            sp = SamplingParams(
+                temperature=0,
+                max_tokens=30,
+                stop_token_ids=[stop_id],
+                include_stop_str_in_output=include,
+                skip_special_tokens=skip,
+                logprobs=1,
+            )
+            o = llm.generate([p], sp, use_tqdm=False)[0].outputs[0]
+            assert o.token_ids == free[: k + 1] and o.stop_reason == stop_id
+            assert o.text == tok.decode(free[: k + 1] if include else free[:k], skip)
+            assert all(x.decoded_token == tok.decode([i], False) for d in o.logprobs for i, x in d.items())
+    o = llm.generate(
+        [p],
+        SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[stop_id], detokenize=False, logprobs=2),
+        use_tqdm=False,
+    )[0].outputs[0]
+    assert o.text == "" and o.token_ids == free[: k + 1]
+    assert all(x.decoded_token is None for d in o.logprobs for x in d.values())
+    with pytest.raises(RequestError, match=r"invalid sampling value stop='x': stop strings need detokenize=True"):
+        SamplingParams(stop="x", detokenize=False)
+    o = llm.generate([p], SamplingParams(temperature=0, max_tokens=None, ignore_eos=True), use_tqdm=False)[0]
+    assert o.outputs[0].finish_reason == "length" and len(o.outputs[0].token_ids) == 48 - len(p)
+    # EOS: the tokenizer's EOS (vLLM's primary) stops with stop_reason None, another EOS id of the
+    # model's config with its id; neither is in .text
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["eos_token_id"] = [1, stop_id]
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    o = (
+        LLM(path, dtype="float32", device="cpu")
+        .generate([p], SamplingParams(temperature=0, max_tokens=30, skip_special_tokens=False), use_tqdm=False)[0]
+        .outputs[0]
+    )
+    assert o.token_ids == free[: k + 1] and o.stop_reason == stop_id and o.text == tok.decode(free[:k], False)
+    with open(os.path.join(path, "tokenizer_config.json")) as f:
+        tcfg = json.load(f)
+    tcfg["eos_token"] = tok.tok.id_to_token(stop_id)
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump(tcfg, f)
+    o = (
+        LLM(path, dtype="float32", device="cpu")
+        .generate([p], SamplingParams(temperature=0, max_tokens=30, skip_special_tokens=False), use_tqdm=False)[0]
+        .outputs[0]
+    )
+    assert o.token_ids == free[: k + 1] and o.stop_reason is None and o.text == tok.decode(free[:k], False)
+
+
+def test_skip_special_tokens_only_changes_text(llama):
+    llm = LLM(llama, dtype="float32", device="cpu")
+    p = _prompts(26, [8])[0]
+    outs = {
+        skip: llm.generate(
+            [p],
+            SamplingParams(
+                n=8, temperature=1.5, max_tokens=24, ignore_eos=True, seed=2, skip_special_tokens=skip, logprobs=1
+            ),
+            use_tqdm=False,
+        )[0].outputs
+        for skip in (True, False)
+    }
+    tok = llm.get_tokenizer()
+    special = 0
+    for a, b in zip(outs[True], outs[False]):
+        assert a.token_ids == b.token_ids
+        assert a.text == tok.decode(a.token_ids, True) and b.text == tok.decode(b.token_ids, False)
+        special += sum(t in (0, 1, 2) for t in a.token_ids)
+        for d in a.logprobs:  # decoded tokens keep special tokens (vLLM decodes each id alone, as is)
+            assert all(x.decoded_token == tok.decode([i], False) != "" for i, x in d.items() if i in (0, 1, 2))
+    assert special > 0 and any(a.text != b.text for a, b in zip(outs[True], outs[False]))
+
+
 # -- bad input ------------------------------------------------------------------------------
 
 
@@ -515,6 +828,12 @@ def test_request_errors(llama, tmp_path):
         dict(logprobs=-1),
         dict(temperature=float("nan")),
         dict(stop=[""]),
+        dict(repetition_penalty=0),
+        dict(repetition_penalty=float("inf")),
+        dict(presence_penalty=2.5),
+        dict(frequency_penalty=-3),
+        dict(prompt_logprobs=-1),
+        dict(min_tokens=-1, max_tokens=None),
     ]:
         with pytest.raises(RequestError, match="invalid sampling value " + next(iter(bad))):
             SamplingParams(**bad)
@@ -554,11 +873,15 @@ def test_cli_generate(llama, tmp_path):
             "0.8",
             "--device",
             "cpu",
+            "--logprobs",
+            "1",
         ],
     )
     assert r.exit_code == 0, r.output
     recs = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(recs) == 2 and all(len(x["outputs"]) == 3 for x in recs)
+    lps = recs[0]["outputs"][0]["logprobs"]  # Logprob objects written as their float values
+    assert len(lps) == 5 and all(isinstance(v, float) and v <= 0 for d in lps for v in d.values())
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{not json\n')
     r = CliRunner().invoke(main, ["generate", "--model", llama, "--prompts", str(bad), "--device", "cpu"])

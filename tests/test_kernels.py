@@ -18,11 +18,12 @@ from kernels import (
     paged_decode_attention_ref,
     paged_prefill_attention_ref,
     prm_step_scores_ref,
+    qk_norm_rope_ref,
     rms_norm_ref,
     sample_ref,
 )
 from kernels.decode_attention_triton import choose_num_splits, paged_decode_attention_triton
-from kernels.norm_rope_triton import apply_rotary_triton, rms_norm_triton
+from kernels.norm_rope_triton import apply_rotary_triton, qk_norm_rope_triton, rms_norm_triton
 from kernels.prefill_attention_triton import paged_prefill_attention_triton
 from kernels.prm_scoring_triton import prm_step_scores_triton
 from kernels.sampling import apply_filters
@@ -249,13 +250,16 @@ def test_prefill_triton_bf16_gpu():
 
 
 def allowed_f64(logits, temperature, top_k, top_p, min_p):
-    """Independent numpy/float64 statement of the filter rules: (allowed mask, renormalised probs)."""
+    """Independent numpy/float64 statement of the filter rules, in vLLM's order (temperature, min-p,
+    top-k, top-p over what min-p and top-k kept): (allowed mask, renormalised probs)."""
     x = logits.astype(np.float64) / max(temperature, 1e-6)
     V = len(x)
     order = np.argsort(-x, kind="stable")
     keep = np.zeros(V, dtype=bool)
     k = V if top_k <= 0 or top_k > V else top_k
     keep[order[:k]] = True
+    if min_p > 0:
+        keep &= x >= x.max() + np.log(min_p)
     p = np.exp(x - x.max()) * keep
     p /= p.sum()
     if top_p < 1:
@@ -263,8 +267,6 @@ def allowed_f64(logits, temperature, top_k, top_p, min_p):
         drop = order[before >= top_p]
         drop = drop[drop != order[0]]
         keep[drop] = False
-    if min_p > 0:
-        keep &= x >= x.max() + np.log(min_p)
     probs = np.exp(x - x.max()) * keep
     return keep, probs / probs.sum()
 
@@ -537,3 +539,34 @@ def test_rotary(dtype):
     tol = 1e-6 if dtype == torch.float32 else (1e-3 if dtype == torch.float16 else 5e-2)
     torch.testing.assert_close(tq.float(), rq.float(), atol=tol, rtol=tol)
     torch.testing.assert_close(tk.float(), rk.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_qk_norm_rope(dtype):
+    """Qwen3's per-head q/k RMSNorm then rotary: the reference against float64 (norm over head_dim
+    with a [D] weight shared by the heads, then the rotation), the Triton kernel against the
+    reference, on views of a fused projection with a head_dim that is not a power of two."""
+    gen = torch.Generator().manual_seed(8)
+    T, hq, hkv, d = 9, 6, 2, 24
+    theta = torch.arange(0, 100)[:, None].double() * (10000.0 ** (-torch.arange(0, d, 2).double() / d))[None]
+    cos_sin = torch.cat([theta.cos(), theta.sin()], -1).float().to(DEV)
+    qkv = (torch.randn(T, (hq + 2 * hkv) * d, generator=gen) * 3).to(dtype).to(DEV)
+    q = qkv[:, : hq * d].view(T, hq, d)
+    k = qkv[:, hq * d : (hq + hkv) * d].view(T, hkv, d)
+    wq = (1 + 0.3 * torch.randn(d, generator=gen)).to(dtype).to(DEV)
+    wk = (1 + 0.3 * torch.randn(d, generator=gen)).to(dtype).to(DEV)
+    pos = torch.randint(0, 100, (T,), generator=gen).to(DEV)
+    rq, rk = qk_norm_rope_ref(q, k, wq, wk, 1e-6, pos, cos_sin)
+    f64_tol = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 6e-2}[dtype]
+    want_q = rotary_f64(rms_norm_f64(q, wq, 1e-6), pos, cos_sin)
+    want_k = rotary_f64(rms_norm_f64(k, wk, 1e-6), pos, cos_sin)
+    torch.testing.assert_close(rq.double(), want_q, atol=f64_tol, rtol=f64_tol)
+    torch.testing.assert_close(rk.double(), want_k, atol=f64_tol, rtol=f64_tol)
+    tq, tk = qk_norm_rope_triton(q, k, wq, wk, 1e-6, pos, cos_sin)
+    assert tq.dtype == rq.dtype == dtype and tk.dtype == rk.dtype
+    # same rounding steps as the reference (the interpreter truncates bf16 casts: looser there)
+    tol = 2e-6 if dtype == torch.float32 else (2e-3 if dtype == torch.float16 else 6e-2)
+    torch.testing.assert_close(tq.float(), rq.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(tk.float(), rk.float(), atol=tol, rtol=tol)
+    with pytest.raises(ValueError, match="norm weights must be"):
+        qk_norm_rope_triton(q, k, wq[:-2], wk, 1e-6, pos, cos_sin)

@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from model_factory import make_model
+from model_factory import make_model, make_qwen3_model
 
 from engine import PRM, RequestError
 
@@ -71,9 +71,19 @@ def test_lm_prm_matches_full_logits(lm_prm_path, aggregate):
     assert len({round(x, 6) for s in scores for x in s.step_scores}) > 4  # real, varied probabilities
 
 
-def test_classifier_prm_matches_transformers(cls_prm_path):
+@pytest.fixture(scope="module")
+def qwen3_cls_prm_path(tmp_path_factory):
+    """Qwen3ForTokenClassification: q/k norms and head_dim 24 != 64 / 4 under the 2-class head."""
+    return make_qwen3_model(
+        str(tmp_path_factory.mktemp("prm") / "q3cls"), seed=7, head="token_cls", extra_tokens=("<extra_0>",)
+    )
+
+
+@pytest.mark.parametrize("which", ["cls_prm_path", "qwen3_cls_prm_path"])
+def test_classifier_prm_matches_transformers(request, which):
     from transformers import AutoModelForTokenClassification
 
+    cls_prm_path = request.getfixturevalue(which)
     prm = PRM(cls_prm_path, dtype="float32", device="cpu")
     assert prm.kind == "classifier" and prm.step_tag == "<extra_0>"
     scores = prm.score(QUESTION, CANDIDATES)

@@ -90,7 +90,7 @@ def generate(
                     "cumulative_logprob": c.cumulative_logprob,
                     "finish_reason": c.finish_reason,
                     **(
-                        {"logprobs": [{str(k): v for k, v in d.items()} for d in c.logprobs]}
+                        {"logprobs": [{str(k): v.logprob for k, v in d.items()} for d in c.logprobs]}
                         if c.logprobs is not None
                         else {}
                     ),

@@ -1,0 +1,218 @@
+"""engine/sampler.py on random logits: penalties against transformers and a float64 statement,
+logprobs_mode values and vLLM's per-position logprobs entries (Logprob, rank, order)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from engine.sampler import apply_penalties, position_logprobs, sample_rows
+from engine.sampling_params import SamplingParams
+from engine.sequence import Sequence
+
+V = 97
+
+
+def _seqs(params_list, seed=0, prompt_lens=(5, 17, 1, 9), out_lens=(0, 6, 11, 3)):
+    """Sequences with random prompts and outputs (repeated ids included), one per params."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = []
+    for i, p in enumerate(params_list):
+        pl, ol = prompt_lens[i % len(prompt_lens)], out_lens[i % len(out_lens)]
+        s = Sequence(f"r{i}", torch.randint(0, V // 3, (pl,), generator=g).tolist(), p)
+        s.token_ids += torch.randint(0, V // 2, (ol,), generator=g).tolist()  # overlaps the prompt ids
+        seqs.append(s)
+    return seqs
+
+
+def _logits(R, seed=1, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(R, V, generator=g) * scale
+    x[:, ::7] = 0.0  # exact zeros: the > 0 / <= 0 boundary of the repetition penalty
+    return x
+
+
+@pytest.mark.parametrize("penalty", [1.3, 0.7])
+def test_repetition_penalty_matches_transformers(penalty):
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    seqs = _seqs([SamplingParams(repetition_penalty=penalty)] * 4)
+    x = _logits(4)
+    ours = x.clone()
+    apply_penalties(ours, None, seqs)
+    hf = RepetitionPenaltyLogitsProcessor(penalty)
+    for r, s in enumerate(seqs):  # transformers' input_ids: prompt + output, one row (no padding)
+        ref = hf(torch.tensor([s.token_ids]), x[r : r + 1].clone())[0]
+        assert torch.equal(ours[r], ref)
+    assert not torch.equal(ours, x)
+
+
+def _penalties_f64(x, s):
+    """Hand-written float64 statement of vLLM's penalties for one sequence."""
+    p = s.params
+    out = np.array(x, dtype=np.float64)
+    counts = np.bincount(np.array(s.output_ids, dtype=np.int64), minlength=V).astype(np.float64)
+    seen = counts > 0
+    seen[s.token_ids[: s.prompt_len]] = True
+    rep = p.repetition_penalty
+    out = np.where(seen, np.where(out > 0, out / rep, out * rep), out)
+    out = out - p.frequency_penalty * counts
+    return out - p.presence_penalty * (counts > 0)
+
+
+def test_presence_frequency_and_subset_rows_match_float64():
+    params = [
+        SamplingParams(presence_penalty=0.8, frequency_penalty=0.3),
+        SamplingParams(),  # no penalty: its row must stay untouched
+        SamplingParams(repetition_penalty=1.2, presence_penalty=-0.5, frequency_penalty=1.5),
+        SamplingParams(frequency_penalty=-2.0),
+        SamplingParams(presence_penalty=2.0),
+    ]
+    seqs = _seqs(params, seed=3, out_lens=(4, 6, 11, 3, 8))
+    x = _logits(len(params), seed=4)
+    ours = x.clone()
+    rows = [r for r, p in enumerate(params) if p.has_penalties]
+    apply_penalties(ours, torch.tensor(rows), [seqs[r] for r in rows])
+    assert torch.equal(ours[1], x[1])
+    for r in rows:
+        ref = _penalties_f64(x[r].numpy(), seqs[r])
+        np.testing.assert_allclose(ours[r].double().numpy(), ref, rtol=1e-6, atol=1e-5)
+        assert not torch.equal(ours[r], x[r])
+    # the first output token: counts are empty, only the prompt counts for repetition
+    fresh = _seqs([SamplingParams(repetition_penalty=2.0, presence_penalty=1.0)], out_lens=(0,))
+    y = x[:1].clone()
+    apply_penalties(y, None, fresh)
+    np.testing.assert_allclose(y[0].double().numpy(), _penalties_f64(x[0].numpy(), fresh[0]), rtol=1e-6)
+
+
+def _mask_f64(x, T, top_k, top_p, min_p):
+    """Allowed tokens of one row after temperature, in vLLM's order (min-p, top-k, top-p)."""
+    x = np.asarray(x, dtype=np.float64) / T
+    order = np.argsort(-x, kind="stable")
+    keep = np.zeros(len(x), dtype=bool)
+    keep[order[: (top_k if 0 < top_k < len(x) else len(x))]] = True
+    if min_p > 0:
+        keep &= x >= x.max() + math.log(min_p)
+    if top_p < 1:
+        p = np.exp(x - x.max()) * keep
+        p /= p.sum()
+        before = np.cumsum(p[order]) - p[order]
+        drop = order[before >= top_p]
+        keep[drop[drop != order[0]]] = False
+    return keep
+
+
+CASES = [  # temperature, top_k, top_p, min_p
+    dict(temperature=0.7),
+    dict(temperature=1.3, top_k=6),
+    dict(temperature=0.9, top_p=0.8),
+    dict(temperature=0.8, min_p=0.05, top_p=0.9),
+    dict(temperature=1.0, top_k=20, top_p=0.7, min_p=0.02),
+    dict(temperature=0.0),  # greedy: penalised logits, no temperature, no filter
+]
+
+
+def _case_params(logprobs=4):
+    return [
+        SamplingParams(logprobs=logprobs, repetition_penalty=1.25, frequency_penalty=0.2, presence_penalty=0.1, **c)
+        for c in CASES
+    ]
+
+
+@pytest.mark.parametrize("mode", ["processed_logprobs", "processed_logits"])
+def test_processed_values_are_the_penalised_scaled_masked_logits(mode):
+    """processed_logprobs == log_softmax(penalised / T) with the filtered tokens at -inf (float64
+    reference); processed_logits the same before log_softmax; the sampled token is allowed, its
+    rank is 1 + the number of strictly larger values, the top-k entries follow in order."""
+    params = _case_params()
+    R = len(params) * 8
+    params = [p for p in params for _ in range(8)]
+    seqs = _seqs(params, seed=5)
+    x = _logits(R, seed=6)
+    seeds = list(range(100, 100 + R))
+    tokens, values, entries = sample_rows(x.clone(), params, seeds, [[] for _ in range(R)], seqs, mode)
+    for r, (p, s) in enumerate(zip(params, seqs)):
+        pen = _penalties_f64(x[r].numpy(), s)
+        greedy = p.temperature == 0
+        T = 1.0 if greedy else p.temperature
+        keep = np.ones(V, bool) if greedy else _mask_f64(pen, T, p.top_k, p.top_p, p.min_p)
+        scaled = np.where(keep, pen / T, -np.inf)
+        ref = scaled - (scaled.max() + np.log(np.exp(scaled - scaled.max()).sum()))
+        if mode == "processed_logits":
+            ref = scaled
+        tok = tokens[r]
+        assert keep[tok], (r, p)
+        if greedy:
+            assert tok == int(np.argmax(pen))
+        e = entries[r]
+        assert next(iter(e)) == tok
+        assert abs(e[tok].logprob - ref[tok]) < 1e-4 and abs(values[r] - ref[tok]) < 1e-4
+        order = np.argsort(-ref, kind="stable")[: p.logprobs]
+        finite = [int(i) for i in order if np.isfinite(ref[i])]
+        assert len(e) == p.logprobs + (tok not in e or e[tok].rank > p.logprobs)
+        for j, i in enumerate(finite):
+            assert abs(e[i].logprob - ref[i]) < 1e-4 and e[i].rank == j + 1, (r, j)
+        # masked tokens fill the rest of the top-k list at -inf, as vLLM reports them
+        assert sum(1 for x in e.values() if x.logprob == -math.inf) == p.logprobs - len(finite)
+        if tok not in order:  # not in the top-k: its own rank
+            assert e[tok].rank == 1 + int((ref > ref[tok]).sum())
+
+
+def test_raw_modes_ignore_penalties_and_temperature():
+    params = _case_params(logprobs=3)
+    seqs = _seqs(params, seed=7)
+    x = _logits(len(params), seed=8)
+    args = (params, list(range(len(params))), [[] for _ in params], seqs)
+    tok_lp, vals_lp, ent_lp = sample_rows(x.clone(), *args, "raw_logprobs")
+    tok_lg, vals_lg, ent_lg = sample_rows(x.clone(), *args, "raw_logits")
+    tok_pr, _, _ = sample_rows(x.clone(), *args, "processed_logprobs")
+    assert tok_lp == tok_lg == tok_pr  # the mode changes what is reported, never what is drawn
+    raw_lp = torch.log_softmax(x.double(), -1)
+    for r, tok in enumerate(tok_lp):
+        assert abs(vals_lp[r] - raw_lp[r, tok].item()) < 1e-5 and abs(vals_lg[r] - x[r, tok].item()) < 1e-6
+        assert ent_lp[r][tok].rank == ent_lg[r][tok].rank == 1 + int((x[r] > x[r, tok]).sum())
+        top = torch.topk(x[r], 3).indices.tolist()
+        for ent in (ent_lp[r], ent_lg[r]):
+            assert list(ent)[0] == tok and [i for i in ent if i != tok] == [i for i in top if i != tok]
+    # without logprobs entries the values are still the raw logprobs of the drawn tokens
+    no_lp = [SamplingParams(repetition_penalty=1.25, **c) for c in CASES]
+    tok, vals, ent = sample_rows(x.clone(), no_lp, *args[1:], "raw_logprobs")
+    assert ent == [None] * len(no_lp) and tok == tok_lp
+    assert all(abs(v - raw_lp[r, t].item()) < 1e-5 for r, (t, v) in enumerate(zip(tok, vals)))
+
+
+def test_penalties_change_the_draw_and_stay_seeded():
+    """Same seed, same penalised draw; a row's draw does not depend on the other rows."""
+    p = SamplingParams(temperature=1.0, repetition_penalty=3.0, presence_penalty=1.5)
+    seqs = _seqs([p] * 6, seed=9)
+    x = _logits(6, seed=10, scale=1.0)
+    seeds = [11, 12, 13, 14, 15, 16]
+    a = sample_rows(x.clone(), [p] * 6, seeds, [[]] * 6, seqs)[0]
+    b = sample_rows(x.clone(), [p] * 6, seeds, [[]] * 6, seqs)[0]
+    alone = sample_rows(x[2:3].clone(), [p], seeds[2:3], [[]], seqs[2:3])[0]
+    assert a == b and alone[0] == a[2]
+    greedy = SamplingParams(temperature=0, repetition_penalty=50.0)
+    s = _seqs([greedy], seed=9)
+    top = int(x[0].argmax())
+    s[0].token_ids.append(top)  # the argmax was generated: a huge penalty moves the argmax elsewhere
+    y = x[:1].clone()
+    y[0, top] = abs(y[0, top]) + 1
+    assert sample_rows(y.clone(), [greedy], [0], [[]], s)[0][0] != top
+
+
+def test_position_logprobs_entries():
+    """vLLM's dict: the chosen token first with its rank (ties counted pessimistically), then the
+    top-k with ranks 1..k; a chosen token inside the top-k keeps its key position and takes its
+    top-k rank."""
+    values = torch.tensor([[0.0, -1.0, -1.0, -3.0, -0.5], [-2.0, -1.0, -1.0, -3.0, -0.5]])
+    tokens = torch.tensor([2, 2])
+    vals, entries = position_logprobs(values, tokens, [2, 0])
+    assert vals == [-1.0, -1.0]
+    e = entries[0]
+    assert list(e) == [2, 0, 4] and e[2].rank == 4 and e[0].rank == 1 and e[4].rank == 2
+    assert entries[1] == {2: entries[1][2]} and entries[1][2].rank == 3  # both -1.0 tie: count(>=) = 3
+    vals, entries = position_logprobs(values, torch.tensor([0, 4]), [1, None])
+    assert list(entries[0]) == [0] and entries[0][0].rank == 1 and entries[1] is None
+    _, entries = position_logprobs(values, tokens, [10, 7])  # more than the vocabulary: all of it
+    assert [len(e) for e in entries] == [5, 5] and sorted(x.rank for x in entries[0].values()) == [1, 2, 3, 4, 5]
