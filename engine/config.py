@@ -155,6 +155,8 @@ class EngineConfig:
     # CPU float32: bytes of MKL-packed weight copies for the steady decode batch (0: never pack);
     # see engine/packed_linear.py.
     cpu_packed_weights_bytes: int = 1 << 30
+    # Decode CUDA graphs per batch-size bucket (engine/cuda_graphs.py); True runs every step eagerly.
+    enforce_eager: bool = False
 
     def validate(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -26,6 +26,7 @@ class LLM:
         max_model_len: int | None = None,
         enable_prefix_caching: bool = True,
         cpu_packed_weights_bytes: int = 1 << 30,
+        enforce_eager: bool = False,
     ):
         cfg = EngineConfig(
             block_size=block_size,
@@ -37,6 +38,7 @@ class LLM:
             max_model_len=max_model_len,
             enable_prefix_caching=enable_prefix_caching,
             cpu_packed_weights_bytes=cpu_packed_weights_bytes,
+            enforce_eager=enforce_eager,
         )
         self.engine = LLMEngine(model, dtype=dtype, device=device, seed=seed, engine_config=cfg)
         self._counter = 0
