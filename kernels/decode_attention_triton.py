@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import launch
+from kernels.launch import jit, launch
 from kernels.paged_triton import needs_64bit_offsets as _needs_64bit_offsets
 from kernels.paged_triton import paged_row_offsets
 
@@ -37,7 +37,7 @@ _LOG2E = 1.4426950408889634
 MAX_SPLITS = 64  # choose_num_splits never returns more; mid_lse's split stride
 
 
-@triton.jit(do_not_specialize=["num_splits", "min_split"], do_not_specialize_on_alignment=["BT", "SEQ"])
+@jit(do_not_specialize=["num_splits", "min_split"], do_not_specialize_on_alignment=["BT", "SEQ"])
 def _decode_split_kernel(
     Q,
     K,

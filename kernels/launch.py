@@ -33,6 +33,15 @@ def launch(kernel, grid, *args, **kwargs):
     return kernel[grid](*args, **kwargs)
 
 
+def jit(**options):
+    """triton.jit(**options), minus the options this Triton lacks (do_not_specialize_on_alignment
+    came with Triton 3.2; older ones then specialise on alignment, costing at most a variant)."""
+    import triton
+
+    known = inspect.signature(triton.jit).parameters
+    return triton.jit(**{k: v for k, v in options.items() if k in known})
+
+
 def _jit_of(kernel):
     """The JITFunction (or interpreter stand-in) under an autotuner."""
     while hasattr(kernel, "fn") and not inspect.isfunction(kernel.fn):
@@ -109,4 +118,4 @@ def compiled_count() -> int:
     return n
 
 
-__all__ = ["launch", "record_variants", "variant_key", "compiled_count"]
+__all__ = ["jit", "launch", "record_variants", "variant_key", "compiled_count"]

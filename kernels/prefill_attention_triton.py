@@ -22,14 +22,14 @@ import triton
 import triton.language as tl
 
 from kernels.decode_attention_triton import interpreting
-from kernels.launch import launch
+from kernels.launch import jit, launch
 from kernels.paged_triton import needs_64bit_offsets as _needs_64bit_offsets
 from kernels.paged_triton import paged_row_offsets
 
 _LOG2E = 1.4426950408889634
 
 
-@triton.jit(do_not_specialize_on_alignment=["BT", "CU_Q", "SEQ"])
+@jit(do_not_specialize_on_alignment=["BT", "CU_Q", "SEQ"])
 def _prefill_kernel(
     Q,
     K,

@@ -196,10 +196,12 @@ def test_cpu_default_path_untouched(tiny):
     assert llm.engine.runner.inputs is None and llm.engine.runner.graphs is None
 
 
-def test_decode_variants_do_not_depend_on_batch_size():
+def test_kernel_variants_do_not_depend_on_batch_size():
     """Qwen2.5-0.5B's attention and vocabulary shapes, batch sizes 1..256 (launches recorded, not
-    run): one variant per kernel, so a batch draining from 256 to 1 compiles nothing new."""
+    run): one variant per kernel, so a batch draining from 256 to 1 compiles nothing new; and the
+    prefill kernel's variant does not depend on how many decode rows precede the prefill rows."""
     from kernels.decode_attention_triton import paged_decode_attention_triton
+    from kernels.prefill_attention_triton import paged_prefill_attention_triton
     from kernels.kv_store_triton import store_kv_triton
     from kernels.norm_rope_triton import apply_rotary_triton, rms_norm_triton
     from kernels.sampling_triton import sample_triton
@@ -229,6 +231,10 @@ def test_decode_variants_do_not_depend_on_batch_size():
             rms_norm_triton(x[:B], w, 1e-6)
             rms_norm_triton(x[:B], w, 1e-6, x[:B])
             sample_triton(logits[:B], f[:B], i32[:B], f[:B], f[:B] * 0, seeds[:B])
+        cu = torch.tensor([0, 5, 9], dtype=torch.int32)
+        for nd in range(8):  # mixed steps: prefill rows after nd decode rows (views at any offset)
+            qp = torch.empty(nd + 9, Hq, D, dtype=torch.bfloat16)[nd:]
+            paged_prefill_attention_triton(qp, k, k, tables[nd : nd + 2], cu, lens[nd : nd + 2], max_seqlen_q=5)
     counts = {name: len(keys) for name, keys in seen.items()}
     assert counts == {
         "_decode_split_kernel": 1,
@@ -241,4 +247,5 @@ def test_decode_variants_do_not_depend_on_batch_size():
         "_chunk_draw_kernel": 1,
         "_combine_draw_kernel": 1,
         "_sample_kernel": 1,  # batches > 64: a program per row
+        "_prefill_kernel": 1,
     }, counts
