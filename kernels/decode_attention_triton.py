@@ -223,24 +223,27 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-# Candidates for the autotuner; _prune_configs keeps the few that suit the head dim and dtype.
+# Candidates for the autotuner: the hand-picked default and two neighbours for each head dim
+# (each candidate costs a compile at start-up, ~1 s).
 _CONFIGS = [
     triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=st)
-    for n, w, st in [(16, 4, 2), (32, 4, 2), (64, 4, 2), (32, 4, 3), (64, 8, 2), (128, 8, 2)]
+    for n, w, st in [(16, 4, 2), (32, 4, 2), (64, 4, 2), (64, 4, 3), (32, 4, 3), (128, 8, 2)]
 ]
+_CANDIDATES = {  # (D <= 64, D <= 128) -> configs as (BLOCK_N, num_warps, num_stages)
+    64: [(64, 4, 2), (32, 4, 2), (128, 8, 2)],
+    128: [(32, 4, 2), (32, 4, 3), (64, 4, 3)],
+}
 
 
 def _prune_configs(configs, nargs, **kwargs):
     D, dtype = kwargs["D"], nargs["K"].dtype
     default = _config(D, dtype)
-    pick = [c for c in configs if (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) == default]
-    if interpreting() or not nargs["K"].is_cuda:
-        return pick  # nothing to time: the default only
-    if dtype == torch.float32 or D > 128:
-        return [c for c in configs if c.kwargs["BLOCK_N"] <= 32 and c.num_warps == 4] or pick
-    if D > 64:
-        return [c for c in configs if c.kwargs["BLOCK_N"] in (32, 64)] or pick
-    return [c for c in configs if c.kwargs["BLOCK_N"] >= 32] or pick
+    key = lambda c: (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+    if interpreting() or not nargs["K"].is_cuda or dtype == torch.float32 or D > 128:
+        want = [default]  # nothing to time (CPU), or the fp32 / wide-head paths: the default only
+    else:
+        want = _CANDIDATES[64 if D <= 64 else 128]
+    return [c for c in configs if key(c) in want]
 
 
 _decode_split_tuned = triton.autotune(

@@ -154,28 +154,28 @@ _CONFIGS = [
     for m, n, w, st in [
         (16, 16, 4, 2),
         (32, 16, 4, 2),
-        (64, 32, 4, 2),
+        (64, 32, 4, 3),
         (64, 32, 8, 2),
         (64, 64, 4, 3),
         (128, 32, 8, 2),
         (128, 64, 8, 2),
-        (128, 64, 8, 3),
     ]
 ]
+_CANDIDATES = {  # the hand-picked default and two neighbours per head dim (a compile each at start-up)
+    64: [(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 8, 2)],
+    128: [(128, 32, 8, 2), (64, 32, 4, 3), (64, 64, 4, 3)],
+}
 
 
 def _prune_configs(configs, nargs, **kwargs):
     D, dtype = kwargs["D"], nargs["K"].dtype
     default = _config(D, dtype)
     key = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-    pick = [c for c in configs if key(c) == default]
-    if interpreting() or not nargs["K"].is_cuda or dtype == torch.float32:
-        return pick  # nothing to time (CPU), or the fp32 debugging path: the default only
-    if D > 128:
-        return [c for c in configs if c.kwargs["BLOCK_M"] == 64 and c.kwargs["BLOCK_N"] == 32] or pick
-    if D > 64:
-        return [c for c in configs if c.kwargs["BLOCK_N"] == 32 or key(c) == (64, 64, 4, 3)] or pick
-    return [c for c in configs if c.kwargs["BLOCK_M"] >= 64 and c.kwargs["BLOCK_N"] >= 32] or pick
+    if interpreting() or not nargs["K"].is_cuda or dtype == torch.float32 or D > 128:
+        want = [default]  # nothing to time (CPU), or the fp32 / wide-head paths: the default only
+    else:
+        want = _CANDIDATES[64 if D <= 64 else 128]
+    return [c for c in configs if key(c) in want]
 
 
 _prefill_tuned = triton.autotune(
