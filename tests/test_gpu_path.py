@@ -198,6 +198,19 @@ def test_gpu_path_preemption_and_copy_on_write(tiny, triton_path):
     assert llm.engine.block_manager.num_used == 0
 
 
+@needs_interpreter
+def test_gpu_path_prompt_forwards(tiny, monkeypatch):
+    """LLM.compute_logits (the PRM's path too) on the GPU path, with more prompts in one forward
+    than the largest decode bucket (a fresh block-table gather): the torch path's logits."""
+    prompts = _prompts(9, [3, 17, 1, 30, 8, 12])
+    want = LLM(tiny["llama"], dtype="float32", device="cpu").compute_logits(prompts)
+    monkeypatch.setenv("BSTAR_KERNELS", "triton")
+    llm = LLM(tiny["llama"], dtype="float32", device="cpu", max_num_seqs=4)
+    assert llm.engine.runner.inputs.block_tables.shape[0] == 4
+    for a, b in zip(llm.compute_logits(prompts), want):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
 def test_cpu_default_path_untouched(tiny):
     """Without BSTAR_KERNELS the CPU engine keeps its torch path: no persistent inputs, no buckets."""
     llm = LLM(tiny["llama"], dtype="float32", device="cpu")
