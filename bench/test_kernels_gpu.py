@@ -7,7 +7,9 @@
   cache contents for both), or torch SDPA on a dense copy of the cache when flash-attn is absent;
 * prefill: paged_prefill_attention_triton against flash-attn `flash_attn_varlen_func`, or torch
   SDPA (causal, GQA) when flash-attn is absent;
-* sampling: sample_triton against the torch reference (sort + cumsum), vocabulary 151936.
+* sampling: sample_triton against torch's own sampling (softmax + torch.multinomial; top-k by
+  torch.topk and top-p by sort + cumsum where asked, as vLLM's torch fallback does), vocabulary
+  151936, after checking that both draw from the same distribution.
 
 Run: pytest bench/test_kernels_gpu.py --benchmark-only -s   (skips without CUDA)
 """
@@ -189,32 +191,74 @@ def test_prefill_vs_peer(benchmark, batch, new, prefix):
     )
 
 
-@pytest.mark.parametrize("filters", ["plain", "top_p", "top_k_top_p"])
-@pytest.mark.parametrize("batch", [1, 64, 256])
+def torch_sample(logits, temperature, top_k, top_p):
+    """The peer: filters in torch, then torch.multinomial over the softmax (one k/p for all rows)."""
+    x = logits.float() / temperature[:, None]
+    if top_k:
+        kth = torch.topk(x, top_k, dim=-1).values[:, -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if top_p < 1:
+        sx, order = torch.sort(x, dim=-1, descending=True)
+        p = torch.softmax(sx, -1)
+        drop = (torch.cumsum(p, -1) - p) >= top_p
+        x = x.scatter(1, order, sx.masked_fill(drop, float("-inf")))
+    return torch.multinomial(torch.softmax(x, -1), 1)[:, 0]
+
+
+FILTERS = {"plain": (0, 1.0), "top_p": (0, 0.9), "top_k_top_p": (50, 0.9)}
+
+
+@pytest.mark.parametrize("filters", list(FILTERS))
+@pytest.mark.parametrize("batch", [1, 16, 64, 256])
 def test_sampling_vs_torch(benchmark, batch, filters):
-    """Fused sampling against the torch reference (full sort + cumsum) on Qwen-sized logits."""
-    from kernels.sampling import sample_ref
+    """Fused sampling against torch.multinomial over the softmax on Qwen-sized logits."""
+    from scipy import stats
+
     from kernels.sampling_triton import sample_triton
 
     V = 151936
+    k, p = FILTERS[filters]
     gen = torch.Generator(device="cuda").manual_seed(3)
+    # Same distribution: one row's logits repeated over 4096 rows, drawn by both, two-sample chi-square.
+    row = torch.randn(V, device="cuda", generator=gen) * 4
+    many = row.expand(4096, V).contiguous()
+    temp4k = torch.full((4096,), 0.8, device="cuda")
+    ours_tok, _ = sample_triton(
+        many,
+        temp4k,
+        torch.full((4096,), k, dtype=torch.int32, device="cuda"),
+        torch.full((4096,), p, device="cuda"),
+        torch.zeros(4096, device="cuda"),
+        torch.arange(4096, device="cuda"),
+    )
+    peer_tok = torch_sample(many, temp4k, k, p)
+    top = torch.topk(row, 24).indices
+    table = [[int((t == i).sum()) for i in top] + [int((~torch.isin(t, top)).sum())] for t in (ours_tok, peer_tok)]
+    table = [[a, b] for a, b in zip(*table) if a + b]
+    pvalue = stats.chi2_contingency(table).pvalue
+    assert pvalue > 1e-3, f"ours and torch.multinomial draw different distributions (p={pvalue:.2g})"
+
     logits = torch.randn(batch, V, device="cuda", dtype=DTYPE, generator=gen) * 4
     temp = torch.full((batch,), 0.8, device="cuda")
-    top_k = torch.full((batch,), 50 if filters == "top_k_top_p" else 0, dtype=torch.int32, device="cuda")
-    top_p = torch.full((batch,), 1.0 if filters == "plain" else 0.9, device="cuda")
-    min_p = torch.zeros(batch, device="cuda")
-    seeds = torch.arange(batch, device="cuda")
-    args = (logits, temp, top_k, top_p, min_p, seeds)
-    t_ours, t_peer = cuda_time(lambda: sample_triton(*args)), cuda_time(lambda: sample_ref(*args))
+    args = (
+        logits,
+        temp,
+        torch.full((batch,), k, dtype=torch.int32, device="cuda"),
+        torch.full((batch,), p, device="cuda"),
+        torch.zeros(batch, device="cuda"),
+        torch.arange(batch, device="cuda"),
+    )
+    t_ours, t_peer = cuda_time(lambda: sample_triton(*args)), cuda_time(lambda: torch_sample(logits, temp, k, p))
     benchmark.pedantic(lambda: sample_triton(*args), rounds=5, iterations=3, warmup_rounds=1)
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name(),
-        peer="torch sample_ref",
+        peer="torch softmax + multinomial",
         ours_us=round(t_ours * 1e6, 1),
         peer_us=round(t_peer * 1e6, 1),
         speedup=round(t_peer / t_ours, 2),
+        same_distribution_pvalue=round(pvalue, 4),
     )
     print(
-        f"\nsampling B={batch} {filters}: ours {t_ours * 1e6:.0f} us, torch {t_peer * 1e6:.0f} us, "
-        f"ratio {t_peer / t_ours:.2f}x"
+        f"\nsampling B={batch} {filters}: ours {t_ours * 1e6:.0f} us, torch multinomial {t_peer * 1e6:.0f} us, "
+        f"ratio {t_peer / t_ours:.2f}x (same distribution: p={pvalue:.3f})"
     )

@@ -16,6 +16,9 @@ A prompt's path through the files:
                              calls go to kernels/
     cpu_decode.py            the torch decode path's state across steps: shared-prefix buffers,
                              write-back, MKL-packed weights (packed_linear.py)
+    step_inputs.py           the Triton (GPU) path's step inputs: persistent buffers filled
+                             without host syncs, block tables kept on the device
+    cuda_graphs.py           decode CUDA graphs per batch-size bucket, kernel warm-up at start-up
     sampler.py            3. sample: per-candidate seeds, min_tokens bans, penalties, kernels.sample,
                              logprobs (logprobs_mode)
     output_processor.py   4. postprocess: stop rules, then outputs.py's RequestOutput (Logprob entries)

@@ -195,6 +195,8 @@ class EngineConfig:
     # (log_softmax of the model's logits), "raw_logits", "processed_logprobs" (after penalties,
     # temperature and the min-p / top-k / top-p masks), "processed_logits". See engine/sampler.py.
     logprobs_mode: str = "raw_logprobs"
+    # Decode CUDA graphs per batch-size bucket (engine/cuda_graphs.py); True runs every step eagerly.
+    enforce_eager: bool = False
 
     def validate(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -29,6 +29,7 @@ class LLM:
         enable_prefix_caching: bool = True,
         cpu_packed_weights_bytes: int = 1 << 30,
         logprobs_mode: str = "raw_logprobs",
+        enforce_eager: bool = False,
     ):
         cfg = EngineConfig(
             block_size=block_size,
@@ -42,6 +43,7 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching,
             cpu_packed_weights_bytes=cpu_packed_weights_bytes,
             logprobs_mode=logprobs_mode,
+            enforce_eager=enforce_eager,
         )
         self.engine = LLMEngine(model, dtype=dtype, device=device, seed=seed, engine_config=cfg)
         self._counter = 0

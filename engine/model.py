@@ -32,6 +32,11 @@ class AttnMetadata:
     seq_lens: torch.Tensor  # int32 [B]   tokens in the cache after this step
     num_decode: int
     cu_seqlens_q: torch.Tensor  # int32 [B - num_decode + 1]
+    # Host ints, so kernels need no device read: the longest prefill chunk (the prefill kernel's
+    # grid), and an upper bound of the decode rows' seq_lens (caps the decode split count; None:
+    # the block table's width, as in a CUDA graph, which serves any length).
+    max_seqlen_q: int | None = None
+    max_seq_len: int | None = None
     # Decode rows grouped by shared leading blocks (sibling candidates), built once per step for the
     # torch path; None: the decode kernel reads block_tables itself.
     cascade: CascadePlan | None = None
@@ -64,8 +69,7 @@ class Attention(nn.Module):
         # Write the new tokens' K/V first: both kernels then read everything from the cache. (On the
         # CPU decode path a steady step keeps them in the cascade buffers; engine.cpu_decode writes back.)
         if meta.cascade is None or not meta.cascade.write_back:
-            k_cache.view(-1, self.nkv, self.hd).index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
-            v_cache.view(-1, self.nkv, self.hd).index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+            kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)  # slot -1 (graph padding): skipped
         nd = meta.num_decode
         if nd == T:
             o = self._decode(q, k, v, k_cache, v_cache, meta)
@@ -74,7 +78,14 @@ class Attention(nn.Module):
             if nd:
                 o[:nd] = self._decode(q[:nd], k[:nd], v[:nd], k_cache, v_cache, meta)
             o[nd:] = kernels.paged_prefill_attention(
-                q[nd:], k_cache, v_cache, meta.block_tables[nd:], meta.cu_seqlens_q, meta.seq_lens[nd:], self.scale
+                q[nd:],
+                k_cache,
+                v_cache,
+                meta.block_tables[nd:],
+                meta.cu_seqlens_q,
+                meta.seq_lens[nd:],
+                self.scale,
+                max_seqlen_q=meta.max_seqlen_q,
             )
         return self.o_proj(o.view(T, self.nh * self.hd))
 
@@ -84,7 +95,7 @@ class Attention(nn.Module):
             bufs = plan.buffers[self.layer_idx] if plan.buffers is not None else None
             return cascade_decode_attention(q, k_cache, v_cache, plan, self.scale, bufs, (k, v))
         return kernels.paged_decode_attention(
-            q, k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], self.scale
+            q, k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], self.scale, max_context=meta.max_seq_len
         )
 
 

@@ -1,8 +1,18 @@
 """Owns the model and its paged KV cache; turns a scheduled batch into hidden states and logits.
 
-The torch decode path's state across steps (cascade buffers, write-back, weight packing) lives in
-`engine.cpu_decode.CpuDecodeState`; this runner asks it for the decode rows' plan and flushes it
-before anything else touches the cache.
+Two paths, picked per step by kernels.dispatch.use_triton (CUDA, or BSTAR_KERNELS):
+- the torch path (CPU by default): per-step tensors from host lists; its decode state across steps
+  (cascade buffers, write-back, weight packing) lives in `engine.cpu_decode.CpuDecodeState`, which
+  this runner asks for the decode rows' plan and flushes before anything else touches the cache;
+- the Triton (GPU) path: persistent step inputs filled without host syncs and device block tables
+  (engine/step_inputs.py), decode CUDA graphs per batch-size bucket (engine/cuda_graphs.py; on CPU
+  the same padded buckets run eagerly), every kernel variant compiled and tuned at start-up.
+
+A decode step on CUDA: scheduler batch -> StepInputs.prepare (flat host lists -> two pinned
+staging tensors -> two non-blocking copies -> persistent buffers; changed block-table entries
+written, tables gathered into batch order) -> graph replay of the batch's bucket (or the eager
+forward) -> logits of the sampled rows -> the sampler (engine/sampler.py), whose tokens.tolist()
+is the step's one synchronisation.
 
 KV sizing (`_auto_num_blocks`): `num_kv_blocks` when given; else `kv_cache_memory_bytes`, or on CUDA
 `gpu_memory_utilization` x the device's memory minus this engine's own weights and measured activation
@@ -10,7 +20,8 @@ peak, or on CPU `cpu_kv_cache_bytes`; never more than the engine can use (engine
 
 Sleep / wake (`sleep`, `wake_up`): the weights' and the KV cache's storages are resized to nothing and
 back, so every tensor object and view (tied weights, per-layer K/V views) stays valid and needs no
-rebuilding; only addresses change (see the two hooks, `before_sleep` and `after_wake_up`).
+rebuilding; only addresses change, so the decode graphs are dropped before and captured again after
+(`before_sleep`, `after_wake_up`).
 """
 
 import contextlib
@@ -20,6 +31,7 @@ import torch
 
 from engine.config import EngineConfig, ModelConfig
 from engine.cpu_decode import CpuDecodeState
+from engine.cuda_graphs import DecodeGraphs, bucket_sizes, warm_up_kernels
 from engine.memory_plan import (
     SLEEP_TAGS,
     activation_peak_bytes,
@@ -31,8 +43,9 @@ from engine.model import AttnMetadata, CausalLM
 from engine.sampler import sample_rows
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Batch
+from engine.step_inputs import StepInputs
 from kernels.dispatch import use_triton
-from kernels.host import long_tensor
+from kernels.host import long_tensor, to_device
 
 
 def device_guard(device: torch.device):
@@ -74,6 +87,11 @@ class ModelRunner:
             self.kv = self._new_kv(self.num_blocks)
         self.kv_caches = [(self.kv[i, 0], self.kv[i, 1]) for i in range(mcfg.num_layers)]
         self.cpu_decode = CpuDecodeState(model, mcfg, ecfg, self.kv, self.kv_caches)
+        self.inputs: StepInputs | None = None  # the Triton path's persistent step inputs
+        self.graphs: DecodeGraphs | None = None  # its decode graphs (None: enforce_eager, or no LM head)
+        if use_triton(self.kv):
+            with self.guard():
+                self.init_gpu_path()
 
     def guard(self):
         return device_guard(self.device)
@@ -154,15 +172,51 @@ class ModelRunner:
             sample_rows(out, [SamplingParams(top_p=0.95)] * rows, list(range(rows)), [[]] * rows)
         return out
 
+    # -- the Triton (GPU) path: buffers, warm-up, graphs --------------------------------------
+    def init_gpu_path(self):
+        """Persistent step inputs, every kernel variant compiled (and autotuned on a GPU), then the
+        decode graphs captured (CUDA; on CPU the padded buckets run eagerly) unless enforce_eager."""
+        e = self.ecfg
+        sizes = bucket_sizes(e.max_num_seqs)
+        width = -(-self.max_model_len // self.block_size)
+        self.inputs = StepInputs(
+            max(e.max_num_batched_tokens, sizes[-1]), sizes[-1], width, self.block_size, self.device
+        )
+        warm_up_kernels(self, sample_rows=e.max_num_seqs)
+        if not e.enforce_eager and self.mcfg.head == "lm":
+            self.graphs = DecodeGraphs(self, sizes, use_cuda_graphs=self.device.type == "cuda")
+            self.graphs.capture()
+
+    def drop_graphs(self):
+        """Call before the weights or the KV cache are freed or moved (sleep): the captured graphs hold
+        their addresses. Idempotent."""
+        if self.graphs is not None:
+            self.graphs.drop()
+
+    def recapture(self):
+        """Call after the weights or the KV cache were allocated again (wake_up), once self.kv_caches
+        and the model's parameters are the new tensors: captures the decode graphs again when an address
+        they read changed (or they were dropped); a no-op otherwise, so it is safe to call any time."""
+        if self.graphs is not None:
+            self.graphs.capture()
+
+    def _gpu_path(self) -> bool:
+        if not use_triton(self.kv):
+            return False
+        if self.inputs is None:  # BSTAR_KERNELS switched to triton after start-up
+            self.init_gpu_path()
+        return True
+
     @torch.inference_mode()
     def copy_blocks(self, copies: list[tuple[int, int]]):
         if copies:
             self.cpu_decode.flush()  # a copied block may hold K/V that is still only in the decode buffers
-            src = torch.tensor([s for s, _ in copies], device=self.device)
-            dst = torch.tensor([d for _, d in copies], device=self.device)
+            idx = to_device([s for s, _ in copies] + [d for _, d in copies], torch.int64, self.device)
+            src, dst = idx[: len(copies)], idx[len(copies) :]
             self.kv[:, :, dst] = self.kv[:, :, src]
 
     def prepare(self, batch: Batch):
+        """The torch path's step tensors (per-step tensors from host lists; cascade plan for decodes)."""
         bs = self.block_size
         nd = batch.num_decode
         # Decode rows (first, one token each), then prefill chunks.
@@ -199,23 +253,29 @@ class ModelRunner:
             seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
             num_decode=batch.num_decode,
             cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
+            max_seqlen_q=max(batch.num_new[nd:], default=1),
             cascade=cascade,
         )
         return long_tensor(ids, dev), long_tensor(pos, dev), meta, last_rows
 
     def invalidate_buffers(self):
-        """Forget the kept decode buffers and packed weights (new weights, or a changed cache)."""
+        """Forget the kept decode buffers and packed weights (new weights, or a changed cache); the decode
+        graphs are captured again if an address they read changed (not while asleep: wake_up does it)."""
         self.cpu_decode.reset()
+        if not self.asleep:
+            self.recapture()
 
     # -- sleep / wake (LLMEngine.sleep, LLMEngine.wake_up) --------------------------------------------
     def before_sleep(self):
         """Hook: runs before the weights or the KV cache leave the device. Drop here whatever holds their
         addresses (CUDA graphs and their pool, persistent decode buffers)."""
+        self.drop_graphs()
 
     def after_wake_up(self):
         """Hook: runs once the weights and the KV cache are both back on the device after a sleep (KV zeroed;
         weights restored, or allocated for load_weights after level 2). Their addresses have changed:
         re-capture CUDA graphs here."""
+        self.recapture()
 
     def _sync(self):
         if self.device.type == "cuda":
@@ -287,6 +347,14 @@ class ModelRunner:
     def hidden_states(self, batch: Batch):
         """Final hidden states [T, hidden] of every new token, and the row of each sequence's last token."""
         self.copy_blocks(batch.copies)
+        if self._gpu_path():
+            self.cpu_decode.flush()  # (only ever dirty if BSTAR_KERNELS switched mid-run)
+            ids, pos, meta, _ = self.inputs.prepare(batch)
+            last, rows = -1, []
+            for n in batch.num_new:
+                last += n
+                rows.append(last)
+            return self.model(ids, pos, self.cos_sin, self.kv_caches, meta), rows
         ids, pos, meta, last_rows = self.prepare(batch)
         self.cpu_decode.maybe_pack(batch)
         return self.model(ids, pos, self.cos_sin, self.kv_caches, meta), last_rows
@@ -294,12 +362,28 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: Batch) -> torch.Tensor:
         """Logits [len(batch.sampled), vocab] (float32) at the last token of the sequences batch.sampled picks."""
-        h, last_rows = self.hidden_states(batch)
-        rows = batch.sampled
-        if not rows:
+        if not self._gpu_path():
+            h, last_rows = self.hidden_states(batch)
+            rows = batch.sampled
+            if not rows:
+                return torch.empty(0, self.mcfg.vocab_size, device=self.device)
+            idx = torch.tensor([last_rows[r] for r in rows], device=self.device)
+            return self.model.compute_logits(h[idx]).float()
+        self.copy_blocks(batch.copies)
+        self.cpu_decode.flush()
+        B = len(batch.seqs)
+        bs = self.graphs.bucket(B) if self.graphs is not None and batch.num_decode == B else None
+        if bs is not None:
+            _, _, _, sample = self.inputs.prepare(batch, pad_to=bs)
+            h = self.graphs.replay(bs)
+        else:
+            ids, pos, meta, sample = self.inputs.prepare(batch)
+            self.cpu_decode.maybe_pack(batch)
+            h = self.model(ids, pos, self.cos_sin, self.kv_caches, meta)
+        if not batch.sampled:
             return torch.empty(0, self.mcfg.vocab_size, device=self.device)
-        idx = torch.tensor([last_rows[r] for r in rows], device=self.device)
-        return self.model.compute_logits(h[idx]).float()
+        h = h[sample] if sample is not None else h[: len(batch.sampled)]
+        return self.model.compute_logits(h).float()
 
     @torch.inference_mode()
     def run_with_prompt_hidden(self, batch: Batch, prompt_rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

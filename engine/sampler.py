@@ -20,7 +20,7 @@ import kernels
 from engine.outputs import Logprob
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
-from kernels.host import long_tensor
+from kernels.host import long_tensor, to_device
 from kernels.sampling import apply_filters
 
 LOGPROBS_MODES = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")
@@ -58,7 +58,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, rows: list[int], seqs: list[Sequence]):
         """logits float32 [R, V]; seqs[i] draws from row rows[i]. Returns sample_rows' lists."""
         if len(rows) != logits.shape[0] or rows != list(range(len(rows))):
-            logits = logits[torch.tensor(rows, device=logits.device)]
+            logits = logits[to_device(rows, torch.int64, logits.device)]
         for s in seqs:
             if s.seed_base is None:
                 s.seed_base = candidate_seed(s.seed, s.index)
@@ -175,11 +175,12 @@ def sample_rows(
             )
         )
     else:
-        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev)
-        top_k = torch.tensor([p.top_k for p in params], dtype=torch.int32, device=dev)
-        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)
-        min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev)
-    seed_t = long_tensor(seeds, dev)
+        # (host lists through pinned memory, non-blocking: no stream sync before the kernel)
+        temperature = to_device([float(p.temperature) for p in params], torch.float32, dev)
+        top_k = to_device([int(p.top_k) for p in params], torch.int32, dev)
+        top_p = to_device([float(p.top_p) for p in params], torch.float32, dev)
+        min_p = to_device([float(p.min_p) for p in params], torch.float32, dev)
+    seed_t = to_device(seeds, torch.int64, dev)
     processed = logprobs_mode.startswith("processed")
     if processed:
         # The logits the draw uses, filtered once here; a greedy row keeps its penalised logits

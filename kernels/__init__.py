@@ -6,6 +6,7 @@ meets them:
 
     norm_rope.py            rms_norm (fused residual add), apply_rotary, qk_norm_rope (Qwen3's
                             per-head q/k norm + rotary)                       (engine/model.py)
+    kv_store.py             store_kv: the new tokens' K/V into their cache slots (slot -1: skipped)
     prefill_attention.py    paged_prefill_attention: new tokens against their cached prefix
     decode_attention.py     paged_decode_attention: one token per sequence against its pages
     cascade_attention.py    the torch decode path for sibling candidates: shared prompt blocks
@@ -15,13 +16,17 @@ meets them:
     paged_triton.py         paged-KV addressing shared by the Triton attention kernels
     dispatch.py             use_triton: CUDA tensors take Triton, CPU tensors the reference;
                             BSTAR_KERNELS=triton|torch forces one
-    host.py                 long_tensor: host lists to int64 tensors, fast
+    launch.py               every Triton launch goes through it: records the compiled variants a
+                            run needs (tests), counts compiles (GPU)
+    host.py                 long_tensor: host lists to int64 tensors, fast; to_device: the same
+                            without a stream sync (pinned staging, non-blocking copy)
 
 The `_triton` modules are imported on first use of the Triton path, so CPU-only use never imports
 triton (not installed off Linux).
 """
 
 from kernels.decode_attention import paged_decode_attention, paged_decode_attention_ref
+from kernels.kv_store import store_kv, store_kv_ref
 from kernels.norm_rope import apply_rotary, apply_rotary_ref, qk_norm_rope, qk_norm_rope_ref, rms_norm, rms_norm_ref
 from kernels.prefill_attention import paged_prefill_attention, paged_prefill_attention_ref
 from kernels.prm_scoring import prm_step_scores, prm_step_scores_ref
@@ -42,4 +47,6 @@ __all__ = [
     "apply_rotary_ref",
     "qk_norm_rope",
     "qk_norm_rope_ref",
+    "store_kv",
+    "store_kv_ref",
 ]

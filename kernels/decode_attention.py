@@ -6,13 +6,14 @@ import torch.nn.functional as F
 from kernels.dispatch import use_triton
 
 
-def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale=None):
+def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale=None, max_context=None):
     """Torch reference.
 
     q            [B, Hq, D]
     k_cache      [num_blocks, block_size, Hkv, D]   (v_cache alike)
     block_tables int32 [B, max_blocks]  (entries past a sequence's last block are ignored)
-    seq_lens     int32 [B]              (tokens in the cache for each sequence, >= 1)
+    seq_lens     int32 [B]              (tokens in the cache for each sequence; 0: a padded row, zeros)
+    max_context  host upper bound of seq_lens (the Triton kernel's split count; unused here)
     returns      [B, Hq, D] in q's dtype; softmax and accumulation in float32.
     """
     B, Hq, D = q.shape
@@ -30,12 +31,15 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scal
     # GQA: the G query heads of a KV head become G "query positions" against that head.
     qf = q.float().view(B, Hkv, Hq // Hkv, D)
     out = F.scaled_dot_product_attention(qf, k, v, attn_mask=valid, scale=scale)  # [B, Hkv, G, D]
+    out = torch.where((seq_lens > 0)[:, None, None, None], out, 0.0)  # no key at all: zeros, not NaN
     return out.reshape(B, Hq, D).to(q.dtype)
 
 
-def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=None):
+def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=None, max_context=None):
     if use_triton(q):
         from kernels.decode_attention_triton import paged_decode_attention_triton
 
-        return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, scale)
+        return paged_decode_attention_triton(
+            q, k_cache, v_cache, block_tables, seq_lens, scale, max_context=max_context
+        )
     return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale)

@@ -13,21 +13,31 @@ goal is to read every K/V byte exactly once:
 Block tables are gathered per token, so any page size works and many sequences may share blocks.
 The launcher does no host synchronisation (CUDA-graph friendly): the split count is derived from
 the block table's width, an upper bound of the context length.
+
+No recompiles: the split count is a runtime argument (not specialised), the merge kernel loops
+over the splits and `mid_lse` has a fixed split stride, so one compiled variant of each kernel
+serves every batch size; the engine passes a full-width block table (stride fixed per engine).
+The tile size and launch options come from `triton.autotune` over a pruned list, keyed on the GQA
+group, head dim and page size (and dtypes); under the interpreter or on CPU tensors the list is
+pruned to the single hand-picked default, so nothing is benchmarked there.
 """
 
 import functools
+import os
 
 import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import jit, launch
 from kernels.paged_triton import needs_64bit_offsets as _needs_64bit_offsets
 from kernels.paged_triton import paged_row_offsets
 
 _LOG2E = 1.4426950408889634
+MAX_SPLITS = 64  # choose_num_splits never returns more; mid_lse's split stride
 
 
-@triton.jit
+@jit(do_not_specialize=["num_splits", "min_split"], do_not_specialize_on_alignment=["BT", "SEQ"])
 def _decode_split_kernel(
     Q,
     K,
@@ -38,6 +48,8 @@ def _decode_split_kernel(
     MID_O,
     MID_LSE,
     scale_log2,
+    num_splits,
+    min_split,
     stride_qb,
     stride_qh,
     stride_kb,
@@ -60,7 +72,6 @@ def _decode_split_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
     PRECISION: tl.constexpr,
     OFF64: tl.constexpr,
 ):
@@ -69,8 +80,9 @@ def _decode_split_kernel(
     split = tl.program_id(2)
 
     seq_len = tl.load(SEQ + b)
-    # Every split of a sequence gets the same number of whole BLOCK_N tiles.
-    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    # Every split of a sequence gets the same number of whole BLOCK_N tiles, at least min_split
+    # tokens (a short sequence uses fewer splits; the programs of the others find nothing to do).
+    split_len = tl.cdiv(tl.maximum(tl.cdiv(seq_len, num_splits), min_split), BLOCK_N) * BLOCK_N
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
@@ -112,7 +124,7 @@ def _decode_split_kernel(
     safe_l = tl.where(l_i > 0, l_i, 1.0)
     o = acc / safe_l[:, None]
     omask = mask_g[:, None] & mask_d[None, :]
-    if NUM_SPLITS == 1:
+    if num_splits == 1:
         tl.store(
             OUT + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :], o.to(OUT.dtype.element_ty), mask=omask
         )
@@ -124,11 +136,12 @@ def _decode_split_kernel(
         tl.store(MID_LSE + b * stride_lb + heads * stride_lh + split, lse, mask=mask_g)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_merge_kernel(
     MID_O,
     MID_LSE,
     OUT,
+    num_splits,
     stride_mb,
     stride_mh,
     stride_ms,
@@ -137,27 +150,32 @@ def _decode_merge_kernel(
     stride_ob,
     stride_oh,
     D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    MAX_S: tl.constexpr,
+    TILE_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    """out = sum_s w_s o_s / sum_s w_s with w_s = 2^(lse_s - max lse), over the runtime number of
+    splits (TILE_S partial outputs at a time)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
-    offs_s = tl.arange(0, BLOCK_S)
+    offs_s = tl.arange(0, MAX_S)
+    offs_t = tl.arange(0, TILE_S)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_s = offs_s < NUM_SPLITS
     mask_d = offs_d < D
-    lse = tl.load(MID_LSE + b * stride_lb + h * stride_lh + offs_s, mask=mask_s, other=float("-inf"))
+    lse_row = MID_LSE + b * stride_lb + h * stride_lh
+    lse = tl.load(lse_row + offs_s, mask=offs_s < num_splits, other=float("-inf"))
     m = tl.max(lse, 0)
     m = tl.where(m == float("-inf"), 0.0, m)  # all splits empty (seq_len 0): output zeros
-    w = tl.exp2(lse - m)  # [BLOCK_S]
-    o = tl.load(
-        MID_O + b * stride_mb + h * stride_mh + offs_s[:, None] * stride_ms + offs_d[None, :],
-        mask=mask_s[:, None] & mask_d[None, :],
-        other=0.0,
-    )
-    denom = tl.sum(w, 0)
-    out = tl.sum(o * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)
+    denom = tl.sum(tl.exp2(lse - m), 0)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    o_row = MID_O + b * stride_mb + h * stride_mh
+    for s0 in range(0, num_splits, TILE_S):
+        s = s0 + offs_t
+        mask_s = s < num_splits
+        w = tl.exp2(tl.load(lse_row + s, mask=mask_s, other=float("-inf")) - m)  # [TILE_S]
+        o = tl.load(o_row + s[:, None] * stride_ms + offs_d[None, :], mask=mask_s[:, None] & mask_d[None, :], other=0.0)
+        acc += tl.sum(o * w[:, None], 0)
+    out = acc / tl.where(denom > 0, denom, 1.0)
     tl.store(OUT + b * stride_ob + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty), mask=mask_d)
 
 
@@ -166,13 +184,16 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+MIN_TOKENS_PER_SPLIT = 256
+
+
 def choose_num_splits(
     batch: int,
     kv_heads: int,
     max_context: int,
     device: torch.device,
-    min_tokens_per_split: int = 256,
-    max_splits: int = 64,
+    min_tokens_per_split: int = MIN_TOKENS_PER_SPLIT,
+    max_splits: int = MAX_SPLITS,
 ) -> int:
     """Enough splits for about two waves of programs, never splits shorter than
     min_tokens_per_split tokens (a split's fixed cost would dominate)."""
@@ -190,20 +211,56 @@ def choose_num_splits(
 
 
 def _config(D: int, dtype: torch.dtype):
-    """(BLOCK_N, num_warps, num_stages). ptxas (sm_90) reports no spills for any of these; a 16-bit
-    D=128 program uses 142 registers with 32-token tiles (3 programs per SM, as sglang's grouped
-    decode), D=64 uses 135 with 64-token tiles. Not yet tuned on a GPU."""
+    """The hand-picked default (BLOCK_N, num_warps, num_stages). ptxas (sm_90) reports no spills for
+    any of these; a 16-bit D=128 program uses 142 registers with 32-token tiles (3 programs per SM,
+    as sglang's grouped decode), D=64 uses 135 with 64-token tiles."""
     if dtype == torch.float32 or D > 128:
         return 16, 4, 2
     return (64 if D <= 64 else 32), 4, 2
 
 
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# Candidates for the autotuner: the hand-picked default and two neighbours for each head dim
+# (each candidate costs a compile at start-up, ~1 s).
+_CONFIGS = [
+    triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=st)
+    for n, w, st in [(16, 4, 2), (32, 4, 2), (64, 4, 2), (64, 4, 3), (32, 4, 3), (128, 8, 2)]
+]
+_CANDIDATES = {  # (D <= 64, D <= 128) -> configs as (BLOCK_N, num_warps, num_stages)
+    64: [(64, 4, 2), (32, 4, 2), (128, 8, 2)],
+    128: [(32, 4, 2), (32, 4, 3), (64, 4, 3)],
+}
+
+
+def _prune_configs(configs, nargs, **kwargs):
+    D, dtype = kwargs["D"], nargs["K"].dtype
+    default = _config(D, dtype)
+    key = lambda c: (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+    if interpreting() or not nargs["K"].is_cuda or dtype == torch.float32 or D > 128:
+        want = [default]  # nothing to time (CPU), or the fp32 / wide-head paths: the default only
+    else:
+        want = _CANDIDATES[64 if D <= 64 else 128]
+    return [c for c in configs if key(c) in want]
+
+
+_decode_split_tuned = triton.autotune(
+    configs=_CONFIGS, key=["G", "D", "PAGE"], prune_configs_by={"early_config_prune": _prune_configs}
+)(_decode_split_kernel)
+
+
 def paged_decode_attention_triton(
-    q, k_cache, v_cache, block_tables, seq_lens, scale=None, *, num_splits=None, block_n=None
+    q, k_cache, v_cache, block_tables, seq_lens, scale=None, *, max_context=None, num_splits=None, block_n=None
 ):
     """Same contract as kernels.decode_attention.paged_decode_attention_ref.
 
-    num_splits / block_n override the heuristics (tests use them to cover both code paths).
+    max_context: an upper bound of seq_lens known on the host (default: the block table's width);
+    it caps the split count. Each sequence splits into pieces of at least MIN_TOKENS_PER_SPLIT
+    tokens at run time, so a bound that is too high costs idle programs, not work.
+    num_splits / block_n override the heuristics (tests use them to cover both code paths: an
+    explicit split count is applied exactly; an explicit block_n skips the autotuner).
     """
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(
@@ -230,20 +287,24 @@ def paged_decode_attention_triton(
     v_cache = v_cache if v_cache.stride(-1) == 1 else v_cache.contiguous()
     seq_lens = seq_lens.contiguous()
 
-    cfg_n, num_warps, num_stages = _config(D, k_cache.dtype)
-    BLOCK_N = block_n or cfg_n
     BLOCK_H = max(16, triton.next_power_of_2(G))  # tl.dot needs M >= 16
     BLOCK_D = max(16, triton.next_power_of_2(D))
+    min_split = 1  # an explicit split count is applied as given
     if num_splits is None:
-        num_splits = choose_num_splits(B, Hkv, block_tables.shape[1] * page, q.device)
+        context = block_tables.shape[1] * page if max_context is None else max_context
+        num_splits = choose_num_splits(B, Hkv, context, q.device)
+        min_split = MIN_TOKENS_PER_SPLIT
+    if not 1 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
     precision = "ieee" if k_cache.dtype == torch.float32 else "tf32"  # fp32 caches: no TF32 rounding
 
-    if num_splits > 1:
-        mid_o = torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=q.device)
-        mid_lse = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=q.device)
-    else:  # unused by the kernel; any tensor will do for the pointer arguments
-        mid_o, mid_lse = out, out
-    _decode_split_kernel[(B, Hkv, num_splits)](
+    # float32 partials in every case (one kernel signature); with one split they are not touched.
+    mid_o = torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=q.device) if num_splits > 1 else None
+    mid_lse = torch.empty(B, Hq, MAX_SPLITS, dtype=torch.float32, device=q.device) if num_splits > 1 else None
+    if num_splits == 1:
+        mid_o = mid_lse = torch.empty(1, dtype=torch.float32, device=q.device)
+    mid_strides = (Hq * num_splits * D, num_splits * D, D, Hq * MAX_SPLITS, MAX_SPLITS)
+    args = (
         q,
         k_cache,
         v_cache,
@@ -253,6 +314,8 @@ def paged_decode_attention_triton(
         mid_o,
         mid_lse,
         scale * _LOG2E,
+        num_splits,
+        min_split,
         q.stride(0),
         q.stride(1),
         k_cache.stride(0),
@@ -264,42 +327,41 @@ def paged_decode_attention_triton(
         block_tables.stride(0),
         out.stride(0),
         out.stride(1),
-        mid_o.stride(0) if num_splits > 1 else 0,
-        mid_o.stride(1) if num_splits > 1 else 0,
-        mid_o.stride(2) if num_splits > 1 else 0,
-        mid_lse.stride(0) if num_splits > 1 else 0,
-        mid_lse.stride(1) if num_splits > 1 else 0,
+        *mid_strides,
+    )
+    meta = dict(
         G=G,
         D=D,
         PAGE=page,
         BLOCK_H=BLOCK_H,
         BLOCK_D=BLOCK_D,
-        BLOCK_N=BLOCK_N,
-        NUM_SPLITS=num_splits,
         PRECISION=precision,
         OFF64=_needs_64bit_offsets(k_cache, v_cache),
-        num_warps=num_warps,
-        num_stages=num_stages,
     )
+    grid = (B, Hkv, num_splits)
+    if block_n is None:
+        launch(_decode_split_tuned, grid, *args, **meta)
+    else:
+        _, num_warps, num_stages = _config(D, k_cache.dtype)
+        launch(_decode_split_kernel, grid, *args, **meta, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
     if num_splits > 1:
-        _decode_merge_kernel[(B, Hq)](
+        launch(
+            _decode_merge_kernel,
+            (B, Hq),
             mid_o,
             mid_lse,
             out,
-            mid_o.stride(0),
-            mid_o.stride(1),
-            mid_o.stride(2),
-            mid_lse.stride(0),
-            mid_lse.stride(1),
+            num_splits,
+            *mid_strides,
             out.stride(0),
             out.stride(1),
             D=D,
-            NUM_SPLITS=num_splits,
-            BLOCK_S=triton.next_power_of_2(num_splits),
+            MAX_S=MAX_SPLITS,
+            TILE_S=8,
             BLOCK_D=BLOCK_D,
             num_warps=4 if BLOCK_D >= 128 else 2,
         )
     return out
 
 
-__all__ = ["paged_decode_attention_triton", "choose_num_splits"]
+__all__ = ["paged_decode_attention_triton", "choose_num_splits", "MAX_SPLITS", "MIN_TOKENS_PER_SPLIT"]

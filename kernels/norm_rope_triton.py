@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import launch
+
 
 @triton.jit
 def _rms_norm_kernel(
@@ -67,7 +69,9 @@ def rms_norm_triton(x, weight, eps, residual=None):
     if rows:
         BLOCK_H = triton.next_power_of_2(H)
         num_warps = 4 if BLOCK_H <= 1024 else (8 if BLOCK_H <= 4096 else 16)
-        _rms_norm_kernel[(rows,)](
+        launch(
+            _rms_norm_kernel,
+            (rows,),
             x2,
             r2 if r2 is not None else x2,
             weight,
@@ -172,7 +176,9 @@ def apply_rotary_triton(q, k, positions, cos_sin_cache):
     qo, ko = torch.empty_like(q), torch.empty_like(k)
     if T:
         half = D // 2
-        _rotary_kernel[(T,)](
+        launch(
+            _rotary_kernel,
+            (T,),
             q,
             k,
             positions.contiguous(),
@@ -306,7 +312,9 @@ def qk_norm_rope_triton(q, k, q_weight, k_weight, eps, positions, cos_sin_cache)
     ko = torch.empty(k.shape, dtype=torch.promote_types(k_weight.dtype, k.dtype), device=k.device)
     if T:
         half = D // 2
-        _qk_norm_rope_kernel[(T,)](
+        launch(
+            _qk_norm_rope_kernel,
+            (T,),
             q,
             k,
             q_weight.contiguous(),

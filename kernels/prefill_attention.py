@@ -6,7 +6,9 @@ import torch.nn.functional as F
 from kernels.dispatch import use_triton
 
 
-def paged_prefill_attention_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale=None):
+def paged_prefill_attention_ref(
+    q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale=None, max_seqlen_q=None
+):
     """Torch reference.
 
     q            [T, Hq, D]  new tokens of B sequences, packed: sequence b owns rows
@@ -17,6 +19,7 @@ def paged_prefill_attention_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q,
     cu_seqlens_q int32 [B+1]
     seq_lens     int32 [B]   total tokens of each sequence (cached prefix + new); the new tokens of
                              sequence b sit at positions seq_lens[b]-q_len_b .. seq_lens[b]-1
+    max_seqlen_q the longest q_len_b, from the host (the Triton kernel's grid; unused here)
     returns      [T, Hq, D]; a query at position p attends keys 0..p.
     """
     T, Hq, D = q.shape
@@ -60,9 +63,11 @@ def _prefix_then_causal(q, k, v, p, scale):
     return o[0]
 
 
-def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale=None):
+def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale=None, max_seqlen_q=None):
     if use_triton(q):
         from kernels.prefill_attention_triton import paged_prefill_attention_triton
 
-        return paged_prefill_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale)
+        return paged_prefill_attention_triton(
+            q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, max_seqlen_q=max_seqlen_q
+        )
     return paged_prefill_attention_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale)

@@ -9,19 +9,27 @@ online softmax. The key loop has two phases: keys strictly before the tile's fir
 mask (that is the whole cached prefix, usually the bulk of the work), then the diagonal tiles
 apply the causal mask. Query heads of one KV group are neighbours on the grid, so the K/V tiles
 they share are served from L2.
+
+The tile sizes and launch options come from `triton.autotune` over a pruned list keyed on the GQA
+group, head dim and page size (and dtypes); under the interpreter or on CPU tensors the list is
+pruned to the hand-picked default. The longest query length is passed from the host (the engine
+knows it), so a launch does not synchronise; the per-sequence tensors are not specialised on
+alignment (the engine passes views at any row offset), so one binary serves every batch.
 """
 
 import torch
 import triton
 import triton.language as tl
 
+from kernels.decode_attention_triton import interpreting
+from kernels.launch import jit, launch
 from kernels.paged_triton import needs_64bit_offsets as _needs_64bit_offsets
 from kernels.paged_triton import paged_row_offsets
 
 _LOG2E = 1.4426950408889634
 
 
-@triton.jit
+@jit(do_not_specialize_on_alignment=["BT", "CU_Q", "SEQ"])
 def _prefill_kernel(
     Q,
     K,
@@ -141,13 +149,59 @@ def _config(D: int, dtype: torch.dtype):
     return 64, 32, 8, 2
 
 
+_CONFIGS = [
+    triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+    for m, n, w, st in [
+        (16, 16, 4, 2),
+        (32, 16, 4, 2),
+        (64, 32, 4, 3),
+        (64, 32, 8, 2),
+        (64, 64, 4, 3),
+        (128, 32, 8, 2),
+        (128, 64, 8, 2),
+    ]
+]
+_CANDIDATES = {  # the hand-picked default and two neighbours per head dim (a compile each at start-up)
+    64: [(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 8, 2)],
+    128: [(128, 32, 8, 2), (64, 32, 4, 3), (64, 64, 4, 3)],
+}
+
+
+def _prune_configs(configs, nargs, **kwargs):
+    D, dtype = kwargs["D"], nargs["K"].dtype
+    default = _config(D, dtype)
+    key = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+    if interpreting() or not nargs["K"].is_cuda or dtype == torch.float32 or D > 128:
+        want = [default]  # nothing to time (CPU), or the fp32 / wide-head paths: the default only
+    else:
+        want = _CANDIDATES[64 if D <= 64 else 128]
+    return [c for c in configs if key(c) in want]
+
+
+_prefill_tuned = triton.autotune(
+    configs=_CONFIGS, key=["G", "D", "PAGE"], prune_configs_by={"early_config_prune": _prune_configs}
+)(_prefill_kernel)
+
+
 def paged_prefill_attention_triton(
-    q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale=None, *, block_m=None, block_n=None
+    q,
+    k_cache,
+    v_cache,
+    block_tables,
+    cu_seqlens_q,
+    seq_lens,
+    scale=None,
+    *,
+    max_seqlen_q=None,
+    block_m=None,
+    block_n=None,
 ):
     """Same contract as kernels.prefill_attention.paged_prefill_attention_ref.
 
-    block_m / block_n override the tile sizes (tests use small tiles to cover several of them).
-    Reads the longest new-token count from cu_seqlens_q (one host sync, fine for prefill).
+    max_seqlen_q: the longest new-token count (an upper bound will do); the engine passes it from
+    the host. Without it it is read from cu_seqlens_q (one host sync).
+    block_m / block_n override the tile sizes and skip the autotuner (tests use small tiles to cover
+    several of them).
     """
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(
@@ -174,11 +228,10 @@ def paged_prefill_attention_triton(
     cu_seqlens_q = cu_seqlens_q.contiguous()
     seq_lens = seq_lens.contiguous()
 
-    cfg_m, cfg_n, num_warps, num_stages = _config(D, k_cache.dtype)
-    BLOCK_M, BLOCK_N = block_m or cfg_m, block_n or cfg_n
-    max_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item())
-    grid = (triton.cdiv(max_q, BLOCK_M), Hq, B)
-    _prefill_kernel[grid](
+    if max_seqlen_q is None:
+        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item())
+    max_q = max(1, int(max_seqlen_q))
+    args = (
         q,
         k_cache,
         v_cache,
@@ -198,17 +251,32 @@ def paged_prefill_attention_triton(
         block_tables.stride(0),
         out.stride(0),
         out.stride(1),
+    )
+    meta = dict(
         G=Hq // Hkv,
         D=D,
         PAGE=page,
-        BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N,
         BLOCK_D=max(16, triton.next_power_of_2(D)),
         PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
         OFF64=_needs_64bit_offsets(k_cache, v_cache),
-        num_warps=num_warps,
-        num_stages=num_stages,
     )
+    if block_m is None and block_n is None:
+        grid = lambda m: (triton.cdiv(max_q, m["BLOCK_M"]), Hq, B)
+        launch(_prefill_tuned, grid, *args, **meta)
+    else:
+        cfg_m, cfg_n, num_warps, num_stages = _config(D, k_cache.dtype)
+        BLOCK_M, BLOCK_N = block_m or cfg_m, block_n or cfg_n
+        grid = (triton.cdiv(max_q, BLOCK_M), Hq, B)
+        launch(
+            _prefill_kernel,
+            grid,
+            *args,
+            **meta,
+            BLOCK_M=BLOCK_M,
+            BLOCK_N=BLOCK_N,
+            num_warps=num_warps,
+            num_stages=num_stages,
+        )
     return out
 
 

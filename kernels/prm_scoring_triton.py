@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import launch
 from kernels.prm_scoring import AGGREGATES
 
 _AGG_CODE = {name: i for i, name in enumerate(AGGREGATES)}  # min 0, last 1, prod 2, mean 3
@@ -121,7 +122,9 @@ def prm_step_scores_triton(hidden, tag_index, head_weight, head_bias, step_candi
     out = torch.empty(num_candidates, dtype=torch.float32, device=device)
     if S:
         BLOCK_S, BLOCK_H = 16, min(256, triton.next_power_of_2(H))
-        _prm_step_kernel[(triton.cdiv(S, BLOCK_S),)](
+        launch(
+            _prm_step_kernel,
+            (triton.cdiv(S, BLOCK_S),),
             hidden,
             tags,
             head_weight,
@@ -139,7 +142,7 @@ def prm_step_scores_triton(hidden, tag_index, head_weight, head_bias, step_candi
     if num_candidates:
         # starts[c] = first step of candidate c (steps are grouped by candidate)
         starts = torch.searchsorted(cand, torch.arange(num_candidates + 1, device=device, dtype=torch.long))
-        _prm_aggregate_kernel[(num_candidates,)](p_good, starts, out, AGG=_AGG_CODE[agg], BLOCK=32, num_warps=1)
+        launch(_prm_aggregate_kernel, (num_candidates,), p_good, starts, out, AGG=_AGG_CODE[agg], BLOCK=32, num_warps=1)
     return p_good, out
 
 

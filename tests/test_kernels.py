@@ -22,12 +22,14 @@ from kernels import (
     rms_norm_ref,
     sample_ref,
 )
-from kernels.decode_attention_triton import choose_num_splits, paged_decode_attention_triton
+from kernels.decode_attention_triton import MIN_TOKENS_PER_SPLIT, choose_num_splits, paged_decode_attention_triton
+from kernels.kv_store import store_kv_ref
+from kernels.kv_store_triton import store_kv_triton
 from kernels.norm_rope_triton import apply_rotary_triton, qk_norm_rope_triton, rms_norm_triton
 from kernels.prefill_attention_triton import paged_prefill_attention_triton
 from kernels.prm_scoring_triton import prm_step_scores_triton
 from kernels.sampling import apply_filters
-from kernels.sampling_triton import sample_triton
+from kernels.sampling_triton import SPLIT_VOCAB_MAX_ROWS, sample_triton
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 # The interpreter's tl.dot on bfloat16 returns garbage, and its fp32->bf16 cast truncates.
@@ -180,6 +182,48 @@ def test_decode_split_heuristic():
     assert choose_num_splits(1, 8, 32768, cpu) > 8  # long context, tiny batch: split
     assert choose_num_splits(1, 8, 300, cpu) == 2  # never below ~256 tokens per split
     assert choose_num_splits(1, 8, 100, cpu) == 1
+
+
+def test_decode_padded_rows_and_runtime_splits():
+    """Rows of length 0 (padded CUDA-graph rows) give zeros, never NaN, in both kernels and the
+    reference; a heuristic split count larger than a short row needs (a graph sized for
+    max_model_len) still gives the reference's output; max_context caps the heuristic."""
+    q, k, v, table, seq = decode_case(4, 8, 2, 32, 8, torch.float32, 12, lens=[40, 1, 300, 9], shared=1)
+    seq[1] = 0
+    want = paged_decode_attention_ref(q, k, v, table, seq)
+    assert not want[1].any() and torch.isfinite(want).all()
+    wide = torch.zeros(4, 256, dtype=torch.int32, device=DEV)  # as wide as a 2048-token context
+    wide[:, : table.shape[1]] = table
+    for splits in (None, 1, 3):
+        got = paged_decode_attention_triton(q, k, v, wide, seq, num_splits=splits)
+        assert not got[1].any()
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    assert choose_num_splits(1, 2, 2048, torch.device("cpu")) == 2048 // MIN_TOKENS_PER_SPLIT
+    got = paged_decode_attention_triton(q, k, v, wide, seq, max_context=300)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_store_kv_skips_negative_slots(dtype):
+    """Triton and torch stores write the same slots, cast to the cache dtype; slot -1 writes nothing."""
+    gen = torch.Generator().manual_seed(8)
+    T, hkv, d, page, blocks = 7, 2, 48, 4, 5
+    qkv = torch.randn(T, 3 * hkv * d, generator=gen).to(DEV)
+    k = qkv[:, : hkv * d].view(T, hkv, d)  # strided views, as from the fused projection
+    v = qkv[:, 2 * hkv * d :].view(T, hkv, d)
+    slots = torch.tensor([3, -1, 0, 17, -1, 9, 19], device=DEV)
+    caches = []
+    for store in (store_kv_ref, store_kv_triton):
+        kv = torch.full((2, blocks, page, hkv, d), 7.0, dtype=dtype, device=DEV)  # the engine's layout
+        store(k, v, kv[0], kv[1], slots)
+        caches.append(kv)
+    assert torch.equal(caches[0], caches[1])
+    flat = caches[1][0].reshape(-1, hkv, d)
+    written = slots[slots >= 0]
+    torch.testing.assert_close(flat[written].float(), k[slots >= 0].to(dtype).float())
+    untouched = torch.ones(blocks * page, dtype=torch.bool, device=DEV)
+    untouched[written] = False
+    assert (flat[untouched] == 7).all()
 
 
 def test_decode_rejects_bad_shapes():
@@ -416,6 +460,74 @@ def test_sampling_masked_vocab_and_top_p_off_rows():
     for name, fn in SAMPLERS.items():
         tok, lp = run_sampler(fn, np.tile(logits, (64, 1)), np.tile(t, 64), 0, np.tile(p, 64), 0.0, np.arange(64 * B))
         assert (tok < 450).all() and np.isfinite(lp).all(), name
+
+
+@pytest.mark.parametrize("V", [1000, 300])
+def test_sampling_split_vocab_equals_row_kernel(V):
+    """Batches of 1-4 rows over a vocabulary that is not a multiple of the tile: the split path
+    draws exactly the row kernel's tokens (same noise per token id) with temperature, min-p,
+    top-k and greedy rows, and the same logprobs."""
+    rng = np.random.default_rng(V)
+    for B in (1, 2, 4):
+        logits = rng.standard_normal((B, V)) * 3
+        t = np.array([0.0, 1.0, 0.7, 1.3])[:B]
+        k = np.array([0, 0, 5, 0])[:B]
+        m = np.array([0.0, 0.05, 0.0, 0.0])[:B]
+        seeds = rng.integers(0, 2**40, B)
+        split = lambda *a: sample_triton(*a, split=True, block_v=128)  # noqa: E731
+        rows = lambda *a: sample_triton(*a, split=False)  # noqa: E731
+        tok, lp = run_sampler(split, logits, t, k, 1.0, m, seeds)
+        want, want_lp = run_sampler(rows, logits, t, k, 1.0, m, seeds)
+        np.testing.assert_array_equal(tok, want)
+        np.testing.assert_allclose(lp, want_lp, atol=1e-5, rtol=1e-5)
+        assert tok[0] == logits[0].argmax()
+
+
+@pytest.mark.parametrize("case", [CHI_CASES[0], CHI_CASES[3], CHI_CASES[4]])
+def test_sampling_split_vocab_frequencies(case):
+    """The split path's draws (batches of SPLIT_VOCAB_MAX_ROWS rows; the likely tokens on both
+    sides of a chunk border and in the last, partial chunk) fit the float64 filtered
+    distribution (chi-square): plain, min-p, and top-k + top-p + min-p."""
+    rng = np.random.default_rng(11)
+    V, N = 300, 1280
+    logits = rng.standard_normal(V) * 1.5 - 8
+    logits[[250, 253, 255, 290, 296, 299]] += 9  # (under the interpreter chunks are 256 tokens)
+    keep, probs = allowed_f64(logits, *case)
+    toks = []
+    for i in range(0, N, SPLIT_VOCAB_MAX_ROWS):
+        seeds = np.arange(i, i + SPLIT_VOCAB_MAX_ROWS) * 31 + 5
+        toks.append(run_sampler(sample_triton, np.tile(logits, (SPLIT_VOCAB_MAX_ROWS, 1)), *case, seeds)[0])
+    tok = np.concatenate(toks)
+    assert keep[tok].all()
+    big = probs * N > 5
+    counts, expected = np.bincount(tok, minlength=V)[big], probs[big] * N
+    if probs[~big].sum() * N > 5:  # the unlikely allowed tokens as one bin
+        counts = np.append(counts, (~big[tok]).sum())
+        expected = np.append(expected, probs[~big].sum() * N)
+    _, pvalue = stats.chisquare(counts, expected * counts.sum() / expected.sum())
+    assert pvalue > 1e-3, (counts, expected.round(1))
+
+
+def test_sampling_split_vocab_qwen_vocabulary():
+    """Vocabulary 151,936 at batch 4: greedy rows exact, drawn tokens allowed, logprobs exact."""
+    rng = np.random.default_rng(2)
+    V = 151936
+    logits = torch.tensor(rng.standard_normal((4, V)) * 3, dtype=torch.float32, device=DEV)
+    temp = torch.tensor([0.0, 1.0, 0.0, 0.8], device=DEV)
+    zeros = torch.zeros(4, device=DEV)
+    tok, lp = sample_triton(
+        logits,
+        temp,
+        zeros.int(),
+        zeros + 1,
+        zeros + torch.tensor([0, 0, 0, 0.2], device=DEV),
+        torch.arange(4, device=DEV),
+    )
+    argmax = logits.argmax(-1)
+    assert tok[0] == argmax[0] and tok[2] == argmax[2]
+    x = logits[3] / 0.8
+    assert x[tok[3]] >= x.max() + math.log(0.2)
+    torch.testing.assert_close(lp, torch.log_softmax(logits, -1).gather(1, tok[:, None])[:, 0], atol=1e-4, rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------- PRM step scoring

@@ -328,3 +328,38 @@ def test_every_kernel_call_runs_inside_the_engine_guard(models, monkeypatch):
     assert {"rms_norm", "apply_rotary", "paged_prefill_attention", "sample", "prm_step_scores"} <= names
     outside = [n for n, inside in calls if not inside]
     assert not outside, outside[:5]
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
+def test_sleep_on_the_gpu_path_drops_and_recaptures_graphs(models, monkeypatch):
+    """The Triton path (interpreter; the CUDA graphs' CPU stand-in): the graphs are dropped while the
+    weights and the cache still hold their memory, asked to capture again once both are back, and
+    greedy output after sleep(1) / wake_up() equals that before."""
+    from engine.cuda_graphs import DecodeGraphs
+
+    monkeypatch.setenv("BSTAR_KERNELS", "triton")
+    llm = LLM(models["llama"], dtype="float32", device="cpu", max_num_seqs=4)
+    runner = llm.engine.runner
+    assert runner.graphs is not None
+    greedy = SamplingParams(n=2, temperature=0, max_tokens=8, ignore_eos=True)
+    before = _tokens(llm.generate(PROMPTS, greedy, use_tqdm=False))
+    events = []
+    real_drop, real_capture = DecodeGraphs.drop, DecodeGraphs.capture
+
+    def drop(self):
+        events.append(("drop", runner.kv.untyped_storage().nbytes() > 0))
+        real_drop(self)
+
+    def capture(self, force=False):
+        events.append(("capture", runner.kv.untyped_storage().nbytes() > 0))
+        real_capture(self, force)
+
+    monkeypatch.setattr(DecodeGraphs, "drop", drop)
+    monkeypatch.setattr(DecodeGraphs, "capture", capture)
+    llm.sleep(1)
+    assert events == [("drop", True)]
+    llm.wake_up(tags=["weights"])
+    assert events == [("drop", True)]  # the cache is still asleep: nothing to capture against
+    llm.wake_up(tags=["kv_cache"])
+    assert events == [("drop", True), ("capture", True)]
+    assert _tokens(llm.generate(PROMPTS, greedy, use_tqdm=False)) == before

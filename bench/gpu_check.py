@@ -1,0 +1,625 @@
+"""The prepared GPU check: run it first wherever a GPU is at hand (one H100: under 8 minutes).
+
+    python bench/gpu_check.py --out $OUT/gpu_check.json       # on the GPU machine
+    python bench/gpu_check.py --dry-run                       # anywhere: tiny sizes, CPU, interpreter
+
+Steps (each guarded: a failure becomes a row of the table and the next step runs; a step that
+would not fit in what is left of the time budget is skipped and says so):
+  1. the kernels natively in bf16 against float32 references: paged decode and prefill attention at
+     head dims 64 and 128 and GQA groups 1/4/7 (padded rows too), sampling at vocabulary 151,936
+     (greedy exactness on both sampling paths, the split-vocabulary path drawing the row kernel's
+     tokens, a chi-square check of the draws);
+  2. engine greedy parity with transformers on CUDA (tiny Qwen2 and Llama, decode graphs on, chunked
+     prefill, a tight KV budget with n=2 copy-on-write, a forced graph re-capture);
+  4. paged decode attention bandwidth (batch 64, context 2k) against the device's measured copy
+     bandwidth, with torch SDPA (or flash-attn) on the same data as the peer;
+  3. decode speed on a random model with Qwen2.5-0.5B shapes at batch 1/16/64/256, graphs vs eager:
+     tokens/s, host time per step beside GPU time per step (CUDA events), transformers `generate`
+     on the same prompts; Triton compiles while a batch drains from 256 to 1 (target 0); n=16
+     generation against transformers (target >= 10x);
+  5. (optional) the memory-plan run, bench/memory_check.py, if that file exists.
+Prints one markdown table (for bench/RESULTS.md) and writes it, with the device and versions, as JSON.
+"""
+
+import argparse
+import functools
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tests")]  # the engine, and tests/model_factory.py
+
+
+def _args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dry-run", action="store_true", help="tiny sizes on CPU (Triton interpreter): checks the script")
+    p.add_argument("--out", default=None, help="JSON path (default: $OUT/gpu_check.json, else bench/gpu_check.json)")
+    p.add_argument("--budget", type=float, default=450.0, help="seconds for all steps (default 450)")
+    return p.parse_args()
+
+
+ARGS = _args() if __name__ == "__main__" else argparse.Namespace(dry_run=True, out=None, budget=450.0)
+DRY = ARGS.dry_run
+if DRY:  # before triton is imported
+    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ["BSTAR_KERNELS"] = "triton"
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+DEV = torch.device("cpu" if DRY or not torch.cuda.is_available() else "cuda")
+CUDA = DEV.type == "cuda"
+DT = torch.bfloat16 if CUDA else torch.float32  # the interpreter's bf16 tl.dot is broken
+ROWS: list[dict] = []
+T0 = time.perf_counter()
+
+
+def row(step, check, value, target="", ok=None, note=""):
+    status = "info" if ok is None else ("ok" if ok else "FAIL")
+    ROWS.append(dict(step=step, check=check, value=value, target=target, status=status, note=note))
+    print(f"[{time.perf_counter() - T0:6.1f}s] {step} {check}: {value} {target} {status} {note}", flush=True)
+
+
+def sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def gpu_time(fn, iters=20, warmup=3):
+    """Median seconds per call (CUDA events on a GPU, the host clock otherwise)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if CUDA:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def rel_err(got, want):
+    want = want.double()
+    return float((got.double() - want).norm() / want.norm().clamp_min(1e-30))
+
+
+# ----------------------------------------------------------------------------- 1. kernels
+
+
+def _paged(B, lens, hkv, d, page, g):
+    """Random K/V in shuffled blocks: (k_cache, v_cache, tables [B, width], seq_lens)."""
+    need = [math.ceil(n / page) for n in lens]
+    nblk = sum(need) + 2
+    kv = torch.randn(2, nblk, page, hkv, d, generator=g, device=DEV).to(DT)
+    perm = torch.randperm(nblk, generator=g, device=DEV).tolist()
+    width = max(need) + 3
+    tables = torch.zeros(B, width, dtype=torch.int32, device=DEV)
+    for b, n in enumerate(need):
+        tables[b, :n] = torch.tensor([perm.pop() for _ in range(n)], dtype=torch.int32)
+    return kv[0], kv[1], tables, torch.tensor(lens, dtype=torch.int32, device=DEV)
+
+
+def step_kernels():
+    from kernels.decode_attention import paged_decode_attention_ref
+    from kernels.decode_attention_triton import _config as decode_config
+    from kernels.decode_attention_triton import paged_decode_attention_triton
+    from kernels.prefill_attention import paged_prefill_attention_ref
+    from kernels.prefill_attention_triton import _config as prefill_config
+    from kernels.prefill_attention_triton import paged_prefill_attention_triton
+    from kernels.sampling import sample_ref
+    from kernels.sampling_triton import SPLIT_VOCAB_MAX_ROWS, sample_triton
+
+    # The default tiles here (each autotune candidate is a compile); the autotuned decode kernel is
+    # checked against the peer in step 4, the autotuned prefill kernel at the two model shapes below.
+    tuned_prefill = {(64, 7), (128, 4)}  # Qwen2.5-0.5B, Llama-3-8B
+    g = torch.Generator(device=DEV).manual_seed(0)
+    tol = 2e-2 if DT == torch.bfloat16 else 1e-4
+    ctx = 2048 if CUDA else 40
+    combos = [(d, gr) for d in (64, 128) for gr in (1, 4, 7)] if not DRY else [(64, 7), (128, 1)]
+    for d, group in combos:
+        hkv = 2
+        B = 8 if CUDA else 3
+        lens = torch.randint(1, ctx, (B,), generator=torch.Generator().manual_seed(d + group)).tolist()
+        lens[-1] = 0  # a padded graph row: must give zeros
+        k, v, tables, seq = _paged(B, lens, hkv, d, 16, g)
+        q = torch.randn(B, hkv * group, d, generator=g, device=DEV).to(DT)
+        ref = paged_decode_attention_ref(q.float(), k.float(), v.float(), tables, seq)
+        bn = decode_config(d, DT)[0]
+        outs = [paged_decode_attention_triton(q, k, v, tables, seq, num_splits=s, block_n=bn) for s in (None, 1)]
+        errs = [rel_err(o, ref) for o in outs]
+        zero = not outs[0][-1].any()
+        row(
+            1,
+            f"decode attention D={d} G={group} rel. error",
+            f"{max(errs):.1e}",
+            f"< {tol:g}",
+            max(errs) < tol and zero,
+        )
+        q_lens, prefix = ([300, 1, 77], [500, 40, 0]) if CUDA else ([7, 1, 5], [9, 3, 0])
+        k, v, tables, seq = _paged(3, [a + b for a, b in zip(q_lens, prefix)], hkv, d, 16, g)
+        qp = torch.randn(sum(q_lens), hkv * group, d, generator=g, device=DEV).to(DT)
+        cu = torch.tensor([0, *np.cumsum(q_lens).tolist()], dtype=torch.int32, device=DEV)
+        ref = paged_prefill_attention_ref(qp.float(), k.float(), v.float(), tables, cu, seq)
+        bm, bn = (None, None) if (d, group) in tuned_prefill else prefill_config(d, DT)[:2]
+        out = paged_prefill_attention_triton(
+            qp, k, v, tables, cu, seq, max_seqlen_q=max(q_lens), block_m=bm, block_n=bn
+        )
+        err = rel_err(out, ref)
+        tuned = " (autotuned)" if bm is None else ""
+        row(1, f"prefill attention D={d} G={group}{tuned} rel. error", f"{err:.1e}", f"< {tol:g}", err < tol)
+
+    V = 151936 if CUDA else 1000
+    gen = torch.Generator(device=DEV).manual_seed(1)
+
+    def params(B, temp, top_k=0, top_p=1.0, min_p=0.0):
+        return (
+            torch.full((B,), temp, device=DEV),
+            torch.full((B,), top_k, dtype=torch.int32, device=DEV),
+            torch.full((B,), top_p, device=DEV),
+            torch.full((B,), min_p, device=DEV),
+        )
+
+    for B in (4, 256):  # split-vocabulary path, then one program per row
+        logits = torch.randn(B, V, generator=gen, device=DEV) * 4
+        tok, lp = sample_triton(logits, *params(B, 0.0), torch.arange(B, device=DEV))
+        want = torch.log_softmax(logits, -1).gather(1, tok[:, None])[:, 0]
+        ok = torch.equal(tok, logits.argmax(-1)) and rel_err(lp, want) < 1e-4
+        path = "split-vocabulary" if B <= SPLIT_VOCAB_MAX_ROWS else "row"
+        row(1, f"sampling V={V} greedy exact, B={B} ({path} path)", "exact" if ok else "MISMATCH", "exact", ok)
+    B = 16
+    logits = torch.randn(B, V, generator=gen, device=DEV) * 4
+    args = (*params(B, 0.9, 0, 1.0, 0.02), torch.arange(B, device=DEV) * 7)
+    same = torch.equal(sample_triton(logits, *args, split=True)[0], sample_triton(logits, *args, split=False)[0])
+    row(
+        1,
+        f"sampling V={V} split path == row kernel (B={B}, T=0.9, min-p)",
+        "equal" if same else "DIFFER",
+        "equal",
+        same,
+    )
+    # Distribution: 40 likely tokens spread over the vocabulary, 4096 draws by each path.
+    from scipy import stats
+
+    base = torch.randn(V, generator=gen, device=DEV) - 12
+    hot = torch.randperm(V, generator=gen, device=DEV)[:40]
+    base[hot] += 12 + torch.rand(40, generator=gen, device=DEV) * 3
+    p = torch.softmax(base.double(), -1)
+    N = 4096 if CUDA else 256
+    row_calls = [(min(N, 1024), False)] * (N // min(N, 1024))
+    for name, calls in (("row", row_calls), ("split", [(SPLIT_VOCAB_MAX_ROWS, True)] * (N // SPLIT_VOCAB_MAX_ROWS))):
+        toks, start = [], 0
+        for rows, split in calls:
+            seeds = torch.arange(start, start + rows, device=DEV) * 2654435761 % (2**61)
+            toks.append(sample_triton(base.expand(rows, V).contiguous(), *params(rows, 1.0), seeds, split=split)[0])
+            start += rows
+        tok = torch.cat(toks).cpu()
+        expected = p[hot].cpu().numpy() * N
+        counts = np.array([(tok == t).sum().item() for t in hot.cpu()])
+        if N - expected.sum() > 5:  # the other tokens as one bin
+            counts, expected = np.append(counts, N - counts.sum()), np.append(expected, N - expected.sum())
+        _, pv = stats.chisquare(counts, expected * counts.sum() / expected.sum())
+        row(1, f"sampling V={V} chi-square of {N} draws ({name} path)", f"p={pv:.3f}", "p > 0.001", pv > 1e-3)
+    # The torch reference (sort-free inverse CDF) agrees on greedy rows too.
+    tok_ref, _ = sample_ref(logits, *params(B, 0.0), torch.arange(B, device=DEV))
+    ok = torch.equal(tok_ref, logits.argmax(-1))
+    row(1, f"sampling reference V={V} greedy exact", "exact" if ok else "MISMATCH", "exact", ok)
+
+
+# ----------------------------------------------------------------------------- 2. engine parity
+
+
+def step_parity(tmp: Path):
+    from model_factory import hf_model, make_model
+
+    from engine import LLM, SamplingParams
+
+    n_new = 24 if CUDA else 4
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 320, (n,), generator=g).tolist() for n in ((5, 19, 40) if CUDA else (5, 12, 24))]
+    archs = (("qwen2", dict(num_key_value_heads=1)), ("llama", {}))
+    for arch, opts in archs[1:] if DRY else archs:  # (the dry run: Qwen2 runs in tests/test_gpu_path.py)
+        path = make_model(str(tmp / arch), arch, seed=1, tokenizer=False, **opts)
+        hf = hf_model(path).to(DEV)
+
+        def want(p, n, hf=hf):
+            ids = hf.generate(torch.tensor([p], device=DEV), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            return ids[0, len(p) :].tolist()
+
+        lens = [n_new, n_new // 2, 2]  # the batch drains through several buckets
+        llm = LLM(path, dtype="float32", device=DEV.type, max_num_batched_tokens=16)
+        sp = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lens]
+        outs = llm.generate(prompts, sp, use_tqdm=False)
+        ok = all(o.outputs[0].token_ids == want(p, n) for p, n, o in zip(prompts, lens, outs))
+        graphs = llm.engine.runner.graphs
+        mode = ("graphs " if graphs is not None and graphs.captured else "padded buckets ") + str(dict(graphs.replays))
+        row(2, f"{arch} greedy == transformers (chunked prefill, {mode})", "equal" if ok else "DIFFER", "equal", ok)
+        if graphs is not None and CUDA:
+            before = graphs.captures
+            llm.engine.runner.recapture()  # nothing moved: a no-op
+            graphs.capture(force=True)
+            outs = llm.generate(prompts, sp, use_tqdm=False)
+            ok = graphs.captures == before + 1 and all(
+                o.outputs[0].token_ids == want(p, n) for p, n, o in zip(prompts, lens, outs)
+            )
+            row(2, f"{arch} after re-capture: recapture() idempotent, output equal", "ok" if ok else "DIFFER", "", ok)
+        if arch == "llama":
+            tight = LLM(path, dtype="float32", device=DEV.type, num_kv_blocks=7, block_size=8)
+            m = 10 if CUDA else 4
+            sp = SamplingParams(n=2, temperature=0, max_tokens=m, ignore_eos=True)
+            outs = tight.generate(prompts, sp, use_tqdm=False)
+            pre = tight.engine.scheduler.num_preemptions
+            same = all([c.token_ids for c in o.outputs] == [want(p, m)] * 2 for p, o in zip(prompts, outs))
+            value = f"{pre} preemptions, " + ("equal" if same else "DIFFER")
+            row(2, f"{arch} tight KV (7 blocks), n=2 copy-on-write", value, "equal, preempted", same and pre > 0)
+            tight = None
+        del llm, hf
+        if CUDA:
+            torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- 4. bandwidth
+
+
+def _flash_peer(fn, q, k, v, seq):
+    return fn(q[:, None], k, v, cache_seqlens=seq)[:, 0]
+
+
+def _sdpa_peer(q, k, v):  # q [B, Hq, D], k/v [B, Hkv, L, D]
+    return torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)[:, :, 0]
+
+
+def step_bandwidth():
+    from kernels.decode_attention_triton import paged_decode_attention_triton
+
+    iters = dict(iters=20, warmup=3) if CUDA else dict(iters=1, warmup=1)
+    n = (1 << 30) if CUDA else (1 << 22)
+    src = torch.empty(n, dtype=torch.float16, device=DEV).normal_()
+    dst = torch.empty_like(src)
+    t = gpu_time(functools.partial(dst.copy_, src), iters=10)
+    copy_bw = 2 * src.numel() * 2 / t
+    src = dst = None
+    row(4, "device copy bandwidth (read + write)", f"{copy_bw / 1e9:.0f} GB/s")
+    try:
+        from flash_attn import flash_attn_with_kvcache
+    except ImportError:
+        flash_attn_with_kvcache = None
+    B, ctx = (64, 2048) if CUDA else (2, 64)
+    for name, hq, hkv, d in (("Llama-3-8B layer", 32, 8, 128), ("Qwen2.5-0.5B layer", 14, 2, 64)):
+        g = torch.Generator(device=DEV).manual_seed(2)
+        page = 16
+        per = ctx // page
+        kv = torch.randn(2, B * per, page, hkv, d, generator=g, device=DEV).to(DT)
+        tables = torch.randperm(B * per, generator=g, device=DEV).view(B, per).int()
+        seq = torch.full((B,), ctx, dtype=torch.int32, device=DEV)
+        q = torch.randn(B, hq, d, generator=g, device=DEV).to(DT)
+        ours = functools.partial(paged_decode_attention_triton, q, kv[0], kv[1], tables, seq)
+        t = gpu_time(ours, **iters)
+        nbytes = 2 * B * ctx * hkv * d * kv.element_size()
+        frac = nbytes / t / copy_bw
+        row(
+            4,
+            f"paged decode attention B={B} ctx={ctx} {name}",
+            f"{nbytes / t / 1e9:.0f} GB/s = {frac:.0%} of copy",
+            ">= 80%" if CUDA else "",
+            (frac >= 0.8) if (CUDA and hq == 32) else None,
+            f"{t * 1e6:.0f} us",
+        )
+        kd = kv[0][tables.long()].view(B, ctx, hkv, d)
+        vd = kv[1][tables.long()].view(B, ctx, hkv, d)
+        if flash_attn_with_kvcache is not None and CUDA:
+            peer_name = "flash-attn (dense cache)"
+            peer = functools.partial(_flash_peer, flash_attn_with_kvcache, q, kd, vd, seq)
+        else:
+            peer_name = "torch SDPA (dense copy)"
+            peer = functools.partial(_sdpa_peer, q, kd.transpose(1, 2).contiguous(), vd.transpose(1, 2).contiguous())
+        err = rel_err(ours(), peer().float())
+        tp = gpu_time(peer, **iters)
+        row(
+            4,
+            f"  vs {peer_name}",
+            f"{tp / t:.2f}x (peer {tp * 1e6:.0f} us)",
+            "agree < 2e-2",
+            err < 2e-2,
+            f"rel. diff {err:.1e}",
+        )
+        kv = kd = vd = peer = None
+
+
+# ----------------------------------------------------------------------------- 3. decode speed
+
+
+class StepTimer:
+    """Times LLMEngine.step: wall, GPU span (CUDA events around the step) and the time the host
+    waits for the forward (a synchronize just before sampling). host = wall - that wait; the
+    sampler's own short wait for its kernels is counted as host time (conservative)."""
+
+    def __init__(self, engine):
+        self.engine, self.real = engine, engine.sampler
+        self.wait = 0.0
+        engine.sampler = self
+
+    def __call__(self, *a, **k):
+        t = time.perf_counter()
+        sync()
+        self.wait += time.perf_counter() - t
+        return self.real(*a, **k)
+
+    def steps(self, n):
+        wall, gpu, self.wait = [], [], 0.0
+        for _ in range(n):
+            if CUDA:
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+            t = time.perf_counter()
+            self.engine.step()
+            wall.append(time.perf_counter() - t)
+            if CUDA:
+                b.record()
+                b.synchronize()
+                gpu.append(a.elapsed_time(b) / 1e3)
+        total = sum(wall)
+        host = (total - self.wait) / n
+        return total, host, (statistics.median(gpu) if gpu else float("nan"))
+
+    def restore(self):
+        self.engine.sampler = self.real
+
+
+def _hf_generate(hf, ids, n_new, num_return=1):
+    with torch.no_grad():
+        hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=n_new,
+            min_new_tokens=n_new,
+            num_return_sequences=num_return,
+            pad_token_id=2,
+        )
+    sync()
+
+
+def step_decode(tmp: Path):
+    from model_factory import hf_model, make_model
+
+    from engine import SamplingParams
+    from kernels.launch import compiled_count, record_variants
+
+    if CUDA:
+        shape = dict(
+            vocab_size=151936,
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            tie_word_embeddings=True,
+        )
+        batches, prompt_len, K, rounds = (1, 16, 64, 256), 128, 32, 2
+    else:
+        shape = dict(num_key_value_heads=2, max_position_embeddings=256)
+        batches, prompt_len, K, rounds = (3,), 8, 2, 1  # 3: a padded bucket
+    t = time.perf_counter()
+    path = make_model(
+        str(tmp / "q05"), "qwen2", tokenizer=False, dtype=torch.bfloat16 if CUDA else torch.float32, **shape
+    )
+    from engine import LLM
+
+    with record_variants(run=True) as warm:
+        llm = LLM(path, dtype="bfloat16" if CUDA else "float32", device=DEV.type, num_kv_blocks=8192 if CUDA else 64)
+    eng = llm.engine
+    runner = eng.runner
+    row(3, "model build + engine start (load, warm-up/autotune, capture)", f"{time.perf_counter() - t:.0f} s")
+    hf = hf_model(path, dtype=DT).to(DEV)
+    vocab = shape.get("vocab_size", 320)
+    graphs = runner.graphs
+    timer = StepTimer(eng)
+    g = torch.Generator().manual_seed(0)
+    rid = 0
+    host_vs_gpu = {}
+    for B in batches:
+        prompts = torch.randint(3, vocab, (B, prompt_len), generator=g)
+        results = {}
+        for mode in ("graphs", "eager"):
+            runner.graphs = graphs if mode == "graphs" else None
+            eng.block_manager.reset_prefix_cache()  # no prompt carried over between modes
+            for p in prompts.tolist():
+                eng.add_request(
+                    f"d{rid}", p, SamplingParams(temperature=1.0, max_tokens=K + 3, ignore_eos=True, seed=rid)
+                )
+                rid += 1
+            while eng.scheduler.waiting or any(s.num_computed < len(s) - 1 for s in eng.scheduler.running):
+                eng.step()  # prefill
+            eng.step()  # first decode step (buffers, bucket)
+            total, host, gpu = timer.steps(K)
+            while eng.has_unfinished_requests():
+                eng.step()
+            results[mode] = (B * K / total, host, gpu)
+        runner.graphs = graphs
+        ids = prompts.to(DEV)
+        _hf_generate(hf, ids, 2)  # warm-up
+        t1 = time.perf_counter()
+        _hf_generate(hf, ids, 1)
+        t1 = time.perf_counter() - t1
+        tk = time.perf_counter()
+        _hf_generate(hf, ids, K + 1)
+        tk = time.perf_counter() - tk
+        hf_tps = B * K / max(tk - t1, 1e-9)
+        (tg, hg, gg), (te, he, ge) = results["graphs"], results["eager"]
+        host_vs_gpu[B] = (hg, gg)
+        row(
+            3,
+            f"decode B={B}: tok/s graphs | eager | transformers",
+            f"{tg:,.0f} | {te:,.0f} | {hf_tps:,.0f}",
+            "",
+            None,
+            f"graphs/transformers {tg / hf_tps:.1f}x, graphs/eager {tg / te:.2f}x",
+        )
+        row(
+            3,
+            f"decode B={B}: host | GPU ms/step, graphs (eager)",
+            f"{hg * 1e3:.2f} | {gg * 1e3:.2f} ({he * 1e3:.2f} | {ge * 1e3:.2f})",
+            "host < GPU at B=64, graphs" if B == 64 else "",
+            (hg < gg) if (B == 64 and CUDA) else None,
+        )
+    timer.restore()
+
+    # A batch draining from 256 to 1 (request i stops after i + 1 tokens): no compile, no new variant.
+    n = 256 if CUDA else 4
+    for mode in ("graphs", "eager"):
+        runner.graphs = graphs if mode == "graphs" else None
+        before = compiled_count()
+        with record_variants(run=True) as used:
+            prompts = torch.randint(3, vocab, (n, 16), generator=g).tolist()
+            sp = [SamplingParams(temperature=1.0, max_tokens=i + 1, ignore_eos=True, seed=i) for i in range(n)]
+            llm.generate(prompts, sp, use_tqdm=False)
+        new = {k: len(v - warm.get(k, set())) for k, v in used.items() if v - warm.get(k, set())}
+        compiles = compiled_count() - before
+        ok = compiles == 0 and not new
+        note = "" if CUDA else "interpreter: variants checked, nothing compiles"
+        row(
+            3,
+            f"batch draining {n} -> 1 ({mode}): Triton compiles, new variants",
+            f"{compiles}, {new or 0}",
+            "0, 0",
+            ok,
+            note,
+        )
+    runner.graphs = graphs
+
+    # n=16 candidates: prompt sharing + decode, against transformers' num_return_sequences.
+    n_prompts, n_cand, n_new, plen = (8, 16, 128, 100) if CUDA else (2, 2, 3, 8)
+    prompts = torch.randint(3, vocab, (n_prompts, plen), generator=g)  # equal lengths: no padding for the peer
+    sp = SamplingParams(n=n_cand, temperature=1.0, max_tokens=n_new, ignore_eos=True, seed=0)
+    ours = functools.partial(_ours_n, llm, prompts.tolist(), sp)
+    peer = functools.partial(_hf_generate, hf, prompts.to(DEV), n_new, n_cand)
+    ours(), peer()
+    t_ours, t_peer = [], []
+    for _ in range(rounds):  # interleaved rounds
+        for fn, ts in ((ours, t_ours), (peer, t_peer)):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+    tokens = n_prompts * n_cand * n_new
+    ratio = min(t_peer) / min(t_ours)
+    llm = eng = runner = hf = None
+    row(
+        3,
+        f"n={n_cand} generation, {n_prompts} prompts x {n_new} tokens: ours | transformers tok/s",
+        f"{tokens / min(t_ours):,.0f} | {tokens / min(t_peer):,.0f}",
+        ">= 10x" if CUDA else "",
+        (ratio >= 10) if CUDA else None,
+        f"{ratio:.1f}x",
+    )
+
+
+def _ours_n(llm, prompts, sp):
+    llm.engine.block_manager.reset_prefix_cache()  # the warm-up's prompts give no advantage
+    llm.generate(prompts, sp, use_tqdm=False)
+    sync()
+
+
+# ----------------------------------------------------------------------------- 5. memory plan (optional)
+
+
+def step_memory(budget_left: float):
+    # === OPTIONAL HOOK: the memory-plan run (policy + PRM + trainer in one process) of the
+    # memory-plan issue. Another engineer writes bench/memory_check.py; it runs here if present. ===
+    script = REPO / "bench" / "memory_check.py"
+    if not script.exists():
+        row(5, "memory plan (bench/memory_check.py)", "not present", "", None, "skipped")
+        return
+    cmd = [sys.executable, str(script)] + (["--dry-run"] if DRY else [])
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=max(10, budget_left - 5), cwd=REPO)
+    except subprocess.TimeoutExpired:
+        row(5, "memory plan (bench/memory_check.py)", "timed out", "exit 0", False)
+        return
+    last = (r.stdout.strip().splitlines() or [""])[-1][:160]
+    row(5, "memory plan (bench/memory_check.py)", f"exit {r.returncode}", "exit 0", r.returncode == 0, last)
+    if r.returncode:
+        print(r.stdout[-3000:], r.stderr[-3000:], file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+STEPS = [  # (number, name, seconds it needs at least on one H100, function); run in this order
+    (1, "kernels", 40, lambda tmp, left: step_kernels()),
+    (2, "engine parity", 60, lambda tmp, left: step_parity(tmp)),
+    (4, "attention bandwidth", 20, lambda tmp, left: step_bandwidth()),
+    (3, "decode speed", 150, lambda tmp, left: step_decode(tmp)),
+    (5, "memory plan", 30, lambda tmp, left: step_memory(left)),
+]
+
+
+def table() -> str:
+    lines = ["| step | check | value | target | status | note |", "|---|---|---|---|---|---|"]
+    for r in ROWS:
+        lines.append(f"| {r['step']} | {r['check']} | {r['value']} | {r['target']} | {r['status']} | {r['note']} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    budget = ARGS.budget
+    out = Path(
+        ARGS.out
+        or (Path(os.environ["OUT"]) / "gpu_check.json" if os.environ.get("OUT") else REPO / "bench" / "gpu_check.json")
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        for n, name, need, fn in STEPS:
+            left = budget - (time.perf_counter() - T0)
+            if CUDA and left < need:
+                row(n, name, "skipped", "", None, f"time budget: {left:.0f} s left, needs ~{need} s")
+                continue
+            t = time.perf_counter()
+            try:
+                fn(Path(tmp), left)
+            except Exception as e:  # one failure is reported, the other steps still run
+                traceback.print_exc()
+                row(n, name, f"error: {type(e).__name__}: {e}"[:200], "", False)
+            print(f"step {n} ({name}): {time.perf_counter() - t:.1f} s", flush=True)
+            if CUDA:
+                torch.cuda.empty_cache()
+    import triton
+
+    meta = dict(
+        date=time.strftime("%Y-%m-%d"),
+        device=torch.cuda.get_device_name() if CUDA else "cpu (dry run, Triton interpreter)",
+        torch=torch.__version__,
+        triton=triton.__version__,
+        dry_run=DRY,
+        seconds=round(time.perf_counter() - T0, 1),
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(meta=meta, rows=ROWS), indent=1))
+    print(
+        f"\n## GPU check: {meta['device']}, {meta['date']}, torch {meta['torch']}, triton {meta['triton']}, "
+        f"{meta['seconds']} s\n"
+    )
+    print(table())
+    print(f"\n(JSON: {out})")
+    return 0 if all(r["status"] != "FAIL" for r in ROWS) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""The GPU path's step inputs: persistent buffers filled in place, no host synchronisation.
+
+On the Triton path (CUDA, or BSTAR_KERNELS=triton on CPU under the interpreter) a step's token ids,
+positions, cache slots, sequence lengths and block tables go into device buffers allocated once:
+
+- a captured CUDA graph (engine/cuda_graphs.py) reads the same addresses at every replay, and
+  the eager path uses the same buffers (a replay is the same forward on the same tensors);
+- the host builds flat lists only. All int64 values of a step are staged in one pinned host
+  tensor and all int32 values in another (kernels.host.to_device), each copied with
+  non_blocking=True, then spread on the device into the persistent buffers: two host-to-device
+  copies per step, none of which makes the host wait;
+- block tables stay on the device (`BlockTables`): one row per sequence, written only where the
+  sequence's table changed, then gathered into batch order by one index_select.
+
+Rows past the batch up to a CUDA-graph bucket (`pad_to`) are padding that writes and reads
+nothing: token 0 at position 0, slot -1 (kernels.store_kv skips it), length 0 (the decode kernel
+reads no key), the table's reserved all-zero row 0.
+"""
+
+import torch
+
+from engine.model import AttnMetadata
+from engine.scheduler import Batch
+from engine.sequence import Sequence
+from kernels.host import to_device
+
+PAD_SLOT = -1
+
+
+class BlockTables:
+    """Block tables on the device, keyed by sequence: row r holds the blocks of the sequence that
+    owns it (int32 [rows, width]; entries past a sequence's blocks are stale and never read).
+
+    `sync` finds, for each sequence of a step, the entries that changed since its row was last
+    written. What can change (engine/block_manager.py): blocks are appended; the block at index
+    num_computed // block_size is replaced by copy-on-write in the step that writes into it; a
+    preempted sequence is freed (its table becomes a new, empty list) and allocated again; a new
+    sequence (a fork, a request, a prompt forward) brings a new list. So for the list object a row
+    last wrote, entries below num_computed // block_size never change and only the tail is
+    compared with a host mirror; any other list is written in full. Rows of sequences that were not
+    in the step are reclaimed when rows run out (one that comes back is written in full again);
+    row 0 stays all zeros, for padded batch rows.
+    """
+
+    def __init__(self, width: int, block_size: int, device: torch.device, rows: int = 64):
+        self.width, self.block_size, self.device = width, block_size, device
+        self.table = torch.zeros(rows, width, dtype=torch.int32, device=device)
+        self.row_of: dict[int, int] = {}  # seq_id -> row
+        self._owner: list[int | None] = [None] * rows
+        self._list: list[list[int] | None] = [None] * rows  # the table list last written (kept alive)
+        self._mirror: list[list[int] | None] = [None] * rows  # host copy of the row's written entries
+        self._stamp = [0] * rows  # the step that last used the row
+        self._free = list(range(rows - 1, 0, -1))  # row 0 is reserved
+        self._step = 0
+        self.entries_written = 0  # (statistics, tests)
+
+    def sync(self, seqs: list[Sequence]) -> tuple[list[int], list[int], list[int]]:
+        """The rows of `seqs` (in order) and the (flat index, block id) entries that bring them up
+        to date; the caller writes those (`write`) before reading the table."""
+        self._step += 1
+        step, W, bs = self._step, self.width, self.block_size
+        rows, idx, val = [], [], []
+        for s in seqs:
+            t = s.block_table
+            r = self.row_of.get(s.seq_id)
+            if r is None:
+                r = self._assign(s.seq_id)
+            m = self._mirror[r]
+            base = r * W
+            if self._list[r] is t and len(t) >= len(m):
+                n = len(m)
+                for i in range(min(n, s.num_computed // bs), n):  # copy-on-write lands here
+                    if t[i] != m[i]:
+                        m[i] = t[i]
+                        idx.append(base + i)
+                        val.append(t[i])
+                if len(t) > n:  # new blocks
+                    new = t[n:]
+                    m += new
+                    idx += range(base + n, base + len(t))
+                    val += new
+            else:
+                if len(t) > W:
+                    raise ValueError(f"sequence {s.seq_id} holds {len(t)} blocks, the tables' width is {W}")
+                self._list[r], self._mirror[r] = t, list(t)
+                idx += range(base, base + len(t))
+                val += t
+            self._stamp[r] = step
+            rows.append(r)
+        self.entries_written += len(idx)
+        return rows, idx, val
+
+    def write(self, idx: torch.Tensor, val: torch.Tensor):
+        """Apply `sync`'s entries (device tensors: int64 flat indices, int32 block ids)."""
+        if idx.numel():
+            self.table.view(-1).index_copy_(0, idx, val)
+
+    def _assign(self, seq_id: int) -> int:
+        if not self._free:
+            self._reclaim()
+        r = self._free.pop()
+        self._owner[r], self._list[r], self._mirror[r] = seq_id, None, None
+        self.row_of[seq_id] = r
+        return r
+
+    def _reclaim(self):
+        """Free the rows not used by the current step; grow the table when every row is in use."""
+        for r in range(1, len(self._owner)):
+            if self._owner[r] is not None and self._stamp[r] < self._step:
+                del self.row_of[self._owner[r]]
+                self._owner[r] = self._list[r] = self._mirror[r] = None
+                self._free.append(r)
+        if not self._free:
+            old = self.table.shape[0]
+            table = torch.zeros(2 * old, self.width, dtype=torch.int32, device=self.device)
+            table[:old] = self.table
+            self.table = table
+            self._owner += [None] * old
+            self._list += [None] * old
+            self._mirror += [None] * old
+            self._stamp += [0] * old
+            self._free = list(range(2 * old - 1, old - 1, -1))
+
+    def forget(self):
+        """Drop every row (after the cache was re-allocated: block ids may mean other memory)."""
+        self.row_of.clear()
+        n = len(self._owner)
+        self._owner, self._list, self._mirror = [None] * n, [None] * n, [None] * n
+        self._free = list(range(n - 1, 0, -1))
+
+
+class StepInputs:
+    """Persistent buffers of one engine's steps on the Triton path, and `prepare` to fill them."""
+
+    def __init__(self, max_tokens: int, max_table_rows: int, width: int, block_size: int, device: torch.device):
+        self.device, self.block_size, self.width = device, block_size, width
+        self.max_tokens = max_tokens
+        z = dict(device=device)
+        # What a decode graph reads (slices [:bucket] of these, at fixed addresses).
+        self.input_ids = torch.zeros(max_tokens, dtype=torch.int64, **z)
+        self.positions = torch.zeros(max_tokens, dtype=torch.int64, **z)
+        self.slot_mapping = torch.full((max_tokens,), PAD_SLOT, dtype=torch.int64, **z)
+        self.seq_lens = torch.zeros(max_tokens, dtype=torch.int32, **z)
+        self.block_tables = torch.zeros(max_table_rows, width, dtype=torch.int32, **z)
+        self.tables = BlockTables(width, block_size, device)
+        self._empty_cu = torch.zeros(1, dtype=torch.int32, **z)
+
+    def bucket_meta(self, bs: int) -> tuple[torch.Tensor, torch.Tensor, AttnMetadata]:
+        """(ids, positions, metadata) of a decode-only step of `bs` rows, as views of the buffers:
+        what a graph of bucket `bs` is captured on and replayed with."""
+        meta = AttnMetadata(
+            slot_mapping=self.slot_mapping[:bs],
+            block_tables=self.block_tables[:bs],
+            seq_lens=self.seq_lens[:bs],
+            num_decode=bs,
+            cu_seqlens_q=self._empty_cu,
+            max_seqlen_q=1,
+        )
+        return self.input_ids[:bs], self.positions[:bs], meta
+
+    def fill_padding(self, bs: int):
+        """Every row [0, bs) a padded row (before a capture: the graph then runs on safe values)."""
+        self.input_ids[:bs].zero_()
+        self.positions[:bs].zero_()
+        self.slot_mapping[:bs].fill_(PAD_SLOT)
+        self.seq_lens[:bs].zero_()
+        self.block_tables[:bs].zero_()
+
+    def prepare(self, batch: Batch, pad_to: int | None = None):
+        """Fill the buffers for `batch` (decode rows first, then prefill chunks).
+
+        pad_to (a decode-only batch): the row count of the graph bucket; rows past the batch are
+        padding. Returns (ids, positions, metadata, sample) where sample is an int64 device tensor
+        of the hidden-state rows of batch.sampled, or None when those are rows 0..len-1 in order.
+        """
+        bs, seqs, nd = self.block_size, batch.seqs, batch.num_decode
+        B = len(seqs)
+        pos = [s.num_computed for s in seqs[:nd]]
+        ids = [s.token_ids[p] for s, p in zip(seqs, pos)]
+        slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, pos)]
+        lens = [p + 1 for p in pos]
+        last_rows = list(range(nd))
+        cu = [0]
+        for seq, n in zip(seqs[nd:], batch.num_new[nd:]):
+            start, end = seq.num_computed, seq.num_computed + n
+            ids += seq.token_ids[start:end]
+            pos += range(start, end)
+            table = seq.block_table
+            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            lens.append(end)
+            last_rows.append(len(ids) - 1)
+            cu.append(cu[-1] + n)
+        T = len(ids)
+        rows, upd_idx, upd_val = self.tables.sync(seqs)
+        pad = 0
+        if pad_to is not None:
+            if nd != B or pad_to < B:
+                raise ValueError(f"padding is for decode-only batches up to the bucket, got {nd}/{B} rows to {pad_to}")
+            pad = pad_to - B
+            ids += [0] * pad
+            pos += [0] * pad
+            slots += [PAD_SLOT] * pad
+            lens += [0] * pad
+            rows += [0] * pad
+        if T + pad > self.max_tokens:
+            raise ValueError(f"{T + pad} tokens in a step; the buffers hold {self.max_tokens}")
+        sampled = batch.sampled
+        in_order = sampled == list(range(len(sampled))) and all(last_rows[r] == r for r in sampled)
+        sample = [] if in_order else [last_rows[r] for r in sampled]
+        Tp, Bp = T + pad, B + pad
+
+        # Two host-to-device copies, then the persistent buffers are filled on the device.
+        d64 = to_device(ids + pos + slots + rows + upd_idx + sample, torch.int64, self.device)
+        d32 = to_device(lens + cu + upd_val, torch.int32, self.device)
+        o = 0
+        for buf, n in ((self.input_ids, Tp), (self.positions, Tp), (self.slot_mapping, Tp)):
+            buf[:n].copy_(d64[o : o + n], non_blocking=True)
+            o += n
+        rows_d = d64[o : o + Bp]
+        upd_idx_d = d64[o + Bp : o + Bp + len(upd_idx)]
+        sample_d = d64[o + Bp + len(upd_idx) :] if sample else None
+        self.seq_lens[:Bp].copy_(d32[:Bp], non_blocking=True)
+        cu_d = d32[Bp : Bp + len(cu)]
+        self.tables.write(upd_idx_d, d32[Bp + len(cu) :])
+        if Bp <= self.block_tables.shape[0]:
+            block_tables = self.block_tables[:Bp]
+            torch.index_select(self.tables.table, 0, rows_d, out=block_tables)
+        else:  # more rows than any decode graph has (a wide prefill batch): a fresh gather
+            block_tables = self.tables.table.index_select(0, rows_d)
+        meta = AttnMetadata(
+            slot_mapping=self.slot_mapping[:Tp],
+            block_tables=block_tables,
+            seq_lens=self.seq_lens[:Bp],
+            num_decode=nd + pad,
+            cu_seqlens_q=cu_d,
+            max_seqlen_q=max(batch.num_new[nd:], default=1),
+            max_seq_len=None if pad_to is not None else max(lens[:nd], default=1),
+        )
+        return self.input_ids[:Tp], self.positions[:Tp], meta, sample_d

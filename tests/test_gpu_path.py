@@ -1,0 +1,277 @@
+"""The engine's GPU code path, run in CI on CPU tensors (BSTAR_KERNELS=triton, TRITON_INTERPRET=1).
+
+Every Triton kernel, the persistent step inputs, the device block tables and the padded decode
+buckets of the CUDA graphs run here exactly as on a GPU, except that nothing is captured (a
+"replay" is the same forward on the same padded buffers). Checked against transformers (greedy
+output, with chunked prefill, a tight KV budget and n > 1 copy-on-write) and against freshly
+built block tables after every step; plus the no-recompile guarantee, read off Triton's own
+binder for every launch. Only speed needs a GPU (bench/gpu_check.py).
+"""
+
+import os
+import random
+
+import pytest
+import torch
+from model_factory import hf_model, make_model
+
+from engine import LLM, SamplingParams
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.cuda_graphs import bucket_sizes
+from engine.sampling_params import SamplingParams as SP
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
+from engine.step_inputs import PAD_SLOT, StepInputs
+from kernels.launch import record_variants
+
+pytestmark = [
+    pytest.mark.usefixtures("one_torch_thread"),
+    pytest.mark.filterwarnings("ignore::RuntimeWarning"),  # numpy inf/nan in masked interpreter lanes
+]
+
+CPU = torch.device("cpu")
+# Kernels on CPU tensors need the interpreter (tests/conftest.py sets it where CUDA is absent; on a GPU
+# machine bench/gpu_check.py runs these checks natively).
+needs_interpreter = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="Triton kernels on CPU tensors need TRITON_INTERPRET=1"
+)
+
+
+@pytest.fixture
+def triton_path(monkeypatch):
+    monkeypatch.setenv("BSTAR_KERNELS", "triton")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gpu_path")
+    return {
+        "llama": make_model(str(root / "llama"), "llama", seed=1, tokenizer=False, max_position_embeddings=256),
+        # GQA 4:1 and q/k/v biases
+        "qwen2": make_model(str(root / "qwen2"), "qwen2", seed=3, tokenizer=False, num_key_value_heads=1),
+    }
+
+
+def _prompts(seed, lengths, vocab=320):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def _hf_greedy(path, prompt, n):
+    ids = hf_model(path).generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return ids[0, len(prompt) :].tolist()
+
+
+def assert_tables_fresh(inputs: StepInputs, batch, block_tables: torch.Tensor):
+    """The device block tables equal tables built afresh from the sequences: each sequence's keyed
+    row, and the batch-order gather the kernels read (padded rows: the all-zero row 0)."""
+    table = inputs.tables.table.cpu()
+    gathered = block_tables.cpu()
+    assert not table[0].any()
+    for b, s in enumerate(batch.seqs):
+        n = len(s.block_table)
+        assert table[inputs.tables.row_of[s.seq_id], :n].tolist() == s.block_table
+        assert gathered[b, :n].tolist() == s.block_table
+    assert not gathered[len(batch.seqs) :].any()
+
+
+class Spy:
+    """Wraps StepInputs.prepare: checks the tables and the buffers' addresses after every step."""
+
+    def __init__(self, inputs: StepInputs):
+        self.inputs, self.prepare = inputs, inputs.prepare
+        self.ptrs = [b.data_ptr() for b in self._buffers()]
+        self.steps = []  # (rows, pad_to)
+        inputs.prepare = self
+
+    def _buffers(self):
+        i = self.inputs
+        return [i.input_ids, i.positions, i.slot_mapping, i.seq_lens, i.block_tables]
+
+    def __call__(self, batch, pad_to=None):
+        ids, pos, meta, sample = self.prepare(batch, pad_to)
+        i = self.inputs
+        assert [b.data_ptr() for b in self._buffers()] == self.ptrs  # persistent: never reallocated
+        assert ids.data_ptr() == i.input_ids.data_ptr() and pos.data_ptr() == i.positions.data_ptr()
+        assert meta.slot_mapping.data_ptr() == i.slot_mapping.data_ptr()
+        assert meta.seq_lens.data_ptr() == i.seq_lens.data_ptr()
+        assert meta.block_tables.data_ptr() == i.block_tables.data_ptr()
+        assert_tables_fresh(i, batch, meta.block_tables)
+        if pad_to is not None:  # padded rows: slot -1, length 0
+            B = len(batch.seqs)
+            assert (i.slot_mapping[B:pad_to] == PAD_SLOT).all() and not i.seq_lens[B:pad_to].any()
+        self.steps.append((len(batch.seqs), pad_to))
+        return ids, pos, meta, sample
+
+
+def test_bucket_sizes():
+    assert bucket_sizes(1) == [1]
+    assert bucket_sizes(3) == [1, 2, 4]
+    assert bucket_sizes(16) == [1, 2, 4, 8, 16]
+    assert bucket_sizes(17) == [1, 2, 4, 8, 16, 32]
+    assert bucket_sizes(256) == [1, 2, 4, 8, *range(16, 257, 16)]
+
+
+def test_block_tables_follow_the_scheduler():
+    """The scheduler and block manager alone (no model): requests with n > 1 (copy-on-write of the
+    shared partial block), shared prefixes (prefix-cache hits), a KV budget tight enough to preempt,
+    finishing sequences freeing their blocks and rows. After every step the device tables equal
+    fresh ones, while only the changed entries were written."""
+    bs = 4
+    cfg = EngineConfig(block_size=bs, num_kv_blocks=40, max_num_seqs=12, max_num_batched_tokens=24)
+    bm = BlockManager(cfg.num_kv_blocks, bs, enable_prefix_caching=True)
+    sched = Scheduler(cfg, bm)
+    inputs = StepInputs(64, 16, 16, bs, CPU)
+    rng = random.Random(0)
+    shared = [rng.randrange(3, 300) for _ in range(10)]
+    for r in range(14):
+        n = rng.choice([1, 1, 3])
+        prompt = (shared if r % 3 == 0 else []) + [rng.randrange(3, 300) for _ in range(rng.randrange(2, 14))]
+        params = SP(n=n, max_tokens=rng.randrange(3, 20), ignore_eos=True)
+        sched.add(Sequence(f"r{r}", prompt, params, fork_count=n - 1))
+    steps = written = copies = 0
+    while sched.has_work():
+        batch = sched.schedule()
+        assert batch, "no progress"
+        copies += len(batch.copies)
+        before = inputs.tables.entries_written
+        _, _, meta, _ = inputs.prepare(batch)
+        assert_tables_fresh(inputs, batch, meta.block_tables)
+        written += sum(len(s.block_table) for s in batch.seqs)
+        steps += 1
+        assert inputs.tables.entries_written - before <= sum(len(s.block_table) for s in batch.seqs)
+        seqs, _ = sched.advance(batch)
+        for s in seqs:
+            s.append_token(rng.randrange(3, 300), 0.0, None)
+            if s.num_output >= s.params.max_tokens:
+                sched.finish(s, "length")
+    assert sched.num_preemptions > 0 and copies > 0 and bm.prefix_hits > 0
+    assert inputs.tables.entries_written < written / 3  # incremental: a fraction of a full rebuild
+    assert inputs.tables.table.shape[0] > 64 or inputs.tables.row_of  # rows were reclaimed or grown
+
+
+@needs_interpreter
+def test_gpu_path_greedy_chunked_prefill_padded_buckets(tiny, triton_path):
+    """Llama through the padded decode buckets (CPU stand-in for the graphs) with chunked prefill:
+    greedy output equals transformers; batches of 3 run padded to the bucket of 4 as the batch
+    drains 3 -> 2 -> 1; and no launch needs a variant the start-up warm-up did not compile."""
+    path = tiny["llama"]
+    with record_variants() as warm:
+        llm = LLM(path, dtype="float32", device="cpu", max_num_batched_tokens=16, max_num_seqs=4)
+    runner = llm.engine.runner
+    assert runner.graphs is not None and runner.graphs.sizes == [1, 2, 4]
+    spy = Spy(runner.inputs)
+    prompts = _prompts(2, [5, 19, 40])
+    lengths = [12, 7, 3]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lengths]
+    with record_variants() as used:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    for p, n, o in zip(prompts, lengths, outs):
+        assert o.outputs[0].token_ids == _hf_greedy(path, p, n)
+    replays = runner.graphs.replays
+    assert {4, 2, 1} <= set(replays) and (3, 4) in spy.steps  # 3 rows ran in the bucket of 4
+    assert any(pad is None for _, pad in spy.steps)  # the chunked prefill steps ran eagerly
+    for name, keys in used.items():
+        assert keys <= warm.get(name, set()), f"{name}: a variant not compiled at start-up"
+    assert {"_decode_split_kernel", "_store_kv_kernel", "_chunk_draw_kernel"} <= set(used)
+
+
+@needs_interpreter
+def test_gpu_path_preemption_and_copy_on_write(tiny, triton_path):
+    """Qwen2 (GQA 4:1, biases) eagerly (enforce_eager), n=2 candidates forking a shared prompt
+    (copy-on-write of its partial block) and a KV budget that forces preemption: every candidate's
+    greedy output equals transformers, and the block tables stay exact through frees and recomputes."""
+    path = tiny["qwen2"]
+    llm = LLM(path, dtype="float32", device="cpu", num_kv_blocks=7, block_size=8, enforce_eager=True)
+    runner = llm.engine.runner
+    assert runner.graphs is None and runner.inputs is not None
+    spy = Spy(runner.inputs)
+    prompts = _prompts(6, [13, 20, 9])
+    sp = SamplingParams(n=2, temperature=0, max_tokens=10, ignore_eos=True)
+    outs = llm.generate(prompts, sp, use_tqdm=False)
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert all(pad is None for _, pad in spy.steps)
+    for p, o in zip(prompts, outs):
+        want = _hf_greedy(path, p, 10)
+        assert [c.token_ids for c in o.outputs] == [want, want]
+    assert llm.engine.block_manager.num_used == 0
+
+
+@needs_interpreter
+def test_gpu_path_prompt_forwards(tiny, monkeypatch):
+    """LLM.compute_logits (the PRM's path too) on the GPU path, with more prompts in one forward
+    than the largest decode bucket (a fresh block-table gather): the torch path's logits."""
+    prompts = _prompts(9, [3, 17, 1, 30, 8, 12])
+    want = LLM(tiny["llama"], dtype="float32", device="cpu").compute_logits(prompts)
+    monkeypatch.setenv("BSTAR_KERNELS", "triton")
+    llm = LLM(tiny["llama"], dtype="float32", device="cpu", max_num_seqs=4)
+    assert llm.engine.runner.inputs.block_tables.shape[0] == 4
+    for a, b in zip(llm.compute_logits(prompts), want):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_cpu_default_path_untouched(tiny):
+    """Without BSTAR_KERNELS the CPU engine keeps its torch path: no persistent inputs, no buckets."""
+    llm = LLM(tiny["llama"], dtype="float32", device="cpu")
+    assert llm.engine.runner.inputs is None and llm.engine.runner.graphs is None
+
+
+def test_kernel_variants_do_not_depend_on_batch_size():
+    """Qwen2.5-0.5B's attention and vocabulary shapes, batch sizes 1..256 (launches recorded, not
+    run): one variant per kernel, so a batch draining from 256 to 1 compiles nothing new; and the
+    prefill kernel's variant does not depend on how many decode rows precede the prefill rows."""
+    from kernels.decode_attention_triton import paged_decode_attention_triton
+    from kernels.kv_store_triton import store_kv_triton
+    from kernels.norm_rope_triton import apply_rotary_triton, qk_norm_rope_triton, rms_norm_triton
+    from kernels.prefill_attention_triton import paged_prefill_attention_triton
+    from kernels.sampling_triton import sample_triton
+
+    Hq, Hkv, D, page, W, V, H = 14, 2, 64, 16, 2048, 151936, 896
+    k = torch.empty(64, page, Hkv, D, dtype=torch.bfloat16)
+    tables = torch.zeros(256, W, dtype=torch.int32)
+    lens = torch.ones(256, dtype=torch.int32)
+    q = torch.empty(256, Hq, D, dtype=torch.bfloat16)
+    qkv = torch.empty(256, (Hq + 2 * Hkv) * D, dtype=torch.bfloat16)
+    x = torch.empty(256, H, dtype=torch.bfloat16)
+    w = torch.empty(H, dtype=torch.bfloat16)
+    qk_w = torch.empty(D, dtype=torch.bfloat16)  # Qwen3's per-head q/k norm
+    cos_sin = torch.empty(4096, D)
+    pos = torch.zeros(256, dtype=torch.int64)
+    slots = torch.zeros(256, dtype=torch.int64)
+    logits = torch.empty(256, V)
+    f, i32 = torch.ones(256), torch.zeros(256, dtype=torch.int32)
+    seeds = torch.zeros(256, dtype=torch.int64)
+    with record_variants(run=False) as seen:
+        for B in range(1, 257):
+            paged_decode_attention_triton(q[:B], k, k, tables[:B], lens[:B])
+            qk = qkv[:B, : (Hq + Hkv) * D]
+            qr, kr = apply_rotary_triton(
+                qk[:, : Hq * D].view(B, Hq, D), qk[:, Hq * D :].view(B, Hkv, D), pos[:B], cos_sin
+            )
+            store_kv_triton(kr, qkv[:B, (Hq + Hkv) * D :].view(B, Hkv, D), k, k, slots[:B])
+            qk_norm_rope_triton(
+                qk[:, : Hq * D].view(B, Hq, D), qk[:, Hq * D :].view(B, Hkv, D), qk_w, qk_w, 1e-6, pos[:B], cos_sin
+            )
+            rms_norm_triton(x[:B], w, 1e-6)
+            rms_norm_triton(x[:B], w, 1e-6, x[:B])
+            sample_triton(logits[:B], f[:B], i32[:B], f[:B], f[:B] * 0, seeds[:B])
+        cu = torch.tensor([0, 5, 9], dtype=torch.int32)
+        for nd in range(8):  # mixed steps: prefill rows after nd decode rows (views at any offset)
+            qp = torch.empty(nd + 9, Hq, D, dtype=torch.bfloat16)[nd:]
+            paged_prefill_attention_triton(qp, k, k, tables[nd : nd + 2], cu, lens[nd : nd + 2], max_seqlen_q=5)
+    counts = {name: len(keys) for name, keys in seen.items()}
+    assert counts == {
+        "_decode_split_kernel": 1,
+        "_decode_merge_kernel": 1,
+        "_rotary_kernel": 1,
+        "_qk_norm_rope_kernel": 1,
+        "_store_kv_kernel": 1,
+        "_rms_norm_kernel": 2,  # with and without the fused residual
+        "_chunk_stats_kernel": 1,  # batches <= 64: split vocabulary
+        "_combine_thresholds_kernel": 1,
+        "_chunk_draw_kernel": 1,
+        "_combine_draw_kernel": 1,
+        "_sample_kernel": 1,  # batches > 64: a program per row
+        "_prefill_kernel": 1,
+    }, counts
