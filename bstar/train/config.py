@@ -38,7 +38,18 @@ class SFTConfig:
     max_grad_norm: float | None = 1.0  # None or 0: no clipping (the norm is still logged)
     seed: int = 0
     precision: str = "auto"  # auto: bf16 compute with fp32 master weights on GPU, fp32 on CPU
-    grad_checkpointing: bool = False
+    # Activation checkpointing (recompute each decoder layer in backward). None: on for CUDA, off on CPU.
+    grad_checkpointing: bool | None = None
+    # Cross-entropy over this many rows at a time (no [tokens, vocab] float32 logits; bstar.train.loss);
+    # None or 0: the plain full-logits loss.
+    ce_chunk: int | None = 1024
+    # AdamW's fused kernel where the parameters' device has one (CUDA, CPU); otherwise the for-loop
+    # implementation. Never foreach (a second copy of the parameters in temporaries).
+    fused_optimizer: bool = True
+    # FSDP2 CPUOffloadPolicy: parameters, gradients and AdamW state in host memory, the optimizer step on the
+    # CPU, each layer's weights copied to the device for its forward/backward (a one-rank process group
+    # when not under torchrun). What lets one 80 GB GPU fine-tune a 7B model.
+    offload_optimizer: bool = False
     # bstar_varlen: per-example causal SDPA on packed rows (no dense mask); or sdpa / eager /
     # flash_attention_2 (transformers' own; all handle packed rows correctly)
     attn_implementation: str = VARLEN
@@ -46,7 +57,9 @@ class SFTConfig:
     add_eos: bool = True
     prompt_field: str = "prompt"
     completion_field: str = "completion"
-    save_dtype: str = "float32"  # checkpoint weights; float32 keeps resume exact
+    # Checkpoint weights: "auto" keeps the dtype of the checkpoint the trainer loaded (a bf16 base saves
+    # bf16, so a resumed run serves what it started with); float32 makes a resume exact.
+    save_dtype: str = "auto"
     metrics_path: str | None = None  # per-step JSONL (rank 0)
     progress: bool = True
     device: str | None = None  # default: cuda (LOCAL_RANK) if available, else cpu
@@ -60,8 +73,10 @@ class SFTConfig:
             raise BStarError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise BStarError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
-        if self.save_dtype not in DTYPES:
-            raise BStarError(f"save_dtype must be one of {list(DTYPES)}, got {self.save_dtype!r}")
+        if self.save_dtype != "auto" and self.save_dtype not in DTYPES:
+            raise BStarError(f"save_dtype must be 'auto' or one of {list(DTYPES)}, got {self.save_dtype!r}")
+        if self.ce_chunk is not None and self.ce_chunk < 0:
+            raise BStarError(f"ce_chunk must be None, 0 or >= 1, got {self.ce_chunk}")
         if self.micro_batch_tokens < self.max_seq_len:
             raise BStarError(f"micro_batch_tokens {self.micro_batch_tokens} < max_seq_len {self.max_seq_len}")
         if self.lr <= 0 or self.epochs < 1:
