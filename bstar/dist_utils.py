@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from engine.errors import RequestError
+
 DEFAULT_TIMEOUT_MIN = 60.0
 _ARRAY = "__bstar_array__"  # placeholder key for a list of ints carried as binary
 _MIN_ARRAY = 8  # shorter int lists stay in the JSON
@@ -30,9 +32,13 @@ def world() -> tuple[int, int]:
 
 def timeout() -> timedelta:
     """The process-group timeout: $BSTAR_DIST_TIMEOUT_MIN minutes, 60 by default."""
-    minutes = float(os.environ.get("BSTAR_DIST_TIMEOUT_MIN", DEFAULT_TIMEOUT_MIN))
+    raw = os.environ.get("BSTAR_DIST_TIMEOUT_MIN", str(DEFAULT_TIMEOUT_MIN))
+    try:
+        minutes = float(raw)
+    except ValueError:
+        raise RequestError(f"BSTAR_DIST_TIMEOUT_MIN must be a number of minutes, got {raw!r}") from None
     if minutes <= 0:
-        raise ValueError(f"BSTAR_DIST_TIMEOUT_MIN must be > 0, got {minutes}")
+        raise RequestError(f"BSTAR_DIST_TIMEOUT_MIN must be > 0, got {minutes}")
     return timedelta(minutes=minutes)
 
 

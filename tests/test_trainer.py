@@ -459,6 +459,8 @@ def test_torchrun_two_ranks_match_one_process(llama_dir, tmp_path, free_port):
     assert p.returncode == 0, p.stderr[-4000:]
     got = json.loads((tmp_path / "fsdp" / "result.json").read_text())
     assert got["sharded"].startswith("FSDP")
+    # meta init, load once: rank 0 read the base model (two trainers) and the resume checkpoint; rank 1 nothing
+    assert got["checkpoint_reads"] == [3, 0]
 
     single = SFTTrainer(llama_dir, SFTConfig(**kw, progress=False))
     res = single.train(data)

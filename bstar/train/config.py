@@ -87,6 +87,22 @@ class SFTConfig:
         self.betas = tuple(self.betas)
 
 
+def resolve_grad_checkpointing(value: bool | None, device_type: str) -> bool:
+    """SFTConfig.grad_checkpointing on a device: None means on for CUDA (activations of a 7B model at a few
+    thousand tokens do not fit beside the weights otherwise) and off elsewhere (CPU runs are tiny, and
+    recomputing costs time)."""
+    return value if value is not None else device_type == "cuda"
+
+
+def adamw_options(fused: bool, device_types: set[str], fused_devices: list[str] | set[str]) -> dict:
+    """AdamW's implementation switch for parameters on `device_types`: fused=True when asked for and every
+    device has the fused kernel (`fused_devices`, torch's list), else the single-tensor loop (foreach=False):
+    foreach would copy every parameter into temporaries, a second model's worth of memory."""
+    if fused and device_types and device_types <= set(fused_devices):
+        return {"fused": True}
+    return {"foreach": False}
+
+
 def lr_at(step: int, total: int, cfg: SFTConfig) -> float:
     """LR for 0-based optimizer step `step` of `total`: linear warmup, then cosine or constant."""
     warm = cfg.warmup_steps or int(cfg.warmup_ratio * total)

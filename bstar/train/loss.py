@@ -147,5 +147,6 @@ def sft_loss_sum(model, mb, ce_chunk: int | None = DEFAULT_CE_CHUNK) -> torch.Te
         if getattr(head, "bias", None) is not None:
             raise ValueError("chunked cross-entropy needs an LM head without bias; set ce_chunk=None")
         return chunked_cross_entropy(h, head.weight, targets, ce_chunk, IGNORE, _compute_dtype(h.device))
-    logits = head(h).float()  # [n_keep, vocab]
+    logits = head(h)
+    logits = logits.to(_acc_dtype(logits.dtype))  # [n_keep, vocab] float32 (float64 stays)
     return F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")

@@ -59,7 +59,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from bstar import dist_utils
 from bstar.train import checkpoint
-from bstar.train.config import VARLEN, SFTConfig, lr_at
+from bstar.train.config import VARLEN, SFTConfig, adamw_options, lr_at, resolve_grad_checkpointing
 from bstar.train.data import (
     SFTExample,
     collate_packed,
@@ -140,8 +140,7 @@ class SFTTrainer:
         self.fsdp = self.world > 1 or self.offload  # the model is sharded (a DTensor per parameter)
         self.distributed = self.world > 1  # several ranks: collectives across them
         self.bf16 = c.precision == "bf16" or (c.precision == "auto" and self.device.type == "cuda")
-        ac = c.grad_checkpointing
-        self.grad_checkpointing = ac if ac is not None else self.device.type == "cuda"
+        self.grad_checkpointing = resolve_grad_checkpointing(c.grad_checkpointing, self.device.type)
         if c.save_dtype == "auto":
             self.save_dtype = checkpoint.checkpoint_dtype(self.model_dir)
         else:
@@ -208,8 +207,7 @@ class SFTTrainer:
         c = self.cfg
         params = list(self.model.parameters())
         devices = {(p.to_local() if hasattr(p, "to_local") else p).device.type for p in params}
-        fused = c.fused_optimizer and devices <= set(_get_fused_kernels_supported_devices())
-        kw = dict(fused=True) if fused else dict(foreach=False)
+        kw = adamw_options(c.fused_optimizer, devices, _get_fused_kernels_supported_devices())
         return torch.optim.AdamW(params, lr=c.lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay, **kw)
 
     # -- weights in and out ----------------------------------------------------------------------
