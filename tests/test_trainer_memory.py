@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from model_factory import make_model, make_records, write_lines
 from safetensors import safe_open
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
 from bstar import dist_utils
@@ -127,7 +128,33 @@ def test_sft_loss_chunked_equals_plain_in_float64(llama_dir, chunk):
         torch.testing.assert_close(p.grad, ref_grads[n].grad, rtol=1e-8, atol=1e-10, msg=n)
 
 
-def test_chunked_ce_refuses_bad_chunk_and_biased_head():
+class _LargestOutput(TorchDispatchMode):
+    """Records the largest tensor any aten op produces while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_chunked_ce_never_materialises_full_logits():
+    n, d, v, chunk = 512, 16, 300, 64
+    h, w, y = _ce_inputs(n=n, d=d, v=v, dtype=torch.float32)
+    with _LargestOutput() as rec:
+        chunked_cross_entropy(h, w, y, chunk).backward()
+    assert rec.largest == chunk * v  # one chunk's logits; the head's gradient is v * d = 4800
+    with _LargestOutput() as rec:  # the plain loss, for contrast: the test can fail
+        F.cross_entropy(h @ w.t(), y, ignore_index=IGNORE, reduction="sum").backward()
+    assert rec.largest == n * v
+
+
+def test_chunked_ce_refuses_a_bad_chunk():
     h, w, y = _ce_inputs()
     with pytest.raises(ValueError, match="chunk"):
         chunked_cross_entropy(h, w, y, 0)
@@ -169,11 +196,15 @@ def test_adamw_fused_where_supported_else_for_loop(llama_dir):
 # -- FSDP2 CPU offload in one process ---------------------------------------------------------------
 
 
-def test_offload_one_process_matches_plain_module(llama_dir, tmp_path, no_group):
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2_dir ties lm_head to the embeddings
+def test_offload_one_process_matches_plain_module(arch, llama_dir, qwen2_dir, tmp_path, no_group):
+    model_dir = llama_dir if arch == "llama" else qwen2_dir
     recs = make_records(12, seed=5)
     kw = dict(lr=2e-3, batch_examples=4, epochs=1, **SMALL)
-    plain = SFTTrainer(llama_dir, SFTConfig(**kw))
-    off = SFTTrainer(llama_dir, SFTConfig(**kw, offload_optimizer=True, grad_checkpointing=True))
+    plain = SFTTrainer(model_dir, SFTConfig(**kw))
+    off = SFTTrainer(model_dir, SFTConfig(**kw, offload_optimizer=True, grad_checkpointing=True))
+    if arch == "qwen2":  # the tie survives meta init and to_empty
+        assert off.model.lm_head.weight is off.model.model.embed_tokens.weight
     assert dist.is_initialized() and dist.get_world_size() == 1  # the one-rank group FSDP2 needs
     assert type(off.model).__name__.startswith("FSDP") and off.fsdp and not off.distributed
     p = next(off.model.parameters())
@@ -185,7 +216,7 @@ def test_offload_one_process_matches_plain_module(llama_dir, tmp_path, no_group)
     assert state["exp_avg"].to_local().device.type == "cpu"
     wp = dict(plain.named_weights())
     moved = 0.0
-    start = load_file(str(llama_dir / "model.safetensors"))
+    start = load_file(str(model_dir / "model.safetensors"))
     for n, t in off.named_weights():
         torch.testing.assert_close(t, wp[n], rtol=1e-5, atol=1e-6)
         moved = max(moved, float((t - start[n]).abs().max()))
