@@ -228,6 +228,32 @@ def test_offload_one_process_matches_plain_module(arch, llama_dir, qwen2_dir, tm
         torch.testing.assert_close(saved[n], wp[n], rtol=1e-5, atol=1e-6)
 
 
+def test_offload_resume_and_continue(llama_dir, tmp_path, no_group):
+    """Checkpoints of the offloaded (sharded, one-rank) trainer: a resume retraces the run exactly, and a
+    continued call carries AdamW state and the schedule as the plain trainer does."""
+    recs = make_records(16, seed=9)
+    kw = dict(lr=2e-3, batch_examples=4, warmup_steps=1, **SMALL)
+    cfg = SFTConfig(**kw, epochs=2, offload_optimizer=True)
+    full = SFTTrainer(llama_dir, cfg)
+    r_full = full.train(recs, checkpoint_dir=tmp_path, save_every=3)
+    resumed = SFTTrainer(llama_dir, cfg)
+    r_res = resumed.train(recs, resume_from=tmp_path / "step-000003")
+    assert r_res.losses == r_full.losses[3:]
+    wf = dict(full.named_weights())
+    for n, t in resumed.named_weights():
+        assert torch.equal(t, wf[n]), n
+    # two calls of one schedule, offloaded vs plain
+    losses = {}
+    for off in (False, True):
+        c = SFTConfig(**kw, steps=2, schedule_steps=4, offload_optimizer=off)
+        t = SFTTrainer(llama_dir, c)
+        a = t.train(recs[:8]).losses
+        t.save(tmp_path / f"it1-{off}")
+        t2 = SFTTrainer(tmp_path / f"it1-{off}", c)
+        losses[off] = a + t2.train(recs[8:], continue_from=tmp_path / f"it1-{off}").losses
+    assert losses[True] == pytest.approx(losses[False], rel=1e-6)
+
+
 def test_save_keeps_the_base_checkpoint_dtype(tmp_path, no_group):
     bf = Path(make_model(str(tmp_path / "bf16"), "qwen2", seed=3, dtype=torch.bfloat16))
     recs = make_records(4, seed=1)

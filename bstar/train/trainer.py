@@ -255,8 +255,9 @@ class SFTTrainer:
         with_state = trainer_state and self.optimizer is not None
         state = checkpoint.gather_optimizer_state(self.model, self.optimizer) if with_state else None
         names = self._param_names()
-        sd = self.model.state_dict()
+        sd = self.model.state_dict()  # (sharded) tensors: for names, shapes and dtypes only
         dtype = {n: self.save_dtype if sd[n].is_floating_point() else sd[n].dtype for n in names}
+        specs = [(n, tuple(sd[n].shape), dtype[n]) for n in names]
         del sd
         gathered = gather_full(self.model, names)
         if self.rank == 0:
@@ -270,7 +271,6 @@ class SFTTrainer:
                     config=asdict(self.cfg),
                     world_size=self.world,
                 )
-            specs = [(n, tuple(self.model.state_dict()[n].shape), dtype[n]) for n in names]
             weights = ((n, t.to("cpu", dtype[n])) for n, t in gathered)
             checkpoint.write_checkpoint(path, specs, weights, self.model.config.to_dict(), self.model_dir, state, info)
         else:
