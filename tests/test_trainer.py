@@ -433,8 +433,10 @@ def test_continue_carries_optimizer_and_one_schedule(llama_dir, tmp_path):
         SFTTrainer(tmp_path / "it2", cfg).train(a, continue_from=tmp_path / "it2")
 
 
-def test_torchrun_two_ranks_match_one_process(llama_dir, tmp_path, free_port):
-    """2 ranks (FSDP2, gloo, with activation checkpointing) vs 1 plain process, same global batches."""
+@pytest.mark.parametrize("offload", [False, True])
+def test_torchrun_two_ranks_match_one_process(offload, llama_dir, tmp_path, free_port):
+    """2 ranks (FSDP2, gloo, with activation checkpointing; with and without CPUOffloadPolicy) vs 1 plain
+    process, same global batches."""
     recs = make_records(41, seed=12)  # 41 = 5 batches of 8 + 1: a rank with nothing to do runs a dummy
     data = write_lines(tmp_path / "d.jsonl", recs)
     kw = dict(lr=3e-3, epochs=2, batch_examples=8, micro_batch_tokens=256, max_seq_len=256, warmup_steps=2)
@@ -453,7 +455,7 @@ def test_torchrun_two_ranks_match_one_process(llama_dir, tmp_path, free_port):
         str(llama_dir),
         str(data),
         str(tmp_path / "fsdp"),
-        json.dumps({**kw, "save_every": 3, "grad_checkpointing": True}),
+        json.dumps({**kw, "save_every": 3, "grad_checkpointing": True, "offload_optimizer": offload}),
     ]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stderr[-4000:]
