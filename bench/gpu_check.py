@@ -17,7 +17,7 @@ would not fit in what is left of the time budget is skipped and says so):
      tokens/s, host time per step beside GPU time per step (CUDA events), transformers `generate`
      on the same prompts; Triton compiles while a batch drains from 256 to 1 (target 0); n=16
      generation against transformers (target >= 10x);
-  5. (optional) the memory-plan run, bench/memory_check.py, if that file exists.
+  5. the memory-plan run of issue 11, bench/memory_check.py (its table and JSON beside this one's).
 Prints one markdown table (for bench/RESULTS.md) and writes it, with the device and versions, as JSON.
 """
 
@@ -48,6 +48,11 @@ def _args():
 
 ARGS = _args() if __name__ == "__main__" else argparse.Namespace(dry_run=True, out=None, budget=450.0)
 DRY = ARGS.dry_run
+OUT_JSON = Path(
+    ARGS.out
+    or (Path(os.environ["OUT"]) / "gpu_check.json" if os.environ.get("OUT") else REPO / "bench" / "gpu_check.json")
+)
+OUT_DIR = OUT_JSON.parent
 if DRY:  # before triton is imported
     os.environ["TRITON_INTERPRET"] = "1"
     os.environ["BSTAR_KERNELS"] = "triton"
@@ -541,14 +546,11 @@ def _ours_n(llm, prompts, sp):
 # ----------------------------------------------------------------------------- 5. memory plan (optional)
 
 
-def step_memory(budget_left: float):
-    # === OPTIONAL HOOK: the memory-plan run (policy + PRM + trainer in one process) of the
-    # memory-plan issue. Another engineer writes bench/memory_check.py; it runs here if present. ===
+def step_memory(budget_left: float, out_dir: Path):
+    """The memory-plan run of issue 11 (policy + PRM + trainer in one process): bench/memory_check.py,
+    its own table and JSON beside this script's."""
     script = REPO / "bench" / "memory_check.py"
-    if not script.exists():
-        row(5, "memory plan (bench/memory_check.py)", "not present", "", None, "skipped")
-        return
-    cmd = [sys.executable, str(script)] + (["--dry-run"] if DRY else [])
+    cmd = [sys.executable, str(script), "--out", str(out_dir / "memory_check.json")] + (["--dry-run"] if DRY else [])
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=max(10, budget_left - 5), cwd=REPO)
     except subprocess.TimeoutExpired:
@@ -568,7 +570,7 @@ STEPS = [  # (number, name, seconds it needs at least on one H100, function); ru
     (2, "engine parity", 60, lambda tmp, left: step_parity(tmp)),
     (4, "attention bandwidth", 20, lambda tmp, left: step_bandwidth()),
     (3, "decode speed", 150, lambda tmp, left: step_decode(tmp)),
-    (5, "memory plan", 30, lambda tmp, left: step_memory(left)),
+    (5, "memory plan", 30, lambda tmp, left: step_memory(left, OUT_DIR)),
 ]
 
 
@@ -581,10 +583,7 @@ def table() -> str:
 
 def main() -> int:
     budget = ARGS.budget
-    out = Path(
-        ARGS.out
-        or (Path(os.environ["OUT"]) / "gpu_check.json" if os.environ.get("OUT") else REPO / "bench" / "gpu_check.json")
-    )
+    out = OUT_JSON
     with tempfile.TemporaryDirectory() as tmp:
         for n, name, need, fn in STEPS:
             left = budget - (time.perf_counter() - T0)

@@ -15,5 +15,6 @@ The loop, in the order an iteration runs it (bstar.controller drives it):
     embedded/      the built-in task, its tokenizer, policy and PRM (no download needed)
     cli/           the `bstar-engine` command line, one module per subcommand
     jsonl.py       JSONL reading with line-numbered errors, atomic writing
-    dist_utils.py  torchrun's process group: join it, exchange JSON, barrier
+    dist_utils.py  process groups (torchrun's, or one rank for offload): records as bytes, barrier, timeout
+    memory.py      the run's memory plan, and the train phase (engines asleep, trainer freed before waking)
 """

@@ -13,7 +13,19 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from bstar.train import SFTConfig, SFTTrainer
+from bstar import dist_utils
+from bstar.train import SFTConfig, SFTTrainer, checkpoint
+
+READS = {"n": 0}  # checkpoint files opened by this rank (the model is read once, on rank 0)
+_enter = checkpoint.WeightReader.__enter__
+
+
+def _counting_enter(self):
+    READS["n"] += 1
+    return _enter(self)
+
+
+checkpoint.WeightReader.__enter__ = _counting_enter
 
 
 def main():
@@ -32,6 +44,7 @@ def main():
     resumed_final = dict(t2.named_weights())
     final = dict(t.named_weights())
     max_diff = max(float((resumed_final[n] - final[n]).abs().max()) for n in final)
+    reads = dist_utils.all_gather_json(READS["n"])
     if dist.get_rank() == 0:
         (out / "result.json").write_text(
             json.dumps(
@@ -41,6 +54,7 @@ def main():
                     "resumed_losses": res2.losses,
                     "resumed_weight_max_diff": max_diff,
                     "sharded": type(t.model).__name__,
+                    "checkpoint_reads": reads,
                 }
             )
         )

@@ -28,4 +28,5 @@ def test_gpu_check_dry_run(tmp_path):
     assert report["meta"]["dry_run"] and {1, 2, 3, 4, 5} <= {row["step"] for row in rows}
     bad = [row for row in rows if row["status"] == "FAIL"]
     assert not bad, bad
+    assert (tmp_path / "memory_check.json").exists()  # step 5 ran bench/memory_check.py beside it
     assert "| step | check | value | target | status | note |" in r.stdout  # the table for RESULTS.md

@@ -10,6 +10,8 @@ Several devices (FSDP2; one process per GPU, NCCL; on CPU gloo):
     torchrun --nnodes M --nproc_per_node N --rdzv_backend c10d --rdzv_endpoint HOST:29500 \\
         -m bstar.cli sft --model PATH --data FILE.jsonl --out DIR
 
+One 80 GB GPU and a 7B model: --offload-optimizer (FSDP2 CPUOffloadPolicy on a one-rank group).
+
 DIR receives: final/ (HF safetensors checkpoint that transformers and the engine load, with
 trainer_state/ for resume), step-NNNNNN/ every --save-every steps, metrics.jsonl (one line per step).
 Continue an interrupted run with --resume DIR/step-NNNNNN (same data and options).
@@ -71,7 +73,24 @@ from engine.errors import BStarError
 @click.option("--weight-decay", default=0.0, show_default=True, type=float)
 @click.option("--max-grad-norm", default=1.0, show_default=True, type=float, help="0 disables clipping.")
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16"]))
-@click.option("--grad-checkpointing", is_flag=True, help="Recompute activations in backward (less memory).")
+@click.option(
+    "--grad-checkpointing/--no-grad-checkpointing",
+    default=None,
+    help="Recompute activations in backward (less memory). Default: on for CUDA, off on CPU.",
+)
+@click.option(
+    "--offload-optimizer",
+    is_flag=True,
+    help="FSDP2 CPU offload: weights, gradients and AdamW state in host memory, the optimizer step on the CPU "
+    "(fine-tunes a 7B model on one 80 GB GPU; needs ~16 bytes/param of host memory).",
+)
+@click.option(
+    "--ce-chunk",
+    default=1024,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Cross-entropy over this many rows at a time (no full float32 logits); 0: the plain loss.",
+)
 @click.option("--on-bad-data", default="skip", show_default=True, type=click.Choice(["skip", "refuse"]))
 @click.option(
     "--save-every",
@@ -81,7 +100,11 @@ from engine.errors import BStarError
     help="Checkpoint every N steps (0: final only).",
 )
 @click.option(
-    "--save-dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"])
+    "--save-dtype",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    help="auto: the base checkpoint's dtype; float32 makes a resume exact.",
 )
 @click.option(
     "--resume", default=None, type=click.Path(exists=True, file_okay=False), help="Checkpoint dir to continue from."

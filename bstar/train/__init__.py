@@ -3,7 +3,8 @@
     config.py            SFTConfig (every option of a run) and the LR schedule
     data.py              (prompt, completion) records -> tokenised SFTExamples -> the batch plan
     varlen_attention.py  packed-row attention, registered with transformers as "bstar_varlen"
-    parallelize.py       the `fully_shard` calls (every decoder layer, then the root)
+    loss.py              next-token cross-entropy with the LM head in chunks (no [tokens, vocab] logits)
+    parallelize.py       the `fully_shard` calls (optionally CPU-offloaded), rank-0 broadcast load, gather
     checkpoint.py        HF safetensors dir + trainer_state/ for resume, written atomically
     trainer.py           SFTTrainer: the training loop, weights in and out
 
