@@ -551,8 +551,10 @@ def step_memory(budget_left: float, out_dir: Path):
     its own table and JSON beside this script's."""
     script = REPO / "bench" / "memory_check.py"
     cmd = [sys.executable, str(script), "--out", str(out_dir / "memory_check.json")] + (["--dry-run"] if DRY else [])
+    # its own dry run takes the CPU torch path: the interpreter this script forces would take minutes
+    env = {k: v for k, v in os.environ.items() if not (DRY and k in ("BSTAR_KERNELS", "TRITON_INTERPRET"))}
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=max(10, budget_left - 5), cwd=REPO)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=max(10, budget_left - 5), cwd=REPO, env=env)
     except subprocess.TimeoutExpired:
         row(5, "memory plan (bench/memory_check.py)", "timed out", "exit 0", False)
         return
