@@ -4,6 +4,7 @@ References are independent: transformers' own forward/loss per example (in float
 a torchrun'd 2-rank FSDP2 run against one process, a transformers reload of the saved checkpoint.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -374,6 +375,62 @@ def test_resume_continues_exact_trajectory(llama_dir, tmp_path):
     # different data (or options changing the schedule) is refused, not silently mixed
     with pytest.raises(CheckpointError, match="different data"):
         SFTTrainer(llama_dir, cfg).train(recs[:-1], resume_from=tmp_path / "step-000003")
+
+
+def test_fixed_steps_cycle_the_data(llama_dir):
+    """steps=N: exactly N optimizer steps of the fixed global batch, whatever the data size (the data is
+    re-shuffled and cycled); epochs and max_steps do not apply."""
+    for n_data, steps in ((10, 7), (3, 5)):
+        cfg = SFTConfig(lr=1e-3, steps=steps, batch_examples=4, epochs=1, max_steps=2, **SMALL)
+        r = SFTTrainer(llama_dir, cfg).train(make_records(n_data, seed=3))
+        assert r.steps == steps and len(r.metrics) == steps
+        assert [m["global_step"] for m in r.metrics] == list(range(1, steps + 1))
+    with pytest.raises(BStarError, match="steps"):
+        SFTConfig(steps=0)
+
+
+def _optim_tensors(opt) -> dict:
+    sd = opt.state_dict()["state"]
+    return {(i, k): v.clone() for i, st in sd.items() for k, v in st.items()}
+
+
+def test_continue_carries_optimizer_and_one_schedule(llama_dir, tmp_path):
+    """Two calls on different data, the second continuing the first's checkpoint (what a B-STaR run does
+    each iteration): one warmup + cosine over both, global steps counted on, the AdamW state (moments and
+    step counts) carried exactly, and a continued call differs from a fresh one."""
+    a, b = make_records(12, seed=1), make_records(12, seed=2)
+    cfg = SFTConfig(lr=2e-3, steps=4, schedule_steps=8, batch_examples=4, warmup_steps=2, min_lr_ratio=0.1, **SMALL)
+    t1 = SFTTrainer(llama_dir, cfg)
+    r1 = t1.train(a)
+    t1.save(tmp_path / "it1")
+    before = _optim_tensors(t1.optimizer)
+    _, osd, _ = checkpoint_mod._read_state(tmp_path / "it1")  # what was written: the live state, exactly
+    assert {(i, k) for i, st in enumerate(osd["state"].values()) for k in st} == set(before)
+    loaded = SFTTrainer(tmp_path / "it1", cfg)
+    loaded.optimizer = loaded._make_optimizer()
+    assert loaded._continue(tmp_path / "it1") == 4
+    got = _optim_tensors(loaded.optimizer)
+    assert got.keys() == before.keys() and all(torch.equal(got[k], before[k]) for k in before)
+    t2 = SFTTrainer(tmp_path / "it1", cfg)
+    r2 = t2.train(b, continue_from=tmp_path / "it1")
+    lrs = [m["lr"] for m in r1.metrics + r2.metrics]
+    assert lrs == [lr_at(s, 8, cfg) for s in range(8)]  # one schedule across the two calls
+    assert lrs[1] == 2e-3 and lrs[-1] < lrs[2] and min(lrs) >= 2e-4
+    assert [m["global_step"] for m in r2.metrics] == [5, 6, 7, 8]
+    steps = {float(st["step"]) for st in t2.optimizer.state_dict()["state"].values()}
+    assert steps == {8.0}  # AdamW's own step count (its bias correction) went on from 4
+    fresh = SFTTrainer(tmp_path / "it1", dataclasses.replace(cfg, schedule_steps=None))
+    fresh.train(b)
+    w2, wf = dict(t2.named_weights()), dict(fresh.named_weights())
+    assert any(not torch.allclose(w2[n], wf[n]) for n in w2)
+    # a checkpoint of another schedule length is refused, not silently mixed
+    with pytest.raises(CheckpointError, match="schedule_steps"):
+        SFTTrainer(tmp_path / "it1", dataclasses.replace(cfg, schedule_steps=12)).train(
+            b, continue_from=tmp_path / "it1"
+        )
+    with pytest.raises(BStarError, match="schedule has 8 steps"):
+        t2.save(tmp_path / "it2")
+        SFTTrainer(tmp_path / "it2", cfg).train(a, continue_from=tmp_path / "it2")
 
 
 def test_torchrun_two_ranks_match_one_process(llama_dir, tmp_path, free_port):

@@ -1,5 +1,10 @@
 """Trainer checkpoints: an HF safetensors dir (loadable by transformers and the engine) plus, for resume,
-trainer_state/ (AdamW state, step, RNG, the run's data fingerprint and schedule length).
+trainer_state/ (no pickle anywhere): optimizer.safetensors (AdamW moments and step counts, one tensor per
+parameter and field), rng.safetensors, and state.json (step, global step, schedule length, the data
+fingerprint, the optimizer's param groups). The LR schedule is a pure function of (global step, schedule
+length, config), so the step is its whole state. A checkpoint serves two purposes: resuming the same
+training call (same data: `read_resume_state`) and continuing the schedule and optimizer on new data in a
+later call (`read_continue_state`; a B-STaR run's iterations).
 
 Rank 0 writes into a temp dir beside the destination and renames it into place (`atomic_replace`), so a
 crash never leaves a half-written checkpoint under the final name. Resume reads on every rank (a shared
@@ -72,23 +77,43 @@ def _write_state(d: Path, state: dict, info: dict) -> None:
     (d / "state.json").write_text(json.dumps(dict(info, param_groups=groups), indent=2) + "\n")
 
 
-def read_resume_state(ckpt: Path, run_info: dict) -> tuple[int, dict[str, torch.Tensor], dict, dict]:
-    """(step, weights, full optimizer state dict, RNG state) of a checkpoint; refuses one written for
-    other data or another schedule length (`run_info`'s "data" and "total_steps")."""
+def _read_state(ckpt: Path) -> tuple[dict, dict, dict]:
+    """(state.json info, full optimizer state dict, RNG state) of a checkpoint's trainer_state/."""
     d = ckpt / STATE_DIR
     if not (d / "state.json").is_file():
         raise CheckpointError(f"{ckpt}: no {STATE_DIR}/state.json to resume from")
     info = json.loads((d / "state.json").read_text())
-    for k in ("data", "total_steps"):
-        if info.get(k) != run_info[k]:
-            raise CheckpointError(f"{ckpt}: resume with different {k} ({info.get(k)} in checkpoint, {run_info[k]} now)")
-    weights = load_file(str(ckpt / "model.safetensors"))
     state: dict = {}
     for key, v in load_file(str(d / "optimizer.safetensors")).items():
         name, k = key.rsplit("/", 1)
         state.setdefault(name, {})[k] = v
     groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in info["param_groups"]]
-    return int(info["step"]), weights, {"state": state, "param_groups": groups}, load_file(str(d / "rng.safetensors"))
+    return info, {"state": state, "param_groups": groups}, load_file(str(d / "rng.safetensors"))
+
+
+def read_resume_state(ckpt: Path, run_info: dict) -> tuple[dict, dict[str, torch.Tensor], dict, dict]:
+    """(state.json info, weights, full optimizer state dict, RNG state) of a checkpoint written during this
+    same run; refuses one written for other data or another schedule (`run_info`'s "data", "total_steps"
+    and "schedule_steps")."""
+    info, osd, rng = _read_state(ckpt)
+    for k in ("data", "total_steps", "schedule_steps"):
+        if info.get(k) != run_info.get(k):
+            raise CheckpointError(
+                f"{ckpt}: resume with different {k} ({info.get(k)} in checkpoint, {run_info.get(k)} now)"
+            )
+    return info, load_file(str(ckpt / "model.safetensors")), osd, rng
+
+
+def read_continue_state(ckpt: Path, schedule_steps: int | None) -> tuple[int, dict, dict]:
+    """(global step, full optimizer state dict, RNG state) of the checkpoint an earlier training call of
+    the same schedule ended with, to continue it on new data; refuses one of another schedule length."""
+    info, osd, rng = _read_state(ckpt)
+    if info.get("schedule_steps") != schedule_steps:
+        raise CheckpointError(
+            f"{ckpt}: continue with a different schedule_steps ({info.get('schedule_steps')} in checkpoint, "
+            f"{schedule_steps} now)"
+        )
+    return int(info.get("global_step", info["step"])), osd, rng
 
 
 def restore_optimizer_and_rng(model, optimizer, osd: dict, rng: dict) -> None:

@@ -14,6 +14,13 @@ class SFTConfig:
     lr: float = 1e-5
     epochs: int = 1
     max_steps: int | None = None  # cap on optimizer steps (after epochs)
+    # Exactly this many optimizer steps (the data re-shuffled and cycled as often as needed; epochs and
+    # max_steps are then ignored): a fixed budget whatever the data size.
+    steps: int | None = None
+    # Length of the LR schedule in optimizer steps (None: this call's steps). Longer than one call when
+    # several calls continue one schedule (SFTTrainer.train(continue_from=...)): a B-STaR run's iterations
+    # share one cosine, as in the reference.
+    schedule_steps: int | None = None
     # Global batch per optimizer step, across all ranks: at most batch_tokens input tokens, or
     # exactly batch_examples examples (set one; batch_examples wins when both are set).
     batch_tokens: int | None = 16384
@@ -59,6 +66,9 @@ class SFTConfig:
             raise BStarError(f"micro_batch_tokens {self.micro_batch_tokens} < max_seq_len {self.max_seq_len}")
         if self.lr <= 0 or self.epochs < 1:
             raise BStarError("lr must be > 0 and epochs >= 1")
+        for name in ("steps", "schedule_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise BStarError(f"{name} must be None or >= 1, got {getattr(self, name)}")
         self.betas = tuple(self.betas)
 
 

@@ -64,7 +64,7 @@ from bstar.train.data import (
 from bstar.train.parallelize import apply_fsdp, full_tensor
 from bstar.train.varlen_attention import register_varlen_attention
 from engine.config import DTYPES
-from engine.errors import CheckpointError
+from engine.errors import BStarError, CheckpointError
 
 
 @dataclass
@@ -158,6 +158,7 @@ class SFTTrainer:
         m.train()
         self.optimizer = None
         self.step = 0  # optimizer steps taken by the last train() (continues across a resume)
+        self.step_offset = 0  # the schedule's step when the last train() began (continue_from)
 
     # -- setup -----------------------------------------------------------------------------------
 
@@ -223,9 +224,16 @@ class SFTTrainer:
         with_state = trainer_state and self.optimizer is not None
         state = checkpoint.gather_optimizer_state(self.model, self.optimizer) if with_state else None
         if self.rank == 0:
-            info = (
-                dict(self._run_info, step=self.step, config=asdict(self.cfg), world_size=self.world) if state else None
-            )
+            info = None
+            if state:
+                info = dict(
+                    self._run_info,
+                    step=self.step,
+                    step_offset=self.step_offset,
+                    global_step=self.step_offset + self.step,
+                    config=asdict(self.cfg),
+                    world_size=self.world,
+                )
             checkpoint.write_checkpoint(
                 path, weights, self.model.config.to_dict(), self.cfg.save_dtype, self.model_dir, state, info
             )
@@ -233,12 +241,19 @@ class SFTTrainer:
             dist.barrier()
         return path
 
-    def _resume(self, ckpt: Path) -> int:
-        """Loads weights, optimizer state and RNG of checkpoint `ckpt`; returns its step."""
-        step, weights, osd, rng = checkpoint.read_resume_state(ckpt, self._run_info)
+    def _resume(self, ckpt: Path) -> tuple[int, int]:
+        """Loads weights, optimizer state and RNG of checkpoint `ckpt`; returns its (step, step offset)."""
+        info, weights, osd, rng = checkpoint.read_resume_state(ckpt, self._run_info)
         self.load_weights(weights)
         checkpoint.restore_optimizer_and_rng(self.model, self.optimizer, osd, rng)
-        return step
+        return int(info["step"]), int(info.get("step_offset", 0))
+
+    def _continue(self, ckpt: Path) -> int:
+        """Loads the optimizer state and RNG an earlier call of this schedule ended with; returns its global
+        step (this call's offset into the schedule)."""
+        global_step, osd, rng = checkpoint.read_continue_state(ckpt, self.cfg.schedule_steps)
+        checkpoint.restore_optimizer_and_rng(self.model, self.optimizer, osd, rng)
+        return global_step
 
     # -- training --------------------------------------------------------------------------------
 
@@ -254,39 +269,68 @@ class SFTTrainer:
             on_bad=c.on_bad_data,
         )
 
+    def _plan(self, lengths: list[int]) -> list[list[int]]:
+        """Global batches of the whole call: `steps` of them (the data cycled, re-shuffled per pass), or
+        `epochs` passes cut at max_steps."""
+        c = self.cfg
+        batches = lambda e: epoch_batches(lengths, e, c.seed, c.batch_tokens, c.batch_examples)
+        if c.steps is not None:
+            plan, e = [], 0
+            while lengths and len(plan) < c.steps:
+                plan += batches(e)
+                e += 1
+            return plan[: c.steps]
+        plan = [b for e in range(c.epochs) for b in batches(e)]
+        return plan if c.max_steps is None else plan[: c.max_steps]
+
     def train(
         self,
         data,
         *,
         resume_from: str | os.PathLike | None = None,
+        continue_from: str | os.PathLike | None = None,
         checkpoint_dir: str | os.PathLike | None = None,
         save_every: int = 0,
     ) -> TrainResult:
-        """Runs the whole schedule on `data` (JSONL path, list of {prompt, completion} dicts, or list
-        of SFTExample) with a fresh optimizer, or continues the run saved in `resume_from` (weights,
-        optimizer, schedule position, RNG). Every `save_every` steps a checkpoint goes to
-        `checkpoint_dir/step-NNNNNN`."""
+        """Runs the call's steps on `data` (JSONL path, list of {prompt, completion} dicts, or list of
+        SFTExample) with a fresh optimizer; or resumes this same call from `resume_from` (weights,
+        optimizer, step, RNG; same data); or, with `continue_from` (the checkpoint an earlier call ended
+        with), continues that call's optimizer state and LR schedule on new data: the model is this
+        trainer's (its directory or `weights`), the step count goes on from the earlier call's, so calls
+        with `schedule_steps` set share one warmup and one cosine. Every `save_every` steps a checkpoint
+        goes to `checkpoint_dir/step-NNNNNN`."""
         c = self.cfg
+        if resume_from is not None and continue_from is not None:
+            raise BStarError("give resume_from (the same call, interrupted) or continue_from (a later call), not both")
         examples = self.load_data(data)
-        lengths = [len(x) for x in examples]
-        plan = [b for e in range(c.epochs) for b in epoch_batches(lengths, e, c.seed, c.batch_tokens, c.batch_examples)]
-        if c.max_steps is not None:
-            plan = plan[: c.max_steps]
+        plan = self._plan([len(x) for x in examples])
         total = len(plan)
-        self._run_info = {"data": fingerprint(examples), "total_steps": total, "examples": len(examples)}
+        self._run_info = {
+            "data": fingerprint(examples),
+            "total_steps": total,
+            "examples": len(examples),
+            "schedule_steps": c.schedule_steps,
+        }
         torch.manual_seed(c.seed)
         self.optimizer = self._make_optimizer()
-        self.step = 0
+        self.step, self.step_offset = 0, 0
         if resume_from is not None:
-            self.step = self._resume(Path(resume_from))
+            self.step, self.step_offset = self._resume(Path(resume_from))
+        elif continue_from is not None:
+            self.step_offset = self._continue(Path(continue_from))
+        schedule = c.schedule_steps or self.step_offset + total
+        if self.step_offset + total > schedule:
+            raise BStarError(
+                f"the LR schedule has {schedule} steps; this call would end at step {self.step_offset + total}"
+            )
         metrics_file = open(c.metrics_path, "a") if c.metrics_path and self.rank == 0 else None
         result = TrainResult(self.step)
         bar = tqdm(total=total, initial=self.step, desc="sft", disable=not (c.progress and self.rank == 0))
         try:
             while self.step < total:
-                row = self._train_step(examples, plan[self.step], lr_at(self.step, total, c))
+                row = self._train_step(examples, plan[self.step], lr_at(self.step_offset + self.step, schedule, c))
                 self.step += 1
-                row = {"step": self.step, **row}
+                row = {"step": self.step, "global_step": self.step_offset + self.step, **row}
                 result.losses.append(row["loss"])
                 result.metrics.append(row)
                 if metrics_file:
