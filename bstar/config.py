@@ -59,6 +59,10 @@ class RunConfig:
     eval_k: int = 16  # samples per eval query for Pass@K / Reward@K / diversity
     eval_temperature: float = 1.0
     eval_sample_queries: int | None = None  # the first N eval queries get eval_k samples (None: all)
+    # iterations between the first and the last evaluate only the first N eval queries (greedy and sampled;
+    # None: all); the starting policy and the final one always get the full evaluation. Evaluation is most
+    # of a small run's cost, and the curves' end points are what the intervals are reported for
+    mid_eval_queries: int | None = None
     # training: train_steps optimizer steps of batch_size sequences per iteration in every mode; model,
     # AdamW state and one warmup + cosine schedule (iterations x train_steps long) carried across
     # iterations (the reference: 500 steps of 128, lr 4.12e-6 -> 2e-7)
@@ -89,6 +93,9 @@ class RunConfig:
         for name in ("iterations", "num_samples", "search_k", "eval_k", "train_steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise BStarError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_train_queries", "max_eval_queries", "eval_sample_queries", "mid_eval_queries"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise BStarError(f"{name} must be >= 1 or unset, got {getattr(self, name)}")
         if self.prm_scale not in PRM_SCALES:
             raise BStarError(f"unknown PRM scale {self.prm_scale!r}; choose one of {', '.join(PRM_SCALES)}")
         if not self.temperatures or not self.thresholds:
@@ -109,18 +116,23 @@ class RunConfig:
 
 def embedded_run_config(**overrides) -> RunConfig:
     """The built-in task's run: the reference's procedure scaled down to a tiny model on a 2-core CPU."""
+    # sizes chosen so that a fresh `bstar-engine run` (build included) and `--compare` (2 modes x 2 seeds on
+    # 2 one-thread processes) fit a 2-core CPU; sampling is most of the cost, evaluation (greedy on 1,000
+    # questions, K samples on 300) a third of it (README, "The B-STaR loop", has the measured times)
     base = dict(
-        iterations=6,
+        iterations=5,
+        max_train_queries=96,
         num_samples=16,
         max_tokens=64,
         search_k=8,
-        search_subset=64,
-        temperatures=list(grid(0.4, 1.6, 0.2)),
+        search_subset=24,
+        temperatures=list(grid(0.4, 1.6, 0.3)),
         n_star=4,
         search_target_per_query=3.55,
         target_per_query=9.0,
-        eval_k=8,
+        eval_k=4,
         eval_sample_queries=300,
+        mid_eval_queries=150,
         train_steps=40,
         batch_size=32,
         lr=1e-3,

@@ -409,10 +409,16 @@ class Controller:
         cfg = self.cfg
         t0, self._gen_tokens = time.perf_counter(), 0
         idx = list(range(len(self.test)))
+        if 0 < t < cfg.iterations and cfg.mid_eval_queries:
+            idx = idx[: cfg.mid_eval_queries]
         greedy = self._sample_all(self.test, idx, 1, 0.0, f"eval-greedy-{t}")
         sampled_idx = idx[: cfg.eval_sample_queries] if cfg.eval_sample_queries else idx
         sampled = self._sample_all(self.test, sampled_idx, cfg.eval_k, cfg.eval_temperature, f"eval-sample-{t}")
-        m = {"greedy_acc": greedy_accuracy([r["correct"][0] for r in greedy])}
+        m = {
+            "greedy_acc": greedy_accuracy([r["correct"][0] for r in greedy]),
+            "eval_greedy_queries": len(greedy),
+            "eval_sampled_queries": len(sampled),
+        }
         m.update(
             sample_metrics(
                 [r["correct"] for r in sampled],

@@ -68,6 +68,7 @@ def _cfg(s, **kw):
         search_target_per_query=1.5,
         max_tokens=24,
         eval_k=3,
+        mid_eval_queries=2,  # iteration 1 evaluates the first 2 of the 3 eval queries; 0 and 2 all of them
         lr=1e-3,
         train_steps=2,
         batch_size=4,
@@ -180,7 +181,9 @@ def test_full_run_metrics_recomputed_from_sample_files(setup, full_run, prm_dir)
         greedy = [r for r in samples if r["kind"] == "greedy"]
         sampled = [r for r in samples if r["kind"] == "sampled"]
         assert len(greedy) + len(sampled) == len(samples)
-        assert [r["query"] for r in greedy] == [r["query"] for r in sampled] == list(range(len(test)))
+        n = 2 if t == 1 else len(test)
+        assert [r["query"] for r in greedy] == [r["query"] for r in sampled] == list(range(n))
+        assert (rec["eval_greedy_queries"], rec["eval_sampled_queries"]) == (n, n)
         assert all(len(r["texts"]) == 1 for r in greedy) and all(len(r["texts"]) == 3 for r in sampled)
         for r in samples:  # the stored grades are right
             assert r["correct"] == [grade(x, test[r["query"]][0], "gsm8k") for x in r["texts"]]
@@ -189,15 +192,15 @@ def test_full_run_metrics_recomputed_from_sample_files(setup, full_run, prm_dir)
         cs = [r["correct"] for r in sampled]
         best = [max(range(3), key=lambda j: (r["prm"][j], -j)) for r in sampled]  # ties: earlier sample
         want = {
-            "greedy_acc": sum(r["correct"][0] for r in greedy) / len(test),
-            "pass_at_1": sum(sum(c) / 3 for c in cs) / len(test),
-            "pass_at_k": sum(any(c) for c in cs) / len(test),  # k = n = 3 samples
-            "frac_any_correct": sum(any(c) for c in cs) / len(test),
-            "reward_at_k": sum(r["correct"][j] for r, j in zip(sampled, best)) / len(test),
+            "greedy_acc": sum(r["correct"][0] for r in greedy) / n,
+            "pass_at_1": sum(sum(c) / 3 for c in cs) / n,
+            "pass_at_k": sum(any(c) for c in cs) / n,  # k = n = 3 samples
+            "frac_any_correct": sum(any(c) for c in cs) / n,
+            "reward_at_k": sum(r["correct"][j] for r, j in zip(sampled, best)) / n,
             "diversity_distinct_correct": sum(
                 len({" ".join(x.split()) for x, ok in zip(r["texts"], r["correct"]) if ok}) for r in sampled
             )
-            / len(test),
+            / n,
         }
         both = [r for r in sampled if 0 < sum(r["correct"]) < 3]
         if both:  # the PRM's AUC within a question: correct vs wrong samples of the same question

@@ -66,6 +66,7 @@ def quiet_transformers() -> None:
 @click.option("--max-tokens", type=int, default=None)
 @click.option("--eval-k", type=int, default=None)
 @click.option("--eval-sample-queries", type=int, default=None, help="Eval queries that get eval-k samples.")
+@click.option("--mid-eval-queries", type=int, default=None, help="Eval queries between the first and last iteration.")
 @click.option("--max-train-queries", type=int, default=None)
 @click.option("--max-eval-queries", type=int, default=None)
 @click.option("--train-steps", type=int, default=None, help="Optimizer steps per iteration (every mode).")
