@@ -121,8 +121,8 @@ def embedded_run_config(**overrides) -> RunConfig:
     # questions, K samples on 300) a third of it (README, "The B-STaR loop", has the measured times)
     base = dict(
         iterations=5,
-        max_train_queries=96,
-        num_samples=16,
+        max_train_queries=256,
+        num_samples=8,
         max_tokens=64,
         search_k=8,
         search_subset=24,

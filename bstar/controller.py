@@ -546,13 +546,15 @@ def _load_data(cfg: RunConfig) -> tuple[list[Example], list[Example]]:
         raise DataError("--train-data is required with --model")
     train = load_task_examples(cfg.train_data)
     test = load_task_examples(cfg.eval_data) if cfg.eval_data else []
-    if cfg.max_train_queries:
-        train = train[: cfg.max_train_queries]
-    if cfg.max_eval_queries:
-        test = test[: cfg.max_eval_queries]
+    train, test = _limit(cfg, train, test)
     if not test:
         raise DataError("--eval-data is required (and must hold at least one example)")
     return train, test
+
+
+def _limit(cfg: RunConfig, train: list[Example], test: list[Example]) -> tuple[list[Example], list[Example]]:
+    """The first max_train_queries / max_eval_queries of each split (the built-in task's too)."""
+    return train[: cfg.max_train_queries or None], test[: cfg.max_eval_queries or None]
 
 
 def prepare_out_dir(out: str, cfg: RunConfig | None, resume: bool) -> RunConfig:
@@ -591,7 +593,8 @@ def run(cfg: RunConfig | None, out: str, resume: bool = False) -> list[dict]:
         if cfg.device in ("auto", "cpu") and not torch.cuda.is_available():
             torch.set_num_threads(1)
         assets = build_assets(EmbeddedConfig.preset(cfg.embedded_preset), progress=cfg.progress)
-        policy_base, prm, train, test = str(assets.policy_path), str(assets.prm_path), assets.train, assets.test
+        policy_base, prm = str(assets.policy_path), str(assets.prm_path)
+        train, test = _limit(cfg, assets.train, assets.test)
         labels = builtin_labels()
     else:
         policy_base, prm = cfg.model, cfg.prm

@@ -19,6 +19,8 @@ from engine.errors import BStarError
 SMALL = [
     "--embedded-preset",
     "tiny",
+    "--max-train-queries",
+    "20",
     "--iterations",
     "1",
     "--num-samples",
@@ -104,7 +106,7 @@ def test_run_builtin_task_through_the_cli(tmp_path):
     # the tiny preset was built in $BSTAR_CACHE (a temp dir here) and its splits were used
     tiny = EmbeddedConfig.tiny()
     assert (Path(os.environ["BSTAR_CACHE"]) / f"embedded-{tiny.key()}" / "manifest.json").is_file()
-    assert len(_lines(out / "iter_001" / "candidates.jsonl")) == tiny.n_train
+    assert len(_lines(out / "iter_001" / "candidates.jsonl")) == 20 < tiny.n_train  # --max-train-queries
     assert len(_lines(out / "iter_001" / "eval_samples.jsonl")) == 2 * tiny.n_test  # greedy + sampled
     assert "distinct_styles" in records[1] and "pool_prm_step_auc" in records[1]  # the task's true labels
     assert len(json.loads((out / "iter_001" / "search.json").read_text())["table"]) == 2 * 5
