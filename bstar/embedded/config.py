@@ -28,10 +28,10 @@ class EmbeddedConfig:
     num_heads: int = 4
     num_kv_heads: int = 2
     max_position_embeddings: int = 256
-    # warm start: ~1750 steps leave the policy weak but clearly non-zero on test (36.5% greedy).
-    # Sensitive: 10 epochs gave 7.5% and 12 gave 13%, but then only ~20% of the PRM's step labels
-    # are '+' and the PRM did not beat the majority class; a few hundred steps give ~1% (it has not
-    # yet learned to copy the question's numbers)
+    # warm start: 14 epochs of the seed set (1,750 steps) leave the policy weak but clearly non-zero: 0.172
+    # greedy on the 1,000 test problems in the build of 2026-11-27 (AMD EPYC). Each build measures its own
+    # (manifest.json, metrics.warm_test_accuracy): torch's CPU kernels differ between CPUs, so the weights can
+    # too. A longer warm start reached 0.33 in one experiment, at several times the build's cost
     warm_epochs: int = 14
     warm_lr: float = 3e-3
     warm_batch: int = 16
