@@ -133,6 +133,10 @@ def report(out: str, runs: dict[str, str], labels=None, questions=None) -> list[
         d = paired_difference_ci([v["greedy_acc"] for v in finals["bstar"][1]],
                                  [v["greedy_acc"] for v in finals["online-rft"][1]])  # fmt: skip
         summary.append(f"bstar - online-rft greedy accuracy: {_fmt_ci(*d)}")
+    sizes = sorted({(r.get("eval_greedy_queries"), r.get("eval_sampled_queries")) for rs in data.values() for r in rs})
+    if len(sizes) > 1:  # mid_eval_queries: the curves' inner points come from fewer questions
+        lines += ["", "Eval questions (greedy, sampled) per iteration differ: "
+                  + ", ".join(f"{g}, {s}" for g, s in sizes) + " (iterations.jsonl: eval_greedy_queries)."]  # fmt: skip
     lines.append("")
     # per-iteration means over seeds (the curves)
     mean_runs = {}
@@ -142,7 +146,7 @@ def report(out: str, runs: dict[str, str], labels=None, questions=None) -> list[
         for i in range(n_it):
             recs = [data[n][i] for n in names]
             row = {"iteration": recs[0]["iteration"]}
-            for k in set().union(*recs):
+            for k in set().union(*recs) - {"iteration"}:
                 v = _mean([r.get(k) for r in recs])
                 if v is not None:
                     row[k] = v

@@ -142,6 +142,7 @@ def test_compare_runs_modes_and_seeds_on_the_same_budget(tmp_path):
     # reported together, with intervals, and drawn against iterations and tokens spent
     report = (out / "report.md").read_text()
     assert "## bstar" in report and "## online-rft" in report and "bootstrap interval" in report
+    assert "\n| 1 | " in report and "\n| 1.0 | " not in report  # iterations stay integers in the tables
     for png in (
         "exploration.png",
         "exploitation.png",
