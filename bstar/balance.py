@@ -39,8 +39,10 @@ def balance_score(num_selected: int, num_correct: int, n_star: int = 8) -> float
 
 
 def mean_balance_score(per_query: list[tuple[int, int]], n_star: int = 8) -> float:
-    """Mean balance score over queries given as (s_i, c_i) pairs; queries with nothing selected
-    count as 0 (they are part of the mean). 0 for an empty list."""
-    if not per_query:
+    """Mean balance score over the queries given as (s_i, c_i) pairs that have something selected (s_i > 0),
+    as the reference (cal_modi_acc_soft groups the selected set by query, so a query with nothing selected
+    is not part of the mean). 0.0 when nothing is selected at all (the reference: nan, never chosen)."""
+    present = [(s, c) for s, c in per_query if s > 0]
+    if not present:
         return 0.0
-    return sum(balance_score(s, c, n_star) for s, c in per_query) / len(per_query)
+    return sum(balance_score(s, c, n_star) for s, c in present) / len(present)

@@ -5,8 +5,8 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
-from bstar.search import SearchConfig, grid
-from bstar.selection import PRM_SCALE
+from bstar.search import REFERENCE_TEMPERATURES, REFERENCE_THRESHOLDS, grid
+from bstar.selection import PRM_DIVISOR, PRM_SCALES
 from bstar.tasks import DEFAULT_PROMPT, check_template
 from engine.errors import BStarError
 
@@ -35,30 +35,44 @@ class RunConfig:
     num_samples: int = 64  # N candidates per training query
     max_tokens: int = 768
     stop: list[str] = field(default_factory=list)
-    # configuration search (mode bstar)
-    temperatures: list[float] = field(default_factory=lambda: list(SearchConfig().temperatures))
-    thresholds: list[float] = field(default_factory=lambda: list(SearchConfig().thresholds))
+    # configuration search (mode bstar): the temperature from a subset, then the threshold and cap
+    # re-searched on the full pool (bstar.search)
+    temperatures: list[float] = field(default_factory=lambda: list(REFERENCE_TEMPERATURES))
+    thresholds: list[float] = field(default_factory=lambda: list(REFERENCE_THRESHOLDS))
     search_k: int = 64
     search_subset: int = 1000
     n_star: int = 8
-    target_size: int | None = 3550  # auto-M: smallest per-query cap reaching this many (on the subset)
-    max_per_query: int | None = None  # fixed M instead of target_size
+    search_target_per_query: float | None = 3.55  # subset selection's target size / query (3,550 / 1,000)
+    # training set, every mode: the cap M grown until target_per_query x queries are selected (the
+    # reference: 67,500 / 7,500 = 9); or a fixed max_per_query (then both targets are off)
+    target_per_query: float | None = 9.0
+    max_per_query: int | None = None
     # fixed configuration (online-rft, rest-em, star)
     temperature: float = 1.0
-    threshold: float = 0.5  # score = correct + prm_scale * prm, so > 0.5 keeps exactly the correct ones
+    threshold: float = 0.0  # score = correct + min step logit / 5: correct ones above -5, wrong ones above 0
     include_gold: bool = True  # add the gold solution as a candidate (reference behaviour)
     rationalize: bool = False  # star: retry unsolved queries with the answer as a hint
     prm_aggregate: str = "min"
-    prm_scale: float = PRM_SCALE
+    prm_scale: str = "logit"  # the PRM value: min step logit (reference), or "prob": min P(good)
+    prm_divisor: float = PRM_DIVISOR  # score = correct + prm / prm_divisor
     # evaluation
     eval_k: int = 16  # samples per eval query for Pass@K / Reward@K / diversity
     eval_temperature: float = 1.0
-    # training
-    lr: float = 1e-5
-    epochs: int = 1
-    batch_tokens: int = 16384
+    eval_sample_queries: int | None = None  # the first N eval queries get eval_k samples (None: all)
+    # iterations between the first and the last evaluate only the first N eval queries (greedy and sampled;
+    # None: all); the starting policy and the final one always get the full evaluation. Evaluation is most
+    # of a small run's cost, and the curves' end points are what the intervals are reported for
+    mid_eval_queries: int | None = None
+    # training: train_steps optimizer steps of batch_size sequences per iteration in every mode; model,
+    # AdamW state and one warmup + cosine schedule (iterations x train_steps long) carried across
+    # iterations (the reference: 500 steps of 128, lr 4.12e-6 -> 2e-7)
+    train_steps: int = 500
+    batch_size: int = 128
+    lr: float = 4.12e-6
+    min_lr_ratio: float = 2e-7 / 4.12e-6
+    warmup_ratio: float = 0.022  # of the whole schedule (the reference: 0.2 epoch of its 9-epoch horizon)
     max_seq_len: int = 2048
-    restart_from_base: bool | None = None  # default: True for rest-em and star
+    restart_from_base: bool | None = None  # default: True for rest-em and star (then a schedule per iteration)
     # engine
     dtype: str = "auto"
     device: str = "auto"
@@ -76,10 +90,18 @@ class RunConfig:
                 f"unknown embedded preset {self.embedded_preset!r}; choose one of {', '.join(EMBEDDED_PRESETS)}"
             )
         check_template(self.prompt_template)
-        if self.iterations < 1 or self.num_samples < 1 or self.search_k < 1 or self.eval_k < 1:
-            raise BStarError("iterations, num_samples, search_k and eval_k must be >= 1")
+        for name in ("iterations", "num_samples", "search_k", "eval_k", "train_steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise BStarError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_train_queries", "max_eval_queries", "eval_sample_queries", "mid_eval_queries"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise BStarError(f"{name} must be >= 1 or unset, got {getattr(self, name)}")
+        if self.prm_scale not in PRM_SCALES:
+            raise BStarError(f"unknown PRM scale {self.prm_scale!r}; choose one of {', '.join(PRM_SCALES)}")
+        if not self.temperatures or not self.thresholds:
+            raise BStarError("the temperature and threshold grids need at least one value each")
         if self.max_per_query is not None:
-            self.target_size = None
+            self.target_per_query = self.search_target_per_query = None
         if self.restart_from_base is None:
             self.restart_from_base = self.mode in ("rest-em", "star")
         self.temperatures = sorted(float(t) for t in self.temperatures)
@@ -93,22 +115,29 @@ class RunConfig:
 
 
 def embedded_run_config(**overrides) -> RunConfig:
-    """The built-in task's run: the reference's settings scaled down to a tiny model on a 2-core CPU."""
+    """The built-in task's run: the reference's procedure scaled down to a tiny model on a 2-core CPU."""
+    # sizes chosen so that a fresh `bstar-engine run` (build included) and `--compare` (2 modes x 2 seeds on
+    # 2 one-thread processes) fit a 2-core CPU; sampling is most of the cost, evaluation (greedy on 1,000
+    # questions, K samples on 300) a third of it (README, "The B-STaR loop", has the measured times)
     base = dict(
-        iterations=3,
-        num_samples=16,
+        iterations=5,
+        max_train_queries=256,
+        num_samples=8,
         max_tokens=64,
         search_k=8,
-        search_subset=64,
-        temperatures=list(grid(0.5, 1.2, 0.1)),
-        thresholds=list(grid(-1.0, 1.0, 0.05)),
+        search_subset=24,
+        temperatures=list(grid(0.4, 1.6, 0.3)),
         n_star=4,
-        target_size=3 * 64,
-        eval_k=8,
-        include_gold=False,
-        lr=1e-4,
-        epochs=3,
-        batch_tokens=4096,
+        search_target_per_query=3.55,
+        target_per_query=9.0,
+        eval_k=4,
+        eval_sample_queries=300,
+        mid_eval_queries=150,
+        train_steps=40,
+        batch_size=32,
+        lr=2e-4,  # 1e-3 lost 3-4 points of greedy accuracy over 5 iterations in both modes (README)
+        min_lr_ratio=0.05,
+        warmup_ratio=0.02,
         max_seq_len=256,
     )
     base.update({k: v for k, v in overrides.items() if v is not None})

@@ -1,21 +1,27 @@
 """The B-STaR loop: search, generate, reward and select, fine-tune, hand off, evaluate.
 
-Each iteration t, with policy P(t-1):
-  1. configuration search (mode bstar): on a fixed random subset of training queries, sample K
-     candidates per query at every temperature of a grid, grade and PRM-score them once, and pick
-     the (temperature, threshold) with the best mean balance score (bstar.search);
-  2. generate N candidates per training query at the chosen temperature;
-  3. score = correctness + scaled PRM, select per query (bstar.selection);
-  4. fine-tune on the selection (bstar.train; continue from P(t-1), or restart from the base
-     model for rest-em / star);
+Each iteration t, with policy P(t-1), as the reference (hkust-nlp/B-STaR, train_bstar.sh) does it:
+  1. temperature search (mode bstar): on a fixed random subset of training queries, sample K
+     candidates per query at every temperature of a grid, grade and PRM-score them once, and take the
+     temperature of the (temperature, threshold) pair with the best mean balance score (bstar.search);
+  2. generate N candidates per training query at that temperature;
+  3. score = correctness + min step logit / 5 (a candidate without an answer step: -5); re-search the
+     threshold on this full pool with the cap grown to target_per_query x queries, select with the best
+     one (bstar.search.search_threshold; other modes: their fixed threshold, the same cap rule);
+  4. fine-tune on the selection for exactly train_steps optimizer steps of batch_size sequences,
+     continuing the model, AdamW state and LR schedule (one warmup + cosine over all iterations) of the
+     previous iteration (rest-em / star restart from the base model with a schedule of their own);
   5. hand the new weights to the live engine in process and evaluate.
+
+Every iteration record carries the tokens it generated (search and pool; evaluation is not a cost of the
+method) and trained on, and their running totals, so modes are compared at equal cost.
 
 Every phase writes its result under --out before the next starts (atomically), so a killed run
 resumes from the last completed phase and, with the same seed, ends exactly where an
 uninterrupted run would: generation seeds depend only on (run seed, iteration, phase, query), and
-each iteration's trainer starts from the checkpoint that the previous iteration saved.
-Under torchrun every rank generates for its shard of the queries with its own engine; training
-is FSDP2 across ranks; every rank's engine receives the new weights.
+each iteration's trainer continues the checkpoint (weights, optimizer, schedule step) that the previous
+iteration saved. Under torchrun every rank generates for its shard of the queries with its own engine;
+training is FSDP2 across ranks; every rank's engine receives the new weights.
 """
 
 import dataclasses
@@ -32,20 +38,21 @@ import torch
 from bstar import dist_utils
 from bstar.balance import mean_balance_score
 from bstar.config import RunConfig
-from bstar.embedded import EmbeddedConfig, build_assets
 from bstar.jsonl import read_jsonl, write_jsonl
-from bstar.metrics import greedy_accuracy, sample_metrics
+from bstar.metrics import greedy_accuracy, sample_metrics, step_auc, within_question_auc
 from bstar.report import redraw
-from bstar.rewards import grade_batch
-from bstar.search import SearchConfig, choose_subset, search_config
-from bstar.selection import Candidate, select
+from bstar.rewards import grade_batch, has_final_answer
+from bstar.search import SearchConfig, choose_subset, search_config, search_threshold, target_size
+from bstar.selection import BROKEN, BROKEN_PROB, Candidate, select
 from bstar.tasks import Example, format_prompt, load_task_examples
 from bstar.train import SFTConfig, SFTExample, SFTTrainer
+from bstar.train.checkpoint import STATE_DIR
 from engine import LLM, PRM, SamplingParams
 from engine.errors import BStarError, DataError
 from engine.loader import iter_weights
 
 _SEED_MASK = (1 << 62) - 1
+REFERENCE_BETAS = (0.9, 0.999)  # the reference's AdamW (train_sft_step.py arguments)
 
 
 def _seed(*parts) -> int:
@@ -60,6 +67,21 @@ def _atomic_json(path: Path, obj):
     os.replace(tmp, path)
 
 
+class TaskLabels:
+    """What a task with a known solution structure can say about a response (the built-in task:
+    bstar.embedded.task): true step labels and whether it is a valid solution, and distinct valid
+    solutions of a query (its distinct correct styles)."""
+
+    def __init__(self, step_labels, is_valid, distinct_valid):
+        self.step_labels, self.is_valid, self.distinct_valid = step_labels, is_valid, distinct_valid
+
+
+def builtin_labels() -> TaskLabels:
+    from bstar.embedded import task
+
+    return TaskLabels(task.step_labels, task.is_valid, task.distinct_valid)
+
+
 class Controller:
     def __init__(
         self,
@@ -70,23 +92,27 @@ class Controller:
         prm: str | None,
         train: list[Example],
         test: list[Example],
+        labels: TaskLabels | None = None,
     ):
         self.cfg, self.out = cfg, Path(out_dir)
         self.base, self.policy_dir = base, self.out / "policy"
         self.rank, self.world = dist_utils.world()
-        self.train, self.test = train, test
+        self.train, self.test, self.labels = train, test, labels
         self.llm = LLM(policy, dtype=cfg.dtype, device=cfg.device, seed=cfg.seed, num_kv_blocks=cfg.num_kv_blocks)
         self.tok = self.llm.get_tokenizer()
         if self.tok is None:
             raise BStarError(f"the policy {policy} has no tokenizer.json; B-STaR needs text")
         self.eos = sorted(self.llm.engine.eos_ids)
-        self.prm = PRM(prm, dtype=cfg.dtype, device=cfg.device, aggregate=cfg.prm_aggregate) if prm else None
+        self.prm = None
+        if prm:
+            self.prm = PRM(prm, dtype=cfg.dtype, device=cfg.device, aggregate=cfg.prm_aggregate, scale=cfg.prm_scale)
         self.subset = choose_subset(len(train), cfg.search_subset, cfg.seed)
+        self._gen_tokens = 0
 
     # -- generation, grading, PRM -------------------------------------------------------------
     def _sample(self, examples: list[Example], idx: list[int], n: int, temperature: float, tag: str) -> list[dict]:
         """n graded (and PRM-scored) candidates for each example in `idx` (this rank's share):
-        one record per query {"query": i, "texts", "token_ids", "correct", "prm", "steps"}."""
+        one record per query {"query": i, "texts", "token_ids", "correct", "prm", "step_scores"}."""
         if not idx:
             return []
         cfg = self.cfg
@@ -113,7 +139,7 @@ class Controller:
                 [flat[k] for k in ks],
                 [examples[owner[k]].gold_answer for k in ks],
                 task,
-                workers=0 if len(ks) < 512 else None,
+                workers=0 if len(ks) < 512 or self.labels is not None else None,
                 progress=cfg.progress,
             )
             for k, ok in zip(ks, res):
@@ -122,7 +148,11 @@ class Controller:
         steps = [[[] for _ in range(n)] for _ in idx]
         if self.prm is not None:
             scored = self.prm.score_batch([examples[i].question for i in idx], texts, progress=cfg.progress)
-            prm_scores = [[s.score for s in qs] for qs in scored]
+            broken = BROKEN if cfg.prm_scale == "logit" else BROKEN_PROB
+            prm_scores = [
+                [s.score if has_final_answer(t, examples[i].task) else min(s.score, broken) for s, t in zip(qs, ts)]
+                for i, qs, ts in zip(idx, scored, texts)
+            ]
             steps = [[s.step_scores for s in qs] for qs in scored]
         recs = []
         for k, (i, o) in enumerate(zip(idx, outs)):
@@ -140,12 +170,14 @@ class Controller:
         return recs
 
     def _sample_all(self, examples, idx, n, temperature, tag) -> list[dict]:
-        """All ranks' records for `idx`, in query order."""
+        """All ranks' records for `idx`, in query order; self._gen_tokens counts all ranks' tokens."""
+        before = self._gen_tokens
         mine = self._sample(
             examples, [i for j, i in enumerate(idx) if j % self.world == self.rank], n, temperature, tag
         )
-        recs = [r for part in dist_utils.all_gather_json(mine) for r in part]
-        return sorted(recs, key=lambda r: r["query"])
+        parts = dist_utils.all_gather_json({"recs": mine, "tokens": self._gen_tokens - before})
+        self._gen_tokens = before + sum(p["tokens"] for p in parts)
+        return sorted((r for p in parts for r in p["recs"]), key=lambda r: r["query"])
 
     def _candidates(self, recs: list[dict]) -> list[list[Candidate]]:
         return [
@@ -158,6 +190,19 @@ class Controller:
             return None
         return [Candidate.gold(r["query"], self.train[r["query"]].gold_solution) for r in recs]
 
+    def _search_config(self) -> SearchConfig:
+        cfg = self.cfg
+        return SearchConfig(
+            temperatures=tuple(cfg.temperatures),
+            thresholds=tuple(cfg.thresholds),
+            k=cfg.search_k,
+            n_star=cfg.n_star,
+            subset_size=cfg.search_subset,
+            target_per_query=cfg.search_target_per_query,
+            max_per_query=cfg.max_per_query,
+            prm_divisor=cfg.prm_divisor,
+        )
+
     # -- phases -------------------------------------------------------------------------------
     def _phase_file(self, t: int, name: str) -> Path:
         d = self.out / f"iter_{t:03d}"
@@ -165,18 +210,14 @@ class Controller:
         return d / name
 
     def search(self, t: int) -> dict:
+        """The sampling temperature of iteration t (mode bstar: searched on the subset)."""
         cfg = self.cfg
         path = self._phase_file(t, "search.json")
         if path.exists():
             return json.loads(path.read_text())
         t0, self._gen_tokens = time.perf_counter(), 0
         if cfg.mode != "bstar":
-            res = {
-                "temperature": cfg.temperature,
-                "threshold": cfg.threshold,
-                "balance_score": None,
-                "cap": cfg.max_per_query,
-            }
+            res = {"temperature": cfg.temperature}
         else:
             samples = {
                 temp: self._candidates(
@@ -185,26 +226,17 @@ class Controller:
                 for temp in cfg.temperatures
             }
             golds = self._golds([{"query": i} for i in self.subset])
-            sc = SearchConfig(
-                temperatures=tuple(cfg.temperatures),
-                thresholds=tuple(cfg.thresholds),
-                k=cfg.search_k,
-                n_star=cfg.n_star,
-                subset_size=cfg.search_subset,
-                target_size=cfg.target_size,
-                max_per_query=cfg.max_per_query,
-                prm_scale=cfg.prm_scale,
-            )
-            r = search_config(samples, sc, golds=golds)
+            r = search_config(samples, self._search_config(), golds=golds)
             res = {
                 "temperature": r.temperature,
-                "threshold": r.threshold,
+                "threshold": r.threshold,  # the subset's best threshold: recorded, not used (reference)
                 "balance_score": r.balance_score,
                 "cap": r.cap,
                 "table": [asdict(row) for row in r.table],
             }
         res["time_s"] = time.perf_counter() - t0
-        res["tokens_per_s"] = self._gen_tokens * self.world / max(res["time_s"], 1e-9)
+        res["gen_tokens"] = self._gen_tokens
+        res["tokens_per_s"] = self._gen_tokens / max(res["time_s"], 1e-9)
         if self.rank == 0:
             _atomic_json(path, res)
         dist_utils.barrier()
@@ -221,7 +253,7 @@ class Controller:
         if self.cfg.rationalize and self.cfg.mode == "star":
             recs = self._rationalize(t, recs)
         dt = time.perf_counter() - t0
-        info = {"time_s": dt, "tokens_per_s": self._gen_tokens * self.world / max(dt, 1e-9)}
+        info = {"time_s": dt, "gen_tokens": self._gen_tokens, "tokens_per_s": self._gen_tokens / max(dt, 1e-9)}
         if self.rank == 0:
             _atomic_json(self._phase_file(t, "generate.json"), info)
             write_jsonl(str(path), recs)
@@ -229,7 +261,7 @@ class Controller:
         return recs, info
 
     def _rationalize(self, t: int, recs: list[dict]) -> list[dict]:
-        """STaR rationalisation: unsolved queries are retried with the answer given as a hint; a
+        """STaR rationalisation: unsolved queries are retried with the answer as a hint; a
         correct rationale is trained on with the original prompt."""
         unsolved = [r["query"] for r in recs if not any(r["correct"])]
         if not unsolved:
@@ -248,12 +280,28 @@ class Controller:
                 r["step_scores"].append(x["step_scores"][0])
         return recs
 
-    def select(self, recs: list[dict], threshold: float, cap: int | None):
+    def select(self, recs: list[dict]) -> tuple:
+        """(selection, info): mode bstar re-searches the threshold on the full pool (reference
+        metric_modiacc_auto.py); the other modes use their fixed threshold. Every mode grows the cap to the
+        same target size (star: one per query)."""
         cfg = self.cfg
-        kw = {"max_per_query": cap} if cap is not None else {}
+        groups, golds = self._candidates(recs), self._golds(recs)
+        info = {}
+        if cfg.mode == "bstar":
+            r = search_threshold(groups, self._search_config(), golds=golds, target_per_query=cfg.target_per_query)
+            threshold = r.threshold
+            info["table"] = [asdict(row) for row in r.table]
+        else:
+            threshold = cfg.threshold
         if cfg.mode == "star":
             kw = {"max_per_query": 1}
-        return select(self._candidates(recs), threshold, golds=self._golds(recs), prm_scale=cfg.prm_scale, **kw)
+        elif cfg.max_per_query is not None:
+            kw = {"max_per_query": cfg.max_per_query}
+        else:
+            kw = {"target_size": target_size(cfg.target_per_query, len(groups))}
+        sel = select(groups, threshold, golds=golds, prm_divisor=cfg.prm_divisor, **kw)
+        info.update(threshold=threshold, cap=sel.cap, balance_score=mean_balance_score(sel.per_query, cfg.n_star))
+        return sel, info
 
     def _sft_examples(self, recs: list[dict], selection) -> list:
         """Selected candidates as token-level SFT examples: the exact prompt and completion ids."""
@@ -271,44 +319,55 @@ class Controller:
                 )
         return out
 
+    def _sft_config(self, t: int) -> SFTConfig:
+        cfg = self.cfg
+        return SFTConfig(
+            lr=cfg.lr,
+            steps=cfg.train_steps,
+            schedule_steps=cfg.train_steps if cfg.restart_from_base else cfg.train_steps * cfg.iterations,
+            batch_examples=cfg.batch_size,
+            micro_batch_tokens=max(4096, cfg.max_seq_len),
+            max_seq_len=cfg.max_seq_len,
+            warmup_ratio=cfg.warmup_ratio,
+            min_lr_ratio=cfg.min_lr_ratio,
+            betas=REFERENCE_BETAS,
+            seed=_seed(cfg.seed, "train", t) % (1 << 31),
+            progress=cfg.progress,
+            metrics_path=str(self._phase_file(t, "train_metrics.jsonl")) if self.rank == 0 else None,
+            device=None if cfg.device == "auto" else cfg.device,
+        )
+
     def train_policy(self, t: int, examples: list) -> dict:
-        """Fine-tune, save the policy checkpoint (atomically), hand the weights to the engine."""
+        """Fine-tune for train_steps steps, save the policy checkpoint with its optimizer state and
+        schedule step (atomically), hand the weights to the engine."""
         cfg = self.cfg
         marker = self.policy_dir / "iteration.json"
         if marker.exists() and json.loads(marker.read_text())["iteration"] == t:
             self.llm.load_weights(iter_weights(str(self.policy_dir)))
             return json.loads(self._phase_file(t, "train.json").read_text())
-        start = (
-            self.base
-            if cfg.restart_from_base or not (self.policy_dir / "config.json").exists()
-            else str(self.policy_dir)
-        )
+        carry = not cfg.restart_from_base and (self.policy_dir / STATE_DIR / "state.json").exists()
+        start = str(self.policy_dir) if carry else self.base
         t0 = time.perf_counter()
-        info = {"examples": len(examples), "steps": 0, "final_loss": None}
+        info = {"examples": len(examples), "steps": 0, "final_loss": None, "train_tokens": 0, "lr_last": None}
+        metrics = self._phase_file(t, "train_metrics.jsonl")
+        if metrics.exists() and self.rank == 0:
+            metrics.unlink()  # a killed earlier attempt of this phase
         if examples:
-            sft = SFTConfig(
-                lr=cfg.lr,
-                epochs=cfg.epochs,
-                batch_tokens=cfg.batch_tokens,
-                micro_batch_tokens=max(4096, cfg.max_seq_len),
-                max_seq_len=cfg.max_seq_len,
-                seed=_seed(cfg.seed, "train", t) % (1 << 31),
-                progress=cfg.progress,
-                metrics_path=str(self._phase_file(t, "train_metrics.jsonl")) if self.rank == 0 else None,
-                device=None if cfg.device == "auto" else cfg.device,
-            )
-            trainer = SFTTrainer(start, sft)
-            result = trainer.train(examples)
-            tokens = sum(len(e) for e in examples) * cfg.epochs
+            trainer = SFTTrainer(start, self._sft_config(t))
+            result = trainer.train(examples, continue_from=start if carry else None)
+            tokens = sum(m["tokens"] for m in result.metrics)
             info.update(
-                steps=result.steps,
+                steps=len(result.losses),
+                global_step=trainer.step_offset + trainer.step,
                 final_loss=result.losses[-1] if result.losses else None,
+                train_tokens=tokens,
+                lr_last=result.metrics[-1]["lr"] if result.metrics else None,
                 tokens_per_s=tokens / max(time.perf_counter() - t0, 1e-9),
             )
             self.llm.load_weights(trainer.named_weights())  # in process: no disk round trip
-            trainer.save(self.policy_dir, trainer_state=False)  # for resume and for the user
+            trainer.save(self.policy_dir, trainer_state=True)  # weights, AdamW state, schedule step
             del trainer
-        else:  # nothing selected: the policy stays as it is
+        else:  # nothing selected: the policy (and its optimizer state) stays as it is
             if start != str(self.policy_dir):
                 if self.rank == 0:
                     tmp = self.out / ".policy.tmp"
@@ -325,14 +384,41 @@ class Controller:
         dist_utils.barrier()
         return info
 
+    def _truth(self, examples: list[Example], recs: list[dict], prefix: str) -> dict:
+        """Metrics that need true step labels (the built-in task): the PRM's step AUC against them, the
+        share of answer-correct samples with a bad step (false positives for the reward to filter), and
+        distinct valid solutions (styles) per query."""
+        if self.labels is None:
+            return {}
+        lab = [[self.labels.step_labels(examples[r["query"]].question, x) for x in r["texts"]] for r in recs]
+        out = {}
+        if self.prm is not None:
+            scores = [s for r in recs for s in r["step_scores"]]
+            out[f"{prefix}prm_step_auc"] = step_auc(scores, [x for q in lab for x in q])
+        correct = [(ok, all(ls)) for r, q in zip(recs, lab) for ok, ls in zip(r["correct"], q)]
+        right = [valid for ok, valid in correct if ok]
+        out[f"{prefix}false_positive_rate"] = (1 - sum(right) / len(right)) if right else None
+        out[f"{prefix}distinct_styles"] = sum(
+            self.labels.distinct_valid(examples[r["query"]].question, r["texts"]) for r in recs
+        ) / max(1, len(recs))
+        return out
+
     def evaluate(self, t: int) -> dict:
-        """Greedy accuracy, and Pass@1 / Pass@K / Reward@K / diversity from eval_k samples."""
+        """Greedy accuracy on all eval queries; Pass@1 / Pass@K / Reward@K / exploration and the PRM's
+        quality from eval_k samples of the first eval_sample_queries."""
         cfg = self.cfg
         t0, self._gen_tokens = time.perf_counter(), 0
         idx = list(range(len(self.test)))
+        if 0 < t < cfg.iterations and cfg.mid_eval_queries:
+            idx = idx[: cfg.mid_eval_queries]
         greedy = self._sample_all(self.test, idx, 1, 0.0, f"eval-greedy-{t}")
-        sampled = self._sample_all(self.test, idx, cfg.eval_k, cfg.eval_temperature, f"eval-sample-{t}")
-        m = {"greedy_acc": greedy_accuracy([r["correct"][0] for r in greedy])}
+        sampled_idx = idx[: cfg.eval_sample_queries] if cfg.eval_sample_queries else idx
+        sampled = self._sample_all(self.test, sampled_idx, cfg.eval_k, cfg.eval_temperature, f"eval-sample-{t}")
+        m = {
+            "greedy_acc": greedy_accuracy([r["correct"][0] for r in greedy]),
+            "eval_greedy_queries": len(greedy),
+            "eval_sampled_queries": len(sampled),
+        }
         m.update(
             sample_metrics(
                 [r["correct"] for r in sampled],
@@ -341,10 +427,12 @@ class Controller:
                 cfg.eval_k,
             )
         )
+        m.update(self._truth(self.test, sampled, ""))
         m["eval_time_s"] = time.perf_counter() - t0
-        m["eval_tokens_per_s"] = self._gen_tokens * self.world / max(m["eval_time_s"], 1e-9)
+        m["eval_tokens_per_s"] = self._gen_tokens / max(m["eval_time_s"], 1e-9)
         if self.rank == 0:
-            write_jsonl(str(self._phase_file(t, "eval_samples.jsonl")), greedy + sampled)
+            rows = [dict(r, kind="greedy") for r in greedy] + [dict(r, kind="sampled") for r in sampled]
+            write_jsonl(str(self._phase_file(t, "eval_samples.jsonl")), rows)
         return m
 
     # -- the loop -----------------------------------------------------------------------------
@@ -363,37 +451,62 @@ class Controller:
         cfg = self.cfg
         done = self.completed()
         if not done:  # iteration 0: the starting policy
-            rec = {"iteration": 0, **self.evaluate(0)}
+            rec = {"iteration": 0, "mode": cfg.mode, "seed": cfg.seed, "gen_tokens_total": 0, "train_tokens_total": 0}
+            rec.update(self.evaluate(0))
             self._record(rec)
             self._print(rec)
         for t in range(len(self.completed()), cfg.iterations + 1):
-            rec = {"iteration": t, "mode": cfg.mode}
+            prev = self.completed()[-1]
+            rec = {"iteration": t, "mode": cfg.mode, "seed": cfg.seed}
             s = self.search(t)
             rec.update(
                 temperature=s["temperature"],
-                threshold=s["threshold"],
-                balance_score=s["balance_score"],
+                search_threshold=s.get("threshold"),
+                search_balance_score=s.get("balance_score"),
+                search_cap=s.get("cap"),
+                search_gen_tokens=s["gen_tokens"],
                 search_time_s=s["time_s"],
                 search_tokens_per_s=s["tokens_per_s"],
             )
             recs, g = self.generate(t, s["temperature"])
-            rec.update(generate_time_s=g["time_s"], generate_tokens_per_s=g["tokens_per_s"])
-            sel = self.select(recs, s["threshold"], s.get("cap"))
             rec.update(
+                generate_gen_tokens=g["gen_tokens"],
+                generate_time_s=g["time_s"],
+                generate_tokens_per_s=g["tokens_per_s"],
+            )
+            t0 = time.perf_counter()
+            sel, si = self.select(recs)
+            rec.update(
+                threshold=si["threshold"],
+                cap=si["cap"],
+                balance_score=si["balance_score"],
                 selected_size=sel.size,
                 selected_acc=sel.accuracy,
-                cap=sel.cap,
+                select_time_s=time.perf_counter() - t0,
                 train_frac_any_correct=sum(any(r["correct"]) for r in recs) / max(1, len(recs)),
             )
-            if cfg.mode != "bstar":
-                rec["balance_score"] = mean_balance_score(sel.per_query, cfg.n_star)
+            if self.rank == 0 and "table" in si:
+                _atomic_json(self._phase_file(t, "selection.json"), {k: si[k] for k in ("threshold", "cap", "table")})
+            if self.prm is not None:
+                auc, _ = within_question_auc([r["correct"] for r in recs], [r["prm"] for r in recs])
+                rec["pool_prm_within_auc"] = auc
+            rec.update(self._truth(self.train, recs, "pool_"))
+            if self.labels is not None and sel.size:
+                rec["selected_valid"] = sum(
+                    self.labels.is_valid(self.train[c.query_id].question, c.text) for c in sel.selected
+                ) / len(sel.selected)
             tr = self.train_policy(t, self._sft_examples(recs, sel))
             rec.update(
                 train_time_s=tr["time_s"],
                 train_steps=tr["steps"],
                 train_loss=tr["final_loss"],
+                train_lr_last=tr.get("lr_last"),
+                train_tokens=tr.get("train_tokens", 0),
                 train_tokens_per_s=tr.get("tokens_per_s"),
             )
+            rec["gen_tokens"] = rec["search_gen_tokens"] + rec["generate_gen_tokens"]
+            rec["gen_tokens_total"] = prev.get("gen_tokens_total", 0) + rec["gen_tokens"]
+            rec["train_tokens_total"] = prev.get("train_tokens_total", 0) + rec["train_tokens"]
             rec.update(self.evaluate(t))
             self._record(rec)
             self._print(rec)
@@ -408,8 +521,11 @@ class Controller:
             "pass_at_1",
             "pass_at_k",
             "reward_at_k",
+            "distinct_styles",
+            "prm_within_auc",
             "temperature",
             "threshold",
+            "cap",
             "balance_score",
             "selected_size",
             "selected_acc",
@@ -417,7 +533,8 @@ class Controller:
         cells = []
         for k in keys:
             v = rec.get(k)
-            cells.append(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}")
+            if v is not None:
+                cells.append(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}")
         print("  ".join(cells), flush=True)
 
 
@@ -429,13 +546,15 @@ def _load_data(cfg: RunConfig) -> tuple[list[Example], list[Example]]:
         raise DataError("--train-data is required with --model")
     train = load_task_examples(cfg.train_data)
     test = load_task_examples(cfg.eval_data) if cfg.eval_data else []
-    if cfg.max_train_queries:
-        train = train[: cfg.max_train_queries]
-    if cfg.max_eval_queries:
-        test = test[: cfg.max_eval_queries]
+    train, test = _limit(cfg, train, test)
     if not test:
         raise DataError("--eval-data is required (and must hold at least one example)")
     return train, test
+
+
+def _limit(cfg: RunConfig, train: list[Example], test: list[Example]) -> tuple[list[Example], list[Example]]:
+    """The first max_train_queries / max_eval_queries of each split (the built-in task's too)."""
+    return train[: cfg.max_train_queries or None], test[: cfg.max_eval_queries or None]
 
 
 def prepare_out_dir(out: str, cfg: RunConfig | None, resume: bool) -> RunConfig:
@@ -464,18 +583,23 @@ def prepare_out_dir(out: str, cfg: RunConfig | None, resume: bool) -> RunConfig:
 
 def run(cfg: RunConfig | None, out: str, resume: bool = False) -> list[dict]:
     """Run (or, with resume, continue) a whole B-STaR run in `out`; returns the per-iteration records."""
+    from bstar.embedded import EmbeddedConfig, build_assets
+
     dist_utils.init_from_env()
     cfg = prepare_out_dir(out, cfg, resume)
+    labels = None
     if cfg.model is None:
         # Tiny models on a small CPU: one thread avoids OpenMP overhead that costs more than it saves.
         if cfg.device in ("auto", "cpu") and not torch.cuda.is_available():
             torch.set_num_threads(1)
         assets = build_assets(EmbeddedConfig.preset(cfg.embedded_preset), progress=cfg.progress)
-        policy_base, prm, train, test = str(assets.policy_path), str(assets.prm_path), assets.train, assets.test
+        policy_base, prm = str(assets.policy_path), str(assets.prm_path)
+        train, test = _limit(cfg, assets.train, assets.test)
+        labels = builtin_labels()
     else:
         policy_base, prm = cfg.model, cfg.prm
         train, test = _load_data(cfg)
     policy_dir = Path(out) / "policy"
     start = str(policy_dir) if (policy_dir / "config.json").exists() else policy_base
-    ctl = Controller(cfg, out, start, policy_base, prm, train, test)
+    ctl = Controller(cfg, out, start, policy_base, prm, train, test, labels)
     return ctl.run()

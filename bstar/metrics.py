@@ -10,7 +10,10 @@ aggregated PRM score, `texts[i][j]` its text.
     frac_any_correct(correct)             queries with at least one correct sample
     distinct_correct(texts, correct)      distinct correct responses per query
     extract_equations(text)               the reference's "equations" of a response
-    equation_diversity(texts)             distinct / total equations per query (reference)
+    equation_diversity(texts, correct)    distinct / total equations per query (reference), correct ones only
+    auc(pos, neg)                         P(a positive scores above a negative), ties 1/2
+    within_question_auc(correct, prm)     the PRM's AUC of correct vs wrong samples of the same question
+    step_auc(step_scores, step_labels)    the PRM's AUC of its step scores against true step labels
     sample_metrics(correct, prm, texts, k) the sampled-eval metrics as one dict
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import math
 import re
+from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
 
 from engine.errors import RequestError
@@ -103,17 +107,55 @@ def extract_equations(text: str) -> list[str]:
     return [re.sub(r"\s+", "", m) for m in _PLAIN_EQ.findall(text)]
 
 
-def equation_diversity(texts: Sequence[Sequence[str]]) -> float | None:
-    """Mean over queries of (distinct equations) / (all equations) among that query's responses.
+def equation_diversity(texts: Sequence[Sequence[str]], correct: Sequence[Sequence[bool]] | None = None) -> float | None:
+    """Mean over queries of (distinct equations) / (all equations) among that query's responses (only the
+    correct ones when `correct` is given).
 
     Queries whose responses hold no equation are skipped, as in the reference; None when no
     query has any (undefined)."""
     ratios = []
-    for ts in texts:
-        eqs = [e for t in ts for e in extract_equations(t)]
+    for i, ts in enumerate(texts):
+        keep = ts if correct is None else [t for t, ok in zip(ts, correct[i]) if ok]
+        eqs = [e for t in keep for e in extract_equations(t)]
         if eqs:
             ratios.append(len(set(eqs)) / len(eqs))
     return _mean(ratios) if ratios else None
+
+
+def auc(pos: Sequence[float], neg: Sequence[float]) -> float | None:
+    """Mann-Whitney AUC: the probability that a positive scores above a negative (ties count 1/2); None
+    when either side is empty."""
+    if not pos or not neg:
+        return None
+    neg_sorted = sorted(neg)
+    wins = 0.0
+    for p in pos:
+        below, upto = bisect_left(neg_sorted, p), bisect_right(neg_sorted, p)
+        wins += below + 0.5 * (upto - below)
+    return wins / (len(pos) * len(neg))
+
+
+def within_question_auc(correct: Sequence[Sequence[bool]], prm: Sequence[Sequence[float]]) -> tuple[float | None, int]:
+    """(mean over questions with both correct and wrong samples of the AUC of the PRM's score of correct
+    against wrong samples, number of such questions). Selection only compares candidates of one question,
+    so this, not a pooled AUC (which mostly measures question difficulty), is what a reward needs."""
+    aucs = []
+    for cs, ps in zip(correct, prm):
+        a = auc([p for p, ok in zip(ps, cs) if ok], [p for p, ok in zip(ps, cs) if not ok])
+        if a is not None:
+            aucs.append(a)
+    return (_mean(aucs) if aucs else None), len(aucs)
+
+
+def step_auc(step_scores: Sequence[Sequence[float]], step_labels: Sequence[Sequence[bool]]) -> float | None:
+    """Pooled AUC of step scores against true step labels (good = positive)."""
+    pos, neg = [], []
+    for ss, ls in zip(step_scores, step_labels):
+        if len(ss) != len(ls):
+            raise RequestError(f"step_auc: {len(ss)} step scores but {len(ls)} labels")
+        for s, ok in zip(ss, ls):
+            (pos if ok else neg).append(s)
+    return auc(pos, neg)
 
 
 def sample_metrics(
@@ -130,7 +172,8 @@ def sample_metrics(
     }
     if prm is not None:
         out["reward_at_k"] = reward_at_k(correct, prm, k)
+        out["prm_within_auc"], out["prm_within_auc_questions"] = within_question_auc(correct, prm)
     if texts is not None:
         out["diversity_distinct_correct"] = distinct_correct(texts, correct)
-        out["diversity_equations"] = equation_diversity(texts)
+        out["diversity_equations"] = equation_diversity(texts, correct)
     return out

@@ -27,26 +27,59 @@ LABELS = {
     "greedy_acc": "greedy accuracy (eval)",
     "pass_at_1": "Pass@1 (eval)",
     "pass_at_k": "Pass@K (eval)",
-    "reward_at_k": "Reward@K (eval)",
+    "reward_at_k": "Reward@K: the PRM's pick of K (eval)",
+    "prm_within_auc": "PRM AUC within a question (eval)",
+    "prm_step_auc": "PRM step AUC vs true labels (eval)",
+    "pool_prm_within_auc": "PRM AUC within a question (train pool)",
+    "pool_prm_step_auc": "PRM step AUC vs true labels (train pool)",
+    "pool_distinct_styles": "distinct valid solutions / query (train pool)",
+    "train_frac_any_correct": "train queries with >= 1 correct (pool)",
     "diversity_distinct_correct": "distinct correct responses / query",
-    "diversity_equations": "distinct / total equations",
+    "distinct_styles": "distinct valid solutions (styles) / query",
+    "diversity_equations": "distinct / total equations (correct ones)",
     "frac_any_correct": "queries with >= 1 correct",
+    "false_positive_rate": "right answers with a bad step (eval)",
     "temperature": "chosen temperature",
     "threshold": "chosen reward threshold",
-    "balance_score": "balance score",
+    "cap": "per-query cap M",
+    "balance_score": "balance score (training pool)",
     "selected_size": "selected-set size",
-    "selected_acc": "selected-set accuracy",
+    "selected_acc": "selected-set accuracy (answers)",
+    "selected_valid": "selected-set share of valid solutions",
+    "gen_tokens_total": "generated tokens (search + pool), cumulative",
+    "train_tokens_total": "trained tokens, cumulative",
+    "iteration": "iteration",
 }
 
 FIGURES = {  # file stem -> (title, metric keys: one panel each)
-    "accuracy": ("Exploitation and accuracy", ("greedy_acc", "pass_at_1", "pass_at_k", "reward_at_k")),
-    "diversity": (
+    "exploration": (
         "Exploration",
-        ("pass_at_k", "diversity_distinct_correct", "diversity_equations", "frac_any_correct"),
+        (
+            "pass_at_k",
+            "distinct_styles",
+            "diversity_distinct_correct",
+            "diversity_equations",
+            "pool_distinct_styles",
+            "train_frac_any_correct",
+        ),
     ),
-    "config": ("Chosen configuration", ("temperature", "threshold", "balance_score")),
-    "selection": ("Selected training data", ("selected_size", "selected_acc")),
+    "exploitation": (
+        "Exploitation",
+        (
+            "greedy_acc",
+            "pass_at_1",
+            "reward_at_k",
+            "prm_within_auc",
+            "prm_step_auc",
+            "pool_prm_within_auc",
+            "selected_valid",
+        ),
+    ),
+    "config": ("Chosen configuration", ("temperature", "threshold", "cap", "balance_score")),
+    "selection": ("Selected training data", ("selected_size", "selected_acc", "selected_valid")),
+    "cost": ("Cost", ("gen_tokens_total", "train_tokens_total")),
 }
+X_TOKENS = "gen_tokens_total"  # figures also drawn against generated tokens: exploration, exploitation
 
 # Table columns of the report, in this order, when present.
 REPORT_KEYS = (
@@ -54,14 +87,34 @@ REPORT_KEYS = (
     "pass_at_1",
     "pass_at_k",
     "reward_at_k",
+    "prm_within_auc",
+    "prm_step_auc",
+    "distinct_styles",
     "diversity_distinct_correct",
     "diversity_equations",
+    "pool_distinct_styles",
+    "pool_prm_within_auc",
     "temperature",
     "threshold",
+    "cap",
     "balance_score",
     "selected_size",
     "selected_acc",
+    "selected_valid",
+    "gen_tokens_total",
+    "train_tokens_total",
 )
+
+
+def _as_groups(runs) -> dict[str, list[list[Mapping]]]:
+    """name -> list of runs (seeds), each a list of records."""
+    if not isinstance(runs, Mapping):
+        runs = {"run": runs}
+    out = {}
+    for k, v in runs.items():
+        v = list(v)
+        out[str(k)] = v if v and isinstance(v[0], (list, tuple)) else [v]
+    return out
 
 
 def _as_runs(runs: Runs | Records) -> dict[str, list[Mapping]]:
@@ -76,15 +129,33 @@ def _number(v) -> float | None:
     return None if math.isnan(v) else float(v)
 
 
-def _series(records: Records, key: str) -> tuple[list[float], list[float]]:
+def _series(records: Records, key: str, x_key: str = "iteration") -> tuple[list[float], list[float]]:
     xs, ys = [], []
     for i, r in enumerate(records):
         y = _number(r.get(key))
         if y is None:
             continue
-        x = _number(r.get("iteration"))
+        x = _number(r.get(x_key))
+        if x is None and x_key != "iteration":
+            continue
         xs.append(i if x is None else x)
         ys.append(y)
+    return xs, ys
+
+
+def _mean_series(seeds: list[Records], key: str, x_key: str) -> tuple[list[float], list[float]]:
+    """Mean over seeds at each iteration every seed has (x: the mean x)."""
+    rows: dict[int, list[tuple[float, float]]] = {}
+    for recs in seeds:
+        for i, r in enumerate(recs):
+            y, x = _number(r.get(key)), _number(r.get(x_key, i if x_key == "iteration" else None))
+            if y is not None and x is not None:
+                rows.setdefault(int(r.get("iteration", i)), []).append((float(x), y))
+    xs, ys = [], []
+    for it in sorted(rows):
+        if len(rows[it]) == len(seeds):
+            xs.append(sum(x for x, _ in rows[it]) / len(seeds))
+            ys.append(sum(y for _, y in rows[it]) / len(seeds))
     return xs, ys
 
 
@@ -95,32 +166,50 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def plot_runs(runs: Runs | Records, out_dir: str | Path, prefix: str = "") -> list[Path]:
-    """Draw the per-iteration figures (accuracy, diversity, config, selection) into out_dir."""
-    runs = _as_runs(runs)
+def plot_runs(runs, out_dir: str | Path, prefix: str = "") -> list[Path]:
+    """Draw the per-iteration figures (exploration, exploitation, config, selection, cost) into out_dir, and
+    exploration and exploitation again against cumulative generated tokens (…_vs_tokens.png).
+
+    runs: one run's records, {name: records}, or {name: [records of each seed]} (then the mean over seeds
+    is drawn with markers and each seed as a thin line of the same colour)."""
+    groups = _as_groups(runs)
     out_dir = Path(out_dir)
     written = []
-    for stem, (title, keys) in FIGURES.items():
-        panels = [k for k in keys if any(_series(recs, k)[1] for recs in runs.values())]
+    jobs = [(stem, title, keys, "iteration", "") for stem, (title, keys) in FIGURES.items()]
+    for stem in ("exploration", "exploitation"):  # the same against the cost
+        jobs.append((stem, FIGURES[stem][0], FIGURES[stem][1], X_TOKENS, "_vs_tokens"))
+    for stem, title, keys, xk, suffix in jobs:
+        panels = [k for k in keys if any(_series(r, k, xk)[1] for seeds in groups.values() for r in seeds)]
         if not panels:
             continue
         cols = min(len(panels), 2)
         rows = math.ceil(len(panels) / cols)
         fig = Figure(figsize=(5.5 * cols, 3.6 * rows), layout="constrained")
-        fig.suptitle(title)
+        fig.suptitle(title + ("" if xk == "iteration" else " vs tokens spent"))
         for n, key in enumerate(panels):
             ax = fig.add_subplot(rows, cols, n + 1)
-            for name, recs in runs.items():
-                xs, ys = _series(recs, key)
+            for c, (name, seeds) in enumerate(groups.items()):
+                color = f"C{c}"
+                if len(seeds) > 1:
+                    for recs in seeds:
+                        xs, ys = _series(recs, key, xk)
+                        if ys:
+                            ax.plot(xs, ys, color=color, alpha=0.3, linewidth=0.8)
+                    xs, ys = _mean_series(seeds, key, xk)
+                    label = f"{name} (mean of {len(seeds)})"
+                else:
+                    xs, ys = _series(seeds[0], key, xk)
+                    label = name
                 if ys:
-                    ax.plot(xs, ys, marker="o", label=name)
+                    ax.plot(xs, ys, marker="o", color=color, label=label)
             ax.set_title(LABELS.get(key, key))
-            ax.set_xlabel("iteration")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlabel(LABELS.get(xk, xk))
+            if xk == "iteration":
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
-            if len(runs) > 1:
+            if len(groups) > 1 or any(len(s) > 1 for s in groups.values()):
                 ax.legend(fontsize="small")
-        written.append(_save(fig, out_dir / f"{prefix}{stem}.png"))
+        written.append(_save(fig, out_dir / f"{prefix}{stem}{suffix}.png"))
     return written
 
 
@@ -186,11 +275,12 @@ def write_report(
     path: str | Path | None = None,
     title: str = "B-STaR run report",
     figures: Sequence[str | Path] = (),
+    preamble: Sequence[str] = (),
 ) -> str:
-    """A short markdown report: one table per run (a row per iteration) and what changed from
-    the first to the last iteration; several runs also get a side-by-side of final values."""
+    """A short markdown report: `preamble` lines, one table per run (a row per iteration) and what changed
+    from the first to the last iteration; several runs also get a side-by-side of final values."""
     runs = _as_runs(runs)
-    out = [f"# {title}", ""]
+    out = [f"# {title}", "", *preamble]
     for name, recs in runs.items():
         keys = [k for k in REPORT_KEYS if any(_number(r.get(k)) is not None for r in recs)]
         out += [f"## {name}", ""]

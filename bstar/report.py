@@ -13,31 +13,25 @@ def _records(run_dir: Path) -> list[dict]:
     return read_jsonl(f) if f.exists() else []
 
 
-def redraw(out: str, runs: dict[str, str] | None = None) -> str:
-    """Redraw plots and report.md of run directory `out`; `runs` (name -> run dir) compares several.
-    Returns the report text."""
+def redraw(out: str) -> str:
+    """Redraw plots and report.md of run directory `out` (one run, or a --compare directory whose
+    sub-directories <mode>-seed<k> hold runs). Returns the report text."""
     out_p = Path(out)
-    if runs is None:
-        if not (out_p / "iterations.jsonl").exists():
+    if not (out_p / "iterations.jsonl").exists():
+        runs = {d.name: str(d) for d in sorted(out_p.glob("*-seed*")) if (d / "iterations.jsonl").exists()}
+        if not runs:
             raise BStarError(f"{out} holds no run (no iterations.jsonl)")
-        data = {"run": _records(out_p)}
-    else:
-        data = {name: _records(Path(d)) for name, d in runs.items()}
+        from bstar.compare import report
+
+        report(out, runs)
+        return (out_p / "report.md").read_text()
+    data = _records(out_p)
     plots_dir = out_p / "plots"
-    figures = plot_runs(data if runs else data["run"], plots_dir)
-    for name, d in (runs or {"run": out}).items():  # the latest configuration-search surface
-        searches = sorted(Path(d).glob("iter_*/search.json"))
-        if searches:
-            table = json.loads(searches[-1].read_text()).get("table")
-            if table:
-                rows = table
-                prefix = "" if runs is None else f"{name}-"
-                figures.append(
-                    plot_search_table(
-                        rows,
-                        plots_dir / f"{prefix}search_{searches[-1].parent.name}.png",
-                        title=f"balance score, {searches[-1].parent.name}",
-                    )
-                )
+    figures = plot_runs(data, plots_dir)
+    searches = sorted(out_p.glob("iter_*/search.json"))  # the latest configuration-search surface
+    table = json.loads(searches[-1].read_text()).get("table") if searches else None
+    if table:
+        name = searches[-1].parent.name
+        figures.append(plot_search_table(table, plots_dir / f"search_{name}.png", title=f"balance score, {name}"))
     rel = [Path("plots") / Path(f).name for f in figures]
-    return write_report(data if runs else data["run"], out_p / "report.md", figures=rel)
+    return write_report(data, out_p / "report.md", figures=rel)

@@ -3,6 +3,7 @@
     grade(response, gold, task)            -> bool   one response
     grade_batch(responses, golds, task)    -> list   thousands, in worker processes
     extract_answer(text, task)             -> str    canonical answer string (or None)
+    has_final_answer(text, task)           -> bool   an explicit answer step ('#### N', \\boxed{}, ...)
     gsm8k_gold(solution)                   -> str    the `#### N` answer of a GSM8K reference
 
 Model output is untrusted input. Nothing in it is evaluated: extraction is linear-time regex and
@@ -170,6 +171,17 @@ def extract_answer(text: str, task: str) -> str | None:
         raise RequestError(f"extract_answer expects a str, got {type(text).__name__}")
     text = _tail(text)
     return _extract_gsm8k(text) if task == "gsm8k" else _extract_math(text)
+
+
+def has_final_answer(text: str, task: str) -> bool:
+    """Whether `text` has an answer step: a '#### N' line, 'The answer is ...' or a \\boxed{} (gsm8k), a
+    \\boxed{} or 'The answer is ...' (math). A response without one has no step the PRM can score as its
+    answer (the reference gives it the step reward -5)."""
+    _check_task(task)
+    text = _tail(text)
+    if task == "gsm8k" and any(_NUM_RE.search(h.replace("$", " ")) for h in _HASH_RE.findall(text)):
+        return True
+    return last_boxed(text) is not None or bool(_ANSWER_IS_RE.search(text))
 
 
 def gsm8k_gold(solution: str) -> str:

@@ -1,12 +1,18 @@
-"""B-STaR configuration search: the (temperature, threshold) whose selection balances best.
+"""B-STaR configuration search, as the reference does it in two places.
 
-Step 1 of every iteration. On a fixed subset of training queries, K candidates per query are
-sampled once per temperature, graded and PRM-scored once; then for every (temperature,
-threshold) pair the selection (bstar.selection) is applied and its mean balance score
-(bstar.balance) computed. Nothing is re-generated per threshold: each query's candidates are
-ranked once per temperature and a threshold only moves a cut-off in that ranking, so the whole
-reference grid (15 temperatures x 201 thresholds x 1000 queries x 64 samples) takes about a
-second on one CPU core with numpy.
+1. Temperature (reference determine_hyper.py): on a fixed subset of training queries, K candidates per
+   query are sampled once per temperature, graded and PRM-scored once; for every (temperature,
+   threshold) pair the selection (bstar.selection, cap grown to `target_per_query` x queries) and its
+   mean balance score (bstar.balance) are computed. The best pair's temperature is used; its threshold
+   is recorded but, as in the reference, not used.
+2. Threshold and cap (reference metric_modiacc_auto.py): on the full candidate pool sampled at that
+   temperature, every threshold of the grid is tried again with the cap grown until the pool's target
+   size (`target_per_query` x training queries; the reference: 67,500 / 7,500 = 9), and the threshold with
+   the best balance is the one the training set is selected with (`search_threshold`).
+
+Nothing is re-generated per threshold: each query's candidates are ranked once and a threshold only
+moves a cut-off in that ranking, so the whole reference grid (15 temperatures x 200 thresholds x 1000
+queries x 64 samples) takes about a second on one CPU core with numpy.
 
 Ties go to the first pair in grid order (lowest temperature, then lowest threshold), as in the
 reference (strict '>' while scanning thresholds upwards, then list.index(max) over temperatures).
@@ -22,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
-from bstar.selection import MAX_CAP, PRM_SCALE, Candidate, RankedQuery, rank_query
+from bstar.selection import MAX_CAP, PRM_DIVISOR, Candidate, RankedQuery, rank_all
 from engine.errors import BStarError, RequestError
 
 
@@ -54,23 +60,29 @@ def parse_grid(spec: str) -> list[float]:
         raise BStarError(f"bad grid {spec!r}: {how}") from None
 
 
+# Reference grids: temperatures 0.50..1.20 by 0.05 (train_bstar.sh), thresholds -1.00..0.99 by 0.01 (the
+# reference's `h += 0.01; if h > 1.0: break` loop tries 200 values; 1.00 is never reached).
+REFERENCE_TEMPERATURES = grid(0.50, 1.20, 0.05)
+REFERENCE_THRESHOLDS = grid(-1.00, 0.99, 0.01)
+
+
 @dataclass
 class SearchConfig:
     """Grid and selection options of the configuration search; defaults are the reference's.
 
-    target_size is the reference's `valid_sample_size` for its 1000-query subset (3.55 selected
-    per query, gold included); scale it with subset_size. Give max_per_query (a fixed M)
-    instead to skip the search for M (then set target_size=None)."""
+    target_per_query: the selection's target size per query on the searched subset (the reference's
+    `valid_sample_size` 3,550 for its 1,000-query subset, gold included); max_per_query (a fixed M)
+    instead skips the search for M (then set target_per_query=None)."""
 
-    temperatures: tuple[float, ...] = grid(0.50, 1.20, 0.05)  # 15 values
-    thresholds: tuple[float, ...] = grid(-1.00, 1.00, 0.01)  # 201 values (reference loop)
+    temperatures: tuple[float, ...] = REFERENCE_TEMPERATURES  # 15 values
+    thresholds: tuple[float, ...] = REFERENCE_THRESHOLDS  # 200 values
     k: int = 64  # samples per query and temperature
     n_star: int = 8  # balance-score saturation
     subset_size: int = 1000  # training queries the search runs on
-    target_size: int | None = 3550  # auto-M: smallest cap reaching this many selected
+    target_per_query: float | None = 3.55
     max_per_query: int | None = None
     max_cap: int = MAX_CAP
-    prm_scale: float = PRM_SCALE
+    prm_divisor: float = PRM_DIVISOR
 
     def __post_init__(self):
         if not self.temperatures or not self.thresholds:
@@ -80,13 +92,18 @@ class SearchConfig:
         for name in ("k", "n_star", "subset_size", "max_cap"):
             if getattr(self, name) < 1:
                 raise RequestError(f"SearchConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_per_query is not None and self.target_size is not None:
-            raise RequestError("SearchConfig: give either max_per_query or target_size, not both")
+        if self.max_per_query is not None and self.target_per_query is not None:
+            raise RequestError("SearchConfig: give either max_per_query or target_per_query, not both")
+
+
+def target_size(target_per_query: float | None, n_queries: int) -> int | None:
+    """The selection's target size for n_queries (None: no target)."""
+    return None if target_per_query is None else int(round(target_per_query * n_queries))
 
 
 @dataclass
 class SearchRow:
-    temperature: float
+    temperature: float | None
     threshold: float
     balance_score: float
     selected_size: int
@@ -96,7 +113,7 @@ class SearchRow:
 
 @dataclass
 class SearchResult:
-    temperature: float
+    temperature: float | None
     threshold: float
     balance_score: float
     cap: int | None
@@ -112,46 +129,65 @@ def choose_subset(n_queries: int, subset_size: int, seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(range(n_queries), subset_size))
 
 
-def _cap_for_target(n: np.ndarray, target_size: int, max_cap: int) -> int:
-    """selection.cap_for_target, vectorised: size(M) = sum_i min(n_i, M) for all M at once."""
-    counts = np.bincount(n)  # [L + 1] queries with n_i = v
-    values = np.arange(len(counts))
-    caps = np.arange(1, max_cap + 1)
-    sizes = (np.minimum(values[None, :], caps[:, None]) * counts).sum(axis=1)  # [max_cap]
-    reached = np.flatnonzero(sizes >= target_size)
-    return int(caps[reached[0]]) if len(reached) else max_cap
-
-
 class _Grid:
-    """One temperature's ranked queries as padded arrays: row i = query i."""
+    """Ranked queries as padded arrays (row i = query i), for many thresholds at once."""
 
     def __init__(self, ranked: Sequence[RankedQuery]):
         q = len(ranked)
         width = max((len(r.scores) for r in ranked), default=0)
         self.scores = np.full((q, max(width, 1)), -np.inf)  # [Q, L] descending per row
-        self.correct_prefix = np.zeros((q, width + 1), dtype=np.int64)  # [Q, L + 1]
+        self.unique = np.zeros((q, width + 1), dtype=np.int64)  # [Q, L + 1] distinct among the first j
+        self.correct = np.zeros((q, width + 1), dtype=np.int64)  # [Q, L + 1] distinct correct among them
         for i, r in enumerate(ranked):
             n = len(r.scores)
             self.scores[i, :n] = r.scores
-            self.correct_prefix[i, : n + 1] = r.correct_prefix
-            self.correct_prefix[i, n + 1 :] = r.correct_prefix[-1]
+            self.unique[i, : n + 1] = r.unique_prefix
+            self.unique[i, n + 1 :] = r.unique_prefix[-1]
+            self.correct[i, : n + 1] = r.correct_prefix
+            self.correct[i, n + 1 :] = r.correct_prefix[-1]
         self.rows = np.arange(q)
 
+    def cap_for_target(self, n: np.ndarray, target: int, max_cap: int) -> int:
+        """selection.cap_for_target for all M at once: size(M) = sum_i unique_i[min(n_i, M)]."""
+        caps = np.arange(1, max_cap + 1)
+        k = np.minimum(n[None, :], caps[:, None])  # [max_cap, Q]
+        sizes = self.unique[self.rows[None, :], k].sum(axis=1)
+        reached = np.flatnonzero(sizes >= target)
+        return int(caps[reached[0]]) if len(reached) else max_cap
+
     def evaluate(
-        self, threshold: float, n_star: int, max_per_query: int | None, target_size: int | None, max_cap: int
+        self, threshold: float, n_star: int, max_per_query: int | None, target: int | None, max_cap: int
     ) -> tuple[float, int, float, int | None]:
-        """(mean balance, selected size, selected accuracy, cap) of one threshold."""
+        """(mean balance over queries with something selected, selected size, selected accuracy, cap)."""
         n = (self.scores > threshold).sum(axis=1)  # [Q] candidates above
-        if target_size is not None:
-            cap = _cap_for_target(n, target_size, max_cap)
-        else:
-            cap = max_per_query
-        s = n if cap is None else np.minimum(n, cap)  # [Q] selected
-        c = self.correct_prefix[self.rows, s]  # [Q] selected and correct
-        bs = np.where(s > 0, np.minimum(c / n_star, 1.0) * (c / np.maximum(s, 1)), 0.0)
+        cap = self.cap_for_target(n, target, max_cap) if target is not None else max_per_query
+        k = n if cap is None else np.minimum(n, cap)
+        s = self.unique[self.rows, k]  # [Q] selected (after de-duplication)
+        c = self.correct[self.rows, k]  # [Q] selected and correct
+        present = s > 0
+        bs = np.minimum(c / n_star, 1.0) * (c / np.maximum(s, 1))
         size = int(s.sum())
         acc = float(c.sum() / size) if size else 0.0
-        return float(bs.mean()) if len(bs) else 0.0, size, acc, cap
+        return (float(bs[present].mean()) if present.any() else 0.0), size, acc, cap
+
+
+def _scan(
+    g: _Grid, temperature, thresholds, n_star, max_per_query, target, max_cap
+) -> tuple[list[SearchRow], SearchRow]:
+    rows, best = [], None
+    for thr in thresholds:
+        bs, size, acc, cap = g.evaluate(thr, n_star, max_per_query, target, max_cap)
+        row = SearchRow(temperature, thr, bs, size, acc, cap)
+        rows.append(row)
+        if best is None or row.balance_score > best.balance_score:
+            best = row
+    return rows, best
+
+
+def _result(best: SearchRow, table: list[SearchRow]) -> SearchResult:
+    return SearchResult(
+        best.temperature, best.threshold, best.balance_score, best.cap, best.selected_size, best.selected_acc, table
+    )
 
 
 def search_config(
@@ -160,7 +196,7 @@ def search_config(
     golds: Sequence[Candidate | None] | None = None,
     progress: bool = False,
 ) -> SearchResult:
-    """Best (temperature, threshold) by mean balance score, and the full table.
+    """Best (temperature, threshold) by mean balance score on the subset, and the full table.
 
     samples: temperature -> per-query candidate lists (the same queries, in the same order, at
     every temperature), graded and PRM-scored. The temperatures searched are the keys of
@@ -175,23 +211,29 @@ def search_config(
     if len(counts) != 1:
         raise RequestError(f"every temperature needs the same queries; got query counts {sorted(counts)}")
     n_queries = counts.pop()
-    if golds is not None and len(golds) != n_queries:
-        raise RequestError(f"golds has {len(golds)} entries for {n_queries} queries")
-
+    target = target_size(config.target_per_query, n_queries)
     table: list[SearchRow] = []
     best: SearchRow | None = None
     for t in tqdm(temps, desc="config search", unit="temp", disable=not progress):
-        grid = _Grid(
-            [rank_query(g, golds[i] if golds is not None else None, config.prm_scale) for i, g in enumerate(samples[t])]
-        )
-        for thr in config.thresholds:
-            bs, size, acc, cap = grid.evaluate(
-                thr, config.n_star, config.max_per_query, config.target_size, config.max_cap
-            )
-            row = SearchRow(t, thr, bs, size, acc, cap)
-            table.append(row)
-            if best is None or row.balance_score > best.balance_score:
-                best = row
-    return SearchResult(
-        best.temperature, best.threshold, best.balance_score, best.cap, best.selected_size, best.selected_acc, table
-    )
+        g = _Grid(rank_all(samples[t], golds, config.prm_divisor))
+        rows, row = _scan(g, t, config.thresholds, config.n_star, config.max_per_query, target, config.max_cap)
+        table += rows
+        if best is None or row.balance_score > best.balance_score:
+            best = row
+    return _result(best, table)
+
+
+def search_threshold(
+    groups: Sequence[Sequence[Candidate]],
+    config: SearchConfig,
+    golds: Sequence[Candidate | None] | None = None,
+    target_per_query: float | None = None,
+) -> SearchResult:
+    """The reference's full-pool pass (metric_modiacc_auto.py): the threshold of config.thresholds whose
+    selection from `groups` (cap grown to target_per_query x queries, or config.max_per_query) has the best
+    mean balance score; ties to the lowest threshold. temperature is None in the result."""
+    target = target_size(target_per_query, len(groups))
+    g = _Grid(rank_all(groups, golds, config.prm_divisor))
+    cap = None if target is not None else config.max_per_query
+    rows, best = _scan(g, None, config.thresholds, config.n_star, cap, target, config.max_cap)
+    return _result(best, rows)

@@ -1,4 +1,4 @@
-"""Process reward model scoring: P(step is good) at every step of every candidate.
+"""Process reward model scoring: P(step is good) at every step of every candidate, or its logit.
 
 Two conventions:
 - LM-style (Math-Shepherd): a causal LM; each step is followed by a step-tag token (default "ки")
@@ -9,6 +9,10 @@ Two conventions:
 The question's tokens come first and are identical for all of its candidates, so its KV blocks are
 computed once and shared through the paged cache's prefix matching; only the tag positions go
 through the two-row head (kernels.prm_step_scores), never a [tokens, vocab] logits matrix.
+
+scale="prob" (default) reports P(good); scale="logit" reports log p - log(1 - p) (the good-vs-bad logit
+difference, what a BCE-with-logits PRM head outputs: B-STaR's step reward), clipped to +-LOGIT_CLIP; the
+aggregate is then the logit of the probability aggregate (for "min", the minimum step logit).
 """
 
 from collections.abc import Callable
@@ -25,6 +29,14 @@ from engine.prompt_forward import forward_prompts
 from engine.tokenizer import require
 
 QWEN_PRM_SEPARATOR = "<extra_0>"
+SCALES = ("prob", "logit")
+LOGIT_CLIP = 10.0  # |logit| bound: P(good) within 4.5e-5 of 0 or 1 reads as +-10
+
+
+def to_logit(p: torch.Tensor) -> torch.Tensor:
+    """log p - log(1 - p) in float64, clipped to [-LOGIT_CLIP, LOGIT_CLIP]."""
+    p = p.double()
+    return (torch.log(p) - torch.log1p(-p)).clamp(-LOGIT_CLIP, LOGIT_CLIP)
 
 
 def split_steps(candidate: str, delimiter: str = "\n") -> list[str]:
@@ -54,7 +66,7 @@ def tagged_step_ids(
 
 @dataclass
 class PRMScore:
-    step_scores: list[float]  # P(good) of each step
+    step_scores: list[float]  # P(good) of each step (scale="logit": its logit)
     score: float  # aggregate over the steps (min / last / prod / mean)
     steps: list[str]
 
@@ -70,6 +82,7 @@ class PRM:
         good_label: int = 1,
         step_delimiter: str = "\n",
         aggregate: str = "min",
+        scale: str = "prob",
         question_template: str = "{question} ",
         dtype: str = "auto",
         device: str = "auto",
@@ -81,6 +94,9 @@ class PRM:
     ):
         if aggregate not in kernels.prm_scoring.AGGREGATES:
             raise RequestError(f"unknown PRM aggregate {aggregate!r}; choose one of {kernels.prm_scoring.AGGREGATES}")
+        if scale not in SCALES:
+            raise RequestError(f"unknown PRM scale {scale!r}; choose one of {SCALES}")
+        self.scale = scale
         cfg = EngineConfig(
             num_kv_blocks=num_kv_blocks,
             max_num_batched_tokens=max_num_batched_tokens,
@@ -178,6 +194,8 @@ class PRM:
                 len(seqs),
                 self.aggregate,
             )
+            if self.scale == "logit":
+                p_good, agg = to_logit(p_good), to_logit(agg)
         p_good, agg = p_good.tolist(), agg.tolist()
         out = [[] for _ in questions]
         i = 0

@@ -26,8 +26,10 @@ def test_balance_score_hand_values(s, c, n_star, want):
     assert balance_score(s, c, n_star) == pytest.approx(want, abs=1e-15)
 
 
-def test_mean_balance_score_counts_empty_queries_as_zero():
-    assert mean_balance_score([(0, 0), (2, 2), (20, 12)], 8) == pytest.approx((0 + 0.25 + 0.6) / 3)
+def test_mean_balance_score_is_over_queries_with_a_selection():
+    # as the reference, a query with nothing selected is not part of the mean
+    assert mean_balance_score([(0, 0), (2, 2), (20, 12)], 8) == pytest.approx((0.25 + 0.6) / 2)
+    assert mean_balance_score([(0, 0)], 8) == 0.0
     assert mean_balance_score([], 8) == 0.0
 
 

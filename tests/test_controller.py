@@ -20,6 +20,7 @@ from bstar.cli import main
 from bstar.config import RunConfig
 from bstar.rewards import grade
 from bstar.selection import Candidate
+from bstar.train.config import SFTConfig, lr_at
 from engine import LLM, PRM
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.tokenizer import load_tokenizer
@@ -63,12 +64,14 @@ def _cfg(s, **kw):
         search_k=3,
         search_subset=4,
         temperatures=[0.7, 1.0],
-        thresholds=[-0.5, 0.1, 0.5, 1.0],
-        target_size=6,
+        thresholds=[-1.0, -0.5, 0.1, 0.5, 0.99],
+        search_target_per_query=1.5,
         max_tokens=24,
         eval_k=3,
+        mid_eval_queries=2,  # iteration 1 evaluates the first 2 of the 3 eval queries; 0 and 2 all of them
         lr=1e-3,
-        batch_tokens=2048,
+        train_steps=2,
+        batch_size=4,
         max_seq_len=1024,
         device="cpu",
         dtype="float32",
@@ -104,22 +107,51 @@ def test_full_run_layout_and_metrics(setup, full_run):
         "selected_acc",
         "temperature",
         "threshold",
+        "cap",
         "balance_score",
+        "search_threshold",
+        "search_balance_score",
         "search_time_s",
         "generate_tokens_per_s",
         "train_time_s",
         "eval_time_s",
+        "search_gen_tokens",
+        "generate_gen_tokens",
+        "gen_tokens",
+        "gen_tokens_total",
+        "train_tokens",
+        "train_tokens_total",
+        "pool_prm_within_auc",
     ):
         assert key in r1, key
-    assert r1["temperature"] in (0.7, 1.0) and r1["threshold"] in (-0.5, 0.1, 0.5, 1.0)
+    assert r1["temperature"] in (0.7, 1.0) and r1["threshold"] in (-1.0, -0.5, 0.1, 0.5, 0.99)
     assert r1["selected_size"] > 0  # the gold solutions at least (include_gold is on by default)
     assert (out / "config.json").exists() and (out / "iterations.jsonl").exists()
-    for f in ("candidates.jsonl", "search.json", "train.json"):
+    for f in ("candidates.jsonl", "search.json", "selection.json", "train.json"):
         assert (out / "iter_001" / f).exists()
     cands = [json.loads(x) for x in (out / "iter_001" / "candidates.jsonl").read_text().splitlines()]
     assert len(cands) == 6 and all(len(c["texts"]) == 3 for c in cands)
-    assert all(0 <= p <= 1 for c in cands for p in c["prm"])
-    for png in ("accuracy.png", "diversity.png", "config.png", "selection.png"):
+    # logit scale: min step logit, clipped to +-10; -5 (or less) without an answer step
+    assert all(-10 <= p <= 10 for c in cands for p in c["prm"]) and any(p < 0 for c in cands for p in c["prm"])
+    # the cost of each iteration: tokens generated (search + pool) and trained on, and their running totals
+    gen = [
+        json.loads((out / f"iter_{t:03d}" / n).read_text())["gen_tokens"]
+        for t in (1, 2)
+        for n in ("search.json", "generate.json")
+    ]
+    assert records[2]["gen_tokens_total"] == sum(gen) and records[1]["gen_tokens"] == gen[0] + gen[1] > 0
+    steps = [
+        json.loads(x) for t in (1, 2) for x in (out / f"iter_{t:03d}" / "train_metrics.jsonl").read_text().splitlines()
+    ]
+    assert records[2]["train_tokens_total"] == sum(m["tokens"] for m in steps) > 0
+    for png in (
+        "exploration.png",
+        "exploitation.png",
+        "config.png",
+        "selection.png",
+        "cost.png",
+        "exploitation_vs_tokens.png",
+    ):
         assert (out / "plots" / png).stat().st_size > 1000
     assert "| iteration |" in (out / "report.md").read_text()
     # the policy was fine-tuned and saved; it differs from the base weights
@@ -146,8 +178,12 @@ def test_full_run_metrics_recomputed_from_sample_files(setup, full_run, prm_dir)
     for rec in records:
         t = rec["iteration"]
         samples = _records(out / f"iter_{t:03d}" / "eval_samples.jsonl")
-        greedy, sampled = samples[: len(test)], samples[len(test) :]
-        assert [r["query"] for r in greedy] == [r["query"] for r in sampled] == list(range(len(test)))
+        greedy = [r for r in samples if r["kind"] == "greedy"]
+        sampled = [r for r in samples if r["kind"] == "sampled"]
+        assert len(greedy) + len(sampled) == len(samples)
+        n = 2 if t == 1 else len(test)
+        assert [r["query"] for r in greedy] == [r["query"] for r in sampled] == list(range(n))
+        assert (rec["eval_greedy_queries"], rec["eval_sampled_queries"]) == (n, n)
         assert all(len(r["texts"]) == 1 for r in greedy) and all(len(r["texts"]) == 3 for r in sampled)
         for r in samples:  # the stored grades are right
             assert r["correct"] == [grade(x, test[r["query"]][0], "gsm8k") for x in r["texts"]]
@@ -156,16 +192,24 @@ def test_full_run_metrics_recomputed_from_sample_files(setup, full_run, prm_dir)
         cs = [r["correct"] for r in sampled]
         best = [max(range(3), key=lambda j: (r["prm"][j], -j)) for r in sampled]  # ties: earlier sample
         want = {
-            "greedy_acc": sum(r["correct"][0] for r in greedy) / len(test),
-            "pass_at_1": sum(sum(c) / 3 for c in cs) / len(test),
-            "pass_at_k": sum(any(c) for c in cs) / len(test),  # k = n = 3 samples
-            "frac_any_correct": sum(any(c) for c in cs) / len(test),
-            "reward_at_k": sum(r["correct"][j] for r, j in zip(sampled, best)) / len(test),
+            "greedy_acc": sum(r["correct"][0] for r in greedy) / n,
+            "pass_at_1": sum(sum(c) / 3 for c in cs) / n,
+            "pass_at_k": sum(any(c) for c in cs) / n,  # k = n = 3 samples
+            "frac_any_correct": sum(any(c) for c in cs) / n,
+            "reward_at_k": sum(r["correct"][j] for r, j in zip(sampled, best)) / n,
             "diversity_distinct_correct": sum(
                 len({" ".join(x.split()) for x, ok in zip(r["texts"], r["correct"]) if ok}) for r in sampled
             )
-            / len(test),
+            / n,
         }
+        both = [r for r in sampled if 0 < sum(r["correct"]) < 3]
+        if both:  # the PRM's AUC within a question: correct vs wrong samples of the same question
+            aucs = []
+            for r in both:
+                pos = [p for p, ok in zip(r["prm"], r["correct"]) if ok]
+                neg = [p for p, ok in zip(r["prm"], r["correct"]) if not ok]
+                aucs.append(sum((a > b) + 0.5 * (a == b) for a in pos for b in neg) / (len(pos) * len(neg)))
+            want["prm_within_auc"] = sum(aucs) / len(aucs)
         assert {k: rec[k] for k in want} == pytest.approx(want, abs=1e-12), t
         if t == 0:
             continue
@@ -176,8 +220,18 @@ def test_full_run_metrics_recomputed_from_sample_files(setup, full_run, prm_dir)
         groups = [[C(r["query"], x, ok, p) for x, ok, p in zip(r["texts"], r["correct"], r["prm"])] for r in cands]
         golds = [Candidate.gold(q, sol) for q, (_, sol) in enumerate(train)]
         search = json.loads((out / f"iter_{t:03d}" / "search.json").read_text())
-        assert (rec["temperature"], rec["threshold"]) == (search["temperature"], search["threshold"])
-        sel, _ = naive_select(groups, rec["threshold"], cap=search["cap"], golds=golds)
+        assert rec["temperature"] == search["temperature"]
+        # the threshold is re-searched on the full pool: the best balance over the grid, the cap grown until
+        # 9 x queries are selected (duplicates removed after the cap), the lowest threshold on ties
+        best = None
+        for thr in (-1.0, -0.5, 0.1, 0.5, 0.99):
+            sel, m = naive_select(groups, thr, target=9 * len(train), golds=golds)
+            present = [(len(g), sum(c.correct for c in g)) for g in sel if g]
+            bal = sum(min(c / 8, 1) * c / s for s, c in present) / len(present) if present else 0.0
+            if best is None or bal > best[0]:
+                best = (bal, thr, m)
+        assert (rec["threshold"], rec["cap"]) == best[1:] and rec["balance_score"] == pytest.approx(best[0])
+        sel, _ = naive_select(groups, rec["threshold"], cap=rec["cap"], golds=golds)
         size = sum(len(g) for g in sel)
         assert rec["selected_size"] == size > 0
         assert rec["selected_acc"] == pytest.approx(sum(c.correct for g in sel for c in g) / size)
@@ -185,20 +239,27 @@ def test_full_run_metrics_recomputed_from_sample_files(setup, full_run, prm_dir)
         assert json.loads((out / f"iter_{t:03d}" / "train.json").read_text())["examples"] == size
     # the run's grades are neither all right nor all wrong, so the comparisons above can fail
     assert seen_correct > 0 and seen_wrong > 0
-    # the stored PRM scores are engine.PRM's scores of the stored texts
-    prm = PRM(str(prm_dir), dtype="float32", device="cpu")
+    # the stored PRM values are engine.PRM's min step logits of the stored texts, -5 at most for a text
+    # without an answer step (the reference's value for a candidate whose answer cannot be scored)
+    prm = PRM(str(prm_dir), dtype="float32", device="cpu", scale="logit")
     qs = [json.loads(x)["question"] for x in Path(setup["train"]).read_text().splitlines()]
-    for r in _records(out / "iter_001" / "candidates.jsonl")[:3]:
+    broken = 0
+    for r in _records(out / "iter_001" / "candidates.jsonl"):
         got = [s.score for s in prm.score(qs[r["query"]], r["texts"])]
-        assert got == pytest.approx(r["prm"], abs=1e-5)
+        want = [g if re.search(r"####\s*\d", x) else min(g, -5.0) for g, x in zip(got, r["texts"])]
+        assert want == pytest.approx(r["prm"], abs=1e-4)
+        broken += sum(w <= -5.0 < g for w, g in zip(want, got))
+    assert broken > 0
 
 
 def test_search_reuses_samples_across_thresholds(setup, full_run):
     out, _ = full_run
     s = json.loads((out / "iter_001" / "search.json").read_text())
-    assert len(s["table"]) == 2 * 4  # every (temperature, threshold) pair evaluated from one sampling
+    assert len(s["table"]) == 2 * 5  # every (temperature, threshold) pair evaluated from one sampling
     best = max(s["table"], key=lambda r: r["balance_score"])
     assert best["balance_score"] == s["balance_score"]
+    pool = json.loads((out / "iter_001" / "selection.json").read_text())
+    assert [r["threshold"] for r in pool["table"]] == [-1.0, -0.5, 0.1, 0.5, 0.99]
 
 
 def test_resume_after_kill_equals_uninterrupted(setup, full_run, monkeypatch):
@@ -224,13 +285,30 @@ def test_resume_after_kill_equals_uninterrupted(setup, full_run, monkeypatch):
     assert (out / "iter_002" / "candidates.jsonl").read_text() == (
         out_full / "iter_002" / "candidates.jsonl"
     ).read_text()
+    # the model, the AdamW state and the LR schedule went on across the kill: one warmup + cosine over both
+    # iterations' steps (the run's config), and the same optimizer state as the uninterrupted run
+    cfg = _cfg(setup)
+    sft = SFTConfig(lr=cfg.lr, warmup_ratio=cfg.warmup_ratio, min_lr_ratio=cfg.min_lr_ratio, batch_examples=4)
+    total = cfg.train_steps * cfg.iterations
+    for d in (out, out_full):
+        rows = [m for t in (1, 2) for m in _records(d / f"iter_{t:03d}" / "train_metrics.jsonl")]
+        assert [m["global_step"] for m in rows] == list(range(1, total + 1))
+        assert [m["lr"] for m in rows] == pytest.approx([lr_at(s, total, sft) for s in range(total)], rel=1e-12)
+        state = json.loads((d / "policy" / "trainer_state" / "state.json").read_text())
+        assert (state["global_step"], state["schedule_steps"]) == (total, total)
+    oa = load_file(str(out / "policy" / "trainer_state" / "optimizer.safetensors"))
+    ob = load_file(str(out_full / "policy" / "trainer_state" / "optimizer.safetensors"))
+    assert oa.keys() == ob.keys() and all(torch.equal(oa[k], ob[k]) for k in oa)
+    assert {float(v) for k, v in oa.items() if k.endswith("/step")} == {float(total)}
 
 
 def test_online_rft_mode_uses_fixed_configuration(setup):
     out = setup["root"] / "rft"
     records = controller.run(_cfg(setup, mode="online-rft", iterations=1, temperature=0.8), str(out))
-    assert records[1]["temperature"] == 0.8 and records[1]["threshold"] == 0.5
+    assert records[1]["temperature"] == 0.8 and records[1]["threshold"] == 0.0
+    assert records[1]["search_gen_tokens"] == 0  # no search: its cost is the pool alone
     assert not (out / "iter_001" / "search.json").read_text().count('"table"')
+    assert not (out / "iter_001" / "selection.json").exists()
 
 
 def test_math_data_through_the_loop(setup, shared_data, tmp_path, monkeypatch):
@@ -254,18 +332,22 @@ def test_math_data_through_the_loop(setup, shared_data, tmp_path, monkeypatch):
     test = write(tmp_path / "math_test.jsonl", zip(questions[4:], golds["test"]))
     out = tmp_path / "math"
     cfg = _cfg(setup, mode="online-rft", train_data=train, eval_data=test, iterations=1, num_samples=4)
+    graded, real_grade_batch = [], controller.grade_batch
+
+    def grade_batch(responses, golds, task, **kw):
+        graded.append(task)
+        return real_grade_batch(responses, golds, task, **kw)
+
+    monkeypatch.setattr(controller, "grade_batch", grade_batch)
     records = controller.run(cfg, str(out))
     assert [r["iteration"] for r in records] == [0, 1]
-    gsm8k_would_accept = 0
-    for name, split in (("candidates.jsonl", "train"), ("eval_samples.jsonl", "test")):
-        for r in _records(out / "iter_001" / name):
+    for name, split in (("iter_001/candidates.jsonl", "train"), ("iter_001/eval_samples.jsonl", "test")):
+        for r in _records(out / name):
             gold = golds[split][r["query"]]
             assert r["correct"] == [grade(x, gold, "math") for x in r["texts"]]
-            gsm8k_would_accept += sum(grade(x, gold, "gsm8k") and not ok for x, ok in zip(r["texts"], r["correct"]))
-    # some texts end with the gold number: right by GSM8K rules, wrong by MATH's (no \\boxed{} / "answer is"),
-    # so the grades above show that the files' task reached the grader
-    assert gsm8k_would_accept > 0
-    # the gold solutions (graded correct: score 1 > the fixed threshold 0.5) are trained on, after the
+    # the files' task reached the grader: every grading call of the run was a MATH one
+    assert graded and set(graded) == {"math"}
+    # the gold solutions (graded correct: score 1 > the fixed threshold 0) are trained on, after the
     # MATH problem
     tok = load_tokenizer(setup["policy"])
     texts = [tok.decode(list(x.input_ids)) for x in trained[0]]

@@ -7,6 +7,7 @@ from fractions import Fraction
 import pytest
 
 from bstar.metrics import (
+    auc,
     distinct_correct,
     equation_diversity,
     extract_equations,
@@ -17,6 +18,8 @@ from bstar.metrics import (
     pass_at_k,
     reward_at_k,
     sample_metrics,
+    step_auc,
+    within_question_auc,
 )
 from engine.errors import RequestError
 
@@ -78,6 +81,23 @@ def test_equation_diversity():
     ]  # 1 of 2
     assert equation_diversity(texts) == pytest.approx((0.75 + 0.5) / 2)
     assert equation_diversity([["none"], []]) is None
+    # over correct responses only (the exploration of what is worth learning): q0 keeps its first response
+    assert equation_diversity(texts, [[1, 0], [1], [1, 1]]) == pytest.approx((1.0 + 0.5) / 2)
+    assert equation_diversity(texts, [[0, 0], [0], [0, 0]]) is None
+
+
+def test_auc_within_question_and_steps():
+    assert auc([3.0, 2.0], [1.0, 2.0]) == pytest.approx((1 + 1 + 1 + 0.5) / 4)  # ties count 1/2
+    assert auc([1.0], []) is None
+    # q0: the correct sample scores above both wrong ones (1); q1: below (0); q2 has no wrong sample
+    correct = [[1, 0, 0], [1, 0], [1, 1]]
+    prm = [[5.0, -1.0, 2.0], [-3.0, 0.0], [1.0, 2.0]]
+    assert within_question_auc(correct, prm) == (0.5, 2)
+    # pooled over questions this PRM would look fine: question difficulty is not what selection needs
+    assert step_auc([[0.5, -2.0], [3.0]], [[True, False], [True]]) == 1.0
+    assert step_auc([[0.5, -2.0]], [[False, True]]) == 0.0
+    with pytest.raises(RequestError):
+        step_auc([[0.5]], [[True, False]])
 
 
 def test_sample_metrics_keys():
@@ -88,6 +108,8 @@ def test_sample_metrics_keys():
             "pass_at_k": 0.5,
             "frac_any_correct": 0.5,
             "reward_at_k": 0.5,
+            "prm_within_auc": 1.0,
+            "prm_within_auc_questions": 1,
             "diversity_distinct_correct": 0.5,
             "diversity_equations": 1.0,
         }

@@ -23,21 +23,33 @@ def test_plots_and_report(tmp_path):
             "balance_score": 0.3 + 0.1 * i,
             "selected_size": 100 + 10 * i,
             "selected_acc": 0.9,
+            "gen_tokens_total": 1000 * i,
         }
         for i in range(1, 4)
     ]
     rft = [{"iteration": i, "greedy_acc": 0.25, "pass_at_k": float("nan"), "temperature": 1.0} for i in range(1, 4)]
     paths = plot_runs({"bstar": bstar, "online-rft": rft}, tmp_path / "figs")
-    assert {p.name for p in paths} == {"accuracy.png", "diversity.png", "config.png", "selection.png"}
+    assert {p.name for p in paths} == {
+        "exploration.png",
+        "exploitation.png",
+        "config.png",
+        "selection.png",
+        "cost.png",
+        "exploration_vs_tokens.png",
+        "exploitation_vs_tokens.png",
+    }
     for p in paths:
         data = p.read_bytes()
         assert data.startswith(PNG) and len(data) > 5000
     # only what has data is drawn
     only = plot_runs([{"iteration": 1, "greedy_acc": 0.1}, {"greedy_acc": 0.3}], tmp_path / "one")
-    assert [p.name for p in only] == ["accuracy.png"]
+    assert [p.name for p in only] == ["exploitation.png"]
     assert plot_runs([{"iteration": 1}], tmp_path / "none") == []
+    # several seeds per mode: drawn as their mean and one thin line each
+    seeds = plot_runs({"bstar": [bstar, bstar[:2]], "online-rft": [rft]}, tmp_path / "seeds")
+    assert {p.name for p in seeds} >= {"exploration.png", "exploitation_vs_tokens.png"}
 
-    res = search_config(hand_samples(), SearchConfig(thresholds=(0.0, 0.1, 1.12), n_star=2, target_size=None))
+    res = search_config(hand_samples(), SearchConfig(thresholds=(0.0, 0.1, 1.12), n_star=2, target_per_query=None))
     hp = plot_search_table(res.table, tmp_path / "search.png")
     assert hp.read_bytes().startswith(PNG)
 
@@ -50,5 +62,5 @@ def test_plots_and_report(tmp_path):
     assert "chosen temperature over iterations: 0.800, 0.900, 1.000" in text
     assert "chosen reward threshold: 0.500 throughout" in text
     assert "chosen temperature: 1.000 throughout" in text  # online-rft
-    assert "![accuracy](accuracy.png)" in text
+    assert "![exploitation](exploitation.png)" in text
     assert "nan" not in text.lower()

@@ -8,6 +8,7 @@ import torch
 from model_factory import make_model, make_qwen3_model
 
 from engine import PRM, RequestError
+from engine.prm import LOGIT_CLIP, to_logit
 
 QUESTION = (
     "Janet has 3 apples and buys 5 more. A train travels 60 miles per hour for 2 hours. How many apples does she have?"
@@ -94,6 +95,34 @@ def test_classifier_prm_matches_transformers(request, which):
         ref = torch.softmax(logits[pos], -1)[:, 1].tolist()
         assert max(abs(a - b) for a, b in zip(s.step_scores, ref)) < 1e-4
         assert abs(s.score - min(ref)) < 1e-4
+
+
+def test_logit_scale_is_the_good_minus_bad_logit(lm_prm_path, cls_prm_path):
+    """scale="logit": log p - log(1 - p), i.e. the difference of the good and bad logits (LM rows or classifier
+    classes), the aggregate is the minimum step logit, and extreme values are clipped."""
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
+
+    lm = PRM(lm_prm_path, dtype="float32", device="cpu", scale="logit")
+    hf = AutoModelForCausalLM.from_pretrained(lm_prm_path, dtype=torch.float32).eval()
+    good, bad = lm.tokenizer.single_token_id("+"), lm.tokenizer.single_token_id("-")
+    for (seq, pos), s in zip(_sequences(lm, QUESTION, CANDIDATES), lm.score(QUESTION, CANDIDATES)):
+        with torch.no_grad():
+            logits = hf(torch.tensor([seq])).logits[0].double()[pos]
+        ref = (logits[:, good] - logits[:, bad]).tolist()
+        assert max(abs(a - b) for a, b in zip(s.step_scores, ref)) < 1e-3
+        assert abs(s.score - min(ref)) < 1e-3
+    assert any(x < 0 for s in lm.score(QUESTION, CANDIDATES) for x in s.step_scores)  # not probabilities
+    cls = PRM(cls_prm_path, dtype="float32", device="cpu", scale="logit")
+    hfc = AutoModelForTokenClassification.from_pretrained(cls_prm_path, dtype=torch.float32).eval()
+    for (seq, pos), s in zip(_sequences(cls, QUESTION, CANDIDATES), cls.score(QUESTION, CANDIDATES)):
+        with torch.no_grad():
+            logits = hfc(torch.tensor([seq])).logits[0].double()[pos]
+        ref = (logits[:, 1] - logits[:, 0]).tolist()
+        assert max(abs(a - b) for a, b in zip(s.step_scores, ref)) < 1e-3
+    p = torch.tensor([1.0, 0.0, 0.5, torch.sigmoid(torch.tensor(3.0)).item(), 1e-30])
+    assert to_logit(p).tolist() == pytest.approx([LOGIT_CLIP, -LOGIT_CLIP, 0.0, 3.0, -LOGIT_CLIP], abs=1e-5)
+    with pytest.raises(RequestError, match="unknown PRM scale"):
+        PRM(lm_prm_path, device="cpu", scale="log")
 
 
 def test_qwen_math_prm_mlp_head(tmp_path):

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import bstar.rewards as rw
 from bstar.jsonl import read_jsonl
-from bstar.rewards import extract_answer, grade, grade_batch, gsm8k_gold
+from bstar.rewards import extract_answer, grade, grade_batch, gsm8k_gold, has_final_answer
 from engine.errors import DataError, RequestError
 
 
@@ -480,3 +480,16 @@ def test_concurrent_threads():
     with cf.ThreadPoolExecutor(4) as ex:
         got = list(ex.map(lambda rg: grade(*rg, "math"), zip(responses, golds)))
     assert got == [ok for _, _, ok in cases]
+
+
+def test_has_final_answer():
+    """An explicit answer step, what the PRM scores as the answer (without one a candidate gets the
+    reference's -5): '#### N' / 'The answer is' / \\boxed{} for GSM8K, \\boxed{} / 'The answer is' for MATH."""
+    assert has_final_answer("3 + 4 = 7\n#### 7", "gsm8k")
+    assert has_final_answer("so the answer is 7.", "gsm8k") and has_final_answer("\\boxed{7}", "gsm8k")
+    assert not has_final_answer("3 + 4 = 7", "gsm8k")  # grading would still read the last number
+    assert not has_final_answer("3 + 4 = 7\n#### seven", "gsm8k")
+    assert has_final_answer("so $\\boxed{\\frac{1}{2}}$", "math") and has_final_answer("The answer is $x$.", "math")
+    assert not has_final_answer("#### 7", "math") and not has_final_answer("x = 7", "math")
+    with pytest.raises(RequestError):
+        has_final_answer("x", "chess")

@@ -1,6 +1,4 @@
-"""`bstar-engine report`: redraw a run's plots and write report.md (both modes of a --compare run)."""
-
-import os
+"""`bstar-engine report`: redraw a run's plots and write report.md (all runs of a --compare directory)."""
 
 import click
 
@@ -11,10 +9,4 @@ def report_cmd(run_dir):
     """Redraw a run's plots and write report.md."""
     from bstar import report  # matplotlib: loaded when the command runs, not for --help
 
-    subs = {
-        m: os.path.join(run_dir, m)
-        for m in ("bstar", "online-rft")
-        if os.path.exists(os.path.join(run_dir, m, "iterations.jsonl"))
-    }
-    text = report.redraw(run_dir, runs=subs or None)
-    click.echo(text)
+    click.echo(report.redraw(run_dir))

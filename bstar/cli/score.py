@@ -16,9 +16,16 @@ from engine.errors import DataError
 @click.option("--bad-token", default="-", show_default=True)
 @click.option("--delimiter", default="\n", show_default=True, help="Step delimiter.")
 @click.option("--aggregate", type=click.Choice(["min", "last", "prod", "mean"]), default="min", show_default=True)
+@click.option(
+    "--scale",
+    type=click.Choice(["prob", "logit"]),
+    default="prob",
+    show_default=True,
+    help="P(good), or its logit log p - log(1 - p) (B-STaR's step reward).",
+)
 @click.option("--dtype", default="auto", show_default=True)
 @click.option("--device", default="auto", show_default=True)
-def score(prm_path, data, out, kind, step_tag, good_token, bad_token, delimiter, aggregate, dtype, device):
+def score(prm_path, data, out, kind, step_tag, good_token, bad_token, delimiter, aggregate, scale, dtype, device):
     """Score every candidate's steps with a process reward model."""
     from engine import PRM  # torch: loaded when the command runs, not for --help
 
@@ -37,6 +44,7 @@ def score(prm_path, data, out, kind, step_tag, good_token, bad_token, delimiter,
         bad_token=bad_token,
         step_delimiter=delimiter,
         aggregate=aggregate,
+        scale=scale,
         dtype=dtype,
         device=device,
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
 import sys
 import tempfile
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 
 from bstar.embedded.config import VERSION, EmbeddedConfig
 from bstar.embedded.policy import measure_greedy_accuracy, save_random_policy, warm_start
-from bstar.embedded.prm import PRM_QUESTION_TEMPLATE, label_steps, prm_accuracy, train_prm
+from bstar.embedded.prm import PRM_QUESTION_TEMPLATE, dump_rows, prm_data, prm_quality, train_prm
 from bstar.embedded.task import make_splits
 from bstar.embedded.tokenizer import BAD, GOOD, STEP_TAG, build_tokenizer, check_round_trip
 from bstar.tasks import DEFAULT_PROMPT, Example
@@ -76,7 +77,7 @@ def build_assets(
         raise BStarError(f"cannot create the embedded-model cache dir {root}: {e}") from None
     if not os.access(root, os.W_OK):
         raise BStarError(f"embedded-model cache dir {root} is not writable (set BSTAR_CACHE to another dir)")
-    _sweep_stale(root, dest.name)
+    _sweep_stale(root)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-{os.getpid()}-", dir=root))
     before = torch.get_num_threads()
     try:
@@ -112,9 +113,10 @@ def load_assets(path: str | os.PathLike) -> EmbeddedAssets:
     return EmbeddedAssets(path / "policy", path / "prm", train, test, manifest)
 
 
-def _sweep_stale(root: Path, name: str) -> None:
-    """Removes temp dirs of builds whose process is gone (killed mid-build)."""
-    for d in root.glob(f".{name}.tmp-*"):
+def _sweep_stale(root: Path) -> None:
+    """Removes temp dirs (.embedded-*.tmp-<pid>-*) of builds whose process is gone (killed mid-build), of
+    any config or version."""
+    for d in root.glob(".embedded-*.tmp-*"):
         try:
             pid = int(d.name.split(".tmp-", 1)[1].split("-", 1)[0])
             os.kill(pid, 0)
@@ -125,6 +127,29 @@ def _sweep_stale(root: Path, name: str) -> None:
 
 
 # -- the build ---------------------------------------------------------------------------------------
+
+
+def _machine() -> dict:
+    """Where the build ran: its measured quality (torch's CPU kernels differ between CPUs, so the weights and
+    the numbers can too) belongs to this machine."""
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def _f(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
 
 
 def _log(progress: bool, msg: str) -> None:
@@ -166,37 +191,24 @@ def _build(cfg: EmbeddedConfig, out: Path, progress: bool) -> None:
     _log(progress, f"policy: warm start done, greedy test accuracy {acc:.3f} ({times['policy']:.1f}s)")
 
     t = time.perf_counter()
-    fit, held, label_stats = label_steps(cfg, policy_dir, train[: cfg.prm_questions], progress)
+    rows, data_stats = prm_data(cfg, policy_dir, train[: cfg.prm_questions])
+    dump_rows(out / "prm_data.jsonl", rows)
     _log(
         progress,
-        f"prm labels: {label_stats['steps']} steps, {label_stats['good_rate']:.2f} '+', "
-        f"candidate accuracy {label_stats['candidate_accuracy']:.2f} ({time.perf_counter() - t:.1f}s)",
+        f"prm data: {data_stats['candidates']} solutions ({data_stats['policy_candidates']} sampled from the policy), "
+        f"{data_stats['steps']} steps, {data_stats['good_rate']:.2f} good ({time.perf_counter() - t:.1f}s)",
     )
-    with open(out / "prm_labels.jsonl", "w") as f:  # for inspection (and the tests)
-        for part, rows in (("fit", fit), ("held_out", held)):
-            for e, steps, labels in rows:
-                f.write(
-                    json.dumps(
-                        {
-                            "id": e.id,
-                            "split": part,
-                            "question": e.question,
-                            "gold": e.gold_answer,
-                            "steps": steps,
-                            "labels": labels,
-                        }
-                    )
-                    + "\n"
-                )
     prm_dir = out / "prm"
-    prm_loss = train_prm(cfg, policy_dir, tok, fit, prm_dir, progress)
-    prm_eval = prm_accuracy(prm_dir, held)
+    prm_loss = train_prm(cfg, policy_dir, tok, rows, prm_dir, progress)
+    quality = prm_quality(cfg, prm_dir, policy_dir, test[: cfg.prm_eval_questions])
     times["prm"] = time.perf_counter() - t
-    metrics.update(prm_labels=label_stats, prm_final_loss=prm_loss, **prm_eval)
+    metrics.update(prm_data=data_stats, prm_final_loss=prm_loss, **quality)
     _log(
         progress,
-        f"prm: held-out step accuracy {prm_eval['prm_step_accuracy']:.3f} vs majority "
-        f"{prm_eval['prm_majority_rate']:.3f} ({times['prm']:.1f}s)",
+        f"prm: on {quality['prm_eval_questions']} held-out questions x {quality['prm_eval_k']} policy samples, "
+        f"within-question AUC {_f(quality['prm_within_auc'])}, Reward@{quality['prm_eval_k']} "
+        f"{quality['prm_reward_at_k']:.3f} vs Pass@1 {quality['prm_pass_at_1']:.3f}, step AUC "
+        f"{_f(quality['prm_step_auc'])} ({times['prm']:.1f}s)",
     )
 
     times["total"] = time.perf_counter() - t_all
@@ -209,6 +221,7 @@ def _build(cfg: EmbeddedConfig, out: Path, progress: bool) -> None:
         "config": asdict(cfg),
         "metrics": metrics,
         "seconds": {k: round(v, 2) for k, v in times.items()},
+        "machine": _machine(),
         "versions": {
             "python": sys.version.split()[0],
             "torch": torch.__version__,

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from bstar.config import EMBEDDED_PRESETS
 from engine.errors import BStarError
 
-VERSION = "embedded-1"  # bump when the build procedure changes: old caches are then ignored
+VERSION = "embedded-2"  # bump when the build procedure changes: old caches are then ignored
 
 
 @dataclass
@@ -18,7 +18,7 @@ class EmbeddedConfig:
     seed: int = 0
     # data: the loop's train split, the held-out test split, and a disjoint warm-start seed set
     n_train: int = 512
-    n_test: int = 200
+    n_test: int = 1000
     n_seed: int = 2000
     vocab_size: int = 400  # BPE target; the task's word set is small, so training may stop below it
     # tiny Llama (GQA)
@@ -28,23 +28,24 @@ class EmbeddedConfig:
     num_heads: int = 4
     num_kv_heads: int = 2
     max_position_embeddings: int = 256
-    # warm start: ~1750 steps leave the policy weak but clearly non-zero on test (36.5% greedy).
-    # Sensitive: 10 epochs gave 7.5% and 12 gave 13%, but then only ~20% of the PRM's step labels
-    # are '+' and the PRM did not beat the majority class; a few hundred steps give ~1% (it has not
-    # yet learned to copy the question's numbers)
+    # warm start: 14 epochs of the seed set (1,750 steps) leave the policy weak but clearly non-zero: 0.172
+    # greedy on the 1,000 test problems in the build of 2026-11-27 (AMD EPYC). Each build measures its own
+    # (manifest.json, metrics.warm_test_accuracy): torch's CPU kernels differ between CPUs, so the weights can
+    # too. A longer warm start reached 0.33 in one experiment, at several times the build's cost
     warm_epochs: int = 14
     warm_lr: float = 3e-3
     warm_batch: int = 16
     max_new_tokens: int = 80  # solutions are at most ~50 tokens
-    # PRM labels (Math-Shepherd hard estimation) and training
-    prm_questions: int = 256  # train questions whose warm-policy candidates get labelled
-    prm_candidates: int = 4  # sampled candidates per question
-    prm_rollouts: int = 8  # completions sampled from each step prefix
-    prm_temperature: float = 0.8
-    prm_holdout: float = 0.25  # fraction of those questions held out for PRM accuracy
-    prm_epochs: int = 6
-    prm_lr: float = 2e-3
+    # PRM: the warm policy fine-tuned on true step labels (bstar.embedded.prm)
+    prm_questions: int = 512  # train questions whose solutions it learns from
+    prm_samples: int = 4  # warm-policy samples per question, at each of temperatures 0.8 and 1.2
+    prm_valid: int = 2  # valid solutions in random styles per question
+    prm_wrong: int = 6  # synthetic wrong solutions per question (task.wrong_solution)
+    prm_steps: int = 1500  # optimizer steps
+    prm_lr: float = 1e-3
     prm_batch: int = 32
+    prm_eval_questions: int = 300  # test questions its quality is measured on (never trained on)
+    prm_eval_k: int = 8  # policy samples per question for that measurement
 
     @classmethod
     def preset(cls, name: str) -> EmbeddedConfig:
@@ -71,10 +72,13 @@ class EmbeddedConfig:
             warm_batch=16,
             max_new_tokens=40,
             prm_questions=8,
-            prm_candidates=2,
-            prm_rollouts=2,
-            prm_epochs=1,
+            prm_samples=1,
+            prm_valid=1,
+            prm_wrong=2,
+            prm_steps=4,
             prm_batch=16,
+            prm_eval_questions=8,
+            prm_eval_k=2,
         )
 
     def __post_init__(self):
@@ -94,10 +98,11 @@ class EmbeddedConfig:
             "warm_batch",
             "max_new_tokens",
             "prm_questions",
-            "prm_candidates",
-            "prm_rollouts",
-            "prm_epochs",
+            "prm_samples",
+            "prm_steps",
             "prm_batch",
+            "prm_eval_questions",
+            "prm_eval_k",
         ):
             if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
                 bad(f, "must be an integer >= 1")
@@ -105,9 +110,12 @@ class EmbeddedConfig:
             bad("num_heads", "hidden_size must divide by num_heads and num_heads by num_kv_heads")
         if self.prm_questions > self.n_train:
             bad("prm_questions", f"must be <= n_train ({self.n_train})")
-        if not 0 < self.prm_holdout < 1:
-            bad("prm_holdout", "must be in (0, 1)")
-        for f in ("warm_lr", "prm_lr", "prm_temperature"):
+        if self.prm_eval_questions > self.n_test:
+            bad("prm_eval_questions", f"must be <= n_test ({self.n_test})")
+        for f in ("prm_valid", "prm_wrong"):
+            if not isinstance(getattr(self, f), int) or getattr(self, f) < 0:
+                bad(f, "must be an integer >= 0")
+        for f in ("warm_lr", "prm_lr"):
             if not getattr(self, f) > 0:
                 bad(f, "must be > 0")
         if self.vocab_size < 300:

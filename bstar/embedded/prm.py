@@ -1,89 +1,45 @@
-"""The built-in task's PRM: Math-Shepherd hard-estimation step labels from the warm policy's own rollouts,
-a PRM fine-tuned from the warm policy to predict them, and its held-out step accuracy through engine.PRM."""
+"""The built-in task's PRM: the warm policy fine-tuned to predict the task's true step labels
+(bstar.embedded.task.step_labels) at engine.PRM's step tags, and its quality measured the way selection
+uses it.
+
+Why not Math-Shepherd labels (the previous version): labels from 8 rollouts of a weak policy mark a good
+step bad whenever the policy cannot finish from it, so they mostly encode how hard the question is for
+the policy, not whether the step is right; the PRM learnt question difficulty (pooled AUC 0.72, within a
+question 0.42, every candidate of a question scored about the same). True labels depend only on the step.
+
+Training data, per question of the train split: the warm policy's own samples at two temperatures (the
+distribution the loop scores), valid solutions in random styles, and plausible wrong ones
+(task.wrong_solution: a misread problem, an arithmetic slip carried on, a wrong answer line, stopping
+early), all labelled by task.step_labels. Loss: binary cross entropy on the good-minus-bad logit at each
+step tag (the reference trains its PRM with BCE-with-logits), which is exactly the value engine.PRM reads
+(scale="logit"; softmax over the two rows for scale="prob").
+"""
 
 from __future__ import annotations
 
+import json
+import math
 import random
+import shutil
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM
 
+from bstar.embedded import task as T
 from bstar.embedded.config import EmbeddedConfig
-from bstar.embedded.policy import engine_llm, sft_config
-from bstar.embedded.tokenizer import BAD, GOOD, STEP_TAG
+from bstar.embedded.policy import engine_llm
+from bstar.embedded.tokenizer import BAD, GOOD, PAD, STEP_TAG
+from bstar.metrics import reward_at_k, step_auc, within_question_auc
 from bstar.rewards import grade
 from bstar.tasks import Example, format_prompt
-from bstar.train import SFTExample, SFTTrainer
 from engine import PRM, SamplingParams
 from engine.errors import BStarError
-from engine.prm import split_steps, tagged_step_ids
+from engine.prm import tagged_step_ids
 
 PRM_QUESTION_TEMPLATE = "{question} "  # engine.PRM's default question_template
-
-
-def label_steps(cfg: EmbeddedConfig, policy: Path, questions: list[Example], progress: bool):
-    """Math-Shepherd hard labels for warm-policy candidates of `questions`.
-
-    Returns (fit, held_out, stats); fit / held_out: lists of (example, steps, labels) split by
-    question. A step is good (True) when a rollout from the prefix ending with it reaches the gold
-    answer; the candidate's own continuation counts as one rollout, and the last step's label is the
-    candidate's own correctness (nothing follows it)."""
-    llm = engine_llm(policy, cfg)
-    sample = SamplingParams(
-        n=cfg.prm_candidates, temperature=cfg.prm_temperature, max_tokens=cfg.max_new_tokens, seed=cfg.seed
-    )
-    outs = llm.generate([format_prompt(e) for e in questions], sample, use_tqdm=progress)
-    cands = []  # (question index, steps, candidate correct)
-    for qi, (o, e) in enumerate(zip(outs, questions)):
-        for c in o.outputs:
-            if c.text.strip():
-                cands.append((qi, split_steps(c.text), grade(c.text, e.gold_answer, e.task)))
-    # rollouts from every proper prefix of every wrong candidate (a right one's prefixes are good)
-    jobs = [(k, i) for k, (qi, steps, ok) in enumerate(cands) if not ok for i in range(1, len(steps))]
-    roll = SamplingParams(
-        n=cfg.prm_rollouts, temperature=cfg.prm_temperature, max_tokens=cfg.max_new_tokens, seed=cfg.seed + 1
-    )
-    reached: dict[tuple[int, int], bool] = {}
-    chunk = 256  # prompts per generate call: one bar over all of them
-    bar = tqdm(total=len(jobs), desc="prm rollouts", disable=not progress)
-    for s in range(0, len(jobs), chunk):
-        part = jobs[s : s + chunk]
-        prompts = [format_prompt(questions[cands[k][0]]) + "\n".join(cands[k][1][:i]) + "\n" for k, i in part]
-        for (k, i), o in zip(part, llm.generate(prompts, roll, use_tqdm=False)):
-            e = questions[cands[k][0]]
-            reached[(k, i)] = any(grade(c.text, e.gold_answer, e.task) for c in o.outputs)
-        bar.update(len(part))
-    bar.close()
-    del llm
-    labelled = [
-        (qi, steps, hard_labels(len(steps), ok, [reached.get((k, i), False) for i in range(1, len(steps))]))
-        for k, (qi, steps, ok) in enumerate(cands)
-    ]
-    order = list(range(len(questions)))
-    random.Random(cfg.seed).shuffle(order)
-    held_q = set(order[: max(1, round(cfg.prm_holdout * len(questions)))])
-    fit = [(questions[qi], st, lb) for qi, st, lb in labelled if qi not in held_q]
-    held = [(questions[qi], st, lb) for qi, st, lb in labelled if qi in held_q]
-    all_labels = [x for _, _, lb in labelled for x in lb]
-    stats = {
-        "candidates": len(cands),
-        "steps": len(all_labels),
-        "good_rate": sum(all_labels) / max(1, len(all_labels)),
-        "candidate_accuracy": sum(ok for _, _, ok in cands) / max(1, len(cands)),
-        "rollout_prompts": len(jobs),
-        "fit_steps": sum(len(lb) for _, _, lb in fit),
-        "held_out_steps": sum(len(lb) for _, _, lb in held),
-    }
-    return fit, held, stats
-
-
-def hard_labels(n_steps: int, candidate_ok: bool, prefix_reached: list[bool]) -> list[bool]:
-    """Math-Shepherd hard estimation: step i (of n) is good when a rollout from the prefix ending at
-    it reached the gold answer (prefix_reached[i], for the n - 1 proper prefixes) or the candidate
-    itself, which continues every prefix, is correct; the last step is good iff the candidate is."""
-    if len(prefix_reached) != n_steps - 1:
-        raise BStarError(f"{n_steps} steps need {n_steps - 1} prefix results, got {len(prefix_reached)}")
-    return [candidate_ok or r for r in prefix_reached] + [candidate_ok]
 
 
 def prm_inputs(tok, question: str, steps: list[str]) -> tuple[list[int], list[int]]:
@@ -94,41 +50,141 @@ def prm_inputs(tok, question: str, steps: list[str]) -> tuple[list[int], list[in
     return q + ids, [len(q) + t for t in tags]
 
 
-def prm_examples(tok, labelled) -> list:
-    """One SFTExample per step: the PRM input up to and including the step's tag, then the label."""
-    good, bad = tok.token_to_id(GOOD), tok.token_to_id(BAD)
-    out = []
-    for e, steps, labels in labelled:
-        ids, tags = prm_inputs(tok, e.question, steps)
-        for t, lab in zip(tags, labels):
-            out.append(SFTExample(tuple(ids[: t + 1] + [good if lab else bad]), t + 1, len(out) + 1))
-    return out
+def policy_samples(cfg: EmbeddedConfig, policy: Path, questions: list[Example], n: int, temperatures, seed: int):
+    """The policy's samples: per question, n texts at each temperature."""
+    llm = engine_llm(policy, cfg)
+    texts = [[] for _ in questions]
+    for k, temp in enumerate(temperatures):
+        params = SamplingParams(n=n, temperature=temp, max_tokens=cfg.max_new_tokens, seed=seed + k)
+        for i, o in enumerate(llm.generate([format_prompt(e) for e in questions], params, use_tqdm=False)):
+            texts[i] += [c.text for c in o.outputs]
+    return texts
 
 
-def train_prm(cfg: EmbeddedConfig, policy: Path, tok, labelled, out: Path, progress: bool) -> float:
-    """Fine-tunes the warm policy into the PRM on the labelled steps; returns the last loss."""
-    data = prm_examples(tok, labelled)
-    if not data:
-        raise BStarError("embedded PRM: no labelled steps to train on (the warm policy produced no steps)")
-    trainer = SFTTrainer(policy, sft_config(cfg, cfg.prm_lr, cfg.prm_epochs, cfg.prm_batch, progress))
-    res = trainer.train(data)
-    trainer.save(out, trainer_state=False)
-    return res.losses[-1]
-
-
-def prm_accuracy(prm: Path, held) -> dict:
-    """Step-label accuracy of engine.PRM (P(good) > 0.5) on held-out labelled candidates."""
-    model = PRM(str(prm), device="cpu")
-    labels, preds = [], []
-    for e, steps, lab in held:
-        s = model.score(e.question, ["\n".join(steps)])[0]
-        labels += lab
-        preds += [p > 0.5 for p in s.step_scores]
-    n = max(1, len(labels))
-    good = sum(labels) / n
-    return {
-        "prm_step_accuracy": sum(p == y for p, y in zip(preds, labels)) / n,
-        "prm_majority_rate": max(good, 1 - good),
-        "prm_held_out_good_rate": good,
-        "prm_held_out_steps": len(labels),
+def prm_data(cfg: EmbeddedConfig, policy: Path, questions: list[Example]) -> tuple[list, dict]:
+    """(rows, stats): rows = (question, steps, labels), the warm policy's samples and synthetic solutions of
+    `questions`, labelled with the true step labels."""
+    rng = random.Random(f"bstar-prm-data-{cfg.seed}")
+    sampled = policy_samples(cfg, policy, questions, cfg.prm_samples, (0.8, 1.2), cfg.seed + 101)
+    rows, n_policy = [], 0
+    for e, texts in zip(questions, sampled):
+        p = T.parse_question(e.question)
+        synthetic = [T.render_text(p, rng.choice(T.STYLES)) for _ in range(cfg.prm_valid)]
+        synthetic += [T.wrong_solution(p, rng) for _ in range(cfg.prm_wrong)]
+        for text in [t for t in texts if t.strip()] + synthetic:
+            steps = T.solution_lines(text)
+            rows.append((e.question, steps, T.label_lines(p, steps)))
+        n_policy += sum(1 for t in texts if t.strip())
+    labels = [x for _, _, lb in rows for x in lb]
+    stats = {
+        "candidates": len(rows),
+        "policy_candidates": n_policy,
+        "steps": len(labels),
+        "good_rate": sum(labels) / max(1, len(labels)),
     }
+    return rows, stats
+
+
+def _batches(encoded, batch: int, steps: int, seed: int):
+    rng = random.Random(seed)
+    order: list[int] = []
+    for _ in range(steps):
+        if len(order) < batch:
+            more = list(range(len(encoded)))
+            rng.shuffle(more)
+            order += more
+        yield [encoded[i] for i in order[:batch]]
+        order = order[batch:]
+
+
+def train_prm(cfg: EmbeddedConfig, policy: Path, tok, rows, out: Path, progress: bool) -> float:
+    """Fine-tunes the warm policy into the PRM: BCE on the good-minus-bad logit at every step tag. Saves an
+    HF directory (weights, config, the policy's tokenizer); returns the mean loss of the last 50 steps."""
+    if not rows:
+        raise BStarError("embedded PRM: no labelled steps to train on")
+    good, bad = tok.token_to_id(GOOD), tok.token_to_id(BAD)
+    encoded = []
+    for q, steps, labels in rows:
+        ids, tags = prm_inputs(tok, q, steps)
+        if len(ids) <= cfg.max_position_embeddings:
+            encoded.append((ids, tags, labels))
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32, attn_implementation="sdpa")
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.prm_lr, betas=(0.9, 0.98), weight_decay=0.0)
+    warm = max(1, cfg.prm_steps // 20)
+    losses = []
+    bar = tqdm(total=cfg.prm_steps, desc="prm", disable=not progress)
+    for step, batch in enumerate(_batches(encoded, cfg.prm_batch, cfg.prm_steps, cfg.seed)):
+        lr = cfg.prm_lr * min((step + 1) / warm, 0.5 * (1 + math.cos(math.pi * step / cfg.prm_steps)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        width = max(len(ids) for ids, _, _ in batch)
+        x = torch.full((len(batch), width), PAD, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        rows_i, cols, y = [], [], []
+        for i, (ids, tags, labels) in enumerate(batch):
+            x[i, : len(ids)] = torch.tensor(ids)
+            mask[i, : len(ids)] = 1
+            rows_i += [i] * len(tags)
+            cols += tags
+            y += [float(v) for v in labels]
+        h = model.model(input_ids=x, attention_mask=mask).last_hidden_state[rows_i, cols]  # [S, H]
+        w = model.lm_head.weight[[good, bad]]
+        z = h @ (w[0] - w[1])  # the good-minus-bad logit: engine.PRM's logit-scale step score
+        loss = F.binary_cross_entropy_with_logits(z, torch.tensor(y))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+        bar.update(1)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.3f}")
+    bar.close()
+    model.config.use_cache = True
+    model.save_pretrained(out, safe_serialization=True)
+    for f in Path(policy).iterdir():
+        if f.name.startswith("tokenizer") or f.name == "generation_config.json":
+            shutil.copy2(f, out / f.name)
+    return sum(losses[-50:]) / len(losses[-50:])
+
+
+def prm_quality(cfg: EmbeddedConfig, prm: Path, policy: Path, questions: list[Example]) -> dict:
+    """The PRM judged as selection uses it, on `questions` (held out from its training): K samples of the
+    policy per question; within-question AUC of the min-step logit (correct vs wrong answers of the same
+    question), Reward@K (the PRM's pick) against Pass@1 (a random pick), step AUC and accuracy against the
+    true step labels."""
+    k = cfg.prm_eval_k
+    texts = policy_samples(cfg, policy, questions, k, (1.0,), cfg.seed + 202)
+    model = PRM(str(prm), device="cpu", scale="logit")
+    scored = model.score_batch([e.question for e in questions], texts)
+    correct = [[grade(t, e.gold_answer, e.task) for t in ts] for e, ts in zip(questions, texts)]
+    prm = [[s.score for s in ss] for ss in scored]
+    labels = [[T.step_labels(e.question, t) for t in ts] for e, ts in zip(questions, texts)]
+    steps = [s.step_scores for ss in scored for s in ss]
+    flat_labels = [lb for q in labels for lb in q]
+    within, n_q = within_question_auc(correct, prm)
+    right = sum(v > 0 and lb for ss, lbs in zip(steps, flat_labels) for v, lb in zip(ss, lbs))
+    right += sum(v <= 0 and not lb for ss, lbs in zip(steps, flat_labels) for v, lb in zip(ss, lbs))
+    n_steps = sum(len(lb) for lb in flat_labels)
+    good = sum(sum(lb) for lb in flat_labels) / max(1, n_steps)
+    return {
+        "prm_eval_questions": len(questions),
+        "prm_eval_k": k,
+        "prm_within_auc": within,
+        "prm_within_auc_questions": n_q,
+        "prm_reward_at_k": reward_at_k(correct, prm, k),
+        "prm_pass_at_1": sum(sum(c) / len(c) for c in correct) / len(correct),
+        "prm_step_auc": step_auc(steps, flat_labels),
+        "prm_step_accuracy": right / max(1, n_steps),
+        "prm_majority_rate": max(good, 1 - good),
+        "prm_eval_steps": n_steps,
+    }
+
+
+def dump_rows(path: Path, rows) -> None:
+    """The PRM's training rows as JSONL (for inspection and the tests)."""
+    with open(path, "w") as f:
+        for q, steps, labels in rows:
+            f.write(json.dumps({"question": q, "steps": steps, "labels": labels}) + "\n")
