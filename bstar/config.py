@@ -11,6 +11,7 @@ from bstar.tasks import DEFAULT_PROMPT, check_template
 from engine.errors import BStarError
 
 MODES = ("bstar", "online-rft", "rest-em", "star")
+SLEEP_ENGINES = ("auto", "on", "off")
 EMBEDDED_PRESETS = ("default", "tiny")  # sizes of the built-in task: bstar.embedded.EmbeddedConfig.preset
 
 
@@ -73,10 +74,14 @@ class RunConfig:
     warmup_ratio: float = 0.022  # of the whole schedule (the reference: 0.2 epoch of its 9-epoch horizon)
     max_seq_len: int = 2048
     restart_from_base: bool | None = None  # default: True for rest-em and star (then a schedule per iteration)
-    # engine
+    # engine and device memory (bstar.memory): on CUDA the run's memory plan sizes both engines' KV caches
+    # within gpu_memory_utilization of the device and refuses, before loading anything, a phase that cannot fit
     dtype: str = "auto"
     device: str = "auto"
-    num_kv_blocks: int | None = None
+    num_kv_blocks: int | None = None  # a fixed KV budget per engine (overrides the plan's)
+    gpu_memory_utilization: float = 0.9  # the share of the device the whole run may use (policy, PRM, trainer)
+    sleep_engines: str = "auto"  # policy and PRM asleep while the trainer runs: "auto" (on CUDA), "on", "off"
+    offload_optimizer: bool = False  # AdamW state and master weights in host memory (FSDP2 CPUOffloadPolicy)
     progress: bool = True
     # the built-in task (model None): "default", or "tiny" (builds in seconds; a smoke test, the models
     # learn little)
@@ -96,6 +101,10 @@ class RunConfig:
         for name in ("max_train_queries", "max_eval_queries", "eval_sample_queries", "mid_eval_queries"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise BStarError(f"{name} must be >= 1 or unset, got {getattr(self, name)}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise BStarError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.sleep_engines not in SLEEP_ENGINES:
+            raise BStarError(f"sleep_engines must be one of {', '.join(SLEEP_ENGINES)}, got {self.sleep_engines!r}")
         if self.prm_scale not in PRM_SCALES:
             raise BStarError(f"unknown PRM scale {self.prm_scale!r}; choose one of {', '.join(PRM_SCALES)}")
         if not self.temperatures or not self.thresholds:

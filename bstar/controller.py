@@ -24,6 +24,7 @@ iteration saved. Under torchrun every rank generates for its shard of the querie
 training is FSDP2 across ranks; every rank's engine receives the new weights.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -39,6 +40,7 @@ from bstar import dist_utils
 from bstar.balance import mean_balance_score
 from bstar.config import RunConfig
 from bstar.jsonl import read_jsonl, write_jsonl
+from bstar.memory import run_memory_plan, train_phase
 from bstar.metrics import greedy_accuracy, sample_metrics, step_auc, within_question_auc
 from bstar.report import redraw
 from bstar.rewards import grade_batch, has_final_answer
@@ -48,8 +50,11 @@ from bstar.tasks import Example, format_prompt, load_task_examples
 from bstar.train import SFTConfig, SFTExample, SFTTrainer
 from bstar.train.checkpoint import STATE_DIR
 from engine import LLM, PRM, SamplingParams
+from engine.config import EngineConfig
 from engine.errors import BStarError, DataError
+from engine.llm_engine import resolve_device
 from engine.loader import iter_weights
+from engine.memory_plan import DeviceMemory, MemoryPlan
 
 _SEED_MASK = (1 << 62) - 1
 REFERENCE_BETAS = (0.9, 0.999)  # the reference's AdamW (train_sft_step.py arguments)
@@ -98,16 +103,52 @@ class Controller:
         self.base, self.policy_dir = base, self.out / "policy"
         self.rank, self.world = dist_utils.world()
         self.train, self.test, self.labels = train, test, labels
-        self.llm = LLM(policy, dtype=cfg.dtype, device=cfg.device, seed=cfg.seed, num_kv_blocks=cfg.num_kv_blocks)
+        device = resolve_device(cfg.device)
+        self.sleep = cfg.sleep_engines == "on" or (cfg.sleep_engines == "auto" and device.type == "cuda")
+        # before anything loads: the plan sizes both KV caches, or refuses (MemoryPlanError, one line)
+        self.plan = self._memory_plan(device, policy, prm)
+        kv = {}
+        if self.plan is not None:
+            if self.rank == 0 and cfg.progress:
+                print(self.plan.table(), flush=True)
+            kv = {name: self.plan.kv_cache_memory_bytes(name) for name in self.plan.engines}
+        engine_kw = dict(dtype=cfg.dtype, device=cfg.device, num_kv_blocks=cfg.num_kv_blocks)
+        self.llm = LLM(policy, seed=cfg.seed, kv_cache_memory_bytes=kv.get("policy"), **engine_kw)
         self.tok = self.llm.get_tokenizer()
         if self.tok is None:
             raise BStarError(f"the policy {policy} has no tokenizer.json; B-STaR needs text")
         self.eos = sorted(self.llm.engine.eos_ids)
         self.prm = None
         if prm:
-            self.prm = PRM(prm, dtype=cfg.dtype, device=cfg.device, aggregate=cfg.prm_aggregate, scale=cfg.prm_scale)
+            self.prm = PRM(
+                prm,
+                aggregate=cfg.prm_aggregate,
+                scale=cfg.prm_scale,
+                kv_cache_memory_bytes=kv.get("prm"),
+                **engine_kw,
+            )
         self.subset = choose_subset(len(train), cfg.search_subset, cfg.seed)
         self._gen_tokens = 0
+
+    def _memory_plan(self, device, policy: str, prm: str | None) -> MemoryPlan | None:
+        """The run's memory plan on a CUDA device (None elsewhere): policy and PRM engines with their
+        defaults, the trainer as _sft_config builds it, engines asleep while training if self.sleep."""
+        mem = device_memory(device)
+        if mem is None:
+            return None
+        e = EngineConfig()
+        return run_memory_plan(
+            policy,
+            prm,
+            device=mem,
+            sft=self._sft_config(1),
+            dtype=self.cfg.dtype,
+            max_num_seqs=e.max_num_seqs,
+            max_num_batched_tokens=e.max_num_batched_tokens,
+            sleep=self.sleep,
+            world_size=self.world,
+            gpu_memory_utilization=self.cfg.gpu_memory_utilization,
+        )
 
     # -- generation, grading, PRM -------------------------------------------------------------
     def _sample(self, examples: list[Example], idx: list[int], n: int, temperature: float, tag: str) -> list[dict]:
@@ -335,6 +376,7 @@ class Controller:
             progress=cfg.progress,
             metrics_path=str(self._phase_file(t, "train_metrics.jsonl")) if self.rank == 0 else None,
             device=None if cfg.device == "auto" else cfg.device,
+            offload_optimizer=cfg.offload_optimizer,
         )
 
     def train_policy(self, t: int, examples: list) -> dict:
@@ -353,20 +395,26 @@ class Controller:
         if metrics.exists() and self.rank == 0:
             metrics.unlink()  # a killed earlier attempt of this phase
         if examples:
-            trainer = SFTTrainer(start, self._sft_config(t))
-            result = trainer.train(examples, continue_from=start if carry else None)
-            tokens = sum(m["tokens"] for m in result.metrics)
-            info.update(
-                steps=len(result.losses),
-                global_step=trainer.step_offset + trainer.step,
-                final_loss=result.losses[-1] if result.losses else None,
-                train_tokens=tokens,
-                lr_last=result.metrics[-1]["lr"] if result.metrics else None,
-                tokens_per_s=tokens / max(time.perf_counter() - t0, 1e-9),
-            )
-            self.llm.load_weights(trainer.named_weights())  # in process: no disk round trip
-            trainer.save(self.policy_dir, trainer_state=True)  # weights, AdamW state, schedule step
-            del trainer
+            # engines asleep (weights in host memory, KV freed) while the trainer holds the device; the
+            # trainer is freed before they wake (bstar.memory.train_phase)
+            with self._train_phase() as phase:
+                trainer = SFTTrainer(start, self._sft_config(t))
+                result = trainer.train(examples, continue_from=start if carry else None)
+                tokens = sum(m["tokens"] for m in result.metrics)
+                info.update(
+                    steps=len(result.losses),
+                    global_step=trainer.step_offset + trainer.step,
+                    final_loss=result.losses[-1] if result.losses else None,
+                    train_tokens=tokens,
+                    lr_last=result.metrics[-1]["lr"] if result.metrics else None,
+                    tokens_per_s=tokens / max(time.perf_counter() - t0, 1e-9),
+                )
+                trainer.save(self.policy_dir, trainer_state=True)  # weights, AdamW state, schedule step
+                if phase is not None:  # in process: no disk round trip
+                    phase.hand_off("policy", trainer.named_weights())
+                else:
+                    self.llm.load_weights(trainer.named_weights())
+                del trainer
         else:  # nothing selected: the policy (and its optimizer state) stays as it is
             if start != str(self.policy_dir):
                 if self.rank == 0:
@@ -383,6 +431,12 @@ class Controller:
             _atomic_json(marker, {"iteration": t})
         dist_utils.barrier()
         return info
+
+    def _train_phase(self):
+        if not self.sleep:
+            return contextlib.nullcontext()
+        engines = {"policy": self.llm} if self.prm is None else {"policy": self.llm, "prm": self.prm}
+        return train_phase(engines)
 
     def _truth(self, examples: list[Example], recs: list[dict], prefix: str) -> dict:
         """Metrics that need true step labels (the built-in task): the PRM's step AUC against them, the
@@ -603,3 +657,8 @@ def run(cfg: RunConfig | None, out: str, resume: bool = False) -> list[dict]:
     start = str(policy_dir) if (policy_dir / "config.json").exists() else policy_base
     ctl = Controller(cfg, out, start, policy_base, prm, train, test, labels)
     return ctl.run()
+
+
+def device_memory(device: torch.device) -> DeviceMemory | None:
+    """What the memory plan plans on: a CUDA device's memory now, None for the CPU (no plan there)."""
+    return DeviceMemory.of(device) if device.type == "cuda" else None

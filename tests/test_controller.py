@@ -20,8 +20,10 @@ from bstar.cli import main
 from bstar.config import RunConfig
 from bstar.rewards import grade
 from bstar.selection import Candidate
+from bstar.train import SFTTrainer
 from bstar.train.config import SFTConfig, lr_at
 from engine import LLM, PRM
+from engine.errors import MemoryPlanError
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.tokenizer import load_tokenizer
 
@@ -424,29 +426,29 @@ def test_report_command(full_run):
     assert r.exit_code == 0 and (out / "report.md").exists() and "greedy" in r.output
 
 
-def test_two_ranks_match_one_process(setup, full_run, tmp_path, free_port):
-    """torchrun --nproc_per_node=2 (gloo): sharded generation, FSDP2 training, weights to both engines; the
-    same run as full_run in one process, compared iteration by iteration."""
+@pytest.mark.parametrize("layout", ["one node", "two nodes"])
+def test_two_ranks_match_one_process(setup, full_run, tmp_path, free_port, layout):
+    """Two ranks under torchrun (gloo), on one node (--nproc_per_node=2) or as two simulated nodes (--nnodes 2,
+    one process each, c10d rendezvous on 127.0.0.1, as the README's multi-node command): sharded generation,
+    FSDP2 training, weights to both engines; the same run as full_run in one process, iteration by iteration."""
     out = tmp_path / "two"
     out.mkdir()
     (out / "config.json").write_text(json.dumps(_cfg(setup).__dict__))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={free_port}",
-        "-m",
-        "bstar.cli",
-        "run",
-        "--resume",
-        str(out),
+    run = ["-m", "bstar.cli", "run", "--resume", str(out)]
+    launch = [sys.executable, "-m", "torch.distributed.run"]
+    if layout == "one node":
+        cmds = [launch + ["--nproc_per_node=2", f"--master_port={free_port}"] + run]
+    else:
+        rdzv = ["--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port}"]
+        cmds = [launch + rdzv + ["--rdzv-id=bstar-loop", f"--node-rank={n}"] + run for n in (0, 1)]
+    repo = Path(__file__).resolve().parents[1]
+    procs = [
+        subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=repo) for c in cmds
     ]
-    p = subprocess.run(
-        cmd, env=env, capture_output=True, text=True, timeout=400, cwd=Path(__file__).resolve().parents[1]
-    )
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    for p in procs:
+        o, e = p.communicate(timeout=400)
+        assert p.returncode == 0, o[-2000:] + e[-3000:]
     one_dir, one = full_run
     two = _records(out / "iterations.jsonl")
     assert [r["iteration"] for r in two] == [0, 1, 2]
@@ -553,3 +555,71 @@ def test_star_trains_a_hinted_rationale_with_the_unhinted_prompt(setup, monkeypa
     tok = load_tokenizer(setup["policy"])
     for x in examples:  # nothing is trained with a hint in its prompt
         assert "Hint" not in tok.decode(list(x.input_ids[: x.prompt_len]))
+
+
+def test_engines_asleep_while_training_give_the_same_run(setup, full_run, monkeypatch):
+    """sleep_engines="on" (the CUDA default) on CPU: policy and PRM are asleep (storage released) whenever the
+    trainer runs, the new weights reach the policy by hand-off, and the run equals the one without sleep."""
+    out_full, records = full_run
+    seen = []
+    real_train = SFTTrainer.train
+
+    def spy(self, *a, **kw):
+        ctl = spy.ctl
+        seen.append(
+            (
+                ctl.llm.is_sleeping(),
+                ctl.prm.is_sleeping(),
+                ctl.llm.engine.runner.kv.untyped_storage().nbytes(),
+                ctl.prm.engine.runner.kv.untyped_storage().nbytes(),
+            )
+        )
+        return real_train(self, *a, **kw)
+
+    real_init = controller.Controller.__init__
+
+    def init(self, *a, **kw):
+        real_init(self, *a, **kw)
+        spy.ctl = self
+
+    monkeypatch.setattr(SFTTrainer, "train", spy)
+    monkeypatch.setattr(controller.Controller, "__init__", init)
+    slept = controller.run(_cfg(setup, sleep_engines="on"), str(setup["root"] / "asleep"))
+    assert seen == [(True, True, 0, 0)] * 2  # both iterations trained with both engines asleep
+    assert not spy.ctl.llm.is_sleeping() and not spy.ctl.prm.is_sleeping()
+    assert _strip(slept) == _strip(records)
+
+
+def test_memory_plan_sizes_the_engines_and_refuses_up_front(setup, tmp_path, monkeypatch, capsys):
+    """The run's memory plan (CUDA only; here a pretend device on the CPU): printed first, its KV budgets given
+    to both engines; a device too small for a phase is refused with one line before any engine loads."""
+    from engine.memory_plan import DeviceMemory
+
+    monkeypatch.setattr(controller, "device_memory", lambda dev: DeviceMemory(total=8 << 30, free=8 << 30, name="cpu"))
+    built = []
+    real_llm_init = controller.LLM.__init__
+
+    def llm_init(self, *a, **kw):
+        built.append(kw.get("kv_cache_memory_bytes"))
+        real_llm_init(self, *a, **kw)
+
+    monkeypatch.setattr(controller.LLM, "__init__", llm_init)
+    cfg = _cfg(setup, iterations=1, progress=True)
+    ctl = controller.Controller(cfg, str(tmp_path / "planned"), setup["policy"], setup["policy"], setup["prm"], [], [])
+    assert "memory plan on cpu" in capsys.readouterr().out
+    assert built == [ctl.plan.kv_cache_memory_bytes("policy")] and built[0] > 0
+    assert ctl.prm.engine.runner.num_blocks * ctl.prm.engine.runner.block_bytes() <= ctl.plan.kv_cache_memory_bytes(
+        "prm"
+    )
+    built.clear()
+    monkeypatch.setattr(controller, "device_memory", lambda dev: DeviceMemory(total=1 << 20, free=1 << 20, name="cpu"))
+    with pytest.raises(MemoryPlanError):
+        controller.Controller(cfg, str(tmp_path / "refused"), setup["policy"], setup["policy"], setup["prm"], [], [])
+    assert built == []  # refused before the policy engine was built
+    r = CliRunner().invoke(
+        main,
+        ["run", "--model", setup["policy"], "--prm", setup["prm"], "--train-data", setup["train"]]
+        + ["--eval-data", setup["test"], "--device", "cpu", "--out", str(tmp_path / "cli"), "--quiet"],
+    )
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) == 1 and r.output.startswith("error: phase generate:"), r.output

@@ -334,7 +334,7 @@ def test_torchrun_exchange_as_bytes(tmp_path, free_port):
 
 def test_two_nodes_simulated_match_one_process(llama_dir, tmp_path, free_port):
     """Two torchrun 'nodes' (--nnodes 2, one process each, c10d rendezvous on 127.0.0.1) run one `sft`
-    training run; it matches one process. (The B-STaR loop's iteration across nodes comes with the loop.)"""
+    training run; it matches one process. (The loop across two nodes: tests/test_controller.py.)"""
     recs = make_records(20, seed=8)
     data = write_lines(tmp_path / "d.jsonl", recs)
     opts = ["--batch-examples", "5", "--micro-batch-tokens", "256", "--max-seq-len", "256", "--lr", "3e-3"]

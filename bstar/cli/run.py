@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from bstar.config import EMBEDDED_PRESETS, MODES, RunConfig, embedded_run_config
+from bstar.config import EMBEDDED_PRESETS, MODES, SLEEP_ENGINES, RunConfig, embedded_run_config
 from bstar.search import parse_grid
 from engine.errors import BStarError
 
@@ -75,6 +75,24 @@ def quiet_transformers() -> None:
 @click.option("--seed", type=int, default=None)
 @click.option("--dtype", default=None)
 @click.option("--device", default=None)
+@click.option(
+    "--gpu-memory-utilization",
+    type=float,
+    default=None,
+    help="Share of the GPU the run may use (policy, PRM and trainer; the memory plan splits it). Default 0.9.",
+)
+@click.option(
+    "--sleep-engines",
+    type=click.Choice(SLEEP_ENGINES),
+    default=None,
+    help="Policy and PRM asleep while training (default auto: on CUDA).",
+)
+@click.option(
+    "--offload-optimizer",
+    is_flag=True,
+    default=None,
+    help="AdamW state and master weights in host memory (a 7B policy on one 80 GB GPU).",
+)
 @click.option("--quiet", is_flag=True, help="No progress bars (ours or transformers').")
 @click.option(
     "--embedded-preset",
