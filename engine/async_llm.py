@@ -203,7 +203,7 @@ class AsyncLLM:
                     return
         finally:
             if not stream.done and self._thread.is_alive():  # the consumer left early: free the blocks
-                self._abort_now([request_id], notify=False)
+                await asyncio.wrap_future(self._abort_now([request_id], notify=False))
 
     def _abort_now(self, ids: list[str], notify: bool = True) -> concurrent.futures.Future:
         if not notify:

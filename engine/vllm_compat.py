@@ -15,7 +15,6 @@ import os
 from collections.abc import Callable
 
 from engine.errors import CheckpointError, UnsupportedError
-from engine.loader import iter_weights
 
 
 def _one_device(v) -> bool:
@@ -140,7 +139,11 @@ class ModelRunner:
 class Worker:
     """vLLM's in-process worker: what collective_rpc calls run on. Methods of a worker_extension_cls are
     mixed in (make_worker), with these attributes at hand (OpenRLHF's and verl's extensions use
-    self.model_runner.model.load_weights, self.device and self.model_config.dtype)."""
+    self.model_runner.model.load_weights, self.device and self.model_config.dtype).
+
+    There is deliberately no reload_weights (vLLM's re-reads the checkpoint from disk): TRL calls it after
+    syncing the trainer's weights and would silently revert them; without it collective_rpc raises
+    NotImplementedError, which TRL expects and skips."""
 
     rank = local_rank = 0
 
@@ -162,10 +165,6 @@ class Worker:
 
     def wake_up(self, tags: list[str] | None = None):
         self.engine.wake_up(tags)
-
-    def reload_weights(self):
-        """The checkpoint's weights again, from the model directory."""
-        self.engine.load_weights(iter_weights(self.engine.model_path))
 
     def check_health(self):
         return None
