@@ -19,11 +19,12 @@ import queue
 import threading
 from collections.abc import Iterable
 
-from engine.errors import RequestError
+from engine.errors import RequestError, UnsupportedError
 from engine.llm import LLM
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.sequence import Request
+from engine.vllm_compat import GENERATE_KWARGS, no_lora
 
 _STOP = object()
 
@@ -179,11 +180,12 @@ class AsyncLLM:
 
     # -- requests -----------------------------------------------------------------------------
     async def generate(self, prompt, sampling_params: SamplingParams, request_id: str, **_ignored):
-        """Yield cumulative RequestOutputs of one request until the finished one. Options of vLLM's with no
-        use here (lora_request=None, priority, trace_headers...) are ignored."""
-        lora = _ignored.get("lora_request")
-        if lora is not None:
-            raise RequestError("lora_request is not supported (no LoRA adapters)")
+        """Yield cumulative RequestOutputs of one request until the finished one. vLLM's other keywords
+        (engine.vllm_compat.GENERATE_KWARGS: priority, trace_headers...) have no use here; lora_request only None."""
+        unknown = sorted(set(_ignored) - GENERATE_KWARGS)
+        if unknown:
+            raise UnsupportedError(f"generate got unknown keyword {unknown[0]!r}")
+        no_lora(_ignored.get("lora_request"))
         stream = _Stream(asyncio.get_running_loop())
         with self._lock:
             if request_id in self._streams:

@@ -93,10 +93,16 @@ class LLM:
         return self.engine.collective_rpc(method, timeout, args, kwargs)
 
     def generate(
-        self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = True
+        self,
+        prompts,
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        lora_request=None,
     ) -> list[RequestOutput]:
         """prompts: one prompt or a list of them; a prompt is a str, a list of token ids, or an
-        engine.inputs TextPrompt / TokensPrompt dict. Outputs keep input order."""
+        engine.inputs TextPrompt / TokensPrompt dict. Outputs keep input order. lora_request: vLLM's,
+        only None (no LoRA adapters)."""
+        vllm_compat.no_lora(lora_request)
         prompts = prompt_list(prompts)
         params = sampling_params or SamplingParams()
         if isinstance(params, SamplingParams):

@@ -82,6 +82,22 @@ def check_vllm_kwargs(kwargs: dict):
             raise UnsupportedError(f"LLM({k}={v!r}) is not supported: {why}")
 
 
+def no_lora(lora_request):
+    if lora_request is not None and lora_request != []:
+        raise UnsupportedError("lora_request is not supported: no LoRA adapters (merge them into the weights)")
+
+
+# AsyncLLM.generate's vLLM keywords with no effect here at their defaults (lora_request: None only)
+GENERATE_KWARGS = {
+    "lora_request",
+    "priority",
+    "trace_headers",
+    "prompt_text",
+    "tokenization_kwargs",
+    "data_parallel_rank",
+}
+
+
 class ModelConfig:
     """vLLM's `llm_engine.model_config`: the fields RL loops read."""
 

@@ -422,6 +422,10 @@ def test_async_concurrent_requests_batch_abort_and_cancel(llama_dir):
     assert len(c.logprobs) == len(c.token_ids)
     assert _run(cancelled()) == [(False, {})]
     _run(duplicate())
+    with pytest.raises(UnsupportedError, match="lora_request"):
+        _run(engine.generate(prompts[0], long, "l", lora_request=object()).__anext__())
+    with pytest.raises(UnsupportedError, match="'foo'"):
+        _run(engine.generate(prompts[0], long, "f", foo=1).__anext__())
     assert engine.get_num_unfinished_requests() == 0
     bm = engine.llm_engine.block_manager
     assert bm.num_free == bm.num_blocks
@@ -465,7 +469,7 @@ def test_verl_rollout_pattern(llama_dir):
     old = {k: getattr(sampling_params, k) for k in greedy if hasattr(sampling_params, k)}
     for k, v in greedy.items():
         setattr(sampling_params, k, v)
-    outs = llm.generate(prompts=prompts, sampling_params=sampling_params, use_tqdm=False)
+    outs = llm.generate(prompts=prompts, sampling_params=sampling_params, lora_request=None, use_tqdm=False)
     for k, v in old.items():
         setattr(sampling_params, k, v)
     assert sampling_params.temperature == 1.0
