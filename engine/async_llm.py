@@ -304,4 +304,5 @@ class AsyncLLM:
             self._thread.join(timeout)
 
 
-AsyncLLMEngine = AsyncLLM  # vLLM's older name for the same class
+class AsyncLLMEngine(AsyncLLM):
+    """vLLM's older name for AsyncLLM (OpenRLHF's: AsyncLLMEngine.from_engine_args)."""
