@@ -10,6 +10,7 @@ import json
 import os
 import random
 import warnings
+import weakref
 
 import torch
 
@@ -109,8 +110,10 @@ class LLMEngine:
         self.num_generated_tokens = 0
         self._weights_to_load: set[str] = set()  # after a level-2 sleep: names load_weights has yet to set
         # vLLM's handles (llm_engine.model_config, .model_executor.driver_worker...): engine/vllm_compat.py
-        self.model_config = vllm_compat.ModelConfig(self)
-        self.model_executor = vllm_compat.Executor(self, worker_extension_cls)
+        # (they hold a weak proxy: no reference cycle, so dropping the engine frees its memory at once)
+        me = weakref.proxy(self)
+        self.model_config = vllm_compat.ModelConfig(me)
+        self.model_executor = vllm_compat.Executor(me, worker_extension_cls)
 
     @staticmethod
     def _generation_eos(path: str) -> set[int]:

@@ -6,11 +6,13 @@ sampler's own float64 checks live in test_sampler.py and test_engine.py.
 
 import asyncio
 import copy
+import gc
 import inspect
 import json
 import shutil
 import uuid
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -252,6 +254,20 @@ def test_engine_handles(llama_dir):
     out = eng.abort_request("x")
     assert out.outputs[0].finish_reason == "abort" and len(out.outputs[0].token_ids) == 1
     assert llm.reset_prefix_cache() is True
+
+
+def test_handles_leave_no_reference_cycle(llama_dir):
+    """Dropping an LLM frees its engine (and its device memory) at once, even after its handles were used."""
+    llm = LLM(str(llama_dir), **CPU)
+    llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights([])
+    llm.collective_rpc(lambda w: w.model_config.max_model_len)
+    ref = weakref.ref(llm.llm_engine)
+    gc.disable()
+    try:
+        del llm
+        assert ref() is None
+    finally:
+        gc.enable()
 
 
 def test_deep_weight_path_without_sleep_equals_fresh_engine(qwen2_dir, tmp_path):
