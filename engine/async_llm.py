@@ -59,6 +59,14 @@ class _Stream:
         return item
 
 
+def _post(stream: _Stream, item):
+    """Hand an output to the stream's event loop (from the engine thread)."""
+    try:
+        stream.loop.call_soon_threadsafe(stream.put, item)
+    except RuntimeError:  # that loop is closed: nobody reads this stream any more
+        pass
+
+
 class _OutputProcessor:
     """vLLM's AsyncLLM.output_processor, as far as load balancers read it."""
 
@@ -141,7 +149,7 @@ class AsyncLLM:
             if isinstance(item, BaseException) or item.finished:
                 stream.done = True
                 del self._streams[rid]
-        stream.loop.call_soon_threadsafe(stream.put, item)
+        _post(stream, item)
 
     def _deliver_progress(self, skip: set[str]):
         """Cumulative outputs of the unfinished requests whose consumer took the previous one."""
@@ -166,7 +174,7 @@ class AsyncLLM:
             with self._lock:
                 stream = self._streams.get(rid)
             if stream is not None:
-                stream.loop.call_soon_threadsafe(stream.put, out)
+                _post(stream, out)
 
     def _submit(self, fn) -> concurrent.futures.Future:
         if not self._thread.is_alive():
