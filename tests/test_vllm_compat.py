@@ -401,6 +401,19 @@ def test_async_concurrent_requests_batch_abort_and_cancel(llama_dir):
         ids = [o.outputs[0].token_ids for o in seen]
         assert all(b[: len(a)] == a and len(b) > len(a) for a, b in zip(ids, ids[1:]))
 
+    async def paused():  # OpenRLHF's pause_generation(mode="keep") around a weight broadcast
+        gen = engine.generate(prompts[2], greedy, "p")
+        await gen.__anext__()
+        await engine.pause_generation(mode="keep")
+        steps = engine.num_steps
+        await asyncio.sleep(0.05)
+        assert await engine.is_paused() and engine.num_steps == steps
+        assert engine.get_num_unfinished_requests() == 1
+        await engine.resume_generation()
+        return [o async for o in gen][-1]
+
+    assert _run(paused()).outputs[0].token_ids == ref[2]
+
     long = SamplingParams(temperature=0.8, max_tokens=500, ignore_eos=True, logprobs=0, repetition_penalty=1.2)
 
     async def aborted():
