@@ -3,6 +3,8 @@
 A prompt's path through the files:
 
     llm.py              LLM(path).generate(prompts, SamplingParams(...)), named as in vLLM
+    vllm_compat.py      vLLM's keywords and handles RL loops reach into (llm_engine...model.load_weights)
+    async_llm.py        AsyncLLM / AsyncLLMEngine: vLLM's asyncio front-end, one thread stepping LLMEngine
     inputs.py           the prompt forms (str, token ids, TextPrompt / TokensPrompt dicts)
     llm_engine.py       LLMEngine: loads the checkpoint (config.py, loader.py, tokenizer.py) into
                         model.py's decoder; add_request makes the prompt a sequence.py Sequence;
@@ -36,7 +38,8 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from engine.errors import BStarError, CheckpointError, DataError, MemoryPlanError, RequestError
+    from engine.async_llm import AsyncEngineArgs, AsyncLLM, AsyncLLMEngine
+    from engine.errors import BStarError, CheckpointError, DataError, MemoryPlanError, RequestError, UnsupportedError
     from engine.inputs import TextPrompt, TokensPrompt
     from engine.llm import LLM
     from engine.llm_engine import LLMEngine
@@ -47,6 +50,9 @@ if TYPE_CHECKING:
 __all__ = [
     "LLM",
     "LLMEngine",
+    "AsyncLLM",
+    "AsyncLLMEngine",
+    "AsyncEngineArgs",
     "SamplingParams",
     "PRM",
     "PRMScore",
@@ -60,10 +66,14 @@ __all__ = [
     "RequestError",
     "DataError",
     "MemoryPlanError",
+    "UnsupportedError",
 ]
 _MODULE_OF = {  # name -> the module that defines it
     "LLM": "engine.llm",
     "LLMEngine": "engine.llm_engine",
+    "AsyncLLM": "engine.async_llm",
+    "AsyncLLMEngine": "engine.async_llm",
+    "AsyncEngineArgs": "engine.async_llm",
     "SamplingParams": "engine.sampling_params",
     "PRM": "engine.prm",
     "PRMScore": "engine.prm",
@@ -77,6 +87,7 @@ _MODULE_OF = {  # name -> the module that defines it
     "RequestError": "engine.errors",
     "DataError": "engine.errors",
     "MemoryPlanError": "engine.errors",
+    "UnsupportedError": "engine.errors",
 }
 
 

@@ -197,6 +197,8 @@ class EngineConfig:
     logprobs_mode: str = "raw_logprobs"
     # Decode CUDA graphs per batch-size bucket (engine/cuda_graphs.py); True runs every step eagerly.
     enforce_eager: bool = False
+    # The most logprobs / prompt_logprobs a request may ask for, as vLLM's max_logprobs (-1: no cap).
+    max_logprobs: int = 20
 
     def validate(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -211,6 +213,8 @@ class EngineConfig:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         if self.cpu_packed_weights_bytes < 0:
             raise ValueError(f"cpu_packed_weights_bytes must be >= 0, got {self.cpu_packed_weights_bytes}")
+        if not isinstance(self.max_logprobs, int) or self.max_logprobs < -1:
+            raise ValueError(f"max_logprobs must be an integer >= -1 (-1: no cap), got {self.max_logprobs!r}")
         modes = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")
         if self.logprobs_mode not in modes:
             raise ValueError(f"logprobs_mode must be one of {', '.join(modes)}, got {self.logprobs_mode!r}")

@@ -20,3 +20,8 @@ class DataError(BStarError, ValueError):
 class MemoryPlanError(BStarError):
     """A run, phase or engine that cannot fit in the device's memory: refused before allocating, with
     the figures and what to change (more GPUs, offload, a smaller budget...)."""
+
+
+class UnsupportedError(BStarError, ValueError):
+    """An option or call that has no counterpart here (a vLLM keyword such as tensor_parallel_size=2,
+    trust_remote_code=True, a checkpoint without a chat template): the message names it and says why."""

@@ -1,8 +1,14 @@
-"""The user-facing entry point, named as in vLLM: `LLM(path).generate(prompts, SamplingParams(...))`."""
+"""The user-facing entry point, named as in vLLM: `LLM(path).generate(prompts, SamplingParams(...))`.
+
+vLLM's constructor keywords are accepted where they mean something here (or change nothing) and refused
+with one line otherwise (engine/vllm_compat.py lists them); `llm.llm_engine`, `reset_prefix_cache`,
+`collective_rpc`, `sleep` / `wake_up`, `get_tokenizer` and `chat` are vLLM's calls.
+"""
 
 import torch
 from tqdm.auto import tqdm
 
+from engine import vllm_compat
 from engine.config import EngineConfig
 from engine.inputs import prompt_list
 from engine.llm_engine import LLMEngine
@@ -30,7 +36,17 @@ class LLM:
         cpu_packed_weights_bytes: int = 1 << 30,
         logprobs_mode: str = "raw_logprobs",
         enforce_eager: bool = False,
+        max_logprobs: int = 20,
+        tokenizer: str | None = None,
+        skip_tokenizer_init: bool = False,
+        worker_extension_cls=None,
+        **vllm_kwargs,
     ):
+        """The engine's options, plus vLLM's: max_logprobs (the most logprobs a request may ask for, -1: no
+        cap), tokenizer (another directory's tokenizer.json), skip_tokenizer_init (token-id prompts only),
+        worker_extension_cls (methods for collective_rpc), and the vLLM keywords of
+        engine.vllm_compat.VLLM_KWARGS at values that mean the same here (tensor_parallel_size=1, ...)."""
+        vllm_compat.check_vllm_kwargs(vllm_kwargs)
         cfg = EngineConfig(
             block_size=block_size,
             num_kv_blocks=num_kv_blocks,
@@ -44,18 +60,49 @@ class LLM:
             cpu_packed_weights_bytes=cpu_packed_weights_bytes,
             logprobs_mode=logprobs_mode,
             enforce_eager=enforce_eager,
+            max_logprobs=max_logprobs,
         )
-        self.engine = LLMEngine(model, dtype=dtype, device=device, seed=seed, engine_config=cfg)
+        self.engine = LLMEngine(
+            model,
+            dtype=dtype,
+            device=device,
+            seed=seed,
+            engine_config=cfg,
+            tokenizer=tokenizer,
+            skip_tokenizer_init=skip_tokenizer_init,
+            worker_extension_cls=worker_extension_cls,
+        )
         self._counter = 0
 
+    @property
+    def llm_engine(self) -> LLMEngine:
+        """vLLM's handle: .model_config.max_model_len, .model_executor.driver_worker.model_runner.model..."""
+        return self.engine
+
     def get_tokenizer(self):
-        return self.engine.tokenizer
+        """transformers' fast tokenizer (PreTrainedTokenizerFast) with the engine's ids; None without one."""
+        return self.engine.get_tokenizer()
+
+    def reset_prefix_cache(self, reset_running_requests: bool = False, reset_connector: bool = False) -> bool:
+        """Forget every cached prefix (e.g. after a weight update). False while requests are unfinished."""
+        return self.engine.reset_prefix_cache()
+
+    def collective_rpc(self, method, timeout: float | None = None, args: tuple = (), kwargs: dict | None = None):
+        """Run `method` on the in-process worker (a name of a worker method, e.g. from worker_extension_cls,
+        or a callable taking the worker first); returns [result], one per worker as vLLM's."""
+        return self.engine.collective_rpc(method, timeout, args, kwargs)
 
     def generate(
-        self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = True
+        self,
+        prompts,
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        lora_request=None,
     ) -> list[RequestOutput]:
         """prompts: one prompt or a list of them; a prompt is a str, a list of token ids, or an
-        engine.inputs TextPrompt / TokensPrompt dict. Outputs keep input order."""
+        engine.inputs TextPrompt / TokensPrompt dict. Outputs keep input order. lora_request: vLLM's,
+        only None (no LoRA adapters)."""
+        vllm_compat.no_lora(lora_request)
         prompts = prompt_list(prompts)
         params = sampling_params or SamplingParams()
         if isinstance(params, SamplingParams):
@@ -84,13 +131,38 @@ class LLM:
         bar.close()
         return [results[r] for r in ids]
 
+    def chat(
+        self,
+        messages,
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: list[dict] | None = None,
+        chat_template_kwargs: dict | None = None,
+    ) -> list[RequestOutput]:
+        """Generate replies to one conversation (a list of {"role", "content"} dicts) or a list of them,
+        rendered with the checkpoint's chat template (or `chat_template`). One output per conversation."""
+        prompts = vllm_compat.render_chats(
+            self.get_tokenizer(),
+            messages,
+            chat_template,
+            add_generation_prompt,
+            continue_final_message,
+            tools,
+            chat_template_kwargs,
+        )
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
     def load_weights(self, named_tensors) -> set[str]:
         """Replace weights in place from (HF name, tensor) pairs, e.g. straight from a trainer."""
         return self.engine.load_weights(named_tensors)
 
-    def sleep(self, level: int = 1):
+    def sleep(self, level: int = 1, mode: str = "abort"):
         """Free the device memory: level 1 keeps the weights in host memory, level 2 discards them (reload with
-        load_weights after wake_up(tags=["weights"])); the KV cache and prefix cache are discarded."""
+        load_weights after wake_up(tags=["weights"])); the KV cache and prefix cache are discarded. mode is
+        vLLM's (what to do with running requests): moot here, generate leaves none running."""
         self.engine.sleep(level)
 
     def wake_up(self, tags: list[str] | None = None):

@@ -10,9 +10,11 @@ import json
 import os
 import random
 import warnings
+import weakref
 
 import torch
 
+from engine import vllm_compat
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, ModelConfig, resolve_dtype
 from engine.errors import CheckpointError, RequestError
@@ -66,8 +68,14 @@ class LLMEngine:
         device: str = "auto",
         seed: int = 0,
         engine_config: EngineConfig | None = None,
+        tokenizer: str | None = None,
+        skip_tokenizer_init: bool = False,
+        worker_extension_cls=None,
     ):
+        """tokenizer: another directory to read tokenizer.json from; skip_tokenizer_init: no tokenizer
+        (token-id prompts only, empty .text); worker_extension_cls: see engine/vllm_compat.py."""
         self.model_path = model
+        self.seed = seed
         self.device = resolve_device(device)
         self.mcfg = ModelConfig.from_dir(model) if os.path.isdir(model) else None
         if self.mcfg is None:
@@ -77,7 +85,11 @@ class LLMEngine:
         self.ecfg.validate()
         # within a sliding window, sliding attention equals full attention
         self.max_model_len = engine_max_model_len(self.mcfg, self.ecfg.max_model_len)
-        self.tokenizer = load_tokenizer(model)
+        self.tokenizer_path = tokenizer or model
+        if tokenizer is not None and not os.path.isfile(os.path.join(tokenizer, "tokenizer.json")):
+            raise CheckpointError(f"tokenizer directory {tokenizer} has no tokenizer.json")
+        self.tokenizer = None if skip_tokenizer_init else load_tokenizer(self.tokenizer_path)
+        self._hf_tokenizer = None
         self.eos_ids = set(self.mcfg.eos_token_ids) | self._generation_eos(model)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
@@ -97,6 +109,11 @@ class LLMEngine:
         self._rng = random.Random(seed)
         self.num_generated_tokens = 0
         self._weights_to_load: set[str] = set()  # after a level-2 sleep: names load_weights has yet to set
+        # vLLM's handles (llm_engine.model_config, .model_executor.driver_worker...): engine/vllm_compat.py
+        # (they hold a weak proxy: no reference cycle, so dropping the engine frees its memory at once)
+        me = weakref.proxy(self)
+        self.model_config = vllm_compat.ModelConfig(me)
+        self.model_executor = vllm_compat.Executor(me, worker_extension_cls)
 
     @staticmethod
     def _generation_eos(path: str) -> set[int]:
@@ -146,6 +163,10 @@ class LLMEngine:
         if request_id in self.requests:
             raise RequestError(f"duplicate request id {request_id!r}")
         self.require_awake("add_request")
+        cap = self.ecfg.max_logprobs
+        asked = max(params.logprobs or 0, params.prompt_logprobs or 0)
+        if cap >= 0 and asked > cap:
+            raise RequestError(f"requested {asked} logprobs, more than max_logprobs={cap} (an LLM option)")
         parsed = parse_prompt(prompt)
         text, ids = self.encode_prompt(parsed)
         self.check_prompt_len(len(ids))
@@ -164,10 +185,17 @@ class LLMEngine:
         self.requests[request_id] = req
         self.scheduler.add(seq)
 
-    def abort_request(self, request_id: str):
-        for s in self.scheduler.abort(request_id):
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Drop a request and free its blocks. Returns its output so far (finish_reason "abort" for the
+        candidates that were still running), or None for an unknown id."""
+        gone = self.scheduler.abort(request_id)
+        for s in gone:
             self._prompt_logprob_seqs.discard(s)
-        self.requests.pop(request_id, None)
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        req.finished += gone
+        return self.output_processor.request_output(req)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work()
@@ -255,6 +283,27 @@ class LLMEngine:
         self.block_manager.reset_prefix_cache()
         self.runner.invalidate_buffers()
         return loaded
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix, as vLLM's: refused (False, with a warning) while requests are
+        unfinished, True once done."""
+        if self.scheduler.has_work():
+            warnings.warn("reset_prefix_cache: requests are unfinished; the prefix cache was kept", stacklevel=2)
+            return False
+        self.block_manager.reset_prefix_cache()
+        return True
+
+    def collective_rpc(self, method, timeout: float | None = None, args: tuple = (), kwargs: dict | None = None):
+        return self.model_executor.collective_rpc(method, timeout, args, kwargs)
+
+    def get_tokenizer(self):
+        """transformers' fast tokenizer over the engine's tokenizer.json (loaded on first use), or None
+        when the engine has no tokenizer."""
+        if self.tokenizer is None:
+            return None
+        if self._hf_tokenizer is None:
+            self._hf_tokenizer = vllm_compat.hf_tokenizer(self.tokenizer_path)
+        return self._hf_tokenizer
 
     # -- sleep / wake (as vLLM's) -----------------------------------------------------------------
     def sleep(self, level: int = 1):

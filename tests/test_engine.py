@@ -670,7 +670,7 @@ def test_text_rules_detokenize_and_max_tokens_none(llama, tmp_path):
     assert o.token_ids == free[: k + 1] and o.stop_reason == stop_id and o.text == tok.decode(free[:k], False)
     with open(os.path.join(path, "tokenizer_config.json")) as f:
         tcfg = json.load(f)
-    tcfg["eos_token"] = tok.tok.id_to_token(stop_id)
+    tcfg["eos_token"] = tok.convert_ids_to_tokens(stop_id)
     with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
         json.dump(tcfg, f)
     o = (
