@@ -403,22 +403,13 @@ def _hf_generate(hf, ids, n_new, num_return=1):
 
 
 def step_decode(tmp: Path):
-    from model_factory import hf_model, make_model
+    from model_factory import QWEN25_05B, hf_model, make_model
 
     from engine import SamplingParams
     from kernels.launch import compiled_count, record_variants
 
     if CUDA:
-        shape = dict(
-            vocab_size=151936,
-            hidden_size=896,
-            intermediate_size=4864,
-            num_hidden_layers=24,
-            num_attention_heads=14,
-            num_key_value_heads=2,
-            max_position_embeddings=4096,
-            tie_word_embeddings=True,
-        )
+        shape = QWEN25_05B
         batches, prompt_len, K, rounds = (1, 16, 64, 256), 128, 32, 2
     else:
         shape = dict(num_key_value_heads=2, max_position_embeddings=256)

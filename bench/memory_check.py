@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # model_factory, as the benchmarks
 
-from model_factory import build_tokenizer, make_config, make_records  # noqa: E402
+from model_factory import QWEN25_05B, build_tokenizer, make_config, make_records  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoModelForTokenClassification  # noqa: E402
 
 from bstar import dist_utils  # noqa: E402
@@ -39,15 +39,7 @@ from engine.config import ModelConfig  # noqa: E402
 from engine.memory_plan import DeviceMemory, EngineSpec, GiB, Phase, plan_memory  # noqa: E402
 
 SHAPES = {
-    "qwen2.5-0.5b": dict(
-        vocab_size=151936,
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    ),
+    "qwen2.5-0.5b": QWEN25_05B,
     "qwen2.5-7b-4layers": dict(
         vocab_size=152064,
         hidden_size=3584,
@@ -93,7 +85,7 @@ class Log:
 def make_random(path: Path, shapes: dict, head: str, dev: torch.device, seed: int, extra=()) -> str:
     """A random Qwen2 checkpoint in bf16 (built on `dev`, float32 for the dry run) and the test suite's tiny
     tokenizer (ids < 300: prompts stay inside every vocabulary)."""
-    cfg = make_config("qwen2", max_position_embeddings=MAX_MODEL_LEN, **shapes)
+    cfg = make_config("qwen2", **{**shapes, "max_position_embeddings": MAX_MODEL_LEN})
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     torch.manual_seed(seed)
     with torch.device(dev):
@@ -142,7 +134,7 @@ def sft_config(name: str, dry: bool) -> SFTConfig:
 def real_plan(name: str, device: DeviceMemory):
     """engine.memory_plan's plan for `name`'s real shapes: policy, PRM (LM head), PRM (token-cls head), as
     built below; refuses (MemoryPlanError) when a phase cannot fit."""
-    base = make_config("qwen2", max_position_embeddings=MAX_MODEL_LEN, **SHAPES[name]).to_dict()
+    base = make_config("qwen2", **{**SHAPES[name], "max_position_embeddings": MAX_MODEL_LEN}).to_dict()
     mcfgs = {
         "policy": ModelConfig.from_dict(dict(base, architectures=["Qwen2ForCausalLM"])),
         "prm_lm": ModelConfig.from_dict(dict(base, architectures=["Qwen2ForCausalLM"])),

@@ -16,7 +16,7 @@ import time
 
 import pytest
 import torch
-from model_factory import make_model
+from model_factory import QWEN25_05B, make_model
 
 from engine import LLM, SamplingParams
 
@@ -122,14 +122,7 @@ def qwen05b(tmp_path_factory):
     return make_model(
         str(tmp_path_factory.mktemp("q")),
         "qwen2",
-        vocab_size=151936,
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        max_position_embeddings=4096,
+        **QWEN25_05B,
         tokenizer=False,
         dtype=torch.bfloat16,
     )

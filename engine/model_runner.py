@@ -217,24 +217,8 @@ class ModelRunner:
 
     def prepare(self, batch: Batch):
         """The torch path's step tensors (per-step tensors from host lists; cascade plan for decodes)."""
-        bs = self.block_size
         nd = batch.num_decode
-        # Decode rows (first, one token each), then prefill chunks.
-        pos = [s.num_computed for s in batch.seqs[:nd]]
-        ids = [s.token_ids[p] for s, p in zip(batch.seqs, pos)]
-        slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(batch.seqs, pos)]
-        lens = [p + 1 for p in pos]
-        last_rows = list(range(nd))
-        cu = [0]
-        for seq, n in zip(batch.seqs[nd:], batch.num_new[nd:]):
-            start, end = seq.num_computed, seq.num_computed + n
-            ids += seq.token_ids[start:end]
-            pos += range(start, end)
-            table = seq.block_table
-            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
-            lens.append(end)
-            last_rows.append(len(ids) - 1)
-            cu.append(cu[-1] + n)
+        ids, pos, slots, lens, last_rows, cu = batch.flat_tokens(self.block_size)
         dev = self.device
         cascade = None
         if nd and not use_triton(self.kv):  # the torch path reads shared prefixes once per group

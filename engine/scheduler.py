@@ -29,6 +29,28 @@ class Batch:
     def __len__(self):
         return len(self.seqs)
 
+    def flat_tokens(self, block_size: int):
+        """The step's new tokens as flat host lists, decode rows (one token each) first, then prefill chunks:
+        (token ids, positions, cache slots, per-sequence lengths after the step, the row of each sequence's
+        last token, cumulative query lengths of the prefill chunks). Both runner paths build on these."""
+        bs, nd, seqs = block_size, self.num_decode, self.seqs
+        pos = [s.num_computed for s in seqs[:nd]]
+        ids = [s.token_ids[p] for s, p in zip(seqs, pos)]
+        slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, pos)]
+        lens = [p + 1 for p in pos]
+        last_rows = list(range(nd))
+        cu = [0]
+        for seq, n in zip(seqs[nd:], self.num_new[nd:]):
+            start, end = seq.num_computed, seq.num_computed + n
+            ids += seq.token_ids[start:end]
+            pos += range(start, end)
+            table = seq.block_table
+            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            lens.append(end)
+            last_rows.append(len(ids) - 1)
+            cu.append(cu[-1] + n)
+        return ids, pos, slots, lens, last_rows, cu
+
 
 class Scheduler:
     def __init__(self, cfg: EngineConfig, block_manager: BlockManager):

@@ -173,23 +173,9 @@ class StepInputs:
         padding. Returns (ids, positions, metadata, sample) where sample is an int64 device tensor
         of the hidden-state rows of batch.sampled, or None when those are rows 0..len-1 in order.
         """
-        bs, seqs, nd = self.block_size, batch.seqs, batch.num_decode
+        seqs, nd = batch.seqs, batch.num_decode
         B = len(seqs)
-        pos = [s.num_computed for s in seqs[:nd]]
-        ids = [s.token_ids[p] for s, p in zip(seqs, pos)]
-        slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, pos)]
-        lens = [p + 1 for p in pos]
-        last_rows = list(range(nd))
-        cu = [0]
-        for seq, n in zip(seqs[nd:], batch.num_new[nd:]):
-            start, end = seq.num_computed, seq.num_computed + n
-            ids += seq.token_ids[start:end]
-            pos += range(start, end)
-            table = seq.block_table
-            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
-            lens.append(end)
-            last_rows.append(len(ids) - 1)
-            cu.append(cu[-1] + n)
+        ids, pos, slots, lens, last_rows, cu = batch.flat_tokens(self.block_size)
         T = len(ids)
         rows, upd_idx, upd_val = self.tables.sync(seqs)
         pad = 0

@@ -25,6 +25,17 @@ from transformers import (
 from bstar.embedded.tokenizer import BOS, EOS, PAD, save_tokenizer, train_bpe
 
 ARCHS = ("llama", "qwen2", "mistral")
+# Qwen2.5-0.5B's shapes (its config.json; context cut to 4,096) for random-weight models of a real size
+QWEN25_05B = dict(
+    vocab_size=151936,
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    tie_word_embeddings=True,
+    max_position_embeddings=4096,
+)
 
 _CORPUS = [
     "Janet has 3 apples and buys 5 more. How many apples does she have? 3 + 5 = 8. The answer is 8.",
