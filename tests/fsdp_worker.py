@@ -58,7 +58,8 @@ def main():
                 }
             )
         )
-    dist.destroy_process_group()
+    del t, t2, final, resumed_final  # the sharded models go before the group (dist_utils.destroy)
+    dist_utils.destroy()
 
 
 if __name__ == "__main__":

@@ -113,15 +113,14 @@ from engine.errors import BStarError
 @click.option("--device", default=None, help="Default: cuda if available, else cpu.")
 def sft(model, data, out, resume, save_every, max_grad_norm, no_pack, **kw):
     """Fine-tune MODEL on (prompt, completion) pairs; loss on completion tokens only."""
-    import torch.distributed as dist  # torch: loaded when the command runs, not for --help
+    from bstar import dist_utils  # torch: loaded when the command runs, not for --help
 
     try:
         _run(model, data, Path(out), resume, save_every, max_grad_norm, no_pack, kw)
     except BStarError as e:  # one readable line, also when the command is invoked without the group
         raise click.ClickException(str(e)) from e
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        dist_utils.destroy()
 
 
 def _run(model, data, out, resume, save_every, max_grad_norm, no_pack, kw):
