@@ -67,8 +67,10 @@ def make_config(arch: str = "llama", **overrides):
         pad_token_id=PAD,
         rms_norm_eps=1e-6,
     )
+    if arch == "qwen3":
+        base["head_dim"] = 24  # heads * head_dim (96) != hidden_size (64), as Qwen3 allows
     base.update(overrides)
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[arch]
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "qwen3": Qwen3Config}[arch]
     return cls(**base)
 
 
@@ -96,8 +98,8 @@ def make_model(
         for name, p in model.named_parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.08)
-            elif "norm" in name:
-                p.uniform_(0.8, 1.2)
+            elif "norm" in name:  # Qwen3's q_norm / k_norm far from 1, so a missing norm shows
+                p.uniform_(*((0.5, 1.5) if arch == "qwen3" else (0.8, 1.2)))
             else:  # biases
                 p.normal_(0, 0.05)
     model.to(dtype).save_pretrained(path)
@@ -106,52 +108,10 @@ def make_model(
     return path
 
 
-def make_qwen3_model(
-    path: str,
-    seed: int = 0,
-    tokenizer: bool = True,
-    dtype=torch.float32,
-    head: str = "lm",
-    extra_tokens=(),
-    **overrides,
-) -> str:
-    """A random Qwen3 checkpoint (as make_model): q_norm / k_norm on every layer, and by default a
+def make_qwen3_model(path: str, seed: int = 0, **kw) -> str:
+    """A random Qwen3 checkpoint (make_model's "qwen3"): q_norm / k_norm on every layer, and by default a
     head_dim of 24 with 4 heads, so heads * head_dim (96) differs from hidden_size (64)."""
-    os.makedirs(path, exist_ok=True)
-    base = dict(
-        vocab_size=320,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=24,
-        max_position_embeddings=512,
-        bos_token_id=BOS,
-        eos_token_id=EOS,
-        pad_token_id=PAD,
-        rms_norm_eps=1e-6,
-    )
-    base.update(overrides)
-    cfg = Qwen3Config(**base)
-    torch.manual_seed(seed)
-    if head == "token_cls":
-        cfg.num_labels = 2
-        model = AutoModelForTokenClassification.from_config(cfg, dtype=torch.float32)
-    else:
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.08)
-            elif "norm" in name:  # q_norm / k_norm included: far from 1, so a missing norm shows
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0, 0.05)
-    model.to(dtype).save_pretrained(path)
-    if tokenizer:
-        build_tokenizer(path, vocab_size=min(cfg.vocab_size, 300) - len(extra_tokens), extra_tokens=extra_tokens)
-    return path
+    return make_model(path, "qwen3", seed, **kw)
 
 
 def hf_model(path: str, dtype=torch.float32):
