@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # model_factory, as the benchmarks
 
-from model_factory import QWEN25_05B, build_tokenizer, make_config, make_records  # noqa: E402
+from model_factory import QWEN25_05B, QWEN25_7B, build_tokenizer, make_config, make_records  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoModelForTokenClassification  # noqa: E402
 
 from bstar import dist_utils  # noqa: E402
@@ -40,15 +40,7 @@ from engine.memory_plan import DeviceMemory, EngineSpec, GiB, Phase, plan_memory
 
 SHAPES = {
     "qwen2.5-0.5b": QWEN25_05B,
-    "qwen2.5-7b-4layers": dict(
-        vocab_size=152064,
-        hidden_size=3584,
-        intermediate_size=18944,
-        num_hidden_layers=4,
-        num_attention_heads=28,
-        num_key_value_heads=4,
-        tie_word_embeddings=False,
-    ),
+    "qwen2.5-7b-4layers": {**QWEN25_7B, "num_hidden_layers": 4},
 }
 OFFLOAD = {"qwen2.5-0.5b": False, "qwen2.5-7b-4layers": True}
 TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)

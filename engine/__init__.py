@@ -17,7 +17,7 @@ A prompt's path through the files:
                              (AttnMetadata) and runs model.py, whose attention, norm and rotary
                              calls go to kernels/
     cpu_decode.py            the torch decode path's state across steps: shared-prefix buffers,
-                             write-back, MKL-packed weights (packed_linear.py)
+                             write-back, the CPU GEMM per machine (linear.py: oneDNN or MKL-packed)
     step_inputs.py           the Triton (GPU) path's step inputs: persistent buffers filled
                              without host syncs, block tables kept on the device
     cuda_graphs.py           decode CUDA graphs per batch-size bucket, kernel warm-up at start-up

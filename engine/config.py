@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.errors import CheckpointError, RequestError
+from engine.linear import CPU_GEMMS
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "Qwen3ForCausalLM")
 # Reward-model heads on the same decoders (read by engine.PRM): a token-classification head
@@ -188,8 +189,10 @@ class EngineConfig:
     max_num_batched_tokens: int = 4096  # tokens per step (prefill chunks + decodes)
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings
     enable_prefix_caching: bool = True
-    # CPU float32: bytes of MKL-packed weight copies for the steady decode batch (0: never pack);
-    # see engine/packed_linear.py.
+    # CPU float32: the GEMM library of the Linear layers ("auto", "onednn", "mkl", "aten"; see
+    # engine/linear.py), and for "mkl" the bytes of packed weight copies for the steady decode batch
+    # (0: never pack).
+    cpu_gemm: str = "auto"
     cpu_packed_weights_bytes: int = 1 << 30
     # What Logprob.logprob (and cumulative_logprob) hold, as vLLM's logprobs_mode: "raw_logprobs"
     # (log_softmax of the model's logits), "raw_logits", "processed_logprobs" (after penalties,
@@ -211,6 +214,8 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.cpu_gemm not in CPU_GEMMS:
+            raise ValueError(f"cpu_gemm must be one of {', '.join(CPU_GEMMS)}, got {self.cpu_gemm!r}")
         if self.cpu_packed_weights_bytes < 0:
             raise ValueError(f"cpu_packed_weights_bytes must be >= 0, got {self.cpu_packed_weights_bytes}")
         if not isinstance(self.max_logprobs, int) or self.max_logprobs < -1:

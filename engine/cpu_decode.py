@@ -9,8 +9,8 @@ plan and calls `flush` before anything else touches the paged cache. It keeps:
 - the previous step as (seq ids, lengths, plan), to tell whether this step continues it;
 - write-back: a decode-only step that continues the previous one keeps its new K/V only in the
   buffers (`_dirty` tokens per row so far), and `flush` writes them into the paged cache later;
-- on CPU float32, the streak of decode batch sizes that decides when to MKL-pack the linear weights
-  (engine/packed_linear.py).
+- on CPU float32, the GEMM library of the Linear layers, and for MKL the streak of decode batch
+  sizes that decides when to pack the linear weights (engine/linear.py).
 
 Flush ordering. The buffers may hold K/V the paged cache lacks, so `flush` must run before anything
 reads or writes the cache slots of those tokens, or changes what the bookkeeping describes:
@@ -24,7 +24,7 @@ A slot whose sequence was freed meanwhile is at worst rewritten before its new o
 import torch
 
 from engine.config import EngineConfig, ModelConfig
-from engine.packed_linear import pack_linears, unpack_linears
+from engine.linear import pack_linears, resolve_cpu_gemm, set_cpu_gemm, unpack_linears
 from engine.scheduler import Batch
 from engine.sequence import Sequence
 from kernels.cascade_attention import CascadeBuffers, CascadePlan, build_cascade_plan
@@ -47,6 +47,10 @@ class CpuDecodeState:
         self._prev: tuple[list[int], list[int], CascadePlan] | None = None
         self._dirty = 0  # each row's last `_dirty` own tokens are in the buffers, not in the paged cache
         self._rows_seen, self._rows_streak, self._packed_rows = 0, 0, None
+        self.gemm = None  # CPU float32 only: "onednn", "mkl" or "aten" (engine/linear.py)
+        if kv.device.type == "cpu" and kv.dtype == torch.float32:
+            self.gemm = resolve_cpu_gemm(ecfg.cpu_gemm)
+            set_cpu_gemm(model, self.gemm)
 
     def plan(self, seqs: list[Sequence], lens: list[int], decode_only: bool) -> CascadePlan:
         """The cascade plan of the step's decode rows (`lens`: their lengths after this step), with
@@ -153,7 +157,7 @@ class CpuDecodeState:
         """Pack the linear weights for the decode batch size once it has held for 3 steps: packing
         costs about one pass over the weights, repaid after a step or two at that size."""
         budget = self.ecfg.cpu_packed_weights_bytes
-        if self.kv.device.type != "cpu" or self.kv.dtype != torch.float32 or not budget:
+        if self.gemm != "mkl" or not budget:
             return
         rows = len(batch.seqs) if batch.num_decode == len(batch.seqs) else 0
         self._rows_streak = self._rows_streak + 1 if rows == self._rows_seen else 0

@@ -15,7 +15,7 @@ from torch import nn
 import kernels
 from engine.config import ModelConfig
 from engine.errors import CheckpointError
-from engine.packed_linear import Linear, unpack_linears
+from engine.linear import Linear, unpack_linears
 from kernels.cascade_attention import CascadePlan, cascade_decode_attention
 
 

@@ -36,6 +36,16 @@ QWEN25_05B = dict(
     tie_word_embeddings=True,
     max_position_embeddings=4096,
 )
+QWEN25_7B = dict(  # Qwen2.5-7B shapes (the memory plan's figures are worked out by hand for these)
+    vocab_size=152064,
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    tie_word_embeddings=False,
+    max_position_embeddings=4096,
+)
 
 _CORPUS = [
     "Janet has 3 apples and buys 5 more. How many apples does she have? 3 + 5 = 8. The answer is 8.",

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_factory import QWEN25_7B
 from transformers import Qwen2Config
 
 from bstar.memory import run_memory_plan, train_phase, trainer_spec
@@ -22,16 +23,6 @@ from engine.loader import iter_weights
 from engine.memory_plan import DeviceMemory, GiB
 
 REPO = Path(__file__).resolve().parents[1]
-QWEN7B = dict(
-    hidden_size=3584,
-    num_hidden_layers=28,
-    num_attention_heads=28,
-    num_key_value_heads=4,
-    intermediate_size=18944,
-    vocab_size=152064,
-    tie_word_embeddings=False,
-    max_position_embeddings=4096,
-)
 GREEDY = SamplingParams(n=2, temperature=0, max_tokens=12, ignore_eos=True)
 PROMPTS = [[5, 9, 17, 33, 40], [7, 8, 9]]
 
@@ -40,7 +31,7 @@ PROMPTS = [[5, 9, 17, 33, 40], [7, 8, 9]]
 def q7_dir(tmp_path_factory) -> Path:
     """Qwen2.5-7B's config.json (float32 as a trainer saves it) and no weights: the plan needs shapes only."""
     d = tmp_path_factory.mktemp("q7")
-    Qwen2Config(**QWEN7B, torch_dtype="float32", architectures=["Qwen2ForCausalLM"]).save_pretrained(d)
+    Qwen2Config(**QWEN25_7B, torch_dtype="float32", architectures=["Qwen2ForCausalLM"]).save_pretrained(d)
     return d
 
 

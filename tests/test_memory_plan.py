@@ -7,7 +7,7 @@ parameter counts are also checked against transformers models built on the meta 
 
 import pytest
 import torch
-from model_factory import make_model
+from model_factory import QWEN25_05B, QWEN25_7B, make_model
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForTokenClassification,
@@ -40,26 +40,8 @@ from engine.memory_plan import (
 
 BF16 = torch.bfloat16
 HF_CONFIGS = {
-    "qwen2.5-0.5b": Qwen2Config(
-        hidden_size=896,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        intermediate_size=4864,
-        vocab_size=151936,
-        tie_word_embeddings=True,
-        max_position_embeddings=32768,
-    ),
-    "qwen2.5-7b": Qwen2Config(
-        hidden_size=3584,
-        num_hidden_layers=28,
-        num_attention_heads=28,
-        num_key_value_heads=4,
-        intermediate_size=18944,
-        vocab_size=152064,
-        tie_word_embeddings=False,
-        max_position_embeddings=4096,
-    ),
+    "qwen2.5-0.5b": Qwen2Config(**{**QWEN25_05B, "max_position_embeddings": 32768}),
+    "qwen2.5-7b": Qwen2Config(**QWEN25_7B),
     "mistral-7b": MistralConfig(
         hidden_size=4096,
         num_hidden_layers=32,

@@ -18,11 +18,11 @@ from torch.utils._pytree import tree_flatten
 import kernels
 from engine import LLM, PRM, RequestError, SamplingParams
 from engine.config import ModelConfig, resolve_dtype
+from engine.linear import Linear, packing_available
 from engine.llm_engine import LLMEngine, resolve_device
 from engine.loader import iter_weights
 from engine.memory_plan import param_count, unique_storage_bytes
 from engine.model_runner import device_guard
-from engine.packed_linear import Linear, packing_available
 
 GREEDY = SamplingParams(n=3, temperature=0, max_tokens=20, ignore_eos=True)
 PROMPTS = [[5, 17, 33, 9, 41, 8, 77, 12, 19, 20, 21, 60, 61, 62, 63, 64, 65, 66], [3, 4, 5, 6, 7]]
@@ -53,7 +53,8 @@ def _storages(tensors):
 
 @pytest.mark.parametrize("name", ["llama", "qwen2_tied"])
 def test_sleep_level1_releases_device_memory_and_wakes_identical(models, name):
-    llm = LLM(models[name], dtype="float32", device="cpu")
+    # MKL packing where available: the sleep must drop the packed copies too
+    llm = LLM(models[name], dtype="float32", device="cpu", cpu_gemm="mkl" if packing_available() else "aten")
     eng, runner = llm.engine, llm.engine.runner
     ref = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
     # state the sleep must drop existed: cascade buffers (n=3 siblings) and, with MKL, packed weight copies
