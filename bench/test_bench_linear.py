@@ -1,5 +1,6 @@
 """The decode step's GEMMs on CPU (float32, 128 rows, tiny-Llama shapes of bench/test_bench_generate.py):
-our Linear on the GEMM `cpu_gemm="auto"` picks for this machine (engine/linear.py) against ATen's
+our Linear on the GEMM `cpu_gemm="auto"` picks for this machine (engine/linear.py), weights packed or
+reordered as the engine does, against ATen's
 F.linear (MKL sgemm, what transformers runs), rounds alternating, results checked equal first.
 
 Run: pytest bench/test_bench_linear.py --benchmark-only -s
@@ -11,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.linear import Linear, resolve_cpu_gemm, set_cpu_gemm
+from engine.linear import Linear, pack_linears, resolve_cpu_gemm, set_cpu_gemm
 
 ROWS = 128
 SHAPES = [(256, 512), (256, 256), (256, 1408), (704, 256), (256, 4096)]  # qkv, o, gate_up, down, lm_head
@@ -25,6 +26,7 @@ def test_decode_gemms_cpu_vs_aten(benchmark):
     gen = torch.Generator().manual_seed(0)
     layers = torch.nn.Sequential(*(Linear(k, n) for k, n in SHAPES))
     set_cpu_gemm(layers, gemm)
+    pack_linears(layers, ROWS, 1 << 30)  # as the engine does after 3 steady decode steps
     xs = [torch.randn(ROWS, k, generator=gen) for k, _ in SHAPES]
 
     def ours():

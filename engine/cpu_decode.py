@@ -155,13 +155,15 @@ class CpuDecodeState:
 
     def maybe_pack(self, batch: Batch):
         """Pack the linear weights for the decode batch size once it has held for 3 steps: packing
-        costs about one pass over the weights, repaid after a step or two at that size."""
+        costs about one pass over the weights, repaid after a step or two at that size. (oneDNN's
+        reordered copy serves every row count: it is made once, until the weights change.)"""
         budget = self.ecfg.cpu_packed_weights_bytes
-        if self.gemm != "mkl" or not budget:
+        if self.gemm not in ("mkl", "onednn") or not budget:
             return
         rows = len(batch.seqs) if batch.num_decode == len(batch.seqs) else 0
         self._rows_streak = self._rows_streak + 1 if rows == self._rows_seen else 0
         self._rows_seen = rows
-        if rows and self._rows_streak == 2 and rows != self._packed_rows:
+        repack = self._packed_rows is None if self.gemm == "onednn" else rows != self._packed_rows
+        if rows and self._rows_streak == 2 and repack:
             pack_linears(self.model, rows, budget)
             self._packed_rows = rows

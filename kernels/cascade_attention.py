@@ -64,6 +64,7 @@ class CascadePlan:
     rows_in_order: bool  # row_of_slot is arange(B): rows are already group-major (no shuffles needed)
     new_pos: torch.Tensor  # int64 [B]   own-part position of each row's newest token (seq_len - 1 - prefix)
     new_slots: torch.Tensor  # int64 [B]   cache slot of that token
+    new_pos_same: int | None  # that position when it is the same for every row (a strided write), else None
     # With CascadeBuffers (see cascade_decode_attention): own_fresh is True when the own copies must
     # be refilled from the cache, False when they hold every own key but each row's newest token;
     # prefix_fresh is True when the group prefixes must be gathered again.
@@ -188,6 +189,7 @@ def build_cascade_plan(
         own_offsets_t=offsets_t if any(offsets) else None,
         rows_in_order=Gr * S == B and row_of_slot == list(range(B)),
         new_pos=new_pos_t,
+        new_pos_same=new_pos[0] if new_pos and new_pos.count(new_pos[0]) == B else None,
         new_slots=new_slots_t,
     )
 
@@ -228,7 +230,10 @@ def _own_keys(cache, buf, plan: CascadePlan, B, O, bs, Hkv, D, write_idx, new):
         if new is None:
             assert not plan.write_back, "write_back needs the newest K/V passed in (new_kv)"
             new = cache.view(-1, Hkv, D).index_select(0, plan.new_slots)
-        buf.view(-1, Hkv, D)[: B * buf.shape[1]].index_copy_(0, write_idx, new.to(buf.dtype))
+        if plan.new_pos_same is not None:  # siblings decoding in step: one strided copy
+            buf[:B, plan.new_pos_same].copy_(new)
+        else:
+            buf.view(-1, Hkv, D)[: B * buf.shape[1]].index_copy_(0, write_idx, new.to(buf.dtype))
     return buf[:B, : plan.own_len]
 
 

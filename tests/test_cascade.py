@@ -110,21 +110,24 @@ def test_plan_without_sharing_is_the_plain_reference():
     torch.testing.assert_close(cascade_decode_attention(q, k, v, plan), ref, atol=2e-6, rtol=2e-6)
 
 
+@pytest.mark.parametrize("in_step", [False, True])
 @pytest.mark.parametrize("pass_new", [False, True])
-def test_buffers_across_steps_match_reference(pass_new):
+def test_buffers_across_steps_match_reference(pass_new, in_step):
     """Fresh fill, then appends of one token per row (crossing block boundaries) with the group
-    prefix reused, then a refill; the newest K/V read back from the cache or handed in."""
+    prefix reused, then a refill; the newest K/V read back from the cache or handed in. Rows whose own
+    parts grow in step (siblings) take the strided write, ragged ones the indexed write."""
     bs, hq, hkv, d = 4, 4, 2, 8
     gen = torch.Generator().manual_seed(11)
     k, v = torch.randn(64, bs, hkv, d, generator=gen), torch.randn(64, bs, hkv, d, generator=gen)
     pre = [0, 1]
     tables = [pre + [10], pre + [20], [30, 31]]
-    lens = [2 * bs + 1, 2 * bs + 3, 6]
+    lens = [2 * bs + 1, 2 * bs + 1, 1] if in_step else [2 * bs + 1, 2 * bs + 3, 6]
     next_block = iter(range(40, 64))
     bufs = CascadeBuffers(torch.zeros(3, 8 * bs, hkv, d), torch.zeros(3, 8 * bs, hkv, d))
     for step in range(7):
         plan = build_cascade_plan(tables, lens, bs)
         plan.own_fresh = plan.prefix_fresh = step in (0, 5)
+        assert (plan.new_pos_same is not None) == in_step
         q = torch.randn(3, hq, d, generator=gen)
         new = None
         if pass_new:

@@ -118,22 +118,17 @@ def _packed_rows(llm):
 
 @pytest.mark.parametrize("gemm", GEMMS)
 def test_engine_on_each_gemm_matches_transformers(tiny, gemm):
-    """Logits, greedy tokens and the sampled candidates' log-probabilities (decode rows batched) against
-    transformers' float32 forward, whichever GEMM the Linear layers use."""
+    """Logits, the sampled candidates' log-probabilities (decode rows batched, weights packed or reordered
+    after 3 steady steps) and then greedy tokens (another row count) against transformers' float32
+    forward, whichever GEMM the Linear layers use."""
     llm = LLM(tiny, dtype="float32", device="cpu", cpu_gemm=gemm)
     assert llm.engine.runner.cpu_decode.gemm == gemm
-    assert {m.gemm for m in llm.engine.model.modules() if isinstance(m, Linear)} == {
-        "onednn" if gemm == "onednn" else gemm
-    }
+    assert {m.gemm for m in llm.engine.model.modules() if isinstance(m, Linear)} == {gemm}
     hf = hf_model(tiny)
     prompts = [list(range(3, 3 + 21)), list(range(40, 40 + 9))]
     with torch.no_grad():
         for p, got in zip(prompts, llm.compute_logits(prompts)):
             torch.testing.assert_close(got, hf(torch.tensor([p])).logits[0], atol=1e-4, rtol=1e-4)
-    greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-    for p, o in zip(prompts, llm.generate(prompts, greedy, use_tqdm=False)):
-        ref = hf.generate(torch.tensor([p]), max_new_tokens=12, min_new_tokens=12, do_sample=False)[0, len(p) :]
-        assert o.outputs[0].token_ids == ref.tolist()
     params = SamplingParams(n=4, temperature=1.0, max_tokens=12, ignore_eos=True, seed=3, logprobs=0)
     for p, o in zip(prompts, llm.generate(prompts, params, use_tqdm=False)):
         for c in o.outputs:
@@ -141,6 +136,13 @@ def test_engine_on_each_gemm_matches_transformers(tiny, gemm):
                 logits = hf(torch.tensor([p + c.token_ids])).logits[0, len(p) - 1 : -1].double()
             ref = torch.log_softmax(logits, -1)[torch.arange(len(c.token_ids)), c.token_ids]
             assert c.cumulative_logprob == pytest.approx(ref.sum().item(), abs=1e-3)
+    assert _packed_rows(llm) == (set() if gemm == "aten" else {8})
+    greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    for p, o in zip(prompts, llm.generate(prompts, greedy, use_tqdm=False)):
+        ref = hf.generate(torch.tensor([p]), max_new_tokens=12, min_new_tokens=12, do_sample=False)[0, len(p) :]
+        assert o.outputs[0].token_ids == ref.tolist()
+    # oneDNN's reordered copy serves the 2 greedy rows as it is; MKL repacks for them
+    assert _packed_rows(llm) == {"aten": set(), "onednn": {8}, "mkl": {2}}[gemm]
 
 
 @needs_mkl
