@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import bstar.train.checkpoint as checkpoint_mod
 from bstar.cli import main
 from bstar.train.config import SFTConfig, lr_at
+from bstar.train.cpu_gemm import OneDnnLinear, OneDnnLinearFunction
 from bstar.train.data import (
     IGNORE,
     SFTExample,
@@ -36,6 +37,7 @@ from bstar.train.data import (
 from bstar.train.trainer import SFTTrainer, sft_loss_sum
 from bstar.train.varlen_attention import register_varlen_attention
 from engine.errors import BStarError, CheckpointError, DataError
+from engine.linear import onednn_available
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(micro_batch_tokens=256, max_seq_len=256, progress=False)
@@ -289,6 +291,47 @@ def test_first_step_matches_manual_adamw_reference(llama_dir, pack):
     mine = dict(t.named_weights())
     for name, p in ref.named_parameters():
         torch.testing.assert_close(mine[name], p.detach(), rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN")
+@pytest.mark.parametrize("bias", [False, True])
+def test_onednn_linear_forward_and_backward_match_float64(bias):
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 7, 24, generator=gen, requires_grad=True)
+    w = torch.randn(40, 24, generator=gen, requires_grad=True)
+    b = torch.randn(40, generator=gen, requires_grad=True) if bias else None
+    g = torch.randn(3, 7, 40, generator=gen)
+    out = OneDnnLinearFunction.apply(x, w, b)
+    out.backward(g)
+    xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    bd = b.detach().double().requires_grad_() if bias else None
+    ref = F.linear(xd, wd, bd)
+    ref.backward(g.double())
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    for got, want in [(x.grad, xd.grad), (w.grad, wd.grad)] + ([(b.grad, bd.grad)] if bias else []):
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN")
+def test_trainer_on_onednn_matches_aten(llama_dir):
+    """The same steps with the Linear layers on oneDNN and on ATen: same losses, grad norms and weights
+    (to rounding); only float32 CPU one-process trainers switch."""
+    recs = make_records(12, seed=6)
+    kw = dict(lr=1e-3, batch_examples=4, max_steps=3, **SMALL)
+    a = SFTTrainer(llama_dir, SFTConfig(**kw, cpu_gemm="onednn"))
+    b = SFTTrainer(llama_dir, SFTConfig(**kw, cpu_gemm="aten"))
+    assert a.cpu_gemm == "onednn" and b.cpu_gemm == "aten"
+    linears = lambda t: [type(m) for m in t.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert set(linears(a)) == {OneDnnLinear} and set(linears(b)) == {torch.nn.Linear}
+    ra, rb = a.train(recs), b.train(recs)
+    assert ra.losses == pytest.approx(rb.losses, rel=1e-5)
+    assert [m["grad_norm"] for m in ra.metrics] == pytest.approx([m["grad_norm"] for m in rb.metrics], rel=1e-4)
+    wb = dict(b.named_weights())
+    for n, w in a.named_weights():
+        torch.testing.assert_close(w, wb[n], atol=1e-4, rtol=1e-4)
+    assert a.model.state_dict().keys() == b.model.state_dict().keys()
+    with pytest.raises(BStarError, match="cpu_gemm must be one of"):
+        SFTConfig(**kw, cpu_gemm="blas")
 
 
 def test_grad_checkpointing_same_step(llama_dir):

@@ -4,6 +4,7 @@
     data.py              (prompt, completion) records -> tokenised SFTExamples -> the batch plan
     varlen_attention.py  packed-row attention, registered with transformers as "bstar_varlen"
     loss.py              next-token cross-entropy with the LM head in chunks (no [tokens, vocab] logits)
+    cpu_gemm.py          the Linear layers on oneDNN (CPU float32, one process) with their backward
     parallelize.py       the `fully_shard` calls (optionally CPU-offloaded), rank-0 broadcast load, gather
     checkpoint.py        HF safetensors dir + trainer_state/ for resume, written atomically
     trainer.py           SFTTrainer: the training loop, weights in and out

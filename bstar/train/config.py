@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from engine.config import DTYPES
 from engine.errors import BStarError
+from engine.linear import CPU_GEMMS
 
 VARLEN = "bstar_varlen"  # our packed attention (bstar.train.varlen_attention)
 
@@ -46,6 +47,10 @@ class SFTConfig:
     # AdamW's fused kernel where the parameters' device has one (CUDA, CPU); otherwise the for-loop
     # implementation. Never foreach (a second copy of the parameters in temporaries).
     fused_optimizer: bool = True
+    # CPU float32 without FSDP: the GEMM library of the Linear layers, chosen as the engine's (engine.linear:
+    # "auto" takes oneDNN except on Intel CPUs; "onednn" forces it; "mkl" and "aten" keep ATen's F.linear).
+    # See bstar/train/cpu_gemm.py.
+    cpu_gemm: str = "auto"
     # FSDP2 CPUOffloadPolicy: parameters, gradients and AdamW state in host memory, the optimizer step on the
     # CPU, each layer's weights copied to the device for its forward/backward (a one-rank process group
     # when not under torchrun). What lets one 80 GB GPU fine-tune a 7B model.
@@ -73,6 +78,8 @@ class SFTConfig:
             raise BStarError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise BStarError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.cpu_gemm not in CPU_GEMMS:
+            raise BStarError(f"cpu_gemm must be one of {', '.join(CPU_GEMMS)}, got {self.cpu_gemm!r}")
         if self.save_dtype != "auto" and self.save_dtype not in DTYPES:
             raise BStarError(f"save_dtype must be 'auto' or one of {list(DTYPES)}, got {self.save_dtype!r}")
         if self.ce_chunk is not None and self.ce_chunk < 0:
