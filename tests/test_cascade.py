@@ -178,18 +178,7 @@ def test_rows_in_group_order_take_no_shuffle():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return make_model(
-        str(tmp_path_factory.mktemp("casc") / "m"),
-        "llama",
-        seed=4,
-        vocab_size=320,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tokenizer=False,
-    )
+    return make_model(str(tmp_path_factory.mktemp("casc") / "m"), "llama", seed=4, tokenizer=False)
 
 
 def test_engine_with_cascade_equals_plain_decode(tiny, monkeypatch):

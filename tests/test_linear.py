@@ -98,18 +98,7 @@ def test_budget_limits_packing():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return make_model(
-        str(tmp_path_factory.mktemp("pk") / "m"),
-        "llama",
-        seed=9,
-        vocab_size=320,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tokenizer=False,
-    )
+    return make_model(str(tmp_path_factory.mktemp("pk") / "m"), "llama", seed=9, tokenizer=False)
 
 
 def _packed_rows(llm):
