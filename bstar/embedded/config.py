@@ -41,7 +41,6 @@ class EmbeddedConfig:
     prm_samples: int = 4  # warm-policy samples per question, at each of temperatures 0.8 and 1.2
     prm_valid: int = 2  # valid solutions in random styles per question
     prm_wrong: int = 6  # synthetic wrong solutions per question (task.wrong_solution)
-    prm_miscalc: int = 0  # right answers with one miscalculated step per question (task.miscalculated_solution)
     prm_steps: int = 1500  # optimizer steps
     prm_lr: float = 1e-3
     prm_batch: int = 32
@@ -113,7 +112,7 @@ class EmbeddedConfig:
             bad("prm_questions", f"must be <= n_train ({self.n_train})")
         if self.prm_eval_questions > self.n_test:
             bad("prm_eval_questions", f"must be <= n_test ({self.n_test})")
-        for f in ("prm_valid", "prm_wrong", "prm_miscalc"):
+        for f in ("prm_valid", "prm_wrong"):
             if not isinstance(getattr(self, f), int) or getattr(self, f) < 0:
                 bad(f, "must be an integer >= 0")
         for f in ("warm_lr", "prm_lr"):

@@ -71,7 +71,6 @@ def prm_data(cfg: EmbeddedConfig, policy: Path, questions: list[Example]) -> tup
         p = T.parse_question(e.question)
         synthetic = [T.render_text(p, rng.choice(T.STYLES)) for _ in range(cfg.prm_valid)]
         synthetic += [T.wrong_solution(p, rng) for _ in range(cfg.prm_wrong)]
-        synthetic += [T.miscalculated_solution(p, rng) for _ in range(cfg.prm_miscalc)]
         for text in [t for t in texts if t.strip()] + synthetic:
             steps = T.solution_lines(text)
             rows.append((e.question, steps, T.label_lines(p, steps)))

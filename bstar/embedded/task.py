@@ -585,34 +585,6 @@ def wrong_solution(p: Problem, rng: random.Random) -> str:
     return "\n".join(render(p, style)[:-1] + [f"#### {p.answer() + 1}"])
 
 
-def miscalculated_solution(p: Problem, rng: random.Random) -> str:
-    """A valid solution of `p` in a random style with one step's arithmetic wrong and the rest left as it
-    was, so the answer stays right: an operand of one line changed (by 1-3, or to another number of the
-    question) with its result kept, or its result changed without the later lines following. This is how
-    the warm policy's lucky right answers look ('12 + 12 = 23', then '#### 23'), the wrong steps a PRM must
-    catch to pick a right answer for the right reason. (Labels come from step_labels.)"""
-    lines = render(p, rng.choice(STYLES))
-    numbers = sorted(given_numbers(p))
-    for _ in range(20):
-        i = rng.randrange(len(lines) - 1)
-        toks = _TOKEN.findall(lines[i])
-        if rng.random() < 0.7:
-            j = rng.choice([k for k, t in enumerate(toks[: toks.index("=")]) if t.isdigit()])
-            x = int(toks[j])
-            new = rng.choice(numbers) if rng.random() < 0.3 else x + rng.choice((-3, -2, -1, 1, 2, 3))
-        else:
-            j, x = len(toks) - 1, int(toks[-1])
-            new = x + rng.choice((-10, -3, -2, -1, 1, 2, 3, 10))
-        if new == x or new < 0:
-            continue
-        toks[j] = str(new)
-        lhs = toks[: toks.index("=")]
-        if _evaluate(lhs) == int(toks[-1]):
-            continue  # still right (e.g. 2 * 3 -> 3 * 2): no error made
-        return "\n".join(lines[:i] + [" ".join(lhs) + f" = {toks[-1]}"] + lines[i + 1 :])
-    return "\n".join(lines[:-1] + [f"#### {p.answer() + 1}"])
-
-
 # -- datasets -----------------------------------------------------------------------------------
 
 
