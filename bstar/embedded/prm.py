@@ -156,7 +156,8 @@ def prm_quality(cfg: EmbeddedConfig, prm: Path, policy: Path, questions: list[Ex
     question), Reward@K (the PRM's pick) against Pass@1 (a random pick), step AUC and accuracy against the
     true step labels. The same against validity (every step good, task.is_valid), what a step-level reward
     can see: within-question AUC, the share of questions where its pick is valid against a random pick's,
-    and the lucky share (right answers with a wrong step) that caps how far answers can follow."""
+    the lucky share (right answers with a wrong step), and Reward@K of an oracle scoring every step by its
+    true label (how far a perfect PRM would lift the pick on these samples)."""
     k = cfg.prm_eval_k
     texts = policy_samples(cfg, policy, questions, k, (1.0,), cfg.seed + 202)
     model = PRM(str(prm), device="cpu", scale="logit")
@@ -185,6 +186,8 @@ def prm_quality(cfg: EmbeddedConfig, prm: Path, policy: Path, questions: list[Ex
         "prm_valid_at_k": reward_at_k(valid, prm, k),
         "prm_valid_at_1": sum(sum(v) / len(v) for v in valid) / len(valid),
         "prm_lucky_share": lucky_share(correct, valid),
+        # a PRM that scored every step by its true label: the pick's accuracy with perfect step rewards
+        "prm_oracle_reward_at_k": reward_at_k(correct, [[float(all(lb)) for lb in q] for q in labels], k),
         "prm_step_auc": step_auc(steps, flat_labels),
         "prm_step_accuracy": right / max(1, n_steps),
         "prm_majority_rate": max(good, 1 - good),
