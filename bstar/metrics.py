@@ -14,6 +14,7 @@ aggregated PRM score, `texts[i][j]` its text.
     auc(pos, neg)                         P(a positive scores above a negative), ties 1/2
     within_question_auc(correct, prm)     the PRM's AUC of correct vs wrong samples of the same question
     step_auc(step_scores, step_labels)    the PRM's AUC of its step scores against true step labels
+    lucky_share(correct, valid)           share of correct samples whose steps are not all good
     sample_metrics(correct, prm, texts, k) the sampled-eval metrics as one dict
 """
 
@@ -156,6 +157,15 @@ def step_auc(step_scores: Sequence[Sequence[float]], step_labels: Sequence[Seque
         for s, ok in zip(ss, ls):
             (pos if ok else neg).append(s)
     return auc(pos, neg)
+
+
+def lucky_share(correct: Sequence[Sequence[bool]], valid: Sequence[Sequence[bool]]) -> float | None:
+    """The share of correct samples that are not valid (a wrong step on the way to the right answer): right
+    answers a step-level reward should rank low. None when no sample is correct."""
+    if len(correct) != len(valid) or any(len(c) != len(v) for c, v in zip(correct, valid)):
+        raise RequestError("lucky_share: grades and validity flags differ in shape")
+    pairs = [(c, v) for cs, vs in zip(correct, valid) for c, v in zip(cs, vs) if c]
+    return sum(not v for _, v in pairs) / len(pairs) if pairs else None
 
 
 def sample_metrics(

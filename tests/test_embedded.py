@@ -101,6 +101,10 @@ def test_prm_loads_and_scores(built):
     m = a.manifest["metrics"]
     assert 0.0 <= m["prm_step_accuracy"] <= 1.0 and m["prm_eval_steps"] > 0
     assert 0.5 <= m["prm_majority_rate"] <= 1.0
+    assert 0.0 <= m["prm_valid_at_1"] <= m["prm_pass_at_1"] <= 1.0  # a valid sample has the right answer
+    assert m["prm_lucky_share"] is None or 0.0 <= m["prm_lucky_share"] <= 1.0
+    # the oracle picks a valid sample wherever there is one: at least a random pick's validity
+    assert m["prm_valid_at_1"] <= m["prm_oracle_reward_at_k"] <= 1.0
     prm = PRM(str(a.prm_path), device="cpu", scale="logit")
     e = a.test[1]
     wrong = e.gold_solution.replace("=", "= 1", 1)

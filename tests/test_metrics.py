@@ -13,6 +13,7 @@ from bstar.metrics import (
     extract_equations,
     frac_any_correct,
     greedy_accuracy,
+    lucky_share,
     mean_pass_at_k,
     pass_at_1,
     pass_at_k,
@@ -114,3 +115,12 @@ def test_sample_metrics_keys():
             "diversity_equations": 1.0,
         }
     )
+
+
+def test_lucky_share():
+    correct = [[True, True, False], [True, False]]
+    valid = [[True, False, False], [False, False]]
+    assert lucky_share(correct, valid) == pytest.approx(2 / 3)  # 3 correct samples, 2 with a wrong step
+    assert lucky_share([[False]], [[False]]) is None
+    with pytest.raises(RequestError):
+        lucky_share([[True, False]], [[True]])

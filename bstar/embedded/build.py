@@ -206,9 +206,9 @@ def _build(cfg: EmbeddedConfig, out: Path, progress: bool) -> None:
     _log(
         progress,
         f"prm: on {quality['prm_eval_questions']} held-out questions x {quality['prm_eval_k']} policy samples, "
-        f"within-question AUC {_f(quality['prm_within_auc'])}, Reward@{quality['prm_eval_k']} "
-        f"{quality['prm_reward_at_k']:.3f} vs Pass@1 {quality['prm_pass_at_1']:.3f}, step AUC "
-        f"{_f(quality['prm_step_auc'])} ({times['prm']:.1f}s)",
+        f"within-question AUC {_f(quality['prm_within_auc'])} (vs validity {_f(quality['prm_within_auc_valid'])}), "
+        f"Reward@{quality['prm_eval_k']} {quality['prm_reward_at_k']:.3f} vs Pass@1 {quality['prm_pass_at_1']:.3f}, "
+        f"lucky share {_f(quality['prm_lucky_share'])}, step AUC {_f(quality['prm_step_auc'])} ({times['prm']:.1f}s)",
     )
 
     times["total"] = time.perf_counter() - t_all

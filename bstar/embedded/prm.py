@@ -32,7 +32,7 @@ from bstar.embedded import task as T
 from bstar.embedded.config import EmbeddedConfig
 from bstar.embedded.policy import engine_llm
 from bstar.embedded.tokenizer import BAD, GOOD, PAD, STEP_TAG
-from bstar.metrics import reward_at_k, step_auc, within_question_auc
+from bstar.metrics import lucky_share, reward_at_k, step_auc, within_question_auc
 from bstar.rewards import grade
 from bstar.tasks import Example, format_prompt
 from engine import PRM, SamplingParams
@@ -154,7 +154,10 @@ def prm_quality(cfg: EmbeddedConfig, prm: Path, policy: Path, questions: list[Ex
     """The PRM judged as selection uses it, on `questions` (held out from its training): K samples of the
     policy per question; within-question AUC of the min-step logit (correct vs wrong answers of the same
     question), Reward@K (the PRM's pick) against Pass@1 (a random pick), step AUC and accuracy against the
-    true step labels."""
+    true step labels. The same against validity (every step good, task.is_valid), what a step-level reward
+    can see: within-question AUC, the share of questions where its pick is valid against a random pick's,
+    the lucky share (right answers with a wrong step), and Reward@K of an oracle scoring every step by its
+    true label (how far a perfect PRM would lift the pick on these samples)."""
     k = cfg.prm_eval_k
     texts = policy_samples(cfg, policy, questions, k, (1.0,), cfg.seed + 202)
     model = PRM(str(prm), device="cpu", scale="logit")
@@ -162,9 +165,11 @@ def prm_quality(cfg: EmbeddedConfig, prm: Path, policy: Path, questions: list[Ex
     correct = [[grade(t, e.gold_answer, e.task) for t in ts] for e, ts in zip(questions, texts)]
     prm = [[s.score for s in ss] for ss in scored]
     labels = [[T.step_labels(e.question, t) for t in ts] for e, ts in zip(questions, texts)]
+    valid = [[T.is_valid(e.question, t) for t in ts] for e, ts in zip(questions, texts)]
     steps = [s.step_scores for ss in scored for s in ss]
     flat_labels = [lb for q in labels for lb in q]
     within, n_q = within_question_auc(correct, prm)
+    within_valid, n_valid_q = within_question_auc(valid, prm)
     right = sum(v > 0 and lb for ss, lbs in zip(steps, flat_labels) for v, lb in zip(ss, lbs))
     right += sum(v <= 0 and not lb for ss, lbs in zip(steps, flat_labels) for v, lb in zip(ss, lbs))
     n_steps = sum(len(lb) for lb in flat_labels)
@@ -176,6 +181,13 @@ def prm_quality(cfg: EmbeddedConfig, prm: Path, policy: Path, questions: list[Ex
         "prm_within_auc_questions": n_q,
         "prm_reward_at_k": reward_at_k(correct, prm, k),
         "prm_pass_at_1": sum(sum(c) / len(c) for c in correct) / len(correct),
+        "prm_within_auc_valid": within_valid,
+        "prm_within_auc_valid_questions": n_valid_q,
+        "prm_valid_at_k": reward_at_k(valid, prm, k),
+        "prm_valid_at_1": sum(sum(v) / len(v) for v in valid) / len(valid),
+        "prm_lucky_share": lucky_share(correct, valid),
+        # a PRM that scored every step by its true label: the pick's accuracy with perfect step rewards
+        "prm_oracle_reward_at_k": reward_at_k(correct, [[float(all(lb)) for lb in q] for q in labels], k),
         "prm_step_auc": step_auc(steps, flat_labels),
         "prm_step_accuracy": right / max(1, n_steps),
         "prm_majority_rate": max(good, 1 - good),
