@@ -75,12 +75,15 @@ class CpuDecodeState:
         row is one token longer and its own blocks were only extended (no copy-on-write, no
         preemption in between), each layer copies B new tokens instead of re-gathering every row's
         history from the paged cache, and in a decode-only step those tokens skip the paged cache
-        (write-back: see flush)."""
+        (write-back: see flush). When rows left or joined (EOS, continuous batching), the rows that
+        continue as above keep their own K/V (moved to their new buffer rows) and only the others are
+        gathered from the paged cache; otherwise a batch that changes at every EOS would re-gather
+        every row every step."""
         B, O = plan.own_blocks.shape
         m, bs = self.mcfg, self.block_size
         key = [s.seq_id for s in seqs]
         prev, bufs = self._prev, self._buffers
-        same_rows = False
+        same_rows, was_row = False, None  # per row: its buffer row in the previous step (-1: none)
         if prev is not None:
             prev_key, prev_lens, was = prev
             same_rows = (
@@ -89,14 +92,28 @@ class CpuDecodeState:
                 and torch.equal(was.slot_of_row, plan.slot_of_row)
                 and was.own_offsets == plan.own_offsets
             )
-        extends = same_rows and all(
-            n == p + 1 and t[: len(pt)] == pt for n, p, t, pt in zip(lens, prev_lens, plan.own_tables, was.own_tables)
-        )
+            where = dict(zip(prev_key, range(len(prev_key))))
+            was_row = [where.get(sid, -1) for sid in key]
+            for b, i in enumerate(was_row):  # a row continues: one token longer, its own blocks only extended
+                if i >= 0 and not (
+                    lens[b] == prev_lens[i] + 1
+                    and plan.own_offsets[b] == was.own_offsets[i]
+                    and plan.own_tables[b][: len(was.own_tables[i])] == was.own_tables[i]
+                ):
+                    was_row[b] = -1
+        extends = same_rows and -1 not in was_row
         fits = bufs is not None and bufs[0].own_k.shape[0] >= B and bufs[0].own_k.shape[1] >= O * bs
         # (a row with no own keys would have its newest token in a shared block: never written back)
         plan.write_back = extends and fits and decode_only and plan.own_empty is None
         if not plan.write_back:
             self.flush()  # before the buffers or their bookkeeping change
+        if fits and not extends and was_row and max(was_row) >= 0:
+            # Rows left or joined (continuous batching): the continuing rows' own K/V move to their new
+            # buffer rows, only the others are gathered from the paged cache.
+            self._move_rows(was_row, max(was.own_lens))
+            fresh = [b for b, i in enumerate(was_row) if i < 0]
+            plan.fresh_rows = long_tensor(fresh, self.kv.device) if fresh else None
+            extends = True
         self._prev = (key, lens, plan)
         if not fits:
             rows = max(B, bufs[0].own_k.shape[0] if bufs else 0)
@@ -116,6 +133,20 @@ class CpuDecodeState:
         plan.prefix_fresh = not same_rows
         plan.own_fresh = not extends
         self._dirty += plan.write_back
+
+    def _move_rows(self, rows: list[int], own_len: int):
+        """Every layer's buffers: row b takes the first `own_len` own K/V of previous row rows[b] (>= 0)."""
+        moves = [(b, i) for b, i in enumerate(rows) if i >= 0 and i != b]
+        if not moves or not own_len:
+            return
+        dst, src = (
+            long_tensor([b for b, _ in moves], self.kv.device),
+            long_tensor([i for _, i in moves], self.kv.device),
+        )
+        for bufs in self._buffers:
+            for t in (bufs.own_k, bufs.own_v):
+                part = t[:, :own_len]
+                part.index_copy_(0, dst, part.index_select(0, src))
 
     def flush(self):
         """Write back into the paged cache the K/V that write-back steps left only in the buffers:

@@ -72,6 +72,9 @@ class CascadePlan:
     prefix_fresh: bool = True
     buffers: list | None = None  # per layer CascadeBuffers, attached by the caller that keeps them
     write_idx: tuple | None = None  # (flat own-buffer index of each row's newest token, buffer capacity)
+    # With own_fresh False: rows whose own K/V the buffers do not hold (None: all hold theirs), gathered
+    # from the cache this step; the caller has moved every other row's K/V to its row of the buffers.
+    fresh_rows: torch.Tensor | None = None
     # Set by a caller that kept this step's newest K/V out of the paged cache (they are only in
     # new_kv and, after the call, in the buffers); it writes them back later.
     write_back: bool = False
@@ -219,10 +222,7 @@ def _own_keys(cache, buf, plan: CascadePlan, B, O, bs, Hkv, D, write_idx, new):
     from `buf`, a contiguous copy kept across steps, so that a decode step copies B new tokens
     (`new` [B, Hkv, D], or read back from the cache) instead of every row's whole history."""
     if buf is None or plan.own_fresh:
-        own = cache.index_select(0, plan.own_blocks.view(-1)).view(B, O * bs, Hkv, D)
-        if plan.own_offsets_t is not None:  # own parts starting inside a block: shift each row
-            pos = (plan.own_offsets_t[:, None] + torch.arange(plan.own_len, device=own.device)).clamp_(max=O * bs - 1)
-            own = own[torch.arange(B, device=own.device)[:, None], pos]
+        own = _gather_own(cache, plan, None, O, bs, Hkv, D)
         if buf is None:
             return own[:, : plan.own_len]
         buf[:B, : own.shape[1]].copy_(own)
@@ -234,7 +234,23 @@ def _own_keys(cache, buf, plan: CascadePlan, B, O, bs, Hkv, D, write_idx, new):
             buf[:B, plan.new_pos_same].copy_(new)
         else:
             buf.view(-1, Hkv, D)[: B * buf.shape[1]].index_copy_(0, write_idx, new.to(buf.dtype))
+        if plan.fresh_rows is not None:  # rows the buffers do not hold yet (joined this step): from the cache
+            own = _gather_own(cache, plan, plan.fresh_rows, O, bs, Hkv, D)
+            buf[:, : own.shape[1]].index_copy_(0, plan.fresh_rows, own)
     return buf[:B, : plan.own_len]
+
+
+def _gather_own(cache, plan: CascadePlan, rows, O, bs, Hkv, D):
+    """The own parts of `rows` (int64 tensor; None: every row) gathered from the paged cache,
+    [rows, >= own_len, Hkv, D], each starting at its row's first own key."""
+    blocks = plan.own_blocks if rows is None else plan.own_blocks.index_select(0, rows)
+    n = blocks.shape[0]
+    own = cache.index_select(0, blocks.view(-1)).view(n, O * bs, Hkv, D)
+    if plan.own_offsets_t is not None:  # own parts starting inside a block: shift each row
+        offsets = plan.own_offsets_t if rows is None else plan.own_offsets_t.index_select(0, rows)
+        pos = (offsets[:, None] + torch.arange(plan.own_len, device=own.device)).clamp_(max=O * bs - 1)
+        own = own[torch.arange(n, device=own.device)[:, None], pos]
+    return own
 
 
 def cascade_decode_attention(

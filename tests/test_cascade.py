@@ -7,6 +7,7 @@ import pytest
 import torch
 from model_factory import make_model
 
+import kernels.cascade_attention as cascade_mod
 from engine import LLM, SamplingParams
 from engine.cpu_decode import CpuDecodeState
 from engine.prompt_forward import forward_prompts
@@ -198,6 +199,49 @@ def test_engine_with_cascade_equals_plain_decode(tiny, monkeypatch):
     for got in (fast, small):
         assert got[0] == plain[0]
         assert got[1] == pytest.approx(plain[1], abs=1e-4)
+
+
+@pytest.mark.parametrize("max_num_seqs", [256, 8])
+def test_rows_leaving_and_joining_keep_the_others_buffers(tiny, monkeypatch, max_num_seqs):
+    """Candidates stopping at scattered steps (and, with 8 sequences at most, others joining as they
+    finish): the rows still decoding keep their own K/V (moved to their new rows of the buffers, not
+    gathered again from the paged cache), only joining rows are gathered, and every output equals the
+    plain path."""
+    prompts = [list(range(3, 3 + 21)), list(range(40, 40 + 9)), list(range(100, 100 + 33))]
+    stops = list(range(200, 216))  # 5% of the vocabulary: candidates stop at scattered steps
+    params = SamplingParams(n=6, temperature=1.0, max_tokens=40, seed=2, stop_token_ids=stops, logprobs=0)
+    moves, full, partial = [], [], []
+    move_rows, own_keys = CpuDecodeState._move_rows, cascade_mod._own_keys
+
+    def counting_move_rows(self, rows, own_len):
+        moves.append(sum(i >= 0 and i != b for b, i in enumerate(rows)))
+        return move_rows(self, rows, own_len)
+
+    def counting_own_keys(cache, buf, plan, *a):
+        full.append(buf is None or plan.own_fresh)
+        partial.append(not full[-1] and plan.fresh_rows is not None)
+        return own_keys(cache, buf, plan, *a)
+
+    monkeypatch.setattr(CpuDecodeState, "_move_rows", counting_move_rows)
+    monkeypatch.setattr(cascade_mod, "_own_keys", counting_own_keys)
+
+    def run():
+        llm = LLM(tiny, dtype="float32", device="cpu", block_size=4, max_num_seqs=max_num_seqs)
+        outs = [c for o in llm.generate(prompts, params, use_tqdm=False) for c in o.outputs]
+        return [c.token_ids for c in outs], [c.cumulative_logprob for c in outs]
+
+    fast = run()
+    assert len(set(map(len, fast[0]))) > 5  # the candidates stopped at many different steps
+    assert sum(m > 0 for m in moves) >= 5  # rows moved to new buffer rows instead of a re-gather
+    # full gathers from the paged cache: the first decode step and block-table changes, not every step the
+    # batch changed
+    assert sum(full) < len(full) // 3
+    if max_num_seqs == 8:
+        assert sum(partial) >= 3  # rows joined mid-batch and only they were gathered
+    monkeypatch.setattr(CpuDecodeState, "plan", lambda *a, **k: None)  # decode rows take the plain path
+    plain = run()
+    assert fast[0] == plain[0]
+    assert fast[1] == pytest.approx(plain[1], abs=1e-4)
 
 
 def test_write_back_keeps_the_cache_whole(tiny, monkeypatch):
