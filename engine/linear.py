@@ -35,6 +35,11 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def onednn_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ w [N, K]^T (+ b) on oneDNN (no autograd; strided operands and a reordered w are fine)."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+
 @functools.cache
 def cpu_vendor() -> str:
     """The CPU's vendor id ("GenuineIntel", "AuthenticAMD", ...; "" where /proc/cpuinfo says nothing)."""
@@ -72,7 +77,7 @@ class Linear(nn.Linear):
             if torch.is_grad_enabled():  # oneDNN's op has no autograd
                 return F.linear(x, self.weight, self.bias)
             w = self.weight if p is None else p[1]  # oneDNN takes its reordered copy for any row count
-            return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
+            return onednn_linear(x, w, self.bias)
         if p is not None and x.dim() == 2 and x.shape[0] == p[0]:
             return torch.ops.mkl._mkl_linear(x, p[1], self.weight, self.bias, p[0])
         return F.linear(x, self.weight, self.bias)

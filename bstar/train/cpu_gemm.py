@@ -12,10 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def _gemm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] @ w[N, K]^T (+ b): oneDNN's linear (strided operands are fine)."""
-    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+from engine.linear import onednn_linear
 
 
 class OneDnnLinearFunction(torch.autograd.Function):
@@ -23,7 +20,7 @@ class OneDnnLinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return _gemm(x, weight, bias)
+        return onednn_linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
@@ -31,9 +28,9 @@ class OneDnnLinearFunction(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1])  # [T, N]
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = _gemm(g, weight.t()).view(x.shape)  # g W: weight.t() [K, N] as oneDNN's [out, in]
+            gx = onednn_linear(g, weight.t()).view(x.shape)  # g W: weight.t() [K, N] as oneDNN's [out, in]
         if ctx.needs_input_grad[1]:
-            gw = _gemm(g.t(), x.reshape(-1, x.shape[-1]).t())  # g^T x  [N, K]
+            gw = onednn_linear(g.t(), x.reshape(-1, x.shape[-1]).t())  # g^T x  [N, K]
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = g.sum(0)
         return gx, gw, gb
