@@ -92,8 +92,11 @@ class CpuDecodeState:
                 and torch.equal(was.slot_of_row, plan.slot_of_row)
                 and was.own_offsets == plan.own_offsets
             )
-            where = dict(zip(prev_key, range(len(prev_key))))
-            was_row = [where.get(sid, -1) for sid in key]
+            if prev_key == key:  # the steady case: every row where it was
+                was_row = list(range(B))
+            else:
+                where = dict(zip(prev_key, range(len(prev_key))))
+                was_row = [where.get(sid, -1) for sid in key]
             for b, i in enumerate(was_row):  # a row continues: one token longer, its own blocks only extended
                 if i >= 0 and not (
                     lens[b] == prev_lens[i] + 1
