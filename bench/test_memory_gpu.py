@@ -20,7 +20,7 @@ import os
 
 import pytest
 import torch
-from model_factory import make_model
+from model_factory import QWEN25_05B, make_model
 
 from engine import LLM, PRM, SamplingParams
 from engine.errors import MemoryPlanError
@@ -33,14 +33,7 @@ pytestmark = pytest.mark.skipif(not (CUDA or DRY), reason="needs CUDA (or BSTAR_
 
 # Qwen2.5-0.5B shapes on CUDA; tiny ones for the dry run
 SHAPES = (
-    dict(
-        vocab_size=151936,
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-    )
+    {k: v for k, v in QWEN25_05B.items() if k not in ("tie_word_embeddings", "max_position_embeddings")}  # set below
     if CUDA
     else dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
 )
