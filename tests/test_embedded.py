@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import random
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -17,7 +18,7 @@ from bstar.config import RunConfig
 from bstar.embedded import EmbeddedConfig, build_assets, load_assets
 from bstar.embedded import task as T
 from bstar.embedded.config import VERSION
-from bstar.embedded.prm import prm_inputs, prm_quality
+from bstar.embedded.prm import _batches, prm_inputs, prm_quality
 from bstar.embedded.tokenizer import BOS, EOS, PAD
 from bstar.rewards import grade
 from bstar.tasks import format_prompt
@@ -133,6 +134,26 @@ def test_default_prm_prefers_gold_to_corrupted_solutions():
     a = build_assets(EmbeddedConfig(), progress=False)
     gold, bad, frac = _gold_vs_corrupted(PRM(str(a.prm_path), device="cpu", scale="logit"), a.test[:300])
     assert gold > bad + 2.0 and frac > 0.9, (gold, bad, frac)
+
+
+def test_prm_batches_are_length_bucketed_passes_over_the_rows():
+    """Every pass over the rows visits each once; a batch holds rows of similar length, so padding to its longest
+    costs far less than in random batches of the same rows."""
+    rng = random.Random(0)
+    encoded = [([0] * rng.randint(40, 140), i) for i in range(32 * 16 * 3)]
+    batches = list(_batches(encoded, 32, 16 * 3 * 2, seed=1))
+    assert all(len(b) == 32 for b in batches)
+    for k in (0, 1):  # two passes, each a permutation of the rows
+        seen = sorted(i for b in batches[k * 48 : (k + 1) * 48] for _, i in b)
+        assert seen == list(range(len(encoded)))
+    assert [[i for _, i in b] for b in batches[:48]] != [[i for _, i in b] for b in batches[48:]]
+    padded = lambda bs: sum(len(b) * max(len(ids) for ids, _ in b) for b in bs)
+    real = sum(len(ids) for ids, _ in encoded) * 2
+    shuffled = list(range(len(encoded)))
+    rng.shuffle(shuffled)
+    random_batches = [[encoded[i] for i in shuffled[k : k + 32]] for k in range(0, len(encoded), 32)] * 2
+    assert padded(batches) / real < 1.05 < 1.2 < padded(random_batches) / real
+    assert list(_batches(encoded, 32, 10, seed=1)) == batches[:10]  # deterministic by seed
 
 
 def _rows(a):

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from bstar.config import EMBEDDED_PRESETS
 from engine.errors import BStarError
 
-VERSION = "embedded-2"  # bump when the build procedure changes: old caches are then ignored
+VERSION = "embedded-3"  # bump when the build procedure changes: old caches are then ignored
 
 
 @dataclass

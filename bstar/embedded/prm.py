@@ -35,8 +35,10 @@ from bstar.embedded.tokenizer import BAD, GOOD, PAD, STEP_TAG
 from bstar.metrics import lucky_share, reward_at_k, step_auc, within_question_auc
 from bstar.rewards import grade
 from bstar.tasks import Example, format_prompt
+from bstar.train.cpu_gemm import route_linears
 from engine import PRM, SamplingParams
 from engine.errors import BStarError
+from engine.linear import resolve_cpu_gemm
 from engine.prm import tagged_step_ids
 
 PRM_QUESTION_TEMPLATE = "{question} "  # engine.PRM's default question_template
@@ -85,21 +87,31 @@ def prm_data(cfg: EmbeddedConfig, policy: Path, questions: list[Example]) -> tup
     return rows, stats
 
 
-def _batches(encoded, batch: int, steps: int, seed: int):
+def _batches(encoded, batch: int, steps: int, seed: int, pool: int = 16):
+    """`steps` batches of `batch` rows: a shuffled pass over the rows, cut into pools of `pool` batches, each pool
+    sorted by length before it is cut and its batches shuffled. Rows of a batch are padded to its longest: on the
+    built-in task's rows that costs 3% more tokens than the rows hold, against 46% for random batches."""
     rng = random.Random(seed)
     order: list[int] = []
+    ready: list[list[int]] = []
     for _ in range(steps):
-        if len(order) < batch:
-            more = list(range(len(encoded)))
-            rng.shuffle(more)
-            order += more
-        yield [encoded[i] for i in order[:batch]]
-        order = order[batch:]
+        if not ready:
+            while len(order) < batch * pool:
+                more = list(range(len(encoded)))
+                rng.shuffle(more)
+                order += more
+            chunk = sorted(order[: batch * pool], key=lambda i: len(encoded[i][0]))
+            order = order[batch * pool :]
+            ready = [chunk[k : k + batch] for k in range(0, len(chunk), batch)]
+            rng.shuffle(ready)
+        yield [encoded[i] for i in ready.pop()]
 
 
 def train_prm(cfg: EmbeddedConfig, policy: Path, tok, rows, out: Path, progress: bool) -> float:
-    """Fine-tunes the warm policy into the PRM: BCE on the good-minus-bad logit at every step tag. Saves an
-    HF directory (weights, config, the policy's tokenizer); returns the mean loss of the last 50 steps."""
+    """Fine-tunes the warm policy into the PRM: BCE on the good-minus-bad logit at every step tag, batches bucketed
+    by length, Linear layers on the trainer's CPU GEMM (bstar/train/cpu_gemm.py; with both, 1,500 steps take 245 s
+    instead of 360 s on the AMD EPYC machine). Saves an HF directory (weights, config, the policy's tokenizer);
+    returns the mean loss of the last 50 steps."""
     if not rows:
         raise BStarError("embedded PRM: no labelled steps to train on")
     good, bad = tok.token_to_id(GOOD), tok.token_to_id(BAD)
@@ -110,6 +122,8 @@ def train_prm(cfg: EmbeddedConfig, policy: Path, tok, rows, out: Path, progress:
             encoded.append((ids, tags, labels))
     torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32, attn_implementation="sdpa")
+    if resolve_cpu_gemm("auto") == "onednn":  # the trainer's rule (bstar/train/cpu_gemm.py)
+        route_linears(model)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.prm_lr, betas=(0.9, 0.98), weight_decay=0.0)
     warm = max(1, cfg.prm_steps // 20)
