@@ -159,6 +159,38 @@ def step_auc(step_scores: Sequence[Sequence[float]], step_labels: Sequence[Seque
     return auc(pos, neg)
 
 
+def within_question_step_auc(
+    step_scores: Sequence[Sequence[Sequence[float]]],
+    step_labels: Sequence[Sequence[Sequence[bool]]],
+    first_wrong_only: bool = False,
+) -> tuple[float | None, int]:
+    """(mean over questions of the AUC of step scores, good steps against bad steps of the same question's
+    candidates, number of questions with both). Inputs are indexed [question][candidate][step].
+    first_wrong_only: the bad side is each candidate's first bad step only, the error a reward must catch (the
+    steps after it are easy: they build on a wrong result)."""
+    if len(step_scores) != len(step_labels):
+        raise RequestError("within_question_step_auc: scores and labels differ in shape")
+    aucs = []
+    for qs, ql in zip(step_scores, step_labels):
+        pos, neg = [], []
+        if len(qs) != len(ql):
+            raise RequestError("within_question_step_auc: scores and labels differ in shape")
+        for ss, ls in zip(qs, ql):
+            if len(ss) != len(ls):
+                raise RequestError(f"within_question_step_auc: {len(ss)} step scores but {len(ls)} labels")
+            seen_bad = False
+            for s, ok in zip(ss, ls):
+                if ok:
+                    pos.append(s)
+                elif not (first_wrong_only and seen_bad):
+                    neg.append(s)
+                seen_bad = seen_bad or not ok
+        a = auc(pos, neg)
+        if a is not None:
+            aucs.append(a)
+    return (_mean(aucs) if aucs else None), len(aucs)
+
+
 def lucky_share(correct: Sequence[Sequence[bool]], valid: Sequence[Sequence[bool]]) -> float | None:
     """The share of correct samples that are not valid (a wrong step on the way to the right answer): right
     answers a step-level reward should rank low. None when no sample is correct."""

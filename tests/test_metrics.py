@@ -21,6 +21,7 @@ from bstar.metrics import (
     sample_metrics,
     step_auc,
     within_question_auc,
+    within_question_step_auc,
 )
 from engine.errors import RequestError
 
@@ -124,3 +125,24 @@ def test_lucky_share():
     assert lucky_share([[False]], [[False]]) is None
     with pytest.raises(RequestError):
         lucky_share([[True, False]], [[True]])
+
+
+def test_within_question_step_auc_hand_values():
+    # q0: good steps 2.0, 1.0, 0.5; bad steps -1.0 (first of candidate 0), 3.0 (after it), 0.0 (first of cand. 1)
+    scores = [[[2.0, -1.0, 3.0], [1.0, 0.0], [0.5]], [[1.0], [2.0]], [[-1.0, 4.0]]]
+    labels = [[[True, False, False], [True, False], [True]], [[True], [True]], [[False, True]]]
+    # all bad steps: each good step beats -1 and 0, none beats 3 -> 6 wins of 9; q2: its good step 4 beats -1
+    assert within_question_step_auc(scores, labels) == (pytest.approx((6 / 9 + 1.0) / 2), 2)
+    # first bad steps only: -1 and 0, which every good step beats (the 3.0 after the error no longer counts)
+    assert within_question_step_auc(scores, labels, first_wrong_only=True) == (pytest.approx(1.0), 2)
+    # the same good/bad scores pooled over questions differ: a question's own steps are what selection compares
+    assert within_question_step_auc([[[5.0], [1.0]], [[0.0], [-3.0]]], [[[True], [False]], [[True], [False]]]) == (
+        1.0,
+        2,
+    )
+    assert step_auc([[5.0], [1.0], [0.0], [-3.0]], [[True], [False], [True], [False]]) == 0.75
+    assert within_question_step_auc([[[1.0]]], [[[True]]]) == (None, 0)
+    with pytest.raises(RequestError):
+        within_question_step_auc([[[1.0, 2.0]]], [[[True]]])
+    with pytest.raises(RequestError):
+        within_question_step_auc([[[1.0], [2.0]]], [[[True]]])

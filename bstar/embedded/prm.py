@@ -32,7 +32,7 @@ from bstar.embedded import task as T
 from bstar.embedded.config import EmbeddedConfig
 from bstar.embedded.policy import engine_llm
 from bstar.embedded.tokenizer import BAD, GOOD, PAD, STEP_TAG
-from bstar.metrics import lucky_share, reward_at_k, step_auc, within_question_auc
+from bstar.metrics import lucky_share, reward_at_k, step_auc, within_question_auc, within_question_step_auc
 from bstar.rewards import grade
 from bstar.tasks import Example, format_prompt
 from bstar.train.cpu_gemm import route_linears
@@ -171,7 +171,9 @@ def prm_quality(cfg: EmbeddedConfig, prm: Path, policy: Path, questions: list[Ex
     true step labels. The same against validity (every step good, task.is_valid), what a step-level reward
     can see: within-question AUC, the share of questions where its pick is valid against a random pick's,
     the lucky share (right answers with a wrong step), and Reward@K of an oracle scoring every step by its
-    true label (how far a perfect PRM would lift the pick on these samples)."""
+    true label (how far a perfect PRM would lift the pick on these samples). And where it fails, step by step
+    within a question: the AUC of its step scores, good steps against bad ones of the same question's samples,
+    and against only each sample's first bad step (the error a reward must catch)."""
     k = cfg.prm_eval_k
     texts = policy_samples(cfg, policy, questions, k, (1.0,), cfg.seed + 202)
     model = PRM(str(prm), device="cpu", scale="logit")
@@ -182,6 +184,9 @@ def prm_quality(cfg: EmbeddedConfig, prm: Path, policy: Path, questions: list[Ex
     valid = [[T.is_valid(e.question, t) for t in ts] for e, ts in zip(questions, texts)]
     steps = [s.step_scores for ss in scored for s in ss]
     flat_labels = [lb for q in labels for lb in q]
+    per_question = [[s.step_scores for s in ss] for ss in scored]
+    within_steps, n_step_q = within_question_step_auc(per_question, labels)
+    within_first, _ = within_question_step_auc(per_question, labels, first_wrong_only=True)
     within, n_q = within_question_auc(correct, prm)
     within_valid, n_valid_q = within_question_auc(valid, prm)
     right = sum(v > 0 and lb for ss, lbs in zip(steps, flat_labels) for v, lb in zip(ss, lbs))
@@ -203,6 +208,9 @@ def prm_quality(cfg: EmbeddedConfig, prm: Path, policy: Path, questions: list[Ex
         # a PRM that scored every step by its true label: the pick's accuracy with perfect step rewards
         "prm_oracle_reward_at_k": reward_at_k(correct, [[float(all(lb)) for lb in q] for q in labels], k),
         "prm_step_auc": step_auc(steps, flat_labels),
+        "prm_within_step_auc": within_steps,
+        "prm_within_first_wrong_auc": within_first,
+        "prm_within_step_auc_questions": n_step_q,
         "prm_step_accuracy": right / max(1, n_steps),
         "prm_majority_rate": max(good, 1 - good),
         "prm_eval_steps": n_steps,
