@@ -35,10 +35,9 @@ from bstar.embedded.tokenizer import BAD, GOOD, PAD, STEP_TAG
 from bstar.metrics import lucky_share, reward_at_k, step_auc, within_question_auc, within_question_step_auc
 from bstar.rewards import grade
 from bstar.tasks import Example, format_prompt
-from bstar.train.cpu_gemm import route_linears
+from bstar.train.cpu_gemm import apply_cpu_gemm
 from engine import PRM, SamplingParams
 from engine.errors import BStarError
-from engine.linear import resolve_cpu_gemm
 from engine.prm import tagged_step_ids
 
 PRM_QUESTION_TEMPLATE = "{question} "  # engine.PRM's default question_template
@@ -122,8 +121,7 @@ def train_prm(cfg: EmbeddedConfig, policy: Path, tok, rows, out: Path, progress:
             encoded.append((ids, tags, labels))
     torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32, attn_implementation="sdpa")
-    if resolve_cpu_gemm("auto") == "onednn":  # the trainer's rule (bstar/train/cpu_gemm.py)
-        route_linears(model)
+    apply_cpu_gemm(model)  # the trainer's rule
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.prm_lr, betas=(0.9, 0.98), weight_decay=0.0)
     warm = max(1, cfg.prm_steps // 20)

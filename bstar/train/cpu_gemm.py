@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.linear import onednn_linear
+from engine.linear import onednn_linear, resolve_cpu_gemm
 
 
 class OneDnnLinearFunction(torch.autograd.Function):
@@ -53,3 +53,13 @@ def route_linears(model: nn.Module) -> int:
             m.__class__ = OneDnnLinear
             n += 1
     return n
+
+
+def apply_cpu_gemm(model: nn.Module, choice: str = "auto") -> str:
+    """The training side of the engine's GEMM rule (engine.linear.resolve_cpu_gemm): where `choice` resolves
+    to oneDNN, route `model`'s Linear layers to it. Returns "onednn", or "aten" (MKL's packed path is the
+    engine's alone: training keeps ATen's F.linear there)."""
+    if resolve_cpu_gemm(choice) != "onednn":
+        return "aten"
+    route_linears(model)
+    return "onednn"

@@ -60,7 +60,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from bstar import dist_utils
 from bstar.train import checkpoint
 from bstar.train.config import VARLEN, SFTConfig, adamw_options, lr_at, resolve_grad_checkpointing
-from bstar.train.cpu_gemm import route_linears
+from bstar.train.cpu_gemm import apply_cpu_gemm
 from bstar.train.data import (
     SFTExample,
     collate_packed,
@@ -76,7 +76,6 @@ from bstar.train.parallelize import TensorSource, apply_fsdp, broadcast_load, ch
 from bstar.train.varlen_attention import register_varlen_attention
 from engine.config import DTYPES
 from engine.errors import BStarError, CheckpointError
-from engine.linear import resolve_cpu_gemm
 
 __all__ = ["SFTTrainer", "TrainResult", "sft_loss_sum"]
 
@@ -190,9 +189,7 @@ class SFTTrainer:
         # one process on CPU in float32: the Linear layers on the engine's CPU GEMM (bstar/train/cpu_gemm.py)
         self.cpu_gemm = "aten"
         if self.device.type == "cpu" and not self.bf16 and not self.fsdp:
-            if resolve_cpu_gemm(c.cpu_gemm) == "onednn":
-                self.cpu_gemm = "onednn"
-                route_linears(m)
+            self.cpu_gemm = apply_cpu_gemm(m, c.cpu_gemm)
         m.train()
         # The loss runs as a forward of the root module, where FSDP has unsharded the LM head
         m.bstar_sft_loss = types.MethodType(_loss_method, m)
