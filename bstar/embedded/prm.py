@@ -180,9 +180,9 @@ def prm_quality(cfg: EmbeddedConfig, prm: Path, policy: Path, questions: list[Ex
     prm = [[s.score for s in ss] for ss in scored]
     labels = [[T.step_labels(e.question, t) for t in ts] for e, ts in zip(questions, texts)]
     valid = [[T.is_valid(e.question, t) for t in ts] for e, ts in zip(questions, texts)]
-    steps = [s.step_scores for ss in scored for s in ss]
-    flat_labels = [lb for q in labels for lb in q]
     per_question = [[s.step_scores for s in ss] for ss in scored]
+    steps = [s for q in per_question for s in q]
+    flat_labels = [lb for q in labels for lb in q]
     within_steps, n_step_q = within_question_step_auc(per_question, labels)
     within_first, _ = within_question_step_auc(per_question, labels, first_wrong_only=True)
     within, n_q = within_question_auc(correct, prm)
