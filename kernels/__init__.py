@@ -11,6 +11,8 @@ meets them:
     decode_attention.py     paged_decode_attention: one token per sequence against its pages
     cascade_attention.py    the torch decode path for sibling candidates: shared prompt blocks
                             read once per group (no Triton twin; engine/cpu_decode.py keeps its buffers)
+    dense_decode_attention.py  its own part: each row against its own contiguous K/V, in C on CPU
+                            (dense_decode_attention_cpu.c) beside the torch reference
     sampling.py             sample: temperature, top-k, top-p, min-p, seeded draw (engine/sampler.py)
     prm_scoring.py          prm_step_scores: P(good) at step tags, per-candidate aggregate (engine/prm.py)
     paged_triton.py         paged-KV addressing shared by the Triton attention kernels
@@ -20,6 +22,8 @@ meets them:
                             run needs (tests), counts compiles (GPU)
     host.py                 long_tensor: host lists to int64 tensors, fast; to_device: the same
                             without a stream sync (pinned staging, non-blocking copy)
+    native.py               builds and loads the `<name>_cpu.c` kernels (gcc, ctypes, cached on disk);
+                            None without a compiler or with BSTAR_CPU_NATIVE=0: the torch path runs
 
 The `_triton` modules are imported on first use of the Triton path, so CPU-only use never imports
 triton (not installed off Linux).

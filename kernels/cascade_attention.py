@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kernels.dense_decode_attention import attend, dense_decode_attention
 from kernels.host import long_tensor
 
 _NEG_INF = float("-inf")
@@ -54,7 +55,7 @@ class CascadePlan:
     group_size: int  # S
     all_grouped: bool  # every row has a prefix (no row reads the extra slot)
     own_blocks: torch.Tensor  # int64 [B, O]   the blocks holding each row's own part (0-padded)
-    own_bias: torch.Tensor | None  # float32 [B, 1, 1, Lk]: 0 for a key of the row, else -inf (None: all rows Lk keys)
+    own_lens_t: torch.Tensor | None  # int64 [B] each row's own key count (None: every row has Lk)
     own_len: int  # Lk: the most own keys of any row (the own part reads no whole trailing block)
     own_empty: torch.Tensor | None  # bool [B, 1, 1]: rows whose keys are all in the prefix (None: no such row)
     own_tables: list[list[int]]  # host copy of each row's own blocks (unpadded), for step-to-step reuse
@@ -164,13 +165,6 @@ def build_cascade_plan(
     (prefix_blocks, slot_t, row_t, own_blocks, keys_t, new_pos_t, new_slots_t, plen_t, offsets_t) = ints.split(
         [Gr * P, B, Gr * S, B * O, B, B, B, Gr, B]
     )
-    own_bias = None  # own parts of one length: every own key counts, no mask
-    if min(own_keys, default=Lk) != Lk:
-        own_bias = (
-            torch.zeros(B, Lk, device=device)
-            .masked_fill_(torch.arange(Lk, device=device) >= keys_t[:, None], _NEG_INF)
-            .view(B, 1, 1, Lk)
-        )
     prefix_bias = torch.zeros(Gr, P * bs, device=device).masked_fill_(
         torch.arange(P * bs, device=device) >= plen_t[:, None], _NEG_INF
     )
@@ -183,7 +177,7 @@ def build_cascade_plan(
         group_size=S,
         all_grouped=Gr * S not in slot_of_row,
         own_blocks=own_blocks.view(B, O),
-        own_bias=own_bias,
+        own_lens_t=keys_t if min(own_keys, default=Lk) != Lk else None,  # one length: no mask
         own_len=Lk,
         own_empty=(keys_t == 0).view(B, 1, 1) if empty else None,
         own_tables=own,
@@ -195,26 +189,6 @@ def build_cascade_plan(
         new_pos_same=new_pos[0] if new_pos and new_pos.count(new_pos[0]) == B else None,
         new_slots=new_slots_t,
     )
-
-
-def _attend(q, k, v, bias, scale):
-    """Softmax attention that also returns the log-sum-exp of the scores.
-
-    q [N, H, M, D], k/v [N, H, L, D] (any strides), bias float [N, 1, 1, L] additive, or None.
-    Returns (out [N, H, M, D], lse [N, H, M]); a row whose keys are all masked gets out 0 and an
-    lse the caller must overwrite with -inf.
-    """
-    flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if flash is not None and q.device.type == "cpu":
-        # ATen's CPU flash kernel: one pass over K/V, and it hands back the lse we need to merge.
-        out, lse = flash(q, k, v, attn_mask=bias, scale=scale)
-        return out, lse
-    s = (q @ k.transpose(-1, -2)) * scale
-    if bias is not None:
-        s = s + bias
-    lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - lse.nan_to_num(neginf=0.0)[..., None])
-    return p @ v, lse
 
 
 def _own_keys(cache, buf, plan: CascadePlan, B, O, bs, Hkv, D, write_idx, new):
@@ -286,11 +260,10 @@ def cascade_decode_attention(
             if plan.write_idx is None or plan.write_idx[1] != kb.shape[1]:
                 plan.write_idx = (torch.arange(B, device=kb.device) * kb.shape[1] + plan.new_pos, kb.shape[1])
             write_idx = plan.write_idx[0]
-        k = _own_keys(k_cache, kb, plan, B, O, bs, Hkv, D, write_idx, nk).transpose(1, 2).float()
-        v = _own_keys(v_cache, vb, plan, B, O, bs, Hkv, D, write_idx, nv).transpose(1, 2).float()
-        o_own, lse_own = _attend(qf, k, v, plan.own_bias, scale)  # [B, Hkv, G, D], [B, Hkv, G]
-        if plan.own_empty is not None:
-            lse_own = lse_own.masked_fill(plan.own_empty, _NEG_INF)
+        k = _own_keys(k_cache, kb, plan, B, O, bs, Hkv, D, write_idx, nk)
+        v = _own_keys(v_cache, vb, plan, B, O, bs, Hkv, D, write_idx, nv)
+        # [B, Hkv, G, D], [B, Hkv, G]; a row with no own keys gets lse -inf (its prefix weighs 1)
+        o_own, lse_own = dense_decode_attention(qf, k, v, plan.own_lens_t, scale)
     P = plan.num_prefix_blocks
     if not P:
         return o_own.reshape(B, Hq, D).to(q.dtype)
@@ -308,7 +281,7 @@ def cascade_decode_attention(
         vp = v_cache.index_select(0, flat).view(Gr, P * bs, Hkv, D)
         if buffers is not None:
             buffers.pre_k, buffers.pre_v = kp, vp
-    o_pre, lse_pre = _attend(qg, kp.transpose(1, 2).float(), vp.transpose(1, 2).float(), plan.prefix_bias, scale)
+    o_pre, lse_pre = attend(qg, kp.transpose(1, 2).float(), vp.transpose(1, 2).float(), plan.prefix_bias, scale)
     # Back to rows: [Gr, Hkv, S*G, D] -> [Gr*S, Hkv, G, D] (a strided view when the rows are in group
     # order, else a gather; ungrouped rows read the extra slot: out 0, lse -inf).
     o_pre = o_pre.view(Gr, Hkv, S, G, D).transpose(1, 2)  # [Gr, S, Hkv, G, D]

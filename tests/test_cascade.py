@@ -8,9 +8,11 @@ import torch
 from model_factory import make_model
 
 import kernels.cascade_attention as cascade_mod
+import kernels.dense_decode_attention as dense_mod
 from engine import LLM, SamplingParams
 from engine.cpu_decode import CpuDecodeState
 from engine.prompt_forward import forward_prompts
+from kernels import native
 from kernels.cascade_attention import CascadeBuffers, build_cascade_plan, cascade_decode_attention
 from kernels.decode_attention import paged_decode_attention_ref
 
@@ -177,14 +179,108 @@ def test_rows_in_group_order_take_no_shuffle():
     torch.testing.assert_close(cascade_decode_attention(q[perm], k, v, plan, 0.3), ref[perm], atol=2e-6, rtol=2e-6)
 
 
+def require_native():
+    """The C kernel must build wherever a compiler is (CI's machines have gcc): never a silent skip."""
+    if native.shutil.which(native.os.environ.get("CC") or "gcc") is None:
+        pytest.skip("no C compiler: the CPU kernels fall back to torch")
+    assert native.load("dense_decode_attention") is not None
+
+
+def own_f64(q, k, v, lens, scale):
+    """Independent reference of dense decode attention in float64: q [B, H, G, D], k/v [B, L, H, D]."""
+    B, L = k.shape[:2]
+    s = torch.einsum("bhgd,blhd->bhgl", q.double(), k.double()) * scale
+    n = torch.full((B,), L) if lens is None else lens
+    s = s.masked_fill((torch.arange(L) >= n[:, None])[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
+    return torch.einsum("bhgl,blhd->bhgd", p, v.double()), lse
+
+
+@pytest.mark.parametrize("native_kernel", [True, False])
+@pytest.mark.parametrize("H,G,D", [(4, 2, 32), (2, 7, 64), (1, 1, 128), (3, 4, 48), (8, 8, 16)])
+@pytest.mark.parametrize("L", [1, 31, 33, 100])
+@pytest.mark.parametrize("layout", ["buffer", "head_major"])
+def test_dense_decode_attention_matches_float64(monkeypatch, native_kernel, H, G, D, L, layout):
+    """Own-part attention on random inputs, in the C kernel (blocks of 32 keys: lengths around one
+    block, several blocks, one key) and in the torch reference: rows of mixed lengths (some with no
+    key: out 0, lse -inf) or all of length L, K/V as views of the engine's token-major buffers or of
+    head-major storage."""
+    if native_kernel:
+        require_native()
+        monkeypatch.setattr(dense_mod, "dense_decode_attention_ref", None)  # must not be reached
+    else:
+        monkeypatch.setenv("BSTAR_CPU_NATIVE", "0")
+    gen = torch.Generator().manual_seed(L * 100 + D)
+    B, cap = 6, L + 9
+    if layout == "buffer":  # [B, cap, H, D] buffers, the first L tokens of each row
+        k, v = (torch.randn(B, cap, H, D, generator=gen)[:, :L] for _ in range(2))
+    else:  # [B, H, cap, D] storage seen as [B, L, H, D]
+        k, v = (torch.randn(B, H, cap, D, generator=gen)[:, :, :L].transpose(1, 2) for _ in range(2))
+    q = torch.randn(B, H, G, D, generator=gen)
+    for lens in (None, torch.tensor([L, 0, L // 2, 1, L - 1, 0])):
+        out, lse = dense_mod.dense_decode_attention(q, k, v, lens, 0.3)
+        ref_out, ref_lse = own_f64(q, k, v, lens, 0.3)
+        torch.testing.assert_close(out.double(), ref_out, atol=2e-6, rtol=2e-5)
+        torch.testing.assert_close(lse.double(), ref_lse, atol=2e-6, rtol=2e-6)
+        if lens is not None:
+            assert (out[lens == 0] == 0).all() and (lse[lens == 0] == float("-inf")).all()
+    # the comparison can fail: other queries give other outputs (with one key: another lse)
+    out, lse = dense_mod.dense_decode_attention(q * 1.5, k, v, None, 0.3)
+    ref_out, ref_lse = own_f64(q, k, v, None, 0.3)
+    assert not (torch.allclose(out.double(), ref_out, atol=1e-3) and torch.allclose(lse.double(), ref_lse, atol=1e-3))
+
+
+def test_dense_decode_attention_falls_back_where_the_kernel_cannot_run(monkeypatch, recwarn):
+    """float64 inputs, too many query heads per row, a compiler that fails (one warning) or
+    BSTAR_CPU_NATIVE=0: the torch reference runs and gives the same result; and loading the kernel
+    does not turn on flush-to-zero for the process (gcc < 13 links that in with -ffast-math)."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(3, 8, 9, 32, generator=gen), *(torch.randn(3, 20, 8, 32, generator=gen) for _ in range(2))
+    small = q[:, :2], k[:, :, :2], v[:, :, :2]
+
+    def check(q, k, v):
+        out, lse = dense_mod.dense_decode_attention(q, k, v, None, 0.2)
+        ref_out, ref_lse = own_f64(q, k, v, None, 0.2)
+        torch.testing.assert_close(out.double(), ref_out, atol=2e-6, rtol=2e-5)
+        torch.testing.assert_close(lse.double(), ref_lse, atol=2e-6, rtol=2e-6)
+
+    assert not dense_mod.native_fits(q, k, v, None)  # 72 query heads per row
+    assert not dense_mod.native_fits(*(t.double() for t in small), None)
+    assert dense_mod.native_fits(*small, None)
+    check(q, k, v)
+    monkeypatch.setenv("CC", "false")  # a compiler that always fails
+    assert native.load("dense_decode_attention") is None
+    assert sum("not built" in str(w.message) for w in recwarn) == 1
+    check(*small)
+    monkeypatch.delenv("CC")
+    monkeypatch.setenv("BSTAR_CPU_NATIVE", "0")
+    assert native.load("dense_decode_attention") is None
+    check(*small)
+    monkeypatch.setenv("BSTAR_CPU_NATIVE", "yes")
+    with pytest.raises(ValueError, match="BSTAR_CPU_NATIVE"):
+        native.load("dense_decode_attention")
+    monkeypatch.delenv("BSTAR_CPU_NATIVE")
+    require_native()
+    assert (torch.tensor([1e-39]) / 2).item() > 0  # denormals survive the library's load
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return make_model(str(tmp_path_factory.mktemp("casc") / "m"), "llama", seed=4, tokenizer=False)
 
 
-def test_engine_with_cascade_equals_plain_decode(tiny, monkeypatch):
+@pytest.mark.parametrize("native_kernel", [True, False])
+def test_engine_with_cascade_equals_plain_decode(tiny, monkeypatch, native_kernel):
     """Sampled candidates (shared prompt blocks, CoW, block boundaries, a preempting small cache)
-    give the same tokens and logprobs with the cascade path as with the plain decode reference."""
+    give the same tokens and logprobs with the cascade path as with the plain decode reference,
+    the own parts in the C kernel or in the torch reference."""
+    if native_kernel:
+        require_native()
+    monkeypatch.setenv("BSTAR_CPU_NATIVE", "1" if native_kernel else "0")
+    ref_calls = []
+    ref = dense_mod.dense_decode_attention_ref
+    monkeypatch.setattr(dense_mod, "dense_decode_attention_ref", lambda *a: ref_calls.append(1) or ref(*a))
     prompts = [list(range(3, 3 + 21)), list(range(40, 40 + 9)), list(range(100, 100 + 33))]
     params = SamplingParams(n=5, temperature=1.0, max_tokens=24, ignore_eos=True, seed=1, logprobs=0)
 
@@ -194,6 +290,7 @@ def test_engine_with_cascade_equals_plain_decode(tiny, monkeypatch):
         return [c.token_ids for c in outs], [c.cumulative_logprob for c in outs]
 
     fast, small = run(), run(num_kv_blocks=40)
+    assert bool(ref_calls) != native_kernel  # the own parts ran where the test says
     monkeypatch.setattr(CpuDecodeState, "plan", lambda *a, **k: None)  # decode rows take the plain path
     plain = run()
     for got in (fast, small):
@@ -343,7 +440,7 @@ def test_shared_partial_block_joins_the_prefix(lens_equal):
     q = torch.randn(4, hq, d, generator=gen)
     plan = build_cascade_plan(tables, lens, bs, shared_lens=[prompt] * 3 + [0], share_ids=["r", "r", "r", "x"])
     assert plan.own_offsets[:3] == [3, 3, 3] and plan.num_prefix_blocks == 3
-    assert (plan.own_bias is None) == lens_equal
+    assert (plan.own_lens_t is None) == lens_equal
     ref = paged_decode_attention_ref(q, k, v, padded(tables), torch.tensor(lens, dtype=torch.int32), 0.5)
     torch.testing.assert_close(cascade_decode_attention(q, k, v, plan, 0.5), ref, atol=2e-6, rtol=2e-6)
     bufs = CascadeBuffers(torch.zeros(4, 8 * bs, hkv, d), torch.zeros(4, 8 * bs, hkv, d))

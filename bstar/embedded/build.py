@@ -33,6 +33,7 @@ from bstar.embedded.task import make_splits
 from bstar.embedded.tokenizer import BAD, GOOD, STEP_TAG, build_tokenizer, check_round_trip
 from bstar.tasks import DEFAULT_PROMPT, Example
 from engine.errors import BStarError, CheckpointError
+from kernels.native import cache_root
 
 _MANIFEST = "manifest.json"
 
@@ -47,7 +48,7 @@ class EmbeddedAssets:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("BSTAR_CACHE") or Path.home() / ".cache" / "bstar-engine")
+    return cache_root()  # $BSTAR_CACHE or ~/.cache/bstar-engine, shared with the compiled CPU kernels
 
 
 # -- public entry point ------------------------------------------------------------------------------
