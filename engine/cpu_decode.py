@@ -107,7 +107,7 @@ class CpuDecodeState:
         extends = same_rows and -1 not in was_row
         fits = bufs is not None and bufs[0].own_k.shape[0] >= B and bufs[0].own_k.shape[1] >= O * bs
         # (a row with no own keys would have its newest token in a shared block: never written back)
-        plan.write_back = extends and fits and decode_only and plan.own_empty is None
+        plan.write_back = extends and fits and decode_only and not plan.own_empty
         if not plan.write_back:
             self.flush()  # before the buffers or their bookkeeping change
         if fits and not extends and was_row and max(was_row) >= 0:

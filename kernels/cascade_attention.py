@@ -17,7 +17,8 @@ then `cascade_decode_attention(q, k_cache, v_cache, plan, scale, buffers)` in ev
 `CascadeBuffers` kept across steps (engine/cpu_decode.py does this), a step copies each row's
 newest token into them instead of re-gathering every row's own blocks, and reuses the gathered
 group prefixes: decode is then bound by reading each row's own keys once, the shared prefix once
-per group.
+per group. The own parts run in `dense_decode_attention` (a C kernel on CPU float32), the group
+prefixes in ATen's CPU flash attention (S*G queries per key: small GEMMs suit it).
 """
 
 from dataclasses import dataclass
@@ -57,7 +58,7 @@ class CascadePlan:
     own_blocks: torch.Tensor  # int64 [B, O]   the blocks holding each row's own part (0-padded)
     own_lens_t: torch.Tensor | None  # int64 [B] each row's own key count (None: every row has Lk)
     own_len: int  # Lk: the most own keys of any row (the own part reads no whole trailing block)
-    own_empty: torch.Tensor | None  # bool [B, 1, 1]: rows whose keys are all in the prefix (None: no such row)
+    own_empty: bool  # some row has all its keys in its group's prefix (no own key)
     own_tables: list[list[int]]  # host copy of each row's own blocks (unpadded), for step-to-step reuse
     own_lens: list[int]  # host copy of each row's own key count
     own_offsets: list[int]  # where each row's own part starts in its first own block
@@ -168,7 +169,6 @@ def build_cascade_plan(
     prefix_bias = torch.zeros(Gr, P * bs, device=device).masked_fill_(
         torch.arange(P * bs, device=device) >= plen_t[:, None], _NEG_INF
     )
-    empty = 0 in own_keys
     return CascadePlan(
         prefix_blocks=prefix_blocks.view(Gr, P),
         prefix_bias=prefix_bias.view(Gr, 1, 1, P * bs),
@@ -179,7 +179,7 @@ def build_cascade_plan(
         own_blocks=own_blocks.view(B, O),
         own_lens_t=keys_t if min(own_keys, default=Lk) != Lk else None,  # one length: no mask
         own_len=Lk,
-        own_empty=(keys_t == 0).view(B, 1, 1) if empty else None,
+        own_empty=0 in own_keys,
         own_tables=own,
         own_lens=own_keys,
         own_offsets=offsets,
