@@ -21,8 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.decode_attention_triton import interpreting
-from kernels.launch import jit, launch
+from kernels.launch import gpu_configs, jit, launch
 from kernels.paged_triton import needs_64bit_offsets as _needs_64bit_offsets
 from kernels.paged_triton import paged_row_offsets
 
@@ -171,7 +170,7 @@ def _prune_configs(configs, nargs, **kwargs):
     D, dtype = kwargs["D"], nargs["K"].dtype
     default = _config(D, dtype)
     key = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-    if interpreting() or not nargs["K"].is_cuda or dtype == torch.float32 or D > 128:
+    if not gpu_configs(nargs["K"]) or dtype == torch.float32 or D > 128:
         want = [default]  # nothing to time (CPU), or the fp32 / wide-head paths: the default only
     else:
         want = _CANDIDATES[64 if D <= 64 else 128]
