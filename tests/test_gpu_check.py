@@ -92,3 +92,27 @@ def test_compile_check_quick(tmp_path):
     assert {"_chunk_stats_kernel", "_store_kv_kernel", "_rms_norm_kernel", "_qk_norm_rope_kernel"} <= kernels
     assert sum(row["kernel"] == "_decode_split_kernel" for row in rows) == 3  # every autotune candidate
     assert all(row["shared"] + row["static_smem"] <= 232448 and row["status"] != "FAIL" for row in rows)
+
+
+def test_gpu_check_survives_a_dead_step(tmp_path):
+    """A step whose process dies (as a CUDA error would leave it) becomes one FAIL row; the next
+    step still runs and the JSON and table are still written."""
+    out = tmp_path / "gpu_check.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("BSTAR_KERNELS", "OUT")}
+    env.update(OMP_NUM_THREADS="1", BSTAR_GPU_CHECK_CRASH="1")
+    r = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "gpu_check.py"), "--dry-run", "--only", "1,4", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=600,
+    )
+    assert r.returncode == 1, r.stdout[-4000:] + r.stderr[-4000:]
+    rows = json.loads(out.read_text())["rows"]
+    dead = [row for row in rows if row["step"] == 1]
+    assert len(dead) == 1 and dead[0]["status"] == "FAIL" and "died" in dead[0]["value"]
+    assert [row["status"] for row in rows if row["step"] == 4] and all(
+        row["status"] != "FAIL" for row in rows if row["step"] == 4
+    )
+    assert "| step | check | value | target | status | note |" in r.stdout
