@@ -137,10 +137,10 @@ def _prefill_kernel(
 
 def _config(D: int, dtype: torch.dtype):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for sm_90, chosen so that ptxas reports no register
-    spills for the gathered (paged) K/V tiles at D=64/128 in fp16/bf16. fp32 caches (tests,
-    debugging) and D=256 spill a little."""
+    spills for the gathered (paged) K/V tiles at D=64/128 in fp16/bf16 and fp32 (bench/compile_check.py:
+    fp32 at D=128 takes 16-row tiles, 32 spilled 656 bytes); D=256 is not checked."""
     if dtype == torch.float32:
-        return (32 if D <= 128 else 16), 16, 4, 2
+        return (32 if D <= 64 else 16), 16, 4, 2
     if D <= 64:
         return 128, 64, 8, 2
     if D <= 128:
