@@ -15,7 +15,7 @@ launch would fail with OutOfResources); spills are reported, not failed.
 
 Cases: paged decode and prefill attention at head dims 64 / 128 and GQA groups 1 / 4 / 7, KV store,
 RMSNorm, rotary and Qwen3's q/k-norm rotary at the model shapes, PRM scoring, sampling at vocabulary
-151,936 (both paths), each in bf16, fp16 and fp32 (the engine's dtypes; logits are always fp32).
+151,936 (both paths), each in bf16, fp16 and fp32 (the engine's dtypes; its logits are fp32).
 Needs triton with its bundled ptxas (Linux wheels); about 1-3 s per variant on one core.
 """
 
@@ -98,13 +98,15 @@ def _cases(quick: bool):
 
             out.append((f"layer H={H} Hq={hq} Hkv={hk} D={D} {dt}", layer))
 
-    def sampling(V=151936):
-        for B in (4, 256):  # split-vocabulary path, then one program per row
-            logits = torch.zeros(B, V)
-            f = torch.ones(B)
-            sample_triton(logits, f, torch.zeros(B, dtype=torch.int32), f, f * 0, torch.zeros(B, dtype=torch.int64))
+    def sampling(V=151936, logits_dtypes=(torch.float32,) if quick else (torch.float32, torch.float16, torch.bfloat16)):
+        for dt in logits_dtypes:  # the engine's logits are fp32; the kernel tests and benchmarks pass 16-bit too
+            for B in (4, 256):  # split-vocabulary path, then one program per row
+                logits = torch.zeros(B, V, dtype=dt)
+                f = torch.ones(B)
+                z = torch.zeros(B, dtype=torch.int32)
+                sample_triton(logits, f, z, f, f * 0, z.long())
 
-    out.append(("sampling V=151936 fp32", sampling))
+    out.append(("sampling V=151936", sampling))
     return out
 
 
