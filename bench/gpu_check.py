@@ -19,6 +19,11 @@ would not fit in what is left of the time budget is skipped and says so):
      generation against transformers (target >= 10x);
   5. the memory-plan run of issue 11, bench/memory_check.py (its table and JSON beside this one's).
 Prints one markdown table (for bench/RESULTS.md) and writes it, with the device and versions, as JSON.
+
+Each step runs in its own process with a timeout (the budget left, less the minimum the later
+steps need), and the JSON is rewritten after every step: a step that hangs, dies (a CUDA error
+poisons its process's context) or overruns loses only its own rows, and the table still comes
+out. Inside a step each check is guarded too. `--only 3,4` reruns some steps.
 """
 
 import argparse
@@ -43,10 +48,17 @@ def _args():
     p.add_argument("--dry-run", action="store_true", help="tiny sizes on CPU (Triton interpreter): checks the script")
     p.add_argument("--out", default=None, help="JSON path (default: $OUT/gpu_check.json, else bench/gpu_check.json)")
     p.add_argument("--budget", type=float, default=450.0, help="seconds for all steps (default 450)")
+    p.add_argument("--only", default=None, help="comma-separated step numbers to run (default: all)")
+    p.add_argument("--step", type=int, default=None, help=argparse.SUPPRESS)  # (internal) run one step here
+    p.add_argument("--rows-out", default=None, help=argparse.SUPPRESS)  # (internal) where that step's rows go
     return p.parse_args()
 
 
-ARGS = _args() if __name__ == "__main__" else argparse.Namespace(dry_run=True, out=None, budget=450.0)
+ARGS = (
+    _args()
+    if __name__ == "__main__"
+    else argparse.Namespace(dry_run=True, out=None, budget=450.0, only=None, step=None, rows_out=None)
+)
 DRY = ARGS.dry_run
 OUT_JSON = Path(
     ARGS.out
@@ -71,6 +83,26 @@ def row(step, check, value, target="", ok=None, note=""):
     status = "info" if ok is None else ("ok" if ok else "FAIL")
     ROWS.append(dict(step=step, check=check, value=value, target=target, status=status, note=note))
     print(f"[{time.perf_counter() - T0:6.1f}s] {step} {check}: {value} {target} {status} {note}", flush=True)
+    if ARGS.rows_out:  # a step's process: its rows so far survive whatever ends it
+        Path(ARGS.rows_out).write_text(json.dumps(ROWS))
+
+
+class guarded:
+    """`with guarded(step, check):` one check whose exception becomes a FAIL row, so the step's
+    other checks still run."""
+
+    def __init__(self, step, check):
+        self.step, self.check = step, check
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb):
+        if kind is None or not issubclass(kind, Exception):
+            return False
+        traceback.print_exception(kind, e, tb)
+        row(self.step, self.check, f"error: {kind.__name__}: {e}"[:200], "", False)
+        return True
 
 
 def sync():
@@ -137,36 +169,38 @@ def step_kernels():
     ctx = 2048 if CUDA else 40
     combos = [(d, gr) for d in (64, 128) for gr in (1, 4, 7)] if not DRY else [(64, 7), (128, 1)]
     for d, group in combos:
-        hkv = 2
-        B = 8 if CUDA else 3
-        lens = torch.randint(1, ctx, (B,), generator=torch.Generator().manual_seed(d + group)).tolist()
-        lens[-1] = 0  # a padded graph row: must give zeros
-        k, v, tables, seq = _paged(B, lens, hkv, d, 16, g)
-        q = torch.randn(B, hkv * group, d, generator=g, device=DEV).to(DT)
-        ref = paged_decode_attention_ref(q.float(), k.float(), v.float(), tables, seq)
-        bn = decode_config(d, DT)[0]
-        outs = [paged_decode_attention_triton(q, k, v, tables, seq, num_splits=s, block_n=bn) for s in (None, 1)]
-        errs = [rel_err(o, ref) for o in outs]
-        zero = not outs[0][-1].any()
-        row(
-            1,
-            f"decode attention D={d} G={group} rel. error",
-            f"{max(errs):.1e}",
-            f"< {tol:g}",
-            max(errs) < tol and zero,
-        )
-        q_lens, prefix = ([300, 1, 77], [500, 40, 0]) if CUDA else ([7, 1, 5], [9, 3, 0])
-        k, v, tables, seq = _paged(3, [a + b for a, b in zip(q_lens, prefix)], hkv, d, 16, g)
-        qp = torch.randn(sum(q_lens), hkv * group, d, generator=g, device=DEV).to(DT)
-        cu = torch.tensor([0, *np.cumsum(q_lens).tolist()], dtype=torch.int32, device=DEV)
-        ref = paged_prefill_attention_ref(qp.float(), k.float(), v.float(), tables, cu, seq)
-        bm, bn = (None, None) if (d, group) in tuned_prefill else prefill_config(d, DT)[:2]
-        out = paged_prefill_attention_triton(
-            qp, k, v, tables, cu, seq, max_seqlen_q=max(q_lens), block_m=bm, block_n=bn
-        )
-        err = rel_err(out, ref)
-        tuned = " (autotuned)" if bm is None else ""
-        row(1, f"prefill attention D={d} G={group}{tuned} rel. error", f"{err:.1e}", f"< {tol:g}", err < tol)
+        with guarded(1, f"decode attention D={d} G={group}"):
+            hkv = 2
+            B = 8 if CUDA else 3
+            lens = torch.randint(1, ctx, (B,), generator=torch.Generator().manual_seed(d + group)).tolist()
+            lens[-1] = 0  # a padded graph row: must give zeros
+            k, v, tables, seq = _paged(B, lens, hkv, d, 16, g)
+            q = torch.randn(B, hkv * group, d, generator=g, device=DEV).to(DT)
+            ref = paged_decode_attention_ref(q.float(), k.float(), v.float(), tables, seq)
+            bn = decode_config(d, DT)[0]
+            outs = [paged_decode_attention_triton(q, k, v, tables, seq, num_splits=s, block_n=bn) for s in (None, 1)]
+            errs = [rel_err(o, ref) for o in outs]
+            zero = not outs[0][-1].any()
+            row(
+                1,
+                f"decode attention D={d} G={group} rel. error",
+                f"{max(errs):.1e}",
+                f"< {tol:g}",
+                max(errs) < tol and zero,
+            )
+        with guarded(1, f"prefill attention D={d} G={group}"):
+            q_lens, prefix = ([300, 1, 77], [500, 40, 0]) if CUDA else ([7, 1, 5], [9, 3, 0])
+            k, v, tables, seq = _paged(3, [a + b for a, b in zip(q_lens, prefix)], hkv, d, 16, g)
+            qp = torch.randn(sum(q_lens), hkv * group, d, generator=g, device=DEV).to(DT)
+            cu = torch.tensor([0, *np.cumsum(q_lens).tolist()], dtype=torch.int32, device=DEV)
+            ref = paged_prefill_attention_ref(qp.float(), k.float(), v.float(), tables, cu, seq)
+            bm, bn = (None, None) if (d, group) in tuned_prefill else prefill_config(d, DT)[:2]
+            out = paged_prefill_attention_triton(
+                qp, k, v, tables, cu, seq, max_seqlen_q=max(q_lens), block_m=bm, block_n=bn
+            )
+            err = rel_err(out, ref)
+            tuned = " (autotuned)" if bm is None else ""
+            row(1, f"prefill attention D={d} G={group}{tuned} rel. error", f"{err:.1e}", f"< {tol:g}", err < tol)
 
     V = 151936 if CUDA else 1000
     gen = torch.Generator(device=DEV).manual_seed(1)
@@ -180,49 +214,56 @@ def step_kernels():
         )
 
     for B in (4, 256):  # split-vocabulary path, then one program per row
+        with guarded(1, f"sampling V={V} greedy exact, B={B}"):
+            logits = torch.randn(B, V, generator=gen, device=DEV) * 4
+            tok, lp = sample_triton(logits, *params(B, 0.0), torch.arange(B, device=DEV))
+            want = torch.log_softmax(logits, -1).gather(1, tok[:, None])[:, 0]
+            ok = torch.equal(tok, logits.argmax(-1)) and rel_err(lp, want) < 1e-4
+            path = "split-vocabulary" if B <= SPLIT_VOCAB_MAX_ROWS else "row"
+            row(1, f"sampling V={V} greedy exact, B={B} ({path} path)", "exact" if ok else "MISMATCH", "exact", ok)
+    with guarded(1, f"sampling V={V} split path == row kernel"):
+        B = 16
         logits = torch.randn(B, V, generator=gen, device=DEV) * 4
-        tok, lp = sample_triton(logits, *params(B, 0.0), torch.arange(B, device=DEV))
-        want = torch.log_softmax(logits, -1).gather(1, tok[:, None])[:, 0]
-        ok = torch.equal(tok, logits.argmax(-1)) and rel_err(lp, want) < 1e-4
-        path = "split-vocabulary" if B <= SPLIT_VOCAB_MAX_ROWS else "row"
-        row(1, f"sampling V={V} greedy exact, B={B} ({path} path)", "exact" if ok else "MISMATCH", "exact", ok)
-    B = 16
-    logits = torch.randn(B, V, generator=gen, device=DEV) * 4
-    args = (*params(B, 0.9, 0, 1.0, 0.02), torch.arange(B, device=DEV) * 7)
-    same = torch.equal(sample_triton(logits, *args, split=True)[0], sample_triton(logits, *args, split=False)[0])
-    row(
-        1,
-        f"sampling V={V} split path == row kernel (B={B}, T=0.9, min-p)",
-        "equal" if same else "DIFFER",
-        "equal",
-        same,
-    )
-    # Distribution: 40 likely tokens spread over the vocabulary, 4096 draws by each path.
-    from scipy import stats
+        args = (*params(B, 0.9, 0, 1.0, 0.02), torch.arange(B, device=DEV) * 7)
+        same = torch.equal(sample_triton(logits, *args, split=True)[0], sample_triton(logits, *args, split=False)[0])
+        row(
+            1,
+            f"sampling V={V} split path == row kernel (B={B}, T=0.9, min-p)",
+            "equal" if same else "DIFFER",
+            "equal",
+            same,
+        )
+    with guarded(1, f"sampling V={V} chi-square"):
+        # Distribution: 40 likely tokens spread over the vocabulary, 4096 draws by each path.
+        from scipy import stats
 
-    base = torch.randn(V, generator=gen, device=DEV) - 12
-    hot = torch.randperm(V, generator=gen, device=DEV)[:40]
-    base[hot] += 12 + torch.rand(40, generator=gen, device=DEV) * 3
-    p = torch.softmax(base.double(), -1)
-    N = 4096 if CUDA else 256
-    row_calls = [(min(N, 1024), False)] * (N // min(N, 1024))
-    for name, calls in (("row", row_calls), ("split", [(SPLIT_VOCAB_MAX_ROWS, True)] * (N // SPLIT_VOCAB_MAX_ROWS))):
-        toks, start = [], 0
-        for rows, split in calls:
-            seeds = torch.arange(start, start + rows, device=DEV) * 2654435761 % (2**61)
-            toks.append(sample_triton(base.expand(rows, V).contiguous(), *params(rows, 1.0), seeds, split=split)[0])
-            start += rows
-        tok = torch.cat(toks).cpu()
-        expected = p[hot].cpu().numpy() * N
-        counts = np.array([(tok == t).sum().item() for t in hot.cpu()])
-        if N - expected.sum() > 5:  # the other tokens as one bin
-            counts, expected = np.append(counts, N - counts.sum()), np.append(expected, N - expected.sum())
-        _, pv = stats.chisquare(counts, expected * counts.sum() / expected.sum())
-        row(1, f"sampling V={V} chi-square of {N} draws ({name} path)", f"p={pv:.3f}", "p > 0.001", pv > 1e-3)
-    # The torch reference (sort-free inverse CDF) agrees on greedy rows too.
-    tok_ref, _ = sample_ref(logits, *params(B, 0.0), torch.arange(B, device=DEV))
-    ok = torch.equal(tok_ref, logits.argmax(-1))
-    row(1, f"sampling reference V={V} greedy exact", "exact" if ok else "MISMATCH", "exact", ok)
+        base = torch.randn(V, generator=gen, device=DEV) - 12
+        hot = torch.randperm(V, generator=gen, device=DEV)[:40]
+        base[hot] += 12 + torch.rand(40, generator=gen, device=DEV) * 3
+        p = torch.softmax(base.double(), -1)
+        N = 4096 if CUDA else 256
+        row_calls = [(min(N, 1024), False)] * (N // min(N, 1024))
+        for name, calls in (
+            ("row", row_calls),
+            ("split", [(SPLIT_VOCAB_MAX_ROWS, True)] * (N // SPLIT_VOCAB_MAX_ROWS)),
+        ):
+            toks, start = [], 0
+            for rows, split in calls:
+                seeds = torch.arange(start, start + rows, device=DEV) * 2654435761 % (2**61)
+                toks.append(sample_triton(base.expand(rows, V).contiguous(), *params(rows, 1.0), seeds, split=split)[0])
+                start += rows
+            tok = torch.cat(toks).cpu()
+            expected = p[hot].cpu().numpy() * N
+            counts = np.array([(tok == t).sum().item() for t in hot.cpu()])
+            if N - expected.sum() > 5:  # the other tokens as one bin
+                counts, expected = np.append(counts, N - counts.sum()), np.append(expected, N - expected.sum())
+            _, pv = stats.chisquare(counts, expected * counts.sum() / expected.sum())
+            row(1, f"sampling V={V} chi-square of {N} draws ({name} path)", f"p={pv:.3f}", "p > 0.001", pv > 1e-3)
+    with guarded(1, f"sampling reference V={V} greedy exact"):
+        # The torch reference (sort-free inverse CDF) agrees on greedy rows too.
+        tok_ref, _ = sample_ref(logits, *params(B, 0.0), torch.arange(B, device=DEV))
+        ok = torch.equal(tok_ref, logits.argmax(-1))
+        row(1, f"sampling reference V={V} greedy exact", "exact" if ok else "MISMATCH", "exact", ok)
 
 
 # ----------------------------------------------------------------------------- 2. engine parity
@@ -238,41 +279,50 @@ def step_parity(tmp: Path):
     prompts = [torch.randint(3, 320, (n,), generator=g).tolist() for n in ((5, 19, 40) if CUDA else (5, 12, 24))]
     archs = (("qwen2", dict(num_key_value_heads=1)), ("llama", {}))
     for arch, opts in archs[1:] if DRY else archs:  # (the dry run: Qwen2 runs in tests/test_gpu_path.py)
-        path = make_model(str(tmp / arch), arch, seed=1, tokenizer=False, **opts)
-        hf = hf_model(path).to(DEV)
+        with guarded(2, f"{arch} engine parity"):
+            path = make_model(str(tmp / arch), arch, seed=1, tokenizer=False, **opts)
+            hf = hf_model(path).to(DEV)
 
-        def want(p, n, hf=hf):
-            ids = hf.generate(torch.tensor([p], device=DEV), max_new_tokens=n, min_new_tokens=n, do_sample=False)
-            return ids[0, len(p) :].tolist()
+            def want(p, n, hf=hf):
+                ids = hf.generate(torch.tensor([p], device=DEV), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+                return ids[0, len(p) :].tolist()
 
-        lens = [n_new, n_new // 2, 2]  # the batch drains through several buckets
-        llm = LLM(path, dtype="float32", device=DEV.type, max_num_batched_tokens=16)
-        sp = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lens]
-        outs = llm.generate(prompts, sp, use_tqdm=False)
-        ok = all(o.outputs[0].token_ids == want(p, n) for p, n, o in zip(prompts, lens, outs))
-        graphs = llm.engine.runner.graphs
-        mode = ("graphs " if graphs is not None and graphs.captured else "padded buckets ") + str(dict(graphs.replays))
-        row(2, f"{arch} greedy == transformers (chunked prefill, {mode})", "equal" if ok else "DIFFER", "equal", ok)
-        if graphs is not None and CUDA:
-            before = graphs.captures
-            llm.engine.runner.recapture()  # nothing moved: a no-op
-            graphs.capture(force=True)
+            lens = [n_new, n_new // 2, 2]  # the batch drains through several buckets
+            llm = LLM(path, dtype="float32", device=DEV.type, max_num_batched_tokens=16)
+            sp = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lens]
             outs = llm.generate(prompts, sp, use_tqdm=False)
-            ok = graphs.captures == before + 1 and all(
-                o.outputs[0].token_ids == want(p, n) for p, n, o in zip(prompts, lens, outs)
+            ok = all(o.outputs[0].token_ids == want(p, n) for p, n, o in zip(prompts, lens, outs))
+            graphs = llm.engine.runner.graphs
+            mode = ("graphs " if graphs is not None and graphs.captured else "padded buckets ") + str(
+                dict(graphs.replays)
             )
-            row(2, f"{arch} after re-capture: recapture() idempotent, output equal", "ok" if ok else "DIFFER", "", ok)
-        if arch == "llama":
-            tight = LLM(path, dtype="float32", device=DEV.type, num_kv_blocks=7, block_size=8)
-            m = 10 if CUDA else 4
-            sp = SamplingParams(n=2, temperature=0, max_tokens=m, ignore_eos=True)
-            outs = tight.generate(prompts, sp, use_tqdm=False)
-            pre = tight.engine.scheduler.num_preemptions
-            same = all([c.token_ids for c in o.outputs] == [want(p, m)] * 2 for p, o in zip(prompts, outs))
-            value = f"{pre} preemptions, " + ("equal" if same else "DIFFER")
-            row(2, f"{arch} tight KV (7 blocks), n=2 copy-on-write", value, "equal, preempted", same and pre > 0)
-            tight = None
-        del llm, hf
+            row(2, f"{arch} greedy == transformers (chunked prefill, {mode})", "equal" if ok else "DIFFER", "equal", ok)
+            if graphs is not None and CUDA:
+                before = graphs.captures
+                llm.engine.runner.recapture()  # nothing moved: a no-op
+                graphs.capture(force=True)
+                outs = llm.generate(prompts, sp, use_tqdm=False)
+                ok = graphs.captures == before + 1 and all(
+                    o.outputs[0].token_ids == want(p, n) for p, n, o in zip(prompts, lens, outs)
+                )
+                row(
+                    2,
+                    f"{arch} after re-capture: recapture() idempotent, output equal",
+                    "ok" if ok else "DIFFER",
+                    "",
+                    ok,
+                )
+            if arch == "llama":
+                tight = LLM(path, dtype="float32", device=DEV.type, num_kv_blocks=7, block_size=8)
+                m = 10 if CUDA else 4
+                sp = SamplingParams(n=2, temperature=0, max_tokens=m, ignore_eos=True)
+                outs = tight.generate(prompts, sp, use_tqdm=False)
+                pre = tight.engine.scheduler.num_preemptions
+                same = all([c.token_ids for c in o.outputs] == [want(p, m)] * 2 for p, o in zip(prompts, outs))
+                value = f"{pre} preemptions, " + ("equal" if same else "DIFFER")
+                row(2, f"{arch} tight KV (7 blocks), n=2 copy-on-write", value, "equal, preempted", same and pre > 0)
+                tight = None
+        llm = hf = None
         if CUDA:
             torch.cuda.empty_cache()
 
@@ -301,48 +351,51 @@ def step_bandwidth():
     row(4, "device copy bandwidth (read + write)", f"{copy_bw / 1e9:.0f} GB/s")
     try:
         from flash_attn import flash_attn_with_kvcache
-    except ImportError:
+    except Exception:  # absent, or built for another torch / CUDA: the SDPA peer then
         flash_attn_with_kvcache = None
     B, ctx = (64, 2048) if CUDA else (2, 64)
     for name, hq, hkv, d in (("Llama-3-8B layer", 32, 8, 128), ("Qwen2.5-0.5B layer", 14, 2, 64)):
-        g = torch.Generator(device=DEV).manual_seed(2)
-        page = 16
-        per = ctx // page
-        kv = torch.randn(2, B * per, page, hkv, d, generator=g, device=DEV).to(DT)
-        tables = torch.randperm(B * per, generator=g, device=DEV).view(B, per).int()
-        seq = torch.full((B,), ctx, dtype=torch.int32, device=DEV)
-        q = torch.randn(B, hq, d, generator=g, device=DEV).to(DT)
-        ours = functools.partial(paged_decode_attention_triton, q, kv[0], kv[1], tables, seq)
-        t = gpu_time(ours, **iters)
-        nbytes = 2 * B * ctx * hkv * d * kv.element_size()
-        frac = nbytes / t / copy_bw
-        row(
-            4,
-            f"paged decode attention B={B} ctx={ctx} {name}",
-            f"{nbytes / t / 1e9:.0f} GB/s = {frac:.0%} of copy",
-            ">= 80%" if CUDA else "",
-            (frac >= 0.8) if (CUDA and hq == 32) else None,
-            f"{t * 1e6:.0f} us",
-        )
-        kd = kv[0][tables.long()].view(B, ctx, hkv, d)
-        vd = kv[1][tables.long()].view(B, ctx, hkv, d)
-        if flash_attn_with_kvcache is not None and CUDA:
-            peer_name = "flash-attn (dense cache)"
-            peer = functools.partial(_flash_peer, flash_attn_with_kvcache, q, kd, vd, seq)
-        else:
-            peer_name = "torch SDPA (dense copy)"
-            peer = functools.partial(_sdpa_peer, q, kd.transpose(1, 2).contiguous(), vd.transpose(1, 2).contiguous())
-        err = rel_err(ours(), peer().float())
-        tp = gpu_time(peer, **iters)
-        row(
-            4,
-            f"  vs {peer_name}",
-            f"{tp / t:.2f}x (peer {tp * 1e6:.0f} us)",
-            "agree < 2e-2",
-            err < 2e-2,
-            f"rel. diff {err:.1e}",
-        )
-        kv = kd = vd = peer = None
+        with guarded(4, f"paged decode attention {name}"):
+            g = torch.Generator(device=DEV).manual_seed(2)
+            page = 16
+            per = ctx // page
+            kv = torch.randn(2, B * per, page, hkv, d, generator=g, device=DEV).to(DT)
+            tables = torch.randperm(B * per, generator=g, device=DEV).view(B, per).int()
+            seq = torch.full((B,), ctx, dtype=torch.int32, device=DEV)
+            q = torch.randn(B, hq, d, generator=g, device=DEV).to(DT)
+            ours = functools.partial(paged_decode_attention_triton, q, kv[0], kv[1], tables, seq)
+            t = gpu_time(ours, **iters)
+            nbytes = 2 * B * ctx * hkv * d * kv.element_size()
+            frac = nbytes / t / copy_bw
+            row(
+                4,
+                f"paged decode attention B={B} ctx={ctx} {name}",
+                f"{nbytes / t / 1e9:.0f} GB/s = {frac:.0%} of copy",
+                ">= 80%" if CUDA else "",
+                (frac >= 0.8) if (CUDA and hq == 32) else None,
+                f"{t * 1e6:.0f} us",
+            )
+            kd = kv[0][tables.long()].view(B, ctx, hkv, d)
+            vd = kv[1][tables.long()].view(B, ctx, hkv, d)
+            if flash_attn_with_kvcache is not None and CUDA:
+                peer_name = "flash-attn (dense cache)"
+                peer = functools.partial(_flash_peer, flash_attn_with_kvcache, q, kd, vd, seq)
+            else:
+                peer_name = "torch SDPA (dense copy)"
+                peer = functools.partial(
+                    _sdpa_peer, q, kd.transpose(1, 2).contiguous(), vd.transpose(1, 2).contiguous()
+                )
+            err = rel_err(ours(), peer().float())
+            tp = gpu_time(peer, **iters)
+            row(
+                4,
+                f"  vs {peer_name}",
+                f"{tp / t:.2f}x (peer {tp * 1e6:.0f} us)",
+                "agree < 2e-2",
+                err < 2e-2,
+                f"rel. diff {err:.1e}",
+            )
+            kv = kd = vd = peer = None
 
 
 # ----------------------------------------------------------------------------- 3. decode speed
@@ -574,24 +627,19 @@ def table() -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
-    budget = ARGS.budget
-    out = OUT_JSON
-    with tempfile.TemporaryDirectory() as tmp:
-        for n, name, need, fn in STEPS:
-            left = budget - (time.perf_counter() - T0)
-            if CUDA and left < need:
-                row(n, name, "skipped", "", None, f"time budget: {left:.0f} s left, needs ~{need} s")
-                continue
-            t = time.perf_counter()
-            try:
-                fn(Path(tmp), left)
-            except Exception as e:  # one failure is reported, the other steps still run
-                traceback.print_exc()
-                row(n, name, f"error: {type(e).__name__}: {e}"[:200], "", False)
-            print(f"step {n} ({name}): {time.perf_counter() - t:.1f} s", flush=True)
-            if CUDA:
-                torch.cuda.empty_cache()
+def run_step_here(n: int) -> int:
+    """(A step's process.) Run step n; an exception becomes its FAIL row."""
+    _, name, _, fn = next(s for s in STEPS if s[0] == n)
+    if os.environ.get("BSTAR_GPU_CHECK_CRASH") == str(n):  # (tests: a step whose process dies)
+        os.abort()
+    if ARGS.rows_out:
+        Path(ARGS.rows_out).write_text("[]")
+    with tempfile.TemporaryDirectory() as tmp, guarded(n, name):
+        fn(Path(tmp), ARGS.budget)
+    return 0
+
+
+def write_json(out: Path, seconds: float) -> dict:
     import triton
 
     meta = dict(
@@ -600,10 +648,44 @@ def main() -> int:
         torch=torch.__version__,
         triton=triton.__version__,
         dry_run=DRY,
-        seconds=round(time.perf_counter() - T0, 1),
+        seconds=round(seconds, 1),
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(meta=meta, rows=ROWS), indent=1))
+    return meta
+
+
+def main() -> int:
+    if ARGS.step is not None:
+        return run_step_here(ARGS.step)
+    budget = ARGS.budget
+    out = OUT_JSON
+    only = {int(x) for x in ARGS.only.split(",")} if ARGS.only else None
+    steps = [s for s in STEPS if only is None or s[0] in only]
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (n, name, need, _) in enumerate(steps):
+            left = budget - (time.perf_counter() - T0)
+            if CUDA and left < need:
+                row(n, name, "skipped", "", None, f"time budget: {left:.0f} s left, needs ~{need} s")
+                continue
+            # the budget left, less what the later steps need at least (never below this one's need)
+            limit = max(need, left - sum(s[2] for s in steps[i + 1 :])) if CUDA else 900
+            rows_file = Path(tmp) / f"rows{n}.json"
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--step", str(n), "--rows-out", str(rows_file)]
+            cmd += ["--budget", str(limit), "--out", str(out)] + (["--dry-run"] if DRY else [])
+            t = time.perf_counter()
+            try:
+                rc = subprocess.run(cmd, timeout=limit, cwd=REPO).returncode
+            except subprocess.TimeoutExpired:
+                rc = None
+            if rows_file.exists():
+                ROWS.extend(json.loads(rows_file.read_text() or "[]"))
+            if rc != 0:
+                why = f"timed out after {limit:.0f} s" if rc is None else f"its process died (exit {rc})"
+                row(n, name, why, "", False, "rows above are what it reported before")
+            print(f"step {n} ({name}): {time.perf_counter() - t:.1f} s", flush=True)
+            write_json(out, time.perf_counter() - T0)  # after every step: a kill later loses nothing
+    meta = write_json(out, time.perf_counter() - T0)
     print(
         f"\n## GPU check: {meta['device']}, {meta['date']}, torch {meta['torch']}, triton {meta['triton']}, "
         f"{meta['seconds']} s\n"

@@ -26,7 +26,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # model_factory, as the benchmarks
+REPO = Path(__file__).resolve().parents[1]
+# the engine and bstar (no install needed: a GPU box runs the checkout as it is), and model_factory
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from model_factory import QWEN25_05B, QWEN25_7B, build_tokenizer, make_config, make_records  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoModelForTokenClassification  # noqa: E402

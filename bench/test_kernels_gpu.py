@@ -27,9 +27,21 @@ MAX_KV_BYTES = 24 * 2**30  # skip shapes whose K+V would not leave room for a pe
 
 try:
     from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
-except ImportError:  # optional GPU extra; SDPA is the peer without it
+except Exception:  # optional GPU extra (absent, or built for another torch); SDPA is the peer without it
     flash_attn_varlen_func = flash_attn_with_kvcache = None
 PEER = "flash-attn" if flash_attn_with_kvcache is not None else "torch-sdpa"
+
+
+def synced(fn):
+    """fn, then a device synchronisation: what pytest-benchmark times must include the kernels, not
+    only their (asynchronous) launch."""
+
+    def run(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        torch.cuda.synchronize()
+        return out
+
+    return run
 
 
 def cuda_time(fn, iters=20, warmup=3):
@@ -90,7 +102,7 @@ def test_decode_bandwidth(benchmark, batch, context):
     q = torch.randn(batch, HQ, D, device="cuda", dtype=DTYPE, generator=gen)
     run = functools.partial(paged_decode_attention_triton, q, k, v, tables, seq_lens)
     t = cuda_time(run)
-    benchmark.pedantic(run, rounds=5, iterations=3, warmup_rounds=1)
+    benchmark.pedantic(synced(run), rounds=5, iterations=3, warmup_rounds=1)
     achieved, peak = nbytes / t, copy_bandwidth()
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name(),
@@ -128,7 +140,7 @@ def test_decode_vs_peer(benchmark, batch, context):
 
     torch.testing.assert_close(ours().float(), peer().float(), atol=2e-2, rtol=2e-2)
     t_ours, t_peer = cuda_time(ours), cuda_time(peer)
-    benchmark.pedantic(ours, rounds=5, iterations=3, warmup_rounds=1)
+    benchmark.pedantic(synced(ours), rounds=5, iterations=3, warmup_rounds=1)
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name(),
         peer=PEER,
@@ -175,7 +187,7 @@ def test_prefill_vs_peer(benchmark, batch, new, prefix):
 
     torch.testing.assert_close(ours().float(), peer().float(), atol=2e-2, rtol=2e-2)
     t_ours, t_peer = cuda_time(ours), cuda_time(peer)
-    benchmark.pedantic(ours, rounds=5, iterations=3, warmup_rounds=1)
+    benchmark.pedantic(synced(ours), rounds=5, iterations=3, warmup_rounds=1)
     flops = 4 * batch * HQ * D * sum(prefix + i + 1 for i in range(new))  # causal QK^T and PV
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name(),
@@ -249,7 +261,7 @@ def test_sampling_vs_torch(benchmark, batch, filters):
         torch.arange(batch, device="cuda"),
     )
     t_ours, t_peer = cuda_time(lambda: sample_triton(*args)), cuda_time(lambda: torch_sample(logits, temp, k, p))
-    benchmark.pedantic(lambda: sample_triton(*args), rounds=5, iterations=3, warmup_rounds=1)
+    benchmark.pedantic(synced(lambda: sample_triton(*args)), rounds=5, iterations=3, warmup_rounds=1)
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name(),
         peer="torch softmax + multinomial",

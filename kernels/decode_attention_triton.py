@@ -23,13 +23,12 @@ pruned to the single hand-picked default, so nothing is benchmarked there.
 """
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import jit, launch
+from kernels.launch import gpu_configs, jit, launch
 from kernels.paged_triton import needs_64bit_offsets as _needs_64bit_offsets
 from kernels.paged_triton import paged_row_offsets
 
@@ -219,10 +218,6 @@ def _config(D: int, dtype: torch.dtype):
     return (64 if D <= 64 else 32), 4, 2
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 # Candidates for the autotuner: the hand-picked default and two neighbours for each head dim
 # (each candidate costs a compile at start-up, ~1 s).
 _CONFIGS = [
@@ -239,7 +234,7 @@ def _prune_configs(configs, nargs, **kwargs):
     D, dtype = kwargs["D"], nargs["K"].dtype
     default = _config(D, dtype)
     key = lambda c: (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-    if interpreting() or not nargs["K"].is_cuda or dtype == torch.float32 or D > 128:
+    if not gpu_configs(nargs["K"]) or dtype == torch.float32 or D > 128:
         want = [default]  # nothing to time (CPU), or the fp32 / wide-head paths: the default only
     else:
         want = _CANDIDATES[64 if D <= 64 else 128]

@@ -6,7 +6,7 @@ on a GPU; many under the interpreter, whose cost is per op."""
 import triton
 import triton.language as tl
 
-from kernels.launch import launch
+from kernels.launch import gpu_configs, launch
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -65,7 +65,7 @@ def store_kv_triton(k, v, k_cache, v_cache, slot_mapping):
     v = v if v.stride(-1) == 1 else v.contiguous()
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("the caches' head dim must be contiguous")
-    BLOCK_T = 1 if k.is_cuda else 64
+    BLOCK_T = 1 if gpu_configs(k) else 64
     launch(
         _store_kv_kernel,
         (triton.cdiv(T, BLOCK_T),),

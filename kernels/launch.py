@@ -13,14 +13,41 @@ capture, so the engine warms every variant it will meet at start-up and must mee
   are only recorded, not run (to sweep batch sizes 1..256 in milliseconds).
 - `compiled_count()` counts the binaries Triton actually holds for the kernels launched so far
   (a GPU only; the interpreter compiles nothing): a generate call must leave it unchanged.
+- `gpu_configs(t)` decides, for every wrapper, whether a launch on `t` takes a GPU's launch
+  configs (tiles, rows per program, autotune candidates) or the interpreter's; `as_gpu()` makes
+  CPU tensors take the GPU's, so bench/compile_check.py can record the exact launches a GPU
+  would make and compile them for sm_90 on a machine without one.
 """
 
 import contextlib
 import functools
 import inspect
+import os
 
 _recorder = None  # callable(kernel, args, kwargs) -> bool (run the launch?), while recording
 _launched: dict[int, object] = {}  # kernels launched through `launch`, for compiled_count
+_as_gpu = False  # as_gpu(): CPU tensors take the GPU's launch configs
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def gpu_configs(t) -> bool:
+    """Whether a launch on tensor `t` takes a GPU's launch configs: a CUDA tensor outside the
+    interpreter, or any tensor inside `as_gpu()`."""
+    return _as_gpu or (t.is_cuda and not interpreting())
+
+
+@contextlib.contextmanager
+def as_gpu():
+    """Launch configs of a GPU for CPU tensors (with record_variants(run=False): nothing runs)."""
+    global _as_gpu
+    old, _as_gpu = _as_gpu, True
+    try:
+        yield
+    finally:
+        _as_gpu = old
 
 
 def launch(kernel, grid, *args, **kwargs):
@@ -87,14 +114,17 @@ def variant_key(kernel, args, kwargs) -> tuple:
 
 
 @contextlib.contextmanager
-def record_variants(run: bool = True):
-    """Yields a dict {kernel name: set of variant keys} filled by every launch inside the block."""
+def record_variants(run: bool = True, launches: list | None = None):
+    """Yields a dict {kernel name: set of variant keys} filled by every launch inside the block;
+    with `launches`, each launch's (kernel, args, kwargs) is appended to it too."""
     global _recorder
     seen: dict[str, set] = {}
 
     def rec(kernel, args, kwargs):
         key = variant_key(kernel, args, kwargs)
         seen.setdefault(key[0], set()).add(key)
+        if launches is not None:
+            launches.append((kernel, args, kwargs))
         return run
 
     old, _recorder = _recorder, rec
@@ -118,4 +148,13 @@ def compiled_count() -> int:
     return n
 
 
-__all__ = ["jit", "launch", "record_variants", "variant_key", "compiled_count"]
+__all__ = [
+    "jit",
+    "launch",
+    "record_variants",
+    "variant_key",
+    "compiled_count",
+    "gpu_configs",
+    "as_gpu",
+    "interpreting",
+]

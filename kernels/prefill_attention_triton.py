@@ -21,8 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.decode_attention_triton import interpreting
-from kernels.launch import jit, launch
+from kernels.launch import gpu_configs, jit, launch
 from kernels.paged_triton import needs_64bit_offsets as _needs_64bit_offsets
 from kernels.paged_triton import paged_row_offsets
 
@@ -138,10 +137,10 @@ def _prefill_kernel(
 
 def _config(D: int, dtype: torch.dtype):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for sm_90, chosen so that ptxas reports no register
-    spills for the gathered (paged) K/V tiles at D=64/128 in fp16/bf16. fp32 caches (tests,
-    debugging) and D=256 spill a little."""
+    spills for the gathered (paged) K/V tiles at D=64/128 in fp16/bf16 and fp32 (bench/compile_check.py:
+    fp32 at D=128 takes 16-row tiles, 32 spilled 656 bytes); D=256 is not checked."""
     if dtype == torch.float32:
-        return (32 if D <= 128 else 16), 16, 4, 2
+        return (32 if D <= 64 else 16), 16, 4, 2
     if D <= 64:
         return 128, 64, 8, 2
     if D <= 128:
@@ -171,7 +170,7 @@ def _prune_configs(configs, nargs, **kwargs):
     D, dtype = kwargs["D"], nargs["K"].dtype
     default = _config(D, dtype)
     key = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-    if interpreting() or not nargs["K"].is_cuda or dtype == torch.float32 or D > 128:
+    if not gpu_configs(nargs["K"]) or dtype == torch.float32 or D > 128:
         want = [default]  # nothing to time (CPU), or the fp32 / wide-head paths: the default only
     else:
         want = _CANDIDATES[64 if D <= 64 else 128]

@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import launch
+from kernels.launch import gpu_configs, launch
 
 SPLIT_VOCAB_MAX_ROWS = 64  # batches up to this many rows take the split-vocabulary path
 
@@ -413,7 +413,7 @@ def _split_tiles(V: int, cuda: bool, block_v=None):
 
 def _sample_split(logits, temperature, top_k, top_p, min_p, seeds, tokens, logprobs, block_v=None):
     B, V = logits.shape
-    cuda = logits.is_cuda
+    cuda = gpu_configs(logits)
     CHUNK, BLOCK_V = _split_tiles(V, cuda, block_v)
     NC = triton.cdiv(V, CHUNK)
     BLOCK_C = triton.next_power_of_2(NC)
@@ -548,7 +548,7 @@ def sample_triton(logits, temperature, top_k, top_p, min_p, seeds, *, block_v=No
     BLOCK_V = block_v or min(2048, triton.next_power_of_2(V))
     # One row per program on a GPU; the interpreter's cost is per op, so it takes many rows at once
     # (a fixed count: the batch size does not pick the variant).
-    BLOCK_R = block_r or (1 if logits.is_cuda else 256)
+    BLOCK_R = block_r or (1 if gpu_configs(logits) else 256)
     launch(
         _sample_kernel,
         (triton.cdiv(B, BLOCK_R),),

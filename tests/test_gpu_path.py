@@ -8,8 +8,11 @@ built block tables after every step; plus the no-recompile guarantee, read off T
 binder for every launch. Only speed needs a GPU (bench/gpu_check.py).
 """
 
+import contextlib
+import functools
 import os
 import random
+import sys
 
 import pytest
 import torch
@@ -275,3 +278,73 @@ def test_kernel_variants_do_not_depend_on_batch_size():
         "_sample_kernel": 1,  # batches > 64: a program per row
         "_prefill_kernel": 1,
     }, counts
+
+
+class HostSyncInCapture(AssertionError):
+    pass
+
+
+@contextlib.contextmanager
+def no_host_sync():
+    """Inside: every Tensor method that makes the host wait for the device (item, tolist, cpu,
+    numpy, bool/int/float of a tensor), torch.cuda.synchronize, pinned allocation and
+    kernels.host.to_device raise, unless called (through torch's own Python code) by Triton's
+    interpreter, which reads CPU tensors as numpy arrays. What a CUDA graph capture forbids, checked
+    on CPU."""
+    import kernels.host
+
+    def outside_interpreter() -> bool:
+        f = sys._getframe(2)
+        while f is not None and f.f_globals.get("__name__", "").startswith("torch"):
+            f = f.f_back
+        return f is not None and not f.f_globals.get("__name__", "").startswith(("triton", "numpy"))
+
+    def forbid(name, orig):
+        @functools.wraps(orig)
+        def wrapped(*args, **kwargs):
+            if outside_interpreter():
+                raise HostSyncInCapture(f"{name} inside a captured region")
+            return orig(*args, **kwargs)
+
+        return wrapped
+
+    targets = [(torch.Tensor, m) for m in ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__")]
+    targets += [(torch.Tensor, "pin_memory"), (torch.cuda, "synchronize"), (kernels.host, "to_device")]
+    saved = [(obj, name, getattr(obj, name)) for obj, name in targets]
+    try:
+        for obj, name, orig in saved:
+            setattr(obj, name, forbid(name, orig))
+        yield
+    finally:
+        for obj, name, orig in saved:
+            setattr(obj, name, orig)
+
+
+def test_no_host_sync_guard_catches_a_sync():
+    """The guard below is live: each forbidden call raises inside it, and works again after."""
+    t = torch.ones(2)
+    for bad in (lambda: t.sum().item(), lambda: bool(t.any()), lambda: t.tolist(), lambda: print(t)):
+        with no_host_sync(), pytest.raises(HostSyncInCapture):
+            bad()
+    assert t.sum().item() == 2
+
+
+@needs_interpreter
+def test_captured_decode_forward_has_no_host_sync(tiny, triton_path, monkeypatch):
+    """The decode forward a CUDA graph captures (model, Triton kernels, KV store, attention with its
+    split count) never makes the host wait, reads a tensor on the host or stages host memory: run
+    under no_host_sync() for every bucket replay of a generate (the CPU stand-in runs the same code
+    as the capture)."""
+    from engine.cuda_graphs import DecodeGraphs
+
+    forward = DecodeGraphs._forward
+
+    def guarded(self, bs):
+        with no_host_sync():
+            forward(self, bs)
+
+    monkeypatch.setattr(DecodeGraphs, "_forward", guarded)
+    llm = LLM(tiny["qwen2"], dtype="float32", device="cpu", max_num_seqs=4)
+    params = [SamplingParams(temperature=t, max_tokens=n, ignore_eos=True, seed=1) for t, n in ((0, 6), (1.0, 4))]
+    llm.generate(_prompts(4, [7, 12]), params, use_tqdm=False)
+    assert sum(llm.engine.runner.graphs.replays.values()) >= 5
