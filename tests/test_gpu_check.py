@@ -13,20 +13,25 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_gpu_check_dry_run(tmp_path):
-    out = tmp_path / "gpu_check.json"
-    env = {k: v for k, v in os.environ.items() if k not in ("BSTAR_KERNELS", "OUT")}
-    env["OMP_NUM_THREADS"] = "1"
+def run_bench_script(script, out, *args, drop=("BSTAR_KERNELS", "OUT"), rc=0, **env_extra):
+    """bench/<script> as a subprocess without `drop` in its environment, its JSON written to `out`;
+    asserts its exit code and returns (completed process, report)."""
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(env_extra)
     r = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "gpu_check.py"), "--dry-run", "--out", str(out)],
+        [sys.executable, str(REPO / "bench" / script), *args, "--out", str(out)],
         capture_output=True,
         text=True,
         env=env,
         cwd=REPO,
         timeout=600,
     )
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    report = json.loads(out.read_text())
+    assert r.returncode == rc, r.stdout[-4000:] + r.stderr[-4000:]
+    return r, json.loads(out.read_text())
+
+
+def test_gpu_check_dry_run(tmp_path):
+    r, report = run_bench_script("gpu_check.py", tmp_path / "gpu_check.json", "--dry-run", OMP_NUM_THREADS="1")
     rows = report["rows"]
     assert report["meta"]["dry_run"] and {1, 2, 3, 4, 5} <= {row["step"] for row in rows}
     bad = [row for row in rows if row["status"] == "FAIL"]
@@ -75,18 +80,8 @@ def test_as_gpu_takes_the_gpu_launch_configs():
 def test_compile_check_quick(tmp_path):
     """Every kernel (one case each, bf16) compiles for sm_90 with the GPU's launch configs, within
     the H100's shared memory and register file (bench/compile_check.py; the full run: all cases)."""
-    out = tmp_path / "compile.json"
-    env = {k: v for k, v in os.environ.items() if k not in ("BSTAR_KERNELS", "TRITON_INTERPRET")}
-    r = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "compile_check.py"), "--quick", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    rows = json.loads(out.read_text())["rows"]
+    drop = ("BSTAR_KERNELS", "TRITON_INTERPRET")
+    rows = run_bench_script("compile_check.py", tmp_path / "compile.json", "--quick", drop=drop)[1]["rows"]
     kernels = {row["kernel"] for row in rows}
     assert {"_decode_split_kernel", "_decode_merge_kernel", "_prefill_kernel", "_sample_kernel"} <= kernels
     assert {"_chunk_stats_kernel", "_store_kv_kernel", "_rms_norm_kernel", "_qk_norm_rope_kernel"} <= kernels
@@ -97,19 +92,17 @@ def test_compile_check_quick(tmp_path):
 def test_gpu_check_survives_a_dead_step(tmp_path):
     """A step whose process dies (as a CUDA error would leave it) becomes one FAIL row; the next
     step still runs and the JSON and table are still written."""
-    out = tmp_path / "gpu_check.json"
-    env = {k: v for k, v in os.environ.items() if k not in ("BSTAR_KERNELS", "OUT")}
-    env.update(OMP_NUM_THREADS="1", BSTAR_GPU_CHECK_CRASH="1")
-    r = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "gpu_check.py"), "--dry-run", "--only", "1,4", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=600,
+    r, report = run_bench_script(
+        "gpu_check.py",
+        tmp_path / "gpu_check.json",
+        "--dry-run",
+        "--only",
+        "1,4",
+        rc=1,
+        OMP_NUM_THREADS="1",
+        BSTAR_GPU_CHECK_CRASH="1",
     )
-    assert r.returncode == 1, r.stdout[-4000:] + r.stderr[-4000:]
-    rows = json.loads(out.read_text())["rows"]
+    rows = report["rows"]
     dead = [row for row in rows if row["step"] == 1]
     assert len(dead) == 1 and dead[0]["status"] == "FAIL" and "died" in dead[0]["value"]
     assert [row["status"] for row in rows if row["step"] == 4] and all(
