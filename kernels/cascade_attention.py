@@ -166,7 +166,7 @@ def build_cascade_plan(
     (prefix_blocks, slot_t, row_t, own_blocks, keys_t, new_pos_t, new_slots_t, plen_t, offsets_t) = ints.split(
         [Gr * P, B, Gr * S, B * O, B, B, B, Gr, B]
     )
-    prefix_bias = torch.zeros(Gr, P * bs, device=device).masked_fill_(
+    prefix_bias = torch.zeros(Gr, P * bs, dtype=torch.float32, device=device).masked_fill_(
         torch.arange(P * bs, device=device) >= plen_t[:, None], _NEG_INF
     )
     return CascadePlan(

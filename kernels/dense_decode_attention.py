@@ -44,7 +44,7 @@ def dense_decode_attention_ref(q, k, v, lens, scale):
     L = k.shape[1]
     bias = None
     if lens is not None:
-        bias = torch.zeros(len(lens), L, device=q.device).masked_fill_(
+        bias = torch.zeros(len(lens), L, dtype=torch.float32, device=q.device).masked_fill_(
             torch.arange(L, device=q.device) >= lens[:, None], _NEG_INF
         )
         bias = bias.view(-1, 1, 1, L)
@@ -86,7 +86,7 @@ def dense_decode_attention(q, k, v, lens, scale):
     B, H, G, D = q.shape
     q = q.contiguous()
     out = torch.empty_like(q)
-    lse = torch.empty(B, H, G)
+    lse = torch.empty(B, H, G, dtype=torch.float32)  # not the default dtype: the kernel writes float32
     _kernel(lib)(
         q.data_ptr(),
         k.data_ptr(),
