@@ -123,6 +123,10 @@ class PRM:
                     f"classification PRM needs a 2-class head, this one has {self._last_layer().out_features}"
                 )
             self.label_rows = [good_label, 1 - good_label]
+        if self.engine.runner.inputs is not None:  # the Triton path: compile the scoring kernels now, not mid-run
+            with torch.inference_mode():
+                h = torch.zeros(2, self.engine.mcfg.hidden_size, dtype=self.engine.dtype, device=self.engine.device)
+                self._score_hidden(h, torch.zeros(2, dtype=torch.long, device=h.device), 1)
 
     def _last_layer(self) -> torch.nn.Linear:
         score = self.engine.model.score
@@ -137,6 +141,19 @@ class PRM:
         last = self._last_layer()
         pre = None if isinstance(net.score, torch.nn.Linear) else net.score[:2]
         return pre, last.weight[self.label_rows], None if last.bias is None else last.bias[self.label_rows]
+
+    def _score_hidden(self, hidden, step_cand, num_candidates):
+        """Step scores [S] and per-candidate aggregates from the tag positions' hidden states [S, H]
+        (step_cand [S]: each step's candidate, non-decreasing)."""
+        with self.engine.runner.guard():
+            pre, weight, bias = self._head()
+            if pre is not None:
+                hidden = pre(hidden)
+            tags = torch.arange(hidden.shape[0], device=hidden.device)
+            p_good, agg = kernels.prm_step_scores(hidden, tags, weight, bias, step_cand, num_candidates, self.aggregate)
+            if self.scale == "logit":
+                p_good, agg = to_logit(p_good), to_logit(agg)
+        return p_good, agg
 
     # -- text -> tokens -----------------------------------------------------------------------
     def split_steps(self, candidate: str) -> list[str]:
@@ -180,22 +197,8 @@ class PRM:
         for k, first, h in tqdm(stream, total=len(seqs), desc="PRM", disable=not progress, leave=False):
             rows[k] = h[torch.tensor([p - first for p in tag_pos[k]], device=h.device)]
         hidden = torch.cat(rows) if rows else torch.empty(0, eng.mcfg.hidden_size, device=eng.device)
-        with eng.runner.guard():
-            pre, weight, bias = self._head()
-            if pre is not None:
-                hidden = pre(hidden)
-            step_cand = torch.tensor([i for i, t in enumerate(tag_pos) for _ in t], device=hidden.device)
-            p_good, agg = kernels.prm_step_scores(
-                hidden,
-                torch.arange(hidden.shape[0], device=hidden.device),
-                weight,
-                bias,
-                step_cand,
-                len(seqs),
-                self.aggregate,
-            )
-            if self.scale == "logit":
-                p_good, agg = to_logit(p_good), to_logit(agg)
+        step_cand = torch.tensor([i for i, t in enumerate(tag_pos) for _ in t], device=hidden.device)
+        p_good, agg = self._score_hidden(hidden, step_cand, len(seqs))
         p_good, agg = p_good.tolist(), agg.tolist()
         out = [[] for _ in questions]
         i = 0

@@ -16,7 +16,7 @@ from kernels.prm_scoring import AGGREGATES
 _AGG_CODE = {name: i for i, name in enumerate(AGGREGATES)}  # min 0, last 1, prod 2, mean 3
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S"])  # the step count varies per call: one variant for all
 def _prm_step_kernel(
     HIDDEN,
     TAG,

@@ -214,6 +214,31 @@ def test_gpu_path_prompt_forwards(tiny, monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+@needs_interpreter
+def test_prm_scoring_on_the_gpu_path_compiles_nothing_after_start_up(tmp_path_factory, monkeypatch):
+    """A PRM on the GPU path compiles its scoring kernels at start-up: scoring calls of 1, 16 and
+    17 steps (Triton specialises integers equal to 1 or divisible by 16 unless told not to) need
+    no variant the start-up did not make; the scores equal the torch path's."""
+    from engine import PRM
+
+    path = make_model(str(tmp_path_factory.mktemp("prm") / "lm"), "llama", seed=5, extra_tokens=("ки",))
+    question = "Janet has 3 apples and buys 5 more."
+    cands = ["The answer is 8.", "\n".join(f"step {i}" for i in range(16)), "\n".join(f"s {i}" for i in range(17))]
+    torch_prm = PRM(path, dtype="float32", device="cpu")
+    want = [torch_prm.score(question, [c])[0] for c in cands]
+    monkeypatch.setenv("BSTAR_KERNELS", "triton")
+    with record_variants() as warm:
+        prm = PRM(path, dtype="float32", device="cpu")
+    assert {"_prm_step_kernel", "_prm_aggregate_kernel"} <= set(warm)
+    with record_variants() as used:
+        got = [prm.score(question, [c])[0] for c in cands]  # one call each: 1, 16, 17 steps
+    for name, keys in used.items():
+        assert keys <= warm.get(name, set()), f"{name}: a variant not compiled at start-up"
+    assert [len(g.step_scores) for g in got] == [1, 16, 17]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(torch.tensor(g.step_scores), torch.tensor(w.step_scores), atol=1e-4, rtol=1e-4)
+
+
 def test_cpu_default_path_untouched(tiny):
     """Without BSTAR_KERNELS the CPU engine keeps its torch path: no persistent inputs, no buckets."""
     llm = LLM(tiny["llama"], dtype="float32", device="cpu")
