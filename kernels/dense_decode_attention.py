@@ -65,16 +65,21 @@ def _kernel(lib: ctypes.CDLL):
 
 
 def native_fits(q, k, v, lens) -> bool:
-    """Whether the C kernel takes these tensors: float32 on CPU, D contiguous, K and V alike."""
+    """Whether the C kernel takes these tensors: float32 on CPU, shapes that agree (it reads raw
+    pointers: anything else goes to the reference, which raises), D contiguous, K and V alike."""
     B, H, G, D = q.shape
     return (
         q.device.type == "cpu"
         and q.dtype == k.dtype == v.dtype == torch.float32
+        and k.dim() == 4
+        and k.shape[0] == B
+        and k.shape[2:] == (H, D)
+        and v.shape == k.shape
         and k.stride() == v.stride()
         and k.stride(-1) == 1
         and H * G <= _MAX_HEADS
         and D <= _MAX_DIM
-        and (lens is None or (lens.dtype == torch.int64 and lens.is_contiguous()))
+        and (lens is None or (lens.shape == (B,) and lens.dtype == torch.int64 and lens.is_contiguous()))
     )
 
 

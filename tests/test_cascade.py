@@ -248,6 +248,10 @@ def test_dense_decode_attention_falls_back_where_the_kernel_cannot_run(monkeypat
     assert not dense_mod.native_fits(q, k, v, None)  # 72 query heads per row
     assert not dense_mod.native_fits(*(t.double() for t in small), None)
     assert dense_mod.native_fits(*small, None)
+    qs, ks, vs = small
+    assert not dense_mod.native_fits(qs, ks[:2], vs[:2], None)  # shapes that disagree: never raw pointers
+    assert not dense_mod.native_fits(qs, ks, vs[:, :5], None)
+    assert not dense_mod.native_fits(qs, ks, vs, torch.zeros(2, dtype=torch.long))
     check(q, k, v)
     monkeypatch.setenv("CC", "false")  # a compiler that always fails
     assert native.load("dense_decode_attention") is None
