@@ -14,8 +14,9 @@ passes the H100's 227 KB per block, or when registers x threads pass the 64K reg
 launch would fail with OutOfResources); spills are reported, not failed.
 
 Cases: paged decode and prefill attention at head dims 64 / 128 and GQA groups 1 / 4 / 7, KV store,
-RMSNorm, rotary and Qwen3's q/k-norm rotary at the model shapes, PRM scoring, sampling at vocabulary
-151,936 (both paths), each in bf16, fp16 and fp32 (the engine's dtypes; its logits are fp32).
+RMSNorm, rotary, Qwen3's q/k-norm rotary and the MLP's silu_and_mul at the model shapes, PRM
+scoring, sampling at vocabulary 151,936 (both paths), each in bf16, fp16 and fp32 (the engine's
+dtypes; its logits are fp32).
 Needs triton with its bundled ptxas (Linux wheels); about 1-3 s per variant on one core.
 """
 
@@ -40,6 +41,7 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 def _cases(quick: bool):
     """(name, thunk) pairs; each thunk calls one wrapper on CPU tensors."""
+    from kernels.activation_triton import silu_and_mul_triton
     from kernels.decode_attention_triton import paged_decode_attention_triton
     from kernels.kv_store_triton import store_kv_triton
     from kernels.norm_rope_triton import apply_rotary_triton, qk_norm_rope_triton, rms_norm_triton
@@ -69,14 +71,17 @@ def _cases(quick: bool):
                 paged_prefill_attention_triton(q, kc, kc, tables, cu, lens, max_seqlen_q=16)
 
             out += [(f"decode D={D} G={G} {dt}", decode), (f"prefill D={D} G={G} {dt}", prefill)]
-        shapes = [(14, 2, 64, 896)] if quick else [(14, 2, 64, 896), (28, 4, 128, 3584), (40, 8, 128, 5120)]
-        for hq, hk, D, H in shapes:
+        # Qwen2.5-0.5B, -7B, -14B: heads, KV heads, head dim, hidden, MLP intermediate
+        shapes = [(14, 2, 64, 896, 4864)]
+        shapes += [] if quick else [(28, 4, 128, 3584, 18944), (40, 8, 128, 5120, 13824)]
+        for hq, hk, D, H, I in shapes:
 
-            def layer(hq=hq, hk=hk, D=D, H=H, dt=dt):
+            def layer(hq=hq, hk=hk, D=D, H=H, I=I, dt=dt):
                 x = torch.zeros(8, H, dtype=dt)
                 w = torch.ones(H, dtype=dt)
                 rms_norm_triton(x, w, 1e-6)
                 rms_norm_triton(x, w, 1e-6, x)
+                silu_and_mul_triton(torch.zeros(8, 2 * I, dtype=dt))
                 qkv = torch.zeros(8, (hq + 2 * hk) * D, dtype=dt)  # q, k, v as views of one GEMM output
                 q, k, v = qkv.split([hq * D, hk * D, hk * D], dim=-1)
                 q, k, v = q.view(8, hq, D), k.view(8, hk, D), v.view(8, hk, D)
@@ -96,7 +101,7 @@ def _cases(quick: bool):
                     1,
                 )
 
-            out.append((f"layer H={H} Hq={hq} Hkv={hk} D={D} {dt}", layer))
+            out.append((f"layer H={H} I={I} Hq={hq} Hkv={hk} D={D} {dt}", layer))
 
     def sampling(V=151936, logits_dtypes=(torch.float32,) if quick else (torch.float32, torch.float16, torch.bfloat16)):
         for dt in logits_dtypes:  # the engine's logits are fp32; the kernel tests and benchmarks pass 16-bit too

@@ -7,6 +7,9 @@
   cache contents for both), or torch SDPA on a dense copy of the cache when flash-attn is absent;
 * prefill: paged_prefill_attention_triton against flash-attn `flash_attn_varlen_func`, or torch
   SDPA (causal, GQA) when flash-attn is absent;
+* silu_and_mul: silu_and_mul_triton against torch's `F.silu(gate) * up` (two kernels and a
+  temporary) on the gate_up output of Qwen2.5-0.5B (intermediate 4864, bf16), at a decode batch
+  and a prefill chunk, with the achieved bandwidth of each;
 * sampling: sample_triton against torch's own sampling (softmax + torch.multinomial; top-k by
   torch.topk and top-p by sort + cumsum where asked, as vLLM's torch fallback does), vocabulary
   151936, after checking that both draw from the same distribution.
@@ -200,6 +203,46 @@ def test_prefill_vs_peer(benchmark, batch, new, prefix):
     print(
         f"\nprefill B={batch} new={new} prefix={prefix}: ours {t_ours * 1e6:.0f} us "
         f"({flops / t_ours / 1e12:.0f} TFLOP/s), {PEER} {t_peer * 1e6:.0f} us, ratio {t_peer / t_ours:.2f}x"
+    )
+
+
+@pytest.mark.parametrize("tokens", [64, 8192])
+def test_silu_and_mul_vs_torch(benchmark, tokens):
+    """The MLP activation on [tokens, 2 * 4864] bf16: ours (one kernel) against F.silu(gate) * up."""
+    import torch.nn.functional as F
+
+    from kernels.activation import silu_and_mul_ref
+    from kernels.activation_triton import silu_and_mul_triton
+
+    I = 4864
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    x = torch.randn(tokens, 2 * I, device="cuda", dtype=DTYPE, generator=gen) * 3
+    ours = functools.partial(silu_and_mul_triton, x)
+
+    def peer():
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    got, ref = ours(), silu_and_mul_ref(x)
+    same = (got == ref).float().mean().item()
+    # the reference's roundings: bit-equal but where an ulp of float32 exp tips a bf16 rounding
+    assert same > 0.999, f"only {same:.4%} of outputs equal the reference"
+    torch.testing.assert_close(got, ref, atol=0, rtol=torch.finfo(DTYPE).eps)
+    t_ours, t_peer = cuda_time(ours, iters=50), cuda_time(peer, iters=50)
+    benchmark.pedantic(synced(ours), rounds=5, iterations=10, warmup_rounds=1)
+    nbytes = 3 * tokens * I * x.element_size()  # gate and up read, the product written
+    benchmark.extra_info.update(
+        device=torch.cuda.get_device_name(),
+        peer="torch F.silu(gate) * up",
+        ours_us=round(t_ours * 1e6, 1),
+        peer_us=round(t_peer * 1e6, 1),
+        speedup=round(t_peer / t_ours, 2),
+        ours_gbps=round(nbytes / t_ours / 1e9, 1),
+        equal_to_reference=round(same, 6),
+    )
+    print(
+        f"\nsilu_and_mul T={tokens} I={I}: ours {t_ours * 1e6:.1f} us ({nbytes / t_ours / 1e9:.0f} GB/s), "
+        f"torch {t_peer * 1e6:.1f} us, ratio {t_peer / t_ours:.2f}x, {same:.4%} bit-equal"
     )
 
 

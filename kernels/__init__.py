@@ -13,6 +13,8 @@ meets them:
                             read once per group (no Triton twin; engine/cpu_decode.py keeps its buffers)
     dense_decode_attention.py  its own part: each row against its own contiguous K/V, in C on CPU
                             (dense_decode_attention_cpu.c) beside the torch reference
+    activation.py           silu_and_mul: the MLP's silu(gate) * up on the fused gate_up output
+                            (engine/model.py)
     sampling.py             sample: temperature, top-k, top-p, min-p, seeded draw (engine/sampler.py)
     prm_scoring.py          prm_step_scores: P(good) at step tags, per-candidate aggregate (engine/prm.py)
     paged_triton.py         paged-KV addressing shared by the Triton attention kernels
@@ -29,6 +31,7 @@ The `_triton` modules are imported on first use of the Triton path, so CPU-only 
 triton (not installed off Linux).
 """
 
+from kernels.activation import silu_and_mul, silu_and_mul_ref
 from kernels.decode_attention import paged_decode_attention, paged_decode_attention_ref
 from kernels.kv_store import store_kv, store_kv_ref
 from kernels.norm_rope import apply_rotary, apply_rotary_ref, qk_norm_rope, qk_norm_rope_ref, rms_norm, rms_norm_ref
@@ -53,4 +56,6 @@ __all__ = [
     "qk_norm_rope_ref",
     "store_kv",
     "store_kv_ref",
+    "silu_and_mul",
+    "silu_and_mul_ref",
 ]

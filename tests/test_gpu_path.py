@@ -249,19 +249,21 @@ def test_kernel_variants_do_not_depend_on_batch_size():
     """Qwen2.5-0.5B's attention and vocabulary shapes, batch sizes 1..256 (launches recorded, not
     run): one variant per kernel, so a batch draining from 256 to 1 compiles nothing new; and the
     prefill kernel's variant does not depend on how many decode rows precede the prefill rows."""
+    from kernels.activation_triton import silu_and_mul_triton
     from kernels.decode_attention_triton import paged_decode_attention_triton
     from kernels.kv_store_triton import store_kv_triton
     from kernels.norm_rope_triton import apply_rotary_triton, qk_norm_rope_triton, rms_norm_triton
     from kernels.prefill_attention_triton import paged_prefill_attention_triton
     from kernels.sampling_triton import sample_triton
 
-    Hq, Hkv, D, page, W, V, H = 14, 2, 64, 16, 2048, 151936, 896
+    Hq, Hkv, D, page, W, V, H, I = 14, 2, 64, 16, 2048, 151936, 896, 4864
     k = torch.empty(64, page, Hkv, D, dtype=torch.bfloat16)
     tables = torch.zeros(256, W, dtype=torch.int32)
     lens = torch.ones(256, dtype=torch.int32)
     q = torch.empty(256, Hq, D, dtype=torch.bfloat16)
     qkv = torch.empty(256, (Hq + 2 * Hkv) * D, dtype=torch.bfloat16)
     x = torch.empty(256, H, dtype=torch.bfloat16)
+    gate_up = torch.empty(256, 2 * I, dtype=torch.bfloat16)
     w = torch.empty(H, dtype=torch.bfloat16)
     qk_w = torch.empty(D, dtype=torch.bfloat16)  # Qwen3's per-head q/k norm
     cos_sin = torch.empty(4096, D)
@@ -283,6 +285,7 @@ def test_kernel_variants_do_not_depend_on_batch_size():
             )
             rms_norm_triton(x[:B], w, 1e-6)
             rms_norm_triton(x[:B], w, 1e-6, x[:B])
+            silu_and_mul_triton(gate_up[:B])
             sample_triton(logits[:B], f[:B], i32[:B], f[:B], f[:B] * 0, seeds[:B])
         cu = torch.tensor([0, 5, 9], dtype=torch.int32)
         for nd in range(8):  # mixed steps: prefill rows after nd decode rows (views at any offset)
@@ -296,6 +299,7 @@ def test_kernel_variants_do_not_depend_on_batch_size():
         "_qk_norm_rope_kernel": 1,
         "_store_kv_kernel": 1,
         "_rms_norm_kernel": 2,  # with and without the fused residual
+        "_silu_and_mul_kernel": 1,
         "_chunk_stats_kernel": 1,  # batches <= 64: split vocabulary
         "_combine_thresholds_kernel": 1,
         "_chunk_draw_kernel": 1,

@@ -21,7 +21,10 @@ from kernels import (
     qk_norm_rope_ref,
     rms_norm_ref,
     sample_ref,
+    silu_and_mul,
+    silu_and_mul_ref,
 )
+from kernels.activation_triton import GPU_BLOCK, silu_and_mul_triton
 from kernels.decode_attention_triton import MIN_TOKENS_PER_SPLIT, choose_num_splits, paged_decode_attention_triton
 from kernels.kv_store import store_kv_ref
 from kernels.kv_store_triton import store_kv_triton
@@ -682,3 +685,63 @@ def test_qk_norm_rope(dtype):
     torch.testing.assert_close(tk.float(), rk.float(), atol=tol, rtol=tol)
     with pytest.raises(ValueError, match="norm weights must be"):
         qk_norm_rope_triton(q, k, wq[:-2], wk, 1e-6, pos, cos_sin)
+
+
+# ----------------------------------------------------------------------------- MLP activation
+
+
+def silu_and_mul_f64(x):
+    g, u = x.double().chunk(2, -1)
+    return g / (1 + torch.exp(-g)) * u
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("T,I", [(1, 1), (7, 5), (64, 64), (7, 1000), (64, 1100), (1, 4864)])
+def test_silu_and_mul(dtype, T, I):
+    """The reference against float64 and against the model's former `F.silu(gate) * up` (bit for bit);
+    the Triton kernel against the reference, with the interpreter's whole-row block, the GPU's block
+    of 1024 columns and one of 256 (I = 1000, 1100, 4864 end in a partial block), on a row-strided
+    view of a wider tensor."""
+    gen = torch.Generator().manual_seed(T * 10007 + I)
+    wide = (torch.randn(T, 2 * I + 6, generator=gen) * 3).to(dtype).to(DEV)
+    x = wide[:, 3 : 3 + 2 * I]  # rows 2 * I + 6 apart, not contiguous
+    ref = silu_and_mul_ref(x)
+    gate, up = x.chunk(2, dim=-1)
+    assert torch.equal(ref, torch.nn.functional.silu(gate) * up) and ref.shape == (T, I) and ref.dtype == dtype
+    # two roundings to the activation dtype: silu(gate), then the product
+    f64_tol = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(ref.double(), silu_and_mul_f64(x), atol=1e-6, rtol=f64_tol)
+    for block in (None, GPU_BLOCK, 256):
+        got = silu_and_mul_triton(x, block=block)
+        assert got.shape == ref.shape and got.dtype == dtype
+        if dtype == torch.float32:  # exp differs from torch's by an ulp at most
+            torch.testing.assert_close(got, ref, atol=0, rtol=1e-6)
+        elif dtype == torch.float16 or ON_GPU:
+            # the same roundings as the reference: bit-equal but where an ulp of fp32 exp tips one;
+            # a kernel rounding only the product matches on ~73% of them
+            assert (got == ref).float().mean() > 0.995, (got == ref).float().mean()
+            torch.testing.assert_close(got.float(), ref.float(), atol=1e-6, rtol=2 * torch.finfo(dtype).eps)
+        else:  # the interpreter truncates fp32 -> bf16 casts: within two bf16 ulps
+            torch.testing.assert_close(got.float(), ref.float(), atol=1e-6, rtol=2e-2)
+
+
+def test_silu_and_mul_shapes_dispatch_and_errors(monkeypatch):
+    """Leading dims are kept, a transposed (column-strided) input is copied rather than misread,
+    empty inputs give empty outputs, the dispatcher follows BSTAR_KERNELS, and an odd last dim or an
+    integer tensor is one clear line from both paths."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 3, 40, generator=gen).to(DEV)
+    torch.testing.assert_close(silu_and_mul_triton(x), silu_and_mul_ref(x), atol=0, rtol=1e-6)
+    assert silu_and_mul_triton(x).shape == (2, 3, 20)
+    xt = torch.randn(40, 5, generator=gen).to(DEV).t()  # [5, 40] with stride(-1) == 5
+    torch.testing.assert_close(silu_and_mul_triton(xt), silu_and_mul_ref(xt), atol=0, rtol=1e-6)
+    assert silu_and_mul_triton(x[:0]).shape == (0, 3, 20)
+    monkeypatch.setenv("BSTAR_KERNELS", "triton")
+    torch.testing.assert_close(silu_and_mul(xt), silu_and_mul_ref(xt), atol=0, rtol=1e-6)
+    monkeypatch.setenv("BSTAR_KERNELS", "torch")
+    assert torch.equal(silu_and_mul(xt), silu_and_mul_ref(xt))
+    for bad in (torch.randn(3, 7), torch.zeros(3, 8, dtype=torch.int32), torch.tensor(1.0)):
+        for fn in (silu_and_mul_ref, silu_and_mul_triton):
+            with pytest.raises(ValueError, match=r"silu_and_mul needs a floating-point \[\.\.\., 2 \* I\]") as e:
+                fn(bad.to(DEV))
+            assert "\n" not in str(e.value)
