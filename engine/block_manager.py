@@ -141,9 +141,10 @@ class BlockManager:
         seq.last_hash = seq.hash_root
 
     def register_full_blocks(self, seq: Sequence):
-        """Hash blocks that became full and computed, so later requests can reuse them."""
+        """Hash blocks that became full and computed, so later requests can reuse them (not before their
+        tokens are known on the host: a pending token's block waits)."""
         bs = self.block_size
-        full = min(seq.num_computed, len(seq.token_ids)) // bs
+        full = min(seq.num_computed, len(seq.token_ids) - seq.num_pending) // bs
         if not self.enable_prefix_caching or full <= seq.num_hashed_blocks:  # the common case: nothing new
             return
         while seq.num_hashed_blocks < full:

@@ -202,6 +202,11 @@ class EngineConfig:
     enforce_eager: bool = False
     # The most logprobs / prompt_logprobs a request may ask for, as vLLM's max_logprobs (-1: no cap).
     max_logprobs: int = 20
+    # As vLLM's async_scheduling: each step is scheduled and launched before the previous step's tokens
+    # reach the host, so the host's work (scheduling, inputs, stop checks, outputs) overlaps the device's
+    # step instead of adding to it. Outputs are the same; a candidate that stops computes one more token,
+    # which is discarded. (engine/llm_engine.py, `_step_async`.)
+    async_scheduling: bool = False
 
     def validate(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -38,6 +38,7 @@ class LLM:
         logprobs_mode: str = "raw_logprobs",
         enforce_eager: bool = False,
         max_logprobs: int = 20,
+        async_scheduling: bool = False,
         tokenizer: str | None = None,
         skip_tokenizer_init: bool = False,
         worker_extension_cls=None,
@@ -63,6 +64,7 @@ class LLM:
             logprobs_mode=logprobs_mode,
             enforce_eager=enforce_eager,
             max_logprobs=max_logprobs,
+            async_scheduling=async_scheduling,
         )
         self.engine = LLMEngine(
             model,

@@ -25,11 +25,21 @@ from engine.model import CausalLM
 from engine.model_runner import ModelRunner
 from engine.output_processor import OutputProcessor
 from engine.outputs import RequestOutput
-from engine.sampler import Sampler, position_logprobs
+from engine.sampler import Draw, Sampler, position_logprobs
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Request, Sequence
 from engine.tokenizer import load_tokenizer, require
+
+
+class _InFlight:
+    """A launched step whose draw has not reached the host: the sequences that drew, the index of
+    each one's PENDING_TOKEN, and each sequence's row of the draw."""
+
+    def __init__(self, seqs: list[Sequence], draw: Draw):
+        self.seqs, self.draw = seqs, draw
+        self.positions = [len(s.token_ids) for s in seqs]  # (taken before the PENDING_TOKENs go in)
+        self.row_of = {s.seq_id: r for r, s in enumerate(seqs)}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -108,7 +118,9 @@ class LLMEngine:
         self._prompt_logprob_seqs: set[Sequence] = set()  # sequences whose prefill fills prompt_logprobs
         self._rng = random.Random(seed)
         self.num_generated_tokens = 0
+        self.num_discarded_tokens = 0  # async scheduling: drawn for candidates that had stopped meanwhile
         self._weights_to_load: set[str] = set()  # after a level-2 sleep: names load_weights has yet to set
+        self._in_flight: _InFlight | None = None  # async scheduling: the launched step whose draw is not taken in
         # vLLM's handles (llm_engine.model_config, .model_executor.driver_worker...): engine/vllm_compat.py
         # (they hold a weak proxy: no reference cycle, so dropping the engine frees its memory at once)
         me = weakref.proxy(self)
@@ -191,6 +203,7 @@ class LLMEngine:
         gone = self.scheduler.abort(request_id)
         for s in gone:
             self._prompt_logprob_seqs.discard(s)
+            s.drop_pending()  # (async scheduling: its draw in flight is discarded)
         req = self.requests.pop(request_id, None)
         if req is None:
             return None
@@ -198,7 +211,7 @@ class LLMEngine:
         return self.output_processor.request_output(req)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._in_flight is not None
 
     # -- one step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -208,11 +221,21 @@ class LLMEngine:
 
     @torch.inference_mode()
     def _step(self) -> list[RequestOutput]:
+        if self.ecfg.async_scheduling:
+            return self._step_async()
         batch = self.scheduler.schedule()
         if not batch:
             if self.scheduler.has_work():
                 raise RuntimeError("scheduler made no progress: KV cache too small for any waiting sequence")
             return []
+        seqs, draw = self._run(batch)
+        if not seqs:
+            return []
+        return self._postprocess(seqs, *draw.host())
+
+    def _run(self, batch) -> tuple[list[Sequence], "Draw | None"]:
+        """Forward, advance and draw of a scheduled batch: the sequences that drew a token and the
+        draw, still on the device."""
         spans = self._prompt_logprob_spans(batch) if self._prompt_logprob_seqs else None
         if spans:
             logits, hidden = self.runner.run_with_prompt_hidden(batch, [r for sp in spans for r in sp[3]])
@@ -221,9 +244,82 @@ class LLMEngine:
             logits = self.runner.run(batch)  # a row per sequence of batch.sampled
         seqs, rows = self.scheduler.advance(batch)  # prefilled prompts fork their siblings here
         if not seqs:
-            return []
-        tokens, logprobs, tops = self.sampler(logits, rows, seqs)
-        return self._postprocess(seqs, tokens, logprobs, tops)
+            return [], None
+        return seqs, self.sampler(logits, rows, seqs)
+
+    def _step_async(self) -> list[RequestOutput]:
+        """A step with async scheduling: schedule and launch this step while the previous step's draw
+        is still on its way to the host, then take that draw in (stop rules, outputs).
+
+        Each sequence that drew a token holds a PENDING_TOKEN in its place until then: lengths,
+        blocks and seeds count it, this step's forward reads its value on the device (Batch.feed_*),
+        and its prefix-cache block waits for it. A candidate that the previous token stops was
+        scheduled again: that row's draw is discarded; one that max_tokens or the context stops is
+        not scheduled again (Sequence.ends_at_pending)."""
+        prev, self._in_flight, done = self._in_flight, None, []
+        if prev is not None and any(s.params.has_penalties for s in prev.seqs):
+            done, prev = self._take_draw(prev), None  # penalties count the output tokens on the host
+        batch = self.scheduler.schedule()
+        if batch:
+            if prev is not None:
+                for i, s in enumerate(batch.seqs[: batch.num_decode]):
+                    if s.num_pending:
+                        batch.feed_rows.append(i)
+                        batch.feed_src.append(prev.row_of[s.seq_id])
+                batch.feed_tokens = prev.draw.tokens
+            seqs, draw = self._run(batch)
+            if seqs:
+                draw.start_copy()
+                self._in_flight = _InFlight(seqs, draw)
+                for s in seqs:
+                    s.add_pending()
+                    s.ends_at_pending = self.output_processor.length_reached(s)
+        elif prev is None and self.scheduler.has_work():
+            raise RuntimeError("scheduler made no progress: KV cache too small for any waiting sequence")
+        if prev is not None:
+            done += self._take_draw(prev)
+            cur = self._in_flight
+            if cur is not None and all(s.finish_reason is not None for s in cur.seqs):
+                self._in_flight = None  # every row of it is discarded
+        return done
+
+    def _take_draw(self, inflight: "_InFlight") -> list[RequestOutput]:
+        """Put a launched step's tokens in place of their PENDING_TOKENs, apply the stop rules, and
+        return the requests that finished. Candidates finished (or aborted) since the draw skip it."""
+        tokens, logprobs, tops = inflight.draw.host()
+        done = []
+        for s, pos, tok, lp, top in zip(inflight.seqs, inflight.positions, tokens, logprobs, tops):
+            if s.finish_reason is not None:
+                self.num_discarded_tokens += 1
+                continue
+            later = len(s.token_ids) - pos - 1  # a pending token of the step just launched
+            del s.token_ids[pos:]
+            s.num_pending = 0
+            out = self._accept(s, tok, lp, top, register=True)
+            if s.finish_reason is not None:
+                if out is not None:
+                    done.append(out)
+            else:
+                for _ in range(later):
+                    s.add_pending()
+        return done
+
+    def _accept(self, s: Sequence, tok: int, lp: float, top, register: bool = False) -> RequestOutput | None:
+        """Append a drawn token and apply the stop rules; the request's output when its last
+        candidate finished. register: hash the blocks the token completes (a pending token's waited)."""
+        self.num_generated_tokens += 1
+        s.append_token(tok, lp, top)
+        if register:
+            self.block_manager.register_full_blocks(s)
+        reason = self.output_processor.finish_reason(s)
+        if reason is None:
+            return None
+        self.scheduler.finish(s, reason)
+        req = self.requests[s.request_id]
+        req.finished.append(s)
+        if req.is_finished:
+            return self.output_processor.request_output(self.requests.pop(s.request_id))
+        return None
 
     def _prompt_logprob_spans(self, batch):
         """For the batch's sequences that fill prompt_logprobs: (seq, first position, end position,
@@ -258,18 +354,11 @@ class LLMEngine:
     def _postprocess(self, seqs, tokens, logprobs, tops) -> list[RequestOutput]:
         """Append each candidate's token, finish those a stop rule ends, and return the outputs of the
         requests whose candidates have all finished."""
-        self.num_generated_tokens += len(tokens)
         done = []
         for s, tok, lp, top in zip(seqs, tokens, logprobs, tops):
-            s.append_token(tok, lp, top)
-            reason = self.output_processor.finish_reason(s)
-            if reason is None:
-                continue
-            self.scheduler.finish(s, reason)
-            req = self.requests[s.request_id]
-            req.finished.append(s)
-            if req.is_finished:
-                done.append(self.output_processor.request_output(self.requests.pop(s.request_id)))
+            out = self._accept(s, tok, lp, top)
+            if out is not None:
+                done.append(out)
         return done
 
     # -- weights ------------------------------------------------------------------------------
@@ -318,6 +407,7 @@ class LLMEngine:
             )
         self.runner.sleep(level)
         self.block_manager.reset()
+        self._in_flight = None  # (only aborted candidates' rows can be left)
 
     def wake_up(self, tags: list[str] | None = None):
         """Bring back the weights and/or the KV cache (tags of "weights", "kv_cache"; None: both). Waking an

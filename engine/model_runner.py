@@ -240,7 +240,10 @@ class ModelRunner:
             max_seqlen_q=max(batch.num_new[nd:], default=1),
             cascade=cascade,
         )
-        return long_tensor(ids, dev), long_tensor(pos, dev), meta, last_rows
+        ids_t = long_tensor(ids, dev)
+        if batch.feed_rows:  # inputs drawn by the step in flight (async scheduling)
+            ids_t[long_tensor(batch.feed_rows, dev)] = batch.feed_tokens[long_tensor(batch.feed_src, dev)]
+        return ids_t, long_tensor(pos, dev), meta, last_rows
 
     def invalidate_buffers(self):
         """Forget the kept decode buffers and packed weights (new weights, or a changed cache); the decode

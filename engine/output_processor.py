@@ -37,10 +37,13 @@ class OutputProcessor:
                         s.stop_text = text[: k + len(stop)] if p.include_stop_str_in_output else text[:k]
                         s.stop_reason = stop
                         return "stop"
-        # (max_tokens None: up to the context, which the second test covers)
-        if (p.max_tokens is not None and s.num_output >= p.max_tokens) or len(s) >= self.max_model_len:
-            return "length"
-        return None
+        return "length" if self.length_reached(s) else None
+
+    def length_reached(self, s: Sequence) -> bool:
+        """The candidate has all the tokens max_tokens or the context allow (max_tokens None: up to the
+        context, which the second test covers)."""
+        p = s.params
+        return (p.max_tokens is not None and s.num_output >= p.max_tokens) or len(s) >= self.max_model_len
 
     def text(self, s: Sequence) -> str:
         """The output text, as vLLM: "" without detokenize (or tokenizer); cut at a stop string; and

@@ -56,7 +56,7 @@ class Sampler:
         self.logprobs_mode = logprobs_mode
 
     def __call__(self, logits: torch.Tensor, rows: list[int], seqs: list[Sequence]):
-        """logits float32 [R, V]; seqs[i] draws from row rows[i]. Returns sample_rows' lists."""
+        """logits float32 [R, V]; seqs[i] draws from row rows[i]. Returns the Draw (on the device)."""
         if len(rows) != logits.shape[0] or rows != list(range(len(rows))):
             logits = logits[to_device(rows, torch.int64, logits.device)]
         for s in seqs:
@@ -66,7 +66,7 @@ class Sampler:
         bans = [self._banned(s) if s.params.min_tokens else [] for s in seqs]
         params = [s.params for s in seqs]
         penalised = [s for s in seqs if s.params.has_penalties]
-        return sample_rows(logits, params, seeds, bans, penalised or None, self.logprobs_mode)
+        return draw_rows(logits, params, seeds, bans, penalised or None, self.logprobs_mode)
 
     def _banned(self, s: Sequence) -> list[int]:
         if s.num_output >= s.params.min_tokens:
@@ -137,7 +137,44 @@ def apply_penalties(x: torch.Tensor, rows: torch.Tensor | None, seqs: list[Seque
         x[rows] = xs
 
 
-def sample_rows(
+class Draw:
+    """One step's draw, on the device: tokens int64 [R] and their values float32 [R] (what
+    cumulative_logprob sums), plus for the rows whose params ask for logprobs the tensors of their
+    entries (position_logprob_tensors). `host()` turns them into lists (the step's one wait for the
+    device); `start_copy()` begins that copy without waiting, so the host can work meanwhile."""
+
+    def __init__(self, tokens, values, want=None, entry_values=None, entry_ids=None, ranks=None):
+        self.want = want
+        self._tensors = [t for t in (tokens, values, entry_values, entry_ids, ranks) if t is not None]
+        self.tokens = tokens  # (the next step's inputs read it on the device)
+        self._event = None
+
+    def start_copy(self):
+        """CUDA: copy the tensors to pinned host memory without blocking; host() then waits for that copy
+        only. (Elsewhere host() reads them directly.)"""
+        if self._event is not None or self.tokens.device.type != "cuda":
+            return
+        staged = []
+        for t in self._tensors:
+            h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            h.copy_(t, non_blocking=True)
+            staged.append(h)
+        self._tensors = staged
+        self._event = torch.cuda.Event()
+        self._event.record()
+
+    def host(self):
+        """(tokens list[int], values list[float], per row a {token id: Logprob} entry or None)."""
+        if self._event is not None:
+            self._event.synchronize()
+        lists = [t.tolist() for t in self._tensors]
+        tokens, values = lists[0], lists[1]
+        if self.want is None:
+            return tokens, values, [None] * len(tokens)
+        return tokens, *position_logprob_entries(*lists[2:], self.want)
+
+
+def draw_rows(
     logits: torch.Tensor,
     params: list[SamplingParams],
     seeds: list[int],
@@ -148,8 +185,7 @@ def sample_rows(
     """logits float32 [R, V]; one SamplingParams, seed and banned-id list per row; `penalised`:
     the sequences of the rows whose params have penalties (None when no row has them), in row order.
 
-    Returns (tokens list[int], the sampled tokens' values list[float] (what cumulative_logprob
-    sums), per row the position's {token id: Logprob} when params.logprobs asks, else None)."""
+    Returns the Draw (device tensors; Draw.host() gives the lists)."""
     dev = logits.device
     raw = logits
     if penalised is not None or any(bans):  # keep the raw logits for the raw modes' values
@@ -203,19 +239,26 @@ def sample_rows(
             logprobs = raw.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(raw, dim=-1)
     if uniform:
         if p0.logprobs is None:  # the common case: no logprobs entries
-            return tokens.tolist(), logprobs.tolist(), [None] * R
+            return Draw(tokens, logprobs)
         want = [p0.logprobs] * R
     else:
         want = [p.logprobs for p in params]
         if all(k is None for k in want):
-            return tokens.tolist(), logprobs.tolist(), [None] * R
+            return Draw(tokens, logprobs)
     values = {
         "raw_logprobs": lambda: torch.log_softmax(raw, dim=-1),
         "raw_logits": lambda: raw,
         "processed_logprobs": lambda: torch.log_softmax(proc, dim=-1),
         "processed_logits": lambda: proc,
     }[logprobs_mode]()
-    return tokens.tolist(), *position_logprobs(values, tokens, want)
+    return Draw(tokens, logprobs, want, *position_logprob_tensors(values, tokens, want))
+
+
+def sample_rows(*args, **kwargs):
+    """draw_rows, then its host lists: (tokens list[int], the sampled tokens' values list[float]
+    (what cumulative_logprob sums), per row the position's {token id: Logprob} when params.logprobs
+    asks, else None)."""
+    return draw_rows(*args, **kwargs).host()
 
 
 def position_logprobs(values: torch.Tensor, tokens: torch.Tensor, want: list[int | None]):
@@ -224,16 +267,24 @@ def position_logprobs(values: torch.Tensor, tokens: torch.Tensor, want: list[int
     1..k)}, where rank = 1 + the number of strictly larger values. When the token is also in the
     top-k, its top-k entry wins (as a dict built in that order: vLLM's
     append_logprobs_for_next_position). Returns (the tokens' values list[float], the dicts)."""
+    vals, ids, ranks = position_logprob_tensors(values, tokens, want)
+    return position_logprob_entries(vals.tolist(), ids.tolist(), ranks.tolist(), want)
+
+
+def position_logprob_tensors(values: torch.Tensor, tokens: torch.Tensor, want: list[int | None]):
+    """The device half of position_logprobs: per row the token's value then the top-k values
+    [R, 1 + k], their ids [R, 1 + k] and the token's rank [R] (k: the most any row wants)."""
     chosen = values.gather(1, tokens[:, None])
     rank = (values >= chosen).sum(-1)
     k = max((w or 0) for w in want)
     if k:
         top_v, top_i = values.topk(min(k, values.shape[-1]), dim=-1)
-        vals = torch.cat([chosen, top_v], 1).tolist()
-        ids = torch.cat([tokens[:, None], top_i], 1).tolist()
-    else:
-        vals, ids = chosen.tolist(), tokens[:, None].tolist()
-    ranks = rank.tolist()
+        return torch.cat([chosen, top_v], 1), torch.cat([tokens[:, None], top_i], 1), rank
+    return chosen, tokens[:, None], rank
+
+
+def position_logprob_entries(vals: list, ids: list, ranks: list, want: list[int | None]):
+    """The host half of position_logprobs, from position_logprob_tensors' lists."""
     entries = [None] * len(want)
     for r, w in enumerate(want):
         if w is None:

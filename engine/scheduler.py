@@ -25,6 +25,11 @@ class Batch:
     num_decode: int = 0
     copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst) blocks
     sampled: list[int] = field(default_factory=list)  # sequences whose last token is computed this step
+    # Async scheduling: decode rows whose input is a pending token, still on the device: row
+    # feed_rows[k] reads feed_tokens[feed_src[k]] (the draw of the step in flight).
+    feed_rows: list[int] = field(default_factory=list)
+    feed_src: list[int] = field(default_factory=list)
+    feed_tokens: object = None  # torch.Tensor int64
 
     def __len__(self):
         return len(self.seqs)
@@ -80,6 +85,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.ends_at_pending:  # (async scheduling) its pending token is its last
+                i += 1
+                continue
             n = min(len(seq) - seq.num_computed, budget)
             if n == 1 and self.bm.fits_in_place(seq):  # no block to take or copy
                 picked.append((seq, 1))
@@ -156,7 +164,10 @@ class Scheduler:
     def finish(self, seq: Sequence, reason: str):
         seq.finish_reason = reason
         self.bm.free_seq(seq)
-        self.running.remove(seq)
+        if seq.num_preemptions and seq not in self.running:  # (async scheduling: preempted after its last draw)
+            self.waiting.remove(seq)
+        else:
+            self.running.remove(seq)
 
     def abort(self, request_id: str) -> list[Sequence]:
         gone = [s for s in list(self.waiting) + self.running if s.request_id == request_id]

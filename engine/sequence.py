@@ -9,6 +9,10 @@ from engine.sampling_params import SamplingParams
 
 _ids = itertools.count()
 
+# An output token drawn on the device whose value the host does not know yet (async scheduling,
+# engine/llm_engine.py): it counts in every length, and the next step reads it on the device.
+PENDING_TOKEN = -1
+
 
 class Sequence:
     """Prompt + output tokens of one candidate.
@@ -48,6 +52,10 @@ class Sequence:
         self.seed_base: int | None = None  # engine.sampler.candidate_seed of this candidate, once known
         self.prompt_logprobs_pending = False  # this sequence computes its request's prompt_logprobs
         self.penalty_prompt_ids = None  # the prompt ids on the device, for repetition_penalty (engine.sampler)
+        # Async scheduling: the trailing PENDING_TOKENs in token_ids, and whether the first of them ends
+        # the candidate for sure (max_tokens or the context): it is then not scheduled again.
+        self.num_pending = 0
+        self.ends_at_pending = False
 
     def __len__(self):
         return len(self.token_ids)
@@ -67,6 +75,18 @@ class Sequence:
         self.cumulative_logprob += logprob
         if entry is not None:
             self.logprobs.append(entry)
+
+    def add_pending(self):
+        self.token_ids.append(PENDING_TOKEN)
+        self.num_pending += 1
+
+    def drop_pending(self) -> int:
+        """Remove the pending tokens; returns how many there were."""
+        n = self.num_pending
+        if n:
+            del self.token_ids[-n:]
+            self.num_pending = 0
+        return n
 
     def fork(self, index: int) -> "Sequence":
         """A sibling sharing everything computed so far (the caller shares the blocks)."""

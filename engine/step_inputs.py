@@ -196,7 +196,8 @@ class StepInputs:
         Tp, Bp = T + pad, B + pad
 
         # Two host-to-device copies, then the persistent buffers are filled on the device.
-        d64 = to_device(ids + pos + slots + rows + upd_idx + sample, torch.int64, self.device)
+        feed = batch.feed_rows + batch.feed_src
+        d64 = to_device(ids + pos + slots + rows + upd_idx + sample + feed, torch.int64, self.device)
         d32 = to_device(lens + cu + upd_val, torch.int32, self.device)
         o = 0
         for buf, n in ((self.input_ids, Tp), (self.positions, Tp), (self.slot_mapping, Tp)):
@@ -204,7 +205,12 @@ class StepInputs:
             o += n
         rows_d = d64[o : o + Bp]
         upd_idx_d = d64[o + Bp : o + Bp + len(upd_idx)]
-        sample_d = d64[o + Bp + len(upd_idx) :] if sample else None
+        o2 = o + Bp + len(upd_idx)
+        sample_d = d64[o2 : o2 + len(sample)] if sample else None
+        if feed:  # inputs drawn by the step in flight (async scheduling), read on the device
+            nf = len(batch.feed_rows)
+            src = batch.feed_tokens.index_select(0, d64[o2 + len(sample) + nf :])
+            self.input_ids.index_copy_(0, d64[o2 + len(sample) : o2 + len(sample) + nf], src)
         self.seq_lens[:Bp].copy_(d32[:Bp], non_blocking=True)
         cu_d = d32[Bp : Bp + len(cu)]
         self.tables.write(upd_idx_d, d32[Bp + len(cu) :])
