@@ -164,7 +164,7 @@ class AsyncLLM:
                 live.setdefault(s.request_id, []).append(s)
         for rid, seqs in live.items():
             req = eng.requests.get(rid)
-            if req is None or not any(s.num_output for s in seqs):
+            if req is None or not any(s.output_ids for s in seqs):
                 continue
             snap = Request(rid, req.prompt, req.prompt_token_ids, req.params, req.finished + seqs, req.prompt_logprobs)
             out = eng.output_processor.request_output(snap)

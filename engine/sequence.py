@@ -62,10 +62,12 @@ class Sequence:
 
     @property
     def output_ids(self) -> list[int]:
-        return self.token_ids[self.prompt_len :]
+        """The output tokens known on the host (not the pending ones)."""
+        return self.token_ids[self.prompt_len : len(self.token_ids) - self.num_pending]
 
     @property
     def num_output(self) -> int:
+        """Output tokens drawn, pending ones included (they count toward max_tokens and seeds)."""
         return len(self.token_ids) - self.prompt_len
 
     def append_token(self, token: int, logprob: float, entry: PositionLogprobs | None):

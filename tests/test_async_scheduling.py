@@ -193,3 +193,33 @@ def test_async_on_the_gpu_code_path(tmp_path, monkeypatch):
     assert eng.scheduler.num_preemptions > 0 and eng.num_discarded_tokens > 0
     assert eng.runner.graphs is not None and eng.runner.graphs.replays  # padded buckets ran
     assert eng.block_manager.num_used == 0
+
+
+def test_async_llm_streams_known_tokens_only(llama):
+    """AsyncLLM's cumulative outputs are built from the running sequences: with a step in flight they
+    hold its pending tokens, which must not show."""
+    import asyncio
+
+    from engine import AsyncLLM
+
+    prompts = _prompts(9, [11, 17, 6])
+    sp = SamplingParams(n=2, temperature=1.0, seed=8, max_tokens=9, ignore_eos=True, logprobs=1)
+    ref = LLM(llama, dtype="float32", device="cpu").generate(prompts, sp, use_tqdm=False)
+    engine = AsyncLLM(llama, dtype="float32", device="cpu", async_scheduling=True)
+
+    async def collect(ids, rid):
+        return [out async for out in engine.generate(ids, sp, rid)]
+
+    async def main():  # (a failure in the engine's thread would leave the streams waiting)
+        return await asyncio.wait_for(asyncio.gather(*[collect(p, f"a{i}") for i, p in enumerate(prompts)]), 120)
+
+    try:
+        streams = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    for seen, want in zip(streams, ref):
+        final = [c.token_ids for c in seen[-1].outputs]
+        assert final == [c.token_ids for c in want.outputs]
+        for out in seen:
+            for c, f in zip(out.outputs, final):
+                assert c.token_ids == f[: len(c.token_ids)] and len(c.logprobs) == len(c.token_ids)
