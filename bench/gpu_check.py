@@ -13,10 +13,11 @@ would not fit in what is left of the time budget is skipped and says so):
      prefill, a tight KV budget with n=2 copy-on-write, a forced graph re-capture);
   4. paged decode attention bandwidth (batch 64, context 2k) against the device's measured copy
      bandwidth, with torch SDPA (or flash-attn) on the same data as the peer;
-  3. decode speed on a random model with Qwen2.5-0.5B shapes at batch 1/16/64/256, graphs vs eager:
-     tokens/s, host time per step beside GPU time per step (the profiler's kernel time), transformers `generate`
-     on the same prompts; Triton compiles while a batch drains from 256 to 1 (target 0); n=16
-     generation against transformers (target >= 10x);
+  3. decode speed on a random model with Qwen2.5-0.5B shapes at batch 1/16/64/256, graphs vs eager vs
+     graphs with async scheduling: tokens/s, host time per step beside GPU time per step (the profiler's
+     kernel time), transformers `generate` on the same prompts; Triton compiles while a batch drains from
+     256 to 1 (target 0); n=16 generation against transformers (target >= 10x), with and without async
+     scheduling;
   5. the memory-plan run of issue 11, bench/memory_check.py (its table and JSON beside this one's).
 Prints one markdown table (for bench/RESULTS.md) and writes it, with the device and versions, as JSON.
 
@@ -431,6 +432,9 @@ class StepTimer:
     def restore(self):
         self.engine.sampler = self.real
 
+    def install(self):
+        self.engine.sampler = self
+
 
 def device_busy_per_step(engine, n) -> float:
     """Seconds per step the GPU spends running the step's kernels and copies, summed from the
@@ -499,8 +503,9 @@ def step_decode(tmp: Path):
     for B in batches:
         prompts = torch.randint(3, vocab, (B, prompt_len), generator=g)
         results = {}
-        for mode in ("graphs", "eager"):
-            runner.graphs = graphs if mode == "graphs" else None
+        for mode in ("graphs", "eager", "async"):  # async: graphs + async scheduling (wall time only)
+            runner.graphs = graphs if mode != "eager" else None
+            eng.ecfg.async_scheduling = mode == "async"
             eng.block_manager.reset_prefix_cache()  # no prompt carried over between modes
             for p in prompts.tolist():
                 eng.add_request(
@@ -510,12 +515,16 @@ def step_decode(tmp: Path):
             while eng.scheduler.waiting or any(s.num_computed < len(s) - 1 for s in eng.scheduler.running):
                 eng.step()  # prefill
             eng.step()  # first decode step (buffers, bucket)
+            if mode == "async":  # (the timer's sync before sampling would undo the overlap)
+                timer.restore()
             total, host = timer.steps(K)
             gpu = device_busy_per_step(eng, K)  # the next K steps, under the profiler
             while eng.has_unfinished_requests():
                 eng.step()
             results[mode] = (B * K / total, host, gpu)
+            timer.install()
         runner.graphs = graphs
+        eng.ecfg.async_scheduling = False
         ids = prompts.to(DEV)
         _hf_generate(hf, ids, 2)  # warm-up
         t1 = time.perf_counter()
@@ -525,15 +534,15 @@ def step_decode(tmp: Path):
         _hf_generate(hf, ids, K + 1)
         tk = time.perf_counter() - tk
         hf_tps = B * K / max(tk - t1, 1e-9)
-        (tg, hg, gg), (te, he, ge) = results["graphs"], results["eager"]
+        (tg, hg, gg), (te, he, ge), (ta, _, _) = results["graphs"], results["eager"], results["async"]
         host_vs_gpu[B] = (hg, gg)
         row(
             3,
-            f"decode B={B}: tok/s graphs | eager | transformers",
-            f"{tg:,.0f} | {te:,.0f} | {hf_tps:,.0f}",
+            f"decode B={B}: tok/s graphs | eager | graphs+async | transformers",
+            f"{tg:,.0f} | {te:,.0f} | {ta:,.0f} | {hf_tps:,.0f}",
             "",
             None,
-            f"graphs/transformers {tg / hf_tps:.1f}x, graphs/eager {tg / te:.2f}x",
+            f"graphs/transformers {tg / hf_tps:.1f}x, graphs/eager {tg / te:.2f}x, async/graphs {ta / tg:.2f}x",
         )
         row(
             3,
@@ -572,12 +581,13 @@ def step_decode(tmp: Path):
     n_prompts, n_cand, n_new, plen = (8, 16, 128, 100) if CUDA else (2, 2, 3, 8)
     prompts = torch.randint(3, vocab, (n_prompts, plen), generator=g)  # equal lengths: no padding for the peer
     sp = SamplingParams(n=n_cand, temperature=1.0, max_tokens=n_new, ignore_eos=True, seed=0)
-    ours = functools.partial(_ours_n, llm, prompts.tolist(), sp)
+    ours = functools.partial(_ours_n, llm, prompts.tolist(), sp, False)
+    ours_async = functools.partial(_ours_n, llm, prompts.tolist(), sp, True)
     peer = functools.partial(_hf_generate, hf, prompts.to(DEV), n_new, n_cand)
-    ours(), peer()
-    t_ours, t_peer = [], []
+    ours(), ours_async(), peer()
+    t_ours, t_async, t_peer = [], [], []
     for _ in range(rounds):  # interleaved rounds
-        for fn, ts in ((ours, t_ours), (peer, t_peer)):
+        for fn, ts in ((ours, t_ours), (ours_async, t_async), (peer, t_peer)):
             t = time.perf_counter()
             fn()
             ts.append(time.perf_counter() - t)
@@ -586,17 +596,19 @@ def step_decode(tmp: Path):
     llm = eng = runner = hf = None
     row(
         3,
-        f"n={n_cand} generation, {n_prompts} prompts x {n_new} tokens: ours | transformers tok/s",
-        f"{tokens / min(t_ours):,.0f} | {tokens / min(t_peer):,.0f}",
+        f"n={n_cand} generation, {n_prompts} prompts x {n_new} tokens: ours | ours async | transformers tok/s",
+        f"{tokens / min(t_ours):,.0f} | {tokens / min(t_async):,.0f} | {tokens / min(t_peer):,.0f}",
         ">= 10x" if CUDA else "",
         (ratio >= 10) if CUDA else None,
-        f"{ratio:.1f}x",
+        f"{ratio:.1f}x, async {min(t_peer) / min(t_async):.1f}x",
     )
 
 
-def _ours_n(llm, prompts, sp):
+def _ours_n(llm, prompts, sp, async_scheduling=False):
     llm.engine.block_manager.reset_prefix_cache()  # the warm-up's prompts give no advantage
+    llm.engine.ecfg.async_scheduling = async_scheduling
     llm.generate(prompts, sp, use_tqdm=False)
+    llm.engine.ecfg.async_scheduling = False
     sync()
 
 
@@ -635,8 +647,9 @@ STEPS = [  # (number, name, seconds it needs at least on one H100, function); ru
 
 def table() -> str:
     lines = ["| step | check | value | target | status | note |", "|---|---|---|---|---|---|"]
-    for r in ROWS:
-        lines.append(f"| {r['step']} | {r['check']} | {r['value']} | {r['target']} | {r['status']} | {r['note']} |")
+    for r in ROWS:  # ("|" inside a cell, as in "graphs | eager", is escaped: it would split the cell)
+        cells = [str(r[k]).replace("|", "\\|") for k in ("step", "check", "value", "target", "status", "note")]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

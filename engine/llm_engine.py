@@ -223,15 +223,19 @@ class LLMEngine:
     def _step(self) -> list[RequestOutput]:
         if self.ecfg.async_scheduling:
             return self._step_async()
+        done = []
+        if self._in_flight is not None:  # async scheduling was switched off with a step in flight
+            prev, self._in_flight = self._in_flight, None
+            done = self._take_draw(prev)
         batch = self.scheduler.schedule()
         if not batch:
             if self.scheduler.has_work():
                 raise RuntimeError("scheduler made no progress: KV cache too small for any waiting sequence")
-            return []
+            return done
         seqs, draw = self._run(batch)
         if not seqs:
-            return []
-        return self._postprocess(seqs, *draw.host())
+            return done
+        return done + self._postprocess(seqs, *draw.host())
 
     def _run(self, batch) -> tuple[list[Sequence], "Draw | None"]:
         """Forward, advance and draw of a scheduled batch: the sequences that drew a token and the
