@@ -21,7 +21,7 @@ from engine.outputs import Logprob
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 from kernels.host import long_tensor, to_device
-from kernels.sampling import apply_filters
+from kernels.sampling import apply_filters, filter_plan
 
 LOGPROBS_MODES = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")
 
@@ -223,12 +223,14 @@ def draw_rows(
         # (temperature 1, no filter), as in vLLM. The draw then samples them as they are.
         greedy = temperature <= 0
         one = torch.ones_like(temperature)
+        eff = [(1.0, 0, 1.0, 0.0) if p.temperature <= 0 else (p.temperature, p.top_k, p.top_p, p.min_p) for p in params]
         proc = apply_filters(
             logits,
             torch.where(greedy, one, temperature),
             torch.where(greedy, torch.zeros_like(top_k), top_k),
             torch.where(greedy, one, top_p),
             torch.where(greedy, torch.zeros_like(min_p), min_p),
+            plan=filter_plan(*zip(*eff), V=logits.shape[1]),  # from the host values: no wait for the device
         )
         tokens, logprobs = kernels.sample(
             proc, torch.where(greedy, torch.zeros_like(one), one), top_k * 0, one, min_p * 0, seed_t

@@ -30,26 +30,40 @@ def row_uniform(seeds: torch.Tensor) -> torch.Tensor:
     return (h.double() + 0.5) * (1.0 / 4294967296.0)
 
 
-def apply_filters(logits, temperature, top_k, top_p, min_p):
+def filter_plan(temperature, top_k, top_p, min_p, V: int) -> tuple[bool, bool, int, bool]:
+    """Which of apply_filters' passes any row needs, from the rows' values (host lists or device
+    tensors): (temperature != 1, min-p, the largest top-k below V or 0, top-p)."""
+    if isinstance(top_k, torch.Tensor):  # (reading device values makes the host wait for them)
+        k = top_k.long()
+        k = torch.where((k <= 0) | (k > V), torch.full_like(k, V), k)
+        kmax = int(k.max()) if bool((k < V).any()) else 0
+        return bool((temperature != 1).any()), bool((min_p > 0).any()), kmax, bool((top_p < 1).any())
+    ks = [V if k <= 0 or k > V else k for k in top_k]
+    kmax = max(ks) if any(k < V for k in ks) else 0
+    return any(t != 1 for t in temperature), any(m > 0 for m in min_p), kmax, any(p < 1 for p in top_p)
+
+
+def apply_filters(logits, temperature, top_k, top_p, min_p, plan: tuple | None = None):
     """Masked, temperature-scaled float32 logits [B, V]: -inf where a token is not allowed.
 
     vLLM's order: temperature, min-p (relative to the most likely token), top-k, top-p (over the
     distribution renormalised on what min-p and top-k kept). top_k <= 0, top_p >= 1 and
-    min_p <= 0 mean off.
+    min_p <= 0 mean off. plan: filter_plan of the same values from host lists (else it is read from
+    the tensors, a wait for the device).
     """
     x = logits.float()
-    if bool((temperature != 1).any()):  # dividing by 1 is exact: skip the pass over [B, V]
+    B, V = x.shape
+    use_t, use_min_p, kmax, use_p = plan if plan is not None else filter_plan(temperature, top_k, top_p, min_p, V)
+    if use_t:  # dividing by 1 is exact: skip the pass over [B, V]
         x = x / temperature.clamp(min=1e-6).float()[:, None]
-    if bool((min_p > 0).any()):
+    if use_min_p:
         logp = torch.log_softmax(x, dim=-1)
         thresh = logp.max(dim=-1, keepdim=True).values + torch.log(min_p.float().clamp(min=1e-30))[:, None]
         x = x.masked_fill((logp < thresh) & (min_p > 0)[:, None], float("-inf"))
-    B, V = x.shape
     k = top_k.long().clamp(min=0)
     k = torch.where((k <= 0) | (k > V), torch.full_like(k, V), k)
-    use_k, use_p = bool((k < V).any()), bool((top_p < 1).any())
-    if use_k and not use_p:  # top-k alone: a partial selection, no full sort
-        kth = torch.topk(x, int(k.max()), dim=-1).values.gather(1, (k - 1).clamp(max=int(k.max()) - 1)[:, None])
+    if kmax and not use_p:  # top-k alone: a partial selection, no full sort
+        kth = torch.topk(x, kmax, dim=-1).values.gather(1, (k - 1).clamp(max=kmax - 1)[:, None])
         x = x.masked_fill(x < kth, float("-inf"))
     elif use_p:
         sorted_x, order = torch.sort(x, dim=-1, descending=True)

@@ -223,3 +223,46 @@ def test_async_llm_streams_known_tokens_only(llama):
         for out in seen:
             for c, f in zip(out.outputs, final):
                 assert c.token_ids == f[: len(c.token_ids)] and len(c.logprobs) == len(c.token_ids)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("mode", ["raw_logprobs", "processed_logprobs"])
+def test_async_launch_never_waits_for_the_device(tmp_path, monkeypatch, mode):
+    """What makes the overlap real on a GPU: from scheduling a step to launching its draw's copy to
+    the host, the GPU path never makes the host wait (no item/tolist/bool of a tensor, no
+    synchronize), for prefill, decode and mixed steps, greedy and sampled rows, n > 1 forks and
+    logprobs (the processed modes filter the logits in the sampler: top-k, top-p); only Draw.host()
+    waits, after the next step is launched."""
+    from test_gpu_path import no_host_sync
+
+    from engine.llm_engine import LLMEngine
+
+    monkeypatch.setenv("BSTAR_KERNELS", "triton")
+    path = make_model(str(tmp_path / "q"), "qwen2", seed=3, tokenizer=False, num_key_value_heads=1)
+    run = LLMEngine._run
+    launched = []
+
+    def guarded(self, batch):
+        with no_host_sync(staging=True):
+            seqs, draw = run(self, batch)
+            if seqs:
+                draw.start_copy()
+        launched.append((batch.num_decode, len(batch.seqs)))
+        return seqs, draw
+
+    monkeypatch.setattr(LLMEngine, "_run", guarded)
+    llm = LLM(
+        path,
+        dtype="float32",
+        device="cpu",
+        max_num_seqs=8,
+        max_num_batched_tokens=24,
+        async_scheduling=True,
+        logprobs_mode=mode,
+    )
+    params = [
+        SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+        SamplingParams(n=3, temperature=1.0, top_p=0.9, top_k=20, seed=2, max_tokens=5, ignore_eos=True, logprobs=2),
+    ]
+    llm.generate(_prompts(7, [9, 30]), params, use_tqdm=False)
+    assert any(nd == B for nd, B in launched) and any(0 < nd < B for nd, B in launched)  # decode-only and mixed

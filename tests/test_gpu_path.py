@@ -314,12 +314,12 @@ class HostSyncInCapture(AssertionError):
 
 
 @contextlib.contextmanager
-def no_host_sync():
+def no_host_sync(staging: bool = False):
     """Inside: every Tensor method that makes the host wait for the device (item, tolist, cpu,
     numpy, bool/int/float of a tensor), torch.cuda.synchronize, pinned allocation and
     kernels.host.to_device raise, unless called (through torch's own Python code) by Triton's
     interpreter, which reads CPU tensors as numpy arrays. What a CUDA graph capture forbids, checked
-    on CPU."""
+    on CPU. staging: pinned staging and to_device allowed (outside a capture they do not wait)."""
     import kernels.host
 
     def outside_interpreter() -> bool:
@@ -338,7 +338,9 @@ def no_host_sync():
         return wrapped
 
     targets = [(torch.Tensor, m) for m in ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__")]
-    targets += [(torch.Tensor, "pin_memory"), (torch.cuda, "synchronize"), (kernels.host, "to_device")]
+    targets.append((torch.cuda, "synchronize"))
+    if not staging:
+        targets += [(torch.Tensor, "pin_memory"), (kernels.host, "to_device")]
     saved = [(obj, name, getattr(obj, name)) for obj, name in targets]
     try:
         for obj, name, orig in saved:

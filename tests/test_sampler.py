@@ -216,3 +216,27 @@ def test_position_logprobs_entries():
     assert list(entries[0]) == [0] and entries[0][0].rank == 1 and entries[1] is None
     _, entries = position_logprobs(values, tokens, [10, 7])  # more than the vocabulary: all of it
     assert [len(e) for e in entries] == [5, 5] and sorted(x.rank for x in entries[0].values()) == [1, 2, 3, 4, 5]
+
+
+def test_filter_plan_from_host_values_equals_the_device_read():
+    """The processed-logprobs modes give apply_filters a plan made from the host's parameter values
+    (no wait for the device): it must equal the one read from the tensors, and filter the same."""
+    from kernels.sampling import apply_filters, filter_plan
+
+    g = torch.Generator().manual_seed(0)
+    V = 50
+    x = torch.randn(6, V, generator=g)
+    cases = [
+        ([1.0] * 3, [-1, 0, 60], [1.0] * 3, [0.0] * 3),  # nothing on (top_k beyond V is off)
+        ([0.7, 1.0, 1.3], [5, -1, 50], [1.0, 0.9, 1.0], [0.0, 0.0, 0.1]),
+        ([1.0, 2.0, 1.0], [3, 7, 0], [1.0] * 3, [0.0] * 3),  # top-k alone
+    ]
+    seen = set()
+    for t, k, p, m in cases:
+        t, k, p, m = t * 2, k * 2, p * 2, m * 2
+        host = filter_plan(t, k, p, m, V)
+        tensors = (torch.tensor(t), torch.tensor(k, dtype=torch.int32), torch.tensor(p), torch.tensor(m))
+        assert host == filter_plan(*tensors, V)
+        assert torch.equal(apply_filters(x, *tensors, plan=host), apply_filters(x, *tensors))
+        seen.add(host)
+    assert len(seen) == 3
