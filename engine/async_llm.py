@@ -15,6 +15,7 @@ The engine thread steps the synchronous LLMEngine unchanged: no cost to LLM.gene
 
 import asyncio
 import concurrent.futures
+import contextlib
 import queue
 import threading
 from collections.abc import Iterable
@@ -129,17 +130,18 @@ class AsyncLLM:
         eng = self.llm_engine
         try:
             finished = eng.step()
+            self.num_steps += 1
+            for out in finished:
+                self._deliver(out.request_id, out)
+            self._deliver_progress({out.request_id for out in finished})
         except Exception as e:  # the engine's state is unknown: fail every request, keep serving commands
+            # (an error building an output counts too: it would end this thread and leave every stream waiting)
             with self._lock:
                 ids = list(self._streams)
             for rid in ids:
-                eng.abort_request(rid)
+                with contextlib.suppress(Exception):  # (it frees the blocks before it builds the output)
+                    eng.abort_request(rid)
                 self._deliver(rid, e)
-            return
-        self.num_steps += 1
-        for out in finished:
-            self._deliver(out.request_id, out)
-        self._deliver_progress({out.request_id for out in finished})
 
     def _deliver(self, rid: str, item):
         with self._lock:

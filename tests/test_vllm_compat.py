@@ -472,6 +472,37 @@ async def _bad(engine, ids):
 
 
 # -- verl ------------------------------------------------------------------------------------------------
+def test_async_error_building_an_output_fails_the_streams(llama_dir):
+    """An error while the engine's thread builds a cumulative output fails every live stream (as an
+    error in the step does) instead of ending the thread and leaving the streams waiting forever;
+    the engine then still serves new requests."""
+    engine = AsyncLLM(str(llama_dir), **CPU)
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    build = engine.llm_engine.output_processor.request_output
+
+    def broken(req):
+        raise RuntimeError("cannot build this output")
+
+    async def collect(ids, rid):
+        try:
+            return [out async for out in engine.generate(ids, sp, rid)]
+        except RuntimeError as e:
+            return e
+
+    async def main():
+        return await asyncio.wait_for(asyncio.gather(*[collect(p, f"e{i}") for i, p in enumerate(_prompts(3))]), 60)
+
+    try:
+        engine.llm_engine.output_processor.request_output = broken
+        failed = _run(main())
+        engine.llm_engine.output_processor.request_output = build
+        ok = _run(collect(_prompts(1)[0], "after"))
+    finally:
+        engine.shutdown()
+    assert all(isinstance(e, RuntimeError) and "cannot build" in str(e) for e in failed)
+    assert ok[-1].finished and len(ok[-1].outputs[0].token_ids) == 6
+
+
 def test_verl_rollout_pattern(llama_dir):
     llm = LLM(
         str(llama_dir),
