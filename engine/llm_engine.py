@@ -261,8 +261,6 @@ class LLMEngine:
         scheduled again: that row's draw is discarded; one that max_tokens or the context stops is
         not scheduled again (Sequence.ends_at_pending)."""
         prev, self._in_flight, done = self._in_flight, None, []
-        if prev is not None and any(s.params.has_penalties for s in prev.seqs):
-            done, prev = self._take_draw(prev), None  # penalties count the output tokens on the host
         batch = self.scheduler.schedule()
         if batch:
             if prev is not None:
@@ -275,8 +273,9 @@ class LLMEngine:
             if seqs:
                 draw.start_copy()
                 self._in_flight = _InFlight(seqs, draw)
-                for s in seqs:
+                for r, s in enumerate(seqs):
                     s.add_pending()
+                    s.pending_source = (draw.tokens, r)  # (penalties count it on the device)
                     s.ends_at_pending = self.output_processor.length_reached(s)
         elif prev is None and self.scheduler.has_work():
             raise RuntimeError("scheduler made no progress: KV cache too small for any waiting sequence")

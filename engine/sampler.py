@@ -20,7 +20,7 @@ import kernels
 from engine.outputs import Logprob
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
-from kernels.host import long_tensor, to_device
+from kernels.host import to_device
 from kernels.sampling import apply_filters, filter_plan
 
 LOGPROBS_MODES = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")
@@ -87,7 +87,7 @@ def _penalty_prompt_ids(seqs: list[Sequence], device) -> list[torch.Tensor]:
         if t is None:
             t = made.get(s.request_id)
             if t is None:
-                t = long_tensor(s.token_ids[: s.prompt_len], device)
+                t = to_device(s.token_ids[: s.prompt_len], torch.int64, device)
             s.penalty_prompt_ids = t
         made[s.request_id] = t
         out.append(t)
@@ -101,7 +101,11 @@ def apply_penalties(x: torch.Tensor, rows: torch.Tensor | None, seqs: list[Seque
     repetition_penalty p acts once on every token of prompt + output: a logit l becomes l / p if
     l > 0, else l * p. frequency_penalty f and presence_penalty r use the output tokens only:
     l - f * count - r * (count > 0). Per-row counts are built on the device with scatter_add from
-    the padded output ids (the vocabulary size V is the padding id, dropped afterwards)."""
+    the padded output ids (the vocabulary size V is the padding id, dropped afterwards).
+
+    A sequence's pending token (async scheduling: drawn by the step in flight) is read on the
+    device, from the draw its Sequence.pending_source names. Host values reach the device through
+    pinned, non-blocking copies: nothing here makes the host wait."""
     dev, V = x.device, x.shape[1]
     P = len(seqs)
     xs = x if rows is None else x[rows]
@@ -110,27 +114,34 @@ def apply_penalties(x: torch.Tensor, rows: torch.Tensor | None, seqs: list[Seque
     width = max(out_lens)
     counts = torch.zeros(P, V + 1, **f32)
     if width:
-        flat = []
-        for s, n in zip(seqs, out_lens):
+        flat, fix, src, draw = [], [], [], None
+        for i, (s, n) in enumerate(zip(seqs, out_lens)):
             flat += s.token_ids[s.prompt_len :]
             flat += [V] * (width - n)
-        ids = long_tensor(flat, dev).view(P, width)
-        counts.scatter_add_(1, ids, torch.ones(P, width, **f32))
+            if s.num_pending:  # (one at most when a step samples: its last)
+                draw, r = s.pending_source
+                fix.append(i * width + n - 1)
+                src.append(r)
+        ids = to_device(flat + fix + src, torch.int64, dev)
+        ids, fix_t, src_t = ids[: P * width], ids[P * width : P * width + len(fix)], ids[P * width + len(fix) :]
+        if fix:
+            ids = ids.index_copy(0, fix_t, draw.index_select(0, src_t))
+        counts.scatter_add_(1, ids.view(P, width), torch.ones(P, width, **f32))
     counts = counts[:, :V]
     rep = [s.params.repetition_penalty for s in seqs]
     if any(p != 1 for p in rep):
         prompts = torch.nn.utils.rnn.pad_sequence(_penalty_prompt_ids(seqs, dev), batch_first=True, padding_value=V)
         seen = torch.zeros(P, V + 1, dtype=torch.bool, device=dev).scatter_(1, prompts, True)[:, :V]
         seen |= counts > 0
-        p = torch.tensor(rep, **f32)[:, None].expand(P, V)
+        p = to_device(rep, torch.float32, dev)[:, None].expand(P, V)
         p = torch.where(seen, p, torch.ones_like(p))
         xs = torch.where(xs > 0, xs / p, xs * p)
     freq = [s.params.frequency_penalty for s in seqs]
     if any(freq):
-        xs = xs - torch.tensor(freq, **f32)[:, None] * counts
+        xs = xs - to_device(freq, torch.float32, dev)[:, None] * counts
     pres = [s.params.presence_penalty for s in seqs]
     if any(pres):
-        xs = xs - torch.tensor(pres, **f32)[:, None] * (counts > 0).float()
+        xs = xs - to_device(pres, torch.float32, dev)[:, None] * (counts > 0).float()
     if rows is None:
         x.copy_(xs)
     else:
@@ -190,13 +201,15 @@ def draw_rows(
     raw = logits
     if penalised is not None or any(bans):  # keep the raw logits for the raw modes' values
         logits = logits.clone()
-    for r, ban in enumerate(bans):
-        if ban:
-            logits[r, ban] = float("-inf")
+    ban_rows = [r for r, ban in enumerate(bans) for _ in ban]
+    if ban_rows:  # (index lists through to_device: a list index would copy without pinning, and wait)
+        cols = [t for ban in bans for t in ban]
+        idx = to_device(ban_rows + cols, torch.int64, dev)
+        logits[idx[: len(cols)], idx[len(cols) :]] = float("-inf")
     if penalised is not None:
         prows = None
         if len(penalised) != len(params):
-            prows = torch.tensor([r for r, p in enumerate(params) if p.has_penalties], device=dev)
+            prows = to_device([r for r, p in enumerate(params) if p.has_penalties], torch.int64, dev)
         apply_penalties(logits, prows, penalised)
     R, p0 = len(params), params[0]
     uniform = all(p is p0 for p in params)

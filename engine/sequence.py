@@ -56,6 +56,7 @@ class Sequence:
         # the candidate for sure (max_tokens or the context): it is then not scheduled again.
         self.num_pending = 0
         self.ends_at_pending = False
+        self.pending_source = None  # (the draw's tokens tensor, this sequence's row) of the last pending one
 
     def __len__(self):
         return len(self.token_ids)

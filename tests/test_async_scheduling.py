@@ -1,7 +1,7 @@
 """Async scheduling (EngineConfig.async_scheduling): each step is launched before the previous
 step's draw reaches the host. Outputs must equal the synchronous engine's in every feature that
 the one-step lag touches: stop rules, forks, preemption, chunked prefill, prefix caching,
-logprobs, penalties (which fall back to a synchronous step), aborts; on the torch path and on the
+logprobs, penalties (which count the pending token on the device), aborts; on the torch path and on the
 GPU code path (Triton interpreter)."""
 
 import os
@@ -44,7 +44,8 @@ def _free_greedy(path, prompts):
 def _mixed_requests(path, penalties=False):
     """Prompts (two repeated: prefix cache) and per-request parameters that stop at many different
     steps and in every way: stop ids (greedy and seeded sampling, n > 1), max_tokens, the context,
-    min_tokens, logprobs, a stop string; with `penalties`, one request with a presence penalty."""
+    min_tokens, logprobs, a stop string; with `penalties`, one request with presence, frequency and
+    repetition penalties."""
     prompts = _prompts(3, [37, 20, 50, 9, 33, 28, 20, 70])
     prompts[6] = prompts[1]
     free, tok = _free_greedy(path, prompts)
@@ -57,7 +58,15 @@ def _mixed_requests(path, penalties=False):
         SamplingParams(n=2, temperature=0.8, top_p=0.9, seed=3, max_tokens=12, ignore_eos=True),
         SamplingParams(temperature=0, max_tokens=40, stop_token_ids=stops[2:4], min_tokens=5, logprobs=0),
         SamplingParams(temperature=0, max_tokens=24, stop=[stop_str], ignore_eos=True),
-        SamplingParams(n=2, temperature=1.0, seed=2, max_tokens=15, presence_penalty=float(penalties)),
+        SamplingParams(
+            n=2,
+            temperature=1.0,
+            seed=2,
+            max_tokens=15,
+            presence_penalty=1.5 * penalties,
+            frequency_penalty=0.5 * penalties,
+            repetition_penalty=1.3 if penalties else 1.0,
+        ),
         SamplingParams(n=2, temperature=0, max_tokens=20, stop_token_ids=stops[1:3]),
         SamplingParams(temperature=0.7, seed=1, max_tokens=None, ignore_eos=True),  # up to the context (96)
     ]
@@ -88,8 +97,7 @@ def test_async_outputs_equal_sync(llama, opts):
     assert got == want
     assert any(r[3] == "stop" and isinstance(r[4], str) for r in got)  # the stop string ended one
     assert sum(fed) > 0  # decode inputs were read on the device
-    if not any(p.presence_penalty for p in params):  # (a penalised request takes every draw in first)
-        assert eng.num_discarded_tokens > 0  # candidates that a token stopped had drawn once more
+    assert eng.num_discarded_tokens > 0  # candidates that a token stopped had drawn once more
     assert eng.num_generated_tokens == sync.engine.num_generated_tokens
     assert eng.block_manager.num_used == 0 and not eng.has_unfinished_requests()
     if "num_kv_blocks" in opts:
@@ -101,7 +109,7 @@ def test_async_outputs_equal_sync(llama, opts):
 
 def test_each_step_launches_before_taking_the_previous_draw(llama):
     """The overlap itself: step k+1's forward and draw are launched before step k's draw is read on
-    the host (Draw.host), except after a step with penalties (which need the tokens first)."""
+    the host (Draw.host), penalties too (they count the pending tokens on the device)."""
     llm = LLM(llama, dtype="float32", device="cpu", async_scheduling=True)
     eng = llm.engine
     events = []
@@ -125,7 +133,7 @@ def test_each_step_launches_before_taking_the_previous_draw(llama):
         Draw.host = host
     # one prefill step, then 6 decode steps' draws each taken after the next launch; the last alone
     assert steady == "r" + "rh" * 5 + "h", steady
-    assert penalised == "rh" * 6, penalised
+    assert penalised == "r" + "rh" * 5 + "h", penalised
 
 
 def test_abort_and_sleep_with_a_step_in_flight(llama):
@@ -263,6 +271,8 @@ def test_async_launch_never_waits_for_the_device(tmp_path, monkeypatch, mode):
     params = [
         SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
         SamplingParams(n=3, temperature=1.0, top_p=0.9, top_k=20, seed=2, max_tokens=5, ignore_eos=True, logprobs=2),
+        SamplingParams(temperature=0.8, seed=3, max_tokens=5, min_tokens=3, stop_token_ids=[7, 9], presence_penalty=1),
+        SamplingParams(temperature=0.8, seed=4, max_tokens=5, repetition_penalty=1.2, frequency_penalty=0.1),
     ]
-    llm.generate(_prompts(7, [9, 30]), params, use_tqdm=False)
+    llm.generate(_prompts(7, [9, 30, 12, 5]), params, use_tqdm=False)
     assert any(nd == B for nd, B in launched) and any(0 < nd < B for nd, B in launched)  # decode-only and mixed
