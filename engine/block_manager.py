@@ -110,6 +110,12 @@ class BlockManager:
         seq.last_hash = prev
         self.prefix_hits += n * bs
 
+    def release_prefix(self, seq: Sequence):
+        """Undo match_prefix for a sequence that was not admitted after all."""
+        if seq.block_table:
+            self.prefix_hits -= len(seq.block_table) * self.block_size
+            self.free_seq(seq)
+
     def allocate(self, seq: Sequence, num_new_tokens: int) -> list[tuple[int, int]]:
         """Reserve blocks for the next `num_new_tokens` tokens. Returns copy-on-write (src, dst) pairs."""
         copies = []

@@ -182,7 +182,11 @@ class Draw:
         tokens, values = lists[0], lists[1]
         if self.want is None:
             return tokens, values, [None] * len(tokens)
-        return tokens, *position_logprob_entries(*lists[2:], self.want)
+        entry_values, entries = position_logprob_entries(*lists[2:], self.want)
+        # A row's value must not depend on its batch: rows without entries keep the draw's own value
+        # (in the *_logits modes the entries' values are logits).
+        values = [v if w is None else e for v, e, w in zip(values, entry_values, self.want)]
+        return tokens, values, entries
 
 
 def draw_rows(

@@ -115,6 +115,9 @@ class Scheduler:
                 self.bm.match_prefix(seq)
             n = min(len(seq) - seq.num_computed, budget)
             if self.bm.blocks_needed(seq, n) > self.bm.num_free:
+                # Give back its prefix hits: held by a waiting sequence, nothing could preempt them, and
+                # the running ones could wait on each other forever. (They match again next time.)
+                self.bm.release_prefix(seq)
                 break
             self.waiting.popleft()
             copies += self.bm.allocate(seq, n)
