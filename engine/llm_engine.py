@@ -270,7 +270,12 @@ class LLMEngine:
                         batch.feed_rows.append(i)
                         batch.feed_src.append(prev.row_of[s.seq_id])
                 batch.feed_tokens = prev.draw.tokens
-            seqs, draw = self._run(batch)
+            try:
+                seqs, draw = self._run(batch)
+            except BaseException:
+                if prev is not None:  # its pending tokens must not outlive it
+                    self._take_draw(prev)
+                raise
             if seqs:
                 draw.start_copy()
                 self._in_flight = _InFlight(seqs, draw)

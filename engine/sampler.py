@@ -182,11 +182,8 @@ class Draw:
         tokens, values = lists[0], lists[1]
         if self.want is None:
             return tokens, values, [None] * len(tokens)
-        entry_values, entries = position_logprob_entries(*lists[2:], self.want)
-        # A row's value must not depend on its batch: rows without entries keep the draw's own value
-        # (in the *_logits modes the entries' values are logits).
-        values = [v if w is None else e for v, e, w in zip(values, entry_values, self.want)]
-        return tokens, values, entries
+        _, entries = position_logprob_entries(*lists[2:], self.want)
+        return tokens, values, entries  # (values: the draw's own, whatever other rows ask for)
 
 
 def draw_rows(
@@ -256,6 +253,12 @@ def draw_rows(
         tokens, logprobs = kernels.sample(logits, temperature, top_k, top_p, min_p, seed_t)
         if logits is not raw:  # the kernel's logprob is of the banned / penalised logits
             logprobs = raw.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(raw, dim=-1)
+    # Each row's value (what cumulative_logprob sums) is the mode's value of its token, whether or not
+    # any row asks for logprobs entries: a row's value never depends on its batch.
+    if logprobs_mode == "raw_logits":
+        logprobs = raw.gather(1, tokens[:, None]).squeeze(1)
+    elif logprobs_mode == "processed_logits":
+        logprobs = proc.gather(1, tokens[:, None]).squeeze(1)
     if uniform:
         if p0.logprobs is None:  # the common case: no logprobs entries
             return Draw(tokens, logprobs)
