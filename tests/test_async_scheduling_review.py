@@ -1,5 +1,6 @@
-"""Adversarial review of async scheduling (issue 13): cases where EngineConfig.async_scheduling=True
-gives outputs other than the synchronous engine's, each the smallest that shows it."""
+"""Adversarial review of async scheduling (issue 13): the cases that once made
+EngineConfig.async_scheduling=True give outputs other than the synchronous engine's (each the smallest
+that showed it; fixed since), and the strongest of the tries that held."""
 
 import pytest
 import torch
@@ -29,9 +30,10 @@ def _greedy(path, prompts, max_tokens):
 def test_cumulative_logprob_of_a_request_without_logprobs_equals_sync(llama, mode):
     """Request B asks no logprobs; request A asks for them and stops early (a stop id).
     With async scheduling A is scheduled once more after that token (its row is discarded), so the
-    step after A stops still has a row that wants logprobs, and B's value of that step is then the
+    step after A stops still has a row that wants logprobs, and B's value of that step was then the
     logprobs_mode's value (a raw logit) instead of the sampler kernel's logprob: B's
-    cumulative_logprob differs from the synchronous engine's (by several units here)."""
+    cumulative_logprob differed from the synchronous engine's (by several units here). Now every row's
+    value is its mode's value, whatever its batch asks."""
     prompts = _prompts(11, [9, 13])
     free = _greedy(llama, prompts[:1], 6)[0]
     params = [
@@ -56,10 +58,10 @@ def test_tight_kv_cache_with_two_sampled_candidates_makes_progress(llama, async_
     """Not async scheduling's own bug (the synchronous engine fails the same way), found while
     fuzzing it. Two sampled candidates of a 13-token prompt need 3 shared + 2 x 5 own blocks, the
     cache has 10: one is preempted. Each candidate alone fits (8 blocks), so the engine must finish
-    them one after the other; instead a preempted candidate re-admitted from the queue keeps the
-    blocks `match_prefix` gave it when the admission then breaks for want of free blocks
-    (Scheduler.schedule), the running one preempts itself, and both wait holding blocks that no
-    preemption can take back: "scheduler made no progress"."""
+    them one after the other; a preempted candidate re-admitted from the queue kept the blocks
+    `match_prefix` gave it when the admission then broke for want of free blocks (Scheduler.schedule),
+    the running one preempted itself, and both waited holding blocks that no preemption could take
+    back: "scheduler made no progress". Now a sequence not admitted gives its prefix hits back."""
     prompt = [131, 72, 53, 43, 87, 83, 94, 22, 199, 195, 105, 218, 112]
     sp = SamplingParams(n=2, temperature=1.0, seed=48, max_tokens=17, ignore_eos=True)
     opts = dict(dtype="float32", device="cpu", num_kv_blocks=10, block_size=4)
