@@ -14,8 +14,8 @@ passes the H100's 227 KB per block, or when registers x threads pass the 64K reg
 launch would fail with OutOfResources); spills are reported, not failed.
 
 Cases: paged decode and prefill attention at head dims 64 / 128 and GQA groups 1 / 4 / 7, KV store,
-RMSNorm, rotary, Qwen3's q/k-norm rotary and the MLP's silu_and_mul at the model shapes, PRM
-scoring, sampling at vocabulary 151,936 (both paths), each in bf16, fp16 and fp32 (the engine's
+RMSNorm, rotary, Qwen3's q/k-norm rotary, both fused with the KV store, and the MLP's silu_and_mul at
+the model shapes, PRM scoring, sampling at vocabulary 151,936 (both paths), each in bf16, fp16 and fp32 (the engine's
 dtypes; its logits are fp32).
 Needs triton with its bundled ptxas (Linux wheels); about 1-3 s per variant on one core.
 """
@@ -47,6 +47,7 @@ def _cases(quick: bool):
     from kernels.norm_rope_triton import apply_rotary_triton, qk_norm_rope_triton, rms_norm_triton
     from kernels.prefill_attention_triton import paged_prefill_attention_triton
     from kernels.prm_scoring_triton import prm_step_scores_triton
+    from kernels.rope_store_triton import rope_store_kv_triton
     from kernels.sampling_triton import sample_triton
 
     dtypes = DTYPES[:1] if quick else DTYPES
@@ -91,6 +92,11 @@ def _cases(quick: bool):
                 qk_norm_rope_triton(q, k, torch.ones(D, dtype=dt), torch.ones(D, dtype=dt), 1e-6, pos, cs)
                 cache = torch.zeros(4, 16, hk, D, dtype=dt)
                 store_kv_triton(k, v, cache, cache, torch.zeros(8, dtype=torch.int64))
+                slots = torch.zeros(8, dtype=torch.int64)
+                rope_store_kv_triton(q, k, v, cache, cache, slots, pos, cs)  # the engine's fused form
+                rope_store_kv_triton(
+                    q, k, v, cache, cache, slots, pos, cs, torch.ones(D, dtype=dt), torch.ones(D, dtype=dt)
+                )
                 head = torch.zeros(2, H, dtype=dt)
                 prm_step_scores_triton(
                     x,

@@ -10,6 +10,9 @@
 * silu_and_mul: silu_and_mul_triton against torch's `F.silu(gate) * up` (two kernels and a
   temporary) on the gate_up output of Qwen2.5-0.5B (intermediate 4864, bf16), at a decode batch
   and a prefill chunk, with the achieved bandwidth of each;
+* rope_store_kv: the fused rotary + KV store against the two kernels it replaces (apply_rotary_triton
+  then store_kv_triton) on Qwen2.5-0.5B's attention shape (14 query heads, 2 KV heads, head dim 64,
+  bf16) at a decode batch and a prefill chunk, after checking both write the same q and cache;
 * sampling: sample_triton against torch's own sampling (softmax + torch.multinomial; top-k by
   torch.topk and top-p by sort + cumsum where asked, as vLLM's torch fallback does), vocabulary
   151936, after checking that both draw from the same distribution.
@@ -243,6 +246,52 @@ def test_silu_and_mul_vs_torch(benchmark, tokens):
     print(
         f"\nsilu_and_mul T={tokens} I={I}: ours {t_ours * 1e6:.1f} us ({nbytes / t_ours / 1e9:.0f} GB/s), "
         f"torch {t_peer * 1e6:.1f} us, ratio {t_peer / t_ours:.2f}x, {same:.4%} bit-equal"
+    )
+
+
+@pytest.mark.parametrize("tokens", [64, 8192])
+def test_rope_store_kv_vs_two_kernels(benchmark, tokens):
+    """Rotary + K/V store of [tokens] rows of a fused qkv output (Qwen2.5-0.5B, bf16): ours (one
+    kernel) against apply_rotary_triton then store_kv_triton (the rotated k written and read back)."""
+    from kernels.kv_store_triton import store_kv_triton
+    from kernels.norm_rope_triton import apply_rotary_triton
+    from kernels.rope_store_triton import rope_store_kv_triton
+
+    hq, hkv, d, page = 14, 2, 64, 16
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    qkv = torch.randn(tokens, (hq + 2 * hkv) * d, device="cuda", dtype=DTYPE, generator=gen)
+    q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)  # the engine's strided views
+    q, k, v = q.view(tokens, hq, d), k.view(tokens, hkv, d), v.view(tokens, hkv, d)
+    blocks = 2 * tokens // page
+    slots = torch.randperm(blocks * page, device="cuda", generator=gen)[:tokens]
+    pos = torch.randint(0, 32768, (tokens,), device="cuda", generator=gen)
+    theta = torch.arange(32768, device="cuda")[:, None] * 1e6 ** (-torch.arange(0, d, 2, device="cuda") / d)[None]
+    cos_sin = torch.cat([theta.cos(), theta.sin()], -1).float()
+    caches = [torch.zeros(2, blocks, page, hkv, d, device="cuda", dtype=DTYPE) for _ in range(2)]
+
+    def ours():
+        return rope_store_kv_triton(q, k, v, caches[0][0], caches[0][1], slots, pos, cos_sin)
+
+    def peer():
+        qr, kr = apply_rotary_triton(q, k, pos, cos_sin)
+        store_kv_triton(kr, v, caches[1][0], caches[1][1], slots)
+        return qr
+
+    assert torch.equal(ours(), peer()) and torch.equal(caches[0], caches[1]), "fused and two-kernel results differ"
+    t_ours, t_peer = cuda_time(ours, iters=50), cuda_time(peer, iters=50)
+    benchmark.pedantic(synced(ours), rounds=5, iterations=10, warmup_rounds=1)
+    nbytes = 2 * tokens * (hq + 2 * hkv) * d * qkv.element_size()  # q, k, v read; q, k, v written
+    benchmark.extra_info.update(
+        device=torch.cuda.get_device_name(),
+        peer="apply_rotary_triton + store_kv_triton",
+        ours_us=round(t_ours * 1e6, 1),
+        peer_us=round(t_peer * 1e6, 1),
+        speedup=round(t_peer / t_ours, 2),
+        ours_gbps=round(nbytes / t_ours / 1e9, 1),
+    )
+    print(
+        f"\nrope_store_kv T={tokens}: ours {t_ours * 1e6:.1f} us ({nbytes / t_ours / 1e9:.0f} GB/s), "
+        f"two kernels {t_peer * 1e6:.1f} us, ratio {t_peer / t_ours:.2f}x"
     )
 
 

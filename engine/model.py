@@ -57,25 +57,31 @@ class Attention(nn.Module):
     def forward(self, x, positions, cos_sin, kv_cache, meta: AttnMetadata):
         T = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
-        q, k = q.view(T, self.nh, self.hd), k.view(T, self.nkv, self.hd)
-        if self.qk_norm:
-            qn, kn = self.q_norm, self.k_norm
-            q, k = kernels.qk_norm_rope(q, k, qn.weight, kn.weight, qn.eps, positions, cos_sin)
-        else:
-            q, k = kernels.apply_rotary(q, k, positions, cos_sin)
-        v = v.view(T, self.nkv, self.hd)
+        q, k, v = q.view(T, self.nh, self.hd), k.view(T, self.nkv, self.hd), v.view(T, self.nkv, self.hd)
         k_cache, v_cache = kv_cache  # [num_blocks, block_size, Hkv, D]
         # Write the new tokens' K/V first: both kernels then read everything from the cache. (On the
         # CPU decode path a steady step keeps them in the cascade buffers; engine.cpu_decode writes back.)
-        if meta.cascade is None or not meta.cascade.write_back:
-            kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)  # slot -1 (graph padding): skipped
+        norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else ()
+        if meta.cascade is None and kernels.dispatch.use_triton(x):
+            # One kernel rotates q and k (Qwen3: norms them first) and stores k and v (slot -1, graph
+            # padding: skipped). k and v then live only in the cache: no kernel below reads them.
+            q = kernels.rope_store_kv(q, k, v, k_cache, v_cache, meta.slot_mapping, positions, cos_sin, *norm)
+            k = v = None
+        else:
+            if self.qk_norm:
+                q, k = kernels.qk_norm_rope(q, k, norm[0], norm[1], norm[2], positions, cos_sin)
+            else:
+                q, k = kernels.apply_rotary(q, k, positions, cos_sin)
+            if meta.cascade is None or not meta.cascade.write_back:
+                kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)  # slot -1 (graph padding): skipped
         nd = meta.num_decode
         if nd == T:
             o = self._decode(q, k, v, k_cache, v_cache, meta)
         else:
             o = torch.empty_like(q)
             if nd:
-                o[:nd] = self._decode(q[:nd], k[:nd], v[:nd], k_cache, v_cache, meta)
+                kv_new = (None, None) if k is None else (k[:nd], v[:nd])
+                o[:nd] = self._decode(q[:nd], *kv_new, k_cache, v_cache, meta)
             o[nd:] = kernels.paged_prefill_attention(
                 q[nd:],
                 k_cache,
@@ -89,6 +95,7 @@ class Attention(nn.Module):
         return self.o_proj(o.view(T, self.nh * self.hd))
 
     def _decode(self, q, k, v, k_cache, v_cache, meta: AttnMetadata):
+        """k, v: the rows' own new K/V, read by the cascade path only (None on the fused Triton path)."""
         nd, plan = q.shape[0], meta.cascade
         if plan is not None:
             bufs = plan.buffers[self.layer_idx] if plan.buffers is not None else None

@@ -7,6 +7,8 @@ meets them:
     norm_rope.py            rms_norm (fused residual add), apply_rotary, qk_norm_rope (Qwen3's
                             per-head q/k norm + rotary)                       (engine/model.py)
     kv_store.py             store_kv: the new tokens' K/V into their cache slots (slot -1: skipped)
+    rope_store.py           rope_store_kv: apply_rotary / qk_norm_rope and store_kv in one kernel,
+                            the Triton path's form of the two above (engine/model.py)
     prefill_attention.py    paged_prefill_attention: new tokens against their cached prefix
     decode_attention.py     paged_decode_attention: one token per sequence against its pages
     cascade_attention.py    the torch decode path for sibling candidates: shared prompt blocks
@@ -37,6 +39,7 @@ from kernels.kv_store import store_kv, store_kv_ref
 from kernels.norm_rope import apply_rotary, apply_rotary_ref, qk_norm_rope, qk_norm_rope_ref, rms_norm, rms_norm_ref
 from kernels.prefill_attention import paged_prefill_attention, paged_prefill_attention_ref
 from kernels.prm_scoring import prm_step_scores, prm_step_scores_ref
+from kernels.rope_store import rope_store_kv, rope_store_kv_ref
 from kernels.sampling import sample, sample_ref
 
 __all__ = [
@@ -56,6 +59,8 @@ __all__ = [
     "qk_norm_rope_ref",
     "store_kv",
     "store_kv_ref",
+    "rope_store_kv",
+    "rope_store_kv_ref",
     "silu_and_mul",
     "silu_and_mul_ref",
 ]

@@ -92,6 +92,54 @@ def rms_norm_triton(x, weight, eps, residual=None):
 
 
 @triton.jit
+def _load_halves(
+    X, stride_xt, stride_xh, t, NH, HALF: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr
+):
+    """The first and second halves of every head of token t, as float32 [BLOCK_HEADS, BLOCK_HALF]."""
+    heads = tl.arange(0, BLOCK_HEADS)
+    offs = tl.arange(0, BLOCK_HALF)
+    mask = (heads[:, None] < NH) & (offs[None, :] < HALF)
+    ptr = X + t * stride_xt + heads[:, None] * stride_xh + offs[None, :]
+    x1 = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(ptr + HALF, mask=mask, other=0.0).to(tl.float32)
+    return x1, x2
+
+
+@triton.jit
+def _store_halves(OUT, stride_oh, o1, o2, NH, HALF: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """Store the halves of every head at OUT + head * stride_oh, cast to OUT's dtype."""
+    heads = tl.arange(0, BLOCK_HEADS)
+    offs = tl.arange(0, BLOCK_HALF)
+    mask = (heads[:, None] < NH) & (offs[None, :] < HALF)
+    optr = OUT + heads[:, None] * stride_oh + offs[None, :]
+    tl.store(optr, o1.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(optr + HALF, o2.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rotate(x1, x2, cos, sin, DT: tl.constexpr):
+    """out = x * cos + rotate_half(x) * sin per half, in dtype DT; cos/sin [BLOCK_HALF] float32
+    already rounded to DT. Each product is rounded to DT before the add, as the eager reference."""
+    o1 = ((x1 * cos[None, :]).to(DT).to(tl.float32) - (x2 * sin[None, :]).to(DT).to(tl.float32)).to(DT)
+    o2 = ((x2 * cos[None, :]).to(DT).to(tl.float32) + (x1 * sin[None, :]).to(DT).to(tl.float32)).to(DT)
+    return o1, o2
+
+
+@triton.jit
+def _rms_norm_halves(x1, x2, W, eps, XT: tl.constexpr, DT: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """RMSNorm of each head over its 2 * HALF values (weight W [2 * HALF]), as float32 values of DT.
+    Rounds as qk_norm_rope_ref: normalised value to the input dtype XT, times the weight to DT."""
+    offs = tl.arange(0, BLOCK_HALF)
+    hm = offs < HALF
+    rstd = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)[:, None]
+    w1 = tl.load(W + offs, mask=hm, other=0.0).to(tl.float32)[None, :]
+    w2 = tl.load(W + HALF + offs, mask=hm, other=0.0).to(tl.float32)[None, :]
+    n1 = (w1 * (x1 * rstd).to(XT).to(tl.float32)).to(DT).to(tl.float32)
+    n2 = (w2 * (x2 * rstd).to(XT).to(tl.float32)).to(DT).to(tl.float32)
+    return n1, n2
+
+
+@triton.jit
 def _rotate_heads(
     X,
     OUT,
@@ -108,19 +156,9 @@ def _rotate_heads(
     BLOCK_HALF: tl.constexpr,
 ):
     """out = x * cos + rotate_half(x) * sin for all heads of token t; cos/sin [BLOCK_HALF]."""
-    heads = tl.arange(0, BLOCK_HEADS)
-    offs = tl.arange(0, BLOCK_HALF)
-    mask = (heads[:, None] < NH) & (offs[None, :] < HALF)
-    ptr = X + t * stride_xt + heads[:, None] * stride_xh + offs[None, :]
-    x1 = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(ptr + HALF, mask=mask, other=0.0).to(tl.float32)
-    dt = OUT.dtype.element_ty
-    # Round each product to the activation dtype before the add, as the eager reference does.
-    o1 = ((x1 * cos[None, :]).to(dt).to(tl.float32) - (x2 * sin[None, :]).to(dt).to(tl.float32)).to(dt)
-    o2 = ((x2 * cos[None, :]).to(dt).to(tl.float32) + (x1 * sin[None, :]).to(dt).to(tl.float32)).to(dt)
-    optr = OUT + t * stride_ot + heads[:, None] * stride_oh + offs[None, :]
-    tl.store(optr, o1, mask=mask)
-    tl.store(optr + HALF, o2, mask=mask)
+    x1, x2 = _load_halves(X, stride_xt, stride_xh, t, NH, HALF, BLOCK_HEADS, BLOCK_HALF)
+    o1, o2 = _rotate(x1, x2, cos, sin, OUT.dtype.element_ty)
+    _store_halves(OUT + t * stride_ot, stride_oh, o1, o2, NH, HALF, BLOCK_HEADS, BLOCK_HALF)
 
 
 @triton.jit
@@ -223,30 +261,13 @@ def _norm_rotate_heads(
     BLOCK_HEADS: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
 ):
-    """RMSNorm of each head of token t over its 2 * HALF values (weight W [2 * HALF]), then the
-    rotary; cos/sin [BLOCK_HALF] float32. Rounds as qk_norm_rope_ref: normalised value to the input
-    dtype, times the weight to the output dtype, then the rotary products and sums."""
-    heads = tl.arange(0, BLOCK_HEADS)
-    offs = tl.arange(0, BLOCK_HALF)
-    hm = offs < HALF
-    mask = (heads[:, None] < NH) & hm[None, :]
-    ptr = X + t * stride_xt + heads[:, None] * stride_xh + offs[None, :]
-    x1 = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(ptr + HALF, mask=mask, other=0.0).to(tl.float32)
-    rstd = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)[:, None]
-    xt = X.dtype.element_ty
+    """RMSNorm of each head of token t (weight W [2 * HALF]), then the rotary; cos/sin
+    [BLOCK_HALF] float32 (rounded to the output dtype here, as the reference)."""
     dt = OUT.dtype.element_ty
-    w1 = tl.load(W + offs, mask=hm, other=0.0).to(tl.float32)[None, :]
-    w2 = tl.load(W + HALF + offs, mask=hm, other=0.0).to(tl.float32)[None, :]
-    n1 = (w1 * (x1 * rstd).to(xt).to(tl.float32)).to(dt).to(tl.float32)
-    n2 = (w2 * (x2 * rstd).to(xt).to(tl.float32)).to(dt).to(tl.float32)
-    c = cos.to(dt).to(tl.float32)[None, :]
-    sn = sin.to(dt).to(tl.float32)[None, :]
-    o1 = ((n1 * c).to(dt).to(tl.float32) - (n2 * sn).to(dt).to(tl.float32)).to(dt)
-    o2 = ((n2 * c).to(dt).to(tl.float32) + (n1 * sn).to(dt).to(tl.float32)).to(dt)
-    optr = OUT + t * stride_ot + heads[:, None] * stride_oh + offs[None, :]
-    tl.store(optr, o1, mask=mask)
-    tl.store(optr + HALF, o2, mask=mask)
+    x1, x2 = _load_halves(X, stride_xt, stride_xh, t, NH, HALF, BLOCK_HEADS, BLOCK_HALF)
+    n1, n2 = _rms_norm_halves(x1, x2, W, eps, X.dtype.element_ty, dt, HALF, BLOCK_HALF)
+    o1, o2 = _rotate(n1, n2, cos.to(dt).to(tl.float32), sin.to(dt).to(tl.float32), dt)
+    _store_halves(OUT + t * stride_ot, stride_oh, o1, o2, NH, HALF, BLOCK_HEADS, BLOCK_HALF)
 
 
 @triton.jit

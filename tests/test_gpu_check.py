@@ -85,6 +85,7 @@ def test_compile_check_quick(tmp_path):
     kernels = {row["kernel"] for row in rows}
     assert {"_decode_split_kernel", "_decode_merge_kernel", "_prefill_kernel", "_sample_kernel"} <= kernels
     assert {"_chunk_stats_kernel", "_store_kv_kernel", "_rms_norm_kernel", "_qk_norm_rope_kernel"} <= kernels
+    assert "_rope_store_kv_kernel" in kernels
     assert sum(row["kernel"] == "_decode_split_kernel" for row in rows) == 3  # every autotune candidate
     assert all(row["shared"] + row["static_smem"] <= 232448 and row["status"] != "FAIL" for row in rows)
 

@@ -177,7 +177,7 @@ def test_gpu_path_greedy_chunked_prefill_padded_buckets(tiny, triton_path):
     assert any(pad is None for _, pad in spy.steps)  # the chunked prefill steps ran eagerly
     for name, keys in used.items():
         assert keys <= warm.get(name, set()), f"{name}: a variant not compiled at start-up"
-    assert {"_decode_split_kernel", "_store_kv_kernel", "_chunk_draw_kernel"} <= set(used)
+    assert {"_decode_split_kernel", "_rope_store_kv_kernel", "_chunk_draw_kernel"} <= set(used)
 
 
 @needs_interpreter
@@ -254,6 +254,7 @@ def test_kernel_variants_do_not_depend_on_batch_size():
     from kernels.kv_store_triton import store_kv_triton
     from kernels.norm_rope_triton import apply_rotary_triton, qk_norm_rope_triton, rms_norm_triton
     from kernels.prefill_attention_triton import paged_prefill_attention_triton
+    from kernels.rope_store_triton import rope_store_kv_triton
     from kernels.sampling_triton import sample_triton
 
     Hq, Hkv, D, page, W, V, H, I = 14, 2, 64, 16, 2048, 151936, 896, 4864
@@ -283,6 +284,10 @@ def test_kernel_variants_do_not_depend_on_batch_size():
             qk_norm_rope_triton(
                 qk[:, : Hq * D].view(B, Hq, D), qk[:, Hq * D :].view(B, Hkv, D), qk_w, qk_w, 1e-6, pos[:B], cos_sin
             )
+            qs, ks, vs = qkv[:B].split([Hq * D, Hkv * D, Hkv * D], dim=-1)  # the engine's fused path
+            qs, ks, vs = qs.view(B, Hq, D), ks.view(B, Hkv, D), vs.view(B, Hkv, D)
+            rope_store_kv_triton(qs, ks, vs, k, k, slots[:B], pos[:B], cos_sin)
+            rope_store_kv_triton(qs, ks, vs, k, k, slots[:B], pos[:B], cos_sin, qk_w, qk_w, 1e-6)
             rms_norm_triton(x[:B], w, 1e-6)
             rms_norm_triton(x[:B], w, 1e-6, x[:B])
             silu_and_mul_triton(gate_up[:B])
@@ -298,6 +303,7 @@ def test_kernel_variants_do_not_depend_on_batch_size():
         "_rotary_kernel": 1,
         "_qk_norm_rope_kernel": 1,
         "_store_kv_kernel": 1,
+        "_rope_store_kv_kernel": 2,  # without and with Qwen3's q/k norm
         "_rms_norm_kernel": 2,  # with and without the fused residual
         "_silu_and_mul_kernel": 1,
         "_chunk_stats_kernel": 1,  # batches <= 64: split vocabulary

@@ -20,6 +20,8 @@ from kernels import (
     prm_step_scores_ref,
     qk_norm_rope_ref,
     rms_norm_ref,
+    rope_store_kv,
+    rope_store_kv_ref,
     sample_ref,
     silu_and_mul,
     silu_and_mul_ref,
@@ -31,6 +33,7 @@ from kernels.kv_store_triton import store_kv_triton
 from kernels.norm_rope_triton import apply_rotary_triton, qk_norm_rope_triton, rms_norm_triton
 from kernels.prefill_attention_triton import paged_prefill_attention_triton
 from kernels.prm_scoring_triton import prm_step_scores_triton
+from kernels.rope_store_triton import rope_store_kv_triton
 from kernels.sampling import apply_filters
 from kernels.sampling_triton import SPLIT_VOCAB_MAX_ROWS, sample_triton
 
@@ -685,6 +688,112 @@ def test_qk_norm_rope(dtype):
     torch.testing.assert_close(tk.float(), rk.float(), atol=tol, rtol=tol)
     with pytest.raises(ValueError, match="norm weights must be"):
         qk_norm_rope_triton(q, k, wq[:-2], wk, 1e-6, pos, cos_sin)
+
+
+# ----------------------------------------------------------------------------- rotary fused with the KV store
+
+ROPE_STORE_CASES = [  # (Hq, Hkv, D, q/k norm): Llama-like GQA 4, Qwen2.5-0.5B's 7, Qwen3-like D=24, MHA
+    (8, 2, 32, False),
+    (14, 2, 64, False),
+    (6, 2, 24, True),
+    (4, 4, 16, True),
+]
+
+
+def rope_store_case(hq, hkv, d, dtype, seed, qk_norm, T=9, page=4, blocks=6):
+    """Views of one fused qkv projection (the engine's q, k, v), a cache pair as views of one
+    [2, blocks, page, Hkv, D] tensor filled with 7, slots in shuffled order with two -1 rows."""
+    gen = torch.Generator().manual_seed(seed)
+    theta = torch.arange(0, 100)[:, None].double() * (10000.0 ** (-torch.arange(0, d, 2).double() / d))[None]
+    cos_sin = torch.cat([theta.cos(), theta.sin()], -1).float().to(DEV)
+    qkv = (torch.randn(T, (hq + 2 * hkv) * d, generator=gen) * 3).to(dtype).to(DEV)
+    q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+    q, k, v = q.view(T, hq, d), k.view(T, hkv, d), v.view(T, hkv, d)
+    slots = torch.randperm(blocks * page, generator=gen)[:T]
+    slots[[1, T - 2]] = -1
+    pos = torch.randint(0, 100, (T,), generator=gen)
+    w = [(1 + 0.3 * torch.randn(d, generator=gen)).to(dtype).to(DEV) for _ in range(2)] if qk_norm else [None, None]
+    return q, k, v, slots.to(DEV), pos.to(DEV), cos_sin, w
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("hq,hkv,d,qk_norm", ROPE_STORE_CASES)
+def test_rope_store_kv(dtype, hq, hkv, d, qk_norm):
+    """The fused rotary (+ q/k norm) and KV store: the reference is exactly apply_rotary_ref /
+    qk_norm_rope_ref then store_kv_ref and agrees with float64; the Triton kernel writes the same
+    q and cache (every other cache entry untouched, slot -1 rows nowhere)."""
+    q, k, v, slots, pos, cos_sin, (wq, wk) = rope_store_case(hq, hkv, d, dtype, hq * 100 + d, qk_norm)
+    eps = 1e-6
+    blocks, page = 6, 4
+    caches = {}
+    for name, fn in (("ref", rope_store_kv_ref), ("triton", rope_store_kv_triton)):
+        kv = torch.full((2, blocks, page, hkv, d), 7.0, dtype=dtype, device=DEV)  # the engine's layout
+        caches[name] = (fn(q, k, v, kv[0], kv[1], slots, pos, cos_sin, wq, wk, eps), kv)
+    # the reference is the composition of the existing references, to the bit
+    if qk_norm:
+        sq, sk = qk_norm_rope_ref(q, k, wq, wk, eps, pos, cos_sin)
+    else:
+        sq, sk = apply_rotary_ref(q, k, pos, cos_sin)
+    kv = torch.full((2, blocks, page, hkv, d), 7.0, dtype=dtype, device=DEV)
+    store_kv_ref(sk, v, kv[0], kv[1], slots)
+    rq, rkv = caches["ref"]
+    assert torch.equal(rq, sq) and torch.equal(rkv, kv) and rq.dtype == dtype
+    # against float64
+    keep = slots >= 0
+    want_q = rotary_f64(rms_norm_f64(q, wq, eps) if qk_norm else q, pos, cos_sin)
+    want_k = rotary_f64(rms_norm_f64(k, wk, eps) if qk_norm else k, pos, cos_sin)
+    f64_tol = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 6e-2}[dtype]
+    flat = rkv.view(2, blocks * page, hkv, d)
+    torch.testing.assert_close(rq.double(), want_q, atol=f64_tol, rtol=f64_tol)
+    torch.testing.assert_close(flat[0, slots[keep]].double(), want_k[keep], atol=f64_tol, rtol=f64_tol)
+    assert torch.equal(flat[1, slots[keep]], v[keep])
+    untouched = torch.ones(blocks * page, dtype=torch.bool, device=DEV)
+    untouched[slots[keep]] = False
+    assert (flat[:, untouched] == 7).all()
+    # Triton against the reference: same rounding steps, so bit-equal but where the interpreter's
+    # truncating fp32 -> bf16 cast differs from torch's rounding (one bf16 ulp)
+    tq, tkv = caches["triton"]
+    assert tq.dtype == dtype and tq.shape == rq.shape
+    if dtype == torch.bfloat16 and not ON_GPU:
+        torch.testing.assert_close(tq.float(), rq.float(), atol=6e-2, rtol=2e-2)
+        torch.testing.assert_close(tkv.float(), rkv.float(), atol=6e-2, rtol=2e-2)
+        assert torch.equal(tkv[1], rkv[1])  # v is only copied
+        assert (tkv.view(2, -1, hkv, d)[:, untouched] == 7).all()
+    else:
+        tol = 2e-6 if dtype == torch.float32 else 1e-3
+        torch.testing.assert_close(tq.float(), rq.float(), atol=tol, rtol=tol)
+        torch.testing.assert_close(tkv.float(), rkv.float(), atol=tol, rtol=tol)
+        if dtype == torch.float16 or ON_GPU:
+            assert (tq == rq).float().mean() > 0.99 and (tkv == rkv).float().mean() > 0.99
+
+
+def test_rope_store_kv_dispatch_casts_and_errors(monkeypatch):
+    """The dispatcher follows BSTAR_KERNELS; a cache of another dtype gets k and v cast as store_kv
+    casts them; contiguous inputs and T = 0 work; bad input is one clear line from the wrapper."""
+    q, k, v, slots, pos, cos_sin, (wq, wk) = rope_store_case(6, 2, 24, torch.float16, 3, True)
+    for name in ("triton", "torch"):
+        monkeypatch.setenv("BSTAR_KERNELS", name)
+        kv = torch.zeros(2, 6, 4, 2, 24, dtype=torch.float32, device=DEV)  # fp32 cache, fp16 activations
+        got = rope_store_kv(q.contiguous(), k.contiguous(), v.contiguous(), kv[0], kv[1], slots, pos, cos_sin, wq, wk)
+        kr = torch.zeros_like(kv)
+        want = rope_store_kv_ref(q, k, v, kr[0], kr[1], slots, pos, cos_sin, wq, wk)
+        torch.testing.assert_close(got.float(), want.float(), atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close(kv, kr, atol=1e-3, rtol=1e-3)
+    assert rope_store_kv_triton(q[:0], k[:0], v[:0], kv[0], kv[1], slots[:0], pos[:0], cos_sin).shape == (0, 6, 24)
+    kc, vc = kv[0].half(), kv[1].half()
+    bad = [
+        ((q, k, v[:, :1], kc, vc, slots, pos, cos_sin), "expects q"),
+        ((q, k, v, kc[:, :, :1], vc[:, :, :1], slots, pos, cos_sin), "caches"),
+        ((q, k, v, kc, vc, slots[:3], pos, cos_sin), "slot_mapping"),
+        ((q, k, v, kc, vc, slots, pos, cos_sin[:, :10]), "even head dim"),
+        ((q, k, v, kc, vc, slots, pos, cos_sin, wq, None), "both q/k norm weights"),
+        ((q, k, v, kc, vc, slots, pos, cos_sin, wq[:-2], wk), "norm weights must be"),
+        ((q, k.float(), v, kc, vc, slots, pos, cos_sin), "one dtype"),
+    ]
+    for args, msg in bad:
+        with pytest.raises(ValueError, match=msg) as e:
+            rope_store_kv_triton(*args)
+        assert "\n" not in str(e.value)
 
 
 # ----------------------------------------------------------------------------- MLP activation

@@ -1,0 +1,172 @@
+"""Triton rotary (+ Qwen3's q/k norm) fused with the K/V store: one program per token rotates its q
+heads (written out), rotates its k heads and writes them and its v heads straight into the paged
+cache at the token's slot (none when the slot is negative). One launch and one read of q, k and v,
+instead of two launches and a write and re-read of the rotated k.
+
+The rotary and norm code is norm_rope_triton's, so rounding follows the references step by step
+(k rounded in the activation dtype, then cast to the cache's as store_kv_ref does).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.launch import launch
+from kernels.norm_rope_triton import _load_halves, _rms_norm_halves, _rotate, _store_halves
+
+
+@triton.jit
+def _rope_store_kv_kernel(
+    Q,
+    K,
+    V,
+    QW,
+    KW,
+    POS,
+    CS,
+    SLOTS,
+    QO,
+    KC,
+    VC,
+    HQ,
+    HK,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_qot,
+    stride_qoh,
+    stride_cs,
+    stride_kcb,
+    stride_kcs,
+    stride_kch,
+    stride_vcb,
+    stride_vcs,
+    stride_vch,
+    eps,
+    QK_NORM: tl.constexpr,
+    PAGE: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HK: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(POS + t).to(tl.int64)
+    slot = tl.load(SLOTS + t).to(tl.int64)
+    offs = tl.arange(0, BLOCK_HALF)
+    m = offs < HALF
+    # q and k round in QO's dtype (the wrapper checks k's reference dtype is the same)
+    dt = QO.dtype.element_ty
+    cos = tl.load(CS + pos * stride_cs + offs, mask=m, other=0.0).to(dt).to(tl.float32)
+    sin = tl.load(CS + pos * stride_cs + HALF + offs, mask=m, other=0.0).to(dt).to(tl.float32)
+    # q finished before k is loaded: fewer live registers at the 14B shape
+    q1, q2 = _load_halves(Q, stride_qt, stride_qh, t, HQ, HALF, BLOCK_HQ, BLOCK_HALF)
+    if QK_NORM:
+        q1, q2 = _rms_norm_halves(q1, q2, QW, eps, Q.dtype.element_ty, dt, HALF, BLOCK_HALF)
+    q1, q2 = _rotate(q1, q2, cos, sin, dt)
+    _store_halves(QO + t * stride_qot, stride_qoh, q1, q2, HQ, HALF, BLOCK_HQ, BLOCK_HALF)
+    k1, k2 = _load_halves(K, stride_kt, stride_kh, t, HK, HALF, BLOCK_HK, BLOCK_HALF)
+    if QK_NORM:
+        k1, k2 = _rms_norm_halves(k1, k2, KW, eps, K.dtype.element_ty, dt, HALF, BLOCK_HALF)
+    k1, k2 = _rotate(k1, k2, cos, sin, dt)
+    if slot >= 0:  # k and v into the cache row of the slot; a padded row (slot -1) writes nothing
+        blk = slot // PAGE
+        off = slot % PAGE
+        _store_halves(KC + blk * stride_kcb + off * stride_kcs, stride_kch, k1, k2, HK, HALF, BLOCK_HK, BLOCK_HALF)
+        v1, v2 = _load_halves(V, stride_vt, stride_vh, t, HK, HALF, BLOCK_HK, BLOCK_HALF)
+        _store_halves(VC + blk * stride_vcb + off * stride_vcs, stride_vch, v1, v2, HK, HALF, BLOCK_HK, BLOCK_HALF)
+
+
+def rope_store_kv_triton(
+    q, k, v, k_cache, v_cache, slot_mapping, positions, cos_sin_cache, q_weight=None, k_weight=None, eps=1e-6
+):
+    """Same contract as kernels.rope_store.rope_store_kv_ref; returns the rotated q (a new tensor)."""
+    if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(
+            f"rope_store_kv expects q [T, Hq, D] and k, v [T, Hkv, D], got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    T, Hq, D = q.shape
+    Hk = k.shape[1]
+    if D % 2 or cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != D or positions.shape != (T,):
+        raise ValueError(
+            f"rope_store_kv needs an even head dim, cos_sin_cache [max_pos, {D}] and positions [{T}], got "
+            f"D={D}, {tuple(cos_sin_cache.shape)}, {tuple(positions.shape)}"
+        )
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.shape[2:] != (Hk, D):
+        raise ValueError(
+            f"rope_store_kv expects caches [blocks, block_size, {Hk}, {D}], got {tuple(k_cache.shape)} "
+            f"and {tuple(v_cache.shape)}"
+        )
+    if slot_mapping.shape != (T,):
+        raise ValueError(f"rope_store_kv expects slot_mapping [{T}], got {tuple(slot_mapping.shape)}")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("rope_store_kv needs the caches' head dim contiguous")
+    qk_norm = q_weight is not None
+    if qk_norm != (k_weight is not None):
+        raise ValueError("rope_store_kv needs both q/k norm weights or neither")
+    if qk_norm and (q_weight.shape != (D,) or k_weight.shape != (D,)):
+        raise ValueError(f"q/k norm weights must be [{D}], got {tuple(q_weight.shape)} and {tuple(k_weight.shape)}")
+    # One rounding dtype for q and k (the engine's case: both views of one projection, weights alike).
+    if q.dtype != k.dtype or (qk_norm and q_weight.dtype != k_weight.dtype):
+        raise ValueError(
+            f"rope_store_kv needs q and k (and their norm weights) of one dtype, got q {q.dtype}, k {k.dtype}"
+            + (f", weights {q_weight.dtype}, {k_weight.dtype}" if qk_norm else "")
+        )
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    v = v if v.stride(-1) == 1 else v.contiguous()
+    cs = cos_sin_cache if cos_sin_cache.stride(-1) == 1 else cos_sin_cache.contiguous()
+    # the reference's dtype: the norm's output promotes with its weight, the rotary keeps it
+    qo = torch.empty(
+        q.shape, dtype=torch.promote_types(q_weight.dtype, q.dtype) if qk_norm else q.dtype, device=q.device
+    )
+    if T:
+        half = D // 2
+        launch(
+            _rope_store_kv_kernel,
+            (T,),
+            q,
+            k,
+            v,
+            q_weight.contiguous() if qk_norm else q,  # (unread without the norm)
+            k_weight.contiguous() if qk_norm else q,
+            positions.contiguous(),
+            cs,
+            slot_mapping.contiguous(),
+            qo,
+            k_cache,
+            v_cache,
+            Hq,
+            Hk,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            v.stride(0),
+            v.stride(1),
+            qo.stride(0),
+            qo.stride(1),
+            cs.stride(0),
+            k_cache.stride(0),
+            k_cache.stride(1),
+            k_cache.stride(2),
+            v_cache.stride(0),
+            v_cache.stride(1),
+            v_cache.stride(2),
+            float(eps),
+            QK_NORM=qk_norm,
+            PAGE=k_cache.shape[1],
+            HALF=half,
+            BLOCK_HQ=triton.next_power_of_2(Hq),
+            BLOCK_HK=triton.next_power_of_2(Hk),
+            BLOCK_HALF=triton.next_power_of_2(half),
+            num_warps=4,
+        )
+    return qo
+
+
+__all__ = ["rope_store_kv_triton"]
