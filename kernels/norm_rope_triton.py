@@ -117,6 +117,17 @@ def _store_halves(OUT, stride_oh, o1, o2, NH, HALF: tl.constexpr, BLOCK_HEADS: t
 
 
 @triton.jit
+def _load_cos_sin(CS, pos, stride_cs, DT: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """cos, sin [BLOCK_HALF] of position pos, rounded to the activation dtype DT first (as the
+    reference's .to(q.dtype)), then float32."""
+    offs = tl.arange(0, BLOCK_HALF)
+    m = offs < HALF
+    cos = tl.load(CS + pos * stride_cs + offs, mask=m, other=0.0).to(DT).to(tl.float32)
+    sin = tl.load(CS + pos * stride_cs + HALF + offs, mask=m, other=0.0).to(DT).to(tl.float32)
+    return cos, sin
+
+
+@triton.jit
 def _rotate(x1, x2, cos, sin, DT: tl.constexpr):
     """out = x * cos + rotate_half(x) * sin per half, in dtype DT; cos/sin [BLOCK_HALF] float32
     already rounded to DT. Each product is rounded to DT before the add, as the eager reference."""
@@ -187,12 +198,7 @@ def _rotary_kernel(
 ):
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(POS + t).to(tl.int64)
-    offs = tl.arange(0, BLOCK_HALF)
-    m = offs < HALF
-    # cos/sin rounded to the activation dtype first, like the reference's .to(q.dtype)
-    dt = QO.dtype.element_ty
-    cos = tl.load(CS + pos * stride_cs + offs, mask=m, other=0.0).to(dt).to(tl.float32)
-    sin = tl.load(CS + pos * stride_cs + HALF + offs, mask=m, other=0.0).to(dt).to(tl.float32)
+    cos, sin = _load_cos_sin(CS, pos, stride_cs, QO.dtype.element_ty, HALF, BLOCK_HALF)
     _rotate_heads(Q, QO, stride_qt, stride_qh, stride_qot, stride_qoh, t, cos, sin, HQ, HALF, BLOCK_HQ, BLOCK_HALF)
     _rotate_heads(K, KO, stride_kt, stride_kh, stride_kot, stride_koh, t, cos, sin, HK, HALF, BLOCK_HK, BLOCK_HALF)
 

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from kernels.launch import launch
-from kernels.norm_rope_triton import _load_halves, _rms_norm_halves, _rotate, _store_halves
+from kernels.norm_rope_triton import _load_cos_sin, _load_halves, _rms_norm_halves, _rotate, _store_halves
 
 
 @triton.jit
@@ -56,12 +56,9 @@ def _rope_store_kv_kernel(
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(POS + t).to(tl.int64)
     slot = tl.load(SLOTS + t).to(tl.int64)
-    offs = tl.arange(0, BLOCK_HALF)
-    m = offs < HALF
     # q and k round in QO's dtype (the wrapper checks k's reference dtype is the same)
     dt = QO.dtype.element_ty
-    cos = tl.load(CS + pos * stride_cs + offs, mask=m, other=0.0).to(dt).to(tl.float32)
-    sin = tl.load(CS + pos * stride_cs + HALF + offs, mask=m, other=0.0).to(dt).to(tl.float32)
+    cos, sin = _load_cos_sin(CS, pos, stride_cs, dt, HALF, BLOCK_HALF)
     # q finished before k is loaded: fewer live registers at the 14B shape
     q1, q2 = _load_halves(Q, stride_qt, stride_qh, t, HQ, HALF, BLOCK_HQ, BLOCK_HALF)
     if QK_NORM:
