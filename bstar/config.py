@@ -82,6 +82,7 @@ class RunConfig:
     gpu_memory_utilization: float = 0.9  # the share of the device the whole run may use (policy, PRM, trainer)
     sleep_engines: str = "auto"  # policy and PRM asleep while the trainer runs: "auto" (on CUDA), "on", "off"
     offload_optimizer: bool = False  # AdamW state and master weights in host memory (FSDP2 CPUOffloadPolicy)
+    async_scheduling: bool = False  # the policy engine's async scheduling (engine.EngineConfig): same samples
     progress: bool = True
     # the built-in task (model None): "default", or "tiny" (builds in seconds; a smoke test, the models
     # learn little)

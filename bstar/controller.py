@@ -113,7 +113,13 @@ class Controller:
                 print(self.plan.table(), flush=True)
             kv = {name: self.plan.kv_cache_memory_bytes(name) for name in self.plan.engines}
         engine_kw = dict(dtype=cfg.dtype, device=cfg.device, num_kv_blocks=cfg.num_kv_blocks)
-        self.llm = LLM(policy, seed=cfg.seed, kv_cache_memory_bytes=kv.get("policy"), **engine_kw)
+        self.llm = LLM(
+            policy,
+            seed=cfg.seed,
+            kv_cache_memory_bytes=kv.get("policy"),
+            async_scheduling=cfg.async_scheduling,
+            **engine_kw,
+        )
         self.tok = self.llm.get_tokenizer()
         if self.tok is None:
             raise BStarError(f"the policy {policy} has no tokenizer.json; B-STaR needs text")

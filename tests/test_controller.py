@@ -590,6 +590,24 @@ def test_engines_asleep_while_training_give_the_same_run(setup, full_run, monkey
     assert _strip(slept) == _strip(records)
 
 
+def test_async_scheduling_gives_the_same_run(setup, full_run):
+    """The policy engine with async scheduling (`--async-scheduling`): the whole run (samples, selection,
+    training, evaluation) equals the synchronous one."""
+    _, records = full_run
+    ctl = []
+    real_init = controller.Controller.__init__
+
+    def init(self, *a, **kw):
+        real_init(self, *a, **kw)
+        ctl.append(self)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(controller.Controller, "__init__", init)
+        overlapped = controller.run(_cfg(setup, async_scheduling=True), str(setup["root"] / "async"))
+    assert ctl[0].llm.engine.ecfg.async_scheduling
+    assert _strip(overlapped) == _strip(records)
+
+
 def test_memory_plan_sizes_the_engines_and_refuses_up_front(setup, tmp_path, monkeypatch, capsys):
     """The run's memory plan (CUDA only; here a pretend device on the CPU): printed first, its KV budgets given
     to both engines; a device too small for a phase is refused with one line before any engine loads."""

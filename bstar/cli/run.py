@@ -93,6 +93,12 @@ def quiet_transformers() -> None:
     default=None,
     help="AdamW state and master weights in host memory (a 7B policy on one 80 GB GPU).",
 )
+@click.option(
+    "--async-scheduling",
+    is_flag=True,
+    default=None,
+    help="Generation steps launched before the previous step's tokens reach the host (same samples; see README).",
+)
 @click.option("--quiet", is_flag=True, help="No progress bars (ours or transformers').")
 @click.option(
     "--embedded-preset",
