@@ -33,13 +33,11 @@ from engine.tokenizer import load_tokenizer, require
 
 
 class _InFlight:
-    """A launched step whose draw has not reached the host: the sequences that drew, the index of
-    each one's PENDING_TOKEN, and each sequence's row of the draw."""
+    """A launched step whose draw has not reached the host: the sequences that drew (sequence i
+    from row i of the draw, its Sequence.pending_source) and the draw."""
 
     def __init__(self, seqs: list[Sequence], draw: Draw):
         self.seqs, self.draw = seqs, draw
-        self.positions = [len(s.token_ids) for s in seqs]  # (taken before the PENDING_TOKENs go in)
-        self.row_of = {s.seq_id: r for r, s in enumerate(seqs)}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -268,7 +266,7 @@ class LLMEngine:
                 for i, s in enumerate(batch.seqs[: batch.num_decode]):
                     if s.num_pending:
                         batch.feed_rows.append(i)
-                        batch.feed_src.append(prev.row_of[s.seq_id])
+                        batch.feed_src.append(s.pending_source[1])
                 batch.feed_tokens = prev.draw.tokens
             try:
                 seqs, draw = self._run(batch)
@@ -297,13 +295,12 @@ class LLMEngine:
         return the requests that finished. Candidates finished (or aborted) since the draw skip it."""
         tokens, logprobs, tops = inflight.draw.host()
         done = []
-        for s, pos, tok, lp, top in zip(inflight.seqs, inflight.positions, tokens, logprobs, tops):
+        for s, tok, lp, top in zip(inflight.seqs, tokens, logprobs, tops):
             if s.finish_reason is not None:
                 self.num_discarded_tokens += 1
                 continue
-            later = len(s.token_ids) - pos - 1  # a pending token of the step just launched
-            del s.token_ids[pos:]
-            s.num_pending = 0
+            # The first pending token is this draw's; one after it is the step just launched's.
+            later = s.drop_pending() - 1
             out = self._accept(s, tok, lp, top, register=True)
             if s.finish_reason is not None:
                 if out is not None:
