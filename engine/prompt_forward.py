@@ -43,7 +43,7 @@ def forward_prompts(
             n = len(seq) - seq.num_computed
             fits = bm.blocks_needed(seq, n) <= bm.num_free
             if batch.seqs and (n > budget or not fits):
-                bm.free_seq(seq)
+                bm.release_prefix(seq)
                 break
             if not fits:
                 raise RuntimeError(f"KV cache too small for a {len(seq)}-token forward")
