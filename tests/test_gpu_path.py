@@ -13,6 +13,7 @@ import functools
 import os
 import random
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,6 +35,7 @@ pytestmark = [
 ]
 
 CPU = torch.device("cpu")
+REPO = Path(__file__).resolve().parents[1]
 # Kernels on CPU tensors need the interpreter (tests/conftest.py sets it where CUDA is absent; on a GPU
 # machine bench/gpu_check.py runs these checks natively).
 needs_interpreter = pytest.mark.skipif(
@@ -347,6 +349,71 @@ def test_kernel_variants_do_not_depend_on_batch_size():
         "_sample_kernel": 1,  # batches > 64: a program per row
         "_prefill_kernel": 1,
     }, counts
+
+
+_PTX_SCRIPT = """
+import json, re, sys
+import torch, triton.compiler
+from bench.compile_check import compile_launch
+from kernels.activation_triton import silu_and_mul_triton
+from kernels.launch import as_gpu, record_variants
+from kernels.rope_store_triton import rope_store_kv_triton
+
+ptx = {}
+compile_ = triton.compiler.compile
+def grab(*args, **kwargs):
+    k = compile_(*args, **kwargs)
+    ptx.setdefault(k.metadata.name, []).append(k.asm["ptx"])
+    return k
+triton.compiler.compile = grab
+T, Hq, Hk, D = 4, 14, 2, 64
+q, k, v = torch.empty(T, (Hq + 2 * Hk) * D).split([Hq * D, Hk * D, Hk * D], -1)
+q, k, v = q.view(T, Hq, D), k.view(T, Hk, D), v.view(T, Hk, D)
+cache, pos, w = torch.empty(8, 16, Hk, D), torch.zeros(T, dtype=torch.int64), torch.ones(D)
+launches = []
+with as_gpu(), record_variants(run=False, launches=launches):
+    rope_store_kv_triton(q, k, v, cache, cache, pos, pos, torch.empty(64, D))
+    rope_store_kv_triton(q, k, v, cache, cache, pos, pos, torch.empty(64, D), w, w)
+    silu_and_mul_triton(torch.empty(T, 2 * 4864))
+for launch in launches:
+    with as_gpu():
+        compile_launch(*launch, 90)
+count = lambda name, pat: [len(re.findall(pat, p)) for p in ptx[name]]
+json.dump({
+    "rope_fma": count("_rope_store_kv_kernel", r"fma\\.rn(\\.ftz)?\\.f32"),
+    "rope_mul": count("_rope_store_kv_kernel", r"mul(\\.rn)?(\\.ftz)?\\.f32"),
+    "silu_fma": count("_silu_and_mul_kernel", r"fma\\.rn(\\.ftz)?\\.f32"),
+}, sys.stdout)
+"""
+
+
+def test_float32_kernels_round_as_torch_on_a_gpu(tmp_path):
+    """What only a GPU compile shows, read off the sm_90 PTX (no GPU needed): the fused rotary keeps
+    the reference's roundings in float32 (each product rounded, then the difference; the compiler
+    would otherwise contract x * cos - y * sin into one FMA, as it does in norm_rope_triton's rotary),
+    and silu_and_mul takes libdevice's expf (range reduction by FMAs, as torch's kernel) rather
+    than tl.exp's bare ex2.approx, several ulps off in float32."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    try:
+        if not os.path.exists(get_ptxas(90).path):
+            pytest.skip("triton without its bundled ptxas")
+    except Exception:
+        pytest.skip("triton without its bundled ptxas")
+    import json
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "BSTAR_KERNELS")}
+    env["PYTHONPATH"] = str(REPO)
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # the compiler's default, whatever a later Triton picks
+    r = subprocess.run(
+        [sys.executable, "-c", _PTX_SCRIPT], capture_output=True, text=True, env=env, cwd=REPO, timeout=600
+    )
+    assert r.returncode == 0, r.stderr[-4000:]
+    got = json.loads(r.stdout)
+    assert got["rope_fma"] == [0, 0] and min(got["rope_mul"]) > 0, got
+    assert min(got["silu_fma"]) > 0, got
 
 
 class HostSyncInCapture(AssertionError):
