@@ -437,6 +437,13 @@ def _to_device_arg(args, kwargs) -> bool:
     return "device" in kwargs or isinstance(first, (str, torch.device))
 
 
+def _repeats_wait(args, kwargs, at: int) -> bool:
+    """Whether repeat_interleave sizes its output from tensor repeats read back (no output_size);
+    repeats is args[at] (the one-argument form: args[0])."""
+    repeats = args[at] if len(args) > at else kwargs.get("repeats", args[0] if len(args) == 1 else None)
+    return "output_size" not in kwargs and isinstance(repeats, torch.Tensor)
+
+
 # (what, the condition under which the call waits on CUDA; None: always). On CPU each of these is an
 # ordinary call, so only its being called in a step gives it away.
 _WAITS_ON_CUDA = {
@@ -458,8 +465,8 @@ _WAITS_ON_CUDA = {
     (torch, "bincount"): None,
     (torch.Tensor, "bincount"): None,
     (torch, "where"): lambda a, k: len(a) + len(k) == 1,  # where(cond) is nonzero
-    (torch, "repeat_interleave"): lambda a, k: "output_size" not in k,
-    (torch.Tensor, "repeat_interleave"): lambda a, k: "output_size" not in k and isinstance(a[1], torch.Tensor),
+    (torch, "repeat_interleave"): lambda a, k: _repeats_wait(a, k, 1),
+    (torch.Tensor, "repeat_interleave"): lambda a, k: _repeats_wait(a, k, 1),
     # a Python bool or int of a tensor's value
     (torch, "equal"): None,
     (torch.Tensor, "equal"): None,
@@ -549,6 +556,7 @@ def test_no_host_sync_guard_catches_a_sync():
         lambda: i.bincount(),
         lambda: i.repeat_interleave(i),
         lambda: torch.repeat_interleave(i),
+        lambda: torch.repeat_interleave(t, i),
         lambda: torch.equal(t, t),
         lambda: range(10)[i[1]],
     ]
@@ -561,6 +569,8 @@ def test_no_host_sync_guard_catches_a_sync():
         t[m] = 1.0
         t[1:3].copy_(torch.where(m, t, 0)[:2])
         i.repeat_interleave(i, output_size=2)
+        torch.repeat_interleave(t, 2)
+        t.repeat_interleave(3)
         t.to(torch.float64)
         torch.as_tensor(t)
     assert t.sum().item() == 4 and torch.tensor([1])[[0]].tolist() == [1] and "__getitem__" not in torch.Tensor.__dict__
