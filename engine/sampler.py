@@ -165,6 +165,9 @@ class Draw:
         only. (Elsewhere host() reads them directly.)"""
         if self._event is not None or self.tokens.device.type != "cuda":
             return
+        # A device-to-host copy runs on the current stream of the tensor's device, which need not be
+        # the current device's: the event must follow the copies there, or host() would not wait for them.
+        stream = torch.cuda.current_stream(self.tokens.device)
         staged = []
         for t in self._tensors:
             h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
@@ -172,7 +175,7 @@ class Draw:
             staged.append(h)
         self._tensors = staged
         self._event = torch.cuda.Event()
-        self._event.record()
+        self._event.record(stream)
 
     def host(self):
         """(tokens list[int], values list[float], per row a {token id: Logprob} entry or None)."""

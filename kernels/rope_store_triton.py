@@ -4,7 +4,8 @@ cache at the token's slot (none when the slot is negative). One launch and one r
 instead of two launches and a write and re-read of the rotated k.
 
 The rotary and norm code is norm_rope_triton's, so rounding follows the references step by step
-(k rounded in the activation dtype, then cast to the cache's as store_kv_ref does).
+(k rounded in the activation dtype, then cast to the cache's as store_kv_ref does; no FMA
+contraction, which a GPU compile would otherwise apply in float32).
 """
 
 import torch
@@ -162,6 +163,9 @@ def rope_store_kv_triton(
             BLOCK_HK=triton.next_power_of_2(Hk),
             BLOCK_HALF=triton.next_power_of_2(half),
             num_warps=4,
+            # A GPU compile would contract x1 * cos - x2 * sin into one FMA in float32 (one rounding
+            # fewer than the reference's, an ulp off in most values); the interpreter never fuses.
+            enable_fp_fusion=False,
         )
     return qo
 

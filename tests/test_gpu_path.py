@@ -13,6 +13,7 @@ import functools
 import os
 import random
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,6 +35,7 @@ pytestmark = [
 ]
 
 CPU = torch.device("cpu")
+REPO = Path(__file__).resolve().parents[1]
 # Kernels on CPU tensors need the interpreter (tests/conftest.py sets it where CUDA is absent; on a GPU
 # machine bench/gpu_check.py runs these checks natively).
 needs_interpreter = pytest.mark.skipif(
@@ -181,6 +183,40 @@ def test_gpu_path_greedy_chunked_prefill_padded_buckets(tiny, triton_path):
 
 
 @needs_interpreter
+def test_gpu_launch_configs_compile_nothing_after_start_up(tmp_path, triton_path):
+    """The no-recompile guarantee with a GPU's launch configs (kernels.launch.as_gpu: tiles, one row
+    per sampling program, autotune candidates, decode splits from the 1k-token block table the
+    graphs read), run under the interpreter: an async-scheduled generate with chunked prefill,
+    mixed steps, padded buckets (4 and 1), n > 1 sampled candidates with logprobs, penalties
+    and min_tokens bans launches no variant the start-up did not compile. Greedy rows equal the
+    interpreter configs' run."""
+    from kernels.launch import as_gpu
+
+    path = make_model(str(tmp_path / "llama"), "llama", seed=1, tokenizer=False, max_position_embeddings=1024)
+    prompts = _prompts(2, [5, 19, 40, 9])
+    params = [
+        SamplingParams(temperature=0, max_tokens=9, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
+        SamplingParams(n=2, temperature=0.9, top_p=0.8, top_k=12, seed=3, max_tokens=5, ignore_eos=True, logprobs=2),
+        SamplingParams(temperature=1.0, seed=4, max_tokens=6, min_tokens=3, repetition_penalty=1.3, presence_penalty=1),
+    ]
+    opts = dict(dtype="float32", device="cpu", max_num_batched_tokens=16, max_num_seqs=4, async_scheduling=True)
+    want = LLM(path, **opts).generate(prompts[:2], params[:2], use_tqdm=False)
+    with as_gpu():
+        with record_variants() as warm:
+            llm = LLM(path, **opts)
+        with record_variants() as used:
+            outs = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs[:2]] == [o.outputs[0].token_ids for o in want]
+    assert [len(c.token_ids) for o in outs for c in o.outputs] == [9, 4, 5, 5, 6]
+    for name, keys in used.items():
+        assert keys <= warm.get(name, set()), f"{name}: a variant not compiled at start-up"
+    # the graphs' decode splits a 1k context (the merge kernel); the split-vocabulary sampler
+    assert {"_decode_split_kernel", "_decode_merge_kernel", "_rope_store_kv_kernel", "_chunk_draw_kernel"} <= set(used)
+    assert {1, 4} <= set(llm.engine.runner.graphs.replays)
+
+
+@needs_interpreter
 def test_gpu_path_preemption_and_copy_on_write(tiny, triton_path):
     """Qwen2 (GQA 4:1, biases) eagerly (enforce_eager), n=2 candidates forking a shared prompt
     (copy-on-write of its partial block) and a KV budget that forces preemption: every candidate's
@@ -315,55 +351,229 @@ def test_kernel_variants_do_not_depend_on_batch_size():
     }, counts
 
 
+_PTX_SCRIPT = """
+import json, re, sys
+import torch, triton.compiler
+from bench.compile_check import compile_launch
+from kernels.activation_triton import silu_and_mul_triton
+from kernels.launch import as_gpu, record_variants
+from kernels.rope_store_triton import rope_store_kv_triton
+
+ptx = {}
+compile_ = triton.compiler.compile
+def grab(*args, **kwargs):
+    k = compile_(*args, **kwargs)
+    ptx.setdefault(k.metadata.name, []).append(k.asm["ptx"])
+    return k
+triton.compiler.compile = grab
+T, Hq, Hk, D = 4, 14, 2, 64
+q, k, v = torch.empty(T, (Hq + 2 * Hk) * D).split([Hq * D, Hk * D, Hk * D], -1)
+q, k, v = q.view(T, Hq, D), k.view(T, Hk, D), v.view(T, Hk, D)
+cache, pos, w = torch.empty(8, 16, Hk, D), torch.zeros(T, dtype=torch.int64), torch.ones(D)
+launches = []
+with as_gpu(), record_variants(run=False, launches=launches):
+    rope_store_kv_triton(q, k, v, cache, cache, pos, pos, torch.empty(64, D))
+    rope_store_kv_triton(q, k, v, cache, cache, pos, pos, torch.empty(64, D), w, w)
+    silu_and_mul_triton(torch.empty(T, 2 * 4864))
+for launch in launches:
+    with as_gpu():
+        compile_launch(*launch, 90)
+count = lambda name, pat: [len(re.findall(pat, p)) for p in ptx[name]]
+json.dump({
+    "rope_fma": count("_rope_store_kv_kernel", r"fma\\.rn(\\.ftz)?\\.f32"),
+    "rope_mul": count("_rope_store_kv_kernel", r"mul(\\.rn)?(\\.ftz)?\\.f32"),
+    "silu_fma": count("_silu_and_mul_kernel", r"fma\\.rn(\\.ftz)?\\.f32"),
+}, sys.stdout)
+"""
+
+
+def test_float32_kernels_round_as_torch_on_a_gpu(tmp_path):
+    """What only a GPU compile shows, read off the sm_90 PTX (no GPU needed): the fused rotary keeps
+    the reference's roundings in float32 (each product rounded, then the difference; the compiler
+    would otherwise contract x * cos - y * sin into one FMA, as it does in norm_rope_triton's rotary),
+    and silu_and_mul takes libdevice's expf (range reduction by FMAs, as torch's kernel) rather
+    than tl.exp's bare ex2.approx, several ulps off in float32."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    try:
+        if not os.path.exists(get_ptxas(90).path):
+            pytest.skip("triton without its bundled ptxas")
+    except Exception:
+        pytest.skip("triton without its bundled ptxas")
+    import json
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "BSTAR_KERNELS")}
+    env["PYTHONPATH"] = str(REPO)
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # the compiler's default, whatever a later Triton picks
+    r = subprocess.run(
+        [sys.executable, "-c", _PTX_SCRIPT], capture_output=True, text=True, env=env, cwd=REPO, timeout=600
+    )
+    assert r.returncode == 0, r.stderr[-4000:]
+    got = json.loads(r.stdout)
+    assert got["rope_fma"] == [0, 0] and min(got["rope_mul"]) > 0, got
+    assert min(got["silu_fma"]) > 0, got
+
+
 class HostSyncInCapture(AssertionError):
     pass
 
 
+def _index_waits(index, value=None) -> bool:
+    """Whether indexing a CUDA tensor with `index` makes the host wait: a Python list (copied to the
+    device from pageable memory, a blocking copy) or a boolean mask (nonzero: the result's size is
+    read back), except a mask set to a number (index_put_ takes masked_fill then)."""
+    items = index if isinstance(index, tuple) else (index,)
+    if any(isinstance(i, list) for i in items):
+        return True
+    masks = [i for i in items if isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)]
+    return bool(masks) and not (len(items) == 1 and isinstance(value, (int, float, bool)))
+
+
+def _to_device_arg(args, kwargs) -> bool:
+    """Whether a Tensor.to call names a device (a host<->device copy on a GPU, or a no-op)."""
+    first = args[0] if args else None
+    return "device" in kwargs or isinstance(first, (str, torch.device))
+
+
+def _repeats_wait(args, kwargs, at: int) -> bool:
+    """Whether repeat_interleave sizes its output from tensor repeats read back (no output_size);
+    repeats is args[at] (the one-argument form: args[0])."""
+    repeats = args[at] if len(args) > at else kwargs.get("repeats", args[0] if len(args) == 1 else None)
+    return "output_size" not in kwargs and isinstance(repeats, torch.Tensor)
+
+
+# (what, the condition under which the call waits on CUDA; None: always). On CPU each of these is an
+# ordinary call, so only its being called in a step gives it away.
+_WAITS_ON_CUDA = {
+    # host data to a tensor: on a GPU a pageable host-to-device copy (a wait); use kernels.host.to_device
+    (torch, "tensor"): None,
+    (torch, "as_tensor"): lambda a, k: not isinstance(a[0] if a else k.get("data"), torch.Tensor),
+    (torch.Tensor, "to"): lambda a, k: _to_device_arg(a[1:], k),  # (a[0]: the tensor itself)
+    # output sizes that depend on values: the size is read back to the host
+    (torch, "nonzero"): None,
+    (torch.Tensor, "nonzero"): None,
+    (torch, "argwhere"): None,
+    (torch.Tensor, "argwhere"): None,
+    (torch, "unique"): None,
+    (torch.Tensor, "unique"): None,
+    (torch, "unique_consecutive"): None,
+    (torch.Tensor, "unique_consecutive"): None,
+    (torch, "masked_select"): None,
+    (torch.Tensor, "masked_select"): None,
+    (torch, "bincount"): None,
+    (torch.Tensor, "bincount"): None,
+    (torch, "where"): lambda a, k: len(a) + len(k) == 1,  # where(cond) is nonzero
+    (torch, "repeat_interleave"): lambda a, k: _repeats_wait(a, k, 1),
+    (torch.Tensor, "repeat_interleave"): lambda a, k: _repeats_wait(a, k, 1),
+    # a Python bool or int of a tensor's value
+    (torch, "equal"): None,
+    (torch.Tensor, "equal"): None,
+    (torch, "allclose"): None,
+    (torch.Tensor, "allclose"): None,
+    (torch.Tensor, "__index__"): None,
+    (torch.Tensor, "__getitem__"): lambda a, k: _index_waits(a[1]),
+    (torch.Tensor, "__setitem__"): lambda a, k: _index_waits(a[1], a[2]),
+    (torch.cuda.Event, "synchronize"): None,
+    (torch.cuda.Stream, "synchronize"): None,
+}
+
+
 @contextlib.contextmanager
 def no_host_sync(staging: bool = False):
-    """Inside: every Tensor method that makes the host wait for the device (item, tolist, cpu,
-    numpy, bool/int/float of a tensor), torch.cuda.synchronize, pinned allocation and
-    kernels.host.to_device raise, unless called (through torch's own Python code) by Triton's
-    interpreter, which reads CPU tensors as numpy arrays. What a CUDA graph capture forbids, checked
-    on CPU. staging: pinned staging and to_device allowed (outside a capture they do not wait)."""
+    """Inside: every call that makes the host wait for the device raises, unless called (through
+    torch's own Python code) by Triton's interpreter, which reads CPU tensors as numpy arrays:
+    the Tensor methods that read values (item, tolist, cpu, numpy, bool/int/float/index of a
+    tensor), torch.cuda.synchronize and event/stream waits, and what waits only on a GPU
+    (_WAITS_ON_CUDA: host lists made tensors or moved with .to, list or mask indexing, nonzero,
+    unique, masked_select, repeat_interleave without output_size, equal...), pinned allocation
+    and kernels.host.to_device. What a CUDA graph capture forbids, checked on CPU. staging: pinned
+    staging and to_device allowed (outside a capture they do not wait)."""
     import kernels.host
 
-    def outside_interpreter() -> bool:
+    def caller() -> str | None:
+        """The module of the first caller outside torch; None when Triton's interpreter or numpy."""
         f = sys._getframe(2)
         while f is not None and f.f_globals.get("__name__", "").startswith("torch"):
             f = f.f_back
-        return f is not None and not f.f_globals.get("__name__", "").startswith(("triton", "numpy"))
+        name = f.f_globals.get("__name__", "") if f is not None else ""
+        return None if f is None or name.startswith(("triton", "numpy")) else name
 
-    def forbid(name, orig):
+    def forbid(name, orig, when=None):
         @functools.wraps(orig)
         def wrapped(*args, **kwargs):
-            if outside_interpreter():
-                raise HostSyncInCapture(f"{name} inside a captured region")
+            if when is None or when(args, kwargs):
+                who = caller()
+                if who is not None and not (staging and who == "kernels.host"):
+                    raise HostSyncInCapture(f"{name} inside a captured region (from {who})")
             return orig(*args, **kwargs)
 
         return wrapped
 
-    targets = [(torch.Tensor, m) for m in ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__")]
-    targets.append((torch.cuda, "synchronize"))
+    targets = {(torch.Tensor, m): None for m in ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__")}
+    targets[(torch.cuda, "synchronize")] = None
+    targets.update(_WAITS_ON_CUDA)
     if not staging:
-        targets += [(torch.Tensor, "pin_memory"), (kernels.host, "to_device")]
-    saved = [(obj, name, getattr(obj, name)) for obj, name in targets]
+        targets.update({(torch.Tensor, "pin_memory"): None, (kernels.host, "to_device"): None})
+    saved = [(obj, name, when, obj.__dict__.get(name), getattr(obj, name)) for (obj, name), when in targets.items()]
     try:
-        for obj, name, orig in saved:
-            setattr(obj, name, forbid(name, orig))
+        for obj, name, when, _, orig in saved:
+            setattr(obj, name, forbid(name, orig, when))
         yield
     finally:
-        for obj, name, orig in saved:
-            setattr(obj, name, orig)
+        for obj, name, _, own, _ in saved:
+            if own is None:  # inherited (torch.Tensor from TensorBase): uncover it again
+                delattr(obj, name)
+            else:
+                setattr(obj, name, own)
 
 
 def test_no_host_sync_guard_catches_a_sync():
-    """The guard below is live: each forbidden call raises inside it, and works again after."""
-    t = torch.ones(2)
-    for bad in (lambda: t.sum().item(), lambda: bool(t.any()), lambda: t.tolist(), lambda: print(t)):
-        with no_host_sync(), pytest.raises(HostSyncInCapture):
-            bad()
-    assert t.sum().item() == 2
+    """The guard below is live: each forbidden call raises inside it, including those that wait on a
+    GPU only (on CPU they are ordinary calls), and all work again after; what never waits passes."""
+    t = torch.ones(4)
+    i = torch.tensor([0, 2])
+    m = t > 0
+    bad = [
+        lambda: t.sum().item(),
+        lambda: bool(t.any()),
+        lambda: t.tolist(),
+        lambda: print(t),
+        lambda: torch.tensor([1, 2]),
+        lambda: torch.as_tensor([1, 2]),
+        lambda: t.to("cpu"),
+        lambda: t.to(device=t.device),
+        lambda: t[[0, 2]],
+        lambda: t[m],
+        lambda: t.__setitem__([0, 1], t[:2]),
+        lambda: t.__setitem__(m, t),
+        lambda: t.nonzero(),
+        lambda: torch.nonzero(t),
+        lambda: torch.where(m),
+        lambda: t.unique(),
+        lambda: torch.masked_select(t, m),
+        lambda: i.bincount(),
+        lambda: i.repeat_interleave(i),
+        lambda: torch.repeat_interleave(i),
+        lambda: torch.repeat_interleave(t, i),
+        lambda: torch.equal(t, t),
+        lambda: range(10)[i[1]],
+    ]
+    for k, call in enumerate(bad):
+        with no_host_sync(staging=True), pytest.raises(HostSyncInCapture):
+            call()
+            pytest.fail(f"call {k} passed the guard")
+    with no_host_sync():
+        t[i] = t[i] * 2  # device index tensors, a scalar into a mask, shape arithmetic: no wait
+        t[m] = 1.0
+        t[1:3].copy_(torch.where(m, t, 0)[:2])
+        i.repeat_interleave(i, output_size=2)
+        torch.repeat_interleave(t, 2)
+        t.repeat_interleave(3)
+        t.to(torch.float64)
+        torch.as_tensor(t)
+    assert t.sum().item() == 4 and torch.tensor([1])[[0]].tolist() == [1] and "__getitem__" not in torch.Tensor.__dict__
 
 
 @needs_interpreter

@@ -240,3 +240,80 @@ def test_filter_plan_from_host_values_equals_the_device_read():
         assert torch.equal(apply_filters(x, *tensors, plan=host), apply_filters(x, *tensors))
         seen.add(host)
     assert len(seen) == 3
+
+
+class _FakeCuda:
+    """Just enough of CUDA's asynchrony to run Draw's CUDA branch on CPU: device tensors (`dev`),
+    per-device streams whose device-to-host copies run only when an event recorded after them is
+    waited on, and pinned host buffers that raise when read before their copy ran."""
+
+    def __init__(self, current_device: int):
+        self.current = current_device
+        self.queues: dict[int, list] = {}
+
+    @staticmethod
+    def dev(t: torch.Tensor, index: int):
+        return type("Dev", (), dict(t=t, device=torch.device("cuda", index), shape=t.shape, dtype=t.dtype))()
+
+    def pinned(self):
+        queues = self.queues
+
+        class Pinned:
+            value = None
+
+            def copy_(self, src, non_blocking=False):
+                assert non_blocking  # (a blocking copy would wait)
+                queues.setdefault(src.device.index, []).append(lambda: setattr(self, "value", src.t.clone()))
+
+            def tolist(self):
+                assert self.value is not None, "pinned buffer read before its copy ran"
+                return self.value.tolist()
+
+        return Pinned()
+
+    def current_stream(self, device=None):
+        return self.current if device is None else torch.device(device).index
+
+    def event(self):
+        fake = self
+
+        class Event:
+            def record(self, stream=None):
+                self.stream = fake.current if stream is None else stream
+                self.upto = len(fake.queues.get(self.stream, []))
+
+            def synchronize(self):
+                q = fake.queues.get(self.stream, [])
+                for op in q[: self.upto]:
+                    op()
+                del q[: self.upto]
+
+        return Event()
+
+
+@pytest.mark.parametrize("device", [0, 1])
+def test_draw_on_cuda_waits_for_its_copies_on_their_device(monkeypatch, device):
+    """Draw's CUDA branch (never run in CI otherwise), on a stand-in for CUDA's asynchrony: the
+    tensors go to pinned buffers by non-blocking copies, and host() waits on an event recorded
+    after those copies on their device's stream, even when the current device is another one (an
+    engine on cuda:1 called outside its device guard); host() then reads them as lists."""
+    from engine.sampler import Draw
+
+    fake = _FakeCuda(current_device=0)
+    orig_empty = torch.empty
+
+    def empty(*shape, pin_memory=False, **kwargs):
+        return fake.pinned() if pin_memory else orig_empty(*shape, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(torch.cuda, "current_stream", fake.current_stream)
+    monkeypatch.setattr(torch.cuda, "Event", fake.event)
+    tokens, values = torch.tensor([5, 3]), torch.tensor([-0.5, -1.25])
+    vals, ids, ranks = torch.tensor([[-0.5, -0.5], [-1.25, -0.1]]), torch.tensor([[5, 5], [3, 9]]), torch.tensor([1, 2])
+    dev = [fake.dev(t, device) for t in (tokens, values, vals, ids, ranks)]
+    draw = Draw(dev[0], dev[1], [1, None], *dev[2:])
+    draw.start_copy()
+    assert len(fake.queues[device]) == 5 and draw.tokens is dev[0]  # (the next step reads it on the device)
+    got_tokens, got_values, entries = draw.host()
+    assert got_tokens == [5, 3] and got_values == [-0.5, -1.25] and entries[1] is None
+    assert list(entries[0]) == [5] and entries[0][5].rank == 1 and not fake.queues[device]
