@@ -65,7 +65,9 @@ def store_kv_triton(k, v, k_cache, v_cache, slot_mapping):
     v = v if v.stride(-1) == 1 else v.contiguous()
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("the caches' head dim must be contiguous")
-    BLOCK_T = 1 if gpu_configs(k) else 64
+    # GPU: one token a program, or the few tokens that give each thread of the warp 8 elements
+    # (16-byte accesses in 16-bit dtypes; one 0.5B token is 128 elements: 8-byte accesses)
+    BLOCK_T = max(1, 256 // triton.next_power_of_2(H * D)) if gpu_configs(k) else 64
     launch(
         _store_kv_kernel,
         (triton.cdiv(T, BLOCK_T),),
