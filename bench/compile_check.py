@@ -3,6 +3,7 @@
     python bench/compile_check.py                      # sm_90 (H100), every case below
     python bench/compile_check.py --quick              # one case per kernel (CI smoke)
     python bench/compile_check.py --out compile.json   # the table as JSON too
+    python bench/compile_check.py --ptx                # count accesses in the PTX, not the SASS
 
 Each kernel wrapper is called on CPU tensors inside `kernels.launch.as_gpu()` and
 `record_variants(run=False)`: the wrappers pick exactly the launch configs (tiles, warps, rows per
@@ -11,7 +12,22 @@ launch is bound by Triton's own binder for the CUDA backend (the specialisation 
 gets) and compiled with `triton.compile(..., target=GPUTarget("cuda", arch, 32))`; ptxas then
 reports registers and spills. A variant fails when it does not compile, when its shared memory
 passes the H100's 227 KB per block, or when registers x threads pass the 64K register file (the
-launch would fail with OutOfResources); spills are reported, not failed.
+launch would fail with OutOfResources); spills are reported, not failed. The specialisation is the
+one a GPU launch gets: the binder marks a pointer 16-byte aligned from `data_ptr() % 16` (CPU
+allocations are 64-byte aligned, CUDA's 512; views keep the same offsets) and an integer from its
+value; the JSON's `aligned16` lists the arguments a binary assumes divisible by 16. Registers and
+stack come from the binary itself (cuobjdump -res-usage), spills from ptxas rerun with Triton's flags.
+
+Memory-access quality, from each binary's SASS (the bundled nvdisasm with line info; with `--ptx`
+or without nvdisasm, the PTX, and the `source` field says which): the `mem` column counts global
+loads (`ld`), cp.async copies (`cp`) and stores (`st`) by width in bits, the matrix instructions
+(HMMA: mma.sync, HGMMA: Hopper wgmma) and local-memory instructions (LDL/STL); static counts, an
+instruction in a loop counts once. The kernels whose bulk traffic is contiguous 16-bit rows
+(BULK16_KERNELS: decode and prefill attention's K/V tiles, KV store, RMSNorm, silu_and_mul,
+rotary, q/k-norm rotary, rope_store_kv) should move those rows 16 bytes a thread in bf16/fp16; the
+rows are told from the scalar loads (sequence lengths, block tables, slots, positions) by source
+line, see access_report. A binary whose rows move narrower is "narrow", one with local memory
+"local" (both reported, not failed).
 
 Cases: paged decode and prefill attention at head dims 64 / 128 and GQA groups 1 / 4 / 7, KV store,
 RMSNorm, rotary, Qwen3's q/k-norm rotary, both fused with the KV store, and the MLP's silu_and_mul at

@@ -1,7 +1,8 @@
 """Triton KV store: a program writes the K and V rows (all KV heads) of BLOCK_T new tokens into the
 paged cache, cast to the cache dtype; a token whose slot is negative (a padded CUDA-graph row)
 writes nothing. One launch instead of two `index_copy_`, and no host sync. One token per program
-on a GPU; many under the interpreter, whose cost is per op."""
+on a GPU (a few when a token has fewer than 256 K elements, so that each thread moves 16 bytes);
+many under the interpreter, whose cost is per op."""
 
 import triton
 import triton.language as tl
