@@ -309,7 +309,8 @@ def access_report(kernel_name: str, asm: dict, use_sass: bool = True) -> dict:
 
     Static instruction counts (a load in a loop counts once): global loads `ld`, cp.async copies
     `cp` and stores `st` by width in bits, local-memory instructions `local` (LDL/STL: spills or an
-    array placed on the stack), matrix instructions `mma` (HMMA: mma.sync; HGMMA: Hopper wgmma).
+    array placed on the stack; the PTX shows only the arrays, ptxas's spills are in `spill_stores`),
+    matrix instructions `mma` (HMMA: mma.sync; HGMMA: Hopper wgmma).
 
     Bulk versus scalar traffic is told apart by source line, not by width: the TTGIR says which
     `tl.load` / `tl.store` lines move tensors of bf16/fp16 (the row traffic; the scalar loads of
