@@ -1,7 +1,8 @@
 """Triton KV store: a program writes the K and V rows (all KV heads) of BLOCK_T new tokens into the
 paged cache, cast to the cache dtype; a token whose slot is negative (a padded CUDA-graph row)
 writes nothing. One launch instead of two `index_copy_`, and no host sync. One token per program
-on a GPU; many under the interpreter, whose cost is per op."""
+on a GPU (a few when a token has fewer than 256 K elements, so that each thread moves 16 bytes);
+many under the interpreter, whose cost is per op."""
 
 import triton
 import triton.language as tl
@@ -65,7 +66,9 @@ def store_kv_triton(k, v, k_cache, v_cache, slot_mapping):
     v = v if v.stride(-1) == 1 else v.contiguous()
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("the caches' head dim must be contiguous")
-    BLOCK_T = 1 if gpu_configs(k) else 64
+    # GPU: one token a program, or the few tokens that give each thread of the warp 8 elements
+    # (16-byte accesses in 16-bit dtypes; one 0.5B token is 128 elements: 8-byte accesses)
+    BLOCK_T = max(1, 256 // triton.next_power_of_2(H * D)) if gpu_configs(k) else 64
     launch(
         _store_kv_kernel,
         (triton.cdiv(T, BLOCK_T),),

@@ -172,6 +172,14 @@ def _rotate_heads(
     _store_halves(OUT + t * stride_ot, stride_oh, o1, o2, NH, HALF, BLOCK_HEADS, BLOCK_HALF)
 
 
+def _rotary_warps(hq: int, half: int) -> int:
+    """Warps for a program holding [Hq, D/2] half-tiles: at most 4, and few enough that each
+    thread holds 8 elements of a q half-tile, so its loads and stores are 16 bytes wide in 16-bit
+    dtypes (a [16, 32] tile over 4 warps is 4 elements a thread: 8-byte accesses; sm_90 SASS,
+    bench/compile_check.py)."""
+    return max(1, min(4, triton.next_power_of_2(hq) * triton.next_power_of_2(half) // 256))
+
+
 @triton.jit
 def _rotary_kernel(
     Q,
@@ -244,7 +252,7 @@ def apply_rotary_triton(q, k, positions, cos_sin_cache):
             BLOCK_HQ=triton.next_power_of_2(Hq),
             BLOCK_HK=triton.next_power_of_2(Hk),
             BLOCK_HALF=triton.next_power_of_2(half),
-            num_warps=4,
+            num_warps=_rotary_warps(Hq, half),
         )
     return qo, ko
 
@@ -366,7 +374,7 @@ def qk_norm_rope_triton(q, k, q_weight, k_weight, eps, positions, cos_sin_cache)
             BLOCK_HQ=triton.next_power_of_2(Hq),
             BLOCK_HK=triton.next_power_of_2(Hk),
             BLOCK_HALF=triton.next_power_of_2(half),
-            num_warps=4,
+            num_warps=_rotary_warps(Hq, half),
         )
     return qo, ko
 

@@ -79,7 +79,10 @@ def test_as_gpu_takes_the_gpu_launch_configs():
 @pytest.mark.skipif(not _ptxas_available(), reason="triton without its bundled ptxas")
 def test_compile_check_quick(tmp_path):
     """Every kernel (one case each, bf16) compiles for sm_90 with the GPU's launch configs, within
-    the H100's shared memory and register file (bench/compile_check.py; the full run: all cases)."""
+    the H100's shared memory and register file (bench/compile_check.py; the full run: all cases),
+    and its SASS is read: the decode and prefill kernels' K/V tiles, the norm's and the MLP's rows
+    and the KV store's rows move 16 bytes a thread, attention uses matrix instructions, and local
+    memory is flagged. The same from the PTX (the fallback without nvdisasm)."""
     drop = ("BSTAR_KERNELS", "TRITON_INTERPRET")
     rows = run_bench_script("compile_check.py", tmp_path / "compile.json", "--quick", drop=drop)[1]["rows"]
     kernels = {row["kernel"] for row in rows}
@@ -87,7 +90,85 @@ def test_compile_check_quick(tmp_path):
     assert {"_chunk_stats_kernel", "_store_kv_kernel", "_rms_norm_kernel", "_qk_norm_rope_kernel"} <= kernels
     assert "_rope_store_kv_kernel" in kernels
     assert sum(row["kernel"] == "_decode_split_kernel" for row in rows) == 3  # every autotune candidate
-    assert all(row["shared"] + row["static_smem"] <= 232448 and row["status"] != "FAIL" for row in rows)
+    assert all(row["shared"] + row["static_smem"] <= 232448 and not row["status"].startswith("FAIL") for row in rows)
+    for row in rows:
+        acc = row["access"]
+        assert acc["source"] == "sass" and all(f"| {col} " in row["mem"] for col in ("cp", "st", "mma", "local"))
+        assert ("local" in row["status"].split("+")) == (acc["local"] > 0)
+        assert ("narrow" in row["status"].split("+")) == acc["narrow"]
+    by = lambda name: [row for row in rows if row["kernel"] == name]
+    for name in (
+        "_decode_split_kernel",
+        "_prefill_kernel",
+        "_rms_norm_kernel",
+        "_silu_and_mul_kernel",
+        "_store_kv_kernel",
+    ):
+        for row in by(name):
+            bulk = row["access"]["bulk16"]
+            assert row["access"]["bulk16_checked"] and any(bulk.values()), row
+            assert {b for widths in bulk.values() for b in widths} == {"128"}, (name, row["mem"])
+            assert row["status"] in ("ok", "spills"), row
+    for row in by("_decode_split_kernel"):  # K/V tiles by cp.async, 16 bytes; the scores by mma.sync
+        assert row["access"]["bulk16"]["cp"] and row["access"]["mma"].get("HMMA", 0) > 0
+    assert all(row["access"]["mma"].get("HGMMA", 0) > 0 for row in by("_prefill_kernel"))  # Hopper wgmma
+
+    ptx = run_bench_script("compile_check.py", tmp_path / "compile_ptx.json", "--quick", "--ptx", drop=drop)[1]["rows"]
+    for row in ptx:
+        if row["kernel"] == "_decode_split_kernel":
+            assert row["access"]["source"] == "ptx" and set(row["access"]["bulk16"]["cp"]) == {"128"}, row
+
+
+def test_access_report_reads_ptx_and_ttgir():
+    """The access counter on a hand-written PTX and TTGIR: widths by vector size, cp.async by copy
+    size, local memory, mma; 16-bit row traffic told from scalars by the TTGIR's types and, where
+    the kernel loops, only the loop's."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compile_check", REPO / "bench" / "compile_check.py")
+    cc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cc)
+    ttgir = "\n".join(
+        [
+            "tt.func public @_decode_split_kernel(%Q: !tt.ptr<bf16>) {",
+            "  %q = tt.load %p : tensor<16x64x!tt.ptr<bf16>, #blocked> loc(#loc3)",
+            "  %r = scf.for %i = %c0 to %n step %c1 iter_args(%a = %z) -> (tensor<16x64xf32>) : i32 {",
+            "    %b = tt.load %bt : tensor<64x!tt.ptr<i32>, #blocked1> loc(#loc4)",
+            "    %k = ttg.async_copy_global_to_local %kp, %s mask %m {contiguity = 8 : i32} : "
+            "tensor<64x64x!tt.ptr<bf16>, #blocked> -> <64x64xbf16, #shared> loc(#loc6)",
+            "    scf.yield %a : tensor<16x64xf32>",
+            "  } loc(#loc2)",
+            "  tt.return loc(#loc2)",
+            "} loc(#loc2)",
+            '#loc2 = loc("k.py":1:1)',
+            '#loc3 = loc("k.py":10:5)',
+            '#loc4 = loc("k.py":12:5)',
+            '#loc5 = loc("k.py":13:9)',
+            '#loc6 = loc("k"(#loc7))',
+            "#loc7 = loc(callsite(#loc5 at #loc4))",
+        ]
+    )
+    assert cc._bulk16_lines(ttgir) == {("k.py", 13)}  # the K tile in the loop, not q, not the block table
+    ptx = "\n".join(
+        [
+            '.file 1 "k.py"',
+            ".loc 1 10 5",
+            "@%p1 ld.global.v2.b32 { %r1, %r2 }, [ %rd1 + 0 ];",
+            ".loc 1 12 5",
+            "@%p2 ld.global.b32 { %r3 }, [ %rd2 + 0 ];",
+            ".loc 1 13 9",
+            "cp.async.cg.shared.global [ %r4 + 0 ], [ %rd3 + 0 ], 0x10, %r5;",
+            "cp.async.cg.shared.global [ %r4 + 16 ], [ %rd3 + 16 ], 0x8, %r5;",
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f1}, {%r1}, {%r2}, {%f1};",
+            "st.local.b32 [%rd9], %r1;",
+            "@%p3 st.global.b16 [ %rd4 + 0 ], { %rs1 };",
+        ]
+    )
+    acc = cc.access_report("_decode_split_kernel", {"ptx": ptx, "ttgir": ttgir}, use_sass=False)
+    assert acc["source"] == "ptx" and acc["ld"] == {"64": 1, "32": 1} and acc["st"] == {"16": 1}
+    assert acc["cp"] == {"128": 1, "64": 1} and acc["mma"] == {"HMMA": 1} and acc["local"] == 1
+    assert acc["bulk16"]["cp"] == {"128": 1, "64": 1} and acc["narrow"]  # one 8-byte copy in the K tile
+    assert "ld 64b:1 32b:1 | cp 128b:1 64b:1 | st 16b:1 | mma HMMA:1 | local 1" == cc.access_columns(acc)
 
 
 def test_gpu_check_survives_a_dead_step(tmp_path):
