@@ -12,7 +12,8 @@ would not fit in what is left of the time budget is skipped and says so):
   2. engine greedy parity with transformers on CUDA (tiny Qwen2 and Llama, decode graphs on, chunked
      prefill, a tight KV budget with n=2 copy-on-write, a forced graph re-capture);
   4. paged decode attention bandwidth (batch 64, context 2k) against the device's measured copy
-     bandwidth, with torch SDPA (or flash-attn) on the same data as the peer;
+     bandwidth, with torch SDPA (or flash-attn) on the same data as the peer (device times: CUDA graph
+     replays over caches rotated past L2, bench/gpu_timing.py);
   3. decode speed on a random model with Qwen2.5-0.5B shapes at batch 1/16/64/256, graphs vs eager vs
      graphs with async scheduling: tokens/s, host time per step beside GPU time per step (the profiler's
      kernel time), transformers `generate` on the same prompts; Triton compiles while a batch drains from
@@ -32,7 +33,6 @@ import functools
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -73,6 +73,8 @@ if DRY:  # before triton is imported
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench.gpu_timing import copy_bandwidth, device_times, l2_bytes, rotation_count  # noqa: E402
+
 DEV = torch.device("cpu" if DRY or not torch.cuda.is_available() else "cuda")
 CUDA = DEV.type == "cuda"
 DT = torch.bfloat16 if CUDA else torch.float32  # the interpreter's bf16 tl.dot is broken
@@ -109,26 +111,6 @@ class guarded:
 def sync():
     if CUDA:
         torch.cuda.synchronize()
-
-
-def gpu_time(fn, iters=20, warmup=3):
-    """Median seconds per call (CUDA events on a GPU, the host clock otherwise)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if CUDA:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def rel_err(got, want):
@@ -340,33 +322,42 @@ def _sdpa_peer(q, k, v):  # q [B, Hq, D], k/v [B, Hkv, L, D]
 
 
 def step_bandwidth():
+    """Decode attention's achieved bandwidth, timed as bench/gpu_timing.py does: graph replays (no
+    launch gaps) rotating among enough caches that none is read from L2 (the 0.5B shape's 64 MB at
+    B=64 would mostly be)."""
     from kernels.decode_attention_triton import paged_decode_attention_triton
 
-    iters = dict(iters=20, warmup=3) if CUDA else dict(iters=1, warmup=1)
-    n = (1 << 30) if CUDA else (1 << 22)
-    src = torch.empty(n, dtype=torch.float16, device=DEV).normal_()
-    dst = torch.empty_like(src)
-    t = gpu_time(functools.partial(dst.copy_, src), iters=10)
-    copy_bw = 2 * src.numel() * 2 / t
-    src = dst = None
+    copy_bw = copy_bandwidth(DEV, (2 << 30) if CUDA else (8 << 20))
     row(4, "device copy bandwidth (read + write)", f"{copy_bw / 1e9:.0f} GB/s")
     try:
         from flash_attn import flash_attn_with_kvcache
     except Exception:  # absent, or built for another torch / CUDA: the SDPA peer then
         flash_attn_with_kvcache = None
     B, ctx = (64, 2048) if CUDA else (2, 64)
+    reps = dict(reps=10) if CUDA else dict(reps=1, min_calls=1)
     for name, hq, hkv, d in (("Llama-3-8B layer", 32, 8, 128), ("Qwen2.5-0.5B layer", 14, 2, 64)):
         with guarded(4, f"paged decode attention {name}"):
             g = torch.Generator(device=DEV).manual_seed(2)
             page = 16
             per = ctx // page
-            kv = torch.randn(2, B * per, page, hkv, d, generator=g, device=DEV).to(DT)
-            tables = torch.randperm(B * per, generator=g, device=DEV).view(B, per).int()
+            nbytes = 2 * B * ctx * hkv * d * torch.finfo(DT).bits // 8  # K + V, each read once
+            sets = rotation_count(nbytes, l2_bytes(DEV)) if CUDA else 2  # (dry run: the interpreter is slow)
+            kv = torch.randn(2, sets * B * per, page, hkv, d, generator=g, device=DEV).to(DT)
+            blocks = torch.randperm(sets * B * per, generator=g, device=DEV).view(sets, B, per).int()
             seq = torch.full((B,), ctx, dtype=torch.int32, device=DEV)
             q = torch.randn(B, hq, d, generator=g, device=DEV).to(DT)
-            ours = functools.partial(paged_decode_attention_triton, q, kv[0], kv[1], tables, seq)
-            t = gpu_time(ours, **iters)
-            nbytes = 2 * B * ctx * hkv * d * kv.element_size()
+            ours = [functools.partial(paged_decode_attention_triton, q, kv[0], kv[1], t, seq) for t in blocks]
+            dense = [(kv[0][t.long()].view(B, ctx, hkv, d), kv[1][t.long()].view(B, ctx, hkv, d)) for t in blocks]
+            if flash_attn_with_kvcache is not None and CUDA:
+                peer_name = "flash-attn (dense cache)"
+                peers = [functools.partial(_flash_peer, flash_attn_with_kvcache, q, k, v, seq) for k, v in dense]
+            else:
+                peer_name = "torch SDPA (dense copy)"
+                dense = [(k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()) for k, v in dense]
+                peers = [functools.partial(_sdpa_peer, q, k, v) for k, v in dense]
+            err = rel_err(ours[-1](), peers[-1]().float())
+            times = device_times({"ours": ours, "peer": peers}, **reps)
+            t, tp = times["ours"].seconds, times["peer"].seconds
             frac = nbytes / t / copy_bw
             row(
                 4,
@@ -374,29 +365,17 @@ def step_bandwidth():
                 f"{nbytes / t / 1e9:.0f} GB/s = {frac:.0%} of copy",
                 ">= 80%" if CUDA else "",
                 (frac >= 0.8) if (CUDA and hq == 32) else None,
-                f"{t * 1e6:.0f} us",
+                f"{t * 1e6:.0f} us; {times['ours'].note()}, {sets} cache set(s) rotated",
             )
-            kd = kv[0][tables.long()].view(B, ctx, hkv, d)
-            vd = kv[1][tables.long()].view(B, ctx, hkv, d)
-            if flash_attn_with_kvcache is not None and CUDA:
-                peer_name = "flash-attn (dense cache)"
-                peer = functools.partial(_flash_peer, flash_attn_with_kvcache, q, kd, vd, seq)
-            else:
-                peer_name = "torch SDPA (dense copy)"
-                peer = functools.partial(
-                    _sdpa_peer, q, kd.transpose(1, 2).contiguous(), vd.transpose(1, 2).contiguous()
-                )
-            err = rel_err(ours(), peer().float())
-            tp = gpu_time(peer, **iters)
             row(
                 4,
                 f"  vs {peer_name}",
                 f"{tp / t:.2f}x (peer {tp * 1e6:.0f} us)",
                 "agree < 2e-2",
                 err < 2e-2,
-                f"rel. diff {err:.1e}",
+                f"rel. diff {err:.1e}; {times['peer'].note()}",
             )
-            kv = kd = vd = peer = None
+            kv = dense = ours = peers = None
 
 
 # ----------------------------------------------------------------------------- 3. decode speed

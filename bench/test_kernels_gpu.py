@@ -17,6 +17,10 @@
   torch.topk and top-p by sort + cumsum where asked, as vLLM's torch fallback does), vocabulary
   151936, after checking that both draw from the same distribution.
 
+Times are device times from bench/gpu_timing.py (CUDA graph replays, inputs rotated past L2, ours and
+the peer by the same method; `timing` in extra_info says which); pytest-benchmark's own figures are
+host wall times of one synchronised call.
+
 Run: pytest bench/test_kernels_gpu.py --benchmark-only -s   (skips without CUDA)
 """
 
@@ -25,6 +29,8 @@ import math
 
 import pytest
 import torch
+
+from bench.gpu_timing import copy_bandwidth, device_time, device_times, l2_bytes, rotation_count
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU kernel benchmarks need CUDA")
 
@@ -50,37 +56,20 @@ def synced(fn):
     return run
 
 
-def cuda_time(fn, iters=20, warmup=3):
-    """Median seconds per call, timed with CUDA events."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return sorted(times)[len(times) // 2]
+def input_sets(nbytes: int) -> int:
+    """How many copies of a benchmark's inputs (of nbytes) to rotate among so that none is timed from
+    L2 (bench/gpu_timing.py)."""
+    return rotation_count(nbytes, l2_bytes("cuda"))
 
 
-@functools.cache
-def copy_bandwidth() -> float:
-    """Device-to-device copy of 2 GiB: (bytes read + bytes written) / time, in bytes/s."""
-    src = torch.empty(2**30, dtype=torch.float16, device="cuda").normal_()
-    dst = torch.empty_like(src)
-    t = cuda_time(lambda: dst.copy_(src), iters=10)
-    return 2 * src.numel() * src.element_size() / t
-
-
-def paged_cache(batch, context, page, gen):
-    """Random K/V cache with shuffled blocks: (k, v, block_tables, seq_lens)."""
+def paged_cache(batch, context, page, gen, sets=1):
+    """Random K/V cache with shuffled blocks, room for `sets` copies of the batch's context:
+    (k, v, block_tables [sets, batch, blocks per sequence], seq_lens)."""
     per_seq = math.ceil(context / page)
-    num_blocks = batch * per_seq
+    num_blocks = sets * batch * per_seq
     k = torch.randn(num_blocks, page, HKV, D, device="cuda", dtype=DTYPE, generator=gen)
     v = torch.randn(num_blocks, page, HKV, D, device="cuda", dtype=DTYPE, generator=gen)
-    tables = torch.randperm(num_blocks, device="cuda", generator=gen).view(batch, per_seq).int()
+    tables = torch.randperm(num_blocks, device="cuda", generator=gen).view(sets, batch, per_seq).int()
     seq_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
     return k, v, tables, seq_lens
 
@@ -104,11 +93,12 @@ def test_decode_bandwidth(benchmark, batch, context):
     if nbytes > MAX_KV_BYTES:
         pytest.skip(f"K+V of {nbytes / 2**30:.0f} GiB")
     gen = torch.Generator(device="cuda").manual_seed(0)
-    k, v, tables, seq_lens = paged_cache(batch, context, PAGE, gen)
+    k, v, tables, seq_lens = paged_cache(batch, context, PAGE, gen, sets=input_sets(nbytes))
     q = torch.randn(batch, HQ, D, device="cuda", dtype=DTYPE, generator=gen)
-    run = functools.partial(paged_decode_attention_triton, q, k, v, tables, seq_lens)
-    t = cuda_time(run)
-    benchmark.pedantic(synced(run), rounds=5, iterations=3, warmup_rounds=1)
+    runs = [functools.partial(paged_decode_attention_triton, q, k, v, t, seq_lens) for t in tables]
+    timing = device_time(runs)
+    t = timing.seconds
+    benchmark.pedantic(synced(runs[0]), rounds=5, iterations=3, warmup_rounds=1)
     achieved, peak = nbytes / t, copy_bandwidth()
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name(),
@@ -117,10 +107,12 @@ def test_decode_bandwidth(benchmark, batch, context):
         copy_gbps=round(peak / 1e9, 1),
         fraction_of_copy=round(achieved / peak, 3),
         us=round(t * 1e6, 1),
+        timing=timing.note(),
+        input_sets=len(tables),
     )
     print(
         f"\ndecode B={batch} ctx={context}: {t * 1e6:.1f} us, {achieved / 1e9:.0f} GB/s = "
-        f"{achieved / peak:.0%} of copy bandwidth ({peak / 1e9:.0f} GB/s)"
+        f"{achieved / peak:.0%} of copy bandwidth ({peak / 1e9:.0f} GB/s); {timing.note()}, {len(tables)} set(s)"
     )
 
 
@@ -131,22 +123,27 @@ def test_decode_vs_peer(benchmark, batch, context):
 
     gen = torch.Generator(device="cuda").manual_seed(1)
     page = 256 if PEER == "flash-attn" else PAGE  # flash-attn's paged KV needs pages of 256
-    k, v, tables, seq_lens = paged_cache(batch, context, page, gen)
+    k, v, tables, seq_lens = paged_cache(batch, context, page, gen, sets=input_sets(kv_bytes(batch, context)))
     q = torch.randn(batch, HQ, D, device="cuda", dtype=DTYPE, generator=gen)
-    ours = functools.partial(paged_decode_attention_triton, q, k, v, tables, seq_lens)
+    ours = [functools.partial(paged_decode_attention_triton, q, k, v, t, seq_lens) for t in tables]
     if PEER == "flash-attn":
 
-        def peer():
-            return flash_attn_with_kvcache(q[:, None], k, v, cache_seqlens=seq_lens, block_table=tables).squeeze(1)
-    else:
-        kd, vd = dense_from_paged(k, tables, context), dense_from_paged(v, tables, context)
+        def paged_peer(t):
+            return flash_attn_with_kvcache(q[:, None], k, v, cache_seqlens=seq_lens, block_table=t).squeeze(1)
 
-        def peer():
+        peers = [functools.partial(paged_peer, t) for t in tables]
+    else:
+
+        def dense_peer(kd, vd):
             return torch.nn.functional.scaled_dot_product_attention(q[:, :, None], kd, vd, enable_gqa=True)[:, :, 0]
 
-    torch.testing.assert_close(ours().float(), peer().float(), atol=2e-2, rtol=2e-2)
-    t_ours, t_peer = cuda_time(ours), cuda_time(peer)
-    benchmark.pedantic(synced(ours), rounds=5, iterations=3, warmup_rounds=1)
+        dense = [(dense_from_paged(k, t, context), dense_from_paged(v, t, context)) for t in tables]
+        peers = [functools.partial(dense_peer, kd, vd) for kd, vd in dense]
+
+    torch.testing.assert_close(ours[0]().float(), peers[0]().float(), atol=2e-2, rtol=2e-2)
+    times = device_times({"ours": ours, "peer": peers})
+    t_ours, t_peer = times["ours"].seconds, times["peer"].seconds
+    benchmark.pedantic(synced(ours[0]), rounds=5, iterations=3, warmup_rounds=1)
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name(),
         peer=PEER,
@@ -154,10 +151,12 @@ def test_decode_vs_peer(benchmark, batch, context):
         ours_us=round(t_ours * 1e6, 1),
         peer_us=round(t_peer * 1e6, 1),
         speedup=round(t_peer / t_ours, 2),
+        timing=times["ours"].note(),
+        input_sets=len(tables),
     )
     print(
         f"\ndecode B={batch} ctx={context} page={page}: ours {t_ours * 1e6:.1f} us, {PEER} "
-        f"{t_peer * 1e6:.1f} us, ratio {t_peer / t_ours:.2f}x"
+        f"{t_peer * 1e6:.1f} us, ratio {t_peer / t_ours:.2f}x; {times['ours'].note()}, {len(tables)} set(s)"
     )
 
 
@@ -169,6 +168,7 @@ def test_prefill_vs_peer(benchmark, batch, new, prefix):
     gen = torch.Generator(device="cuda").manual_seed(2)
     context = prefix + new
     k, v, tables, seq_lens = paged_cache(batch, context, PAGE, gen)
+    tables = tables[0]  # one input set: prefill is bound by arithmetic, where L2 residence barely counts
     q = torch.randn(batch * new, HQ, D, device="cuda", dtype=DTYPE, generator=gen)
     cu_q = torch.arange(0, batch * new + 1, new, dtype=torch.int32, device="cuda")
     ours = functools.partial(paged_prefill_attention_triton, q, k, v, tables, cu_q, seq_lens)
@@ -192,7 +192,8 @@ def test_prefill_vs_peer(benchmark, batch, new, prefix):
             return o.transpose(1, 2).reshape(batch * new, HQ, D)
 
     torch.testing.assert_close(ours().float(), peer().float(), atol=2e-2, rtol=2e-2)
-    t_ours, t_peer = cuda_time(ours), cuda_time(peer)
+    times = device_times({"ours": [ours], "peer": [peer]})
+    t_ours, t_peer = times["ours"].seconds, times["peer"].seconds
     benchmark.pedantic(synced(ours), rounds=5, iterations=3, warmup_rounds=1)
     flops = 4 * batch * HQ * D * sum(prefix + i + 1 for i in range(new))  # causal QK^T and PV
     benchmark.extra_info.update(
@@ -202,10 +203,12 @@ def test_prefill_vs_peer(benchmark, batch, new, prefix):
         peer_us=round(t_peer * 1e6, 1),
         speedup=round(t_peer / t_ours, 2),
         ours_tflops=round(flops / t_ours / 1e12, 1),
+        timing=times["ours"].note(),
     )
     print(
         f"\nprefill B={batch} new={new} prefix={prefix}: ours {t_ours * 1e6:.0f} us "
-        f"({flops / t_ours / 1e12:.0f} TFLOP/s), {PEER} {t_peer * 1e6:.0f} us, ratio {t_peer / t_ours:.2f}x"
+        f"({flops / t_ours / 1e12:.0f} TFLOP/s), {PEER} {t_peer * 1e6:.0f} us, ratio {t_peer / t_ours:.2f}x; "
+        f"{times['ours'].note()}"
     )
 
 
@@ -219,21 +222,27 @@ def test_silu_and_mul_vs_torch(benchmark, tokens):
 
     I = 4864
     gen = torch.Generator(device="cuda").manual_seed(4)
-    x = torch.randn(tokens, 2 * I, device="cuda", dtype=DTYPE, generator=gen) * 3
-    ours = functools.partial(silu_and_mul_triton, x)
+    nbytes = 3 * tokens * I * torch.finfo(DTYPE).bits // 8  # gate and up read, the product written
+    xs = [torch.randn(tokens, 2 * I, device="cuda", dtype=DTYPE, generator=gen) * 3 for _ in range(input_sets(nbytes))]
 
-    def peer():
+    def peer(x):
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 
-    got, ref = ours(), silu_and_mul_ref(x)
+    x = xs[0]
+    got, ref = silu_and_mul_triton(x), silu_and_mul_ref(x)
     same = (got == ref).float().mean().item()
     # the reference's roundings: bit-equal but where an ulp of float32 exp tips a bf16 rounding
     assert same > 0.999, f"only {same:.4%} of outputs equal the reference"
     torch.testing.assert_close(got, ref, atol=0, rtol=torch.finfo(DTYPE).eps)
-    t_ours, t_peer = cuda_time(ours, iters=50), cuda_time(peer, iters=50)
-    benchmark.pedantic(synced(ours), rounds=5, iterations=10, warmup_rounds=1)
-    nbytes = 3 * tokens * I * x.element_size()  # gate and up read, the product written
+    times = device_times(
+        {
+            "ours": [functools.partial(silu_and_mul_triton, x) for x in xs],
+            "peer": [functools.partial(peer, x) for x in xs],
+        }
+    )
+    t_ours, t_peer = times["ours"].seconds, times["peer"].seconds
+    benchmark.pedantic(synced(silu_and_mul_triton), args=(x,), rounds=5, iterations=10, warmup_rounds=1)
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name(),
         peer="torch F.silu(gate) * up",
@@ -242,10 +251,13 @@ def test_silu_and_mul_vs_torch(benchmark, tokens):
         speedup=round(t_peer / t_ours, 2),
         ours_gbps=round(nbytes / t_ours / 1e9, 1),
         equal_to_reference=round(same, 6),
+        timing=times["ours"].note(),
+        input_sets=len(xs),
     )
     print(
         f"\nsilu_and_mul T={tokens} I={I}: ours {t_ours * 1e6:.1f} us ({nbytes / t_ours / 1e9:.0f} GB/s), "
-        f"torch {t_peer * 1e6:.1f} us, ratio {t_peer / t_ours:.2f}x, {same:.4%} bit-equal"
+        f"torch {t_peer * 1e6:.1f} us, ratio {t_peer / t_ours:.2f}x, {same:.4%} bit-equal; "
+        f"{times['ours'].note()}, {len(xs)} set(s)"
     )
 
 
@@ -259,9 +271,12 @@ def test_rope_store_kv_vs_two_kernels(benchmark, tokens):
 
     hq, hkv, d, page = 14, 2, 64, 16
     gen = torch.Generator(device="cuda").manual_seed(5)
-    qkv = torch.randn(tokens, (hq + 2 * hkv) * d, device="cuda", dtype=DTYPE, generator=gen)
-    q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)  # the engine's strided views
-    q, k, v = q.view(tokens, hq, d), k.view(tokens, hkv, d), v.view(tokens, hkv, d)
+    nbytes = 2 * tokens * (hq + 2 * hkv) * d * torch.finfo(DTYPE).bits // 8  # q, k, v read; q, k, v written
+    qkvs = []  # input sets, each as the engine's strided views of one qkv GEMM output
+    for _ in range(input_sets(nbytes)):
+        qkv = torch.randn(tokens, (hq + 2 * hkv) * d, device="cuda", dtype=DTYPE, generator=gen)
+        q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+        qkvs.append((q.view(tokens, hq, d), k.view(tokens, hkv, d), v.view(tokens, hkv, d)))
     blocks = 2 * tokens // page
     slots = torch.randperm(blocks * page, device="cuda", generator=gen)[:tokens]
     pos = torch.randint(0, 32768, (tokens,), device="cuda", generator=gen)
@@ -269,18 +284,21 @@ def test_rope_store_kv_vs_two_kernels(benchmark, tokens):
     cos_sin = torch.cat([theta.cos(), theta.sin()], -1).float()
     caches = [torch.zeros(2, blocks, page, hkv, d, device="cuda", dtype=DTYPE) for _ in range(2)]
 
-    def ours():
+    def ours(q, k, v):
         return rope_store_kv_triton(q, k, v, caches[0][0], caches[0][1], slots, pos, cos_sin)
 
-    def peer():
+    def peer(q, k, v):
         qr, kr = apply_rotary_triton(q, k, pos, cos_sin)
         store_kv_triton(kr, v, caches[1][0], caches[1][1], slots)
         return qr
 
-    assert torch.equal(ours(), peer()) and torch.equal(caches[0], caches[1]), "fused and two-kernel results differ"
-    t_ours, t_peer = cuda_time(ours, iters=50), cuda_time(peer, iters=50)
-    benchmark.pedantic(synced(ours), rounds=5, iterations=10, warmup_rounds=1)
-    nbytes = 2 * tokens * (hq + 2 * hkv) * d * qkv.element_size()  # q, k, v read; q, k, v written
+    same = torch.equal(ours(*qkvs[0]), peer(*qkvs[0])) and torch.equal(caches[0], caches[1])
+    assert same, "fused and two-kernel results differ"
+    times = device_times(
+        {"ours": [functools.partial(ours, *t) for t in qkvs], "peer": [functools.partial(peer, *t) for t in qkvs]}
+    )
+    t_ours, t_peer = times["ours"].seconds, times["peer"].seconds
+    benchmark.pedantic(synced(ours), args=qkvs[0], rounds=5, iterations=10, warmup_rounds=1)
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name(),
         peer="apply_rotary_triton + store_kv_triton",
@@ -288,10 +306,12 @@ def test_rope_store_kv_vs_two_kernels(benchmark, tokens):
         peer_us=round(t_peer * 1e6, 1),
         speedup=round(t_peer / t_ours, 2),
         ours_gbps=round(nbytes / t_ours / 1e9, 1),
+        timing=times["ours"].note(),
+        input_sets=len(qkvs),
     )
     print(
         f"\nrope_store_kv T={tokens}: ours {t_ours * 1e6:.1f} us ({nbytes / t_ours / 1e9:.0f} GB/s), "
-        f"two kernels {t_peer * 1e6:.1f} us, ratio {t_peer / t_ours:.2f}x"
+        f"two kernels {t_peer * 1e6:.1f} us, ratio {t_peer / t_ours:.2f}x; {times['ours'].note()}, {len(qkvs)} set(s)"
     )
 
 
@@ -342,18 +362,24 @@ def test_sampling_vs_torch(benchmark, batch, filters):
     pvalue = stats.chi2_contingency(table).pvalue
     assert pvalue > 1e-3, f"ours and torch.multinomial draw different distributions (p={pvalue:.2g})"
 
-    logits = torch.randn(batch, V, device="cuda", dtype=DTYPE, generator=gen) * 4
+    sets = input_sets(batch * V * torch.finfo(DTYPE).bits // 8)
+    logits = [torch.randn(batch, V, device="cuda", dtype=DTYPE, generator=gen) * 4 for _ in range(sets)]
     temp = torch.full((batch,), 0.8, device="cuda")
-    args = (
-        logits,
+    params = (
         temp,
         torch.full((batch,), k, dtype=torch.int32, device="cuda"),
         torch.full((batch,), p, device="cuda"),
         torch.zeros(batch, device="cuda"),
         torch.arange(batch, device="cuda"),
     )
-    t_ours, t_peer = cuda_time(lambda: sample_triton(*args)), cuda_time(lambda: torch_sample(logits, temp, k, p))
-    benchmark.pedantic(synced(lambda: sample_triton(*args)), rounds=5, iterations=3, warmup_rounds=1)
+    times = device_times(
+        {
+            "ours": [functools.partial(sample_triton, x, *params) for x in logits],
+            "peer": [functools.partial(torch_sample, x, temp, k, p) for x in logits],
+        }
+    )
+    t_ours, t_peer = times["ours"].seconds, times["peer"].seconds
+    benchmark.pedantic(synced(sample_triton), args=(logits[0], *params), rounds=5, iterations=3, warmup_rounds=1)
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name(),
         peer="torch softmax + multinomial",
@@ -361,8 +387,10 @@ def test_sampling_vs_torch(benchmark, batch, filters):
         peer_us=round(t_peer * 1e6, 1),
         speedup=round(t_peer / t_ours, 2),
         same_distribution_pvalue=round(pvalue, 4),
+        timing=times["ours"].note(),
+        input_sets=sets,
     )
     print(
         f"\nsampling B={batch} {filters}: ours {t_ours * 1e6:.0f} us, torch multinomial {t_peer * 1e6:.0f} us, "
-        f"ratio {t_peer / t_ours:.2f}x (same distribution: p={pvalue:.3f})"
+        f"ratio {t_peer / t_ours:.2f}x (same distribution: p={pvalue:.3f}); {times['ours'].note()}, {sets} set(s)"
     )
