@@ -111,7 +111,9 @@ class DecodeGraphs:
             self._forward(bs)  # warm-up at this size, eagerly
             torch.cuda.synchronize(self.runner.device)
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
+            # thread_local: CUDA work of other threads (a trainer beside an AsyncLLM engine thread, during
+            # a wake_up recapture) cannot invalidate this capture; only this thread's unsafe calls could
+            with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):
                 self._forward(bs)
             self.graphs[bs] = g
         torch.cuda.synchronize(self.runner.device)
