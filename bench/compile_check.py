@@ -164,10 +164,19 @@ def _ptxas_report(ptx: str, arch: int, fp_fusion: bool = True) -> dict:
 def _cubin_resources(cubin: bytes) -> dict | None:
     """REG / STACK / LOCAL of the binary Triton built (cuobjdump -res-usage), the truth the ptxas
     rerun must agree with; None without cuobjdump."""
+    r = _run_on_cubin("cuobjdump", ["-res-usage"], cubin)
+    if r is None:
+        return None
+    found = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", r.stdout))
+    return {k.lower(): int(v) for k, v in found.items()} if r.returncode == 0 and "REG" in found else None
+
+
+def _run_on_cubin(tool_name: str, args: list[str], cubin: bytes) -> subprocess.CompletedProcess | None:
+    """Triton's bundled `tool_name` (cuobjdump, nvdisasm) run on the cubin; None when it is absent."""
     from triton import knobs
 
     try:
-        tool = knobs.nvidia.cuobjdump.path
+        tool = getattr(knobs.nvidia, tool_name).path
     except Exception:
         return None
     if not tool or not Path(tool).exists():
@@ -175,9 +184,7 @@ def _cubin_resources(cubin: bytes) -> dict | None:
     with tempfile.TemporaryDirectory() as d:
         f = Path(d) / "k.cubin"
         f.write_bytes(cubin)
-        r = subprocess.run([tool, "-res-usage", str(f)], capture_output=True, text=True)
-    found = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", r.stdout))
-    return {k.lower(): int(v) for k, v in found.items()} if r.returncode == 0 and "REG" in found else None
+        return subprocess.run([tool, *args, str(f)], capture_output=True, text=True)
 
 
 # Kernels whose bulk traffic is contiguous 16-bit rows (head-dim or hidden rows); in bf16/fp16 their
@@ -251,19 +258,8 @@ def _bulk16_lines(ttgir: str) -> set:
 def _sass_instructions(cubin: bytes):
     """[(mnemonic, (file, line) or None)] of the cubin, via the bundled nvdisasm with line info;
     None when nvdisasm is absent or fails."""
-    from triton import knobs
-
-    try:
-        tool = knobs.nvidia.nvdisasm.path
-    except Exception:
-        return None
-    if not tool or not Path(tool).exists():
-        return None
-    with tempfile.TemporaryDirectory() as d:
-        f = Path(d) / "k.cubin"
-        f.write_bytes(cubin)
-        r = subprocess.run([tool, "-g", "-c", str(f)], capture_output=True, text=True)
-    if r.returncode:
+    r = _run_on_cubin("nvdisasm", ["-g", "-c"], cubin)
+    if r is None or r.returncode:
         return None
     out, where = [], None
     for line in r.stdout.splitlines():
