@@ -1,7 +1,8 @@
-"""Triton rotary (+ Qwen3's q/k norm) fused with the K/V store: one program per token rotates its q
-heads (written out), rotates its k heads and writes them and its v heads straight into the paged
-cache at the token's slot (none when the slot is negative). One launch and one read of q, k and v,
-instead of two launches and a write and re-read of the rotated k.
+"""Triton rotary (+ Qwen3's q/k norm) fused with the K/V store: one program per block of tokens
+(norm_rope_triton.token_tiles: on a GPU enough that every thread moves 16 bytes of k) rotates their
+q heads (written out), rotates their k heads and writes them and their v heads straight into the
+paged cache at each token's slot (none when the slot is negative). One launch and one read of q, k
+and v, instead of two launches and a write and re-read of the rotated k.
 
 The rotary and norm code is norm_rope_triton's, so rounding follows the references step by step
 (k rounded in the activation dtype, then cast to the cache's as store_kv_ref does; no FMA
@@ -13,10 +14,18 @@ import triton
 import triton.language as tl
 
 from kernels.launch import launch
-from kernels.norm_rope_triton import _load_cos_sin, _load_halves, _rms_norm_halves, _rotate, _store_halves
+from kernels.norm_rope_triton import (
+    _load_cos_sin,
+    _load_halves,
+    _rms_norm_halves,
+    _rotate,
+    _round,
+    _store_halves,
+    token_tiles,
+)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _rope_store_kv_kernel(
     Q,
     K,
@@ -29,6 +38,7 @@ def _rope_store_kv_kernel(
     QO,
     KC,
     VC,
+    T,
     HQ,
     HK,
     stride_qt,
@@ -50,32 +60,40 @@ def _rope_store_kv_kernel(
     QK_NORM: tl.constexpr,
     PAGE: tl.constexpr,
     HALF: tl.constexpr,
+    BLOCK_T: tl.constexpr,
     BLOCK_HQ: tl.constexpr,
+    BLOCK_HQC: tl.constexpr,
     BLOCK_HK: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
 ):
-    t = tl.program_id(0).to(tl.int64)
-    pos = tl.load(POS + t).to(tl.int64)
-    slot = tl.load(SLOTS + t).to(tl.int64)
+    t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BLOCK_T] tokens
+    tm = t < T
+    pos = tl.load(POS + t, mask=tm, other=0).to(tl.int64)
+    slot = tl.load(SLOTS + t, mask=tm, other=-1).to(tl.int64)
     # q and k round in QO's dtype (the wrapper checks k's reference dtype is the same)
     dt = QO.dtype.element_ty
-    cos, sin = _load_cos_sin(CS, pos, stride_cs, dt, HALF, BLOCK_HALF)
-    # q finished before k is loaded: fewer live registers at the 14B shape
-    q1, q2 = _load_halves(Q, stride_qt, stride_qh, t, HQ, HALF, BLOCK_HQ, BLOCK_HALF)
-    if QK_NORM:
-        q1, q2 = _rms_norm_halves(q1, q2, QW, eps, Q.dtype.element_ty, dt, HALF, BLOCK_HALF)
-    q1, q2 = _rotate(q1, q2, cos, sin, dt)
-    _store_halves(QO + t * stride_qot, stride_qoh, q1, q2, HQ, HALF, BLOCK_HQ, BLOCK_HALF)
-    k1, k2 = _load_halves(K, stride_kt, stride_kh, t, HK, HALF, BLOCK_HK, BLOCK_HALF)
+    cos, sin = _load_cos_sin(CS, pos, tm, stride_cs, HALF, BLOCK_HALF)
+    cos, sin = _round(cos, dt), _round(sin, dt)
+    # q finished before k is loaded: fewer live registers
+    for h0 in tl.static_range(0, BLOCK_HQ, BLOCK_HQC):  # q heads in chunks (registers)
+        q1, q2 = _load_halves(Q + h0 * stride_qh, t * stride_qt, tm, stride_qh, HQ - h0, HALF, BLOCK_HQC, BLOCK_HALF)
+        if QK_NORM:
+            q1, q2 = _rms_norm_halves(q1, q2, QW, eps, Q.dtype.element_ty, dt, HALF, BLOCK_HALF)
+        q1, q2 = _rotate(q1, q2, cos, sin, dt)
+        _store_halves(
+            QO + h0 * stride_qoh, t * stride_qot, tm, stride_qoh, q1, q2, HQ - h0, HALF, BLOCK_HQC, BLOCK_HALF
+        )
+    # k and v into the cache row of each slot; a padded row (slot -1) reads and writes nothing
+    sm = slot >= 0
+    blk = slot // PAGE
+    off = slot % PAGE
+    k1, k2 = _load_halves(K, t * stride_kt, sm, stride_kh, HK, HALF, BLOCK_HK, BLOCK_HALF)
     if QK_NORM:
         k1, k2 = _rms_norm_halves(k1, k2, KW, eps, K.dtype.element_ty, dt, HALF, BLOCK_HALF)
     k1, k2 = _rotate(k1, k2, cos, sin, dt)
-    if slot >= 0:  # k and v into the cache row of the slot; a padded row (slot -1) writes nothing
-        blk = slot // PAGE
-        off = slot % PAGE
-        _store_halves(KC + blk * stride_kcb + off * stride_kcs, stride_kch, k1, k2, HK, HALF, BLOCK_HK, BLOCK_HALF)
-        v1, v2 = _load_halves(V, stride_vt, stride_vh, t, HK, HALF, BLOCK_HK, BLOCK_HALF)
-        _store_halves(VC + blk * stride_vcb + off * stride_vcs, stride_vch, v1, v2, HK, HALF, BLOCK_HK, BLOCK_HALF)
+    _store_halves(KC, blk * stride_kcb + off * stride_kcs, sm, stride_kch, k1, k2, HK, HALF, BLOCK_HK, BLOCK_HALF)
+    v1, v2 = _load_halves(V, t * stride_vt, sm, stride_vh, HK, HALF, BLOCK_HK, BLOCK_HALF)
+    _store_halves(VC, blk * stride_vcb + off * stride_vcs, sm, stride_vch, v1, v2, HK, HALF, BLOCK_HK, BLOCK_HALF)
 
 
 def rope_store_kv_triton(
@@ -124,9 +142,10 @@ def rope_store_kv_triton(
     )
     if T:
         half = D // 2
+        block_t, chunk, warps = token_tiles(k, Hq, Hk, half)
         launch(
             _rope_store_kv_kernel,
-            (T,),
+            (triton.cdiv(T, block_t),),
             q,
             k,
             v,
@@ -138,6 +157,7 @@ def rope_store_kv_triton(
             qo,
             k_cache,
             v_cache,
+            T,
             Hq,
             Hk,
             q.stride(0),
@@ -159,10 +179,12 @@ def rope_store_kv_triton(
             QK_NORM=qk_norm,
             PAGE=k_cache.shape[1],
             HALF=half,
+            BLOCK_T=block_t,
             BLOCK_HQ=triton.next_power_of_2(Hq),
+            BLOCK_HQC=chunk,
             BLOCK_HK=triton.next_power_of_2(Hk),
             BLOCK_HALF=triton.next_power_of_2(half),
-            num_warps=4,
+            num_warps=warps,
             # A GPU compile would contract x1 * cos - x2 * sin into one FMA in float32 (one rounding
             # fewer than the reference's, an ulp off in most values); the interpreter never fuses.
             enable_fp_fusion=False,

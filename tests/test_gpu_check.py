@@ -80,8 +80,9 @@ def test_as_gpu_takes_the_gpu_launch_configs():
 def test_compile_check_quick(tmp_path):
     """Every kernel (one case each, bf16) compiles for sm_90 with the GPU's launch configs, within
     the H100's shared memory and register file (bench/compile_check.py; the full run: all cases),
-    and its SASS is read: the decode and prefill kernels' K/V tiles, the norm's and the MLP's rows
-    and the KV store's rows move 16 bytes a thread, attention uses matrix instructions, and local
+    and its SASS is read: the decode and prefill kernels' K/V tiles, the norm's and the MLP's rows,
+    the KV store's and the rotary kernels' (plain, after the q/k norm, and fused with the KV store)
+    rows move 16 bytes a thread, attention uses matrix instructions, and local
     memory is flagged. The same from the PTX (the fallback without nvdisasm)."""
     drop = ("BSTAR_KERNELS", "TRITON_INTERPRET")
     rows = run_bench_script("compile_check.py", tmp_path / "compile.json", "--quick", drop=drop)[1]["rows"]
@@ -103,6 +104,9 @@ def test_compile_check_quick(tmp_path):
         "_rms_norm_kernel",
         "_silu_and_mul_kernel",
         "_store_kv_kernel",
+        "_rotary_kernel",
+        "_qk_norm_rope_kernel",
+        "_rope_store_kv_kernel",
     ):
         for row in by(name):
             bulk = row["access"]["bulk16"]

@@ -357,6 +357,7 @@ import torch, triton.compiler
 from bench.compile_check import compile_launch
 from kernels.activation_triton import silu_and_mul_triton
 from kernels.launch import as_gpu, record_variants
+from kernels.norm_rope_triton import apply_rotary_triton, qk_norm_rope_triton
 from kernels.rope_store_triton import rope_store_kv_triton
 
 ptx = {}
@@ -375,6 +376,8 @@ with as_gpu(), record_variants(run=False, launches=launches):
     rope_store_kv_triton(q, k, v, cache, cache, pos, pos, torch.empty(64, D))
     rope_store_kv_triton(q, k, v, cache, cache, pos, pos, torch.empty(64, D), w, w)
     silu_and_mul_triton(torch.empty(T, 2 * 4864))
+    apply_rotary_triton(q, k, pos, torch.empty(64, D))
+    qk_norm_rope_triton(q, k, w, w, 1e-6, pos, torch.empty(64, D))
 for launch in launches:
     with as_gpu():
         compile_launch(*launch, 90)
@@ -383,14 +386,20 @@ json.dump({
     "rope_fma": count("_rope_store_kv_kernel", r"fma\\.rn(\\.ftz)?\\.f32"),
     "rope_mul": count("_rope_store_kv_kernel", r"mul(\\.rn)?(\\.ftz)?\\.f32"),
     "silu_fma": count("_silu_and_mul_kernel", r"fma\\.rn(\\.ftz)?\\.f32"),
+    "rotary_fma": count("_rotary_kernel", r"fma\\.rn(\\.ftz)?\\.f32"),
+    "rotary_mul": count("_rotary_kernel", r"mul(\\.rn)?(\\.ftz)?\\.f32"),
+    "qk_norm_fma": count("_qk_norm_rope_kernel", r"fma\\.rn(\\.ftz)?\\.f32"),
+    "qk_norm_mul": count("_qk_norm_rope_kernel", r"mul(\\.rn)?(\\.ftz)?\\.f32"),
 }, sys.stdout)
 """
 
 
 def test_float32_kernels_round_as_torch_on_a_gpu(tmp_path):
-    """What only a GPU compile shows, read off the sm_90 PTX (no GPU needed): the fused rotary keeps
-    the reference's roundings in float32 (each product rounded, then the difference; the compiler
-    would otherwise contract x * cos - y * sin into one FMA, as it does in norm_rope_triton's rotary),
+    """What only a GPU compile shows, read off the sm_90 PTX (no GPU needed): the rotary kernels
+    (fused with the KV store, plain, and after Qwen3's q/k norm) keep the reference's roundings in
+    float32 (each product rounded, then the difference, and the norm's squares rounded before the
+    sum; the compiler would otherwise contract x * cos - y * sin into one FMA, as it did in the
+    plain and q/k-norm rotary before they were launched without fp fusion),
     and silu_and_mul takes libdevice's expf (range reduction by FMAs, as torch's kernel) rather
     than tl.exp's bare ex2.approx, several ulps off in float32."""
     pytest.importorskip("triton.backends.nvidia.compiler")
@@ -413,6 +422,7 @@ def test_float32_kernels_round_as_torch_on_a_gpu(tmp_path):
     assert r.returncode == 0, r.stderr[-4000:]
     got = json.loads(r.stdout)
     assert got["rope_fma"] == [0, 0] and min(got["rope_mul"]) > 0, got
+    assert got["rotary_fma"] == got["qk_norm_fma"] == [0] and min(got["rotary_mul"] + got["qk_norm_mul"]) > 0, got
     assert min(got["silu_fma"]) > 0, got
 
 

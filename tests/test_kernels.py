@@ -796,6 +796,50 @@ def test_rope_store_kv_dispatch_casts_and_errors(monkeypatch):
         assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("hq,hkv,d,block_t,chunk,warps", [(14, 2, 64, 4, 8, 1), (40, 8, 128, 1, 32, 2)])
+def test_rotary_kernels_gpu_tiles(dtype, hq, hkv, d, block_t, chunk, warps):
+    """The rotary kernels with a GPU's launch configs (several tokens a program at the 0.5B shape,
+    q heads in chunks: what makes their 16-bit rows 16 bytes a thread, bench/compile_check.py), run
+    here under the interpreter: the same bits as the interpreter's configs (one program, q whole) and
+    as the references where those round alike, with a token count that leaves a partial block."""
+    from kernels.launch import as_gpu, record_variants
+
+    T = 9
+    q, k, v, slots, pos, cos_sin, _ = rope_store_case(hq, hkv, d, dtype, 5, False, T=T, page=4, blocks=6)
+    w = [(1 + 0.3 * torch.randn(d, generator=torch.Generator().manual_seed(i))).to(dtype).to(DEV) for i in (1, 2)]
+
+    def run():
+        out = [*apply_rotary_triton(q, k, pos, cos_sin), *qk_norm_rope_triton(q, k, *w, 1e-6, pos, cos_sin)]
+        for ws in ([None, None], w):
+            kv = torch.full((2, 6, 4, hkv, d), 7.0, dtype=dtype, device=DEV)
+            out += [rope_store_kv_triton(q, k, v, kv[0], kv[1], slots, pos, cos_sin, *ws), kv]
+        return out
+
+    want = run()
+    launches = []
+    with as_gpu(), record_variants(launches=launches):
+        got = run()
+    per_elem = 16 // q.element_size()
+    for _, _, kw in launches:
+        if per_elem == 8:  # 16-bit: the configs compile_check reads as 16 bytes wide
+            assert (kw["BLOCK_T"], kw["BLOCK_HQC"], kw["num_warps"]) == (block_t, chunk, warps)
+        # each thread holds 16 bytes of the k half-tile, and the launch covers every token
+        assert kw["BLOCK_T"] * kw["BLOCK_HK"] * kw["BLOCK_HALF"] == 32 * kw["num_warps"] * per_elem
+        assert kw["BLOCK_HQ"] % kw["BLOCK_HQC"] == 0 and kw["BLOCK_HQC"] < kw["BLOCK_HQ"]
+    assert len(launches) == 4
+    for g, r in zip(got, want):
+        assert torch.equal(g, r)
+    # and against the references (bit-equal where the interpreter's bf16 cast rounds as torch's)
+    rq, rk = apply_rotary_ref(q, k, pos, cos_sin)
+    if dtype == torch.float32:
+        assert torch.equal(got[0], rq) and torch.equal(got[1], rk)
+        kv = torch.full((2, 6, 4, hkv, d), 7.0, dtype=dtype, device=DEV)
+        assert torch.equal(got[4], rope_store_kv_ref(q, k, v, kv[0], kv[1], slots, pos, cos_sin))
+        assert torch.equal(got[5], kv)
+    torch.testing.assert_close(got[0].float(), rq.float(), atol=6e-2, rtol=2e-2)
+
+
 # ----------------------------------------------------------------------------- MLP activation
 
 
