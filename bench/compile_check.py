@@ -398,11 +398,10 @@ def compile_launch(kernel, args, kwargs, arch: int, use_sass: bool = True) -> li
         kw = dict(kwargs)
         if cfg is not None:
             kw.update({k: v for k, v in cfg.all_kwargs().items() if v is not None})
-        kw.update(
-            debug=False,
-            instrumentation_mode=knobs.compilation.instrumentation_mode,
-            fpsan_homomorphic_casts=knobs.compilation.fpsan_homomorphic_casts,
-        )
+        kw["debug"] = False
+        for knob in ("instrumentation_mode", "fpsan_homomorphic_casts"):  # what JITFunction.run adds (3.6: the first)
+            if hasattr(knobs.compilation, knob):
+                kw[knob] = getattr(knobs.compilation, knob)
         bound, spec, options = binder(*args, **kw)
         options, signature, constexprs, attrs = jit._pack_args(backend, kw, bound, spec, options)
         tiles = {k: v for k, v in kw.items() if k.startswith("BLOCK") or k in ("num_warps", "num_stages")}

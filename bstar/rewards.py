@@ -22,6 +22,7 @@ still be made to work forever (10^(10^10), 10^6!, deep nesting), so every compar
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import logging
 import os
@@ -35,9 +36,6 @@ import time
 from collections import deque
 from decimal import Decimal, InvalidOperation
 
-import math_verify.grader
-import math_verify.parser
-from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 from tqdm.auto import tqdm
 
 from bstar.tasks import last_boxed
@@ -55,12 +53,21 @@ MAX_FACTORIAL = 1_000  # largest integer literal next to ! or binomials
 _GRACE = 1.0  # extra seconds before a helper process that overran is killed
 _STARTUP_TIMEOUT = 120.0  # seconds for a helper process to import math-verify
 
-# We enforce time limits ourselves; stop math-verify warning that its own are off.
-math_verify.parser.TIMEOUT_WARNING_SHOWN = True
-math_verify.grader.TIMEOUT_WARNING_SHOWN = True
-logging.getLogger("math_verify").setLevel(logging.ERROR)
 
-_MV_CONFIG = (LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig())
+@functools.cache
+def _math_verify():
+    """(parse, verify, extraction config) of math-verify, imported on first use: the engine, the
+    model factory and the GPU checks import this module (through the built-in task's tokenizer)
+    and must not need math-verify (a GPU machine's image may lack it)."""
+    import math_verify.grader
+    import math_verify.parser
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+    # We enforce time limits ourselves; stop math-verify warning that its own are off.
+    math_verify.parser.TIMEOUT_WARNING_SHOWN = True
+    math_verify.grader.TIMEOUT_WARNING_SHOWN = True
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    return parse, verify, (LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig())
 
 
 def _check_task(task: str) -> None:
@@ -303,8 +310,9 @@ def _on_alarm(signum, frame):
 
 
 def _symbolic_equal(pred: str, ref: str) -> bool:
-    gold = parse("\\boxed{" + ref + "}", extraction_config=_MV_CONFIG, parsing_timeout=None)
-    got = parse("\\boxed{" + pred + "}", extraction_config=_MV_CONFIG, parsing_timeout=None)
+    parse, verify, config = _math_verify()
+    gold = parse("\\boxed{" + ref + "}", extraction_config=config, parsing_timeout=None)
+    got = parse("\\boxed{" + pred + "}", extraction_config=config, parsing_timeout=None)
     if not gold or not got:
         return False
     return bool(verify(gold, got, timeout_seconds=None))
@@ -346,11 +354,13 @@ def _with_alarm(fn, args, timeout: float) -> bool:
 
 def _time_limited_equal(pred: str, ref: str, timeout: float) -> bool:
     if _alarm_usable():
+        _math_verify()  # imported outside the time limit (seconds on a cold start)
         return _with_alarm(_symbolic_equal, (pred, ref), timeout)
     return _SANDBOX.call("symbolic", (pred, ref, timeout), timeout)
 
 
 def _symbolic_job(pred: str, ref: str, timeout: float) -> bool:
+    _math_verify()
     return _with_alarm(_symbolic_equal, (pred, ref), timeout)
 
 

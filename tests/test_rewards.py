@@ -493,3 +493,25 @@ def test_has_final_answer():
     assert not has_final_answer("#### 7", "math") and not has_final_answer("x = 7", "math")
     with pytest.raises(RequestError):
         has_final_answer("x", "chess")
+
+
+def test_math_verify_is_imported_on_first_use():
+    """The engine, the model factory and the GPU checks import this module (through the built-in
+    task's tokenizer): they must run where math-verify is absent (a GPU machine's image), and
+    grading imports it when it first needs it."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), str(repo / "tests")])}
+    absent = (
+        "import sys; sys.modules['math_verify'] = None; import model_factory, engine, bstar.controller; print('ok')"
+    )
+    r = subprocess.run([sys.executable, "-c", absent], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+    lazy = (
+        "import sys, bstar.rewards as rw; before = 'math_verify' in sys.modules; "
+        "print(before, rw.grade('the answer is \\\\boxed{\\\\frac{1}{2}}', '0.5', 'math'), "
+        "'math_verify' in sys.modules)"
+    )
+    r = subprocess.run([sys.executable, "-c", lazy], capture_output=True, text=True, env=env, timeout=300)
+    assert r.stdout.split() == ["False", "True", "True"], (r.stdout, r.stderr[-2000:])
