@@ -29,6 +29,7 @@ import math
 
 import pytest
 import torch
+import triton
 
 from bench.gpu_timing import copy_bandwidth, device_time, device_times, l2_bytes, rotation_count
 
@@ -261,6 +262,34 @@ def test_silu_and_mul_vs_torch(benchmark, tokens):
     )
 
 
+ROPE_SHAPE = dict(hq=14, hkv=2, d=64, page=16)  # Qwen2.5-0.5B's attention
+
+
+def rope_inputs(tokens, seed):
+    """Inputs of rope_store_kv for [tokens] rows at ROPE_SHAPE, bf16: (input sets of (q, k, v), each
+    the engine's strided views of one qkv GEMM output; slots; positions; cos_sin; cache blocks;
+    bytes moved per call: q, k, v read, q, k, v written)."""
+    hq, hkv, d, page = ROPE_SHAPE.values()
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    nbytes = 2 * tokens * (hq + 2 * hkv) * d * torch.finfo(DTYPE).bits // 8
+    qkvs = []
+    for _ in range(input_sets(nbytes)):
+        qkv = torch.randn(tokens, (hq + 2 * hkv) * d, device="cuda", dtype=DTYPE, generator=gen)
+        q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+        qkvs.append((q.view(tokens, hq, d), k.view(tokens, hkv, d), v.view(tokens, hkv, d)))
+    blocks = max(1, 2 * tokens // page)
+    slots = torch.randperm(blocks * page, device="cuda", generator=gen)[:tokens]
+    pos = torch.randint(0, 32768, (tokens,), device="cuda", generator=gen)
+    theta = torch.arange(32768, device="cuda")[:, None] * 1e6 ** (-torch.arange(0, d, 2, device="cuda") / d)[None]
+    cos_sin = torch.cat([theta.cos(), theta.sin()], -1).float()
+    return qkvs, slots, pos, cos_sin, blocks, nbytes
+
+
+def rope_caches(n, blocks):
+    hq, hkv, d, page = ROPE_SHAPE.values()
+    return [torch.zeros(2, blocks, page, hkv, d, device="cuda", dtype=DTYPE) for _ in range(n)]
+
+
 @pytest.mark.parametrize("tokens", [64, 8192])
 def test_rope_store_kv_vs_two_kernels(benchmark, tokens):
     """Rotary + K/V store of [tokens] rows of a fused qkv output (Qwen2.5-0.5B, bf16): ours (one
@@ -269,20 +298,8 @@ def test_rope_store_kv_vs_two_kernels(benchmark, tokens):
     from kernels.norm_rope_triton import apply_rotary_triton
     from kernels.rope_store_triton import rope_store_kv_triton
 
-    hq, hkv, d, page = 14, 2, 64, 16
-    gen = torch.Generator(device="cuda").manual_seed(5)
-    nbytes = 2 * tokens * (hq + 2 * hkv) * d * torch.finfo(DTYPE).bits // 8  # q, k, v read; q, k, v written
-    qkvs = []  # input sets, each as the engine's strided views of one qkv GEMM output
-    for _ in range(input_sets(nbytes)):
-        qkv = torch.randn(tokens, (hq + 2 * hkv) * d, device="cuda", dtype=DTYPE, generator=gen)
-        q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
-        qkvs.append((q.view(tokens, hq, d), k.view(tokens, hkv, d), v.view(tokens, hkv, d)))
-    blocks = 2 * tokens // page
-    slots = torch.randperm(blocks * page, device="cuda", generator=gen)[:tokens]
-    pos = torch.randint(0, 32768, (tokens,), device="cuda", generator=gen)
-    theta = torch.arange(32768, device="cuda")[:, None] * 1e6 ** (-torch.arange(0, d, 2, device="cuda") / d)[None]
-    cos_sin = torch.cat([theta.cos(), theta.sin()], -1).float()
-    caches = [torch.zeros(2, blocks, page, hkv, d, device="cuda", dtype=DTYPE) for _ in range(2)]
+    qkvs, slots, pos, cos_sin, blocks, nbytes = rope_inputs(tokens, 5)
+    caches = rope_caches(2, blocks)
 
     def ours(q, k, v):
         return rope_store_kv_triton(q, k, v, caches[0][0], caches[0][1], slots, pos, cos_sin)
@@ -312,6 +329,44 @@ def test_rope_store_kv_vs_two_kernels(benchmark, tokens):
     print(
         f"\nrope_store_kv T={tokens}: ours {t_ours * 1e6:.1f} us ({nbytes / t_ours / 1e9:.0f} GB/s), "
         f"two kernels {t_peer * 1e6:.1f} us, ratio {t_peer / t_ours:.2f}x; {times['ours'].note()}, {len(qkvs)} set(s)"
+    )
+
+
+@pytest.mark.parametrize("tokens", [1, 64, 256, 8192])
+def test_rope_store_kv_token_tiles_vs_one_token(benchmark, tokens):
+    """rope_store_kv's launch (kernels.norm_rope_triton.token_tiles: several tokens a program, few
+    warps, 16-byte accesses; 0.5B: 4 tokens, 1 warp) against one token a program over 4 warps (the
+    launch before 2026-11-27: 2-8-byte accesses, but T programs): at decode batches (T = 1..256)
+    parallelism may matter more than access width; only a GPU can say."""
+    from kernels.norm_rope_triton import token_tiles
+    from kernels.rope_store_triton import rope_store_kv_triton
+
+    hq, hkv, d, _ = ROPE_SHAPE.values()
+    qkvs, slots, pos, cos_sin, blocks, nbytes = rope_inputs(tokens, 6)
+    caches = rope_caches(2, blocks)
+    tiles = {"token_tiles": token_tiles(qkvs[0][1], hq, hkv, d // 2), "one_token": (1, triton.next_power_of_2(hq), 4)}
+
+    def run(name, i, q, k, v):
+        return rope_store_kv_triton(q, k, v, caches[i][0], caches[i][1], slots, pos, cos_sin, tiles=tiles[name])
+
+    same = torch.equal(run("token_tiles", 0, *qkvs[0]), run("one_token", 1, *qkvs[0]))
+    assert same and torch.equal(caches[0], caches[1]), "the two launches write different values"
+    times = device_times({name: [functools.partial(run, name, i, *t) for t in qkvs] for i, name in enumerate(tiles)})
+    t_tiles, t_one = times["token_tiles"].seconds, times["one_token"].seconds
+    benchmark.pedantic(synced(run), args=("token_tiles", 0, *qkvs[0]), rounds=5, iterations=10, warmup_rounds=1)
+    benchmark.extra_info.update(
+        device=torch.cuda.get_device_name(),
+        peer="one token a program, 4 warps",
+        tiles=tiles["token_tiles"],
+        ours_us=round(t_tiles * 1e6, 1),
+        peer_us=round(t_one * 1e6, 1),
+        speedup=round(t_one / t_tiles, 2),
+        timing=times["token_tiles"].note(),
+    )
+    print(
+        f"\nrope_store_kv T={tokens}: token_tiles {tiles['token_tiles']} {t_tiles * 1e6:.1f} us "
+        f"({nbytes / t_tiles / 1e9:.0f} GB/s), one token a program {t_one * 1e6:.1f} us, ratio {t_one / t_tiles:.2f}x; "
+        f"{times['token_tiles'].note()}"
     )
 
 

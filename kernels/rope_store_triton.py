@@ -97,9 +97,24 @@ def _rope_store_kv_kernel(
 
 
 def rope_store_kv_triton(
-    q, k, v, k_cache, v_cache, slot_mapping, positions, cos_sin_cache, q_weight=None, k_weight=None, eps=1e-6
+    q,
+    k,
+    v,
+    k_cache,
+    v_cache,
+    slot_mapping,
+    positions,
+    cos_sin_cache,
+    q_weight=None,
+    k_weight=None,
+    eps=1e-6,
+    *,
+    tiles=None,
 ):
-    """Same contract as kernels.rope_store.rope_store_kv_ref; returns the rotated q (a new tensor)."""
+    """Same contract as kernels.rope_store.rope_store_kv_ref; returns the rotated q (a new tensor).
+
+    tiles: (tokens per program, q heads per chunk, num_warps) instead of token_tiles' choice (the
+    GPU benchmark compares the choice with one token a program)."""
     if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
         raise ValueError(
             f"rope_store_kv expects q [T, Hq, D] and k, v [T, Hkv, D], got q {tuple(q.shape)}, "
@@ -142,7 +157,7 @@ def rope_store_kv_triton(
     )
     if T:
         half = D // 2
-        block_t, chunk, warps = token_tiles(k, Hq, Hk, half)
+        block_t, chunk, warps = tiles or token_tiles(k, Hq, Hk, half)
         launch(
             _rope_store_kv_kernel,
             (triton.cdiv(T, block_t),),

@@ -840,6 +840,18 @@ def test_rotary_kernels_gpu_tiles(dtype, hq, hkv, d, block_t, chunk, warps):
     torch.testing.assert_close(got[0].float(), rq.float(), atol=6e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("tiles", [(1, 16, 4), (2, 4, 2), (16, 8, 1)])
+def test_rope_store_kv_tiles_override(tiles):
+    """rope_store_kv with its launch tiles given (the GPU benchmark's one-token-a-program baseline and
+    odd blocks: a partial last block, q in several chunks) writes what the chosen tiles write."""
+    q, k, v, slots, pos, cos_sin, _ = rope_store_case(14, 2, 64, torch.float16, 7, False, T=9, page=4, blocks=6)
+    outs = []
+    for t in (None, tiles):
+        kv = torch.full((2, 6, 4, 2, 64), 7.0, dtype=torch.float16, device=DEV)
+        outs.append((rope_store_kv_triton(q, k, v, kv[0], kv[1], slots, pos, cos_sin, tiles=t), kv))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
 # ----------------------------------------------------------------------------- MLP activation
 
 
