@@ -30,6 +30,7 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Request, Sequence
 from engine.tokenizer import load_tokenizer, require
+from kernels.host import to_device
 
 
 class _InFlight:
@@ -352,7 +353,7 @@ class LLMEngine:
         for i in range(0, len(rows), step):
             part = rows[i : i + step]
             lp = torch.log_softmax(self.model.compute_logits(hidden[i : i + step]).float(), dim=-1)
-            targets = torch.tensor([s.token_ids[p + 1] for s, p in part], device=lp.device)
+            targets = to_device([s.token_ids[p + 1] for s, p in part], torch.int64, lp.device)
             _, entries = position_logprobs(lp, targets, [s.params.prompt_logprobs for s, _ in part])
             for (s, p), e in zip(part, entries):
                 self.requests[s.request_id].prompt_logprobs[p + 1] = e

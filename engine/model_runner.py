@@ -380,8 +380,8 @@ class ModelRunner:
         h, last_rows = self.hidden_states(batch)
         rows = batch.sampled
         if rows:
-            logits = self.model.compute_logits(h[torch.tensor([last_rows[r] for r in rows], device=self.device)])
+            logits = self.model.compute_logits(h[to_device([last_rows[r] for r in rows], torch.int64, self.device)])
             logits = logits.float()
         else:
             logits = torch.empty(0, self.mcfg.vocab_size, device=self.device)
-        return logits, h[torch.tensor(prompt_rows, dtype=torch.long, device=self.device)]
+        return logits, h[to_device(prompt_rows, torch.int64, self.device)]  # (pinned, non-blocking copies)
