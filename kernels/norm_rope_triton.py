@@ -187,6 +187,27 @@ def token_tiles(x, hq: int, hk: int, half: int) -> tuple[int, int, int]:
     return block_t, chunk, max(1, min(4, block_t * k // (32 * per_thread)))
 
 
+def rotary_launch(x, T: int, hq: int, hk: int, d: int, tiles=None) -> tuple[tuple[int], dict]:
+    """(grid, launch options) of the three rotary kernels (this file's two and kernels/rope_store_triton.py's):
+    token_tiles' blocks (or `tiles`), power-of-2 head and half-dim blocks, and no FMA contraction."""
+    half = d // 2
+    block_t, chunk, warps = tiles or token_tiles(x, hq, hk, half)
+    options = dict(
+        HALF=half,
+        BLOCK_T=block_t,
+        BLOCK_HQ=triton.next_power_of_2(hq),
+        BLOCK_HQC=chunk,
+        BLOCK_HK=triton.next_power_of_2(hk),
+        BLOCK_HALF=triton.next_power_of_2(half),
+        num_warps=warps,
+        # no FMA contraction of x1 * cos - x2 * sin (or the norm's sum of squares) in float32, which a
+        # GPU compile would otherwise do: one rounding fewer than the torch reference (the interpreter
+        # never fuses)
+        enable_fp_fusion=False,
+    )
+    return (triton.cdiv(T, block_t),), options
+
+
 @triton.jit(do_not_specialize=["T"])
 def _rotary_kernel(
     Q,
@@ -246,11 +267,10 @@ def apply_rotary_triton(q, k, positions, cos_sin_cache):
     cs = cos_sin_cache if cos_sin_cache.stride(-1) == 1 else cos_sin_cache.contiguous()
     qo, ko = torch.empty_like(q), torch.empty_like(k)
     if T:
-        half = D // 2
-        block_t, chunk, warps = token_tiles(q, Hq, Hk, half)
+        grid, options = rotary_launch(q, T, Hq, Hk, D)
         launch(
             _rotary_kernel,
-            (triton.cdiv(T, block_t),),
+            grid,
             q,
             k,
             positions.contiguous(),
@@ -269,16 +289,7 @@ def apply_rotary_triton(q, k, positions, cos_sin_cache):
             ko.stride(0),
             ko.stride(1),
             cs.stride(0),
-            HALF=half,
-            BLOCK_T=block_t,
-            BLOCK_HQ=triton.next_power_of_2(Hq),
-            BLOCK_HQC=chunk,
-            BLOCK_HK=triton.next_power_of_2(Hk),
-            BLOCK_HALF=triton.next_power_of_2(half),
-            num_warps=warps,
-            # no FMA contraction of x1 * cos - x2 * sin (or the norm's sum of squares) in float32,
-            # which a GPU compile would otherwise do: one rounding fewer than the torch reference
-            enable_fp_fusion=False,
+            **options,
         )
     return qo, ko
 
@@ -403,11 +414,10 @@ def qk_norm_rope_triton(q, k, q_weight, k_weight, eps, positions, cos_sin_cache)
     qo = torch.empty(q.shape, dtype=torch.promote_types(q_weight.dtype, q.dtype), device=q.device)
     ko = torch.empty(k.shape, dtype=torch.promote_types(k_weight.dtype, k.dtype), device=k.device)
     if T:
-        half = D // 2
-        block_t, chunk, warps = token_tiles(q, Hq, Hk, half)
+        grid, options = rotary_launch(q, T, Hq, Hk, D)
         launch(
             _qk_norm_rope_kernel,
-            (triton.cdiv(T, block_t),),
+            grid,
             q,
             k,
             q_weight.contiguous(),
@@ -429,16 +439,7 @@ def qk_norm_rope_triton(q, k, q_weight, k_weight, eps, positions, cos_sin_cache)
             ko.stride(1),
             cs.stride(0),
             float(eps),
-            HALF=half,
-            BLOCK_T=block_t,
-            BLOCK_HQ=triton.next_power_of_2(Hq),
-            BLOCK_HQC=chunk,
-            BLOCK_HK=triton.next_power_of_2(Hk),
-            BLOCK_HALF=triton.next_power_of_2(half),
-            num_warps=warps,
-            # no FMA contraction of x1 * cos - x2 * sin (or the norm's sum of squares) in float32,
-            # which a GPU compile would otherwise do: one rounding fewer than the torch reference
-            enable_fp_fusion=False,
+            **options,
         )
     return qo, ko
 

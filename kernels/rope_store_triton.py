@@ -21,7 +21,7 @@ from kernels.norm_rope_triton import (
     _rotate,
     _round,
     _store_halves,
-    token_tiles,
+    rotary_launch,
 )
 
 
@@ -156,11 +156,10 @@ def rope_store_kv_triton(
         q.shape, dtype=torch.promote_types(q_weight.dtype, q.dtype) if qk_norm else q.dtype, device=q.device
     )
     if T:
-        half = D // 2
-        block_t, chunk, warps = tiles or token_tiles(k, Hq, Hk, half)
+        grid, options = rotary_launch(k, T, Hq, Hk, D, tiles)
         launch(
             _rope_store_kv_kernel,
-            (triton.cdiv(T, block_t),),
+            grid,
             q,
             k,
             v,
@@ -193,16 +192,7 @@ def rope_store_kv_triton(
             float(eps),
             QK_NORM=qk_norm,
             PAGE=k_cache.shape[1],
-            HALF=half,
-            BLOCK_T=block_t,
-            BLOCK_HQ=triton.next_power_of_2(Hq),
-            BLOCK_HQC=chunk,
-            BLOCK_HK=triton.next_power_of_2(Hk),
-            BLOCK_HALF=triton.next_power_of_2(half),
-            num_warps=warps,
-            # A GPU compile would contract x1 * cos - x2 * sin into one FMA in float32 (one rounding
-            # fewer than the reference's, an ulp off in most values); the interpreter never fuses.
-            enable_fp_fusion=False,
+            **options,
         )
     return qo
 
