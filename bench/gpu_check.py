@@ -449,6 +449,26 @@ def _hf_generate(hf, ids, n_new, num_return=1):
     sync()
 
 
+def _graph_pool_row(runner):
+    """The decode graphs' memory pool as captured, beside what an engine that sizes its own KV cache sets
+    aside for it (its profiled forward) and the memory plan's estimate: the pool must fit in both."""
+    from engine.memory_plan import decode_graph_pool_bytes
+
+    e = runner.ecfg
+    est = decode_graph_pool_bytes(runner.mcfg, runner.dtype, e.max_num_seqs, runner.max_model_len)
+    if not CUDA:  # (nothing captured: the estimate alone)
+        row(3, "decode graphs' pool: plan's estimate", f"{est / 2**20:.0f} MiB")
+        return
+    pool, budget = runner.graphs.pool_bytes, runner._profile_decode_graph_pool()
+    row(
+        3,
+        "decode graphs' pool MiB: captured | engine's budget | plan's estimate",
+        f"{pool / 2**20:.0f} | {budget / 2**20:.0f} | {est / 2**20:.0f}",
+        "captured <= both",
+        pool <= min(budget, est),
+    )
+
+
 def step_decode(tmp: Path):
     from model_factory import QWEN25_05B, hf_model, make_model
 
@@ -472,6 +492,8 @@ def step_decode(tmp: Path):
     eng = llm.engine
     runner = eng.runner
     row(3, "model build + engine start (load, warm-up/autotune, capture)", f"{time.perf_counter() - t:.0f} s")
+    with guarded(3, "decode graphs' pool"):
+        _graph_pool_row(runner)
     hf = hf_model(path, dtype=DT).to(DEV)
     vocab = shape.get("vocab_size", 320)
     graphs = runner.graphs

@@ -102,6 +102,7 @@ def run_memory_plan(
                 max_num_batched_tokens=max_num_batched_tokens,
                 kv_cache_memory_bytes=kv,
                 sleep_level=sleep_level,
+                cuda_graphs=name == "policy",  # (engine.PRM never decodes: it captures no graphs)
             )
         )
     spec = trainer_spec(engines[0].mcfg, sft, dev.type, world_size) if train else None

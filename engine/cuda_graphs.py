@@ -55,6 +55,7 @@ class DecodeGraphs:
         self._fingerprint: tuple | None = None
         self.replays: Counter = Counter()  # bucket -> replays (statistics, tests)
         self.captures = 0  # capture passes so far
+        self.pool_bytes = 0  # CUDA: the device memory the last capture pass left reserved (the pool)
 
     def bucket(self, n: int) -> int | None:
         """The smallest bucket >= n rows, or None past the largest."""
@@ -104,19 +105,25 @@ class DecodeGraphs:
         if self.graphs and not force and self._fingerprint == self.fingerprint():
             return
         self.drop()
+        dev = self.runner.device
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()  # (the dropped graphs' pool)
+        reserved = torch.cuda.memory_reserved(dev)
         inputs = self.runner.inputs
         pool = torch.cuda.graph_pool_handle()
         for bs in reversed(self.sizes):  # largest first: smaller graphs reuse its pool's blocks
             inputs.fill_padding(bs)
             self._forward(bs)  # warm-up at this size, eagerly
-            torch.cuda.synchronize(self.runner.device)
+            torch.cuda.synchronize(dev)
             g = torch.cuda.CUDAGraph()
             # thread_local: CUDA work of other threads (a trainer beside an AsyncLLM engine thread, during
             # a wake_up recapture) cannot invalidate this capture; only this thread's unsafe calls could
             with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):
                 self._forward(bs)
             self.graphs[bs] = g
-        torch.cuda.synchronize(self.runner.device)
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()  # (the eager warm-ups' blocks, outside the pool)
+        self.pool_bytes = torch.cuda.memory_reserved(dev) - reserved
         self.pool = pool
         self._fingerprint = self.fingerprint()
         self.captures += 1

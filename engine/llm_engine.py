@@ -25,12 +25,20 @@ from engine.model import CausalLM
 from engine.model_runner import ModelRunner
 from engine.output_processor import OutputProcessor
 from engine.outputs import RequestOutput
-from engine.sampler import Draw, Sampler, position_logprobs
+from engine.sampler import Draw, Sampler, position_logprob_entries, position_logprob_tensors
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Request, Sequence
 from engine.tokenizer import load_tokenizer, require
-from kernels.host import to_device
+from kernels.host import HostCopy, to_device
+
+
+class _PromptLogprobsCopy:
+    """Prompt logprobs computed on the device and on their way to the host (kernels.host.HostCopy): row r
+    is prompt_logprobs[rows[r][1]] of request rows[r][0]; `want`: the entries each row asks for."""
+
+    def __init__(self, rows: list[tuple[Request, int]], want: list[int], copy: HostCopy):
+        self.rows, self.want, self.copy = rows, want, copy
 
 
 class _InFlight:
@@ -115,6 +123,7 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer, self.eos_ids, self.max_model_len, primary_eos)
         self.requests: dict[str, Request] = {}
         self._prompt_logprob_seqs: set[Sequence] = set()  # sequences whose prefill fills prompt_logprobs
+        self._prompt_logprob_copies: list[_PromptLogprobsCopy] = []  # launched, not yet in their requests
         self._rng = random.Random(seed)
         self.num_generated_tokens = 0
         self.num_discarded_tokens = 0  # async scheduling: drawn for candidates that had stopped meanwhile
@@ -225,6 +234,7 @@ class LLMEngine:
         done = []
         if self._in_flight is not None:  # async scheduling was switched off with a step in flight
             prev, self._in_flight = self._in_flight, None
+            self._take_prompt_logprobs()
             done = self._take_draw(prev)
         batch = self.scheduler.schedule()
         if not batch:
@@ -232,9 +242,11 @@ class LLMEngine:
                 raise RuntimeError("scheduler made no progress: KV cache too small for any waiting sequence")
             return done
         seqs, draw = self._run(batch)
+        if seqs:
+            draw.start_copy()  # (CUDA: its tensors in one pinned copy each, then one wait, not a wait per tensor)
+        self._take_prompt_logprobs()  # (before any output of the requests they belong to)
         if not seqs:
             return done
-        draw.start_copy()  # (CUDA: its tensors in one pinned copy each, then one wait, not a wait per tensor)
         return done + self._postprocess(seqs, *draw.host())
 
     def _run(self, batch) -> tuple[list[Sequence], "Draw | None"]:
@@ -243,7 +255,7 @@ class LLMEngine:
         spans = self._prompt_logprob_spans(batch) if self._prompt_logprob_seqs else None
         if spans:
             logits, hidden = self.runner.run_with_prompt_hidden(batch, [r for sp in spans for r in sp[3]])
-            self._fill_prompt_logprobs(spans, hidden)
+            self._launch_prompt_logprobs(spans, hidden)
         else:
             logits = self.runner.run(batch)  # a row per sequence of batch.sampled
         seqs, rows = self.scheduler.advance(batch)  # prefilled prompts fork their siblings here
@@ -261,6 +273,7 @@ class LLMEngine:
         scheduled again: that row's draw is discarded; one that max_tokens or the context stops is
         not scheduled again (Sequence.ends_at_pending)."""
         prev, self._in_flight, done = self._in_flight, None, []
+        launched = len(self._prompt_logprob_copies)  # the steps before this one launched these
         batch = self.scheduler.schedule()
         if batch:
             if prev is not None:
@@ -272,6 +285,7 @@ class LLMEngine:
             try:
                 seqs, draw = self._run(batch)
             except BaseException:
+                self._take_prompt_logprobs(launched)
                 if prev is not None:  # its pending tokens must not outlive it
                     self._take_draw(prev)
                 raise
@@ -284,6 +298,7 @@ class LLMEngine:
                     s.ends_at_pending = self.output_processor.length_reached(s)
         elif prev is None and self.scheduler.has_work():
             raise RuntimeError("scheduler made no progress: KV cache too small for any waiting sequence")
+        self._take_prompt_logprobs(launched)  # (before the draw that may finish their requests)
         if prev is not None:
             done += self._take_draw(prev)
             cur = self._in_flight
@@ -345,18 +360,30 @@ class LLMEngine:
             row += n
         return spans
 
-    def _fill_prompt_logprobs(self, spans, hidden: torch.Tensor):
-        """Raw logprobs (no penalty, temperature or filter, as vLLM) of each span's next prompt
-        tokens from their hidden states, a slice of rows at a time (never [tokens, vocab] at once)."""
+    def _launch_prompt_logprobs(self, spans, hidden: torch.Tensor):
+        """Raw logprobs (no penalty, temperature or filter, as vLLM) of each span's next prompt tokens
+        from their hidden states, a slice of rows at a time (never [tokens, vocab] at once), launched on
+        the device and on their way to the host (`_take_prompt_logprobs` puts them in their requests)."""
         rows = [(s, p) for s, start, end, _ in spans for p in range(start, end)]
         step = max(1, (1 << 24) // self.mcfg.vocab_size)
         for i in range(0, len(rows), step):
             part = rows[i : i + step]
             lp = torch.log_softmax(self.model.compute_logits(hidden[i : i + step]).float(), dim=-1)
             targets = to_device([s.token_ids[p + 1] for s, p in part], torch.int64, lp.device)
-            _, entries = position_logprobs(lp, targets, [s.params.prompt_logprobs for s, _ in part])
-            for (s, p), e in zip(part, entries):
-                self.requests[s.request_id].prompt_logprobs[p + 1] = e
+            want = [s.params.prompt_logprobs for s, _ in part]
+            copy = HostCopy(list(position_logprob_tensors(lp, targets, want)))
+            dest = [(self.requests[s.request_id], p + 1) for s, p in part]
+            self._prompt_logprob_copies.append(_PromptLogprobsCopy(dest, want, copy))
+
+    def _take_prompt_logprobs(self, upto: int | None = None):
+        """Put the first `upto` launched prompt-logprob copies (all: None) in their requests, waiting
+        for each copy to reach the host (a request aborted meanwhile gets them, unread)."""
+        upto = len(self._prompt_logprob_copies) if upto is None else upto
+        taken, self._prompt_logprob_copies = self._prompt_logprob_copies[:upto], self._prompt_logprob_copies[upto:]
+        for c in taken:
+            _, entries = position_logprob_entries(*c.copy.lists(), c.want)
+            for (req, i), e in zip(c.rows, entries):
+                req.prompt_logprobs[i] = e
 
     def _postprocess(self, seqs, tokens, logprobs, tops) -> list[RequestOutput]:
         """Append each candidate's token, finish those a stop rule ends, and return the outputs of the

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.config import ModelConfig
+from engine.cuda_graphs import bucket_sizes
 from engine.errors import MemoryPlanError, RequestError
 
 GiB = 1 << 30
@@ -32,6 +33,13 @@ PREFIX_CACHE_SLACK = 0.1  # extra KV blocks, as a fraction of the cap, to keep f
 SAMPLER_BYTES_PER_LOGIT = 16  # sampling temporaries per float32 logit: probabilities 4 + sorted 4 + sort index 8
 DEFAULT_RESERVE_BYTES = 1 << 30  # CUDA context, cuBLAS/NCCL workspaces, allocator fragmentation
 SLEEP_TAGS = ("weights", "kv_cache")
+# The caching allocator rounds a graph pool's blocks up to segments (2 MiB for blocks under 1 MiB, 20 MiB for
+# blocks of 1-10 MiB), so the pool reserves more than its tensors' peak: about one segment of each kind.
+GRAPH_POOL_SLACK_BYTES = 24 << 20
+# A capture runs on its own stream, and cuBLAS gets a workspace per stream from the capture's pool: PyTorch's
+# default on Hopper is 32 MiB (less on older GPUs).
+CUBLAS_WORKSPACE_BYTES = 32 << 20
+H100_SMS = 132  # (H200 too) the split-KV partials' bound below
 
 
 def gib(n: float) -> str:
@@ -117,6 +125,23 @@ def engine_activation_bytes(
     return t * layer_activation_bytes_per_token(m, dtype) + head
 
 
+def decode_graph_pool_bytes(
+    m: ModelConfig, dtype: torch.dtype, max_num_seqs: int, max_model_len: int, sms: int = H100_SMS
+) -> int:
+    """Estimated private memory pool of an LM engine's decode CUDA graphs (engine/cuda_graphs.py; 0 for a reward
+    head, which captures none). The graphs share one pool and never run at once, so it holds about one decode
+    forward of the largest bucket B: one layer's intermediates for each of its rows, and the split-KV partials
+    (float32 [b, Hq, splits, D] and [b, Hq, MAX_SPLITS=64]; b x splits <= 2 x SMs / Hkv + b for every bucket b,
+    as choose_num_splits aims at two waves), plus the allocator's rounding and the capture stream's cuBLAS
+    workspace. On CUDA the engine measures that forward instead (ModelRunner)."""
+    if m.head != "lm":
+        return 0
+    b = bucket_sizes(max_num_seqs)[-1]
+    rows = b * layer_activation_bytes_per_token(m, dtype)
+    partials = 4 * m.num_heads * (m.head_dim * (2 * sms // m.num_kv_heads + b) + 64 * b)
+    return rows + partials + GRAPH_POOL_SLACK_BYTES + CUBLAS_WORKSPACE_BYTES
+
+
 def kv_cap_blocks(
     max_num_seqs: int,
     max_model_len: int,
@@ -139,13 +164,15 @@ def engine_kv_blocks(
     gpu_memory_utilization: float | None = None,
     weights_bytes: int = 0,
     activation_bytes: int = 0,
+    graph_pool_bytes: int = 0,
     free_bytes: int | None = None,
     device: str = "cuda",
 ) -> int:
     """KV blocks of one engine: kv_cache_memory_bytes when given, else gpu_memory_utilization x total minus
-    this engine's own weights and activation peak (what it allocated itself, not what else the process holds);
-    never more than cap_blocks. With free_bytes (the device's free memory now, after the weights are loaded),
-    a cache that would not fit beside the activation peak is refused here rather than by an OOM later."""
+    this engine's own weights, activation peak and decode graphs' pool (what it allocates itself, not what else
+    the process holds); never more than cap_blocks. With free_bytes (the device's free memory now, after the
+    weights are loaded), a cache that would not fit beside the activation peak and the graphs' pool is refused
+    here rather than by an OOM later."""
     if kv_cache_memory_bytes is not None:
         if kv_cache_memory_bytes < block_bytes:
             raise MemoryPlanError(
@@ -156,19 +183,22 @@ def engine_kv_blocks(
         if total_bytes is None or gpu_memory_utilization is None:
             raise ValueError("engine_kv_blocks needs kv_cache_memory_bytes or total_bytes and gpu_memory_utilization")
         share = int(total_bytes * gpu_memory_utilization)
-        budget = share - weights_bytes - activation_bytes
+        budget = share - weights_bytes - activation_bytes - graph_pool_bytes
         if budget < block_bytes:
+            graphs = f", decode graphs {gib(graph_pool_bytes)}" if graph_pool_bytes else ""
             raise MemoryPlanError(
                 f"no memory left for the KV cache on {device}: gpu_memory_utilization={gpu_memory_utilization} of "
-                f"{gib(total_bytes)} is {gib(share)}, and this engine's weights take {gib(weights_bytes)} and its "
-                f"activation peak {gib(activation_bytes)}; raise gpu_memory_utilization or set kv_cache_memory_bytes"
+                f"{gib(total_bytes)} is {gib(share)}, and this engine's weights take {gib(weights_bytes)}, its "
+                f"activation peak {gib(activation_bytes)}{graphs}; raise gpu_memory_utilization or set "
+                f"kv_cache_memory_bytes"
             )
         blocks = min(cap_blocks, budget // block_bytes)
-    if free_bytes is not None and blocks * block_bytes + activation_bytes > free_bytes:
+    if free_bytes is not None and blocks * block_bytes + activation_bytes + graph_pool_bytes > free_bytes:
+        graphs = f" and the decode graphs' {gib(graph_pool_bytes)}" if graph_pool_bytes else ""
         raise MemoryPlanError(
-            f"a KV cache of {gib(blocks * block_bytes)} plus an activation peak of {gib(activation_bytes)} does not "
-            f"fit in the {gib(free_bytes)} free on {device} (other engines, the trainer or other processes hold "
-            f"the rest); lower gpu_memory_utilization, set kv_cache_memory_bytes, or sleep the other engine first"
+            f"a KV cache of {gib(blocks * block_bytes)} plus an activation peak of {gib(activation_bytes)}{graphs} "
+            f"does not fit in the {gib(free_bytes)} free on {device} (other engines, the trainer or other processes "
+            f"hold the rest); lower gpu_memory_utilization, set kv_cache_memory_bytes, or sleep the other engine first"
         )
     return int(blocks)
 
@@ -336,6 +366,7 @@ class EngineSpec:
     enable_prefix_caching: bool = True
     kv_cache_memory_bytes: int | None = None  # explicit (still capped); None: the plan splits what is left
     sleep_level: int = 1  # while asleep: 1 keeps the weights in host memory, 2 discards them
+    cuda_graphs: bool = True  # decode CUDA graphs (an LM head, not enforce_eager): their pool is budgeted
 
     @property
     def context(self) -> int:
@@ -381,7 +412,13 @@ class EnginePlan:
     weights: int
     activations: int
     kv_cap: int  # bytes of cap_blocks
+    graph_pool: int = 0  # the decode CUDA graphs' memory pool
     num_blocks: int = 0
+
+    @property
+    def working(self) -> int:
+        """What the engine holds beside its weights and KV cache: the biggest step's activations and the pool."""
+        return self.activations + self.graph_pool
 
     @property
     def kv(self) -> int:
@@ -397,7 +434,7 @@ class PhasePlan:
     phase: Phase
     weights: int = 0
     kv: int = 0
-    activations: int = 0
+    activations: int = 0  # the awake engines' activations and decode graph pools
     trainer: int = 0
     host: int = 0  # sleeping engines' level-1 weights + the offloaded trainer state
 
@@ -427,7 +464,7 @@ class MemoryPlan:
         lines = [
             f"memory plan on {d.name}: {gib(d.total)} total, {gib(d.free)} free; budget {gib(self.budget)} "
             f"(gpu_memory_utilization {self.gpu_memory_utilization}, {gib(self.reserve)} reserved)",
-            f"{'engine':<8} {'model':<34} {'dtype':<9} {'weights':>10} {'activ.':>10} {'KV':>10} "
+            f"{'engine':<8} {'model':<34} {'dtype':<9} {'weights':>10} {'activ.':>10} {'graphs':>10} {'KV':>10} "
             f"{'KV tokens':>10} {'(cap)':>10}",
         ]
         for name, e in self.engines.items():
@@ -435,7 +472,8 @@ class MemoryPlan:
             model = f"{m.architecture.replace('ForCausalLM', '')}/{m.head} {param_count(m) / 1e9:.2f}B"
             lines.append(
                 f"{name:<8} {model:<34} {str(s.dtype).replace('torch.', ''):<9} {_cell(e.weights):>10} "
-                f"{_cell(e.activations):>10} {_cell(e.kv):>10} {e.kv_tokens:>10} {gib(e.kv_cap):>10}"
+                f"{_cell(e.activations):>10} {_cell(e.graph_pool):>10} {_cell(e.kv):>10} {e.kv_tokens:>10} "
+                f"{gib(e.kv_cap):>10}"
             )
         if self.trainer is not None:
             t, s = self.trainer, self.trainer_spec
@@ -514,6 +552,7 @@ def plan_memory(
             weights=weight_bytes(e.mcfg, e.dtype),
             activations=engine_activation_bytes(e.mcfg, e.dtype, e.max_num_batched_tokens, e.max_num_seqs, e.context),
             kv_cap=e.cap_blocks * e.block_bytes,
+            graph_pool=decode_graph_pool_bytes(e.mcfg, e.dtype, e.max_num_seqs, e.context) if e.cuda_graphs else 0,
         )
         for e in engines
     }
@@ -521,7 +560,7 @@ def plan_memory(
     # Each engine's share of each phase it is awake in; it keeps the smallest.
     share: dict[str, int] = {}
     for ph in phases:
-        fixed = sum(plans[n].weights + plans[n].activations for n in ph.engines)
+        fixed = sum(plans[n].weights + plans[n].working for n in ph.engines)
         fixed += est.gpu_total if ph.train else 0
         explicit = {
             n: min(specs[n].kv_cache_memory_bytes, plans[n].kv_cap)
@@ -549,7 +588,7 @@ def plan_memory(
         for n in ph.engines:
             pp.weights += plans[n].weights
             pp.kv += plans[n].kv
-            pp.activations += plans[n].activations
+            pp.activations += plans[n].working
         asleep = [n for n in names if n not in ph.engines]
         pp.host = sum(plans[n].weights for n in asleep if specs[n].sleep_level == 1)
         if ph.train:
@@ -585,7 +624,7 @@ def _first_problem(plan: MemoryPlan) -> str | None:
                 return (
                     f"phase {ph.name}: the {n} engine's KV cache would get {gib(e.kv)} but one {s.context}-token "
                     f"sequence needs {gib(s.min_blocks * s.block_bytes)} (its weights take {gib(e.weights)}, "
-                    f"activations {gib(e.activations)}, the budget is {gib(plan.budget)}); lower max_model_len "
+                    f"activations and graphs {gib(e.working)}, the budget is {gib(plan.budget)}); lower max_model_len "
                     f"or max_num_batched_tokens, sleep the other engines in this phase, or use a bigger GPU"
                 )
         if plan.host_memory is not None and pp.host > plan.host_memory:

@@ -15,8 +15,9 @@ forward) -> logits of the sampled rows -> the sampler (engine/sampler.py), whose
 is the step's one synchronisation.
 
 KV sizing (`_auto_num_blocks`): `num_kv_blocks` when given; else `kv_cache_memory_bytes`, or on CUDA
-`gpu_memory_utilization` x the device's memory minus this engine's own weights and measured activation
-peak, or on CPU `cpu_kv_cache_bytes`; never more than the engine can use (engine.memory_plan).
+`gpu_memory_utilization` x the device's memory minus this engine's own weights, measured activation
+peak and decode graphs' pool (profiled before capture, checked after), or on CPU `cpu_kv_cache_bytes`;
+never more than the engine can use (engine.memory_plan).
 
 Sleep / wake (`sleep`, `wake_up`): the weights' and the KV cache's storages are resized to nothing and
 back, so every tensor object and view (tied weights, per-layer K/V views) stays valid and needs no
@@ -26,6 +27,7 @@ rebuilding; only addresses change, so the decode graphs are dropped before and c
 
 import contextlib
 import gc
+import warnings
 
 import torch
 
@@ -33,6 +35,7 @@ from engine.config import EngineConfig, ModelConfig
 from engine.cpu_decode import CpuDecodeState
 from engine.cuda_graphs import DecodeGraphs, bucket_sizes, warm_up_kernels
 from engine.memory_plan import (
+    CUBLAS_WORKSPACE_BYTES,
     SLEEP_TAGS,
     activation_peak_bytes,
     engine_kv_blocks,
@@ -80,6 +83,7 @@ class ModelRunner:
         self.asleep: set[str] = set()  # of SLEEP_TAGS
         self._slept_weights: list[tuple[torch.UntypedStorage, int, torch.Tensor | None]] | None = None
         self.activation_bytes = 0  # CUDA: the measured activation peak of the biggest step
+        self.graph_pool_budget = 0  # CUDA: the memory set aside for the decode graphs' pool (when sized here)
         with self.guard():
             self.num_blocks = ecfg.num_kv_blocks or self._auto_num_blocks()
             # [layers, K/V, blocks, block_size, kv_heads, head_dim]: a layer's K (or V) is one contiguous view.
@@ -121,6 +125,7 @@ class ModelRunner:
                 device=str(self.device),
             )
         self.activation_bytes = activations = self._profile_activation_peak()
+        self.graph_pool_budget = self._profile_decode_graph_pool() if self._captures_graphs() else 0
         free, total = torch.cuda.mem_get_info(self.device)
         return engine_kv_blocks(
             block_bytes=self.block_bytes(),
@@ -130,6 +135,7 @@ class ModelRunner:
             gpu_memory_utilization=e.gpu_memory_utilization,
             weights_bytes=unique_storage_bytes(self.weight_tensors()),
             activation_bytes=activations,
+            graph_pool_bytes=self.graph_pool_budget,
             free_bytes=free,
             device=str(self.device),
         )
@@ -148,6 +154,37 @@ class ModelRunner:
         del kv
         torch.cuda.empty_cache()
         return activation_peak_bytes(before, peak)
+
+    def _captures_graphs(self) -> bool:
+        """Decode graphs will be captured: an LM head on the Triton path, not enforce_eager."""
+        triton_path = use_triton(torch.empty(0, device=self.device))
+        return triton_path and not self.ecfg.enforce_eager and self.mcfg.head == "lm"
+
+    @torch.inference_mode()
+    def _profile_decode_graph_pool(self) -> int:
+        """CUDA: the memory the decode graphs' pool will hold, measured before the KV cache is sized. The graphs
+        share one pool, captured largest bucket first, so it holds about one forward of that bucket: run it here,
+        as its capture does (padded rows, the engine's full table width, which sets the split count), on a
+        one-block scratch cache, and read the allocator's reserved growth (its segments, as the pool rounds to
+        them), plus the capture stream's own cuBLAS workspace. DecodeGraphs.capture measures the real pool."""
+        bs = bucket_sizes(self.ecfg.max_num_seqs)[-1]
+        width = -(-self.max_model_len // self.block_size)
+        inputs = StepInputs(bs, bs, width, self.block_size, self.device)
+        inputs.fill_padding(bs)
+        ids, pos, meta = inputs.bucket_meta(bs)
+        kv = self._new_kv(1)
+        kv_caches = [(kv[i, 0], kv[i, 1]) for i in range(self.mcfg.num_layers)]
+        dev = self.device
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        allocated, reserved = torch.cuda.memory_allocated(dev), torch.cuda.memory_reserved(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        self.model(ids, pos, self.cos_sin, kv_caches, meta)
+        torch.cuda.synchronize(dev)
+        grown = max(torch.cuda.max_memory_reserved(dev) - reserved, torch.cuda.max_memory_allocated(dev) - allocated)
+        del inputs, kv, kv_caches
+        torch.cuda.empty_cache()
+        return grown + CUBLAS_WORKSPACE_BYTES
 
     @torch.inference_mode()
     def profile_step(self, n: int, kv: torch.Tensor) -> torch.Tensor:
@@ -183,9 +220,9 @@ class ModelRunner:
             max(e.max_num_batched_tokens, sizes[-1]), sizes[-1], width, self.block_size, self.device
         )
         warm_up_kernels(self, sample_rows=e.max_num_seqs)
-        if not e.enforce_eager and self.mcfg.head == "lm":
+        if self._captures_graphs():
             self.graphs = DecodeGraphs(self, sizes, use_cuda_graphs=self.device.type == "cuda")
-            self.graphs.capture()
+            self._capture()
 
     def drop_graphs(self):
         """Call before the weights or the KV cache are freed or moved (sleep): the captured graphs hold
@@ -198,7 +235,21 @@ class ModelRunner:
         and the model's parameters are the new tensors: captures the decode graphs again when an address
         they read changed (or they were dropped); a no-op otherwise, so it is safe to call any time."""
         if self.graphs is not None:
-            self.graphs.capture()
+            self._capture()
+
+    def _capture(self):
+        """Capture the decode graphs (unless those in hand still match every address); warn when their pool
+        came out bigger than what was set aside for it when the KV cache was sized."""
+        before = self.graphs.captures
+        self.graphs.capture()
+        over = self.graphs.pool_bytes - self.graph_pool_budget
+        if self.graphs.captures > before and self.graph_pool_budget and over > 0:
+            warnings.warn(
+                f"the decode graphs' memory pool holds {self.graphs.pool_bytes / 2**20:.0f} MiB, {over / 2**20:.0f} "
+                f"MiB more than was set aside for it: this engine uses that much more than gpu_memory_utilization "
+                f"allows (set kv_cache_memory_bytes lower, or enforce_eager=True)",
+                stacklevel=2,
+            )
 
     def _gpu_path(self) -> bool:
         if not use_triton(self.kv):

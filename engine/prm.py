@@ -103,6 +103,7 @@ class PRM:
             cpu_kv_cache_bytes=cpu_kv_cache_bytes,
             gpu_memory_utilization=gpu_memory_utilization,
             kv_cache_memory_bytes=kv_cache_memory_bytes,
+            enforce_eager=True,  # a PRM never decodes: no decode graphs to capture, no pool to hold
         )
         self.engine = LLMEngine(model, dtype=dtype, device=device, engine_config=cfg)
         head = self.engine.mcfg.head

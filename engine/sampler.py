@@ -20,7 +20,7 @@ import kernels
 from engine.outputs import Logprob
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
-from kernels.host import to_device
+from kernels.host import HostCopy, to_device
 from kernels.sampling import apply_filters, filter_plan
 
 LOGPROBS_MODES = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")
@@ -158,30 +158,17 @@ class Draw:
         self.want = want
         self._tensors = [t for t in (tokens, values, entry_values, entry_ids, ranks) if t is not None]
         self.tokens = tokens  # (the next step's inputs read it on the device)
-        self._event = None
+        self._copy: HostCopy | None = None
 
     def start_copy(self):
-        """CUDA: copy the tensors to pinned host memory without blocking; host() then waits for that copy
-        only. (Elsewhere host() reads them directly.)"""
-        if self._event is not None or self.tokens.device.type != "cuda":
-            return
-        # A device-to-host copy runs on the current stream of the tensor's device, which need not be
-        # the current device's: the event must follow the copies there, or host() would not wait for them.
-        stream = torch.cuda.current_stream(self.tokens.device)
-        staged = []
-        for t in self._tensors:
-            h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            h.copy_(t, non_blocking=True)
-            staged.append(h)
-        self._tensors = staged
-        self._event = torch.cuda.Event()
-        self._event.record(stream)
+        """Begin the copy to the host (CUDA: pinned, non-blocking; kernels.host.HostCopy)."""
+        if self._copy is None:
+            self._copy = HostCopy(self._tensors)
 
     def host(self):
         """(tokens list[int], values list[float], per row a {token id: Logprob} entry or None)."""
-        if self._event is not None:
-            self._event.synchronize()
-        lists = [t.tolist() for t in self._tensors]
+        self.start_copy()
+        lists = self._copy.lists()
         tokens, values = lists[0], lists[1]
         if self.want is None:
             return tokens, values, [None] * len(tokens)

@@ -121,13 +121,6 @@ class BlockTables:
             self._stamp += [0] * old
             self._free = list(range(2 * old - 1, old - 1, -1))
 
-    def forget(self):
-        """Drop every row (after the cache was re-allocated: block ids may mean other memory)."""
-        self.row_of.clear()
-        n = len(self._owner)
-        self._owner, self._list, self._mirror = [None] * n, [None] * n, [None] * n
-        self._free = list(range(n - 1, 0, -1))
-
 
 class StepInputs:
     """Persistent buffers of one engine's steps on the Triton path, and `prepare` to fill them."""

@@ -44,3 +44,29 @@ def to_device(values, dtype: torch.dtype, device, out: torch.Tensor | None = Non
     dst = out[: host.shape[0]]
     dst.copy_(host, non_blocking=True)
     return dst
+
+
+class HostCopy:
+    """Device tensors on their way to the host, the reverse of to_device: on CUDA each is copied into a pinned
+    buffer without blocking and an event is recorded after the copies, on the stream of the tensors' device
+    (not necessarily the current device's: an engine on cuda:N called outside its device guard), so `lists()`
+    waits for those copies only, and the host can work until then. Elsewhere the tensors are read directly."""
+
+    def __init__(self, tensors: list[torch.Tensor]):
+        self.tensors, self._event = tensors, None
+        if tensors and tensors[0].device.type == "cuda":
+            stream = torch.cuda.current_stream(tensors[0].device)
+            staged = []
+            for t in tensors:
+                h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                h.copy_(t, non_blocking=True)
+                staged.append(h)
+            self.tensors = staged
+            self._event = torch.cuda.Event()
+            self._event.record(stream)
+
+    def lists(self) -> list[list]:
+        """Each tensor as (nested) lists, once its copy has run."""
+        if self._event is not None:
+            self._event.synchronize()
+        return [t.tolist() for t in self.tensors]

@@ -273,6 +273,31 @@ def test_async_launch_never_waits_for_the_device(tmp_path, monkeypatch, mode):
         SamplingParams(n=3, temperature=1.0, top_p=0.9, top_k=20, seed=2, max_tokens=5, ignore_eos=True, logprobs=2),
         SamplingParams(temperature=0.8, seed=3, max_tokens=5, min_tokens=3, stop_token_ids=[7, 9], presence_penalty=1),
         SamplingParams(temperature=0.8, seed=4, max_tokens=5, repetition_penalty=1.2, frequency_penalty=0.1),
+        SamplingParams(temperature=0.8, seed=5, max_tokens=4, prompt_logprobs=2),  # over two prefill chunks
     ]
-    llm.generate(_prompts(7, [9, 30, 12, 5]), params, use_tqdm=False)
+    outs = llm.generate(_prompts(7, [9, 30, 12, 5, 28]), params, use_tqdm=False)
     assert any(nd == B for nd, B in launched) and any(0 < nd < B for nd, B in launched)  # decode-only and mixed
+    plp = outs[-1].prompt_logprobs  # (launched without a wait, taken in a later step)
+    assert plp[0] is None and all(len(e) >= 2 for e in plp[1:]) and len(plp) == 28
+
+
+def test_prompt_logprobs_of_a_request_aborted_in_flight_are_dropped(llama):
+    """Prompt logprobs are launched with their step and put in their request a step later; a request
+    aborted in between loses them without harm to the others."""
+    llm = LLM(llama, dtype="float32", device="cpu", async_scheduling=True)
+    eng = llm.engine
+    a, b = _prompts(3, [9, 12])
+    eng.add_request("a", a, SamplingParams(max_tokens=3, temperature=0, prompt_logprobs=1))
+    eng.add_request("b", b, SamplingParams(max_tokens=3, temperature=0, prompt_logprobs=1))
+    assert eng.step() == [] and len(eng._prompt_logprob_copies) == 1  # launched, not taken in
+    eng.abort_request("a")
+    outs = []
+    while eng.has_unfinished_requests():
+        outs += eng.step()
+    assert [o.request_id for o in outs] == ["b"] and not eng._prompt_logprob_copies
+    want = LLM(llama, dtype="float32", device="cpu").generate(
+        [b], SamplingParams(max_tokens=3, temperature=0, prompt_logprobs=1), use_tqdm=False
+    )[0]
+    got = [e and {t: (x.logprob, x.rank) for t, x in e.items()} for e in outs[0].prompt_logprobs]
+    assert got == [e and {t: (x.logprob, x.rank) for t, x in e.items()} for e in want.prompt_logprobs]
+    assert got[0] is None and all(got[1:])

@@ -12,6 +12,7 @@ would on a GPU. Output is checked against the eager engine's.
 
 import contextlib
 import os
+import warnings
 
 import pytest
 import torch
@@ -45,6 +46,10 @@ class FakeCuda:
         self.log: list[tuple] = []
         self.capturing: FakeGraph | None = None
         self.pools: list[object] = []
+        self.reserved = 0  # the allocator's reserved bytes: a capture of bucket bs reserves bs MiB
+
+    def memory_reserved(self, device=None):
+        return self.reserved
 
     def graph_pool_handle(self):
         pool = object()
@@ -60,6 +65,7 @@ class FakeCuda:
             yield
         finally:
             self.capturing = None
+            self.reserved += g.bs << 20
 
 
 @pytest.fixture
@@ -70,6 +76,8 @@ def fake_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "graph", fake.graph)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", fake.graph_pool_handle)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", fake.memory_reserved)
     init, forward = DecodeGraphs.__init__, DecodeGraphs._forward
 
     def cuda_init(self, runner, sizes, use_cuda_graphs):
@@ -132,6 +140,27 @@ def test_capture_order_pool_and_mode(fake_cuda, qwen2):
     assert graphs.captures == 2 and len(fake_cuda.pools) == 2
 
 
+def test_the_graph_pool_is_measured_and_checked_against_its_budget(fake_cuda, qwen2):
+    """Each capture pass measures the memory it left reserved (the pool); the engine warns when that is more
+    than was set aside for the pool when the KV cache was sized, once per capture pass."""
+    llm = LLM(qwen2, dtype="float32", device="cpu", max_num_seqs=20)
+    runner = llm.engine.runner
+    assert runner.graphs.pool_bytes == sum(runner.graphs.sizes) << 20 == 63 << 20
+    runner.graph_pool_budget = 64 << 20
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        runner.recapture()  # no address moved: nothing captured
+        runner.drop_graphs()
+        runner.recapture()  # within its budget
+    runner.graph_pool_budget = 40 << 20
+    runner.drop_graphs()
+    with pytest.warns(UserWarning, match="pool holds 63 MiB, 23 MiB more than was set aside"):
+        runner.recapture()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        runner.recapture()  # not captured again: no second warning
+
+
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_replays_of_captured_graphs_give_the_eager_engines_tokens(fake_cuda, qwen2, async_scheduling):
     """Decode steps replay graphs recorded on the persistent buffers (padded buckets: 3 and 5 rows run
@@ -164,3 +193,35 @@ def test_the_stand_in_catches_a_buffer_rebound_after_capture(fake_cuda, qwen2):
     inputs = llm.engine.runner.inputs
     inputs.input_ids = inputs.input_ids.clone()  # the graphs keep reading the captured tensor
     assert _tokens(llm.generate(prompts, greedy, use_tqdm=False)) != want
+
+
+def test_the_graph_pool_budget_profiles_the_largest_buckets_forward(monkeypatch, qwen2):
+    """What an engine that sizes its KV cache on CUDA sets aside for the decode graphs' pool: the allocator's
+    growth over one eager forward of the largest bucket, on padded rows and the full table width (as its
+    capture runs), plus the capture stream's cuBLAS workspace."""
+    from engine.memory_plan import CUBLAS_WORKSPACE_BYTES
+
+    monkeypatch.setenv("BSTAR_KERNELS", "triton")
+    llm = LLM(qwen2, dtype="float32", device="cpu", max_num_seqs=20, max_model_len=100, enforce_eager=True)
+    runner = llm.engine.runner
+    assert not runner._captures_graphs()  # enforce_eager
+    runner.ecfg.enforce_eager = False
+    assert runner._captures_graphs()
+    mem = dict(allocated=10 << 20, reserved=12 << 20)
+    grew = dict(allocated=3 << 20, reserved=6 << 20)  # during the forward: reserved rounds to segments
+    for name in ("synchronize", "empty_cache", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: mem["allocated"])
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: mem["reserved"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: mem["allocated"] + grew["allocated"])
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: mem["reserved"] + grew["reserved"])
+    seen, forward = [], runner.model.forward
+
+    def recording_forward(ids, pos, cos_sin, kv_caches, meta):
+        seen.append((ids.shape[0], meta.num_decode, tuple(meta.block_tables.shape), int(meta.seq_lens.sum())))
+        assert bool((meta.slot_mapping < 0).all())  # padded rows write no cache slot
+        return forward(ids, pos, cos_sin, kv_caches, meta)
+
+    monkeypatch.setattr(runner.model, "forward", recording_forward)
+    assert runner._profile_decode_graph_pool() == (6 << 20) + CUBLAS_WORKSPACE_BYTES
+    assert seen == [(32, 32, (32, 7), 0)]  # bucket 32 of max_num_seqs 20; ceil(100 / 16) = 7 table columns

@@ -37,6 +37,7 @@ def test_gpu_check_dry_run(tmp_path):
     bad = [row for row in rows if row["status"] == "FAIL"]
     assert not bad, bad
     assert (tmp_path / "memory_check.json").exists()  # step 5 ran bench/memory_check.py beside it
+    assert any(row["check"].startswith("decode graphs' pool") for row in rows if row["step"] == 3)
     assert "| step | check | value | target | status | note |" in r.stdout  # the table for RESULTS.md
 
 

@@ -5,6 +5,8 @@ Every expected number below is written out by hand from the shapes (the arithmet
 parameter counts are also checked against transformers models built on the meta device.
 """
 
+import dataclasses
+
 import pytest
 import torch
 from model_factory import QWEN25_05B, QWEN25_7B, make_model
@@ -152,6 +154,21 @@ def test_engine_kv_blocks_per_instance():
         engine_kv_blocks(cap_blocks=10**9, activation_bytes=GiB, free_bytes=20 * GiB, **kw)
     with pytest.raises(MemoryPlanError, match="less than one KV block"):
         engine_kv_blocks(block_bytes=bb, cap_blocks=10, kv_cache_memory_bytes=bb - 1)
+    # the decode graphs' pool is set aside as the activations are: 22,349,730,816 - 64 MiB = 22,282,621,952
+    # -> 24,286 blocks (24,286.1)
+    assert engine_kv_blocks(cap_blocks=10**9, activation_bytes=GiB, graph_pool_bytes=64 << 20, **kw) == 24_286
+    with pytest.raises(MemoryPlanError, match=r"activation peak 1.0 GiB, decode graphs 24.0 GiB; raise"):
+        engine_kv_blocks(cap_blocks=10**9, activation_bytes=GiB, graph_pool_bytes=24 * GiB, **kw)
+    # explicit bytes: 10 GiB of KV + 1 GiB + 2 GiB of graphs > 12 GiB free
+    with pytest.raises(MemoryPlanError, match=r"1.0 GiB and the decode graphs' 2.0 GiB does not fit in the 12.0"):
+        engine_kv_blocks(
+            block_bytes=bb,
+            cap_blocks=10**9,
+            kv_cache_memory_bytes=10 * GiB,
+            activation_bytes=GiB,
+            graph_pool_bytes=2 * GiB,
+            free_bytes=12 * GiB,
+        )
     assert activation_peak_bytes(10 * GiB, 12 * GiB) == 2 * GiB
     assert activation_peak_bytes(10 * GiB, 9 * GiB) == 0
 
@@ -167,7 +184,12 @@ def test_plan_caps_kv_at_what_the_engine_can_use():
     assert e.num_blocks == 9012 and e.kv == 9012 * 12_288 * 16 == plan.kv_cache_memory_bytes("policy")
     assert e.kv_tokens == 144_192
     assert [p.phase.name for p in plan.phases] == ["generate"]
-    assert plan.phases[0].total == 988_065_536 + 316_686_336 + 1_771_831_296
+    # decode graphs' pool: bucket 64 x one layer's 50,176 bytes a row (h 896, q 896, kv 128, I 4864, bf16)
+    # + partials 4 x 14 heads x (64 x (2 x 132 // 2 + 64) + 64 x 64) + 24 MiB rounding + 32 MiB cuBLAS workspace
+    assert e.graph_pool == 64 * 50_176 + 56 * (64 * 196 + 4096) + (56 << 20) == 62_863_360
+    assert plan.phases[0].total == 988_065_536 + 316_686_336 + 62_863_360 + 1_771_831_296
+    eager = plan_memory(dev, [dataclasses.replace(pol, cuda_graphs=False)]).engines["policy"]
+    assert eager.graph_pool == 0 and eager.num_blocks == e.num_blocks
     table = plan.table()
     assert "policy" in table and "144192" in table and "generate" in table
 
@@ -176,20 +198,22 @@ def test_plan_splits_what_is_left_between_resident_engines():
     # Mistral-7B policy + Mistral-7B (Math-Shepherd, LM head) PRM, both resident (no sleep), no trainer.
     dev = DeviceMemory(total=80 * GiB, free=80 * GiB)
     m = mcfg("mistral-7b")
-    engines = [EngineSpec("policy", m, max_model_len=4096), EngineSpec("prm", m, max_model_len=4096)]
+    engines = [EngineSpec("policy", m, max_model_len=4096), EngineSpec("prm", m, max_model_len=4096, cuda_graphs=False)]
     plan = plan_memory(dev, engines, sleep=False)
     # each: weights 7,241,732,096*2 = 14,483,464,192; activations 4096*167,936 + 256*32000*22 = 868,089,856
-    # left = 76,235,669,504 - 2*(14,483,464,192 + 868,089,856) = 45,532,561,408, half each = 22,766,280,704
-    # blocks = 22,766,280,704 // (131,072*16) = 10,855
-    for name in ("policy", "prm"):
+    # the policy's decode graphs (the PRM never decodes): bucket 256 x 167,936 = 42,991,616, partials
+    # 4 x 32 heads x (128 x (2 x 132 // 8 + 256) + 64 x 256) = 6,832,128, + 56 MiB = 108,544,000
+    # left = 76,235,669,504 - 2*(14,483,464,192 + 868,089,856) - 108,544,000 = 45,424,017,408, half each
+    # = 22,712,008,704; blocks = 22,712,008,704 // (131,072*16) = 10,829
+    for name, pool in (("policy", 108_544_000), ("prm", 0)):
         e = plan.engines[name]
-        assert (e.weights, e.activations, e.num_blocks) == (14_483_464_192, 868_089_856, 10_855)
+        assert (e.weights, e.activations, e.graph_pool, e.num_blocks) == (14_483_464_192, 868_089_856, pool, 10_829)
     assert [p.phase.engines for p in plan.phases] == [("policy", "prm"), ("policy", "prm")]
     # an explicit budget for one engine: the other takes the rest
-    engines[1] = EngineSpec("prm", m, max_model_len=4096, kv_cache_memory_bytes=10 * GiB)
+    engines[1] = dataclasses.replace(engines[1], kv_cache_memory_bytes=10 * GiB)
     plan = plan_memory(dev, engines, sleep=False)
     assert plan.engines["prm"].num_blocks == 10 * GiB // 2_097_152 == 5120
-    assert plan.engines["policy"].num_blocks == (45_532_561_408 - 10 * GiB) // 2_097_152 == 16_591
+    assert plan.engines["policy"].num_blocks == (45_424_017_408 - 10 * GiB) // 2_097_152 == 16_539
 
 
 def test_plan_refuses_full_fine_tuning_of_7b_on_one_gpu():
@@ -241,14 +265,15 @@ def test_plan_refuses_full_fine_tuning_of_7b_on_one_gpu():
 def test_plan_refuses_a_kv_cache_below_one_sequence():
     dev = DeviceMemory(total=24 * GiB, free=24 * GiB)
     m = mcfg("mistral-7b")
-    engines = [EngineSpec("policy", m, max_model_len=4096), EngineSpec("prm", m, max_model_len=4096)]
+    engines = [EngineSpec("policy", m, max_model_len=4096), EngineSpec("prm", m, max_model_len=4096, cuda_graphs=False)]
     # budget int(0.9*24 GiB) - 1 GiB = 22,119,081,574 < 2 x (weights + activations) = 30,703,108,096
     with pytest.raises(MemoryPlanError, match="phase generate: the policy engine's KV cache would get 0.0 GiB but"):
         plan_memory(dev, engines, sleep=False)
-    # asleep in turn, each fits: 22,119,081,574 - 15,351,554,048 = 6,767,527,526 -> 3227 blocks of 2,097,152
+    # asleep in turn, each fits: the PRM 22,119,081,574 - 15,351,554,048 = 6,767,527,526 -> 3227 blocks of
+    # 2,097,152; the policy also holds its decode graphs' pool (108,544,000): 6,658,983,526 -> 3175
     plan = plan_memory(dev, engines, sleep=True)
     assert [p.phase.engines for p in plan.phases] == [("policy",), ("prm",)]
-    assert plan.engines["policy"].num_blocks == plan.engines["prm"].num_blocks == 3227
+    assert (plan.engines["policy"].num_blocks, plan.engines["prm"].num_blocks) == (3175, 3227)
 
 
 def test_plan_rejects_unknown_engines():
