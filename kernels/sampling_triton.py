@@ -56,6 +56,16 @@ def _ordered_key(x):
 
 
 @triton.jit
+def _min_p_threshold(mx, min_p):
+    """Min-p (relative to the most likely token), first as in vLLM: (min_x, min_key), the
+    smallest allowed x = raw / t and its ordered key (the lowest key when min-p is off)."""
+    use_min_p = min_p > 0.0
+    min_x = tl.where(use_min_p, mx + tl.log(tl.minimum(tl.maximum(min_p, 1e-30), 1.0)), float("-inf"))
+    key = _ordered_key(min_x).to(tl.int64)
+    return min_x, tl.where(use_min_p, key, key * 0 - 2147483648)
+
+
+@triton.jit
 def _thresholds(
     base,
     rmask,
@@ -66,19 +76,18 @@ def _thresholds(
     top_k,
     top_p,
     min_p,
+    min_key,
     V,
     BLOCK_R: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    """Min-p and passes 2-3 for [BLOCK_R] rows: (keep_key, min_x). A token x is allowed iff
-    ordered_key(x) >= keep_key and x >= min_x. mx: max of x = raw / t; s_x: sum exp(x - mx)."""
+    """Passes 2-3 for [BLOCK_R] rows after min-p (_min_p_threshold): keep_key. A token x is
+    allowed iff ordered_key(x) >= keep_key and x >= min_x. mx: max of x = raw / t; s_x: sum
+    exp(x - mx)."""
     offs = tl.arange(0, BLOCK_V)
     NEG_INF: tl.constexpr = float("-inf")
     top_key = _ordered_key(mx).to(tl.int64)
-    # ---- min-p (relative to the most likely token), first as in vLLM ----
     use_min_p = min_p > 0.0
-    min_x = tl.where(use_min_p, mx + tl.log(tl.minimum(tl.maximum(min_p, 1e-30), 1.0)), NEG_INF)
-    min_key = tl.where(use_min_p, _ordered_key(min_x).to(tl.int64), top_key * 0 - 2147483648)
 
     # ---- pass 2: top-k threshold key (largest c with count(key >= c) >= k) ----
     use_k = (top_k > 0) & (top_k < V) & (~greedy) & rmask
@@ -86,16 +95,20 @@ def _thresholds(
     hi = tl.where(use_k, top_key + 1, lo + 1)  # count(key >= hi) = 0 < k
     while tl.max(hi - lo, 0) > 1:
         mid = lo + (hi - lo) // 2
+        # lo <= mid <= top_key: a probe fits in int32, so the tiles compare 32-bit keys (the int64
+        # bounds only keep hi - lo and top_key + 1 from overflowing)
+        mid32 = mid.to(tl.int32)
         cnt = tl.zeros([BLOCK_R], tl.int32)
         for v0 in range(0, V, BLOCK_V):
             idx = v0 + offs[None, :]
             valid = rmask[:, None] & (idx < V)
             x = tl.load(base + idx, mask=valid, other=NEG_INF).to(tl.float32) / t
-            cnt += tl.sum(((_ordered_key(x) >= mid[:, None]) & valid).to(tl.int32), 1)
+            cnt += tl.sum(((_ordered_key(x) >= mid32[:, None]) & valid).to(tl.int32), 1)
         take = cnt >= top_k
         lo = tl.where(take, mid, lo)
         hi = tl.where(take, tl.where(cnt == top_k, mid + 1, hi), mid)  # exactly k kept: done
     k_key = tl.maximum(lo, min_key)  # min-p first: top-k among the min-p survivors
+    k_key32 = k_key.to(tl.int32)  # lo and min_key are both at most top_key
 
     # mass of the min-p / top-k set (relative to exp(mx)): the top-p normaliser
     need_zk = (use_k | use_min_p) & (top_p < 1.0)
@@ -105,7 +118,7 @@ def _thresholds(
             idx = v0 + offs[None, :]
             valid = rmask[:, None] & (idx < V)
             x = tl.load(base + idx, mask=valid, other=NEG_INF).to(tl.float32) / t
-            sel = (_ordered_key(x) >= k_key[:, None]) & valid & need_zk[:, None]
+            sel = (_ordered_key(x) >= k_key32[:, None]) & valid & need_zk[:, None]
             z_k += tl.sum(tl.where(sel, tl.exp(x - mx[:, None]), 0.0), 1)
 
     # ---- pass 3: top-p threshold key (largest c with mass(key >= c) >= top_p * z_k) ----
@@ -115,21 +128,21 @@ def _thresholds(
     hi = tl.where(use_p, top_key + 1, lo + 1)
     while tl.max(hi - lo, 0) > 1:
         mid = lo + (hi - lo) // 2
+        mid32 = mid.to(tl.int32)  # k_key <= mid <= top_key
         mass = tl.zeros([BLOCK_R], tl.float32)
         smallest = tl.full([BLOCK_R], float("inf"), tl.float32)
         for v0 in range(0, V, BLOCK_V):
             idx = v0 + offs[None, :]
             valid = rmask[:, None] & (idx < V)
             x = tl.load(base + idx, mask=valid, other=NEG_INF).to(tl.float32) / t
-            sel = (_ordered_key(x) >= mid[:, None]) & valid
+            sel = (_ordered_key(x) >= mid32[:, None]) & valid
             mass += tl.sum(tl.where(sel, tl.exp(x - mx[:, None]), 0.0), 1)
             smallest = tl.minimum(smallest, tl.min(tl.where(sel, x, float("inf")), 1))
         take = mass >= target
         exact = mass - tl.exp(smallest - mx) < target  # the probe set is exactly the top-p set
         lo = tl.where(take, mid, lo)
         hi = tl.where(take, tl.where(exact, mid + 1, hi), mid)
-    keep_key = lo
-    return keep_key, min_x
+    return lo
 
 
 @triton.jit(do_not_specialize=["B"])
@@ -185,7 +198,8 @@ def _sample_kernel(
         m = m_new
     mx = m / t_row  # max of x (division is monotone, so exactly the max of raw / t)
 
-    keep_key, min_x = _thresholds(base, rmask, t, mx, s_x, greedy, top_k, top_p, min_p, V, BLOCK_R, BLOCK_V)
+    min_x, min_key = _min_p_threshold(mx, min_p)
+    keep_key = _thresholds(base, rmask, t, mx, s_x, greedy, top_k, top_p, min_p, min_key, V, BLOCK_R, BLOCK_V)
 
     # ---- the Gumbel-max draw ----
     best = tl.full([BLOCK_R], NEG_INF, tl.float32)
@@ -286,7 +300,10 @@ def _combine_thresholds_kernel(
 ):
     """(b) per row: the chunks' statistics combined, then the thresholds."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < B
+    if BLOCK_R == 1:  # one program per row (grid B): every row exists, and a constant mask frees
+        rmask = tl.full([BLOCK_R], 1, tl.int1)  # the predicate ptxas spilled across the loops
+    else:
+        rmask = rows < B
     base = LOGITS + rows.to(tl.int64)[:, None] * stride_row
     temp = tl.load(TEMP + rows, mask=rmask, other=1.0).to(tl.float32)
     top_k = tl.load(TOPK + rows, mask=rmask, other=0).to(tl.int32)
@@ -309,12 +326,15 @@ def _combine_thresholds_kernel(
     w_x = tl.where(live, tl.exp(mc / t - (m_safe / t_row)[:, None]), 0.0)
     s_raw = tl.sum(tl.load(SRAW + stat, mask=cmask, other=0.0) * w_raw, 1)
     s_x = tl.sum(tl.load(SX + stat, mask=cmask, other=0.0) * w_x, 1)
-    mx = m / t_row
-    keep_key, min_x = _thresholds(base, rmask, t, mx, s_x, greedy, top_k, top_p, min_p, V, BLOCK_R, BLOCK_V)
-    tl.store(KEEP_KEY + rows, keep_key, mask=rmask)
-    tl.store(MIN_X + rows, min_x, mask=rmask)
+    # Everything but the top-k / top-p key is stored before the threshold loops, which do not need
+    # it: kept live across them, ptxas spilled it to local memory (sm_90, triton 3.6 and 3.9).
     tl.store(LSE + rows, m + tl.log(s_raw), mask=rmask)
     tl.store(ARGMAX + rows, arg, mask=rmask)
+    mx = m / t_row
+    min_x, min_key = _min_p_threshold(mx, min_p)
+    tl.store(MIN_X + rows, min_x, mask=rmask)
+    keep_key = _thresholds(base, rmask, t, mx, s_x, greedy, top_k, top_p, min_p, min_key, V, BLOCK_R, BLOCK_V)
+    tl.store(KEEP_KEY + rows, keep_key, mask=rmask)
 
 
 @triton.jit(do_not_specialize=["B"])

@@ -536,6 +536,42 @@ def test_sampling_split_vocab_qwen_vocabulary():
     torch.testing.assert_close(lp, torch.log_softmax(logits, -1).gather(1, tok[:, None])[:, 0], atol=1e-4, rtol=1e-4)
 
 
+def test_sampling_split_vocab_gpu_configs():
+    """The split path with a GPU's launch configs (kernels.launch.as_gpu: one row a program, whose
+    threshold kernel then drops the row mask, 2048-token chunks and tiles), run here under the
+    interpreter, with every filter: drawn tokens allowed by the float64 filters in vLLM's order,
+    greedy rows the argmax, logprobs exact, and the row kernel's tokens (same configs) wherever
+    both normalise top-p over the same tiles (top-p with top-k or min-p, or no top-p)."""
+    from kernels.launch import as_gpu, record_variants
+
+    rng = np.random.default_rng(13)
+    V = 5000  # three chunks, the last partial
+    t = np.array([0.0, 1.0, 0.8, 1.2, 1.0, 0.7, 1.0])
+    k = np.array([0, 50, 0, 0, 20, 7, 0])
+    p = np.array([1.0, 0.8, 0.9, 0.5, 1.0, 0.6, 1.0])
+    m = np.array([0.0, 0.0, 0.05, 0.0, 0.0, 0.02, 0.3])
+    B = len(t)
+    logits = rng.standard_normal((B, V)) * 3
+    logits[:, [17, 2047, 2048, 4999]] += 4  # likely tokens at the chunk borders and the last token
+    seeds = rng.integers(0, 2**40, B)
+    launches = []
+    with as_gpu(), record_variants(launches=launches):
+        tok, lp = run_sampler(lambda *a: sample_triton(*a, split=True), logits, t, k, p, m, seeds)
+        want, _ = run_sampler(lambda *a: sample_triton(*a, split=False), logits, t, k, p, m, seeds)
+    combine = [kw for kern, _, kw in launches if kern.fn.__name__ == "_combine_thresholds_kernel"]
+    assert [kw["BLOCK_R"] for kw in combine] == [1]
+    for i in range(B):
+        keep, _ = allowed_f64(logits[i], t[i], k[i], p[i], m[i])
+        assert keep[tok[i]], f"row {i} drew disallowed token {tok[i]}"
+        assert t[i] == 0 or 1 < keep.sum() < V  # the row exercises its filters
+    assert tok[0] == logits[0].argmax()
+    same_tiles = (p == 1) | (k > 0) | (m > 0)
+    np.testing.assert_array_equal(tok[same_tiles], want[same_tiles])
+    raw = logits - logits.max(1, keepdims=True)
+    want_lp = raw[np.arange(B), tok] - np.log(np.exp(raw).sum(1))
+    np.testing.assert_allclose(lp, want_lp, atol=1e-4, rtol=1e-4)
+
+
 # ----------------------------------------------------------------------------- PRM step scoring
 
 
