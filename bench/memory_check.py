@@ -134,7 +134,10 @@ def real_plan(name: str, device: DeviceMemory):
         "prm_lm": ModelConfig.from_dict(dict(base, architectures=["Qwen2ForCausalLM"])),
         "prm_cls": ModelConfig.from_dict(dict(base, architectures=["Qwen2ForTokenClassification"], num_labels=2)),
     }
-    engines = [EngineSpec(n, m, max_num_seqs=SEQS, max_model_len=MAX_MODEL_LEN) for n, m in mcfgs.items()]
+    engines = [  # (engine.PRM never decodes: only the policy captures decode graphs)
+        EngineSpec(n, m, max_num_seqs=SEQS, max_model_len=MAX_MODEL_LEN, cuda_graphs=n == "policy")
+        for n, m in mcfgs.items()
+    ]
     phases = [Phase("generate", ("policy",)), Phase("score", ("prm_lm", "prm_cls")), Phase("train", (), train=True)]
     spec = trainer_spec(mcfgs["policy"], sft_config(name, False), "cuda")
     return plan_memory(device, engines, spec, phases)
