@@ -16,7 +16,7 @@ is the step's one synchronisation.
 
 KV sizing (`_auto_num_blocks`): `num_kv_blocks` when given; else `kv_cache_memory_bytes`, or on CUDA
 `gpu_memory_utilization` x the device's memory minus this engine's own weights, measured activation
-peak and decode graphs' pool (profiled before capture, checked after), or on CPU `cpu_kv_cache_bytes`;
+peak and decode graphs' pool (estimated before capture, measured after), or on CPU `cpu_kv_cache_bytes`;
 never more than the engine can use (engine.memory_plan).
 
 Sleep / wake (`sleep`, `wake_up`): the weights' and the KV cache's storages are resized to nothing and
@@ -35,9 +35,9 @@ from engine.config import EngineConfig, ModelConfig
 from engine.cpu_decode import CpuDecodeState
 from engine.cuda_graphs import DecodeGraphs, bucket_sizes, warm_up_kernels
 from engine.memory_plan import (
-    CUBLAS_WORKSPACE_BYTES,
     SLEEP_TAGS,
     activation_peak_bytes,
+    decode_graph_pool_bytes,
     engine_kv_blocks,
     kv_cap_blocks,
     unique_storage_bytes,
@@ -125,7 +125,13 @@ class ModelRunner:
                 device=str(self.device),
             )
         self.activation_bytes = activations = self._profile_activation_peak()
-        self.graph_pool_budget = self._profile_decode_graph_pool() if self._captures_graphs() else 0
+        if self._captures_graphs():
+            # (estimated, not profiled: a decode forward now, before warm_up_kernels, would autotune the decode
+            # kernel on an empty cache; DecodeGraphs.capture measures the real pool and _capture checks it)
+            sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+            self.graph_pool_budget = decode_graph_pool_bytes(
+                self.mcfg, self.dtype, e.max_num_seqs, self.max_model_len, sms=sms
+            )
         free, total = torch.cuda.mem_get_info(self.device)
         return engine_kv_blocks(
             block_bytes=self.block_bytes(),
@@ -142,9 +148,12 @@ class ModelRunner:
 
     def _profile_activation_peak(self) -> int:
         """CUDA: how far this engine's biggest step raises the allocator's peak (other engines' memory,
-        already allocated, does not count). Resets the device's peak-memory statistics."""
+        already allocated, does not count). Resets the device's peak-memory statistics. The step runs
+        twice, measured the second time: the first compiles and autotunes the prefill kernel, and the
+        autotuner's benchmark allocates Triton's 256 MB L2-flush buffer, which is not an activation."""
         n = min(self.ecfg.max_num_batched_tokens, self.max_model_len)
         kv = self._new_kv(-(-n // self.block_size))  # a step writes the real cache: its KV is not activations
+        self.profile_step(n, kv)
         torch.cuda.synchronize(self.device)
         before = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
@@ -159,32 +168,6 @@ class ModelRunner:
         """Decode graphs will be captured: an LM head on the Triton path, not enforce_eager."""
         triton_path = use_triton(torch.empty(0, device=self.device))
         return triton_path and not self.ecfg.enforce_eager and self.mcfg.head == "lm"
-
-    @torch.inference_mode()
-    def _profile_decode_graph_pool(self) -> int:
-        """CUDA: the memory the decode graphs' pool will hold, measured before the KV cache is sized. The graphs
-        share one pool, captured largest bucket first, so it holds about one forward of that bucket: run it here,
-        as its capture does (padded rows, the engine's full table width, which sets the split count), on a
-        one-block scratch cache, and read the allocator's reserved growth (its segments, as the pool rounds to
-        them), plus the capture stream's own cuBLAS workspace. DecodeGraphs.capture measures the real pool."""
-        bs = bucket_sizes(self.ecfg.max_num_seqs)[-1]
-        width = -(-self.max_model_len // self.block_size)
-        inputs = StepInputs(bs, bs, width, self.block_size, self.device)
-        inputs.fill_padding(bs)
-        ids, pos, meta = inputs.bucket_meta(bs)
-        kv = self._new_kv(1)
-        kv_caches = [(kv[i, 0], kv[i, 1]) for i in range(self.mcfg.num_layers)]
-        dev = self.device
-        torch.cuda.synchronize(dev)
-        torch.cuda.empty_cache()
-        allocated, reserved = torch.cuda.memory_allocated(dev), torch.cuda.memory_reserved(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        self.model(ids, pos, self.cos_sin, kv_caches, meta)
-        torch.cuda.synchronize(dev)
-        grown = max(torch.cuda.max_memory_reserved(dev) - reserved, torch.cuda.max_memory_allocated(dev) - allocated)
-        del inputs, kv, kv_caches
-        torch.cuda.empty_cache()
-        return grown + CUBLAS_WORKSPACE_BYTES
 
     @torch.inference_mode()
     def profile_step(self, n: int, kv: torch.Tensor) -> torch.Tensor:

@@ -193,35 +193,3 @@ def test_the_stand_in_catches_a_buffer_rebound_after_capture(fake_cuda, qwen2):
     inputs = llm.engine.runner.inputs
     inputs.input_ids = inputs.input_ids.clone()  # the graphs keep reading the captured tensor
     assert _tokens(llm.generate(prompts, greedy, use_tqdm=False)) != want
-
-
-def test_the_graph_pool_budget_profiles_the_largest_buckets_forward(monkeypatch, qwen2):
-    """What an engine that sizes its KV cache on CUDA sets aside for the decode graphs' pool: the allocator's
-    growth over one eager forward of the largest bucket, on padded rows and the full table width (as its
-    capture runs), plus the capture stream's cuBLAS workspace."""
-    from engine.memory_plan import CUBLAS_WORKSPACE_BYTES
-
-    monkeypatch.setenv("BSTAR_KERNELS", "triton")
-    llm = LLM(qwen2, dtype="float32", device="cpu", max_num_seqs=20, max_model_len=100, enforce_eager=True)
-    runner = llm.engine.runner
-    assert not runner._captures_graphs()  # enforce_eager
-    runner.ecfg.enforce_eager = False
-    assert runner._captures_graphs()
-    mem = dict(allocated=10 << 20, reserved=12 << 20)
-    grew = dict(allocated=3 << 20, reserved=6 << 20)  # during the forward: reserved rounds to segments
-    for name in ("synchronize", "empty_cache", "reset_peak_memory_stats"):
-        monkeypatch.setattr(torch.cuda, name, lambda device=None: None)
-    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: mem["allocated"])
-    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: mem["reserved"])
-    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: mem["allocated"] + grew["allocated"])
-    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: mem["reserved"] + grew["reserved"])
-    seen, forward = [], runner.model.forward
-
-    def recording_forward(ids, pos, cos_sin, kv_caches, meta):
-        seen.append((ids.shape[0], meta.num_decode, tuple(meta.block_tables.shape), int(meta.seq_lens.sum())))
-        assert bool((meta.slot_mapping < 0).all())  # padded rows write no cache slot
-        return forward(ids, pos, cos_sin, kv_caches, meta)
-
-    monkeypatch.setattr(runner.model, "forward", recording_forward)
-    assert runner._profile_decode_graph_pool() == (6 << 20) + CUBLAS_WORKSPACE_BYTES
-    assert seen == [(32, 32, (32, 7), 0)]  # bucket 32 of max_num_seqs 20; ceil(100 / 16) = 7 table columns
