@@ -47,7 +47,7 @@ from engine.sampler import sample_rows
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Batch
 from engine.step_inputs import StepInputs
-from kernels.dispatch import use_triton
+from kernels.dispatch import triton_on, use_triton
 from kernels.host import long_tensor, to_device
 
 
@@ -166,8 +166,7 @@ class ModelRunner:
 
     def _captures_graphs(self) -> bool:
         """Decode graphs will be captured: an LM head on the Triton path, not enforce_eager."""
-        triton_path = use_triton(torch.empty(0, device=self.device))
-        return triton_path and not self.ecfg.enforce_eager and self.mcfg.head == "lm"
+        return triton_on(self.device) and not self.ecfg.enforce_eager and self.mcfg.head == "lm"
 
     @torch.inference_mode()
     def profile_step(self, n: int, kv: torch.Tensor) -> torch.Tensor:

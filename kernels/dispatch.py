@@ -10,7 +10,8 @@ import os
 import torch
 
 
-def use_triton(t: torch.Tensor) -> bool:
+def triton_on(device: torch.device | str) -> bool:
+    """Whether kernel calls on tensors on `device` take the Triton path."""
     forced = os.environ.get("BSTAR_KERNELS", "").strip().lower()
     if forced == "torch":
         return False
@@ -18,4 +19,8 @@ def use_triton(t: torch.Tensor) -> bool:
         return True
     if forced not in ("", "auto"):
         raise ValueError(f"BSTAR_KERNELS must be 'triton', 'torch' or 'auto', got {forced!r}")
-    return t.is_cuda
+    return torch.device(device).type == "cuda"
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    return triton_on(t.device)

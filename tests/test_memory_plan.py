@@ -347,3 +347,51 @@ def test_profile_step_for_every_head(tmp_path, head):
     rows = min(40, eng.ecfg.max_num_seqs)
     assert out.shape == (rows, eng.mcfg.vocab_size if head == "lm" else 2)
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("enforce_eager", [False, True])
+def test_engine_kv_sizing_on_cuda_sets_aside_activations_and_the_graph_pool(monkeypatch, enforce_eager):
+    """ModelRunner._auto_num_blocks' CUDA branch, on CPU with the allocator's readings faked: the activation
+    peak is read on the second profiling step (the first compiles and autotunes, and the autotuner's
+    benchmark allocates a 256 MB flush buffer), and the decode graphs' pool estimated at the device's SM count
+    is set aside beside it, unless enforce_eager (then no graph is captured)."""
+    import types
+
+    from engine.config import EngineConfig
+    from engine.memory_plan import decode_graph_pool_bytes
+    from engine.model_runner import ModelRunner
+
+    monkeypatch.delenv("BSTAR_KERNELS", raising=False)
+    r = object.__new__(ModelRunner)  # (its __init__ would allocate on the device)
+    r.mcfg, r.max_model_len, r.block_size = mcfg("qwen2.5-0.5b"), 2048, 16
+    r.ecfg = EngineConfig(max_num_seqs=64, gpu_memory_utilization=0.02, enforce_eager=enforce_eager)
+    r.device, r.dtype = torch.device("cuda"), torch.bfloat16
+    r.activation_bytes = r.graph_pool_budget = 0
+    r.model = torch.nn.Module()
+    r.model.w = torch.nn.Parameter(torch.empty(1000, dtype=torch.uint8), requires_grad=False)  # 1000 bytes
+    mem = dict(allocated=5 * GiB, peak=5 * GiB)
+    steps = []
+
+    def profile_step(n, kv):
+        steps.append(n)
+        grown = (256 + 300 << 20) if len(steps) == 1 else 300 << 20  # first: + the autotuner's flush buffer
+        mem["peak"] = max(mem["peak"], mem["allocated"] + grown)
+
+    r.profile_step, r._new_kv = profile_step, lambda blocks: torch.empty(0)
+    for name in ("synchronize", "empty_cache"):
+        monkeypatch.setattr(torch.cuda, name, lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: mem["allocated"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: mem.update(peak=mem["allocated"]))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: mem["peak"])
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (70 * GiB, 80 * GiB))
+    props = types.SimpleNamespace(multi_processor_count=132)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+
+    blocks = r._auto_num_blocks()
+    assert steps == [2048, 2048] and r.activation_bytes == 300 << 20
+    # share int(0.02 x 80 GiB) = 1,717,986,918 - weights 1000 - activations 314,572,800 (- the pool
+    # 62,863,360: test_plan_caps_kv_at_what_the_engine_can_use), in blocks of 196,608 bytes
+    pool = 0 if enforce_eager else 62_863_360
+    assert r.graph_pool_budget == pool
+    assert pool == 0 or pool == decode_graph_pool_bytes(r.mcfg, torch.bfloat16, 64, 2048)
+    assert blocks == (1_717_986_918 - 1000 - 314_572_800 - pool) // 196_608 == (7138 if enforce_eager else 6818)
