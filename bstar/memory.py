@@ -31,6 +31,7 @@ from engine.memory_plan import (
     TrainerSpec,
     plan_memory,
 )
+from kernels.dispatch import triton_on
 
 __all__ = ["TrainPhase", "free_device_memory", "run_memory_plan", "train_phase", "trainer_spec"]
 
@@ -102,7 +103,8 @@ def run_memory_plan(
                 max_num_batched_tokens=max_num_batched_tokens,
                 kv_cache_memory_bytes=kv,
                 sleep_level=sleep_level,
-                cuda_graphs=name == "policy",  # (engine.PRM never decodes: it captures no graphs)
+                # (engine.PRM never decodes: it captures no graphs; nor does the torch path)
+                cuda_graphs=name == "policy" and triton_on(dev),
             )
         )
     spec = trainer_spec(engines[0].mcfg, sft, dev.type, world_size) if train else None

@@ -30,6 +30,17 @@ from kernels.decode_attention_triton import paged_decode_attention_triton
 from kernels.prefill_attention_triton import paged_prefill_attention_triton
 
 
+def pool_reserved_bytes(pool, device: torch.device) -> int:
+    """The device memory a private memory pool holds: its segments in the allocator's snapshot (read per
+    pool, so other threads' allocations meanwhile, a trainer's beside an AsyncLLM engine, do not count)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return sum(
+        s["total_size"]
+        for s in torch.cuda.memory_snapshot()
+        if s["device"] == index and tuple(s["segment_pool_id"]) == tuple(pool)
+    )
+
+
 def bucket_sizes(max_num_seqs: int) -> list[int]:
     """1, 2, 4, 8, 16, then steps of 16, up to the first size >= max_num_seqs."""
     sizes = []
@@ -55,7 +66,7 @@ class DecodeGraphs:
         self._fingerprint: tuple | None = None
         self.replays: Counter = Counter()  # bucket -> replays (statistics, tests)
         self.captures = 0  # capture passes so far
-        self.pool_bytes = 0  # CUDA: the device memory the last capture pass left reserved (the pool)
+        self.pool_bytes = 0  # CUDA: the device memory the graphs' pool holds after the last capture pass
 
     def bucket(self, n: int) -> int | None:
         """The smallest bucket >= n rows, or None past the largest."""
@@ -106,9 +117,6 @@ class DecodeGraphs:
             return
         self.drop()
         dev = self.runner.device
-        torch.cuda.synchronize(dev)
-        torch.cuda.empty_cache()  # (the dropped graphs' pool)
-        reserved = torch.cuda.memory_reserved(dev)
         inputs = self.runner.inputs
         pool = torch.cuda.graph_pool_handle()
         for bs in reversed(self.sizes):  # largest first: smaller graphs reuse its pool's blocks
@@ -122,8 +130,7 @@ class DecodeGraphs:
                 self._forward(bs)
             self.graphs[bs] = g
         torch.cuda.synchronize(dev)
-        torch.cuda.empty_cache()  # (the eager warm-ups' blocks, outside the pool)
-        self.pool_bytes = torch.cuda.memory_reserved(dev) - reserved
+        self.pool_bytes = pool_reserved_bytes(pool, dev)
         self.pool = pool
         self._fingerprint = self.fingerprint()
         self.captures += 1

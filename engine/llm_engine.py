@@ -377,13 +377,14 @@ class LLMEngine:
 
     def _take_prompt_logprobs(self, upto: int | None = None):
         """Put the first `upto` launched prompt-logprob copies (all: None) in their requests, waiting
-        for each copy to reach the host (a request aborted meanwhile gets them, unread)."""
+        for each copy to reach the host; a request aborted meanwhile is left as its output returned it."""
         upto = len(self._prompt_logprob_copies) if upto is None else upto
         taken, self._prompt_logprob_copies = self._prompt_logprob_copies[:upto], self._prompt_logprob_copies[upto:]
         for c in taken:
             _, entries = position_logprob_entries(*c.copy.lists(), c.want)
             for (req, i), e in zip(c.rows, entries):
-                req.prompt_logprobs[i] = e
+                if self.requests.get(req.request_id) is req:
+                    req.prompt_logprobs[i] = e
 
     def _postprocess(self, seqs, tokens, logprobs, tops) -> list[RequestOutput]:
         """Append each candidate's token, finish those a stop rule ends, and return the outputs of the

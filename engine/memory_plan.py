@@ -27,6 +27,7 @@ import torch
 from engine.config import ModelConfig
 from engine.cuda_graphs import bucket_sizes
 from engine.errors import MemoryPlanError, RequestError
+from kernels.decode_attention_triton import MAX_SPLITS, MIN_TOKENS_PER_SPLIT
 
 GiB = 1 << 30
 PREFIX_CACHE_SLACK = 0.1  # extra KV blocks, as a fraction of the cap, to keep freed prefixes cached
@@ -131,15 +132,18 @@ def decode_graph_pool_bytes(
     """Estimated private memory pool of an LM engine's decode CUDA graphs (engine/cuda_graphs.py; 0 for a reward
     head, which captures none). The graphs share one pool and never run at once, so it holds about one decode
     forward of the largest bucket B: one layer's intermediates for each of its rows, and the split-KV partials
-    (float32 [b, Hq, splits, D] and [b, Hq, MAX_SPLITS=64]; b x splits <= 2 x SMs / Hkv + b for every bucket b,
-    as choose_num_splits aims at two waves), plus the allocator's rounding and the capture stream's cuBLAS
+    (float32 [b, Hq, splits, D] and [b, Hq, MAX_SPLITS]; for every bucket b, b x splits <= 2 x SMs / Hkv + b as
+    choose_num_splits aims at two waves, and <= b x the splits a context allows), plus the allocator's
+    rounding and the capture stream's cuBLAS
     workspace. The engine sets this aside when it sizes its own KV cache; DecodeGraphs.capture measures the real
     pool, and ModelRunner warns when it came out bigger."""
     if m.head != "lm":
         return 0
     b = bucket_sizes(max_num_seqs)[-1]
     rows = b * layer_activation_bytes_per_token(m, dtype)
-    partials = 4 * m.num_heads * (m.head_dim * (2 * sms // m.num_kv_heads + b) + 64 * b)
+    by_len = min(MAX_SPLITS, -(-max_model_len // MIN_TOKENS_PER_SPLIT))
+    splits = min(2 * sms // m.num_kv_heads + b, b * by_len)  # the most of b x splits over the buckets
+    partials = 4 * m.num_heads * (m.head_dim * splits + MAX_SPLITS * b)
     return rows + partials + GRAPH_POOL_SLACK_BYTES + CUBLAS_WORKSPACE_BYTES
 
 

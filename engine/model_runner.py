@@ -149,10 +149,14 @@ class ModelRunner:
     def _profile_activation_peak(self) -> int:
         """CUDA: how far this engine's biggest step raises the allocator's peak (other engines' memory,
         already allocated, does not count). Resets the device's peak-memory statistics. The step runs
-        twice, measured the second time: the first compiles and autotunes the prefill kernel, and the
-        autotuner's benchmark allocates Triton's 256 MB L2-flush buffer, which is not an activation."""
+        twice and its peak is read the second time: the first compiles and autotunes the prefill kernel,
+        whose benchmark allocates Triton's 256 MB L2-flush buffer for a while (not an activation). What
+        the first run left allocated for good (the stream's cuBLAS workspace, on a process's first GEMM)
+        counts too."""
         n = min(self.ecfg.max_num_batched_tokens, self.max_model_len)
         kv = self._new_kv(-(-n // self.block_size))  # a step writes the real cache: its KV is not activations
+        torch.cuda.synchronize(self.device)
+        start = torch.cuda.memory_allocated(self.device)
         self.profile_step(n, kv)
         torch.cuda.synchronize(self.device)
         before = torch.cuda.memory_allocated(self.device)
@@ -162,7 +166,7 @@ class ModelRunner:
         peak = torch.cuda.max_memory_allocated(self.device)
         del kv
         torch.cuda.empty_cache()
-        return activation_peak_bytes(before, peak)
+        return activation_peak_bytes(before, peak) + max(0, before - start)
 
     def _captures_graphs(self) -> bool:
         """Decode graphs will be captured: an LM head on the Triton path, not enforce_eager."""
@@ -229,7 +233,8 @@ class ModelRunner:
             warnings.warn(
                 f"the decode graphs' memory pool holds {self.graphs.pool_bytes / 2**20:.0f} MiB, {over / 2**20:.0f} "
                 f"MiB more than was set aside for it: this engine uses that much more than gpu_memory_utilization "
-                f"allows (set kv_cache_memory_bytes lower, or enforce_eager=True)",
+                f"allows (set kv_cache_memory_bytes lower, or enforce_eager=True; PYTORCH_CUDA_ALLOC_CONF settings "
+                f"such as expandable_segments or max_split_size_mb change how the pool rounds its blocks)",
                 stacklevel=2,
             )
 

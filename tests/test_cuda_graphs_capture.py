@@ -45,14 +45,16 @@ class FakeCuda:
     def __init__(self):
         self.log: list[tuple] = []
         self.capturing: FakeGraph | None = None
-        self.pools: list[object] = []
-        self.reserved = 0  # the allocator's reserved bytes: a capture of bucket bs reserves bs MiB
+        self.pools: list[tuple] = []
+        # the allocator's segments: a capture of bucket bs adds one of bs MiB to its pool; another thread's
+        # allocations meanwhile (1 GiB each, outside any pool) must not count
+        self.segments = []
 
-    def memory_reserved(self, device=None):
-        return self.reserved
+    def memory_snapshot(self):
+        return self.segments
 
     def graph_pool_handle(self):
-        pool = object()
+        pool = (0, len(self.pools) + 1)
         self.pools.append(pool)
         return pool
 
@@ -65,7 +67,8 @@ class FakeCuda:
             yield
         finally:
             self.capturing = None
-            self.reserved += g.bs << 20
+            self.segments.append(dict(device=0, total_size=g.bs << 20, segment_pool_id=pool))
+            self.segments.append(dict(device=0, total_size=1 << 30, segment_pool_id=(0, 0)))
 
 
 @pytest.fixture
@@ -76,8 +79,8 @@ def fake_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "graph", fake.graph)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", fake.graph_pool_handle)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    monkeypatch.setattr(torch.cuda, "memory_reserved", fake.memory_reserved)
+    monkeypatch.setattr(torch.cuda, "memory_snapshot", fake.memory_snapshot)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     init, forward = DecodeGraphs.__init__, DecodeGraphs._forward
 
     def cuda_init(self, runner, sizes, use_cuda_graphs):
@@ -141,8 +144,9 @@ def test_capture_order_pool_and_mode(fake_cuda, qwen2):
 
 
 def test_the_graph_pool_is_measured_and_checked_against_its_budget(fake_cuda, qwen2):
-    """Each capture pass measures the memory it left reserved (the pool); the engine warns when that is more
-    than was set aside for the pool when the KV cache was sized, once per capture pass."""
+    """Each capture pass measures the memory its pool holds (its own segments, not other allocations); the
+    engine warns when that is more than was set aside for the pool when the KV cache was sized, once per
+    capture pass."""
     llm = LLM(qwen2, dtype="float32", device="cpu", max_num_seqs=20)
     runner = llm.engine.runner
     assert runner.graphs.pool_bytes == sum(runner.graphs.sizes) << 20 == 63 << 20
