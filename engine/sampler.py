@@ -59,10 +59,11 @@ class Sampler:
         """logits float32 [R, V]; seqs[i] draws from row rows[i]. Returns the Draw (on the device)."""
         if len(rows) != logits.shape[0] or rows != list(range(len(rows))):
             logits = logits[to_device(rows, torch.int64, logits.device)]
+        seeds = []
         for s in seqs:
             if s.seed_base is None:
                 s.seed_base = candidate_seed(s.seed, s.index)
-        seeds = [position_seed(s.seed_base, s.num_output) for s in seqs]
+            seeds.append(position_seed(s.seed_base, s.num_output))
         bans = [self._banned(s) if s.params.min_tokens else [] for s in seqs]
         params = [s.params for s in seqs]
         penalised = [s for s in seqs if s.params.has_penalties]
