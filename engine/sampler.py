@@ -204,10 +204,11 @@ def draw_rows(
     Returns the Draw (device tensors; Draw.host() gives the lists)."""
     dev = logits.device
     raw = logits
-    if penalised is not None or any(bans):  # keep the raw logits for the raw modes' values
+    banned = any(bans)
+    if penalised is not None or banned:  # keep the raw logits for the raw modes' values
         logits = logits.clone()
-    ban_rows = [r for r, ban in enumerate(bans) for _ in ban]
-    if ban_rows:  # (index lists through to_device: a list index would copy without pinning, and wait)
+    if banned:  # (index lists through to_device: a list index would copy without pinning, and wait)
+        ban_rows = [r for r, ban in enumerate(bans) for _ in ban]
         cols = [t for ban in bans for t in ban]
         idx = to_device(ban_rows + cols, torch.int64, dev)
         logits[idx[: len(cols)], idx[len(cols) :]] = float("-inf")
@@ -229,11 +230,12 @@ def draw_rows(
             )
         )
     else:
-        # (host lists through pinned memory, non-blocking: no stream sync before the kernel)
-        temperature = to_device([float(p.temperature) for p in params], torch.float32, dev)
-        top_k = to_device([int(p.top_k) for p in params], torch.int32, dev)
-        top_p = to_device([float(p.top_p) for p in params], torch.float32, dev)
-        min_p = to_device([float(p.min_p) for p in params], torch.float32, dev)
+        # (host lists through pinned memory, non-blocking: no stream sync before the kernel; the
+        # array module behind to_device converts the values)
+        temperature = to_device([p.temperature for p in params], torch.float32, dev)
+        top_k = to_device([p.top_k for p in params], torch.int32, dev)
+        top_p = to_device([p.top_p for p in params], torch.float32, dev)
+        min_p = to_device([p.min_p for p in params], torch.float32, dev)
     seed_t = to_device(seeds, torch.int64, dev)
     processed = logprobs_mode.startswith("processed")
     if processed:
