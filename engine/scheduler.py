@@ -88,7 +88,7 @@ class Scheduler:
             if seq.ends_at_pending:  # (async scheduling) its pending token is its last
                 i += 1
                 continue
-            n = min(len(seq) - seq.num_computed, budget)
+            n = min(len(seq.token_ids) - seq.num_computed, budget)
             if n == 1 and self.bm.fits_in_place(seq):  # no block to take or copy
                 picked.append((seq, 1))
                 budget -= 1
@@ -141,7 +141,7 @@ class Scheduler:
         batch.sampled it comes from: a parent's row serves its siblings)."""
         for s, n in zip(batch.seqs, batch.num_new):
             s.num_computed += n
-            self.bm.register_full_blocks(s)
+        self.bm.register_full_blocks(batch.seqs)
         seqs, rows = [], []
         for row, i in enumerate(batch.sampled):
             s = batch.seqs[i]
