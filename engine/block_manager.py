@@ -146,22 +146,23 @@ class BlockManager:
         seq.num_hashed_blocks = 0
         seq.last_hash = seq.hash_root
 
-    def register_full_blocks(self, seq: Sequence):
-        """Hash blocks that became full and computed, so later requests can reuse them (not before their
-        tokens are known on the host: a pending token's block waits)."""
-        bs = self.block_size
-        full = min(seq.num_computed, len(seq.token_ids) - seq.num_pending) // bs
-        if not self.enable_prefix_caching or full <= seq.num_hashed_blocks:  # the common case: nothing new
+    def register_full_blocks(self, seqs: list[Sequence]):
+        """Hash the blocks of `seqs` that became full and computed, so later requests can reuse them (not
+        before their tokens are known on the host: a pending token's block waits)."""
+        if not self.enable_prefix_caching:
             return
-        while seq.num_hashed_blocks < full:
-            i = seq.num_hashed_blocks
-            h = self.hash_block(seq.last_hash, seq.token_ids[i * bs : (i + 1) * bs])
-            block = seq.block_table[i]
-            if h not in self.hash_to_block and self.block_hash[block] is None:
-                self.hash_to_block[h] = block
-                self.block_hash[block] = h
-            seq.last_hash = h
-            seq.num_hashed_blocks += 1
+        bs = self.block_size
+        for seq in seqs:
+            full = min(seq.num_computed, len(seq.token_ids) - seq.num_pending) // bs
+            while seq.num_hashed_blocks < full:  # (the common case, a decode within a block: nothing new)
+                i = seq.num_hashed_blocks
+                h = self.hash_block(seq.last_hash, seq.token_ids[i * bs : (i + 1) * bs])
+                block = seq.block_table[i]
+                if h not in self.hash_to_block and self.block_hash[block] is None:
+                    self.hash_to_block[h] = block
+                    self.block_hash[block] = h
+                seq.last_hash = h
+                seq.num_hashed_blocks += 1
 
     def reset_prefix_cache(self):
         """Forget every cached prefix (after a weight update the cached K/V are stale)."""

@@ -332,7 +332,7 @@ class LLMEngine:
         self.num_generated_tokens += 1
         s.append_token(tok, lp, top)
         if register:
-            self.block_manager.register_full_blocks(s)
+            self.block_manager.register_full_blocks([s])
         reason = self.output_processor.finish_reason(s)
         if reason is None:
             return None

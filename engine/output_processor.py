@@ -20,7 +20,7 @@ class OutputProcessor:
         A stop token id or stop string is recorded in s.stop_reason; a stop string also cuts the
         output text (s.stop_text), keeping the stop string when params.include_stop_str_in_output."""
         p, tok = s.params, s.token_ids[-1]
-        if s.num_output >= p.min_tokens:
+        if p.min_tokens == 0 or s.num_output >= p.min_tokens:
             if not p.ignore_eos and tok in self.eos_ids:
                 if tok != self.primary_eos:
                     s.stop_reason = tok
@@ -42,8 +42,8 @@ class OutputProcessor:
     def length_reached(self, s: Sequence) -> bool:
         """The candidate has all the tokens max_tokens or the context allow (max_tokens None: up to the
         context, which the second test covers)."""
-        p = s.params
-        return (p.max_tokens is not None and s.num_output >= p.max_tokens) or len(s) >= self.max_model_len
+        p, n = s.params, len(s.token_ids)  # (called for every candidate at every step: no properties)
+        return n >= self.max_model_len or (p.max_tokens is not None and n - s.prompt_len >= p.max_tokens)
 
     def text(self, s: Sequence) -> str:
         """The output text, as vLLM: "" without detokenize (or tokenizer); cut at a stop string; and

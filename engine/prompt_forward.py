@@ -62,7 +62,7 @@ def forward_prompts(
                 hs = list(h.split(batch.num_new))
         for seq, n, start, k, hh in zip(batch.seqs, batch.num_new, starts, index, hs):
             seq.num_computed += n
-            bm.register_full_blocks(seq)
+            bm.register_full_blocks([seq])
             bm.free_seq(seq)
             yield k, start, hh
 

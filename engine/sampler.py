@@ -59,10 +59,11 @@ class Sampler:
         """logits float32 [R, V]; seqs[i] draws from row rows[i]. Returns the Draw (on the device)."""
         if len(rows) != logits.shape[0] or rows != list(range(len(rows))):
             logits = logits[to_device(rows, torch.int64, logits.device)]
+        seeds = []
         for s in seqs:
             if s.seed_base is None:
                 s.seed_base = candidate_seed(s.seed, s.index)
-        seeds = [position_seed(s.seed_base, s.num_output) for s in seqs]
+            seeds.append(position_seed(s.seed_base, s.num_output))
         bans = [self._banned(s) if s.params.min_tokens else [] for s in seqs]
         params = [s.params for s in seqs]
         penalised = [s for s in seqs if s.params.has_penalties]
@@ -190,10 +191,11 @@ def draw_rows(
     Returns the Draw (device tensors; Draw.host() gives the lists)."""
     dev = logits.device
     raw = logits
-    if penalised is not None or any(bans):  # keep the raw logits for the raw modes' values
+    banned = any(bans)
+    if penalised is not None or banned:  # keep the raw logits for the raw modes' values
         logits = logits.clone()
-    ban_rows = [r for r, ban in enumerate(bans) for _ in ban]
-    if ban_rows:  # (index lists through to_device: a list index would copy without pinning, and wait)
+    if banned:  # (index lists through to_device: a list index would copy without pinning, and wait)
+        ban_rows = [r for r, ban in enumerate(bans) for _ in ban]
         cols = [t for ban in bans for t in ban]
         idx = to_device(ban_rows + cols, torch.int64, dev)
         logits[idx[: len(cols)], idx[len(cols) :]] = float("-inf")
@@ -215,11 +217,12 @@ def draw_rows(
             )
         )
     else:
-        # (host lists through pinned memory, non-blocking: no stream sync before the kernel)
-        temperature = to_device([float(p.temperature) for p in params], torch.float32, dev)
-        top_k = to_device([int(p.top_k) for p in params], torch.int32, dev)
-        top_p = to_device([float(p.top_p) for p in params], torch.float32, dev)
-        min_p = to_device([float(p.min_p) for p in params], torch.float32, dev)
+        # (host lists through pinned memory, non-blocking: no stream sync before the kernel; the
+        # array module behind to_device converts the values)
+        temperature = to_device([p.temperature for p in params], torch.float32, dev)
+        top_k = to_device([p.top_k for p in params], torch.int32, dev)
+        top_p = to_device([p.top_p for p in params], torch.float32, dev)
+        min_p = to_device([p.min_p for p in params], torch.float32, dev)
     seed_t = to_device(seeds, torch.int64, dev)
     processed = logprobs_mode.startswith("processed")
     if processed:

@@ -88,7 +88,7 @@ class Scheduler:
             if seq.ends_at_pending:  # (async scheduling) its pending token is its last
                 i += 1
                 continue
-            n = min(len(seq) - seq.num_computed, budget)
+            n = min(len(seq.token_ids) - seq.num_computed, budget)
             if n == 1 and self.bm.fits_in_place(seq):  # no block to take or copy
                 picked.append((seq, 1))
                 budget -= 1
@@ -106,7 +106,7 @@ class Scheduler:
                 budget -= n
                 i += 1
         # Admit new work only when nothing was preempted: otherwise it would be evicted again.
-        in_flight = sum(1 + s.fork_count for s in self.running)
+        in_flight = sum(1 + s.fork_count for s in self.running) if self.waiting else 0
         while self.waiting and budget > 0 and not preempted:
             seq = self.waiting[0]
             if in_flight + 1 + seq.fork_count > self.cfg.max_num_seqs and self.running:
@@ -125,13 +125,13 @@ class Scheduler:
             picked.append((seq, n))
             budget -= n
             in_flight += 1 + seq.fork_count
-        picked.sort(key=lambda p: p[1] != 1)  # stable: single-token rows first
-        batch = Batch(copies=copies)
-        for seq, n in picked:
-            batch.seqs.append(seq)
-            batch.num_new.append(n)
-        batch.num_decode = sum(1 for n in batch.num_new if n == 1)
-        batch.sampled = [i for i, (s, n) in enumerate(picked) if s.num_computed + n == len(s)]
+        num_new = [n for _, n in picked]
+        num_decode = num_new.count(1)
+        if num_decode < len(picked):  # single-token rows first (a stable sort)
+            picked.sort(key=lambda p: p[1] != 1)
+            num_new = [n for _, n in picked]
+        batch = Batch([s for s, _ in picked], num_new, num_decode, copies)
+        batch.sampled = [i for i, (s, n) in enumerate(picked) if s.num_computed + n == len(s.token_ids)]
         return batch
 
     def advance(self, batch: Batch) -> tuple[list[Sequence], list[int]]:
@@ -141,14 +141,16 @@ class Scheduler:
         batch.sampled it comes from: a parent's row serves its siblings)."""
         for s, n in zip(batch.seqs, batch.num_new):
             s.num_computed += n
-            self.bm.register_full_blocks(s)
+        self.bm.register_full_blocks(batch.seqs)
         seqs, rows = [], []
         for row, i in enumerate(batch.sampled):
-            group = [batch.seqs[i]]
-            if group[0].fork_count:
-                group += self._fork(group[0])
-            seqs += group
-            rows += [row] * len(group)
+            s = batch.seqs[i]
+            seqs.append(s)
+            rows.append(row)
+            if s.fork_count:
+                children = self._fork(s)
+                seqs += children
+                rows += [row] * len(children)
         return seqs, rows
 
     def _fork(self, parent: Sequence) -> list[Sequence]:

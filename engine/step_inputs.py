@@ -129,10 +129,12 @@ class StepInputs:
         self.device, self.block_size, self.width = device, block_size, width
         self.max_tokens = max_tokens
         z = dict(device=device)
-        # What a decode graph reads (slices [:bucket] of these, at fixed addresses).
-        self.input_ids = torch.zeros(max_tokens, dtype=torch.int64, **z)
-        self.positions = torch.zeros(max_tokens, dtype=torch.int64, **z)
-        self.slot_mapping = torch.full((max_tokens,), PAD_SLOT, dtype=torch.int64, **z)
+        # What a decode graph reads (slices [:bucket] of these, at fixed addresses). Token ids,
+        # positions and slots are the rows of one buffer, so one copy fills all three; rows start
+        # 128-byte aligned, as a buffer of their own would (Triton specialises on the alignment).
+        self.token_rows = torch.zeros(3, -(-max_tokens // 16) * 16, dtype=torch.int64, **z)
+        self.input_ids, self.positions, self.slot_mapping = self.token_rows[:, :max_tokens]
+        self.slot_mapping.fill_(PAD_SLOT)
         self.seq_lens = torch.zeros(max_tokens, dtype=torch.int32, **z)
         self.block_tables = torch.zeros(max_table_rows, width, dtype=torch.int32, **z)
         self.tables = BlockTables(width, block_size, device)
@@ -183,19 +185,17 @@ class StepInputs:
             rows += [0] * pad
         if T + pad > self.max_tokens:
             raise ValueError(f"{T + pad} tokens in a step; the buffers hold {self.max_tokens}")
-        sampled = batch.sampled
-        in_order = sampled == list(range(len(sampled))) and all(last_rows[r] == r for r in sampled)
-        sample = [] if in_order else [last_rows[r] for r in sampled]
+        sample = [last_rows[r] for r in batch.sampled]
+        if sample == list(range(len(sample))):  # rows 0..len-1: no gather needed
+            sample = []
         Tp, Bp = T + pad, B + pad
 
         # Two host-to-device copies, then the persistent buffers are filled on the device.
         feed = batch.feed_rows + batch.feed_src
         d64 = to_device(ids + pos + slots + rows + upd_idx + sample + feed, torch.int64, self.device)
         d32 = to_device(lens + cu + upd_val, torch.int32, self.device)
-        o = 0
-        for buf, n in ((self.input_ids, Tp), (self.positions, Tp), (self.slot_mapping, Tp)):
-            buf[:n].copy_(d64[o : o + n], non_blocking=True)
-            o += n
+        self.token_rows[:, :Tp].copy_(d64[: 3 * Tp].view(3, Tp), non_blocking=True)
+        o = 3 * Tp
         rows_d = d64[o : o + Bp]
         upd_idx_d = d64[o + Bp : o + Bp + len(upd_idx)]
         o2 = o + Bp + len(upd_idx)

@@ -156,6 +156,18 @@ def test_block_tables_follow_the_scheduler():
     assert inputs.tables.table.shape[0] > 64 or inputs.tables.row_of  # rows were reclaimed or grown
 
 
+def test_step_token_buffers_start_aligned():
+    """Token ids, positions and slots are rows of one buffer (one copy fills them), yet each starts
+    as aligned as a buffer of its own: Triton specialises on pointer alignment (16 bytes), so a
+    misaligned row after an odd max_tokens would need variants the warm-up never compiled."""
+    for max_tokens in (15, 16, 17, 250):
+        i = StepInputs(max_tokens, 8, 4, 4, CPU)
+        for b in (i.input_ids, i.positions, i.slot_mapping):
+            assert b.shape == (max_tokens,) and b.is_contiguous()
+            assert b.data_ptr() % 16 == 0 and (b.data_ptr() - i.token_rows.data_ptr()) % 128 == 0
+        assert (i.slot_mapping == PAD_SLOT).all() and not i.input_ids.any() and not i.positions.any()
+
+
 @needs_interpreter
 def test_gpu_path_greedy_chunked_prefill_padded_buckets(tiny, triton_path):
     """Llama through the padded decode buckets (CPU stand-in for the graphs) with chunked prefill:
