@@ -54,6 +54,7 @@ class Sampler:
         if logprobs_mode not in LOGPROBS_MODES:
             raise ValueError(f"logprobs_mode must be one of {', '.join(LOGPROBS_MODES)}, got {logprobs_mode!r}")
         self.logprobs_mode = logprobs_mode
+        self._filters: dict = {}  # the last uniform step's filter tensors (draw_rows' `filters` cache)
 
     def __call__(self, logits: torch.Tensor, rows: list[int], seqs: list[Sequence]):
         """logits float32 [R, V]; seqs[i] draws from row rows[i]. Returns the Draw (on the device)."""
@@ -67,7 +68,7 @@ class Sampler:
         bans = [self._banned(s) if s.params.min_tokens else [] for s in seqs]
         params = [s.params for s in seqs]
         penalised = [s for s in seqs if s.params.has_penalties]
-        return draw_rows(logits, params, seeds, bans, penalised or None, self.logprobs_mode)
+        return draw_rows(logits, params, seeds, bans, penalised or None, self.logprobs_mode, filters=self._filters)
 
     def _banned(self, s: Sequence) -> list[int]:
         if s.num_output >= s.params.min_tokens:
@@ -184,9 +185,13 @@ def draw_rows(
     bans: list[list[int]],
     penalised: list[Sequence] | None = None,
     logprobs_mode: str = "raw_logprobs",
+    filters: dict | None = None,
 ):
     """logits float32 [R, V]; one SamplingParams, seed and banned-id list per row; `penalised`:
     the sequences of the rows whose params have penalties (None when no row has them), in row order.
+    `filters`: a dict that keeps the filter tensors of the last step whose rows share one
+    SamplingParams, for the next such step with the same values and rows (a decode step of one
+    request's candidates then makes none: four device fills a step fewer). They are only read.
 
     Returns the Draw (device tensors; Draw.host() gives the lists)."""
     dev = logits.device
@@ -207,15 +212,22 @@ def draw_rows(
     R, p0 = len(params), params[0]
     uniform = all(p is p0 for p in params)
     if uniform:  # the common case: one request's (or one call's) parameters
-        temperature, top_k, top_p, min_p = (
-            torch.full((R,), v, dtype=dt, device=dev)
-            for v, dt in (
-                (p0.temperature, torch.float32),
-                (p0.top_k, torch.int32),
-                (p0.top_p, torch.float32),
-                (p0.min_p, torch.float32),
+        key = (p0.temperature, p0.top_k, p0.top_p, p0.min_p, R, dev)  # (values: params may be changed)
+        kept = filters.get(key) if filters is not None else None
+        if kept is None:
+            kept = tuple(
+                torch.full((R,), v, dtype=dt, device=dev)
+                for v, dt in (
+                    (p0.temperature, torch.float32),
+                    (p0.top_k, torch.int32),
+                    (p0.top_p, torch.float32),
+                    (p0.min_p, torch.float32),
+                )
             )
-        )
+            if filters is not None:
+                filters.clear()
+                filters[key] = kept
+        temperature, top_k, top_p, min_p = kept
     else:
         # (host lists through pinned memory, non-blocking: no stream sync before the kernel; the
         # array module behind to_device converts the values)

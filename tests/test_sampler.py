@@ -317,3 +317,29 @@ def test_draw_on_cuda_waits_for_its_copies_on_their_device(monkeypatch, device):
     got_tokens, got_values, entries = draw.host()
     assert got_tokens == [5, 3] and got_values == [-0.5, -1.25] and entries[1] is None
     assert list(entries[0]) == [5] and entries[0][5].rank == 1 and not fake.queues[device]
+
+
+def test_uniform_filter_tensors_kept_between_steps():
+    """A step whose rows share one SamplingParams reuses the filter tensors of the last such step when
+    the values and the row count match (no device fills), makes new ones when either changed (a params
+    object changed in place included), and draws exactly what it draws without the cache."""
+    from engine.sampler import draw_rows
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    p = SamplingParams(temperature=0.7, top_k=5, top_p=0.9, min_p=0.05, seed=1)
+    cache = {}
+
+    def draw(params, seeds, **kw):
+        return draw_rows(logits[: len(params)], params, seeds, [[]] * len(params), **kw).host()
+
+    first = draw([p] * 3, [1, 2, 3], filters=cache)
+    (kept,) = cache.values()
+    assert torch.allclose(kept[0], torch.full((3,), 0.7)) and kept[1].tolist() == [5] * 3
+    assert draw([p] * 3, [1, 2, 3], filters=cache) == first == draw([p] * 3, [1, 2, 3])
+    assert next(iter(cache.values())) is kept  # reused, not made again
+    p.temperature = 1.3  # changed in place: new tensors with the new value
+    assert draw([p] * 3, [4, 5, 6], filters=cache) == draw([p] * 3, [4, 5, 6])
+    (now,) = cache.values()
+    assert now is not kept and torch.allclose(now[0], torch.full((3,), 1.3))
+    assert draw([p] * 2, [4, 5], filters=cache) == draw([p] * 2, [4, 5])  # another row count
+    assert len(cache) == 1 and next(iter(cache.values()))[0].shape == (2,)
