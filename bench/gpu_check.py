@@ -454,8 +454,9 @@ def _graph_pool_row(runner):
     (engine.memory_plan.decode_graph_pool_bytes, this device's SM count)."""
     from engine.memory_plan import decode_graph_pool_bytes
 
-    e, sms = runner.ecfg, torch.cuda.get_device_properties(DEV).multi_processor_count if CUDA else 132
-    est = decode_graph_pool_bytes(runner.mcfg, runner.dtype, e.max_num_seqs, runner.max_model_len, sms=sms)
+    e = runner.ecfg
+    sms = dict(sms=torch.cuda.get_device_properties(DEV).multi_processor_count) if CUDA else {}  # (else: H100's)
+    est = decode_graph_pool_bytes(runner.mcfg, runner.dtype, e.max_num_seqs, runner.max_model_len, **sms)
     if not CUDA:  # (nothing captured: the estimate alone)
         row(3, "decode graphs' pool: estimate", f"{est / 2**20:.0f} MiB")
         return

@@ -134,9 +134,8 @@ def decode_graph_pool_bytes(
     forward of the largest bucket B: one layer's intermediates for each of its rows, and the split-KV partials
     (float32 [b, Hq, splits, D] and [b, Hq, MAX_SPLITS]; for every bucket b, b x splits <= 2 x SMs / Hkv + b as
     choose_num_splits aims at two waves, and <= b x the splits a context allows), plus the allocator's
-    rounding and the capture stream's cuBLAS
-    workspace. The engine sets this aside when it sizes its own KV cache; DecodeGraphs.capture measures the real
-    pool, and ModelRunner warns when it came out bigger."""
+    rounding and the capture stream's cuBLAS workspace. The engine sets this aside when it sizes its own KV
+    cache; DecodeGraphs.capture measures the real pool, and ModelRunner warns when it came out bigger."""
     if m.head != "lm":
         return 0
     b = bucket_sizes(max_num_seqs)[-1]

@@ -288,19 +288,11 @@ def sample_rows(*args, **kwargs):
     return draw_rows(*args, **kwargs).host()
 
 
-def position_logprobs(values: torch.Tensor, tokens: torch.Tensor, want: list[int | None]):
-    """vLLM's per-position logprobs entries from `values` [R, V] (logprobs or logits): per row with
-    want[r] not None, {tokens[r]: Logprob(value, rank), then the top-want[r] ids: Logprob(value,
-    1..k)}, where rank = 1 + the number of strictly larger values. When the token is also in the
-    top-k, its top-k entry wins (as a dict built in that order: vLLM's
-    append_logprobs_for_next_position). Returns (the tokens' values list[float], the dicts)."""
-    vals, ids, ranks = position_logprob_tensors(values, tokens, want)
-    return position_logprob_entries(vals.tolist(), ids.tolist(), ranks.tolist(), want)
-
-
 def position_logprob_tensors(values: torch.Tensor, tokens: torch.Tensor, want: list[int | None]):
-    """The device half of position_logprobs: per row the token's value then the top-k values
-    [R, 1 + k], their ids [R, 1 + k] and the token's rank [R] (k: the most any row wants)."""
+    """The device half of vLLM's per-position logprobs entries, from `values` [R, V] (logprobs or
+    logits) and the chosen `tokens` [R]: per row the token's value then the top-k values [R, 1 + k],
+    their ids [R, 1 + k] and the token's rank [R] (k: the most any row wants). Its lists (on the host,
+    kernels.host.HostCopy) go to position_logprob_entries."""
     chosen = values.gather(1, tokens[:, None])
     rank = (values >= chosen).sum(-1)
     k = max((w or 0) for w in want)
@@ -311,7 +303,11 @@ def position_logprob_tensors(values: torch.Tensor, tokens: torch.Tensor, want: l
 
 
 def position_logprob_entries(vals: list, ids: list, ranks: list, want: list[int | None]):
-    """The host half of position_logprobs, from position_logprob_tensors' lists."""
+    """The host half, from position_logprob_tensors' lists: per row with want[r] not None,
+    {tokens[r]: Logprob(value, rank), then the top-want[r] ids: Logprob(value, 1..k)}, where rank =
+    1 + the number of strictly larger values. When the token is also in the top-k, its top-k entry
+    wins (as a dict built in that order: vLLM's append_logprobs_for_next_position). Returns (the
+    tokens' values list[float], the dicts)."""
     entries = [None] * len(want)
     for r, w in enumerate(want):
         if w is None:

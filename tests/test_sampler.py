@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.sampler import apply_penalties, position_logprobs, sample_rows
+from engine.sampler import apply_penalties, position_logprob_entries, position_logprob_tensors, sample_rows
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 
@@ -199,6 +199,12 @@ def test_penalties_change_the_draw_and_stay_seeded():
     y = x[:1].clone()
     y[0, top] = abs(y[0, top]) + 1
     assert sample_rows(y.clone(), [greedy], [0], [[]], s)[0][0] != top
+
+
+def position_logprobs(values, tokens, want):
+    """Both halves, as the engine runs them (the device half, its lists, the host half)."""
+    lists = [t.tolist() for t in position_logprob_tensors(values, tokens, want)]
+    return position_logprob_entries(*lists, want)
 
 
 def test_position_logprobs_entries():
