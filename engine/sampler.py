@@ -14,14 +14,19 @@ the draw samples the processed logits as they are, so the reported values are ex
 distribution drawn from.
 """
 
+from operator import attrgetter
+
 import torch
 
 import kernels
 from engine.outputs import Logprob
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
-from kernels.host import HostCopy, to_device
+from kernels.host import HostCopy, to_device, to_device_packed
 from kernels.sampling import apply_filters, filter_plan
+
+# A row's filter values, in the kernel's order (the draw's key to reuse them between steps)
+_filter_values = attrgetter("temperature", "top_k", "top_p", "min_p")
 
 LOGPROBS_MODES = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")
 
@@ -54,7 +59,7 @@ class Sampler:
         if logprobs_mode not in LOGPROBS_MODES:
             raise ValueError(f"logprobs_mode must be one of {', '.join(LOGPROBS_MODES)}, got {logprobs_mode!r}")
         self.logprobs_mode = logprobs_mode
-        self._filters: dict = {}  # the last uniform step's filter tensors (draw_rows' `filters` cache)
+        self._filters: dict = {}  # the last shared-values step's filter tensors (draw_rows' `filters` cache)
 
     def __call__(self, logits: torch.Tensor, rows: list[int], seqs: list[Sequence]):
         """logits float32 [R, V]; seqs[i] draws from row rows[i]. Returns the Draw (on the device)."""
@@ -189,9 +194,10 @@ def draw_rows(
 ):
     """logits float32 [R, V]; one SamplingParams, seed and banned-id list per row; `penalised`:
     the sequences of the rows whose params have penalties (None when no row has them), in row order.
-    `filters`: a dict that keeps the filter tensors of the last step whose rows share one
-    SamplingParams, for the next such step with the same values and rows (a decode step of one
-    request's candidates then makes none: four device fills a step fewer). They are only read.
+    `filters`: a dict that keeps the filter tensors of the last step whose rows share their filter values
+    (temperature, top-k, top-p, min-p), for the next such step with the same values and rows (a decode
+    step of one call's candidates then makes none: four device fills a step fewer). They are only read.
+    Rows with different filter values send them with the seeds in one packed copy.
 
     Returns the Draw (device tensors; Draw.host() gives the lists)."""
     dev = logits.device
@@ -211,31 +217,36 @@ def draw_rows(
         apply_penalties(logits, prows, penalised)
     R, p0 = len(params), params[0]
     uniform = all(p is p0 for p in params)
-    if uniform:  # the common case: one request's (or one call's) parameters
-        key = (p0.temperature, p0.top_k, p0.top_p, p0.min_p, R, dev)  # (values: params may be changed)
+    f0 = _filter_values(p0)
+    if uniform or all(_filter_values(p) == f0 for p in params):
+        # the common case: one request's (or one call's) parameters, or requests that differ in their
+        # seeds only (one SamplingParams per prompt, as RL loops make them)
+        key = (*f0, R, dev)  # (values: params may be changed in place)
         kept = filters.get(key) if filters is not None else None
         if kept is None:
             kept = tuple(
                 torch.full((R,), v, dtype=dt, device=dev)
-                for v, dt in (
-                    (p0.temperature, torch.float32),
-                    (p0.top_k, torch.int32),
-                    (p0.top_p, torch.float32),
-                    (p0.min_p, torch.float32),
-                )
+                for v, dt in zip(f0, (torch.float32, torch.int32, torch.float32, torch.float32))
             )
             if filters is not None:
                 filters.clear()
                 filters[key] = kept
         temperature, top_k, top_p, min_p = kept
+        seed_t = to_device(seeds, torch.int64, dev)
     else:
-        # (host lists through pinned memory, non-blocking: no stream sync before the kernel; the
-        # array module behind to_device converts the values)
-        temperature = to_device([p.temperature for p in params], torch.float32, dev)
-        top_k = to_device([p.top_k for p in params], torch.int32, dev)
-        top_p = to_device([p.top_p for p in params], torch.float32, dev)
-        min_p = to_device([p.min_p for p in params], torch.float32, dev)
-    seed_t = to_device(seeds, torch.int64, dev)
+        # rows with their own filter values: the four columns and the seeds through one pinned,
+        # non-blocking copy (no stream sync before the kernel; one copy, not five)
+        temps, ks, tps, mps = zip(*map(_filter_values, params))
+        seed_t, temperature, top_k, top_p, min_p = to_device_packed(
+            [
+                (seeds, torch.int64),
+                (temps, torch.float32),
+                (ks, torch.int32),
+                (tps, torch.float32),
+                (mps, torch.float32),
+            ],
+            dev,
+        )
     processed = logprobs_mode.startswith("processed")
     if processed:
         # The logits the draw uses, filtered once here; a greedy row keeps its penalised logits

@@ -46,6 +46,31 @@ def to_device(values, dtype: torch.dtype, device, out: torch.Tensor | None = Non
     return dst
 
 
+_SEGMENT_ALIGN = 16  # bytes: Triton specialises pointer arguments on 16-byte alignment
+
+
+def to_device_packed(columns: list[tuple[list, torch.dtype]], device) -> list[torch.Tensor]:
+    """Several lists as 1-D tensors on `device` through one copy: to_device for each (value list, dtype)
+    pair, at one host-to-device copy (CUDA: one pinned staging buffer, one non-blocking copy) instead of
+    one each. The tensors are views of one byte buffer, each starting at a multiple of 16 bytes, so a
+    Triton kernel sees the pointer alignment a separately allocated tensor has (no new variant)."""
+    device = torch.device(device)
+    offsets, total = [], 0
+    for values, dtype in columns:
+        offsets.append(total)
+        total += -(-len(values) * dtype.itemsize // _SEGMENT_ALIGN) * _SEGMENT_ALIGN
+    packed = bytearray(total)
+    for (values, dtype), at in zip(columns, offsets):
+        raw = array(_ARRAY_CODE[dtype], values)
+        packed[at : at + len(raw) * raw.itemsize] = raw
+    host = torch.frombuffer(packed, dtype=torch.uint8) if total else torch.empty(0, dtype=torch.uint8)
+    if device.type == "cuda":
+        host = host.pin_memory().to(device, non_blocking=True)
+    elif device.type != "cpu":
+        host = host.to(device)
+    return [host[at : at + len(v) * dt.itemsize].view(dt) for (v, dt), at in zip(columns, offsets)]
+
+
 class HostCopy:
     """Device tensors on their way to the host, the reverse of to_device: on CUDA each is copied into a pinned
     buffer without blocking and an event is recorded after the copies, on the stream of the tensors' device

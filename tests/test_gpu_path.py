@@ -510,8 +510,8 @@ def no_host_sync(staging: bool = False):
     tensor), torch.cuda.synchronize and event/stream waits, and what waits only on a GPU
     (_WAITS_ON_CUDA: host lists made tensors or moved with .to, list or mask indexing, nonzero,
     unique, masked_select, repeat_interleave without output_size, equal...), pinned allocation
-    and kernels.host.to_device. What a CUDA graph capture forbids, checked on CPU. staging: pinned
-    staging and to_device allowed (outside a capture they do not wait)."""
+    and kernels.host.to_device(_packed). What a CUDA graph capture forbids, checked on CPU. staging: pinned
+    staging and to_device(_packed) allowed (outside a capture they do not wait)."""
     import kernels.host
 
     def caller() -> str | None:
@@ -537,7 +537,8 @@ def no_host_sync(staging: bool = False):
     targets[(torch.cuda, "synchronize")] = None
     targets.update(_WAITS_ON_CUDA)
     if not staging:
-        targets.update({(torch.Tensor, "pin_memory"): None, (kernels.host, "to_device"): None})
+        staged = (torch.Tensor, "pin_memory"), (kernels.host, "to_device"), (kernels.host, "to_device_packed")
+        targets.update(dict.fromkeys(staged))
     saved = [(obj, name, when, obj.__dict__.get(name), getattr(obj, name)) for (obj, name), when in targets.items()]
     try:
         for obj, name, when, _, orig in saved:

@@ -349,3 +349,73 @@ def test_uniform_filter_tensors_kept_between_steps():
     assert now is not kept and torch.allclose(now[0], torch.full((3,), 1.3))
     assert draw([p] * 2, [4, 5], filters=cache) == draw([p] * 2, [4, 5])  # another row count
     assert len(cache) == 1 and next(iter(cache.values()))[0].shape == (2,)
+
+
+def test_filter_tensors_shared_by_rows_with_equal_values():
+    """Rows with their own SamplingParams but equal filter values (one params object per prompt, seeds
+    apart, as RL loops make them) take the shared-values path: the kept tensors are reused, and the draw
+    equals the one-object draw. Rows with different values send them with the seeds in one packed copy
+    and each row draws what it draws alone."""
+    import engine.sampler as sampler
+    from engine.sampler import draw_rows
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
+    one = SamplingParams(temperature=0.8, top_k=7, top_p=0.9, min_p=0.02)
+    own = [SamplingParams(temperature=0.8, top_k=7, top_p=0.9, min_p=0.02, seed=s) for s in range(3)]
+    cache = {}
+
+    def draw(params, seeds, rows=slice(None), **kw):
+        return draw_rows(logits[rows], params, seeds, [[]] * len(params), **kw).host()
+
+    assert draw(own, [4, 5, 6], filters=cache) == draw([one] * 3, [4, 5, 6])
+    (kept,) = cache.values()
+    assert draw(own, [7, 8, 9], filters=cache) == draw([one] * 3, [7, 8, 9]) and next(iter(cache.values())) is kept
+
+    packed = []
+    real = sampler.to_device_packed
+    mixed = [
+        SamplingParams(temperature=0.5, top_k=3),
+        SamplingParams(temperature=1.2, top_p=0.8, min_p=0.1),
+        SamplingParams(temperature=0.0),
+    ]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sampler, "to_device_packed", lambda cols, dev: packed.append(cols) or real(cols, dev))
+        tokens, values, _ = draw(mixed, [11, 12, 13])
+    columns = [[11, 12, 13], [0.5, 1.2, 0.0], [3, -1, -1], [1.0, 0.8, 1.0], [0.0, 0.1, 0.0]]
+    assert len(packed) == 1 and [list(c) for c, _ in packed[0]] == columns
+    for r, p in enumerate(mixed):  # each row as drawn alone (its own values, not a neighbour's)
+        t, v, _ = draw([p], [11 + r], rows=slice(r, r + 1))
+        assert t == tokens[r : r + 1] and v == pytest.approx(values[r : r + 1], abs=1e-6)
+    assert tokens[2] == int(logits[2].argmax())  # the greedy row
+
+
+def test_to_device_packed_one_copy_aligned_segments(monkeypatch):
+    """to_device_packed: every column's values back exactly in its dtype, each a view of one buffer at a
+    16-byte-aligned offset (the alignment Triton specialises on), empty columns included; on CUDA one
+    pinned staging buffer and one non-blocking copy for all of them."""
+    from kernels.host import to_device_packed
+
+    cols = [
+        ([2**40 + 1, -3], torch.int64),
+        ([0.5, 1.25, -2.0], torch.float32),
+        ([], torch.float32),
+        ([7, 0, 9, 1, 5], torch.int32),
+        ([0.1], torch.float64),
+    ]
+    out = to_device_packed(cols, "cpu")
+    assert [t.tolist() for t in out] == [list(v) for v, _ in cols] and [t.dtype for t in out] == [d for _, d in cols]
+    assert len({t.untyped_storage().data_ptr() for t in out}) == 1
+    assert all((t.data_ptr() - out[0].data_ptr()) % 16 == 0 for t in out)
+    assert out[0].data_ptr() == out[0].untyped_storage().data_ptr()
+
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: calls.append("pin") or self.clone())
+
+    def to(self, device, non_blocking=False):
+        calls.append(("copy", torch.device(device).type, non_blocking))
+        return self.clone()
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    out = to_device_packed(cols, torch.device("cuda", 0))
+    assert calls == ["pin", ("copy", "cuda", True)]
+    assert [t.tolist() for t in out] == [list(v) for v, _ in cols]
