@@ -5,10 +5,10 @@ positions, cache slots, sequence lengths and block tables go into device buffers
 
 - a captured CUDA graph (engine/cuda_graphs.py) reads the same addresses at every replay, and
   the eager path uses the same buffers (a replay is the same forward on the same tensors);
-- the host builds flat lists only. All int64 values of a step are staged in one pinned host
-  tensor and all int32 values in another (kernels.host.to_device), each copied with
-  non_blocking=True, then spread on the device into the persistent buffers: two host-to-device
-  copies per step, none of which makes the host wait;
+- the host builds flat lists only. All int64 values of a step and all its int32 values are staged
+  in one pinned host buffer (kernels.host.to_device_packed), copied with non_blocking=True, then
+  spread on the device into the persistent buffers: one host-to-device copy per step, which does
+  not make the host wait;
 - block tables stay on the device (`BlockTables`): one row per sequence, written only where the
   sequence's table changed, then gathered into batch order by one index_select.
 
@@ -22,7 +22,7 @@ import torch
 from engine.model import AttnMetadata
 from engine.scheduler import Batch
 from engine.sequence import Sequence
-from kernels.host import to_device
+from kernels.host import to_device_packed
 
 PAD_SLOT = -1
 
@@ -190,10 +190,12 @@ class StepInputs:
             sample = []
         Tp, Bp = T + pad, B + pad
 
-        # Two host-to-device copies, then the persistent buffers are filled on the device.
+        # One host-to-device copy, then the persistent buffers are filled on the device.
         feed = batch.feed_rows + batch.feed_src
-        d64 = to_device(ids + pos + slots + rows + upd_idx + sample + feed, torch.int64, self.device)
-        d32 = to_device(lens + cu + upd_val, torch.int32, self.device)
+        d64, d32 = to_device_packed(
+            [(ids + pos + slots + rows + upd_idx + sample + feed, torch.int64), (lens + cu + upd_val, torch.int32)],
+            self.device,
+        )
         self.token_rows[:, :Tp].copy_(d64[: 3 * Tp].view(3, Tp), non_blocking=True)
         o = 3 * Tp
         rows_d = d64[o : o + Bp]

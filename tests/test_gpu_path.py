@@ -618,3 +618,39 @@ def test_captured_decode_forward_has_no_host_sync(tiny, triton_path, monkeypatch
     params = [SamplingParams(temperature=t, max_tokens=n, ignore_eos=True, seed=1) for t, n in ((0, 6), (1.0, 4))]
     llm.generate(_prompts(4, [7, 12]), params, use_tqdm=False)
     assert sum(llm.engine.runner.graphs.replays.values()) >= 5
+
+
+@needs_interpreter
+def test_decode_step_stages_host_memory_twice(tiny, triton_path, monkeypatch):
+    """A decode step's host data reaches the device in two pinned copies: the step's inputs (token
+    ids, positions, slots, lengths, table rows and entries, in one buffer) and the draw's seeds, with
+    one SamplingParams per prompt (seeds apart, as RL loops make them); rows whose filter values
+    differ add nothing (they travel with the seeds). Counted at kernels.host's staging functions,
+    wherever the engine imported them (on CPU they copy nothing, so calls are what is counted)."""
+    import kernels.host
+
+    staged = []
+    for name in ("to_device", "to_device_packed"):
+        real = getattr(kernels.host, name)
+
+        def counted(*args, _real=real, **kwargs):
+            staged.append(_real.__name__)
+            return _real(*args, **kwargs)
+
+        for mod in [m for n, m in sys.modules.items() if n.startswith(("engine.", "kernels."))]:
+            if getattr(mod, name, None) is real and mod is not kernels.host:
+                monkeypatch.setattr(mod, name, counted)
+    llm = LLM(tiny["qwen2"], dtype="float32", device="cpu", max_num_seqs=4)
+    eng = llm.engine
+    temps = {"shared": [0.8] * 4, "own": [0.5, 0.8, 1.1, 0.0]}
+    for case, ts in temps.items():
+        for i, (p, t) in enumerate(zip(_prompts(5, [6, 9, 4, 7]), ts)):
+            eng.add_request(f"{case}{i}", p, SamplingParams(temperature=t, max_tokens=8, ignore_eos=True, seed=i))
+        while eng.scheduler.waiting or any(s.num_computed < len(s) - 1 for s in eng.scheduler.running):
+            eng.step()
+        staged.clear()
+        for _ in range(3):
+            eng.step()
+        assert len(staged) == 6, (case, staged)  # per step: the inputs, the seeds
+        while eng.has_unfinished_requests():
+            eng.step()
