@@ -141,6 +141,14 @@ def test_capture_order_pool_and_mode(fake_cuda, qwen2):
     assert len(fake_cuda.log) == n and graphs.captures == 1
     graphs.capture(force=True)
     assert graphs.captures == 2 and len(fake_cuda.pools) == 2
+    runner = llm.engine.runner
+    runner.cos_sin = runner.cos_sin.clone()  # an address a graph baked in moved (graphs still in hand)
+    graphs.capture()
+    assert graphs.captures == 3 and len(fake_cuda.pools) == 3
+    p = next(runner.model.parameters())
+    p.data = p.data.clone()  # a weight swapped for a new tensor (load_weights of another storage)
+    graphs.capture()
+    assert graphs.captures == 4
 
 
 def test_the_graph_pool_is_measured_and_checked_against_its_budget(fake_cuda, qwen2):

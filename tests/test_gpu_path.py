@@ -240,8 +240,11 @@ def test_gpu_path_preemption_and_copy_on_write(tiny, triton_path):
     spy = Spy(runner.inputs)
     prompts = _prompts(6, [13, 20, 9])
     sp = SamplingParams(n=2, temperature=0, max_tokens=10, ignore_eos=True)
+    copies = []
+    copy_blocks = runner.copy_blocks
+    runner.copy_blocks = lambda pairs: copies.extend(pairs) or copy_blocks(pairs)
     outs = llm.generate(prompts, sp, use_tqdm=False)
-    assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.engine.scheduler.num_preemptions > 0 and copies  # preempted, and a partial block copied on write
     assert all(pad is None for _, pad in spy.steps)
     for p, o in zip(prompts, outs):
         want = _hf_greedy(path, p, 10)
@@ -654,3 +657,28 @@ def test_decode_step_stages_host_memory_twice(tiny, triton_path, monkeypatch):
         assert len(staged) == 6, (case, staged)  # per step: the inputs, the seeds
         while eng.has_unfinished_requests():
             eng.step()
+
+
+@needs_interpreter
+def test_eager_prefill_and_mixed_steps_have_no_host_sync(tiny, triton_path, monkeypatch):
+    """The eager forwards (prefill chunks, steps mixing decode rows and prefill chunks) never make the host
+    wait either: the maximum lengths the attention kernels need come from the host (the step's lists), not
+    read back from the device (a `.item()` per layer). Every forward of a chunked-prefill generate runs under
+    no_host_sync(); prefill-only and mixed steps are among them."""
+    from engine.model import CausalLM
+
+    forward = CausalLM.forward
+    kinds = set()
+
+    def guarded(self, input_ids, positions, cos_sin, kv_caches, meta):
+        nd = meta.num_decode
+        kinds.add("decode" if nd == input_ids.shape[0] else "mixed" if nd else "prefill")
+        with no_host_sync():
+            return forward(self, input_ids, positions, cos_sin, kv_caches, meta)
+
+    monkeypatch.setattr(CausalLM, "forward", guarded)
+    llm = LLM(tiny["llama"], dtype="float32", device="cpu", max_num_batched_tokens=16, max_num_seqs=4)
+    kinds.clear()  # (start-up's warm-up and captures ran their own forwards)
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (6, 3, 2)]
+    llm.generate(_prompts(2, [5, 19, 40]), params, use_tqdm=False)
+    assert {"prefill", "mixed"} <= kinds
