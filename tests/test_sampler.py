@@ -1,7 +1,10 @@
 """engine/sampler.py on random logits: penalties against transformers and a float64 statement,
 logprobs_mode values and vLLM's per-position logprobs entries (Logprob, rank, order)."""
 
+import dataclasses
 import math
+import os
+import random
 
 import numpy as np
 import pytest
@@ -419,3 +422,51 @@ def test_to_device_packed_one_copy_aligned_segments(monkeypatch):
     out = to_device_packed(cols, torch.device("cuda", 0))
     assert calls == ["pin", ("copy", "cuda", True)]
     assert [t.tolist() for t in out] == [list(v) for v, _ in cols]
+
+
+@pytest.mark.parametrize("kernels_path", ["torch", "triton"])
+@pytest.mark.parametrize("mode", ["raw_logprobs", "processed_logprobs"])
+def test_a_rows_draw_does_not_depend_on_its_batch_or_the_kept_filters(mode, kernels_path, monkeypatch):
+    """Random batches mixing the three ways rows carry their filter values (one shared SamplingParams,
+    equal values in separate objects, values of their own), drawn with one filters cache across all of
+    them: every row draws the token, value and logprobs entry it draws alone without the cache (on the
+    torch path and on the Triton sampling kernels, under the interpreter on CPU)."""
+    from engine.sampler import draw_rows
+
+    if kernels_path == "triton":
+        if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+            pytest.skip("Triton kernels on CPU tensors need TRITON_INTERPRET=1")
+        monkeypatch.setenv("BSTAR_KERNELS", "triton")
+
+    rng = random.Random(7)
+    V, cache = 64, {}
+
+    def fresh():
+        return SamplingParams(
+            temperature=rng.choice([0.0, 0.6, 1.0, 1.4]),
+            top_k=rng.choice([-1, 5]),
+            top_p=rng.choice([1.0, 0.85]),
+            min_p=rng.choice([0.0, 0.05]),
+            logprobs=rng.choice([None, 2]),
+        )
+
+    for _ in range(25):
+        R = rng.randint(1, 6)
+        shared = fresh()
+        kind = rng.choice(["same object", "equal values", "own values"])
+        if kind == "same object":
+            params = [shared] * R
+        elif kind == "equal values":
+            params = [dataclasses.replace(shared) for _ in range(R)]
+        else:
+            params = [fresh() for _ in range(R)]
+        logits = torch.randn(R, V, generator=torch.Generator().manual_seed(rng.randrange(1 << 30))) * 3
+        seeds = [rng.randrange(1 << 62) for _ in range(R)]
+        tokens, values, entries = draw_rows(logits, params, seeds, [[]] * R, None, mode, filters=cache).host()
+        for r in range(R):
+            t, v, e = draw_rows(logits[r : r + 1], params[r : r + 1], seeds[r : r + 1], [[]], None, mode).host()
+            assert t == tokens[r : r + 1], (kind, r)
+            assert v[0] == pytest.approx(values[r], abs=1e-5)
+            assert (e[0] is None) == (entries[r] is None)
+            if e[0] is not None:
+                assert list(e[0]) == list(entries[r])
