@@ -416,10 +416,10 @@ class ModelRunner:
         prompt_rows (rows in the order `prepare` packs the batch's new tokens): the engine turns them
         into prompt_logprobs in slices, so a long prompt never holds [tokens, vocab] logits at once."""
         h, last_rows = self.hidden_states(batch)
-        rows = batch.sampled
-        if rows:
-            logits = self.model.compute_logits(h[to_device([last_rows[r] for r in rows], torch.int64, self.device)])
-            logits = logits.float()
+        sampled = [last_rows[r] for r in batch.sampled]
+        idx = to_device(sampled + prompt_rows, torch.int64, self.device)  # (one pinned, non-blocking copy)
+        if sampled:
+            logits = self.model.compute_logits(h[idx[: len(sampled)]]).float()
         else:
             logits = torch.empty(0, self.mcfg.vocab_size, device=self.device)
-        return logits, h[to_device(prompt_rows, torch.int64, self.device)]  # (pinned, non-blocking copies)
+        return logits, h[idx[len(sampled) :]]
