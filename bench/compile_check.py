@@ -57,14 +57,14 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 def _cases(quick: bool):
     """(name, thunk) pairs; each thunk calls one wrapper on CPU tensors."""
-    from kernels.activation_triton import silu_and_mul_triton
-    from kernels.decode_attention_triton import paged_decode_attention_triton
-    from kernels.kv_store_triton import store_kv_triton
-    from kernels.norm_rope_triton import apply_rotary_triton, qk_norm_rope_triton, rms_norm_triton
-    from kernels.prefill_attention_triton import paged_prefill_attention_triton
-    from kernels.prm_scoring_triton import prm_step_scores_triton
-    from kernels.rope_store_triton import rope_store_kv_triton
-    from kernels.sampling_triton import sample_triton
+    from bstar.kernels.activation_triton import silu_and_mul_triton
+    from bstar.kernels.decode_attention_triton import paged_decode_attention_triton
+    from bstar.kernels.kv_store_triton import store_kv_triton
+    from bstar.kernels.norm_rope_triton import apply_rotary_triton, qk_norm_rope_triton, rms_norm_triton
+    from bstar.kernels.prefill_attention_triton import paged_prefill_attention_triton
+    from bstar.kernels.prm_scoring_triton import prm_step_scores_triton
+    from bstar.kernels.rope_store_triton import rope_store_kv_triton
+    from bstar.kernels.sampling_triton import sample_triton
 
     dtypes = DTYPES[:1] if quick else DTYPES
     combos = [(64, 7)] if quick else [(d, g) for d in (64, 128) for g in (1, 4, 7)]
@@ -457,7 +457,7 @@ def main() -> int:
     p.add_argument("--ptx", action="store_true", help="count accesses in the PTX, not the SASS (as without nvdisasm)")
     a = p.parse_args()
 
-    from kernels.launch import as_gpu, record_variants, variant_key
+    from bstar.kernels.launch import as_gpu, record_variants, variant_key
 
     rows, done = [], set()
     t0 = time.perf_counter()

@@ -136,14 +136,14 @@ def _paged(B, lens, hkv, d, page, g):
 
 
 def step_kernels():
-    from kernels.decode_attention import paged_decode_attention_ref
-    from kernels.decode_attention_triton import _config as decode_config
-    from kernels.decode_attention_triton import paged_decode_attention_triton
-    from kernels.prefill_attention import paged_prefill_attention_ref
-    from kernels.prefill_attention_triton import _config as prefill_config
-    from kernels.prefill_attention_triton import paged_prefill_attention_triton
-    from kernels.sampling import sample_ref
-    from kernels.sampling_triton import SPLIT_VOCAB_MAX_ROWS, sample_triton
+    from bstar.kernels.decode_attention import paged_decode_attention_ref
+    from bstar.kernels.decode_attention_triton import _config as decode_config
+    from bstar.kernels.decode_attention_triton import paged_decode_attention_triton
+    from bstar.kernels.prefill_attention import paged_prefill_attention_ref
+    from bstar.kernels.prefill_attention_triton import _config as prefill_config
+    from bstar.kernels.prefill_attention_triton import paged_prefill_attention_triton
+    from bstar.kernels.sampling import sample_ref
+    from bstar.kernels.sampling_triton import SPLIT_VOCAB_MAX_ROWS, sample_triton
 
     # The default tiles here (each autotune candidate is a compile); the autotuned decode kernel is
     # checked against the peer in step 4, the autotuned prefill kernel at the two model shapes below.
@@ -254,9 +254,9 @@ def step_kernels():
 
 
 def step_parity(tmp: Path):
-    from model_factory import hf_model, make_model
+    from bstar.testing.model_factory import hf_model, make_model
 
-    from engine import LLM, SamplingParams
+    from bstar.engine import LLM, SamplingParams
 
     n_new = 24 if CUDA else 4
     g = torch.Generator().manual_seed(0)
@@ -326,7 +326,7 @@ def step_bandwidth():
     """Decode attention's achieved bandwidth, timed as bench/gpu_timing.py does: graph replays (no
     launch gaps) rotating among enough caches that none is read from L2 (the 0.5B shape's 64 MB at
     B=64 would mostly be)."""
-    from kernels.decode_attention_triton import paged_decode_attention_triton
+    from bstar.kernels.decode_attention_triton import paged_decode_attention_triton
 
     copy_bw = copy_bandwidth(DEV, (2 << 30) if CUDA else (8 << 20))
     row(4, "device copy bandwidth (read + write)", f"{copy_bw / 1e9:.0f} GB/s")
@@ -453,7 +453,7 @@ def _hf_generate(hf, ids, n_new, num_return=1):
 def _graph_pool_row(runner):
     """The decode graphs' memory pool as captured against the estimate the KV budget sets aside for it
     (engine.memory_plan.decode_graph_pool_bytes, this device's SM count)."""
-    from engine.memory_plan import decode_graph_pool_bytes
+    from bstar.engine.runner.memory_plan import decode_graph_pool_bytes
 
     e = runner.ecfg
     sms = dict(sms=torch.cuda.get_device_properties(DEV).multi_processor_count) if CUDA else {}  # (else: H100's)
@@ -473,10 +473,10 @@ def _graph_pool_row(runner):
 
 
 def step_decode(tmp: Path):
-    from model_factory import QWEN25_05B, hf_model, make_model
+    from bstar.testing.model_factory import QWEN25_05B, hf_model, make_model
 
-    from engine import SamplingParams
-    from kernels.launch import compiled_count, record_variants
+    from bstar.engine import SamplingParams
+    from bstar.kernels.launch import compiled_count, record_variants
 
     if CUDA:
         shape = QWEN25_05B
@@ -488,7 +488,7 @@ def step_decode(tmp: Path):
     path = make_model(
         str(tmp / "q05"), "qwen2", tokenizer=False, dtype=torch.bfloat16 if CUDA else torch.float32, **shape
     )
-    from engine import LLM
+    from bstar.engine import LLM
 
     with record_variants(run=True) as warm:
         llm = LLM(path, dtype="bfloat16" if CUDA else "float32", device=DEV.type, num_kv_blocks=8192 if CUDA else 64)
@@ -647,7 +647,7 @@ def step_memory(budget_left: float, out_dir: Path):
 
 
 STEPS = [  # (number, name, seconds it needs at least on one H100, function); run in this order
-    (1, "kernels", 40, lambda tmp, left: step_kernels()),
+    (1, "bstar.kernels", 40, lambda tmp, left: step_kernels()),
     (2, "engine parity", 60, lambda tmp, left: step_parity(tmp)),
     (4, "attention bandwidth", 20, lambda tmp, left: step_bandwidth()),
     (3, "decode speed", 150, lambda tmp, left: step_decode(tmp)),

@@ -30,15 +30,15 @@ REPO = Path(__file__).resolve().parents[1]
 # the engine and bstar (no install needed: a GPU box runs the checkout as it is), and model_factory
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from model_factory import QWEN25_05B, QWEN25_7B, build_tokenizer, make_config, make_records  # noqa: E402
+from bstar.testing.model_factory import QWEN25_05B, QWEN25_7B, build_tokenizer, make_config, make_records  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoModelForTokenClassification  # noqa: E402
 
-from bstar import dist_utils  # noqa: E402
-from bstar.memory import train_phase, trainer_spec  # noqa: E402
+from bstar.utils import distributed as dist_utils  # noqa: E402
+from bstar.loop.memory import train_phase, trainer_spec  # noqa: E402
 from bstar.train import SFTConfig, SFTTrainer  # noqa: E402
-from engine import LLM, PRM, SamplingParams  # noqa: E402
-from engine.config import ModelConfig  # noqa: E402
-from engine.memory_plan import DeviceMemory, EngineSpec, GiB, Phase, plan_memory  # noqa: E402
+from bstar.engine import LLM, PRM, SamplingParams  # noqa: E402
+from bstar.engine.config import ModelConfig  # noqa: E402
+from bstar.engine.runner.memory_plan import DeviceMemory, EngineSpec, GiB, Phase, plan_memory  # noqa: E402
 
 SHAPES = {
     "qwen2.5-0.5b": QWEN25_05B,
@@ -126,7 +126,7 @@ def sft_config(name: str, dry: bool) -> SFTConfig:
 
 
 def real_plan(name: str, device: DeviceMemory):
-    """engine.memory_plan's plan for `name`'s real shapes: policy, PRM (LM head), PRM (token-cls head), as
+    """bstar.engine.runner.memory_plan's plan for `name`'s real shapes: policy, PRM (LM head), PRM (token-cls head), as
     built below; refuses (MemoryPlanError) when a phase cannot fit."""
     base = make_config("qwen2", **{**SHAPES[name], "max_position_embeddings": MAX_MODEL_LEN}).to_dict()
     mcfgs = {

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.linear import Linear, pack_linears, resolve_cpu_gemm, set_cpu_gemm
+from bstar.engine.model.linear import Linear, pack_linears, resolve_cpu_gemm, set_cpu_gemm
 
 ROWS = 128
 SHAPES = [(256, 512), (256, 256), (256, 1408), (704, 256), (256, 4096)]  # qkv, o, gate_up, down, lm_head

@@ -8,9 +8,9 @@ import random
 import time
 
 import torch
-from model_factory import make_model
+from bstar.testing.model_factory import make_model
 
-from engine import PRM
+from bstar.engine import PRM
 
 N_Q, N_C = 8, 32
 

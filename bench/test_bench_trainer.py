@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from model_factory import make_model
+from bstar.testing.model_factory import make_model
 
 from bstar.train import SFTConfig, SFTExample, SFTTrainer
 from bstar.train.data import epoch_batches

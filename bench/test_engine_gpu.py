@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from model_factory import QWEN25_05B, make_model
+from bstar.testing.model_factory import QWEN25_05B, make_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -20,7 +20,7 @@ BATCH, PROMPT_LEN, NEW = 64, 512, 128
 def test_engine_decode_graphs_eager_vs_transformers(benchmark, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from engine import LLM, SamplingParams
+    from bstar.engine import LLM, SamplingParams
 
     path = make_model(
         str(tmp_path / "q"),

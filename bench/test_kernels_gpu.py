@@ -88,7 +88,7 @@ def kv_bytes(batch, context):
 @pytest.mark.parametrize("context", [512, 2048, 8192, 32768])
 @pytest.mark.parametrize("batch", [1, 8, 32, 64, 256])
 def test_decode_bandwidth(benchmark, batch, context):
-    from kernels.decode_attention_triton import paged_decode_attention_triton
+    from bstar.kernels.decode_attention_triton import paged_decode_attention_triton
 
     nbytes = kv_bytes(batch, context)
     if nbytes > MAX_KV_BYTES:
@@ -120,7 +120,7 @@ def test_decode_bandwidth(benchmark, batch, context):
 @pytest.mark.parametrize("context", [2048, 16384])
 @pytest.mark.parametrize("batch", [1, 64])
 def test_decode_vs_peer(benchmark, batch, context):
-    from kernels.decode_attention_triton import paged_decode_attention_triton
+    from bstar.kernels.decode_attention_triton import paged_decode_attention_triton
 
     gen = torch.Generator(device="cuda").manual_seed(1)
     page = 256 if PEER == "flash-attn" else PAGE  # flash-attn's paged KV needs pages of 256
@@ -164,7 +164,7 @@ def test_decode_vs_peer(benchmark, batch, context):
 @pytest.mark.parametrize("batch,new,prefix", [(4, 2048, 0), (16, 512, 0), (8, 512, 1536)])
 def test_prefill_vs_peer(benchmark, batch, new, prefix):
     """Packed prefill of `batch` sequences of `new` tokens each after `prefix` cached tokens."""
-    from kernels.prefill_attention_triton import paged_prefill_attention_triton
+    from bstar.kernels.prefill_attention_triton import paged_prefill_attention_triton
 
     gen = torch.Generator(device="cuda").manual_seed(2)
     context = prefix + new
@@ -218,8 +218,8 @@ def test_silu_and_mul_vs_torch(benchmark, tokens):
     """The MLP activation on [tokens, 2 * 4864] bf16: ours (one kernel) against F.silu(gate) * up."""
     import torch.nn.functional as F
 
-    from kernels.activation import silu_and_mul_ref
-    from kernels.activation_triton import silu_and_mul_triton
+    from bstar.kernels.activation import silu_and_mul_ref
+    from bstar.kernels.activation_triton import silu_and_mul_triton
 
     I = 4864
     gen = torch.Generator(device="cuda").manual_seed(4)
@@ -294,9 +294,9 @@ def rope_caches(n, blocks):
 def test_rope_store_kv_vs_two_kernels(benchmark, tokens):
     """Rotary + K/V store of [tokens] rows of a fused qkv output (Qwen2.5-0.5B, bf16): ours (one
     kernel) against apply_rotary_triton then store_kv_triton (the rotated k written and read back)."""
-    from kernels.kv_store_triton import store_kv_triton
-    from kernels.norm_rope_triton import apply_rotary_triton
-    from kernels.rope_store_triton import rope_store_kv_triton
+    from bstar.kernels.kv_store_triton import store_kv_triton
+    from bstar.kernels.norm_rope_triton import apply_rotary_triton
+    from bstar.kernels.rope_store_triton import rope_store_kv_triton
 
     qkvs, slots, pos, cos_sin, blocks, nbytes = rope_inputs(tokens, 5)
     caches = rope_caches(2, blocks)
@@ -338,8 +338,8 @@ def test_rope_store_kv_token_tiles_vs_one_token(benchmark, tokens):
     warps, 16-byte accesses; 0.5B: 4 tokens, 1 warp) against one token a program over 4 warps (the
     launch before 2026-11-27: 2-8-byte accesses, but T programs): at decode batches (T = 1..256)
     parallelism may matter more than access width; only a GPU can say."""
-    from kernels.norm_rope_triton import token_tiles
-    from kernels.rope_store_triton import rope_store_kv_triton
+    from bstar.kernels.norm_rope_triton import token_tiles
+    from bstar.kernels.rope_store_triton import rope_store_kv_triton
 
     hq, hkv, d, _ = ROPE_SHAPE.values()
     qkvs, slots, pos, cos_sin, blocks, nbytes = rope_inputs(tokens, 6)
@@ -393,7 +393,7 @@ def test_sampling_vs_torch(benchmark, batch, filters):
     """Fused sampling against torch.multinomial over the softmax on Qwen-sized logits."""
     from scipy import stats
 
-    from kernels.sampling_triton import sample_triton
+    from bstar.kernels.sampling_triton import sample_triton
 
     V = 151936
     k, p = FILTERS[filters]

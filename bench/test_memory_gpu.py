@@ -20,12 +20,12 @@ import os
 
 import pytest
 import torch
-from model_factory import QWEN25_05B, make_model
+from bstar.testing.model_factory import QWEN25_05B, make_model
 
-from engine import LLM, PRM, SamplingParams
-from engine.errors import MemoryPlanError
-from engine.loader import iter_weights
-from engine.memory_plan import GiB, engine_activation_bytes, kv_cap_blocks, param_count, unique_storage_bytes
+from bstar.engine import LLM, PRM, SamplingParams
+from bstar.engine.errors import MemoryPlanError
+from bstar.engine.model.loader import iter_weights
+from bstar.engine.runner.memory_plan import GiB, engine_activation_bytes, kv_cap_blocks, param_count, unique_storage_bytes
 
 CUDA = torch.cuda.is_available()
 DRY = not CUDA and os.environ.get("BSTAR_GPU_DRY_RUN") == "1"

@@ -24,7 +24,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from model_factory import make_model  # noqa: E402 (imports triton, after TRITON_INTERPRET is set)
+from bstar.testing.model_factory import make_model  # noqa: E402 (imports triton, after TRITON_INTERPRET is set)
 
 REPO = Path(__file__).resolve().parents[1]
 

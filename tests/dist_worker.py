@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from bstar import dist_utils
+from bstar.utils import distributed as dist_utils
 
 
 def main():

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from bstar import dist_utils
+from bstar.utils import distributed as dist_utils
 from bstar.train import SFTConfig, SFTTrainer, checkpoint
 
 READS = {"n": 0}  # checkpoint files opened by this rank (the model is read once, on rank 0)

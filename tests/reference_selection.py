@@ -2,7 +2,7 @@
 reference's selection rule (bstar.selection), a hand-computed sample set, and the worked literal example of
 the reference's own code (its functions run on this data gave the numbers the tests assert)."""
 
-from bstar.selection import Candidate
+from bstar.loop.selection import Candidate
 
 
 def C(q, text, correct, prm):

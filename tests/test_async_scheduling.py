@@ -8,11 +8,11 @@ import os
 
 import pytest
 import torch
-from model_factory import make_model
+from bstar.testing.model_factory import make_model
 
-from engine import LLM, SamplingParams
-from engine.sampler import Draw
-from engine.sequence import PENDING_TOKEN
+from bstar.engine import LLM, SamplingParams
+from bstar.engine.runner.sampler import Draw
+from bstar.engine.core.sequence import PENDING_TOKEN
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +208,7 @@ def test_async_llm_streams_known_tokens_only(llama):
     hold its pending tokens, which must not show."""
     import asyncio
 
-    from engine import AsyncLLM
+    from bstar.engine import AsyncLLM
 
     prompts = _prompts(9, [11, 17, 6])
     sp = SamplingParams(n=2, temperature=1.0, seed=8, max_tokens=9, ignore_eos=True, logprobs=1)
@@ -243,7 +243,7 @@ def test_async_launch_never_waits_for_the_device(tmp_path, monkeypatch, mode):
     waits, after the next step is launched."""
     from test_gpu_path import no_host_sync
 
-    from engine.llm_engine import LLMEngine
+    from bstar.engine.core.llm_engine import LLMEngine
 
     monkeypatch.setenv("BSTAR_KERNELS", "triton")
     path = make_model(str(tmp_path / "q"), "qwen2", seed=3, tokenizer=False, num_key_value_heads=1)

@@ -4,9 +4,9 @@ that showed it; fixed since), and the strongest of the tries that held."""
 
 import pytest
 import torch
-from model_factory import make_model
+from bstar.testing.model_factory import make_model
 
-from engine import LLM, SamplingParams
+from bstar.engine import LLM, SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +130,7 @@ def test_hand_driven_steps_with_arrivals_aborts_and_switching(llama, seed, opts)
     a pending token, and nothing is left behind."""
     import random
 
-    from engine.sequence import PENDING_TOKEN
+    from bstar.engine.core.sequence import PENDING_TOKEN
 
     rng = random.Random(seed)
     prompts = _prompts(seed, [rng.randint(1, 14) for _ in range(6)])

@@ -1,11 +1,11 @@
-"""bstar.balance: the balance score against hand values and the reference's own formula."""
+"""bstar.loop.balance: the balance score against hand values and the reference's own formula."""
 
 import random
 
 import pytest
 
-from bstar.balance import balance_score, mean_balance_score
-from engine.errors import RequestError
+from bstar.loop.balance import balance_score, mean_balance_score
+from bstar.engine.errors import RequestError
 
 
 @pytest.mark.parametrize(

@@ -5,16 +5,16 @@ import random
 
 import pytest
 import torch
-from model_factory import make_model
+from bstar.testing.model_factory import make_model
 
-import kernels.cascade_attention as cascade_mod
-import kernels.dense_decode_attention as dense_mod
-from engine import LLM, SamplingParams
-from engine.cpu_decode import CpuDecodeState
-from engine.prompt_forward import forward_prompts
-from kernels import native
-from kernels.cascade_attention import CascadeBuffers, build_cascade_plan, cascade_decode_attention
-from kernels.decode_attention import paged_decode_attention_ref
+import bstar.kernels.cascade_attention as cascade_mod
+import bstar.kernels.dense_decode_attention as dense_mod
+from bstar.engine import LLM, SamplingParams
+from bstar.engine.runner.cpu.decode_state import CpuDecodeState
+from bstar.engine.core.prompt_forward import forward_prompts
+from bstar.kernels import native
+from bstar.kernels.cascade_attention import CascadeBuffers, build_cascade_plan, cascade_decode_attention
+from bstar.kernels.decode_attention import paged_decode_attention_ref
 
 
 def dense_f64(q, k_cache, v_cache, table, n, scale):
@@ -355,8 +355,8 @@ def test_write_back_keeps_the_cache_whole(tiny, monkeypatch):
     reads those slots later must see them: candidates that stop at different steps, an aborted
     request, later requests whose prompts reuse generated blocks from the prefix cache, and a
     prompt-only forward over them. Everything equals the plain decode path."""
-    from engine.config import EngineConfig
-    from engine.llm_engine import LLMEngine
+    from bstar.engine.config import EngineConfig
+    from bstar.engine.core.llm_engine import LLMEngine
 
     p0, p1 = list(range(3, 3 + 21)), list(range(60, 60 + 14))
     stops = list(range(200, 212))  # about 4% of the vocabulary: candidates stop at scattered steps
@@ -413,8 +413,8 @@ def test_prompt_forward_right_after_write_back_reads_the_written_tokens(tiny):
     """A request's last decode steps leave their K/V only in the cascade buffers (write-back). A
     prompt forward that follows at once and takes those blocks from the prefix cache must see them
     (ModelRunner.prepare flushes before a forward without torch-path decode rows)."""
-    from engine.config import EngineConfig
-    from engine.llm_engine import LLMEngine
+    from bstar.engine.config import EngineConfig
+    from bstar.engine.core.llm_engine import LLMEngine
 
     eng = LLMEngine(tiny, dtype="float32", device="cpu", engine_config=EngineConfig(block_size=4))
     prompt = list(range(3, 3 + 21))

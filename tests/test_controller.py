@@ -15,17 +15,17 @@ from reference_selection import C, naive_select
 from safetensors.torch import load_file
 
 import bstar.train.trainer as trainer_mod
-from bstar import controller
+from bstar.loop import controller
 from bstar.cli import main
-from bstar.config import RunConfig
-from bstar.rewards import grade
-from bstar.selection import Candidate
+from bstar.loop.config import RunConfig
+from bstar.loop.rewards import grade
+from bstar.loop.selection import Candidate
 from bstar.train import SFTTrainer
 from bstar.train.config import SFTConfig, lr_at
-from engine import LLM, PRM
-from engine.errors import MemoryPlanError
-from engine.outputs import CompletionOutput, RequestOutput
-from engine.tokenizer import load_tokenizer
+from bstar.engine import LLM, PRM
+from bstar.engine.errors import MemoryPlanError
+from bstar.engine.entrypoints.outputs import CompletionOutput, RequestOutput
+from bstar.engine.model.tokenizer import load_tokenizer
 
 TIMING = ("time_s", "tokens_per_s")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -611,7 +611,7 @@ def test_async_scheduling_gives_the_same_run(setup, full_run):
 def test_memory_plan_sizes_the_engines_and_refuses_up_front(setup, tmp_path, monkeypatch, capsys):
     """The run's memory plan (CUDA only; here a pretend device on the CPU): printed first, its KV budgets given
     to both engines; a device too small for a phase is refused with one line before any engine loads."""
-    from engine.memory_plan import DeviceMemory
+    from bstar.engine.runner.memory_plan import DeviceMemory
 
     monkeypatch.setattr(controller, "device_memory", lambda dev: DeviceMemory(total=8 << 30, free=8 << 30, name="cpu"))
     built = []

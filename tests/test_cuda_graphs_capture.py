@@ -16,10 +16,10 @@ import warnings
 
 import pytest
 import torch
-from model_factory import make_model
+from bstar.testing.model_factory import make_model
 
-from engine import LLM, SamplingParams
-from engine.cuda_graphs import DecodeGraphs
+from bstar.engine import LLM, SamplingParams
+from bstar.engine.runner.gpu.cuda_graphs import DecodeGraphs
 
 pytestmark = [
     pytest.mark.usefixtures("one_torch_thread"),

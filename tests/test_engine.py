@@ -8,9 +8,9 @@ import sys
 
 import pytest
 import torch
-from model_factory import ARCHS, hf_model, make_model, make_qwen3_model
+from bstar.testing.model_factory import ARCHS, hf_model, make_model, make_qwen3_model
 
-from engine import LLM, CheckpointError, RequestError, SamplingParams
+from bstar.engine import LLM, CheckpointError, RequestError, SamplingParams
 
 LLAMA3_ROPE = {
     "rope_type": "llama3",
@@ -46,7 +46,7 @@ def llama(models):
     return models["llama"]
 
 
-@pytest.mark.parametrize("module", ["engine", "engine.errors", "engine.sampling_params"])
+@pytest.mark.parametrize("module", ["bstar.engine", "bstar.engine.errors", "bstar.engine.entrypoints.sampling_params"])
 def test_package_import_does_not_load_torch(module):
     """`from engine.errors import ...` (all that bstar's light modules need) must not pay for torch."""
     code = f"import sys, {module}; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3])"
@@ -55,7 +55,7 @@ def test_package_import_does_not_load_torch(module):
 
 
 def test_package_names_resolve():
-    import engine
+    import bstar.engine as engine
 
     assert sorted(engine.__all__) == sorted(engine._MODULE_OF)
     for name in engine.__all__:
@@ -163,7 +163,7 @@ def test_qwen3_triton_path_matches_transformers(models, monkeypatch):
 def test_qwen3_config(models, tmp_path):
     """head_dim read from the config (never hidden / heads); the checkpoint's q_norm / k_norm names
     load; Qwen3's sliding window only where transformers' layer_types use it."""
-    from engine.config import ModelConfig
+    from bstar.engine.config import ModelConfig
 
     cfg = ModelConfig.from_dir(models["qwen3"])
     assert cfg.architecture == "Qwen3ForCausalLM" and cfg.qk_norm and cfg.head_dim == 24 and not cfg.qkv_bias

@@ -55,9 +55,9 @@ def test_as_gpu_takes_the_gpu_launch_configs():
     autotuner's candidate list, one row per sampling program (what compile_check compiles)."""
     import torch
 
-    from kernels.decode_attention_triton import paged_decode_attention_triton
-    from kernels.launch import as_gpu, gpu_configs, record_variants
-    from kernels.sampling_triton import sample_triton
+    from bstar.kernels.decode_attention_triton import paged_decode_attention_triton
+    from bstar.kernels.launch import as_gpu, gpu_configs, record_variants
+    from bstar.kernels.sampling_triton import sample_triton
 
     kc = torch.zeros(8, 16, 2, 64, dtype=torch.bfloat16)
     for gpu, n_configs, block_r in ((False, 1, 256), (True, 3, 1)):

@@ -17,17 +17,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from model_factory import hf_model, make_model
+from bstar.testing.model_factory import hf_model, make_model
 
-from engine import LLM, SamplingParams
-from engine.block_manager import BlockManager
-from engine.config import EngineConfig
-from engine.cuda_graphs import bucket_sizes
-from engine.sampling_params import SamplingParams as SP
-from engine.scheduler import Scheduler
-from engine.sequence import Sequence
-from engine.step_inputs import PAD_SLOT, StepInputs
-from kernels.launch import record_variants
+from bstar.engine import LLM, SamplingParams
+from bstar.engine.core.block_manager import BlockManager
+from bstar.engine.config import EngineConfig
+from bstar.engine.runner.gpu.cuda_graphs import bucket_sizes
+from bstar.engine.entrypoints.sampling_params import SamplingParams as SP
+from bstar.engine.core.scheduler import Scheduler
+from bstar.engine.core.sequence import Sequence
+from bstar.engine.runner.gpu.step_inputs import PAD_SLOT, StepInputs
+from bstar.kernels.launch import record_variants
 
 pytestmark = [
     pytest.mark.usefixtures("one_torch_thread"),
@@ -202,7 +202,7 @@ def test_gpu_launch_configs_compile_nothing_after_start_up(tmp_path, triton_path
     mixed steps, padded buckets (4 and 1), n > 1 sampled candidates with logprobs, penalties
     and min_tokens bans launches no variant the start-up did not compile. Greedy rows equal the
     interpreter configs' run."""
-    from kernels.launch import as_gpu
+    from bstar.kernels.launch import as_gpu
 
     path = make_model(str(tmp_path / "llama"), "llama", seed=1, tokenizer=False, max_position_embeddings=1024)
     prompts = _prompts(2, [5, 19, 40, 9])
@@ -270,7 +270,7 @@ def test_prm_scoring_on_the_gpu_path_compiles_nothing_after_start_up(tmp_path_fa
     """A PRM on the GPU path compiles its scoring kernels at start-up: scoring calls of 1, 16 and
     17 steps (Triton specialises integers equal to 1 or divisible by 16 unless told not to) need
     no variant the start-up did not make; the scores equal the torch path's."""
-    from engine import PRM
+    from bstar.engine import PRM
 
     path = make_model(str(tmp_path_factory.mktemp("prm") / "lm"), "llama", seed=5, extra_tokens=("ки",))
     question = "Janet has 3 apples and buys 5 more."
@@ -300,13 +300,13 @@ def test_kernel_variants_do_not_depend_on_batch_size():
     """Qwen2.5-0.5B's attention and vocabulary shapes, batch sizes 1..256 (launches recorded, not
     run): one variant per kernel, so a batch draining from 256 to 1 compiles nothing new; and the
     prefill kernel's variant does not depend on how many decode rows precede the prefill rows."""
-    from kernels.activation_triton import silu_and_mul_triton
-    from kernels.decode_attention_triton import paged_decode_attention_triton
-    from kernels.kv_store_triton import store_kv_triton
-    from kernels.norm_rope_triton import apply_rotary_triton, qk_norm_rope_triton, rms_norm_triton
-    from kernels.prefill_attention_triton import paged_prefill_attention_triton
-    from kernels.rope_store_triton import rope_store_kv_triton
-    from kernels.sampling_triton import sample_triton
+    from bstar.kernels.activation_triton import silu_and_mul_triton
+    from bstar.kernels.decode_attention_triton import paged_decode_attention_triton
+    from bstar.kernels.kv_store_triton import store_kv_triton
+    from bstar.kernels.norm_rope_triton import apply_rotary_triton, qk_norm_rope_triton, rms_norm_triton
+    from bstar.kernels.prefill_attention_triton import paged_prefill_attention_triton
+    from bstar.kernels.rope_store_triton import rope_store_kv_triton
+    from bstar.kernels.sampling_triton import sample_triton
 
     Hq, Hkv, D, page, W, V, H, I = 14, 2, 64, 16, 2048, 151936, 896, 4864
     k = torch.empty(64, page, Hkv, D, dtype=torch.bfloat16)
@@ -370,10 +370,10 @@ _PTX_SCRIPT = """
 import json, re, sys
 import torch, triton.compiler
 from bench.compile_check import compile_launch
-from kernels.activation_triton import silu_and_mul_triton
-from kernels.launch import as_gpu, record_variants
-from kernels.norm_rope_triton import apply_rotary_triton, qk_norm_rope_triton
-from kernels.rope_store_triton import rope_store_kv_triton
+from bstar.kernels.activation_triton import silu_and_mul_triton
+from bstar.kernels.launch import as_gpu, record_variants
+from bstar.kernels.norm_rope_triton import apply_rotary_triton, qk_norm_rope_triton
+from bstar.kernels.rope_store_triton import rope_store_kv_triton
 
 ptx = {}
 compile_ = triton.compiler.compile
@@ -515,7 +515,7 @@ def no_host_sync(staging: bool = False):
     unique, masked_select, repeat_interleave without output_size, equal...), pinned allocation
     and kernels.host.to_device(_packed). What a CUDA graph capture forbids, checked on CPU. staging: pinned
     staging and to_device(_packed) allowed (outside a capture they do not wait)."""
-    import kernels.host
+    import bstar.kernels.host
 
     def caller() -> str | None:
         """The module of the first caller outside torch; None when Triton's interpreter or numpy."""
@@ -530,7 +530,7 @@ def no_host_sync(staging: bool = False):
         def wrapped(*args, **kwargs):
             if when is None or when(args, kwargs):
                 who = caller()
-                if who is not None and not (staging and who == "kernels.host"):
+                if who is not None and not (staging and who == "bstar.kernels.host"):
                     raise HostSyncInCapture(f"{name} inside a captured region (from {who})")
             return orig(*args, **kwargs)
 
@@ -540,7 +540,7 @@ def no_host_sync(staging: bool = False):
     targets[(torch.cuda, "synchronize")] = None
     targets.update(_WAITS_ON_CUDA)
     if not staging:
-        staged = (torch.Tensor, "pin_memory"), (kernels.host, "to_device"), (kernels.host, "to_device_packed")
+        staged = (torch.Tensor, "pin_memory"), (bstar.kernels.host, "to_device"), (bstar.kernels.host, "to_device_packed")
         targets.update(dict.fromkeys(staged))
     saved = [(obj, name, when, obj.__dict__.get(name), getattr(obj, name)) for (obj, name), when in targets.items()]
     try:
@@ -608,7 +608,7 @@ def test_captured_decode_forward_has_no_host_sync(tiny, triton_path, monkeypatch
     split count) never makes the host wait, reads a tensor on the host or stages host memory: run
     under no_host_sync() for every bucket replay of a generate (the CPU stand-in runs the same code
     as the capture)."""
-    from engine.cuda_graphs import DecodeGraphs
+    from bstar.engine.runner.gpu.cuda_graphs import DecodeGraphs
 
     forward = DecodeGraphs._forward
 
@@ -630,18 +630,18 @@ def test_decode_step_stages_host_memory_twice(tiny, triton_path, monkeypatch):
     one SamplingParams per prompt (seeds apart, as RL loops make them); rows whose filter values
     differ add nothing (they travel with the seeds). Counted at kernels.host's staging functions,
     wherever the engine imported them (on CPU they copy nothing, so calls are what is counted)."""
-    import kernels.host
+    import bstar.kernels.host
 
     staged = []
     for name in ("to_device", "to_device_packed"):
-        real = getattr(kernels.host, name)
+        real = getattr(bstar.kernels.host, name)
 
         def counted(*args, _real=real, **kwargs):
             staged.append(_real.__name__)
             return _real(*args, **kwargs)
 
-        for mod in [m for n, m in sys.modules.items() if n.startswith(("engine.", "kernels."))]:
-            if getattr(mod, name, None) is real and mod is not kernels.host:
+        for mod in [m for n, m in sys.modules.items() if n.startswith(("bstar.engine.", "bstar.kernels."))]:
+            if getattr(mod, name, None) is real and mod is not bstar.kernels.host:
                 monkeypatch.setattr(mod, name, counted)
     llm = LLM(tiny["qwen2"], dtype="float32", device="cpu", max_num_seqs=4)
     eng = llm.engine
@@ -665,7 +665,7 @@ def test_eager_prefill_and_mixed_steps_have_no_host_sync(tiny, triton_path, monk
     wait either: the maximum lengths the attention kernels need come from the host (the step's lists), not
     read back from the device (a `.item()` per layer). Every forward of a chunked-prefill generate runs under
     no_host_sync(); prefill-only and mixed steps are among them."""
-    from engine.model import CausalLM
+    from bstar.engine.model.decoder import CausalLM
 
     forward = CausalLM.forward
     kinds = set()

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine import LLM, RequestError, SamplingParams
-from engine.inputs import ParsedPrompt, TextPrompt, TokensPrompt, parse_prompt, prompt_list
+from bstar.engine import LLM, RequestError, SamplingParams
+from bstar.engine.entrypoints.inputs import ParsedPrompt, TextPrompt, TokensPrompt, parse_prompt, prompt_list
 
 
 def test_parse_prompt_forms():

@@ -12,7 +12,7 @@ import pytest
 import torch
 from scipy import stats
 
-from kernels import (
+from bstar.kernels import (
     apply_rotary_ref,
     paged_decode_attention,
     paged_decode_attention_ref,
@@ -26,16 +26,16 @@ from kernels import (
     silu_and_mul,
     silu_and_mul_ref,
 )
-from kernels.activation_triton import GPU_BLOCK, silu_and_mul_triton
-from kernels.decode_attention_triton import MIN_TOKENS_PER_SPLIT, choose_num_splits, paged_decode_attention_triton
-from kernels.kv_store import store_kv_ref
-from kernels.kv_store_triton import store_kv_triton
-from kernels.norm_rope_triton import apply_rotary_triton, qk_norm_rope_triton, rms_norm_triton
-from kernels.prefill_attention_triton import paged_prefill_attention_triton
-from kernels.prm_scoring_triton import prm_step_scores_triton
-from kernels.rope_store_triton import rope_store_kv_triton
-from kernels.sampling import apply_filters
-from kernels.sampling_triton import SPLIT_VOCAB_MAX_ROWS, sample_triton
+from bstar.kernels.activation_triton import GPU_BLOCK, silu_and_mul_triton
+from bstar.kernels.decode_attention_triton import MIN_TOKENS_PER_SPLIT, choose_num_splits, paged_decode_attention_triton
+from bstar.kernels.kv_store import store_kv_ref
+from bstar.kernels.kv_store_triton import store_kv_triton
+from bstar.kernels.norm_rope_triton import apply_rotary_triton, qk_norm_rope_triton, rms_norm_triton
+from bstar.kernels.prefill_attention_triton import paged_prefill_attention_triton
+from bstar.kernels.prm_scoring_triton import prm_step_scores_triton
+from bstar.kernels.rope_store_triton import rope_store_kv_triton
+from bstar.kernels.sampling import apply_filters
+from bstar.kernels.sampling_triton import SPLIT_VOCAB_MAX_ROWS, sample_triton
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 # The interpreter's tl.dot on bfloat16 returns garbage, and its fp32->bf16 cast truncates.
@@ -161,8 +161,8 @@ def test_decode_default_tiles_and_dispatcher(monkeypatch):
 
 def test_attention_64bit_offset_path(monkeypatch):
     """Caches of 2**31+ elements switch the kernels to 64-bit offsets; force that path on a small cache."""
-    import kernels.decode_attention_triton as dec
-    import kernels.prefill_attention_triton as pre
+    import bstar.kernels.decode_attention_triton as dec
+    import bstar.kernels.prefill_attention_triton as pre
 
     monkeypatch.setattr(dec, "_needs_64bit_offsets", lambda *caches: True)
     monkeypatch.setattr(pre, "_needs_64bit_offsets", lambda *caches: True)
@@ -542,7 +542,7 @@ def test_sampling_split_vocab_gpu_configs():
     interpreter, with every filter: drawn tokens allowed by the float64 filters in vLLM's order,
     greedy rows the argmax, logprobs exact, and the row kernel's tokens (same configs) wherever
     both normalise top-p over the same tiles (top-p with top-k or min-p, or no top-p)."""
-    from kernels.launch import as_gpu, record_variants
+    from bstar.kernels.launch import as_gpu, record_variants
 
     rng = np.random.default_rng(13)
     V = 5000  # three chunks, the last partial
@@ -839,7 +839,7 @@ def test_rotary_kernels_gpu_tiles(dtype, hq, hkv, d, block_t, chunk, warps):
     q heads in chunks: what makes their 16-bit rows 16 bytes a thread, bench/compile_check.py), run
     here under the interpreter: the same bits as the interpreter's configs (one program, q whole) and
     as the references where those round alike, with a token count that leaves a partial block."""
-    from kernels.launch import as_gpu, record_variants
+    from bstar.kernels.launch import as_gpu, record_variants
 
     T = 9
     q, k, v, slots, pos, cos_sin, _ = rope_store_case(hq, hkv, d, dtype, 5, False, T=T, page=4, blocks=6)

@@ -5,12 +5,12 @@ packed copies are dropped when the weights change."""
 import pytest
 import torch
 import torch.nn.functional as F
-from model_factory import hf_model, make_model
+from bstar.testing.model_factory import hf_model, make_model
 
-from engine import LLM, SamplingParams
-from engine.config import EngineConfig
-from engine.errors import UnsupportedError
-from engine.linear import (
+from bstar.engine import LLM, SamplingParams
+from bstar.engine.config import EngineConfig
+from bstar.engine.errors import UnsupportedError
+from bstar.engine.model.linear import (
     Linear,
     onednn_available,
     pack_linears,

@@ -11,16 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from model_factory import QWEN25_7B
+from bstar.testing.model_factory import QWEN25_7B
 from transformers import Qwen2Config
 
-from bstar.memory import run_memory_plan, train_phase, trainer_spec
+from bstar.loop.memory import run_memory_plan, train_phase, trainer_spec
 from bstar.train.config import SFTConfig
-from engine import LLM, PRM, SamplingParams
-from engine.config import ModelConfig
-from engine.errors import MemoryPlanError, RequestError
-from engine.loader import iter_weights
-from engine.memory_plan import DeviceMemory, GiB
+from bstar.engine import LLM, PRM, SamplingParams
+from bstar.engine.config import ModelConfig
+from bstar.engine.errors import MemoryPlanError, RequestError
+from bstar.engine.model.loader import iter_weights
+from bstar.engine.runner.memory_plan import DeviceMemory, GiB
 
 REPO = Path(__file__).resolve().parents[1]
 GREEDY = SamplingParams(n=2, temperature=0, max_tokens=12, ignore_eos=True)
@@ -126,7 +126,7 @@ def _checked_collect(alive, order, real=gc.collect):
 
 
 def test_train_phase_hand_off_and_level_2(llama_dir, tmp_path):
-    from model_factory import make_model
+    from bstar.testing.model_factory import make_model
 
     other = Path(make_model(str(tmp_path / "other"), "llama", seed=7, max_position_embeddings=1024))
     new_weights = dict(iter_weights(str(other)))

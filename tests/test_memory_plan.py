@@ -9,7 +9,7 @@ import dataclasses
 
 import pytest
 import torch
-from model_factory import QWEN25_05B, QWEN25_7B, make_model
+from bstar.testing.model_factory import QWEN25_05B, QWEN25_7B, make_model
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForTokenClassification,
@@ -17,10 +17,10 @@ from transformers import (
     Qwen2Config,
 )
 
-from engine import LLM, PRM
-from engine.config import ModelConfig
-from engine.errors import MemoryPlanError
-from engine.memory_plan import (
+from bstar.engine import LLM, PRM
+from bstar.engine.config import ModelConfig
+from bstar.engine.errors import MemoryPlanError
+from bstar.engine.runner.memory_plan import (
     DeviceMemory,
     EngineSpec,
     GiB,
@@ -357,9 +357,9 @@ def test_engine_kv_sizing_on_cuda_sets_aside_activations_and_the_graph_pool(monk
     is set aside beside it, unless enforce_eager (then no graph is captured)."""
     import types
 
-    from engine.config import EngineConfig
-    from engine.memory_plan import decode_graph_pool_bytes
-    from engine.model_runner import ModelRunner
+    from bstar.engine.config import EngineConfig
+    from bstar.engine.runner.memory_plan import decode_graph_pool_bytes
+    from bstar.engine.runner.model_runner import ModelRunner
 
     monkeypatch.delenv("BSTAR_KERNELS", raising=False)
     r = object.__new__(ModelRunner)  # (its __init__ would allocate on the device)

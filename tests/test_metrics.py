@@ -1,4 +1,4 @@
-"""bstar.metrics: pass@k against enumeration, hand values, the reference's equation patterns."""
+"""bstar.loop.metrics: pass@k against enumeration, hand values, the reference's equation patterns."""
 
 import itertools
 import math
@@ -6,7 +6,7 @@ from fractions import Fraction
 
 import pytest
 
-from bstar.metrics import (
+from bstar.loop.metrics import (
     auc,
     distinct_correct,
     equation_diversity,
@@ -23,7 +23,7 @@ from bstar.metrics import (
     within_question_auc,
     within_question_step_auc,
 )
-from engine.errors import RequestError
+from bstar.engine.errors import RequestError
 
 
 def brute_pass_at_k(n, c, k):

@@ -1,9 +1,9 @@
-"""bstar.plots: figures only for metrics with data, the search surface, the markdown report."""
+"""bstar.results.plots: figures only for metrics with data, the search surface, the markdown report."""
 
 from reference_selection import hand_samples
 
-from bstar.plots import plot_runs, plot_search_table, write_report
-from bstar.search import SearchConfig, search_config
+from bstar.results.plots import plot_runs, plot_search_table, write_report
+from bstar.loop.search import SearchConfig, search_config
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

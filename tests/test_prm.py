@@ -5,10 +5,10 @@ import os
 
 import pytest
 import torch
-from model_factory import make_model, make_qwen3_model
+from bstar.testing.model_factory import make_model, make_qwen3_model
 
-from engine import PRM, RequestError
-from engine.prm import LOGIT_CLIP, to_logit
+from bstar.engine import PRM, RequestError
+from bstar.engine.entrypoints.prm import LOGIT_CLIP, to_logit
 
 QUESTION = (
     "Janet has 3 apples and buys 5 more. A train travels 60 miles per hour for 2 hours. How many apples does she have?"
@@ -184,7 +184,7 @@ def test_prm_errors(lm_prm_path, cls_prm_path):
         PRM(lm_prm_path, dtype="float32", device="cpu", aggregate="max")
     with pytest.raises(RequestError, match="does not match"):
         PRM(cls_prm_path, dtype="float32", device="cpu", kind="lm")
-    from engine import LLM
+    from bstar.engine import LLM
 
     with pytest.raises(RequestError, match="reward model"):
         LLM(cls_prm_path, dtype="float32", device="cpu").generate([[5, 6]], use_tqdm=False)

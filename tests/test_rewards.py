@@ -19,10 +19,10 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-import bstar.rewards as rw
-from bstar.jsonl import read_jsonl
-from bstar.rewards import extract_answer, grade, grade_batch, gsm8k_gold, has_final_answer
-from engine.errors import DataError, RequestError
+import bstar.loop.rewards as rw
+from bstar.utils.jsonl import read_jsonl
+from bstar.loop.rewards import extract_answer, grade, grade_batch, gsm8k_gold, has_final_answer
+from bstar.engine.errors import DataError, RequestError
 
 
 def _slow(n):
@@ -504,7 +504,7 @@ def test_math_verify_is_imported_on_first_use():
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), str(repo / "tests")])}
     absent = (
-        "import sys; sys.modules['math_verify'] = None; import model_factory, engine, bstar.controller; print('ok')"
+        "import sys; sys.modules['math_verify'] = None; import bstar.testing.model_factory, bstar.engine, bstar.loop.controller; print('ok')"
     )
     r = subprocess.run([sys.executable, "-c", absent], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine.sampler import apply_penalties, position_logprob_entries, position_logprob_tensors, sample_rows
-from engine.sampling_params import SamplingParams
-from engine.sequence import Sequence
+from bstar.engine.runner.sampler import apply_penalties, position_logprob_entries, position_logprob_tensors, sample_rows
+from bstar.engine.entrypoints.sampling_params import SamplingParams
+from bstar.engine.core.sequence import Sequence
 
 V = 97
 
@@ -230,7 +230,7 @@ def test_position_logprobs_entries():
 def test_filter_plan_from_host_values_equals_the_device_read():
     """The processed-logprobs modes give apply_filters a plan made from the host's parameter values
     (no wait for the device): it must equal the one read from the tensors, and filter the same."""
-    from kernels.sampling import apply_filters, filter_plan
+    from bstar.kernels.sampling import apply_filters, filter_plan
 
     g = torch.Generator().manual_seed(0)
     V = 50
@@ -306,7 +306,7 @@ def test_draw_on_cuda_waits_for_its_copies_on_their_device(monkeypatch, device):
     tensors go to pinned buffers by non-blocking copies, and host() waits on an event recorded
     after those copies on their device's stream, even when the current device is another one (an
     engine on cuda:1 called outside its device guard); host() then reads them as lists."""
-    from engine.sampler import Draw
+    from bstar.engine.runner.sampler import Draw
 
     fake = _FakeCuda(current_device=0)
     orig_empty = torch.empty
@@ -332,7 +332,7 @@ def test_uniform_filter_tensors_kept_between_steps():
     """A step whose rows share one SamplingParams reuses the filter tensors of the last such step when
     the values and the row count match (no device fills), makes new ones when either changed (a params
     object changed in place included), and draws exactly what it draws without the cache."""
-    from engine.sampler import draw_rows
+    from bstar.engine.runner.sampler import draw_rows
 
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
     p = SamplingParams(temperature=0.7, top_k=5, top_p=0.9, min_p=0.05, seed=1)
@@ -359,8 +359,8 @@ def test_filter_tensors_shared_by_rows_with_equal_values():
     apart, as RL loops make them) take the shared-values path: the kept tensors are reused, and the draw
     equals the one-object draw. Rows with different values send them with the seeds in one packed copy
     and each row draws what it draws alone."""
-    import engine.sampler as sampler
-    from engine.sampler import draw_rows
+    import bstar.engine.runner.sampler as sampler
+    from bstar.engine.runner.sampler import draw_rows
 
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
     one = SamplingParams(temperature=0.8, top_k=7, top_p=0.9, min_p=0.02)
@@ -396,7 +396,7 @@ def test_to_device_packed_one_copy_aligned_segments(monkeypatch):
     """to_device_packed: every column's values back exactly in its dtype, each a view of one buffer at a
     16-byte-aligned offset (the alignment Triton specialises on), empty columns included; on CUDA one
     pinned staging buffer and one non-blocking copy for all of them."""
-    from kernels.host import to_device_packed
+    from bstar.kernels.host import to_device_packed
 
     cols = [
         ([2**40 + 1, -3], torch.int64),
@@ -424,14 +424,14 @@ def test_to_device_packed_one_copy_aligned_segments(monkeypatch):
     assert [t.tolist() for t in out] == [list(v) for v, _ in cols]
 
 
-@pytest.mark.parametrize("kernels_path", ["torch", "triton"])
+@pytest.mark.parametrize("bstar.kernels_path", ["torch", "triton"])
 @pytest.mark.parametrize("mode", ["raw_logprobs", "processed_logprobs"])
 def test_a_rows_draw_does_not_depend_on_its_batch_or_the_kept_filters(mode, kernels_path, monkeypatch):
     """Random batches mixing the three ways rows carry their filter values (one shared SamplingParams,
     equal values in separate objects, values of their own), drawn with one filters cache across all of
     them: every row draws the token, value and logprobs entry it draws alone without the cache (on the
     torch path and on the Triton sampling kernels, under the interpreter on CPU)."""
-    from engine.sampler import draw_rows
+    from bstar.engine.runner.sampler import draw_rows
 
     if kernels_path == "triton":
         if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():

@@ -10,19 +10,19 @@ import os
 
 import pytest
 import torch
-from model_factory import make_model
+from bstar.testing.model_factory import make_model
 from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-import kernels
-from engine import LLM, PRM, RequestError, SamplingParams
-from engine.config import ModelConfig, resolve_dtype
-from engine.linear import Linear, packing_available
-from engine.llm_engine import LLMEngine, resolve_device
-from engine.loader import iter_weights
-from engine.memory_plan import param_count, unique_storage_bytes
-from engine.model_runner import device_guard
+from bstar import kernels
+from bstar.engine import LLM, PRM, RequestError, SamplingParams
+from bstar.engine.config import ModelConfig, resolve_dtype
+from bstar.engine.model.linear import Linear, packing_available
+from bstar.engine.core.llm_engine import LLMEngine, resolve_device
+from bstar.engine.model.loader import iter_weights
+from bstar.engine.runner.memory_plan import param_count, unique_storage_bytes
+from bstar.engine.runner.model_runner import device_guard
 
 GREEDY = SamplingParams(n=3, temperature=0, max_tokens=20, ignore_eos=True)
 PROMPTS = [[5, 17, 33, 9, 41, 8, 77, 12, 19, 20, 21, 60, 61, 62, 63, 64, 65, 66], [3, 4, 5, 6, 7]]
@@ -336,7 +336,7 @@ def test_sleep_on_the_gpu_path_drops_and_recaptures_graphs(models, monkeypatch):
     """The Triton path (interpreter; the CUDA graphs' CPU stand-in): the graphs are dropped while the
     weights and the cache still hold their memory, asked to capture again once both are back, and
     greedy output after sleep(1) / wake_up() equals that before."""
-    from engine.cuda_graphs import DecodeGraphs
+    from bstar.engine.runner.gpu.cuda_graphs import DecodeGraphs
 
     monkeypatch.setenv("BSTAR_KERNELS", "triton")
     llm = LLM(models["llama"], dtype="float32", device="cpu", max_num_seqs=4)

@@ -1,13 +1,13 @@
-"""bstar.tasks: GSM8K and MATH files into Examples, line-numbered errors, prompt templates."""
+"""bstar.loop.tasks: GSM8K and MATH files into Examples, line-numbered errors, prompt templates."""
 
 import json
 from decimal import Decimal
 
 import pytest
 
-from bstar.rewards import gsm8k_gold
-from bstar.tasks import DEFAULT_PROMPT, Example, check_template, format_prompt, last_boxed, load_task_examples
-from engine.errors import BStarError, DataError
+from bstar.loop.rewards import gsm8k_gold
+from bstar.loop.tasks import DEFAULT_PROMPT, Example, check_template, format_prompt, last_boxed, load_task_examples
+from bstar.engine.errors import BStarError, DataError
 
 
 def test_load_gsm8k_files(shared_data):

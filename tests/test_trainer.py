@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from model_factory import make_records, write_lines
+from bstar.testing.model_factory import make_records, write_lines
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -36,8 +36,8 @@ from bstar.train.data import (
 )
 from bstar.train.trainer import SFTTrainer, sft_loss_sum
 from bstar.train.varlen_attention import register_varlen_attention
-from engine.errors import BStarError, CheckpointError, DataError
-from engine.linear import onednn_available
+from bstar.engine.errors import BStarError, CheckpointError, DataError
+from bstar.engine.model.linear import onednn_available
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(micro_batch_tokens=256, max_seq_len=256, progress=False)

@@ -16,11 +16,11 @@ import weakref
 
 import pytest
 import torch
-from model_factory import hf_model, make_model, make_qwen3_model, make_texts
+from bstar.testing.model_factory import hf_model, make_model, make_qwen3_model, make_texts
 from transformers import PreTrainedTokenizerFast
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
-from engine import (
+from bstar.engine import (
     LLM,
     AsyncEngineArgs,
     AsyncLLM,

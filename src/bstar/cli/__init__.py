@@ -1,0 +1,43 @@
+"""`bstar-engine` command line: the group (errors as one line, not a traceback) and one module per
+subcommand:
+
+    run.py       bstar-engine run       the B-STaR loop (bstar.controller); --compare runs two modes
+    report.py    bstar-engine report    redraw a run's plots and report.md
+    generate.py  bstar-engine generate  sample candidates with the engine
+    score.py     bstar-engine score     PRM step scores
+    sft.py       bstar-engine sft       supervised fine-tuning (bstar.train)
+
+`python -m bstar.cli ...` and `torchrun ... -m bstar.cli ...` run the same group. The heavy modules
+(torch, transformers, the engine, matplotlib) load when a command runs, so --help stays fast.
+"""
+
+import sys
+
+import click
+
+from bstar.cli.generate import generate
+from bstar.cli.report import report_cmd
+from bstar.cli.run import run
+from bstar.cli.score import score
+from bstar.cli.sft import sft
+from bstar.engine.errors import BStarError
+
+
+class _Group(click.Group):
+    """Turns user-facing errors into one readable line and a non-zero exit, not a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (BStarError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Group)
+def main():
+    """Paged-KV inference engine and B-STaR self-improvement loop."""
+
+
+for _cmd in (generate, score, sft, run, report_cmd):
+    main.add_command(_cmd)

@@ -1,0 +1,170 @@
+"""Paged KV cache bookkeeping: fixed-size blocks, reference counts, prefix cache, copy-on-write.
+
+Blocks hold `block_size` tokens of K and V for every layer. A block may be referenced by several
+sequences (the n candidates of a prompt, or requests with a common prefix); it is only written by a
+sequence that holds the sole reference, so a shared partial block is copied before a write.
+Full blocks are hashed by (previous block's hash, their tokens); a freed hashed block stays in the
+cache, reusable by a later request with the same prefix, until its slot is needed.
+"""
+
+from collections import OrderedDict
+
+from bstar.engine.core.sequence import Sequence
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.reset()
+        self.prefix_hits = 0  # tokens served from the prefix cache
+
+    def reset(self):
+        """Every block free, nothing cached (the KV cache was discarded: sleep). Only for an idle engine."""
+        num_blocks = self.num_blocks
+        self.ref_counts = [0] * num_blocks
+        self.block_hash: list[int | None] = [None] * num_blocks
+        self.hash_to_block: dict[int, int] = {}
+        # Free blocks in eviction order: never-hashed first would be nicer, LRU is what matters.
+        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+
+    # -- accounting -------------------------------------------------------------------------
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self.free)
+
+    def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
+        """Fresh blocks that scheduling `num_new_tokens` more tokens of `seq` takes (CoW included)."""
+        total = seq.num_computed + num_new_tokens
+        need = max(0, -(-total // self.block_size) - len(seq.block_table))
+        if self._needs_cow(seq):
+            need += 1
+        return need
+
+    def fits_in_place(self, seq: Sequence) -> bool:
+        """The next single token lands in a block the sequence holds alone: nothing to allocate or
+        copy (the common decode step)."""
+        i = seq.num_computed // self.block_size
+        return (
+            seq.num_computed % self.block_size != 0
+            and i < len(seq.block_table)
+            and self.ref_counts[seq.block_table[i]] == 1
+        )
+
+    def _needs_cow(self, seq: Sequence) -> bool:
+        """The next token lands in a partial block that another sequence also references."""
+        if seq.num_computed % self.block_size == 0 or not seq.block_table:
+            return False
+        last = seq.num_computed // self.block_size
+        return last < len(seq.block_table) and self.ref_counts[seq.block_table[last]] > 1
+
+    # -- allocation -------------------------------------------------------------------------
+    def _take(self) -> int:
+        block, _ = self.free.popitem(last=False)
+        h = self.block_hash[block]
+        if h is not None:  # evict from the prefix cache
+            if self.hash_to_block.get(h) == block:
+                del self.hash_to_block[h]
+            self.block_hash[block] = None
+        self.ref_counts[block] = 1
+        return block
+
+    def _ref(self, block: int):
+        if self.ref_counts[block] == 0:
+            del self.free[block]
+        self.ref_counts[block] += 1
+
+    def _unref(self, block: int):
+        self.ref_counts[block] -= 1
+        if self.ref_counts[block] == 0:
+            self.free[block] = None
+
+    def hash_block(self, prev: int | None, tokens) -> int:
+        return hash((prev, tuple(tokens)))
+
+    def match_prefix(self, seq: Sequence, limit: int | None = None):
+        """Give a fresh sequence the cached blocks of its longest cached prefix (of at most `limit` tokens).
+
+        At least one token is always left to compute: its logits are needed to sample."""
+        if not self.enable_prefix_caching or seq.block_table:
+            return
+        bs = self.block_size
+        prev = seq.hash_root  # a cache_salt keeps the request's blocks apart from unsalted ones
+        usable = len(seq.token_ids) - 1 if limit is None else min(limit, len(seq.token_ids) - 1)
+        for i in range(usable // bs):
+            h = self.hash_block(prev, seq.token_ids[i * bs : (i + 1) * bs])
+            block = self.hash_to_block.get(h)
+            if block is None:
+                break
+            self._ref(block)
+            seq.block_table.append(block)
+            prev = h
+        n = len(seq.block_table)
+        seq.num_computed = n * bs
+        seq.num_hashed_blocks = n
+        seq.last_hash = prev
+        self.prefix_hits += n * bs
+
+    def release_prefix(self, seq: Sequence):
+        """Undo match_prefix for a sequence that was not admitted after all."""
+        if seq.block_table:
+            self.prefix_hits -= len(seq.block_table) * self.block_size
+            self.free_seq(seq)
+
+    def allocate(self, seq: Sequence, num_new_tokens: int) -> list[tuple[int, int]]:
+        """Reserve blocks for the next `num_new_tokens` tokens. Returns copy-on-write (src, dst) pairs."""
+        copies = []
+        if self._needs_cow(seq):
+            i = seq.num_computed // self.block_size
+            src = seq.block_table[i]
+            dst = self._take()
+            copies.append((src, dst))
+            self._unref(src)
+            seq.block_table[i] = dst
+        total = seq.num_computed + num_new_tokens
+        while len(seq.block_table) * self.block_size < total:
+            seq.block_table.append(self._take())
+        return copies
+
+    def fork(self, parent: Sequence, child: Sequence):
+        """The child shares every block of the parent."""
+        for b in parent.block_table:
+            self._ref(b)
+        child.block_table = list(parent.block_table)
+
+    def free_seq(self, seq: Sequence):
+        # Release in reverse so a prefix's head blocks are evicted last.
+        for b in reversed(seq.block_table):
+            self._unref(b)
+        seq.block_table = []
+        seq.num_computed = 0
+        seq.num_hashed_blocks = 0
+        seq.last_hash = seq.hash_root
+
+    def register_full_blocks(self, seqs: list[Sequence]):
+        """Hash the blocks of `seqs` that became full and computed, so later requests can reuse them (not
+        before their tokens are known on the host: a pending token's block waits)."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        for seq in seqs:
+            full = min(seq.num_computed, len(seq.token_ids) - seq.num_pending) // bs
+            while seq.num_hashed_blocks < full:  # (the common case, a decode within a block: nothing new)
+                i = seq.num_hashed_blocks
+                h = self.hash_block(seq.last_hash, seq.token_ids[i * bs : (i + 1) * bs])
+                block = seq.block_table[i]
+                if h not in self.hash_to_block and self.block_hash[block] is None:
+                    self.hash_to_block[h] = block
+                    self.block_hash[block] = h
+                seq.last_hash = h
+                seq.num_hashed_blocks += 1
+
+    def reset_prefix_cache(self):
+        """Forget every cached prefix (after a weight update the cached K/V are stale)."""
+        self.hash_to_block.clear()
+        self.block_hash = [None] * self.num_blocks

@@ -1,0 +1,101 @@
+"""After sampling: the stop rules of each candidate, and the output of a finished request."""
+
+from bstar.engine.entrypoints.outputs import CompletionOutput, RequestOutput
+from bstar.engine.core.sequence import Request, Sequence
+from bstar.engine.model.tokenizer import Tokenizer
+
+
+class OutputProcessor:
+    def __init__(
+        self, tokenizer: Tokenizer | None, eos_ids: set[int], max_model_len: int, primary_eos: int | None = None
+    ):
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.max_model_len = max_model_len
+        self.primary_eos = primary_eos  # ends with stop_reason None; other EOS ids are reported as stop_reason
+
+    def finish_reason(self, s: Sequence) -> str | None:
+        """ "stop" or "length" when the token just appended ends the candidate, else None.
+
+        A stop token id or stop string is recorded in s.stop_reason; a stop string also cuts the
+        output text (s.stop_text), keeping the stop string when params.include_stop_str_in_output."""
+        p, tok = s.params, s.token_ids[-1]
+        if p.min_tokens == 0 or s.num_output >= p.min_tokens:
+            if not p.ignore_eos and tok in self.eos_ids:
+                if tok != self.primary_eos:
+                    s.stop_reason = tok
+                return "stop"
+            if tok in p.stop_token_ids:
+                s.stop_reason = tok
+                return "stop"
+            if p.stop_strings and self.tokenizer is not None:
+                text = self.tokenizer.decode(s.output_ids, p.skip_special_tokens)
+                tail = max(len(x) for x in p.stop_strings) + 16  # only the new tail can hold a new match
+                for stop in p.stop_strings:
+                    k = text.find(stop, max(0, len(text) - tail - len(stop)))
+                    if k >= 0:
+                        s.stop_text = text[: k + len(stop)] if p.include_stop_str_in_output else text[:k]
+                        s.stop_reason = stop
+                        return "stop"
+        return "length" if self.length_reached(s) else None
+
+    def length_reached(self, s: Sequence) -> bool:
+        """The candidate has all the tokens max_tokens or the context allow (max_tokens None: up to the
+        context, which the second test covers)."""
+        p, n = s.params, len(s.token_ids)  # (called for every candidate at every step: no properties)
+        return n >= self.max_model_len or (p.max_tokens is not None and n - s.prompt_len >= p.max_tokens)
+
+    def text(self, s: Sequence) -> str:
+        """The output text, as vLLM: "" without detokenize (or tokenizer); cut at a stop string; and
+        an EOS or stop token that ended the candidate is not detokenized unless
+        include_stop_str_in_output (even with skip_special_tokens=False)."""
+        p = s.params
+        if not p.detokenize or self.tokenizer is None:
+            return ""
+        if s.stop_text is not None:
+            return s.stop_text
+        ids = s.output_ids
+        if s.finish_reason == "stop" and not p.include_stop_str_in_output:
+            ids = ids[:-1]
+        return self.tokenizer.decode(ids, p.skip_special_tokens)
+
+    def _decode_logprobs(self, positions, cache: dict[int, str]):
+        """Fill Logprob.decoded_token: each id decoded alone, special tokens kept (vLLM's
+        convert_ids_list_to_tokens)."""
+        for entry in positions:
+            for tid, lp in (entry or {}).items():
+                text = cache.get(tid)
+                if text is None:
+                    text = cache[tid] = self.tokenizer.decode([tid], skip_special_tokens=False)
+                lp.decoded_token = text
+
+    def request_output(self, req: Request) -> RequestOutput:
+        """The request's candidates in index order, with their text (cut at a stop string)."""
+        outs = []
+        decode = req.params.detokenize and self.tokenizer is not None
+        cache: dict[int, str] = {}
+        for s in sorted(req.finished, key=lambda s: s.index):
+            logprobs = s.logprobs if s.params.logprobs is not None else None
+            if decode and logprobs:
+                self._decode_logprobs(logprobs, cache)
+            outs.append(
+                CompletionOutput(
+                    index=s.index,
+                    text=self.text(s),
+                    token_ids=s.output_ids,
+                    cumulative_logprob=s.cumulative_logprob,
+                    logprobs=logprobs,
+                    finish_reason=s.finish_reason,
+                    stop_reason=s.stop_reason,
+                )
+            )
+        if decode and req.prompt_logprobs:
+            self._decode_logprobs(req.prompt_logprobs, cache)
+        return RequestOutput(
+            req.request_id,
+            req.prompt,
+            req.prompt_token_ids,
+            outs,
+            finished=True,
+            prompt_logprobs=req.prompt_logprobs,
+        )

@@ -1,0 +1,83 @@
+"""Per-request sampling options, named as in vLLM."""
+
+import math
+from dataclasses import dataclass, field
+
+from bstar.engine.errors import RequestError
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1  # candidates per prompt; they share the prompt's KV blocks
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = -1  # -1 or 0 = off
+    min_p: float = 0.0
+    max_tokens: int | None = 16  # None: up to the context (max_model_len - prompt length)
+    min_tokens: int = 0  # EOS and stop_token_ids are banned until this many tokens
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False  # keep the stop string (or the stop/EOS token's text) in .text
+    ignore_eos: bool = False
+    seed: int | None = None  # per-request seed: same seed + inputs -> same outputs
+    logprobs: int | None = None  # None: none; 0: the sampled token's; k: plus the top-k
+    skip_special_tokens: bool = True  # only affects .text
+    # Penalties, before temperature and the filters (vLLM's order: repetition, frequency, presence).
+    repetition_penalty: float = 1.0  # tokens of prompt + output: logit / p if > 0 else logit * p (1 = off)
+    presence_penalty: float = 0.0  # output tokens: logit - p once a token has appeared (0 = off)
+    frequency_penalty: float = 0.0  # output tokens: logit - p * its count so far (0 = off)
+    prompt_logprobs: int | None = None  # None: none; k: each prompt token's raw logprob plus the top-k
+    detokenize: bool = True  # False: no .text, no Logprob.decoded_token, no stop strings
+    stop_strings: list[str] = field(init=False, default_factory=list)
+    has_penalties: bool = field(init=False, default=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        """Check every field and refresh the derived ones. Runs again when a request is added, so
+        fields changed after construction (e.g. max_tokens set later) are checked too."""
+
+        def bad(name, why):
+            raise RequestError(f"invalid sampling value {name}={getattr(self, name)!r}: {why}")
+
+        def number(name):
+            v = getattr(self, name)
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        self.stop_strings = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if not isinstance(self.n, int) or self.n < 1:
+            bad("n", "must be an integer >= 1")
+        if not self.temperature >= 0 or self.temperature != self.temperature:
+            bad("temperature", "must be >= 0 (0 = greedy)")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", "must be in (0, 1]")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            bad("top_k", "must be an integer >= 1, or -1/0 for off")
+        if not 0 <= self.min_p <= 1:
+            bad("min_p", "must be in [0, 1]")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+            bad("max_tokens", "must be an integer >= 1, or None for up to the context")
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            bad("min_tokens", "must be an integer >= 0")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            bad("min_tokens", "must be an integer in [0, max_tokens]")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
+            bad("logprobs", "must be None or an integer >= 0")
+        if self.prompt_logprobs is not None and (not isinstance(self.prompt_logprobs, int) or self.prompt_logprobs < 0):
+            bad("prompt_logprobs", "must be None or an integer >= 0")
+        if self.seed is not None and not isinstance(self.seed, int):
+            bad("seed", "must be an integer or None")
+        if any(not isinstance(s, str) or not s for s in self.stop_strings):
+            bad("stop", "must be a non-empty string or a list of them")
+        if self.stop_strings and not self.detokenize:
+            bad("stop", "stop strings need detokenize=True (use stop_token_ids instead)")
+        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            bad("stop_token_ids", "must be non-negative integers")
+        if not number("repetition_penalty") or self.repetition_penalty <= 0:
+            bad("repetition_penalty", "must be a finite number > 0 (1 = off)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not number(name) or not -2 <= getattr(self, name) <= 2:
+                bad(name, "must be in [-2, 2] (0 = off)")
+        self.has_penalties = self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0

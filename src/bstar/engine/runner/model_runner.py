@@ -1,0 +1,425 @@
+"""Owns the model and its paged KV cache; turns a scheduled batch into hidden states and logits.
+
+Two paths, picked per step by kernels.dispatch.use_triton (CUDA, or BSTAR_KERNELS):
+- the torch path (CPU by default): per-step tensors from host lists; its decode state across steps
+  (cascade buffers, write-back, weight packing) lives in `engine.cpu_decode.CpuDecodeState`, which
+  this runner asks for the decode rows' plan and flushes before anything else touches the cache;
+- the Triton (GPU) path: persistent step inputs filled without host syncs and device block tables
+  (engine/step_inputs.py), decode CUDA graphs per batch-size bucket (engine/cuda_graphs.py; on CPU
+  the same padded buckets run eagerly), every kernel variant compiled and tuned at start-up.
+
+A decode step on CUDA: scheduler batch -> StepInputs.prepare (flat host lists -> two pinned
+staging tensors -> two non-blocking copies -> persistent buffers; changed block-table entries
+written, tables gathered into batch order) -> graph replay of the batch's bucket (or the eager
+forward) -> logits of the sampled rows -> the sampler (engine/sampler.py), whose tokens.tolist()
+is the step's one synchronisation.
+
+KV sizing (`_auto_num_blocks`): `num_kv_blocks` when given; else `kv_cache_memory_bytes`, or on CUDA
+`gpu_memory_utilization` x the device's memory minus this engine's own weights, measured activation
+peak and decode graphs' pool (estimated before capture, measured after), or on CPU `cpu_kv_cache_bytes`;
+never more than the engine can use (engine.memory_plan).
+
+Sleep / wake (`sleep`, `wake_up`): the weights' and the KV cache's storages are resized to nothing and
+back, so every tensor object and view (tied weights, per-layer K/V views) stays valid and needs no
+rebuilding; only addresses change, so the decode graphs are dropped before and captured again after
+(`before_sleep`, `after_wake_up`).
+"""
+
+import contextlib
+import gc
+import warnings
+
+import torch
+
+from bstar.engine.config import EngineConfig, ModelConfig
+from bstar.engine.runner.cpu.decode_state import CpuDecodeState
+from bstar.engine.runner.gpu.cuda_graphs import DecodeGraphs, bucket_sizes, warm_up_kernels
+from bstar.engine.runner.memory_plan import (
+    SLEEP_TAGS,
+    activation_peak_bytes,
+    decode_graph_pool_bytes,
+    engine_kv_blocks,
+    kv_cap_blocks,
+    unique_storage_bytes,
+)
+from bstar.engine.model.decoder import AttnMetadata, CausalLM
+from bstar.engine.runner.sampler import sample_rows
+from bstar.engine.entrypoints.sampling_params import SamplingParams
+from bstar.engine.core.scheduler import Batch
+from bstar.engine.runner.gpu.step_inputs import StepInputs
+from bstar.kernels.dispatch import triton_on, use_triton
+from bstar.kernels.host import long_tensor, to_device
+
+
+def device_guard(device: torch.device):
+    """The current-device guard for `device`: Triton launches kernels on the current CUDA device, not on
+    their tensors', so every model forward, sampling and head call of an engine on cuda:N runs inside it.
+    A no-op context elsewhere."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def _as_bytes(storage: torch.UntypedStorage) -> torch.Tensor:
+    """A uint8 tensor over a whole storage (to copy it whatever its tensors' dtypes)."""
+    return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: CausalLM,
+        mcfg: ModelConfig,
+        ecfg: EngineConfig,
+        max_model_len: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
+        self.model, self.mcfg, self.ecfg = model, mcfg, ecfg
+        self.device, self.dtype = device, dtype
+        self.block_size = ecfg.block_size
+        self.max_model_len = max_model_len
+        self.cos_sin = mcfg.rope_cos_sin(max_model_len, device)
+        self.asleep: set[str] = set()  # of SLEEP_TAGS
+        self._slept_weights: list[tuple[torch.UntypedStorage, int, torch.Tensor | None]] | None = None
+        self.activation_bytes = 0  # CUDA: the measured activation peak of the biggest step
+        self.graph_pool_budget = 0  # CUDA: the memory set aside for the decode graphs' pool (when sized here)
+        with self.guard():
+            self.num_blocks = ecfg.num_kv_blocks or self._auto_num_blocks()
+            # [layers, K/V, blocks, block_size, kv_heads, head_dim]: a layer's K (or V) is one contiguous view.
+            # Zeroed, not empty: masked-out slots still meet a 0 weight, and 0 * NaN garbage would be NaN.
+            self.kv = self._new_kv(self.num_blocks)
+        self.kv_caches = [(self.kv[i, 0], self.kv[i, 1]) for i in range(mcfg.num_layers)]
+        self.cpu_decode = CpuDecodeState(model, mcfg, ecfg, self.kv, self.kv_caches)
+        self.inputs: StepInputs | None = None  # the Triton path's persistent step inputs
+        self.graphs: DecodeGraphs | None = None  # its decode graphs (None: enforce_eager, or no LM head)
+        if use_triton(self.kv):
+            with self.guard():
+                self.init_gpu_path()
+
+    def guard(self):
+        return device_guard(self.device)
+
+    def _new_kv(self, num_blocks: int) -> torch.Tensor:
+        m = self.mcfg
+        shape = (m.num_layers, 2, num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    def block_bytes(self) -> int:
+        m = self.mcfg
+        return 2 * m.num_layers * self.block_size * m.num_kv_heads * m.head_dim * torch.finfo(self.dtype).bits // 8
+
+    def weight_tensors(self) -> list[torch.Tensor]:
+        return [*self.model.parameters(), *self.model.buffers()]
+
+    def _auto_num_blocks(self) -> int:
+        e = self.ecfg
+        cap = kv_cap_blocks(e.max_num_seqs, self.max_model_len, self.block_size, e.enable_prefix_caching)
+        if self.device.type != "cuda":
+            if e.kv_cache_memory_bytes is None:
+                return min(cap, max(1, e.cpu_kv_cache_bytes // self.block_bytes()))
+            return engine_kv_blocks(
+                block_bytes=self.block_bytes(),
+                cap_blocks=cap,
+                kv_cache_memory_bytes=e.kv_cache_memory_bytes,
+                device=str(self.device),
+            )
+        self.activation_bytes = activations = self._profile_activation_peak()
+        if self._captures_graphs():
+            # (estimated, not profiled: a decode forward now, before warm_up_kernels, would autotune the decode
+            # kernel on an empty cache; DecodeGraphs.capture measures the real pool and _capture checks it)
+            sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+            self.graph_pool_budget = decode_graph_pool_bytes(
+                self.mcfg, self.dtype, e.max_num_seqs, self.max_model_len, sms=sms
+            )
+        free, total = torch.cuda.mem_get_info(self.device)
+        return engine_kv_blocks(
+            block_bytes=self.block_bytes(),
+            cap_blocks=cap,
+            kv_cache_memory_bytes=e.kv_cache_memory_bytes,
+            total_bytes=total,
+            gpu_memory_utilization=e.gpu_memory_utilization,
+            weights_bytes=unique_storage_bytes(self.weight_tensors()),
+            activation_bytes=activations,
+            graph_pool_bytes=self.graph_pool_budget,
+            free_bytes=free,
+            device=str(self.device),
+        )
+
+    def _profile_activation_peak(self) -> int:
+        """CUDA: how far this engine's biggest step raises the allocator's peak (other engines' memory,
+        already allocated, does not count). Resets the device's peak-memory statistics. The step runs
+        twice and its peak is read the second time: the first compiles and autotunes the prefill kernel,
+        whose benchmark allocates Triton's 256 MB L2-flush buffer for a while (not an activation). What
+        the first run left allocated for good (the stream's cuBLAS workspace, on a process's first GEMM)
+        counts too."""
+        n = min(self.ecfg.max_num_batched_tokens, self.max_model_len)
+        kv = self._new_kv(-(-n // self.block_size))  # a step writes the real cache: its KV is not activations
+        torch.cuda.synchronize(self.device)
+        start = torch.cuda.memory_allocated(self.device)
+        self.profile_step(n, kv)
+        torch.cuda.synchronize(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.profile_step(n, kv)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        del kv
+        torch.cuda.empty_cache()
+        return activation_peak_bytes(before, peak) + max(0, before - start)
+
+    def _captures_graphs(self) -> bool:
+        """Decode graphs will be captured: an LM head on the Triton path, not enforce_eager."""
+        return triton_on(self.device) and not self.ecfg.enforce_eager and self.mcfg.head == "lm"
+
+    @torch.inference_mode()
+    def profile_step(self, n: int, kv: torch.Tensor) -> torch.Tensor:
+        """The biggest step's work on any device: a prefill of n random tokens into `kv` (a cache of at least
+        n tokens), the head on the rows a step reads (min(n, max_num_seqs)) and, for an LM head, sampling
+        them with top-p (the sorting path). Works for every head kind; returns the head's output."""
+        dev, blocks = self.device, kv.shape[2]
+        kv_caches = [(kv[i, 0], kv[i, 1]) for i in range(self.mcfg.num_layers)]
+        ids = torch.randint(0, self.mcfg.vocab_size, (n,), device=dev)
+        meta = AttnMetadata(
+            slot_mapping=torch.arange(n, device=dev),
+            block_tables=torch.arange(blocks, dtype=torch.int32, device=dev)[None],
+            seq_lens=torch.tensor([n], dtype=torch.int32, device=dev),
+            num_decode=0,
+            cu_seqlens_q=torch.tensor([0, n], dtype=torch.int32, device=dev),
+        )
+        h = self.model(ids, torch.arange(n, device=dev), self.cos_sin, kv_caches, meta)
+        rows = min(n, self.ecfg.max_num_seqs)
+        out = self.model.compute_logits(h[-rows:])
+        if self.mcfg.head == "lm":
+            out = out.float()
+            sample_rows(out, [SamplingParams(top_p=0.95)] * rows, list(range(rows)), [[]] * rows)
+        return out
+
+    # -- the Triton (GPU) path: buffers, warm-up, graphs --------------------------------------
+    def init_gpu_path(self):
+        """Persistent step inputs, every kernel variant compiled (and autotuned on a GPU), then the
+        decode graphs captured (CUDA; on CPU the padded buckets run eagerly) unless enforce_eager."""
+        e = self.ecfg
+        sizes = bucket_sizes(e.max_num_seqs)
+        width = -(-self.max_model_len // self.block_size)
+        self.inputs = StepInputs(
+            max(e.max_num_batched_tokens, sizes[-1]), sizes[-1], width, self.block_size, self.device
+        )
+        warm_up_kernels(self, sample_rows=e.max_num_seqs)
+        if self._captures_graphs():
+            self.graphs = DecodeGraphs(self, sizes, use_cuda_graphs=self.device.type == "cuda")
+            self._capture()
+
+    def drop_graphs(self):
+        """Call before the weights or the KV cache are freed or moved (sleep): the captured graphs hold
+        their addresses. Idempotent."""
+        if self.graphs is not None:
+            self.graphs.drop()
+
+    def recapture(self):
+        """Call after the weights or the KV cache were allocated again (wake_up), once self.kv_caches
+        and the model's parameters are the new tensors: captures the decode graphs again when an address
+        they read changed (or they were dropped); a no-op otherwise, so it is safe to call any time."""
+        if self.graphs is not None:
+            self._capture()
+
+    def _capture(self):
+        """Capture the decode graphs (unless those in hand still match every address); warn when their pool
+        came out bigger than what was set aside for it when the KV cache was sized."""
+        before = self.graphs.captures
+        self.graphs.capture()
+        over = self.graphs.pool_bytes - self.graph_pool_budget
+        if self.graphs.captures > before and self.graph_pool_budget and over > 0:
+            warnings.warn(
+                f"the decode graphs' memory pool holds {self.graphs.pool_bytes / 2**20:.0f} MiB, {over / 2**20:.0f} "
+                f"MiB more than was set aside for it: this engine uses that much more than gpu_memory_utilization "
+                f"allows (set kv_cache_memory_bytes lower, or enforce_eager=True; PYTORCH_CUDA_ALLOC_CONF settings "
+                f"such as expandable_segments or max_split_size_mb change how the pool rounds its blocks)",
+                stacklevel=2,
+            )
+
+    def _gpu_path(self) -> bool:
+        if not use_triton(self.kv):
+            return False
+        if self.inputs is None:  # BSTAR_KERNELS switched to triton after start-up
+            self.init_gpu_path()
+        return True
+
+    @torch.inference_mode()
+    def copy_blocks(self, copies: list[tuple[int, int]]):
+        if copies:
+            self.cpu_decode.flush()  # a copied block may hold K/V that is still only in the decode buffers
+            idx = to_device([s for s, _ in copies] + [d for _, d in copies], torch.int64, self.device)
+            src, dst = idx[: len(copies)], idx[len(copies) :]
+            self.kv[:, :, dst] = self.kv[:, :, src]
+
+    def prepare(self, batch: Batch):
+        """The torch path's step tensors (per-step tensors from host lists; cascade plan for decodes)."""
+        nd = batch.num_decode
+        ids, pos, slots, lens, last_rows, cu = batch.flat_tokens(self.block_size)
+        dev = self.device
+        cascade = None
+        if nd and not use_triton(self.kv):  # the torch path reads shared prefixes once per group
+            cascade = self.cpu_decode.plan(batch.seqs[:nd], lens[:nd], decode_only=nd == len(batch.seqs))
+        else:
+            self.cpu_decode.flush()  # this forward reads and writes the paged cache itself
+        # Block tables for the kernels that read them (the cascade path has its own plan for decodes).
+        need = batch.seqs if cascade is None else batch.seqs[nd:]
+        width = max((len(s.block_table) for s in need), default=0)
+        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in need]
+        if cascade is not None:
+            tables = [[0] * width] * nd + tables  # decode rows' entries are never read
+        meta = AttnMetadata(
+            slot_mapping=long_tensor(slots, dev),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev).view(len(batch.seqs), width),
+            seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
+            num_decode=batch.num_decode,
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
+            max_seqlen_q=max(batch.num_new[nd:], default=1),
+            cascade=cascade,
+        )
+        ids_t = long_tensor(ids, dev)
+        if batch.feed_rows:  # inputs drawn by the step in flight (async scheduling)
+            ids_t[long_tensor(batch.feed_rows, dev)] = batch.feed_tokens[long_tensor(batch.feed_src, dev)]
+        return ids_t, long_tensor(pos, dev), meta, last_rows
+
+    def invalidate_buffers(self):
+        """Forget the kept decode buffers and packed weights (new weights, or a changed cache); the decode
+        graphs are captured again if an address they read changed (not while asleep: wake_up does it)."""
+        self.cpu_decode.reset()
+        if not self.asleep:
+            self.recapture()
+
+    # -- sleep / wake (LLMEngine.sleep, LLMEngine.wake_up) --------------------------------------------
+    def before_sleep(self):
+        """Hook: runs before the weights or the KV cache leave the device. Drop here whatever holds their
+        addresses (CUDA graphs and their pool, persistent decode buffers)."""
+        self.drop_graphs()
+
+    def after_wake_up(self):
+        """Hook: runs once the weights and the KV cache are both back on the device after a sleep (KV zeroed;
+        weights restored, or allocated for load_weights after level 2). Their addresses have changed:
+        re-capture CUDA graphs here."""
+        self.recapture()
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def sleep(self, level: int):
+        """Free the device memory of the KV cache (contents discarded) and of the weights: level 1 copies them
+        to host memory first (pinned on CUDA), level 2 discards them. Asleep weights stay asleep; level 2 then
+        drops their host copy. Tied or viewed tensors share a storage and are handled once."""
+        with self.guard():
+            self._sync()
+            self.before_sleep()
+            if "kv_cache" not in self.asleep:
+                self.cpu_decode.release()
+                self.kv.untyped_storage().resize_(0)
+            if "weights" not in self.asleep:
+                self._slept_weights = self._offload_weights(keep=level == 1)
+            elif level == 2:
+                self._slept_weights = [(s, n, None) for s, n, _ in self._slept_weights]
+            self.asleep = set(SLEEP_TAGS)
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def _offload_weights(self, keep: bool):
+        slept, seen = [], set()
+        for t in self.weight_tensors():
+            s = t.untyped_storage()
+            if not s.nbytes() or s.data_ptr() in seen:
+                continue
+            seen.add(s.data_ptr())
+            backup = None
+            if keep:
+                backup = torch.empty(s.nbytes(), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+                backup.copy_(_as_bytes(s), non_blocking=True)
+            slept.append((s, s.nbytes(), backup))
+        self._sync()  # the copies are done before the storages go
+        for s, _, _ in slept:
+            s.resize_(0)
+        return slept
+
+    def wake_up(self, tags) -> bool:
+        """Bring back the tags (of SLEEP_TAGS) that are asleep: weights from their host copy or, after level 2,
+        allocated but unset (returns True then: the caller must load_weights); the KV cache zeroed.
+        Runs after_wake_up once both are back."""
+        discarded, woke = False, False
+        with self.guard():
+            if "weights" in tags and "weights" in self.asleep:
+                for s, n, backup in self._slept_weights:
+                    s.resize_(n)
+                    if backup is None:
+                        discarded = True
+                    else:
+                        _as_bytes(s).copy_(backup, non_blocking=True)
+                self._sync()
+                self._slept_weights = None
+                self.asleep.discard("weights")
+                woke = True
+            if "kv_cache" in tags and "kv_cache" in self.asleep:
+                self.kv.untyped_storage().resize_(self.kv.numel() * self.kv.element_size())
+                self.kv.zero_()
+                self.asleep.discard("kv_cache")
+                woke = True
+            if woke and not self.asleep:
+                self.after_wake_up()
+        return discarded
+
+    @torch.inference_mode()
+    def hidden_states(self, batch: Batch):
+        """Final hidden states [T, hidden] of every new token, and the row of each sequence's last token."""
+        self.copy_blocks(batch.copies)
+        if self._gpu_path():
+            self.cpu_decode.flush()  # (only ever dirty if BSTAR_KERNELS switched mid-run)
+            ids, pos, meta, _ = self.inputs.prepare(batch)
+            last, rows = -1, []
+            for n in batch.num_new:
+                last += n
+                rows.append(last)
+            return self.model(ids, pos, self.cos_sin, self.kv_caches, meta), rows
+        ids, pos, meta, last_rows = self.prepare(batch)
+        self.cpu_decode.maybe_pack(batch)
+        return self.model(ids, pos, self.cos_sin, self.kv_caches, meta), last_rows
+
+    @torch.inference_mode()
+    def run(self, batch: Batch) -> torch.Tensor:
+        """Logits [len(batch.sampled), vocab] (float32) at the last token of the sequences batch.sampled picks."""
+        if not self._gpu_path():
+            h, last_rows = self.hidden_states(batch)
+            rows = batch.sampled
+            if not rows:
+                return torch.empty(0, self.mcfg.vocab_size, device=self.device)
+            idx = torch.tensor([last_rows[r] for r in rows], device=self.device)
+            return self.model.compute_logits(h[idx]).float()
+        self.copy_blocks(batch.copies)
+        self.cpu_decode.flush()
+        B = len(batch.seqs)
+        bs = self.graphs.bucket(B) if self.graphs is not None and batch.num_decode == B else None
+        if bs is not None:
+            _, _, _, sample = self.inputs.prepare(batch, pad_to=bs)
+            h = self.graphs.replay(bs)
+        else:
+            ids, pos, meta, sample = self.inputs.prepare(batch)
+            self.cpu_decode.maybe_pack(batch)
+            h = self.model(ids, pos, self.cos_sin, self.kv_caches, meta)
+        if not batch.sampled:
+            return torch.empty(0, self.mcfg.vocab_size, device=self.device)
+        h = h[sample] if sample is not None else h[: len(batch.sampled)]
+        return self.model.compute_logits(h).float()
+
+    @torch.inference_mode()
+    def run_with_prompt_hidden(self, batch: Batch, prompt_rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `run`, plus the final hidden states [len(prompt_rows), hidden] of the token rows
+        prompt_rows (rows in the order `prepare` packs the batch's new tokens): the engine turns them
+        into prompt_logprobs in slices, so a long prompt never holds [tokens, vocab] logits at once."""
+        h, last_rows = self.hidden_states(batch)
+        sampled = [last_rows[r] for r in batch.sampled]
+        idx = to_device(sampled + prompt_rows, torch.int64, self.device)  # (one pinned, non-blocking copy)
+        if sampled:
+            logits = self.model.compute_logits(h[idx[: len(sampled)]]).float()
+        else:
+            logits = torch.empty(0, self.mcfg.vocab_size, device=self.device)
+        return logits, h[idx[len(sampled) :]]

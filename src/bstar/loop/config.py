@@ -1,0 +1,154 @@
+"""RunConfig: everything a B-STaR run depends on (saved as config.json in the run directory), and the
+built-in task's run settings. Light to import: the command line builds one before anything heavy loads."""
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+from bstar.loop.search import REFERENCE_TEMPERATURES, REFERENCE_THRESHOLDS, grid
+from bstar.loop.selection import PRM_DIVISOR, PRM_SCALES
+from bstar.loop.tasks import DEFAULT_PROMPT, check_template
+from bstar.engine.errors import BStarError
+
+MODES = ("bstar", "online-rft", "rest-em", "star")
+SLEEP_ENGINES = ("auto", "on", "off")
+EMBEDDED_PRESETS = ("default", "tiny")  # sizes of the built-in task: bstar.embedded.EmbeddedConfig.preset
+
+
+@dataclass
+class RunConfig:
+    """Everything a run depends on; saved as config.json in the run directory.
+
+    Defaults are the reference's (hkust-nlp/B-STaR) where it has one; the embedded default scales
+    them down (see embedded_run_config)."""
+
+    mode: str = "bstar"
+    model: str | None = None  # policy checkpoint (HF dir); None: the built-in task and models
+    prm: str | None = None  # PRM checkpoint; None: selection by correctness alone
+    train_data: str | None = None
+    eval_data: str | None = None
+    prompt_template: str = DEFAULT_PROMPT
+    iterations: int = 5
+    seed: int = 0
+    max_train_queries: int | None = None  # use the first N training queries (None: all)
+    max_eval_queries: int | None = None
+    # generation
+    num_samples: int = 64  # N candidates per training query
+    max_tokens: int = 768
+    stop: list[str] = field(default_factory=list)
+    # configuration search (mode bstar): the temperature from a subset, then the threshold and cap
+    # re-searched on the full pool (bstar.search)
+    temperatures: list[float] = field(default_factory=lambda: list(REFERENCE_TEMPERATURES))
+    thresholds: list[float] = field(default_factory=lambda: list(REFERENCE_THRESHOLDS))
+    search_k: int = 64
+    search_subset: int = 1000
+    n_star: int = 8
+    search_target_per_query: float | None = 3.55  # subset selection's target size / query (3,550 / 1,000)
+    # training set, every mode: the cap M grown until target_per_query x queries are selected (the
+    # reference: 67,500 / 7,500 = 9); or a fixed max_per_query (then both targets are off)
+    target_per_query: float | None = 9.0
+    max_per_query: int | None = None
+    # fixed configuration (online-rft, rest-em, star)
+    temperature: float = 1.0
+    threshold: float = 0.0  # score = correct + min step logit / 5: correct ones above -5, wrong ones above 0
+    include_gold: bool = True  # add the gold solution as a candidate (reference behaviour)
+    rationalize: bool = False  # star: retry unsolved queries with the answer as a hint
+    prm_aggregate: str = "min"
+    prm_scale: str = "logit"  # the PRM value: min step logit (reference), or "prob": min P(good)
+    prm_divisor: float = PRM_DIVISOR  # score = correct + prm / prm_divisor
+    # evaluation
+    eval_k: int = 16  # samples per eval query for Pass@K / Reward@K / diversity
+    eval_temperature: float = 1.0
+    eval_sample_queries: int | None = None  # the first N eval queries get eval_k samples (None: all)
+    # iterations between the first and the last evaluate only the first N eval queries (greedy and sampled;
+    # None: all); the starting policy and the final one always get the full evaluation. Evaluation is most
+    # of a small run's cost, and the curves' end points are what the intervals are reported for
+    mid_eval_queries: int | None = None
+    # training: train_steps optimizer steps of batch_size sequences per iteration in every mode; model,
+    # AdamW state and one warmup + cosine schedule (iterations x train_steps long) carried across
+    # iterations (the reference: 500 steps of 128, lr 4.12e-6 -> 2e-7)
+    train_steps: int = 500
+    batch_size: int = 128
+    lr: float = 4.12e-6
+    min_lr_ratio: float = 2e-7 / 4.12e-6
+    warmup_ratio: float = 0.022  # of the whole schedule (the reference: 0.2 epoch of its 9-epoch horizon)
+    max_seq_len: int = 2048
+    restart_from_base: bool | None = None  # default: True for rest-em and star (then a schedule per iteration)
+    # engine and device memory (bstar.memory): on CUDA the run's memory plan sizes both engines' KV caches
+    # within gpu_memory_utilization of the device and refuses, before loading anything, a phase that cannot fit
+    dtype: str = "auto"
+    device: str = "auto"
+    num_kv_blocks: int | None = None  # a fixed KV budget per engine (overrides the plan's)
+    gpu_memory_utilization: float = 0.9  # the share of the device the whole run may use (policy, PRM, trainer)
+    sleep_engines: str = "auto"  # policy and PRM asleep while the trainer runs: "auto" (on CUDA), "on", "off"
+    offload_optimizer: bool = False  # AdamW state and master weights in host memory (FSDP2 CPUOffloadPolicy)
+    async_scheduling: bool = False  # the policy engine's async scheduling (engine.EngineConfig): same samples
+    progress: bool = True
+    # the built-in task (model None): "default", or "tiny" (builds in seconds; a smoke test, the models
+    # learn little)
+    embedded_preset: str = "default"
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise BStarError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.embedded_preset not in EMBEDDED_PRESETS:
+            raise BStarError(
+                f"unknown embedded preset {self.embedded_preset!r}; choose one of {', '.join(EMBEDDED_PRESETS)}"
+            )
+        check_template(self.prompt_template)
+        for name in ("iterations", "num_samples", "search_k", "eval_k", "train_steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise BStarError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_train_queries", "max_eval_queries", "eval_sample_queries", "mid_eval_queries"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise BStarError(f"{name} must be >= 1 or unset, got {getattr(self, name)}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise BStarError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.sleep_engines not in SLEEP_ENGINES:
+            raise BStarError(f"sleep_engines must be one of {', '.join(SLEEP_ENGINES)}, got {self.sleep_engines!r}")
+        if self.prm_scale not in PRM_SCALES:
+            raise BStarError(f"unknown PRM scale {self.prm_scale!r}; choose one of {', '.join(PRM_SCALES)}")
+        if not self.temperatures or not self.thresholds:
+            raise BStarError("the temperature and threshold grids need at least one value each")
+        if self.max_per_query is not None:
+            self.target_per_query = self.search_target_per_query = None
+        if self.restart_from_base is None:
+            self.restart_from_base = self.mode in ("rest-em", "star")
+        self.temperatures = sorted(float(t) for t in self.temperatures)
+
+    @classmethod
+    def from_json(cls, path: str) -> "RunConfig":
+        with open(path) as f:
+            d = json.load(f)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def embedded_run_config(**overrides) -> RunConfig:
+    """The built-in task's run: the reference's procedure scaled down to a tiny model on a 2-core CPU."""
+    # sizes chosen so that a fresh `bstar-engine run` (build included) and `--compare` (2 modes x 2 seeds on
+    # 2 one-thread processes) fit a 2-core CPU; sampling is most of the cost, evaluation (greedy on 1,000
+    # questions, K samples on 300) a third of it (README, "The B-STaR loop", has the measured times)
+    base = dict(
+        iterations=5,
+        max_train_queries=256,
+        num_samples=8,
+        max_tokens=64,
+        search_k=8,
+        search_subset=24,
+        temperatures=list(grid(0.4, 1.6, 0.3)),
+        n_star=4,
+        search_target_per_query=3.55,
+        target_per_query=9.0,
+        eval_k=4,
+        eval_sample_queries=300,
+        mid_eval_queries=150,
+        train_steps=40,
+        batch_size=32,
+        lr=2e-4,  # 1e-3 lost 3-4 points of greedy accuracy over 5 iterations in both modes (README)
+        min_lr_ratio=0.05,
+        warmup_ratio=0.02,
+        max_seq_len=256,
+    )
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    return RunConfig(**base)

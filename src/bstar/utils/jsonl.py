@@ -1,0 +1,81 @@
+"""JSONL reading with line-numbered errors (the one reader of every JSONL file), and atomic writing."""
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+
+import click
+
+from bstar.engine.errors import DataError
+
+
+def parse_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict | None, str | None]]:
+    """(line number, record, None) for every non-empty line holding a JSON object, and (line number,
+    None, what is wrong) for every other non-empty line, so that callers choose to raise or to collect.
+    A missing file raises DataError."""
+    if not os.path.isfile(path):
+        raise DataError(f"data file {path} does not exist")
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield lineno, None, f"line is not valid UTF-8 ({e.reason} at byte {e.start})"
+                continue
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield lineno, None, f"malformed JSON ({e.msg})"
+                continue
+            if not isinstance(rec, dict):
+                yield lineno, None, f"expected a JSON object, got {type(rec).__name__}"
+                continue
+            yield lineno, rec, None
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """(line number, record) of every non-empty line; a bad line raises DataError naming file and line."""
+    for lineno, rec, problem in parse_jsonl(path):
+        if problem is not None:
+            raise DataError(f"{path}:{lineno}: {problem}")
+        yield lineno, rec
+
+
+def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] = ()) -> list[dict]:
+    """Every record of a JSONL file, each holding the `required` fields."""
+    records = []
+    for lineno, rec in iter_jsonl(path):
+        missing = [k for k in required if k not in rec]
+        if missing:
+            raise DataError(f"{path}:{lineno}: missing field {missing[0]!r}")
+        records.append(rec)
+    return records
+
+
+def write_jsonl(path: str | os.PathLike, records) -> None:
+    """Write records atomically: a crash never leaves a half-written file at `path`."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".jsonl")
+    try:
+        with os.fdopen(fd, "w") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def emit(records: list[dict], out: str) -> None:
+    """Records to `out` as JSONL (atomically), or to stdout when out is '-'."""
+    if out == "-":
+        for r in records:
+            click.echo(json.dumps(r, ensure_ascii=False))
+    else:
+        write_jsonl(out, records)
+        click.echo(f"wrote {len(records)} records to {out}", err=True)
