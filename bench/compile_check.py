@@ -48,7 +48,6 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 SMEM_LIMIT = 232448  # bytes of shared memory one block may opt into on sm_90 (227 KB)
 REGFILE = 65536  # 32-bit registers per SM (and per block)

@@ -42,7 +42,6 @@ import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]  # the engine, and tests/model_factory.py
 
 
 def _args():
@@ -254,9 +253,8 @@ def step_kernels():
 
 
 def step_parity(tmp: Path):
-    from bstar.testing.model_factory import hf_model, make_model
-
     from bstar.engine import LLM, SamplingParams
+    from bstar.testing.model_factory import hf_model, make_model
 
     n_new = 24 if CUDA else 4
     g = torch.Generator().manual_seed(0)
@@ -473,10 +471,9 @@ def _graph_pool_row(runner):
 
 
 def step_decode(tmp: Path):
-    from bstar.testing.model_factory import QWEN25_05B, hf_model, make_model
-
     from bstar.engine import SamplingParams
     from bstar.kernels.launch import compiled_count, record_variants
+    from bstar.testing.model_factory import QWEN25_05B, hf_model, make_model
 
     if CUDA:
         shape = QWEN25_05B

@@ -19,7 +19,6 @@ import argparse
 import gc
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,18 +26,16 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-# the engine and bstar (no install needed: a GPU box runs the checkout as it is), and model_factory
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from bstar.testing.model_factory import QWEN25_05B, QWEN25_7B, build_tokenizer, make_config, make_records  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoModelForTokenClassification  # noqa: E402
 
-from bstar.utils import distributed as dist_utils  # noqa: E402
-from bstar.loop.memory import train_phase, trainer_spec  # noqa: E402
-from bstar.train import SFTConfig, SFTTrainer  # noqa: E402
 from bstar.engine import LLM, PRM, SamplingParams  # noqa: E402
 from bstar.engine.config import ModelConfig  # noqa: E402
 from bstar.engine.runner.memory_plan import DeviceMemory, EngineSpec, GiB, Phase, plan_memory  # noqa: E402
+from bstar.loop.memory import train_phase, trainer_spec  # noqa: E402
+from bstar.testing.model_factory import QWEN25_05B, QWEN25_7B, build_tokenizer, make_config, make_records  # noqa: E402
+from bstar.train import SFTConfig, SFTTrainer  # noqa: E402
+from bstar.utils import distributed as dist_utils  # noqa: E402
 
 SHAPES = {
     "qwen2.5-0.5b": QWEN25_05B,

@@ -16,9 +16,9 @@ import time
 
 import pytest
 import torch
-from bstar.testing.model_factory import QWEN25_05B, make_model
 
 from bstar.engine import LLM, SamplingParams
+from bstar.testing.model_factory import QWEN25_05B, make_model
 
 N_PROMPTS, N, PROMPT_LEN, NEW = 8, 16, 100, 128
 WORKLOADS = {"n16": (N_PROMPTS, N), "decode": (N_PROMPTS * N, 1)}  # (prompts, candidates each)

@@ -8,9 +8,9 @@ import random
 import time
 
 import torch
-from bstar.testing.model_factory import make_model
 
 from bstar.engine import PRM
+from bstar.testing.model_factory import make_model
 
 N_Q, N_C = 8, 32
 

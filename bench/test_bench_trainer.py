@@ -11,8 +11,8 @@ import time
 
 import pytest
 import torch
-from bstar.testing.model_factory import make_model
 
+from bstar.testing.model_factory import make_model
 from bstar.train import SFTConfig, SFTExample, SFTTrainer
 from bstar.train.data import epoch_batches
 

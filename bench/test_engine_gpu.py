@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+
 from bstar.testing.model_factory import QWEN25_05B, make_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -20,12 +20,18 @@ import os
 
 import pytest
 import torch
-from bstar.testing.model_factory import QWEN25_05B, make_model
 
 from bstar.engine import LLM, PRM, SamplingParams
 from bstar.engine.errors import MemoryPlanError
 from bstar.engine.model.loader import iter_weights
-from bstar.engine.runner.memory_plan import GiB, engine_activation_bytes, kv_cap_blocks, param_count, unique_storage_bytes
+from bstar.engine.runner.memory_plan import (
+    GiB,
+    engine_activation_bytes,
+    kv_cap_blocks,
+    param_count,
+    unique_storage_bytes,
+)
+from bstar.testing.model_factory import QWEN25_05B, make_model
 
 CUDA = torch.cuda.is_available()
 DRY = not CUDA and os.environ.get("BSTAR_GPU_DRY_RUN") == "1"

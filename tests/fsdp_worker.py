@@ -1,5 +1,4 @@
-"""torchrun worker for tests/test_trainer.py: trains under FSDP2 (gloo, CPU), saves, resumes (the test puts
-the checkout on PYTHONPATH).
+"""torchrun worker for tests/test_trainer.py: trains under FSDP2 (gloo, CPU), saves, resumes.
 
     torchrun --nproc_per_node 2 tests/fsdp_worker.py MODEL_DIR DATA.jsonl OUT_DIR CONFIG_JSON
 
@@ -13,8 +12,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from bstar.utils import distributed as dist_utils
 from bstar.train import SFTConfig, SFTTrainer, checkpoint
+from bstar.utils import distributed as dist_utils
 
 READS = {"n": 0}  # checkpoint files opened by this rank (the model is read once, on rank 0)
 _enter = checkpoint.WeightReader.__enter__

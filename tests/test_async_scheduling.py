@@ -8,11 +8,11 @@ import os
 
 import pytest
 import torch
-from bstar.testing.model_factory import make_model
 
 from bstar.engine import LLM, SamplingParams
-from bstar.engine.runner.sampler import Draw
 from bstar.engine.core.sequence import PENDING_TOKEN
+from bstar.engine.runner.sampler import Draw
+from bstar.testing.model_factory import make_model
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,9 @@ that showed it; fixed since), and the strongest of the tries that held."""
 
 import pytest
 import torch
-from bstar.testing.model_factory import make_model
 
 from bstar.engine import LLM, SamplingParams
+from bstar.testing.model_factory import make_model
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from bstar.loop.balance import balance_score, mean_balance_score
 from bstar.engine.errors import RequestError
+from bstar.loop.balance import balance_score, mean_balance_score
 
 
 @pytest.mark.parametrize(

@@ -5,16 +5,16 @@ import random
 
 import pytest
 import torch
-from bstar.testing.model_factory import make_model
 
 import bstar.kernels.cascade_attention as cascade_mod
 import bstar.kernels.dense_decode_attention as dense_mod
 from bstar.engine import LLM, SamplingParams
-from bstar.engine.runner.cpu.decode_state import CpuDecodeState
 from bstar.engine.core.prompt_forward import forward_prompts
+from bstar.engine.runner.cpu.decode_state import CpuDecodeState
 from bstar.kernels import native
 from bstar.kernels.cascade_attention import CascadeBuffers, build_cascade_plan, cascade_decode_attention
 from bstar.kernels.decode_attention import paged_decode_attention_ref
+from bstar.testing.model_factory import make_model
 
 
 def dense_f64(q, k_cache, v_cache, table, n, scale):

@@ -10,10 +10,10 @@ import pytest
 from click.testing import CliRunner
 
 from bstar.cli import main
-from bstar.loop.config import embedded_run_config
 from bstar.embedded import EmbeddedConfig
+from bstar.errors import BStarError
+from bstar.loop.config import embedded_run_config
 from bstar.loop.search import SearchConfig, grid, parse_grid
-from bstar.engine.errors import BStarError
 
 # the built-in task's run, CI-sized: the tiny preset builds in about a second
 SMALL = [

@@ -15,17 +15,17 @@ from reference_selection import C, naive_select
 from safetensors.torch import load_file
 
 import bstar.train.trainer as trainer_mod
-from bstar.loop import controller
 from bstar.cli import main
+from bstar.engine import LLM, PRM
+from bstar.engine.entrypoints.outputs import CompletionOutput, RequestOutput
+from bstar.engine.errors import MemoryPlanError
+from bstar.engine.model.tokenizer import load_tokenizer
+from bstar.loop import controller
 from bstar.loop.config import RunConfig
 from bstar.loop.rewards import grade
 from bstar.loop.selection import Candidate
 from bstar.train import SFTTrainer
 from bstar.train.config import SFTConfig, lr_at
-from bstar.engine import LLM, PRM
-from bstar.engine.errors import MemoryPlanError
-from bstar.engine.entrypoints.outputs import CompletionOutput, RequestOutput
-from bstar.engine.model.tokenizer import load_tokenizer
 
 TIMING = ("time_s", "tokens_per_s")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -16,10 +16,10 @@ import warnings
 
 import pytest
 import torch
-from bstar.testing.model_factory import make_model
 
 from bstar.engine import LLM, SamplingParams
 from bstar.engine.runner.gpu.cuda_graphs import DecodeGraphs
+from bstar.testing.model_factory import make_model
 
 pytestmark = [
     pytest.mark.usefixtures("one_torch_thread"),

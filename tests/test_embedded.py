@@ -14,17 +14,18 @@ from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import bstar.embedded.build as build_mod
-from bstar.loop.config import RunConfig
 from bstar.embedded import EmbeddedConfig, build_assets, load_assets
 from bstar.embedded import task as T
 from bstar.embedded.config import VERSION
 from bstar.embedded.prm import _batches, prm_inputs, prm_quality
 from bstar.embedded.tokenizer import BOS, EOS, PAD
+from bstar.engine import LLM, PRM, SamplingParams
+from bstar.engine.entrypoints.prm import split_steps
+from bstar.engine.errors import CheckpointError
+from bstar.errors import BStarError
+from bstar.loop.config import RunConfig
 from bstar.loop.rewards import grade
 from bstar.loop.tasks import format_prompt
-from bstar.engine import LLM, PRM, SamplingParams
-from bstar.engine.errors import BStarError, CheckpointError
-from bstar.engine.entrypoints.prm import split_steps
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -11,9 +11,9 @@ import pytest
 
 from bstar.embedded import task as T
 from bstar.embedded.task import MAX_VALUE, generate, make_splits
+from bstar.errors import BStarError
 from bstar.loop.rewards import grade
 from bstar.loop.tasks import Example
-from bstar.engine.errors import BStarError
 
 OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 

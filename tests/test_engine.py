@@ -8,9 +8,9 @@ import sys
 
 import pytest
 import torch
-from bstar.testing.model_factory import ARCHS, hf_model, make_model, make_qwen3_model
 
 from bstar.engine import LLM, CheckpointError, RequestError, SamplingParams
+from bstar.testing.model_factory import ARCHS, hf_model, make_model, make_qwen3_model
 
 LLAMA3_ROPE = {
     "rope_type": "llama3",

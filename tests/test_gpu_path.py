@@ -17,17 +17,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from bstar.testing.model_factory import hf_model, make_model
 
 from bstar.engine import LLM, SamplingParams
-from bstar.engine.core.block_manager import BlockManager
 from bstar.engine.config import EngineConfig
-from bstar.engine.runner.gpu.cuda_graphs import bucket_sizes
-from bstar.engine.entrypoints.sampling_params import SamplingParams as SP
+from bstar.engine.core.block_manager import BlockManager
 from bstar.engine.core.scheduler import Scheduler
 from bstar.engine.core.sequence import Sequence
+from bstar.engine.entrypoints.sampling_params import SamplingParams as SP
+from bstar.engine.runner.gpu.cuda_graphs import bucket_sizes
 from bstar.engine.runner.gpu.step_inputs import PAD_SLOT, StepInputs
 from bstar.kernels.launch import record_variants
+from bstar.testing.model_factory import hf_model, make_model
 
 pytestmark = [
     pytest.mark.usefixtures("one_torch_thread"),
@@ -429,7 +429,6 @@ def test_float32_kernels_round_as_torch_on_a_gpu(tmp_path):
     import subprocess
 
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "BSTAR_KERNELS")}
-    env["PYTHONPATH"] = str(REPO)
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # the compiler's default, whatever a later Triton picks
     r = subprocess.run(
         [sys.executable, "-c", _PTX_SCRIPT], capture_output=True, text=True, env=env, cwd=REPO, timeout=600
@@ -540,7 +539,11 @@ def no_host_sync(staging: bool = False):
     targets[(torch.cuda, "synchronize")] = None
     targets.update(_WAITS_ON_CUDA)
     if not staging:
-        staged = (torch.Tensor, "pin_memory"), (bstar.kernels.host, "to_device"), (bstar.kernels.host, "to_device_packed")
+        staged = (
+            (torch.Tensor, "pin_memory"),
+            (bstar.kernels.host, "to_device"),
+            (bstar.kernels.host, "to_device_packed"),
+        )
         targets.update(dict.fromkeys(staged))
     saved = [(obj, name, when, obj.__dict__.get(name), getattr(obj, name)) for (obj, name), when in targets.items()]
     try:

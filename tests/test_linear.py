@@ -5,7 +5,6 @@ packed copies are dropped when the weights change."""
 import pytest
 import torch
 import torch.nn.functional as F
-from bstar.testing.model_factory import hf_model, make_model
 
 from bstar.engine import LLM, SamplingParams
 from bstar.engine.config import EngineConfig
@@ -19,6 +18,7 @@ from bstar.engine.model.linear import (
     set_cpu_gemm,
     unpack_linears,
 )
+from bstar.testing.model_factory import hf_model, make_model
 
 needs_mkl = pytest.mark.skipif(not packing_available(), reason="torch built without MKL")
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN")

@@ -11,16 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from bstar.testing.model_factory import QWEN25_7B
 from transformers import Qwen2Config
 
-from bstar.loop.memory import run_memory_plan, train_phase, trainer_spec
-from bstar.train.config import SFTConfig
 from bstar.engine import LLM, PRM, SamplingParams
 from bstar.engine.config import ModelConfig
 from bstar.engine.errors import MemoryPlanError, RequestError
 from bstar.engine.model.loader import iter_weights
 from bstar.engine.runner.memory_plan import DeviceMemory, GiB
+from bstar.loop.memory import run_memory_plan, train_phase, trainer_spec
+from bstar.testing.model_factory import QWEN25_7B
+from bstar.train.config import SFTConfig
 
 REPO = Path(__file__).resolve().parents[1]
 GREEDY = SamplingParams(n=2, temperature=0, max_tokens=12, ignore_eos=True)

@@ -9,7 +9,6 @@ import dataclasses
 
 import pytest
 import torch
-from bstar.testing.model_factory import QWEN25_05B, QWEN25_7B, make_model
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForTokenClassification,
@@ -39,6 +38,7 @@ from bstar.engine.runner.memory_plan import (
     unique_storage_bytes,
     weight_bytes,
 )
+from bstar.testing.model_factory import QWEN25_05B, QWEN25_7B, make_model
 
 BF16 = torch.bfloat16
 HF_CONFIGS = {

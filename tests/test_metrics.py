@@ -6,6 +6,7 @@ from fractions import Fraction
 
 import pytest
 
+from bstar.engine.errors import RequestError
 from bstar.loop.metrics import (
     auc,
     distinct_correct,
@@ -23,7 +24,6 @@ from bstar.loop.metrics import (
     within_question_auc,
     within_question_step_auc,
 )
-from bstar.engine.errors import RequestError
 
 
 def brute_pass_at_k(n, c, k):

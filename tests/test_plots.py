@@ -2,8 +2,8 @@
 
 from reference_selection import hand_samples
 
-from bstar.results.plots import plot_runs, plot_search_table, write_report
 from bstar.loop.search import SearchConfig, search_config
+from bstar.results.plots import plot_runs, plot_search_table, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -5,10 +5,10 @@ import os
 
 import pytest
 import torch
-from bstar.testing.model_factory import make_model, make_qwen3_model
 
 from bstar.engine import PRM, RequestError
 from bstar.engine.entrypoints.prm import LOGIT_CLIP, to_logit
+from bstar.testing.model_factory import make_model, make_qwen3_model
 
 QUESTION = (
     "Janet has 3 apples and buys 5 more. A train travels 60 miles per hour for 2 hours. How many apples does she have?"

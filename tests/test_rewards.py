@@ -20,9 +20,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import bstar.loop.rewards as rw
-from bstar.utils.jsonl import read_jsonl
+from bstar.engine.errors import RequestError
+from bstar.errors import DataError
 from bstar.loop.rewards import extract_answer, grade, grade_batch, gsm8k_gold, has_final_answer
-from bstar.engine.errors import DataError, RequestError
+from bstar.utils.jsonl import read_jsonl
 
 
 def _slow(n):
@@ -499,19 +500,16 @@ def test_math_verify_is_imported_on_first_use():
     """The engine, the model factory and the GPU checks import this module (through the built-in
     task's tokenizer): they must run where math-verify is absent (a GPU machine's image), and
     grading imports it when it first needs it."""
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), str(repo / "tests")])}
     absent = (
-        "import sys; sys.modules['math_verify'] = None; import bstar.testing.model_factory, bstar.engine, bstar.loop.controller; print('ok')"
+        "import sys; sys.modules['math_verify'] = None; "
+        "import bstar.testing.model_factory, bstar.engine, bstar.loop.controller; print('ok')"
     )
-    r = subprocess.run([sys.executable, "-c", absent], capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run([sys.executable, "-c", absent], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
     lazy = (
-        "import sys, bstar.rewards as rw; before = 'math_verify' in sys.modules; "
+        "import sys, bstar.loop.rewards as rw; before = 'math_verify' in sys.modules; "
         "print(before, rw.grade('the answer is \\\\boxed{\\\\frac{1}{2}}', '0.5', 'math'), "
         "'math_verify' in sys.modules)"
     )
-    r = subprocess.run([sys.executable, "-c", lazy], capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run([sys.executable, "-c", lazy], capture_output=True, text=True, timeout=300)
     assert r.stdout.split() == ["False", "True", "True"], (r.stdout, r.stderr[-2000:])

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from bstar.engine.runner.sampler import apply_penalties, position_logprob_entries, position_logprob_tensors, sample_rows
-from bstar.engine.entrypoints.sampling_params import SamplingParams
 from bstar.engine.core.sequence import Sequence
+from bstar.engine.entrypoints.sampling_params import SamplingParams
+from bstar.engine.runner.sampler import apply_penalties, position_logprob_entries, position_logprob_tensors, sample_rows
 
 V = 97
 

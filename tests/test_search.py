@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from reference_selection import C, hand_samples, naive_select
 
+from bstar.engine.errors import RequestError
 from bstar.loop.balance import mean_balance_score
 from bstar.loop.search import SearchConfig, _Grid, choose_subset, search_config, search_threshold
 from bstar.loop.selection import Candidate, cap_for_target, rank_all
-from bstar.engine.errors import RequestError
 
 
 def test_search_picks_hand_computed_best_pair():

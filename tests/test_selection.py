@@ -6,9 +6,9 @@ import random
 import pytest
 from reference_selection import C, literal_example, naive_select
 
+from bstar.engine.errors import RequestError
 from bstar.loop.search import REFERENCE_THRESHOLDS, SearchConfig, search_threshold
 from bstar.loop.selection import BROKEN, Candidate, candidate_score, cap_for_target, rank_all, select
-from bstar.engine.errors import RequestError
 
 
 def test_logit_scale_hand_computed():

@@ -10,7 +10,6 @@ import os
 
 import pytest
 import torch
-from bstar.testing.model_factory import make_model
 from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -18,11 +17,12 @@ from torch.utils._pytree import tree_flatten
 from bstar import kernels
 from bstar.engine import LLM, PRM, RequestError, SamplingParams
 from bstar.engine.config import ModelConfig, resolve_dtype
-from bstar.engine.model.linear import Linear, packing_available
 from bstar.engine.core.llm_engine import LLMEngine, resolve_device
+from bstar.engine.model.linear import Linear, packing_available
 from bstar.engine.model.loader import iter_weights
 from bstar.engine.runner.memory_plan import param_count, unique_storage_bytes
 from bstar.engine.runner.model_runner import device_guard
+from bstar.testing.model_factory import make_model
 
 GREEDY = SamplingParams(n=3, temperature=0, max_tokens=20, ignore_eos=True)
 PROMPTS = [[5, 17, 33, 9, 41, 8, 77, 12, 19, 20, 21, 60, 61, 62, 63, 64, 65, 66], [3, 4, 5, 6, 7]]

@@ -5,9 +5,9 @@ from decimal import Decimal
 
 import pytest
 
+from bstar.errors import BStarError, DataError
 from bstar.loop.rewards import gsm8k_gold
 from bstar.loop.tasks import DEFAULT_PROMPT, Example, check_template, format_prompt, last_boxed, load_task_examples
-from bstar.engine.errors import BStarError, DataError
 
 
 def test_load_gsm8k_files(shared_data):

@@ -16,12 +16,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from bstar.testing.model_factory import make_records, write_lines
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import bstar.train.checkpoint as checkpoint_mod
 from bstar.cli import main
+from bstar.engine.errors import CheckpointError
+from bstar.engine.model.linear import onednn_available
+from bstar.errors import BStarError, DataError
+from bstar.testing.model_factory import make_records, write_lines
 from bstar.train.config import SFTConfig, lr_at
 from bstar.train.cpu_gemm import OneDnnLinear, OneDnnLinearFunction
 from bstar.train.data import (
@@ -36,8 +39,6 @@ from bstar.train.data import (
 )
 from bstar.train.trainer import SFTTrainer, sft_loss_sum
 from bstar.train.varlen_attention import register_varlen_attention
-from bstar.engine.errors import BStarError, CheckpointError, DataError
-from bstar.engine.model.linear import onednn_available
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(micro_batch_tokens=256, max_seq_len=256, progress=False)
@@ -486,7 +487,7 @@ def test_torchrun_two_ranks_match_one_process(offload, llama_dir, tmp_path, free
     ex = load_sft_examples(recs, _tok(llama_dir), 256)
     batches = epoch_batches([len(x) for x in ex], 0, 0, None, 8)
     assert any([] in step_plan(b, ex, r, 2, 256, True).micro for b in batches for r in range(2))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [
         sys.executable,
         "-m",

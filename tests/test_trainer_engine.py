@@ -3,11 +3,11 @@ handed to a live engine (no disk) give the same logits as the engine reloading t
 
 import pytest
 import torch
-from bstar.testing.model_factory import make_model, make_records
 from transformers import AutoModelForCausalLM
 
-from bstar.train import SFTConfig, SFTTrainer
 from bstar.engine import LLM
+from bstar.testing.model_factory import make_model, make_records
+from bstar.train import SFTConfig, SFTTrainer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models; robust on a busy machine
 

@@ -15,19 +15,19 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from click.testing import CliRunner
-from bstar.testing.model_factory import make_model, make_records, write_lines
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
-from bstar.utils import distributed as dist_utils
 from bstar.cli import main
+from bstar.engine.errors import RequestError
+from bstar.testing.model_factory import make_model, make_records, write_lines
 from bstar.train.config import SFTConfig, adamw_options, resolve_grad_checkpointing
 from bstar.train.data import IGNORE, collate_packed, load_sft_examples
 from bstar.train.loss import chunked_cross_entropy, sft_loss_sum
 from bstar.train.trainer import SFTTrainer
-from bstar.engine.errors import RequestError
+from bstar.utils import distributed as dist_utils
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(micro_batch_tokens=256, max_seq_len=256, progress=False)
@@ -316,7 +316,7 @@ def _torchrun(args, port, nproc=2, extra=(), env=None, timeout=240):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *extra]
     if not extra:
         cmd += ["--master_addr=127.0.0.1", f"--master_port={port}"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **(env or {}))
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.Popen(cmd + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

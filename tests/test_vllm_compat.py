@@ -16,7 +16,6 @@ import weakref
 
 import pytest
 import torch
-from bstar.testing.model_factory import hf_model, make_model, make_qwen3_model, make_texts
 from transformers import PreTrainedTokenizerFast
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
@@ -30,6 +29,7 @@ from bstar.engine import (
     TokensPrompt,
     UnsupportedError,
 )
+from bstar.testing.model_factory import hf_model, make_model, make_qwen3_model, make_texts
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

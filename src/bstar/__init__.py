@@ -1,20 +1,38 @@
-"""B-STaR: balanced self-taught reasoning on top of the engine.
+"""bstar-engine: a paged-KV inference engine, its Triton kernels, and the B-STaR self-improvement loop.
 
-The loop, in the order an iteration runs it (bstar.controller drives it):
+One import namespace, three rooms one level down, each layer importing only those below it:
 
-    config.py      RunConfig: everything a run depends on (config.json of a run directory)
-    tasks.py       GSM8K / MATH JSONL -> Example, and the prompt template
-    search.py      the (temperature, threshold) whose selection has the best balance score
-    balance.py     the balance score of a selection
-    rewards.py     answer verification: grade a response against the gold answer
-    selection.py   score = correct + scaled PRM; threshold, dedup and a per-query cap
-    train/         the FSDP2 SFT trainer the selection is fine-tuned with
-    metrics.py     greedy accuracy, Pass@k, Reward@k, diversity
-    controller.py  the loop: search, generate, reward and select, fine-tune, hand off, evaluate, resume
-    plots.py       figures and report.md of a run; report.py redraws them from a run directory
-    embedded/      the built-in task, its tokenizer, policy and PRM (no download needed)
-    cli/           the `bstar-engine` command line, one module per subcommand
-    jsonl.py       JSONL reading with line-numbered errors, atomic writing
-    dist_utils.py  process groups (torchrun's, or one rank for offload): records as bytes, barrier, timeout
-    memory.py      the run's memory plan, and the train phase (engines asleep, trainer freed before waking)
+    kernels/    Triton kernels, each beside its torch reference (the hot paths of a step)
+    engine/     the inference engine: LLM, AsyncLLM, PRM, scheduler, block manager, runner, sampler
+    train/      the FSDP2 SFT trainer the loop fine-tunes with
+    loop/       B-STaR: configuration search, balance, rewards, selection, metrics, the controller
+    embedded/   the built-in task, its tokenizer, policy and PRM (no download needed)
+    results/    a run's plots and report, and --compare (modes x seeds, bootstrap intervals)
+    cli/        the `bstar-engine` command line (`python -m bstar` runs it too)
+    utils/      JSONL files, process groups;  testing/: tiny local checkpoints for tests and benchmarks
+    errors.py   BStarError, the base of every error a user can act on
+
+The engine's public names are here too, vLLM-shaped (`from bstar import LLM, SamplingParams`); they load
+on first use, so `import bstar` costs no torch.
 """
+
+from typing import TYPE_CHECKING
+
+import bstar.engine as _engine
+
+if TYPE_CHECKING:
+    from bstar.engine import *  # noqa: F403
+
+__all__ = list(_engine.__all__)
+
+
+def __getattr__(name: str):
+    if name not in __all__:
+        raise AttributeError(f"module 'bstar' has no attribute {name!r}")
+    value = getattr(_engine, name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

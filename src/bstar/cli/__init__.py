@@ -20,7 +20,7 @@ from bstar.cli.report import report_cmd
 from bstar.cli.run import run
 from bstar.cli.score import score
 from bstar.cli.sft import sft
-from bstar.engine.errors import BStarError
+from bstar.errors import BStarError
 
 
 class _Group(click.Group):

@@ -2,8 +2,8 @@
 
 import click
 
+from bstar.errors import DataError
 from bstar.utils.jsonl import emit, read_jsonl
-from bstar.engine.errors import DataError
 
 
 def _load_prompts(path: str) -> list[str | list[int]]:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import click
 
+from bstar.errors import BStarError
 from bstar.loop.config import EMBEDDED_PRESETS, MODES, SLEEP_ENGINES, RunConfig, embedded_run_config
 from bstar.loop.search import parse_grid
-from bstar.engine.errors import BStarError
 
 COMPARE_MODES = ("bstar", "online-rft")
 
@@ -149,9 +149,9 @@ def run(model, prm, train_data, eval_data, out, resume, compare, seeds, jobs, qu
 def _compare(cfg: RunConfig, out: str, seeds: int, jobs: int, quiet: bool) -> None:
     """Each (mode, seed) in its own one-thread process (`run --resume` of a prepared run directory), at most
     `jobs` at a time; a directory that already holds a finished run is kept as it is."""
+    from bstar.embedded import EmbeddedConfig, build_assets
     from bstar.loop import controller
     from bstar.results import compare
-    from bstar.embedded import EmbeddedConfig, build_assets
 
     if cfg.model is None:  # build once here, not in every process
         build_assets(EmbeddedConfig.preset(cfg.embedded_preset), progress=cfg.progress)

@@ -2,8 +2,8 @@
 
 import click
 
+from bstar.errors import DataError
 from bstar.utils.jsonl import emit, read_jsonl
-from bstar.engine.errors import DataError
 
 
 @click.command("score")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import click
 
-from bstar.engine.errors import BStarError
+from bstar.errors import BStarError
 
 
 @click.command("sft")

@@ -31,9 +31,10 @@ from bstar.embedded.policy import measure_greedy_accuracy, save_random_policy, w
 from bstar.embedded.prm import PRM_QUESTION_TEMPLATE, dump_rows, prm_data, prm_quality, train_prm
 from bstar.embedded.task import make_splits
 from bstar.embedded.tokenizer import BAD, GOOD, STEP_TAG, build_tokenizer, check_round_trip
-from bstar.loop.tasks import DEFAULT_PROMPT, Example
-from bstar.engine.errors import BStarError, CheckpointError
+from bstar.engine.errors import CheckpointError
+from bstar.errors import BStarError
 from bstar.kernels.native import cache_root
+from bstar.loop.tasks import DEFAULT_PROMPT, Example
 
 _MANIFEST = "manifest.json"
 

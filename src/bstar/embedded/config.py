@@ -7,8 +7,8 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 
+from bstar.errors import BStarError
 from bstar.loop.config import EMBEDDED_PRESETS
-from bstar.engine.errors import BStarError
 
 VERSION = "embedded-3"  # bump when the build procedure changes: old caches are then ignored
 

@@ -12,11 +12,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from bstar.embedded.config import EmbeddedConfig
 from bstar.embedded.tokenizer import BOS, EOS, PAD
+from bstar.engine import LLM, SamplingParams
 from bstar.loop.metrics import greedy_accuracy
 from bstar.loop.rewards import grade
 from bstar.loop.tasks import Example, format_prompt
 from bstar.train import SFTConfig, SFTExample, SFTTrainer
-from bstar.engine import LLM, SamplingParams
 
 
 def save_random_policy(cfg: EmbeddedConfig, tok_dir: Path, path: Path, n_vocab: int) -> None:

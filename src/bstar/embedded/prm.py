@@ -32,13 +32,13 @@ from bstar.embedded import task as T
 from bstar.embedded.config import EmbeddedConfig
 from bstar.embedded.policy import engine_llm
 from bstar.embedded.tokenizer import BAD, GOOD, PAD, STEP_TAG
+from bstar.engine import PRM, SamplingParams
+from bstar.engine.entrypoints.prm import tagged_step_ids
+from bstar.errors import BStarError
 from bstar.loop.metrics import lucky_share, reward_at_k, step_auc, within_question_auc, within_question_step_auc
 from bstar.loop.rewards import grade
 from bstar.loop.tasks import Example, format_prompt
 from bstar.train.cpu_gemm import apply_cpu_gemm
-from bstar.engine import PRM, SamplingParams
-from bstar.engine.errors import BStarError
-from bstar.engine.entrypoints.prm import tagged_step_ids
 
 PRM_QUESTION_TEMPLATE = "{question} "  # engine.PRM's default question_template
 

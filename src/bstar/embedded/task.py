@@ -37,8 +37,8 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
+from bstar.errors import BStarError
 from bstar.loop.tasks import Example
-from bstar.engine.errors import BStarError
 
 NAMES = (
     ("Tom", "he"),

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from bstar.errors import BStarError
 from bstar.loop.rewards import grade
 from bstar.loop.tasks import Example, format_prompt
-from bstar.engine.errors import BStarError
 
 SPECIAL_TOKENS = ("<s>", "</s>", "<pad>")  # ids 0, 1, 2
 BOS, EOS, PAD = 0, 1, 2

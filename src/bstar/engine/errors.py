@@ -1,8 +1,6 @@
-"""Errors a user can act on. The CLI prints their message as one line and exits non-zero."""
+"""The engine's errors a user can act on. The CLI prints their message as one line and exits non-zero."""
 
-
-class BStarError(Exception):
-    """Base class: bad input, missing file, unsupported checkpoint, invalid option."""
+from bstar.errors import BStarError
 
 
 class CheckpointError(BStarError):
@@ -11,10 +9,6 @@ class CheckpointError(BStarError):
 
 class RequestError(BStarError, ValueError):
     """A request that cannot be served (invalid sampling value, prompt longer than the context...)."""
-
-
-class DataError(BStarError, ValueError):
-    """A malformed data file (bad JSONL line, missing field); the message names file and line."""
 
 
 class MemoryPlanError(BStarError):

@@ -36,7 +36,14 @@ triton (not installed off Linux).
 from bstar.kernels.activation import silu_and_mul, silu_and_mul_ref
 from bstar.kernels.decode_attention import paged_decode_attention, paged_decode_attention_ref
 from bstar.kernels.kv_store import store_kv, store_kv_ref
-from bstar.kernels.norm_rope import apply_rotary, apply_rotary_ref, qk_norm_rope, qk_norm_rope_ref, rms_norm, rms_norm_ref
+from bstar.kernels.norm_rope import (
+    apply_rotary,
+    apply_rotary_ref,
+    qk_norm_rope,
+    qk_norm_rope_ref,
+    rms_norm,
+    rms_norm_ref,
+)
 from bstar.kernels.prefill_attention import paged_prefill_attention, paged_prefill_attention_ref
 from bstar.kernels.prm_scoring import prm_step_scores, prm_step_scores_ref
 from bstar.kernels.rope_store import rope_store_kv, rope_store_kv_ref

@@ -5,10 +5,10 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+from bstar.errors import BStarError
 from bstar.loop.search import REFERENCE_TEMPERATURES, REFERENCE_THRESHOLDS, grid
 from bstar.loop.selection import PRM_DIVISOR, PRM_SCALES
 from bstar.loop.tasks import DEFAULT_PROMPT, check_template
-from bstar.engine.errors import BStarError
 
 MODES = ("bstar", "online-rft", "rest-em", "star")
 SLEEP_ENGINES = ("auto", "on", "off")

@@ -36,25 +36,25 @@ from pathlib import Path
 
 import torch
 
-from bstar.utils import distributed as dist_utils
+from bstar.engine import LLM, PRM, SamplingParams
+from bstar.engine.config import EngineConfig
+from bstar.engine.core.llm_engine import resolve_device
+from bstar.engine.model.loader import iter_weights
+from bstar.engine.runner.memory_plan import DeviceMemory, MemoryPlan
+from bstar.errors import BStarError, DataError
 from bstar.loop.balance import mean_balance_score
 from bstar.loop.config import RunConfig
-from bstar.utils.jsonl import read_jsonl, write_jsonl
 from bstar.loop.memory import run_memory_plan, train_phase
 from bstar.loop.metrics import greedy_accuracy, sample_metrics, step_auc, within_question_auc
-from bstar.results.report import redraw
 from bstar.loop.rewards import grade_batch, has_final_answer
 from bstar.loop.search import SearchConfig, choose_subset, search_config, search_threshold, target_size
 from bstar.loop.selection import BROKEN, BROKEN_PROB, Candidate, select
 from bstar.loop.tasks import Example, format_prompt, load_task_examples
+from bstar.results.report import redraw
 from bstar.train import SFTConfig, SFTExample, SFTTrainer
 from bstar.train.checkpoint import STATE_DIR
-from bstar.engine import LLM, PRM, SamplingParams
-from bstar.engine.config import EngineConfig
-from bstar.engine.errors import BStarError, DataError
-from bstar.engine.core.llm_engine import resolve_device
-from bstar.engine.model.loader import iter_weights
-from bstar.engine.runner.memory_plan import DeviceMemory, MemoryPlan
+from bstar.utils import distributed as dist_utils
+from bstar.utils.jsonl import read_jsonl, write_jsonl
 
 _SEED_MASK = (1 << 62) - 1
 REFERENCE_BETAS = (0.9, 0.999)  # the reference's AdamW (train_sft_step.py arguments)

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bstar.train.config import SFTConfig, resolve_grad_checkpointing
 from bstar.engine.config import ModelConfig, resolve_dtype
 from bstar.engine.errors import RequestError
 from bstar.engine.runner.memory_plan import (
@@ -32,6 +31,7 @@ from bstar.engine.runner.memory_plan import (
     plan_memory,
 )
 from bstar.kernels.dispatch import triton_on
+from bstar.train.config import SFTConfig, resolve_grad_checkpointing
 
 __all__ = ["TrainPhase", "free_device_memory", "run_memory_plan", "train_phase", "trainer_spec"]
 

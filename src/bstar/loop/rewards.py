@@ -38,8 +38,9 @@ from decimal import Decimal, InvalidOperation
 
 from tqdm.auto import tqdm
 
+from bstar.engine.errors import RequestError
+from bstar.errors import DataError
 from bstar.loop.tasks import last_boxed
-from bstar.engine.errors import DataError, RequestError
 
 TASKS = ("gsm8k", "math")
 

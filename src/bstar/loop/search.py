@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
+from bstar.engine.errors import RequestError
+from bstar.errors import BStarError
 from bstar.loop.selection import MAX_CAP, PRM_DIVISOR, Candidate, RankedQuery, rank_all
-from bstar.engine.errors import BStarError, RequestError
 
 
 def grid(start: float, stop: float, step: float) -> tuple[float, ...]:

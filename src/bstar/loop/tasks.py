@@ -16,8 +16,8 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
+from bstar.errors import BStarError, DataError
 from bstar.utils.jsonl import iter_jsonl
-from bstar.engine.errors import BStarError, DataError
 
 DEFAULT_PROMPT = "Question: {question}\nAnswer: Let's think step by step.\n"
 

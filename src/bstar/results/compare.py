@@ -17,8 +17,8 @@ import math
 import random
 from pathlib import Path
 
-from bstar.utils.jsonl import read_jsonl
 from bstar.results.plots import LABELS, plot_runs, plot_search_table, write_report
+from bstar.utils.jsonl import read_jsonl
 
 N_BOOT = 2000
 CI_KEYS = ("greedy_acc", "pass_at_1", "pass_at_k", "reward_at_k", "distinct_styles")
@@ -88,8 +88,8 @@ def report(out: str, runs: dict[str, str], labels=None, questions=None) -> list[
     if labels is None:
         cfg = json.loads((Path(next(iter(runs.values()))) / "config.json").read_text())
         if cfg.get("model") is None:
-            from bstar.loop.controller import builtin_labels
             from bstar.embedded import EmbeddedConfig, build_assets
+            from bstar.loop.controller import builtin_labels
 
             labels = builtin_labels()
             questions = [

@@ -3,9 +3,9 @@
 import json
 from pathlib import Path
 
-from bstar.utils.jsonl import read_jsonl
+from bstar.errors import BStarError
 from bstar.results.plots import plot_runs, plot_search_table, write_report
-from bstar.engine.errors import BStarError
+from bstar.utils.jsonl import read_jsonl
 
 
 def _records(run_dir: Path) -> list[dict]:

@@ -4,8 +4,8 @@ import math
 from dataclasses import dataclass
 
 from bstar.engine.config import DTYPES
-from bstar.engine.errors import BStarError
 from bstar.engine.model.linear import CPU_GEMMS
+from bstar.errors import BStarError
 
 VARLEN = "bstar_varlen"  # our packed attention (bstar.train.varlen_attention)
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
+from bstar.errors import DataError
 from bstar.utils.jsonl import parse_jsonl
-from bstar.engine.errors import DataError
 
 IGNORE = -100
 _MAX_LISTED = 20  # problems spelled out in one error message

@@ -17,8 +17,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from bstar.utils import distributed as dist_utils
 from bstar.engine.errors import CheckpointError
+from bstar.utils import distributed as dist_utils
 
 
 def decoder_layers(model):

@@ -57,7 +57,9 @@ from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from bstar.utils import distributed as dist_utils
+from bstar.engine.config import DTYPES
+from bstar.engine.errors import CheckpointError
+from bstar.errors import BStarError
 from bstar.train import checkpoint
 from bstar.train.config import VARLEN, SFTConfig, adamw_options, lr_at, resolve_grad_checkpointing
 from bstar.train.cpu_gemm import apply_cpu_gemm
@@ -74,8 +76,7 @@ from bstar.train.data import (
 from bstar.train.loss import sft_loss_sum
 from bstar.train.parallelize import TensorSource, apply_fsdp, broadcast_load, check_source, full_tensor, gather_full
 from bstar.train.varlen_attention import register_varlen_attention
-from bstar.engine.config import DTYPES
-from bstar.engine.errors import BStarError, CheckpointError
+from bstar.utils import distributed as dist_utils
 
 __all__ = ["SFTTrainer", "TrainResult", "sft_loss_sum"]
 

@@ -14,8 +14,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from bstar.errors import BStarError
 from bstar.train.config import VARLEN
-from bstar.engine.errors import BStarError
 
 
 def _segments(n: int, cu_seq_lens, position_ids, b: int) -> list[int]:

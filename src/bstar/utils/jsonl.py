@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import click
 
-from bstar.engine.errors import DataError
+from bstar.errors import DataError
 
 
 def parse_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict | None, str | None]]:

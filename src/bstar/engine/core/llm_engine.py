@@ -14,22 +14,22 @@ import weakref
 
 import torch
 
-from bstar.engine import vllm_compat
-from bstar.engine.core.block_manager import BlockManager
+from bstar.engine.compat import vllm as vllm_compat
 from bstar.engine.config import EngineConfig, ModelConfig, resolve_dtype
-from bstar.engine.errors import CheckpointError, RequestError
-from bstar.engine.entrypoints.inputs import ParsedPrompt, parse_prompt
-from bstar.engine.model.loader import iter_weights
-from bstar.engine.runner.memory_plan import SLEEP_TAGS, engine_max_model_len
-from bstar.engine.model.decoder import CausalLM
-from bstar.engine.runner.model_runner import ModelRunner
+from bstar.engine.core.block_manager import BlockManager
 from bstar.engine.core.output_processor import OutputProcessor
-from bstar.engine.entrypoints.outputs import RequestOutput
-from bstar.engine.runner.sampler import Draw, Sampler, position_logprob_entries, position_logprob_tensors
-from bstar.engine.entrypoints.sampling_params import SamplingParams
 from bstar.engine.core.scheduler import Scheduler
 from bstar.engine.core.sequence import Request, Sequence
+from bstar.engine.entrypoints.inputs import ParsedPrompt, parse_prompt
+from bstar.engine.entrypoints.outputs import RequestOutput
+from bstar.engine.entrypoints.sampling_params import SamplingParams
+from bstar.engine.errors import CheckpointError, RequestError
+from bstar.engine.model.decoder import CausalLM
+from bstar.engine.model.loader import iter_weights
 from bstar.engine.model.tokenizer import load_tokenizer, require
+from bstar.engine.runner.memory_plan import SLEEP_TAGS, engine_max_model_len
+from bstar.engine.runner.model_runner import ModelRunner
+from bstar.engine.runner.sampler import Draw, Sampler, position_logprob_entries, position_logprob_tensors
 from bstar.kernels.host import HostCopy, to_device
 
 

@@ -1,7 +1,7 @@
 """After sampling: the stop rules of each candidate, and the output of a finished request."""
 
-from bstar.engine.entrypoints.outputs import CompletionOutput, RequestOutput
 from bstar.engine.core.sequence import Request, Sequence
+from bstar.engine.entrypoints.outputs import CompletionOutput, RequestOutput
 from bstar.engine.model.tokenizer import Tokenizer
 
 

@@ -8,9 +8,9 @@ manager and model runner, so it needs an idle engine: no request may be in fligh
 import torch
 
 from bstar.engine.core.llm_engine import LLMEngine
-from bstar.engine.entrypoints.sampling_params import SamplingParams
 from bstar.engine.core.scheduler import Batch
 from bstar.engine.core.sequence import Sequence
+from bstar.engine.entrypoints.sampling_params import SamplingParams
 
 
 @torch.inference_mode()

@@ -13,8 +13,8 @@ prompt whose prefill just ended: they share its KV blocks and draw from its logi
 from collections import deque
 from dataclasses import dataclass, field
 
-from bstar.engine.core.block_manager import BlockManager
 from bstar.engine.config import EngineConfig
+from bstar.engine.core.block_manager import BlockManager
 from bstar.engine.core.sequence import Sequence
 
 

@@ -20,12 +20,12 @@ import queue
 import threading
 from collections.abc import Iterable
 
-from bstar.engine.errors import RequestError, UnsupportedError
+from bstar.engine.compat.vllm import GENERATE_KWARGS, no_lora
+from bstar.engine.core.sequence import Request
 from bstar.engine.entrypoints.llm import LLM
 from bstar.engine.entrypoints.outputs import RequestOutput
 from bstar.engine.entrypoints.sampling_params import SamplingParams
-from bstar.engine.core.sequence import Request
-from bstar.engine.compat.vllm import GENERATE_KWARGS, no_lora
+from bstar.engine.errors import RequestError, UnsupportedError
 
 _STOP = object()
 

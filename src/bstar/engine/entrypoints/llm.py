@@ -8,12 +8,12 @@ with one line otherwise (engine/vllm_compat.py lists them); `llm.llm_engine`, `r
 import torch
 from tqdm.auto import tqdm
 
-from bstar.engine import vllm_compat
+from bstar.engine.compat import vllm as vllm_compat
 from bstar.engine.config import EngineConfig
-from bstar.engine.entrypoints.inputs import prompt_list
 from bstar.engine.core.llm_engine import LLMEngine
-from bstar.engine.entrypoints.outputs import RequestOutput
 from bstar.engine.core.prompt_forward import forward_prompts
+from bstar.engine.entrypoints.inputs import prompt_list
+from bstar.engine.entrypoints.outputs import RequestOutput
 from bstar.engine.entrypoints.sampling_params import SamplingParams
 
 

@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 
 from bstar import kernels
 from bstar.engine.config import EngineConfig
-from bstar.engine.errors import RequestError
 from bstar.engine.core.llm_engine import LLMEngine
 from bstar.engine.core.prompt_forward import forward_prompts
+from bstar.engine.errors import RequestError
 from bstar.engine.model.tokenizer import require
 
 QWEN_PRM_SEPARATOR = "<extra_0>"

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 import torch
 
 from bstar.engine.config import ModelConfig
-from bstar.engine.runner.gpu.cuda_graphs import bucket_sizes
 from bstar.engine.errors import MemoryPlanError, RequestError
+from bstar.engine.runner.gpu.cuda_graphs import bucket_sizes
 from bstar.kernels.decode_attention_triton import MAX_SPLITS, MIN_TOKENS_PER_SPLIT
 
 GiB = 1 << 30

@@ -32,8 +32,12 @@ import warnings
 import torch
 
 from bstar.engine.config import EngineConfig, ModelConfig
+from bstar.engine.core.scheduler import Batch
+from bstar.engine.entrypoints.sampling_params import SamplingParams
+from bstar.engine.model.decoder import AttnMetadata, CausalLM
 from bstar.engine.runner.cpu.decode_state import CpuDecodeState
 from bstar.engine.runner.gpu.cuda_graphs import DecodeGraphs, bucket_sizes, warm_up_kernels
+from bstar.engine.runner.gpu.step_inputs import StepInputs
 from bstar.engine.runner.memory_plan import (
     SLEEP_TAGS,
     activation_peak_bytes,
@@ -42,11 +46,7 @@ from bstar.engine.runner.memory_plan import (
     kv_cap_blocks,
     unique_storage_bytes,
 )
-from bstar.engine.model.decoder import AttnMetadata, CausalLM
 from bstar.engine.runner.sampler import sample_rows
-from bstar.engine.entrypoints.sampling_params import SamplingParams
-from bstar.engine.core.scheduler import Batch
-from bstar.engine.runner.gpu.step_inputs import StepInputs
 from bstar.kernels.dispatch import triton_on, use_triton
 from bstar.kernels.host import long_tensor, to_device
 

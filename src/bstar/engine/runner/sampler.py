@@ -19,9 +19,9 @@ from operator import attrgetter
 import torch
 
 from bstar import kernels
+from bstar.engine.core.sequence import Sequence
 from bstar.engine.entrypoints.outputs import Logprob
 from bstar.engine.entrypoints.sampling_params import SamplingParams
-from bstar.engine.core.sequence import Sequence
 from bstar.kernels.host import HostCopy, to_device, to_device_packed
 from bstar.kernels.sampling import apply_filters, filter_plan
 

@@ -24,9 +24,9 @@ A slot whose sequence was freed meanwhile is at worst rewritten before its new o
 import torch
 
 from bstar.engine.config import EngineConfig, ModelConfig
-from bstar.engine.model.linear import pack_linears, resolve_cpu_gemm, set_cpu_gemm, unpack_linears
 from bstar.engine.core.scheduler import Batch
 from bstar.engine.core.sequence import Sequence
+from bstar.engine.model.linear import pack_linears, resolve_cpu_gemm, set_cpu_gemm, unpack_linears
 from bstar.kernels.cascade_attention import CascadeBuffers, CascadePlan, build_cascade_plan
 from bstar.kernels.host import long_tensor
 

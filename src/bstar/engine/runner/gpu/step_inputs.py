@@ -19,9 +19,9 @@ reads no key), the table's reserved all-zero row 0.
 
 import torch
 
-from bstar.engine.model.decoder import AttnMetadata
 from bstar.engine.core.scheduler import Batch
 from bstar.engine.core.sequence import Sequence
+from bstar.engine.model.decoder import AttnMetadata
 from bstar.kernels.host import to_device_packed
 
 PAD_SLOT = -1
