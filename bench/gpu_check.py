@@ -450,7 +450,7 @@ def _hf_generate(hf, ids, n_new, num_return=1):
 
 def _graph_pool_row(runner):
     """The decode graphs' memory pool as captured against the estimate the KV budget sets aside for it
-    (engine.memory_plan.decode_graph_pool_bytes, this device's SM count)."""
+    (bstar.engine.runner.memory_plan.decode_graph_pool_bytes, this device's SM count)."""
     from bstar.engine.runner.memory_plan import decode_graph_pool_bytes
 
     e = runner.ecfg

@@ -5,8 +5,8 @@ generation again. Twice: random models with Qwen2.5-0.5B shapes, then Qwen2.5-7B
 layers (the full 152k vocabulary and 3584 hidden: the embeddings, LM head and logits are a 7B model's; the
 trainer runs with --offload-optimizer, as a 7B model needs on one 80 GB GPU).
 
-Before anything loads it prints the memory plan (engine.memory_plan via bstar.memory) and sizes each engine's
-KV cache from it. After each phase it logs torch.cuda.mem_get_info and the allocator's current and peak
+Before anything loads it prints the memory plan (bstar.loop.memory_plan via bstar.loop.memory) and sizes
+each engine's KV cache from it. After each phase it logs torch.cuda.mem_get_info and the allocator's current and peak
 bytes (the peak reset after each row), and at the end prints one table and writes the rows as JSON.
 
     python bench/memory_check.py --out bench/memory_check.json       # on a CUDA machine
@@ -24,18 +24,16 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
 
-REPO = Path(__file__).resolve().parents[1]
-
-from transformers import AutoModelForCausalLM, AutoModelForTokenClassification  # noqa: E402
-
-from bstar.engine import LLM, PRM, SamplingParams  # noqa: E402
-from bstar.engine.config import ModelConfig  # noqa: E402
-from bstar.engine.runner.memory_plan import DeviceMemory, EngineSpec, GiB, Phase, plan_memory  # noqa: E402
-from bstar.loop.memory import train_phase, trainer_spec  # noqa: E402
-from bstar.testing.model_factory import QWEN25_05B, QWEN25_7B, build_tokenizer, make_config, make_records  # noqa: E402
-from bstar.train import SFTConfig, SFTTrainer  # noqa: E402
-from bstar.utils import distributed as dist_utils  # noqa: E402
+from bstar.engine import LLM, PRM, SamplingParams
+from bstar.engine.config import ModelConfig
+from bstar.engine.runner.memory_plan import GiB
+from bstar.loop.memory import train_phase, trainer_spec
+from bstar.loop.memory_plan import DeviceMemory, EngineSpec, Phase, plan_memory
+from bstar.testing.model_factory import QWEN25_05B, QWEN25_7B, build_tokenizer, make_config, make_records
+from bstar.train import SFTConfig, SFTTrainer
+from bstar.utils import distributed as dist_utils
 
 SHAPES = {
     "qwen2.5-0.5b": QWEN25_05B,
@@ -131,7 +129,7 @@ def real_plan(name: str, device: DeviceMemory):
         "prm_lm": ModelConfig.from_dict(dict(base, architectures=["Qwen2ForCausalLM"])),
         "prm_cls": ModelConfig.from_dict(dict(base, architectures=["Qwen2ForTokenClassification"], num_labels=2)),
     }
-    engines = [  # (engine.PRM never decodes: only the policy captures decode graphs)
+    engines = [  # (bstar.PRM never decodes: only the policy captures decode graphs)
         EngineSpec(n, m, max_num_seqs=SEQS, max_model_len=MAX_MODEL_LEN, cuda_graphs=n == "policy")
         for n, m in mcfgs.items()
     ]

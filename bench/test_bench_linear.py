@@ -1,5 +1,5 @@
 """The decode step's GEMMs on CPU (float32, 128 rows, tiny-Llama shapes of bench/test_bench_generate.py):
-our Linear on the GEMM `cpu_gemm="auto"` picks for this machine (engine/linear.py), weights packed or
+our Linear on the GEMM `cpu_gemm="auto"` picks for this machine (bstar/engine/model/linear.py), weights packed or
 reordered as the engine does, against ATen's
 F.linear (MKL sgemm, what transformers runs), rounds alternating, results checked equal first.
 

@@ -1,5 +1,5 @@
 """Test helpers for selection and the configuration search: a naive, independent re-implementation of the
-reference's selection rule (bstar.selection), a hand-computed sample set, and the worked literal example of
+reference's selection rule (bstar.loop.selection), a hand-computed sample set, and the worked literal example of
 the reference's own code (its functions run on this data gave the numbers the tests assert)."""
 
 from bstar.loop.selection import Candidate

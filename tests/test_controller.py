@@ -24,6 +24,7 @@ from bstar.loop import controller
 from bstar.loop.config import RunConfig
 from bstar.loop.rewards import grade
 from bstar.loop.selection import Candidate
+from bstar.results.report import redraw
 from bstar.train import SFTTrainer
 from bstar.train.config import SFTConfig, lr_at
 
@@ -90,7 +91,7 @@ def _strip(records):
 @pytest.fixture(scope="module")
 def full_run(setup):
     out = setup["root"] / "full"
-    records = controller.run(_cfg(setup), str(out))
+    records = controller.run(_cfg(setup), str(out), on_record=redraw)  # as the CLI runs it
     return out, records
 
 
@@ -167,7 +168,7 @@ def _records(path) -> list[dict]:
 
 
 def _golds(path) -> list[tuple[str, str]]:
-    """(gold answer, gold solution) per line of a GSM8K file, read here without bstar.tasks."""
+    """(gold answer, gold solution) per line of a GSM8K file, read here without bstar.loop.tasks."""
     return [(r["answer"].rsplit("####", 1)[1].strip(), r["answer"]) for r in _records(path)]
 
 
@@ -241,7 +242,7 @@ def test_full_run_metrics_recomputed_from_sample_files(setup, full_run, prm_dir)
         assert json.loads((out / f"iter_{t:03d}" / "train.json").read_text())["examples"] == size
     # the run's grades are neither all right nor all wrong, so the comparisons above can fail
     assert seen_correct > 0 and seen_wrong > 0
-    # the stored PRM values are engine.PRM's min step logits of the stored texts, -5 at most for a text
+    # the stored PRM values are bstar.PRM's min step logits of the stored texts, -5 at most for a text
     # without an answer step (the reference's value for a candidate whose answer cannot be scored)
     prm = PRM(str(prm_dir), dtype="float32", device="cpu", scale="logit")
     qs = [json.loads(x)["question"] for x in Path(setup["train"]).read_text().splitlines()]
@@ -611,7 +612,7 @@ def test_async_scheduling_gives_the_same_run(setup, full_run):
 def test_memory_plan_sizes_the_engines_and_refuses_up_front(setup, tmp_path, monkeypatch, capsys):
     """The run's memory plan (CUDA only; here a pretend device on the CPU): printed first, its KV budgets given
     to both engines; a device too small for a phase is refused with one line before any engine loads."""
-    from bstar.engine.runner.memory_plan import DeviceMemory
+    from bstar.loop.memory_plan import DeviceMemory
 
     monkeypatch.setattr(controller, "device_memory", lambda dev: DeviceMemory(total=8 << 30, free=8 << 30, name="cpu"))
     built = []

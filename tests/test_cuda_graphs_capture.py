@@ -1,4 +1,4 @@
-"""engine/cuda_graphs.py's CUDA branch (capture and replay), run in CI on CPU with torch's graph API
+"""bstar/engine/runner/gpu/cuda_graphs.py's CUDA branch (capture and replay), run in CI on CPU with torch's graph API
 replaced by a stand-in.
 
 Without CUDA, DecodeGraphs never captures (its "replay" runs the forward on the current buffers),

@@ -173,7 +173,7 @@ def test_prm_data_carries_the_true_step_labels(built):
 
 
 def test_manifest_prm_quality_matches_engine_prm(built):
-    """The recorded quality is recomputed here with engine.PRM on the same held-out questions."""
+    """The recorded quality is recomputed here with bstar.PRM on the same held-out questions."""
     _, a, _ = built
     cfg = EmbeddedConfig.tiny()
     got = prm_quality(cfg, a.prm_path, a.policy_path, a.test[: cfg.prm_eval_questions])
@@ -205,7 +205,7 @@ def test_policy_greedy_matches_transformers_generate(built):
 
 
 def test_prm_inputs_match_engine_tokenisation(built):
-    """The PRM's training inputs are tokenised exactly as engine.PRM tokenises at scoring time."""
+    """The PRM's training inputs are tokenised exactly as bstar.PRM tokenises at scoring time."""
     _, a, _ = built
     prm = PRM(str(a.prm_path), device="cpu")
     tok = _tok(a.prm_path)
@@ -216,7 +216,7 @@ def test_prm_inputs_match_engine_tokenisation(built):
     c_ids, c_tags = prm._candidate_ids(prm.split_steps(e.gold_solution))
     assert ids == q + c_ids and tags == [len(q) + t for t in c_tags]
     assert all(ids[t] == tok.token_to_id("ки") for t in tags) and len(tags) == len(steps)
-    assert T.solution_lines(e.gold_solution) == steps  # the labels' steps are engine.PRM's steps
+    assert T.solution_lines(e.gold_solution) == steps  # the labels' steps are bstar.PRM's steps
 
 
 def test_second_call_hits_cache(built, monkeypatch):

@@ -48,7 +48,7 @@ def llama(models):
 
 @pytest.mark.parametrize("module", ["bstar.engine", "bstar.engine.errors", "bstar.engine.entrypoints.sampling_params"])
 def test_package_import_does_not_load_torch(module):
-    """`from engine.errors import ...` (all that bstar's light modules need) must not pay for torch."""
+    """`from bstar.engine.errors import ...` (all that bstar's light modules need) must not pay for torch."""
     code = f"import sys, {module}; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", f"importing {module} loaded {out.strip()}"

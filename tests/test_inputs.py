@@ -1,4 +1,4 @@
-"""engine/inputs.py: the prompt forms LLM.generate and LLMEngine.add_request accept (vLLM's)."""
+"""bstar/engine/entrypoints/inputs.py: the prompt forms LLM.generate and LLMEngine.add_request accept (vLLM's)."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""The CPU GEMMs of engine/linear.py: oneDNN and MKL-packed weights equal a float64 reference, are used
+"""The CPU GEMMs of bstar/engine/model/linear.py: oneDNN and MKL-packed weights equal a float64 reference, are used
 only when they apply, the choice follows the rule, and the engine on each matches transformers;
 packed copies are dropped when the weights change."""
 

@@ -1,4 +1,4 @@
-"""bstar/memory.py: the run's memory plan from a run's options (config dirs with real shapes, no weights), and
+"""bstar/loop/memory.py: the run's memory plan from a run's options (config dirs with real shapes, no weights), and
 the train phase on CPU with tiny engines (sleep, the trainer freed before waking, hand-off, level 2 reload);
 bench/memory_check.py's CPU dry run.
 """
@@ -17,8 +17,9 @@ from bstar.engine import LLM, PRM, SamplingParams
 from bstar.engine.config import ModelConfig
 from bstar.engine.errors import MemoryPlanError, RequestError
 from bstar.engine.model.loader import iter_weights
-from bstar.engine.runner.memory_plan import DeviceMemory, GiB
+from bstar.engine.runner.memory_plan import GiB
 from bstar.loop.memory import run_memory_plan, train_phase, trainer_spec
+from bstar.loop.memory_plan import DeviceMemory
 from bstar.testing.model_factory import QWEN25_7B
 from bstar.train.config import SFTConfig
 

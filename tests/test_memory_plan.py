@@ -1,4 +1,4 @@
-"""engine.memory_plan on real model shapes (config only, no weights) against hand-computed figures, and the
+"""bstar.engine.runner.memory_plan on real model shapes (config only, no weights) against hand-computed figures, and the
 engine's KV sizing from it on CPU.
 
 Every expected number below is written out by hand from the shapes (the arithmetic is in the comments); the
@@ -20,11 +20,7 @@ from bstar.engine import LLM, PRM
 from bstar.engine.config import ModelConfig
 from bstar.engine.errors import MemoryPlanError
 from bstar.engine.runner.memory_plan import (
-    DeviceMemory,
-    EngineSpec,
     GiB,
-    Phase,
-    TrainerSpec,
     activation_peak_bytes,
     engine_activation_bytes,
     engine_kv_blocks,
@@ -33,12 +29,12 @@ from bstar.engine.runner.memory_plan import (
     layer_activation_bytes_per_token,
     layer_param_count,
     param_count,
-    plan_memory,
-    trainer_estimate,
     unique_storage_bytes,
     weight_bytes,
 )
+from bstar.loop.memory_plan import DeviceMemory, EngineSpec, Phase, plan_memory
 from bstar.testing.model_factory import QWEN25_05B, QWEN25_7B, make_model
+from bstar.train.memory_estimate import TrainerSpec, trainer_estimate
 
 BF16 = torch.bfloat16
 HF_CONFIGS = {

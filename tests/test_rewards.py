@@ -1,4 +1,4 @@
-"""Answer verification (bstar.rewards) on the real GSM8K / MATH500 references, hand cases,
+"""Answer verification (bstar.loop.rewards) on the real GSM8K / MATH500 references, hand cases,
 adversarial fuzzing, and its time limit on the main thread, off it, and in worker processes."""
 
 import concurrent.futures as cf
@@ -436,7 +436,7 @@ def test_script_without_main_guard(tmp_path):
     script = tmp_path / "grade_script.py"
     script.write_text(
         "import json, threading\n"
-        "from bstar.rewards import grade, grade_batch\n"
+        "from bstar.loop.rewards import grade, grade_batch\n"
         "out = grade_batch(['\\\\boxed{0.5}', '#### 3'], ['\\\\frac12', '4'], 'math', workers=1, progress=False)\n"
         "box = []\n"
         "t = threading.Thread(target=lambda: box.append(grade('\\\\boxed{2/4}', '0.5', 'math')))\n"

@@ -1,4 +1,4 @@
-"""engine/sampler.py on random logits: penalties against transformers and a float64 statement,
+"""bstar/engine/runner/sampler.py on random logits: penalties against transformers and a float64 statement,
 logprobs_mode values and vLLM's per-position logprobs entries (Logprob, rank, order)."""
 
 import dataclasses
@@ -424,7 +424,7 @@ def test_to_device_packed_one_copy_aligned_segments(monkeypatch):
     assert [t.tolist() for t in out] == [list(v) for v, _ in cols]
 
 
-@pytest.mark.parametrize("bstar.kernels_path", ["torch", "triton"])
+@pytest.mark.parametrize("kernels_path", ["torch", "triton"])
 @pytest.mark.parametrize("mode", ["raw_logprobs", "processed_logprobs"])
 def test_a_rows_draw_does_not_depend_on_its_batch_or_the_kept_filters(mode, kernels_path, monkeypatch):
     """Random batches mixing the three ways rows carry their filter values (one shared SamplingParams,

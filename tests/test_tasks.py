@@ -108,7 +108,7 @@ def test_prompt_template():
 
 
 def test_last_boxed():
-    """The one brace matcher: the MATH loader's gold answers and bstar.rewards' extraction both use it."""
+    """The one brace matcher: the MATH loader's gold answers and bstar.loop.rewards' extraction both use it."""
     assert last_boxed("a \\boxed{1} b \\boxed{\\frac{1}{2}} c") == "\\frac{1}{2}"
     assert last_boxed("so \\fbox{x^{2}}.") == "x^{2}"
     assert last_boxed("\\boxed{a \\} b}") == "a \\} b"  # an escaped brace does not close it

@@ -1,7 +1,7 @@
 """`bstar-engine` command line: the group (errors as one line, not a traceback) and one module per
 subcommand:
 
-    run.py       bstar-engine run       the B-STaR loop (bstar.controller); --compare runs two modes
+    run.py       bstar-engine run       the B-STaR loop (bstar.loop.controller); --compare runs two modes
     report.py    bstar-engine report    redraw a run's plots and report.md
     generate.py  bstar-engine generate  sample candidates with the engine
     score.py     bstar-engine score     PRM step scores

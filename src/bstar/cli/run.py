@@ -136,12 +136,13 @@ def run(model, prm, train_data, eval_data, out, resume, compare, seeds, jobs, qu
         quiet_transformers()
     # torch, transformers, the engine and matplotlib: loaded when the command runs, not for --help
     from bstar.loop import controller
+    from bstar.results.report import redraw
 
     if resume:
-        _summary(controller.run(None, resume, resume=True))
+        _summary(controller.run(None, resume, resume=True, on_record=redraw))
         return
     if not compare:
-        _summary(controller.run(cfg, out))
+        _summary(controller.run(cfg, out, on_record=redraw))
         return
     _compare(cfg, out, seeds, jobs or os.cpu_count() or 1, quiet)
 

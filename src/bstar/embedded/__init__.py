@@ -17,8 +17,8 @@ Build phases (each logs one line with its time; the slow ones show tqdm bars):
   4. prm:       Math-Shepherd labels: candidates sampled from the warm policy, each step labelled "+"
                 when some rollout from its prefix reaches the gold answer (hard estimation), else "-";
                 the PRM (initialised from the warm policy) learns to predict the label at each step
-                tag, on inputs in engine.PRM's format (engine.prm.tagged_step_ids); accuracy is
-                measured on held-out questions' steps with engine.PRM.
+                tag, on inputs in bstar.PRM's format (bstar.engine.entrypoints.prm.tagged_step_ids); accuracy is
+                measured on held-out questions' steps with bstar.PRM.
 """
 
 from bstar.embedded.build import EmbeddedAssets, build_assets, default_cache_dir, load_assets

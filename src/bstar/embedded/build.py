@@ -1,8 +1,8 @@
 """Builds and caches the built-in task's assets, so `bstar-engine run` needs no downloaded model.
 
     assets = build_assets()                 # first call builds (minutes), later calls load the cache
-    assets.policy_path, assets.prm_path     # HF dirs for engine.LLM / engine.PRM / SFTTrainer
-    assets.train, assets.test               # list[bstar.tasks.Example]
+    assets.policy_path, assets.prm_path     # HF dirs for bstar.LLM / bstar.PRM / SFTTrainer
+    assets.train, assets.test               # list[bstar.loop.tasks.Example]
 
 Cache: `$BSTAR_CACHE` or ~/.cache/bstar-engine, subfolder `embedded-<hash of config + VERSION>`.
 A build happens in a temp dir beside it and is renamed into place at the end, so a killed or failed

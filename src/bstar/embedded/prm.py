@@ -1,5 +1,5 @@
 """The built-in task's PRM: the warm policy fine-tuned to predict the task's true step labels
-(bstar.embedded.task.step_labels) at engine.PRM's step tags, and its quality measured the way selection
+(bstar.embedded.task.step_labels) at bstar.PRM's step tags, and its quality measured the way selection
 uses it.
 
 Why not Math-Shepherd labels (the previous version): labels from 8 rollouts of a weak policy mark a good
@@ -11,7 +11,7 @@ Training data, per question of the train split: the warm policy's own samples at
 distribution the loop scores), valid solutions in random styles, and plausible wrong ones
 (task.wrong_solution: a misread problem, an arithmetic slip carried on, a wrong answer line, stopping
 early), all labelled by task.step_labels. Loss: binary cross entropy on the good-minus-bad logit at each
-step tag (the reference trains its PRM with BCE-with-logits), which is exactly the value engine.PRM reads
+step tag (the reference trains its PRM with BCE-with-logits), which is exactly the value bstar.PRM reads
 (scale="logit"; softmax over the two rows for scale="prob").
 """
 
@@ -40,11 +40,11 @@ from bstar.loop.rewards import grade
 from bstar.loop.tasks import Example, format_prompt
 from bstar.train.cpu_gemm import apply_cpu_gemm
 
-PRM_QUESTION_TEMPLATE = "{question} "  # engine.PRM's default question_template
+PRM_QUESTION_TEMPLATE = "{question} "  # bstar.PRM's default question_template
 
 
 def prm_inputs(tok, question: str, steps: list[str]) -> tuple[list[int], list[int]]:
-    """(ids, tag positions) of a question and its steps, in engine.PRM's format (engine.prm.tagged_step_ids)."""
+    """(ids, tag positions) of a question and its steps, in bstar.PRM's format (its tagged_step_ids)."""
     q = tok.encode(PRM_QUESTION_TEMPLATE.format(question=question)).ids
     encode = lambda text: tok.encode(text, add_special_tokens=False).ids
     ids, tags = tagged_step_ids(steps, encode, tok.token_to_id(STEP_TAG))
@@ -143,7 +143,7 @@ def train_prm(cfg: EmbeddedConfig, policy: Path, tok, rows, out: Path, progress:
             y += [float(v) for v in labels]
         h = model.model(input_ids=x, attention_mask=mask).last_hidden_state[rows_i, cols]  # [S, H]
         w = model.lm_head.weight[[good, bad]]
-        z = h @ (w[0] - w[1])  # the good-minus-bad logit: engine.PRM's logit-scale step score
+        z = h @ (w[0] - w[1])  # the good-minus-bad logit: bstar.PRM's logit-scale step score
         loss = F.binary_cross_entropy_with_logits(z, torch.tensor(y))
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -8,7 +8,7 @@ style detector.
     merged steps:     3 * 4 + 5 - 2 = 15 / #### 15
     another route:    3 * 4 = 12 / 5 - 2 = 3 / 12 + 3 = 15 / #### 15      (the net change first)
 
-One equation per line, the answer on a GSM8K-style '#### N' line (bstar.rewards.grade(..., "gsm8k")).
+One equation per line, the answer on a GSM8K-style '#### N' line (bstar.loop.rewards.grade(..., "gsm8k")).
 A solution's style is four switches (STYLES): `swap` (operand order of + and *), `first` (the
 products of "buys 3 boxes with 4 each" computed before the running total instead of when needed),
 `merge` (two consecutive gains/losses, or a box purchase, in one line) and `route` (the net change of
@@ -451,12 +451,12 @@ def label_lines(p: Problem, lines: list[str]) -> list[bool]:
 
 
 def solution_lines(text: str) -> list[str]:
-    """A response's steps as the PRM sees them (engine.prm.split_steps): stripped non-empty lines."""
+    """A response's steps as the PRM sees them (bstar.engine.entrypoints.prm.split_steps): stripped non-empty lines."""
     return [s.strip() for s in text.split("\n") if s.strip()] or [text.strip()]
 
 
 def step_labels(question: str, text: str) -> list[bool]:
-    """True labels of the steps of `text` (a response to `question`), aligned with engine.PRM's steps."""
+    """True labels of the steps of `text` (a response to `question`), aligned with bstar.PRM's steps."""
     return label_lines(parse_question(question), solution_lines(text))
 
 

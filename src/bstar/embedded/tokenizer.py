@@ -14,7 +14,7 @@ from bstar.loop.tasks import Example, format_prompt
 
 SPECIAL_TOKENS = ("<s>", "</s>", "<pad>")  # ids 0, 1, 2
 BOS, EOS, PAD = 0, 1, 2
-STEP_TAG, GOOD, BAD = "ки", "+", "-"  # engine.PRM's LM-style (Math-Shepherd) defaults
+STEP_TAG, GOOD, BAD = "ки", "+", "-"  # bstar.PRM's LM-style (Math-Shepherd) defaults
 
 
 def _corpus(examples: list[Example]):

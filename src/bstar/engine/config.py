@@ -11,7 +11,7 @@ from bstar.engine.errors import CheckpointError, RequestError
 from bstar.engine.model.linear import CPU_GEMMS
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "Qwen3ForCausalLM")
-# Reward-model heads on the same decoders (read by engine.PRM): a token-classification head
+# Reward-model heads on the same decoders (read by bstar.PRM): a token-classification head
 # (transformers' *ForTokenClassification) or Qwen2.5-Math-PRM's two-layer head.
 HEAD_ARCHITECTURES = {
     **{a: "lm" for a in SUPPORTED_ARCHITECTURES},
@@ -190,22 +190,22 @@ class EngineConfig:
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings
     enable_prefix_caching: bool = True
     # CPU float32: the GEMM library of the Linear layers ("auto", "onednn", "mkl", "aten"; see
-    # engine/linear.py), and for "mkl" the bytes of packed weight copies for the steady decode batch
+    # bstar/engine/model/linear.py), and for "mkl" the bytes of packed weight copies for the steady decode batch
     # (0: never pack).
     cpu_gemm: str = "auto"
     cpu_packed_weights_bytes: int = 1 << 30
     # What Logprob.logprob (and cumulative_logprob) hold, as vLLM's logprobs_mode: "raw_logprobs"
     # (log_softmax of the model's logits), "raw_logits", "processed_logprobs" (after penalties,
-    # temperature and the min-p / top-k / top-p masks), "processed_logits". See engine/sampler.py.
+    # temperature and the min-p / top-k / top-p masks), "processed_logits". See bstar/engine/runner/sampler.py.
     logprobs_mode: str = "raw_logprobs"
-    # Decode CUDA graphs per batch-size bucket (engine/cuda_graphs.py); True runs every step eagerly.
+    # Decode CUDA graphs per batch-size bucket (bstar/engine/runner/gpu/cuda_graphs.py); True runs every step eagerly.
     enforce_eager: bool = False
     # The most logprobs / prompt_logprobs a request may ask for, as vLLM's max_logprobs (-1: no cap).
     max_logprobs: int = 20
     # As vLLM's async_scheduling: each step is scheduled and launched before the previous step's tokens
     # reach the host, so the host's work (scheduling, inputs, stop checks, outputs) overlaps the device's
     # step instead of adding to it. Outputs are the same; a candidate that stops computes one more token,
-    # which is discarded. (engine/llm_engine.py, `_step_async`.)
+    # which is discarded. (bstar/engine/core/llm_engine.py, `_step_async`.)
     async_scheduling: bool = False
 
     def validate(self):

@@ -5,20 +5,20 @@ Each `<name>.py` holds the torch reference and the dispatching function the engi
 meets them:
 
     norm_rope.py            rms_norm (fused residual add), apply_rotary, qk_norm_rope (Qwen3's
-                            per-head q/k norm + rotary)                       (engine/model.py)
+                            per-head q/k norm + rotary)                       (engine/model/decoder.py)
     kv_store.py             store_kv: the new tokens' K/V into their cache slots (slot -1: skipped)
     rope_store.py           rope_store_kv: apply_rotary / qk_norm_rope and store_kv in one kernel,
-                            the Triton path's form of the two above (engine/model.py)
+                            the Triton path's form of the two above (engine/model/decoder.py)
     prefill_attention.py    paged_prefill_attention: new tokens against their cached prefix
     decode_attention.py     paged_decode_attention: one token per sequence against its pages
     cascade_attention.py    the torch decode path for sibling candidates: shared prompt blocks
-                            read once per group (no Triton twin; engine/cpu_decode.py keeps its buffers)
+                            read once per group (no Triton twin; engine/runner/cpu/decode_state.py keeps its buffers)
     dense_decode_attention.py  its own part: each row against its own contiguous K/V, in C on CPU
                             (dense_decode_attention_cpu.c) beside the torch reference
     activation.py           silu_and_mul: the MLP's silu(gate) * up on the fused gate_up output
-                            (engine/model.py)
-    sampling.py             sample: temperature, top-k, top-p, min-p, seeded draw (engine/sampler.py)
-    prm_scoring.py          prm_step_scores: P(good) at step tags, per-candidate aggregate (engine/prm.py)
+                            (engine/model/decoder.py)
+    sampling.py             sample: temperature, top-k, top-p, min-p, seeded draw (engine/runner/sampler.py)
+    prm_scoring.py          prm_step_scores: P(good) at step tags, per-candidate aggregate (engine/entrypoints/prm.py)
     paged_triton.py         paged-KV addressing shared by the Triton attention kernels
     dispatch.py             use_triton: CUDA tensors take Triton, CPU tensors the reference;
                             BSTAR_KERNELS=triton|torch forces one

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from bstar.kernels.activation import gate_width
+from bstar.kernels.contract import gate_width
 from bstar.kernels.launch import gpu_configs, interpreting, launch
 
 GPU_BLOCK = 1024  # columns per program on a GPU: 4 warps x 32 threads x 8 values (16-byte loads in bf16)

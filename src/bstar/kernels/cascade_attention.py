@@ -14,7 +14,7 @@ so every key is counted exactly once, whatever else the rows share.
 
 Usage: `plan = build_cascade_plan(tables, lens, block_size, device)` once per step (host lists),
 then `cascade_decode_attention(q, k_cache, v_cache, plan, scale, buffers)` in every layer. With
-`CascadeBuffers` kept across steps (engine/cpu_decode.py does this), a step copies each row's
+`CascadeBuffers` kept across steps (bstar/engine/runner/cpu/decode_state.py does this), a step copies each row's
 newest token into them instead of re-gathering every row's own blocks, and reuses the gathered
 group prefixes: decode is then bound by reading each row's own keys once, the shared prefix once
 per group. The own parts run in `dense_decode_attention` (a C kernel on CPU float32), the group

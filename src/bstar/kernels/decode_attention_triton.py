@@ -28,12 +28,12 @@ import torch
 import triton
 import triton.language as tl
 
+from bstar.kernels.contract import MAX_SPLITS, MIN_TOKENS_PER_SPLIT
 from bstar.kernels.launch import gpu_configs, jit, launch
 from bstar.kernels.paged_triton import needs_64bit_offsets as _needs_64bit_offsets
 from bstar.kernels.paged_triton import paged_row_offsets
 
 _LOG2E = 1.4426950408889634
-MAX_SPLITS = 64  # choose_num_splits never returns more; mid_lse's split stride
 
 
 @jit(do_not_specialize=["num_splits", "min_split"], do_not_specialize_on_alignment=["BT", "SEQ"])
@@ -181,9 +181,6 @@ def _decode_merge_kernel(
 @functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-MIN_TOKENS_PER_SPLIT = 256
 
 
 def choose_num_splits(

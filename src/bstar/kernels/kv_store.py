@@ -1,7 +1,7 @@
 """Writing the new tokens' K and V into the paged cache.
 
 A slot is block * block_size + offset. A negative slot is skipped: the padded rows of a CUDA-graph
-bucket (engine/cuda_graphs.py) carry slot -1, so they write nowhere.
+bucket (bstar/engine/runner/gpu/cuda_graphs.py) carry slot -1, so they write nowhere.
 """
 
 from bstar.kernels.dispatch import use_triton

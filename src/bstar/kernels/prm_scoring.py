@@ -2,9 +2,8 @@
 
 import torch
 
+from bstar.kernels.contract import AGGREGATES
 from bstar.kernels.dispatch import use_triton
-
-AGGREGATES = ("min", "last", "prod", "mean")
 
 
 def prm_step_scores_ref(hidden, tag_index, head_weight, head_bias, step_candidate, num_candidates, agg="min"):

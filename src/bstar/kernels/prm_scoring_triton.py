@@ -10,8 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from bstar.kernels.contract import AGGREGATES
 from bstar.kernels.launch import launch
-from bstar.kernels.prm_scoring import AGGREGATES
 
 _AGG_CODE = {name: i for i, name in enumerate(AGGREGATES)}  # min 0, last 1, prod 2, mean 3
 

@@ -37,7 +37,7 @@ class RunConfig:
     max_tokens: int = 768
     stop: list[str] = field(default_factory=list)
     # configuration search (mode bstar): the temperature from a subset, then the threshold and cap
-    # re-searched on the full pool (bstar.search)
+    # re-searched on the full pool (bstar.loop.search)
     temperatures: list[float] = field(default_factory=lambda: list(REFERENCE_TEMPERATURES))
     thresholds: list[float] = field(default_factory=lambda: list(REFERENCE_THRESHOLDS))
     search_k: int = 64
@@ -74,7 +74,7 @@ class RunConfig:
     warmup_ratio: float = 0.022  # of the whole schedule (the reference: 0.2 epoch of its 9-epoch horizon)
     max_seq_len: int = 2048
     restart_from_base: bool | None = None  # default: True for rest-em and star (then a schedule per iteration)
-    # engine and device memory (bstar.memory): on CUDA the run's memory plan sizes both engines' KV caches
+    # engine and device memory (bstar.loop.memory): on CUDA the run's memory plan sizes both engines' KV caches
     # within gpu_memory_utilization of the device and refuses, before loading anything, a phase that cannot fit
     dtype: str = "auto"
     device: str = "auto"

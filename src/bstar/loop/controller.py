@@ -3,11 +3,11 @@
 Each iteration t, with policy P(t-1), as the reference (hkust-nlp/B-STaR, train_bstar.sh) does it:
   1. temperature search (mode bstar): on a fixed random subset of training queries, sample K
      candidates per query at every temperature of a grid, grade and PRM-score them once, and take the
-     temperature of the (temperature, threshold) pair with the best mean balance score (bstar.search);
+     temperature of the (temperature, threshold) pair with the best mean balance score (bstar.loop.search);
   2. generate N candidates per training query at that temperature;
   3. score = correctness + min step logit / 5 (a candidate without an answer step: -5); re-search the
      threshold on this full pool with the cap grown to target_per_query x queries, select with the best
-     one (bstar.search.search_threshold; other modes: their fixed threshold, the same cap rule);
+     one (bstar.loop.search.search_threshold; other modes: their fixed threshold, the same cap rule);
   4. fine-tune on the selection for exactly train_steps optimizer steps of batch_size sequences,
      continuing the model, AdamW state and LR schedule (one warmup + cosine over all iterations) of the
      previous iteration (rest-em / star restart from the base model with a schedule of their own);
@@ -31,6 +31,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -40,17 +41,16 @@ from bstar.engine import LLM, PRM, SamplingParams
 from bstar.engine.config import EngineConfig
 from bstar.engine.core.llm_engine import resolve_device
 from bstar.engine.model.loader import iter_weights
-from bstar.engine.runner.memory_plan import DeviceMemory, MemoryPlan
 from bstar.errors import BStarError, DataError
 from bstar.loop.balance import mean_balance_score
 from bstar.loop.config import RunConfig
 from bstar.loop.memory import run_memory_plan, train_phase
+from bstar.loop.memory_plan import DeviceMemory, MemoryPlan
 from bstar.loop.metrics import greedy_accuracy, sample_metrics, step_auc, within_question_auc
 from bstar.loop.rewards import grade_batch, has_final_answer
 from bstar.loop.search import SearchConfig, choose_subset, search_config, search_threshold, target_size
 from bstar.loop.selection import BROKEN, BROKEN_PROB, Candidate, select
 from bstar.loop.tasks import Example, format_prompt, load_task_examples
-from bstar.results.report import redraw
 from bstar.train import SFTConfig, SFTExample, SFTTrainer
 from bstar.train.checkpoint import STATE_DIR
 from bstar.utils import distributed as dist_utils
@@ -98,8 +98,10 @@ class Controller:
         train: list[Example],
         test: list[Example],
         labels: TaskLabels | None = None,
+        on_record: Callable[[str], object] | None = None,
     ):
         self.cfg, self.out = cfg, Path(out_dir)
+        self.on_record = on_record  # called with the run directory after each record (rank 0): the CLI redraws
         self.base, self.policy_dir = base, self.out / "policy"
         self.rank, self.world = dist_utils.world()
         self.train, self.test, self.labels = train, test, labels
@@ -402,7 +404,7 @@ class Controller:
             metrics.unlink()  # a killed earlier attempt of this phase
         if examples:
             # engines asleep (weights in host memory, KV freed) while the trainer holds the device; the
-            # trainer is freed before they wake (bstar.memory.train_phase)
+            # trainer is freed before they wake (bstar.loop.memory.train_phase)
             with self._train_phase() as phase:
                 trainer = SFTTrainer(start, self._sft_config(t))
                 result = trainer.train(examples, continue_from=start if carry else None)
@@ -504,7 +506,8 @@ class Controller:
         if self.rank == 0:
             recs = self.completed() + [rec]
             write_jsonl(str(self.out / "iterations.jsonl"), recs)
-            redraw(str(self.out))
+            if self.on_record is not None:
+                self.on_record(str(self.out))
         dist_utils.barrier()
 
     def run(self) -> list[dict]:
@@ -641,8 +644,11 @@ def prepare_out_dir(out: str, cfg: RunConfig | None, resume: bool) -> RunConfig:
     return cfg
 
 
-def run(cfg: RunConfig | None, out: str, resume: bool = False) -> list[dict]:
-    """Run (or, with resume, continue) a whole B-STaR run in `out`; returns the per-iteration records."""
+def run(
+    cfg: RunConfig | None, out: str, resume: bool = False, on_record: Callable[[str], object] | None = None
+) -> list[dict]:
+    """Run (or, with resume, continue) a whole B-STaR run in `out`; returns the per-iteration records.
+    on_record(out) runs after each iteration's record is written (the CLI redraws plots and report.md)."""
     from bstar.embedded import EmbeddedConfig, build_assets
 
     dist_utils.init_from_env()
@@ -661,7 +667,7 @@ def run(cfg: RunConfig | None, out: str, resume: bool = False) -> list[dict]:
         train, test = _load_data(cfg)
     policy_dir = Path(out) / "policy"
     start = str(policy_dir) if (policy_dir / "config.json").exists() else policy_base
-    ctl = Controller(cfg, out, start, policy_base, prm, train, test, labels)
+    ctl = Controller(cfg, out, start, policy_base, prm, train, test, labels, on_record)
     return ctl.run()
 
 

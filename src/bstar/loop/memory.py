@@ -11,7 +11,7 @@ phase (engines asleep while the trainer runs, the trainer freed before they wake
         del trainer                                           # nothing else may keep it alive
     # here: gc.collect() + empty_cache(), then every engine fully awake
 
-The arithmetic is engine.memory_plan's; this module only turns a run's options into its inputs.
+The arithmetic is bstar.engine.runner.memory_plan's; this module only turns a run's options into its inputs.
 """
 
 import gc
@@ -23,15 +23,10 @@ import torch
 
 from bstar.engine.config import ModelConfig, resolve_dtype
 from bstar.engine.errors import RequestError
-from bstar.engine.runner.memory_plan import (
-    DeviceMemory,
-    EngineSpec,
-    MemoryPlan,
-    TrainerSpec,
-    plan_memory,
-)
 from bstar.kernels.dispatch import triton_on
+from bstar.loop.memory_plan import DeviceMemory, EngineSpec, MemoryPlan, plan_memory
 from bstar.train.config import SFTConfig, resolve_grad_checkpointing
+from bstar.train.memory_estimate import TrainerSpec
 
 __all__ = ["TrainPhase", "free_device_memory", "run_memory_plan", "train_phase", "trainer_spec"]
 
@@ -103,7 +98,7 @@ def run_memory_plan(
                 max_num_batched_tokens=max_num_batched_tokens,
                 kv_cache_memory_bytes=kv,
                 sleep_level=sleep_level,
-                # (engine.PRM never decodes: it captures no graphs; nor does the torch path)
+                # (bstar.PRM never decodes: it captures no graphs; nor does the torch path)
                 cuda_graphs=name == "policy" and triton_on(dev),
             )
         )
@@ -156,7 +151,7 @@ def train_phase(
     """Sleeps `engines` (name -> LLM or PRM; `level` for all, or per name), yields a TrainPhase, then frees
     what the body dropped (free_device_memory: the trainer, its optimizer and activations) and wakes every
     engine. An engine slept at level 2 needs its weights back: `phase.hand_off(name, ...)` in the body, or
-    `reload[name]()` (weights from disk, e.g. engine.loader.iter_weights(dir)) called here after the free.
+    `reload[name]()` (weights from disk, e.g. bstar.engine.model.loader.iter_weights(dir)) called here after the free.
     Engines are woken also when the body raises (then a level-2 engine without weights stays asleep)."""
     engines = dict(engines)
     levels = {n: (level if isinstance(level, int) else level.get(n, 1)) for n in engines}

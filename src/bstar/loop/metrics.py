@@ -206,7 +206,7 @@ def sample_metrics(
     texts: Sequence[Sequence[str]] | None,
     k: int,
 ) -> dict[str, float | None]:
-    """The metrics of K samples per eval query, under the keys bstar.plots knows."""
+    """The metrics of K samples per eval query, under the keys bstar.results.plots knows."""
     out: dict[str, float | None] = {
         "pass_at_1": pass_at_1(correct),
         "pass_at_k": mean_pass_at_k(correct, k),

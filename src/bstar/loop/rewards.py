@@ -404,7 +404,7 @@ def grade(response: str, gold: str, task: str, *, timeout: float = DEFAULT_TIMEO
 # daemonic processes, and nothing is unpickled.
 
 _JOBS = {"grade": lambda resp, gold, task, timeout: grade(resp, gold, task, timeout=timeout), "symbolic": _symbolic_job}
-_CHILD_CODE = "from bstar.rewards import _worker_main; _worker_main()"
+_CHILD_CODE = "from bstar.loop.rewards import _worker_main; _worker_main()"
 
 
 def _worker_main() -> None:

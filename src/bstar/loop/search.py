@@ -2,8 +2,8 @@
 
 1. Temperature (reference determine_hyper.py): on a fixed subset of training queries, K candidates per
    query are sampled once per temperature, graded and PRM-scored once; for every (temperature,
-   threshold) pair the selection (bstar.selection, cap grown to `target_per_query` x queries) and its
-   mean balance score (bstar.balance) are computed. The best pair's temperature is used; its threshold
+   threshold) pair the selection (bstar.loop.selection, cap grown to `target_per_query` x queries) and its
+   mean balance score (bstar.loop.balance) are computed. The best pair's temperature is used; its threshold
    is recorded but, as in the reference, not used.
 2. Threshold and cap (reference metric_modiacc_auto.py): on the full candidate pool sampled at that
    temperature, every threshold of the grid is tried again with the cap grown until the pool's target

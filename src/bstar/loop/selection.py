@@ -6,7 +6,7 @@ Every candidate gets one score
     score = correct (0 or 1) + prm / prm_divisor          (reference: correct + min_step_logit / 5)
 
 where prm is the PRM's aggregate over the steps: by default the minimum step logit
-log p - log(1 - p) (engine.PRM(scale="logit"), clipped to +-engine.prm.LOGIT_CLIP), and BROKEN (-5, the
+log p - log(1 - p) (bstar.PRM(scale="logit"), clipped to +-bstar.engine.entrypoints.prm.LOGIT_CLIP), and BROKEN (-5, the
 reference's value) for a candidate with no scorable answer step. On this scale a correct answer with a
 bad step can rank below a wrong answer with good steps, and thresholds in [-1, 1) trade the two.
 scale="prob" (P(good) in [0, 1], BROKEN_PROB = 0 for no answer) is the other option.

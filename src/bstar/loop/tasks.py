@@ -33,7 +33,7 @@ class Example:
     question: str
     gold_answer: str  # final answer only ('72', '\\frac{1}{2}'): what grading compares
     gold_solution: str  # full reference solution (a gold candidate for selection)
-    task: str  # 'gsm8k' or 'math': bstar.rewards.grade's task
+    task: str  # 'gsm8k' or 'math': bstar.loop.rewards.grade's task
 
 
 def check_template(template: str) -> None:

@@ -154,3 +154,20 @@ def write_lines(path: Path, records) -> Path:
         for r in records:
             f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
     return path
+
+
+def main(argv=None):
+    """`python -m bstar.testing.model_factory DIR [--arch A] [--seed S]`: a tiny random checkpoint to try
+    the engine on (what CI's smoke run and the README's example use without a model hub)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
+    p.add_argument("path")
+    p.add_argument("--arch", default="llama", choices=(*ARCHS, "qwen3"))
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    print(make_model(a.path, a.arch, seed=a.seed))
+
+
+if __name__ == "__main__":
+    main()

@@ -9,7 +9,7 @@
     checkpoint.py        HF safetensors dir + trainer_state/ for resume, written atomically
     trainer.py           SFTTrainer: the training loop, weights in and out
 
-The B-STaR loop (bstar.controller) and the built-in task's warm start and PRM (bstar.embedded) train
+The B-STaR loop (bstar.loop.controller) and the built-in task's warm start and PRM (bstar.embedded) train
 through SFTTrainer; `bstar-engine sft` (bstar.cli.sft) is its command line.
 """
 

@@ -47,7 +47,7 @@ class SFTConfig:
     # AdamW's fused kernel where the parameters' device has one (CUDA, CPU); otherwise the for-loop
     # implementation. Never foreach (a second copy of the parameters in temporaries).
     fused_optimizer: bool = True
-    # CPU float32 without FSDP: the GEMM library of the Linear layers, chosen as the engine's (engine.linear:
+    # CPU float32 without FSDP: the GEMM library of the Linear layers, chosen as the engine's (engine/model/linear.py:
     # "auto" takes oneDNN except on Intel CPUs; "onednn" forces it; "mkl" and "aten" keep ATen's F.linear).
     # See bstar/train/cpu_gemm.py.
     cpu_gemm: str = "auto"

@@ -1,6 +1,6 @@
 """The trainer's Linear layers on oneDNN (CPU float32, one process, no FSDP).
 
-The engine's GEMM choice (engine.linear.resolve_cpu_gemm) holds for training too: where it picks oneDNN
+The engine's GEMM choice (bstar.engine.model.linear.resolve_cpu_gemm) holds for training too: where it picks oneDNN
 (every CPU but Intel's, whose MKL takes its AVX-512 path), the three GEMMs of a linear layer (forward
 x W^T, input gradient g W, weight gradient g^T x) run 1.4-2.3x faster through oneDNN than through ATen's
 MKL sgemm on the AMD EPYC development machine (the built-in model's shapes, 2,048 tokens). oneDNN's op has
@@ -56,7 +56,7 @@ def route_linears(model: nn.Module) -> int:
 
 
 def apply_cpu_gemm(model: nn.Module, choice: str = "auto") -> str:
-    """The training side of the engine's GEMM rule (engine.linear.resolve_cpu_gemm): where `choice` resolves
+    """The training side of the engine's GEMM rule (bstar.engine.model.linear.resolve_cpu_gemm): where `choice` resolves
     to oneDNN, route `model`'s Linear layers to it. Returns "onednn", or "aten" (MKL's packed path is the
     engine's alone: training keeps ATen's F.linear there)."""
     if resolve_cpu_gemm(choice) != "onednn":

@@ -12,7 +12,7 @@ checkpoint names.
     llm.load_weights(trainer.named_weights())     # hand-off to a live engine, nothing on disk
     trainer.save("out/final")                     # HF safetensors dir + trainer_state/ for resume
 
-Memory (engine.memory_plan.trainer_estimate is the arithmetic): activation checkpointing (on by default
+Memory (bstar.engine.runner.memory_plan.trainer_estimate is the arithmetic): activation checkpointing (on by default
 on CUDA), cross-entropy in chunks of `ce_chunk` rows (bstar.train.loss: no [tokens, vocab] float32
 logits), fused AdamW (no foreach copies), and under FSDP the model is built on the meta device and its
 weights loaded once: rank 0 reads the checkpoint one tensor at a time and broadcasts it, each rank keeps
@@ -227,7 +227,7 @@ class SFTTrainer:
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Full weights with HF names, one tensor at a time (each gathered once under FSDP; every
-        rank must consume the iterator). Feed to `engine.LLM.load_weights`. Without FSDP the tensors
+        rank must consume the iterator). Feed to `bstar.LLM.load_weights`. Without FSDP the tensors
         may be the live parameters themselves: copy them to keep them."""
         return gather_full(self.model, self._param_names())
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from bstar.engine.errors import RequestError
+from bstar.errors import BStarError
 
 DEFAULT_TIMEOUT_MIN = 60.0
 _ARRAY = "__bstar_array__"  # placeholder key for a list of ints carried as binary
@@ -37,9 +37,9 @@ def timeout() -> timedelta:
     try:
         minutes = float(raw)
     except ValueError:
-        raise RequestError(f"BSTAR_DIST_TIMEOUT_MIN must be a number of minutes, got {raw!r}") from None
+        raise BStarError(f"BSTAR_DIST_TIMEOUT_MIN must be a number of minutes, got {raw!r}") from None
     if minutes <= 0:
-        raise RequestError(f"BSTAR_DIST_TIMEOUT_MIN must be > 0, got {minutes}")
+        raise BStarError(f"BSTAR_DIST_TIMEOUT_MIN must be > 0, got {minutes}")
     return timedelta(minutes=minutes)
 
 

@@ -90,7 +90,7 @@ class LLMEngine:
         worker_extension_cls=None,
     ):
         """tokenizer: another directory to read tokenizer.json from; skip_tokenizer_init: no tokenizer
-        (token-id prompts only, empty .text); worker_extension_cls: see engine/vllm_compat.py."""
+        (token-id prompts only, empty .text); worker_extension_cls: see bstar/engine/compat/vllm.py."""
         self.model_path = model
         self.seed = seed
         self.device = resolve_device(device)
@@ -129,7 +129,7 @@ class LLMEngine:
         self.num_discarded_tokens = 0  # async scheduling: drawn for candidates that had stopped meanwhile
         self._weights_to_load: set[str] = set()  # after a level-2 sleep: names load_weights has yet to set
         self._in_flight: _InFlight | None = None  # async scheduling: the launched step whose draw is not taken in
-        # vLLM's handles (llm_engine.model_config, .model_executor.driver_worker...): engine/vllm_compat.py
+        # vLLM's handles (llm_engine.model_config, .model_executor.driver_worker...): bstar/engine/compat/vllm.py
         # (they hold a weak proxy: no reference cycle, so dropping the engine frees its memory at once)
         me = weakref.proxy(self)
         self.model_config = vllm_compat.ModelConfig(me)
@@ -146,7 +146,7 @@ class LLMEngine:
 
     # -- requests -----------------------------------------------------------------------------
     def encode_prompt(self, prompt) -> tuple[str | None, list[int]]:
-        """(prompt text or None, token ids) of a prompt in any engine.inputs form."""
+        """(prompt text or None, token ids) of a prompt in any bstar.engine.entrypoints.inputs form."""
         parsed = prompt if isinstance(prompt, ParsedPrompt) else parse_prompt(prompt)
         if parsed.token_ids is None:
             return parsed.text, require(self.tokenizer, "a text prompt").encode(parsed.text)
@@ -172,13 +172,13 @@ class LLMEngine:
             )
 
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None):
-        """prompt: a str, a list of token ids, or an engine.inputs TextPrompt / TokensPrompt dict."""
+        """prompt: a str, a list of token ids, or an bstar.engine.entrypoints.inputs TextPrompt / TokensPrompt dict."""
         params = params or SamplingParams()
         params.validate()  # again: fields may have changed since construction
         if self.mcfg.head != "lm":
             raise RequestError(
                 f"{self.model_path} is a reward model ({self.mcfg.head} head) without an LM head; "
-                "load it with engine.PRM to score, not to generate"
+                "load it with bstar.PRM to score, not to generate"
             )
         if request_id in self.requests:
             raise RequestError(f"duplicate request id {request_id!r}")

@@ -10,7 +10,7 @@ from bstar.engine.entrypoints.sampling_params import SamplingParams
 _ids = itertools.count()
 
 # An output token drawn on the device whose value the host does not know yet (async scheduling,
-# engine/llm_engine.py): it counts in every length, and the next step reads it on the device.
+# bstar/engine/core/llm_engine.py): it counts in every length, and the next step reads it on the device.
 PENDING_TOKEN = -1
 
 
@@ -49,9 +49,9 @@ class Sequence:
         self.stop_reason: str | int | None = None  # the stop string or stop token id that ended it
         self.stop_text: str | None = None  # output text cut at a stop string
         self.num_preemptions = 0
-        self.seed_base: int | None = None  # engine.sampler.candidate_seed of this candidate, once known
+        self.seed_base: int | None = None  # bstar.engine.runner.sampler.candidate_seed of this candidate, once known
         self.prompt_logprobs_pending = False  # this sequence computes its request's prompt_logprobs
-        self.penalty_prompt_ids = None  # the prompt ids on the device, for repetition_penalty (engine.sampler)
+        self.penalty_prompt_ids = None  # the prompt ids on the device, for repetition_penalty (runner.sampler)
         # Async scheduling: the trailing PENDING_TOKENs in token_ids, and whether the first of them ends
         # the candidate for sure (max_tokens or the context): it is then not scheduled again.
         self.num_pending = 0

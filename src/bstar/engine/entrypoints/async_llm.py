@@ -191,7 +191,7 @@ class AsyncLLM:
     # -- requests -----------------------------------------------------------------------------
     async def generate(self, prompt, sampling_params: SamplingParams, request_id: str, **_ignored):
         """Yield cumulative RequestOutputs of one request until the finished one. vLLM's other keywords
-        (engine.vllm_compat.GENERATE_KWARGS: priority, trace_headers...) have no use here; lora_request only None."""
+        (compat.vllm.GENERATE_KWARGS: priority, trace_headers...) have no use here; lora_request only None."""
         unknown = sorted(set(_ignored) - GENERATE_KWARGS)
         if unknown:
             raise UnsupportedError(f"generate got unknown keyword {unknown[0]!r}")

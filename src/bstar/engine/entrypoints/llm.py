@@ -1,7 +1,7 @@
 """The user-facing entry point, named as in vLLM: `LLM(path).generate(prompts, SamplingParams(...))`.
 
 vLLM's constructor keywords are accepted where they mean something here (or change nothing) and refused
-with one line otherwise (engine/vllm_compat.py lists them); `llm.llm_engine`, `reset_prefix_cache`,
+with one line otherwise (bstar/engine/compat/vllm.py lists them); `llm.llm_engine`, `reset_prefix_cache`,
 `collective_rpc`, `sleep` / `wake_up`, `get_tokenizer` and `chat` are vLLM's calls.
 """
 
@@ -47,7 +47,7 @@ class LLM:
         """The engine's options, plus vLLM's: max_logprobs (the most logprobs a request may ask for, -1: no
         cap), tokenizer (another directory's tokenizer.json), skip_tokenizer_init (token-id prompts only),
         worker_extension_cls (methods for collective_rpc), and the vLLM keywords of
-        engine.vllm_compat.VLLM_KWARGS at values that mean the same here (tensor_parallel_size=1, ...)."""
+        bstar.engine.compat.vllm.VLLM_KWARGS at values that mean the same here (tensor_parallel_size=1, ...)."""
         vllm_compat.check_vllm_kwargs(vllm_kwargs)
         cfg = EngineConfig(
             block_size=block_size,
@@ -104,7 +104,7 @@ class LLM:
         lora_request=None,
     ) -> list[RequestOutput]:
         """prompts: one prompt or a list of them; a prompt is a str, a list of token ids, or an
-        engine.inputs TextPrompt / TokensPrompt dict. Outputs keep input order. lora_request: vLLM's,
+        bstar.engine.entrypoints.inputs TextPrompt / TokensPrompt dict. Outputs keep input order. lora_request: vLLM's,
         only None (no LoRA adapters)."""
         vllm_compat.no_lora(lora_request)
         prompts = prompt_list(prompts)

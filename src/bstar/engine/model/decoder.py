@@ -60,7 +60,7 @@ class Attention(nn.Module):
         q, k, v = q.view(T, self.nh, self.hd), k.view(T, self.nkv, self.hd), v.view(T, self.nkv, self.hd)
         k_cache, v_cache = kv_cache  # [num_blocks, block_size, Hkv, D]
         # Write the new tokens' K/V first: both kernels then read everything from the cache. (On the
-        # CPU decode path a steady step keeps them in the cascade buffers; engine.cpu_decode writes back.)
+        # CPU decode path a steady step keeps them in the cascade buffers; runner/cpu/decode_state.py writes back.)
         norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else ()
         if meta.cascade is None and kernels.dispatch.use_triton(x):
             # One kernel rotates q and k (Qwen3: norms them first) and stores k and v (slot -1, graph

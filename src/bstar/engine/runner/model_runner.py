@@ -2,22 +2,22 @@
 
 Two paths, picked per step by kernels.dispatch.use_triton (CUDA, or BSTAR_KERNELS):
 - the torch path (CPU by default): per-step tensors from host lists; its decode state across steps
-  (cascade buffers, write-back, weight packing) lives in `engine.cpu_decode.CpuDecodeState`, which
+  (cascade buffers, write-back, weight packing) lives in `bstar.engine.runner.cpu.decode_state.CpuDecodeState`, which
   this runner asks for the decode rows' plan and flushes before anything else touches the cache;
 - the Triton (GPU) path: persistent step inputs filled without host syncs and device block tables
-  (engine/step_inputs.py), decode CUDA graphs per batch-size bucket (engine/cuda_graphs.py; on CPU
+  (gpu/step_inputs.py), decode CUDA graphs per batch-size bucket (gpu/cuda_graphs.py; on CPU
   the same padded buckets run eagerly), every kernel variant compiled and tuned at start-up.
 
 A decode step on CUDA: scheduler batch -> StepInputs.prepare (flat host lists -> two pinned
 staging tensors -> two non-blocking copies -> persistent buffers; changed block-table entries
 written, tables gathered into batch order) -> graph replay of the batch's bucket (or the eager
-forward) -> logits of the sampled rows -> the sampler (engine/sampler.py), whose tokens.tolist()
+forward) -> logits of the sampled rows -> the sampler (bstar/engine/runner/sampler.py), whose tokens.tolist()
 is the step's one synchronisation.
 
 KV sizing (`_auto_num_blocks`): `num_kv_blocks` when given; else `kv_cache_memory_bytes`, or on CUDA
 `gpu_memory_utilization` x the device's memory minus this engine's own weights, measured activation
 peak and decode graphs' pool (estimated before capture, measured after), or on CPU `cpu_kv_cache_bytes`;
-never more than the engine can use (engine.memory_plan).
+never more than the engine can use (bstar.engine.runner.memory_plan).
 
 Sleep / wake (`sleep`, `wake_up`): the weights' and the KV cache's storages are resized to nothing and
 back, so every tensor object and view (tied weights, per-layer K/V views) stays valid and needs no

@@ -10,7 +10,7 @@ plan and calls `flush` before anything else touches the paged cache. It keeps:
 - write-back: a decode-only step that continues the previous one keeps its new K/V only in the
   buffers (`_dirty` tokens per row so far), and `flush` writes them into the paged cache later;
 - on CPU float32, the GEMM library of the Linear layers, and for MKL the streak of decode batch
-  sizes that decides when to pack the linear weights (engine/linear.py).
+  sizes that decides when to pack the linear weights (bstar/engine/model/linear.py).
 
 Flush ordering. The buffers may hold K/V the paged cache lacks, so `flush` must run before anything
 reads or writes the cache slots of those tokens, or changes what the bookkeeping describes:
@@ -47,7 +47,7 @@ class CpuDecodeState:
         self._prev: tuple[list[int], list[int], CascadePlan] | None = None
         self._dirty = 0  # each row's last `_dirty` own tokens are in the buffers, not in the paged cache
         self._rows_seen, self._rows_streak, self._packed_rows = 0, 0, None
-        self.gemm = None  # CPU float32 only: "onednn", "mkl" or "aten" (engine/linear.py)
+        self.gemm = None  # CPU float32 only: "onednn", "mkl" or "aten" (bstar/engine/model/linear.py)
         if kv.device.type == "cpu" and kv.dtype == torch.float32:
             self.gemm = resolve_cpu_gemm(ecfg.cpu_gemm)
             set_cpu_gemm(model, self.gemm)

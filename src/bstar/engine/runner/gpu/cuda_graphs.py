@@ -4,10 +4,10 @@ A decode step of a 28-layer model is ~330 kernel launches, each with Python and 
 overhead; replaying a captured graph issues them all at once. As nano-vllm and vLLM do:
 
 - buckets 1, 2, 4, 8, 16, then steps of 16 up to max_num_seqs; a decode-only batch of B rows runs
-  the graph of the smallest bucket >= B, its rows past B padded (engine/step_inputs.py: they write
+  the graph of the smallest bucket >= B, its rows past B padded (bstar/engine/runner/gpu/step_inputs.py: they write
   no cache slot and read no key). Prefill and mixed steps, and batches past the largest bucket,
   run eagerly;
-- every graph reads slices [:bucket] of the same persistent buffers (engine/step_inputs.py) and
+- every graph reads slices [:bucket] of the same persistent buffers (bstar/engine/runner/gpu/step_inputs.py) and
   writes its hidden states into `hidden[:bucket]`; logits and sampling stay outside the graph;
 - capture largest bucket first, each after an eager warm-up run at its size, into one memory pool
   shared by all graphs (they never run concurrently, so their intermediates may share memory);
@@ -26,8 +26,6 @@ from collections import Counter
 import torch
 
 from bstar import kernels
-from bstar.kernels.decode_attention_triton import paged_decode_attention_triton
-from bstar.kernels.prefill_attention_triton import paged_prefill_attention_triton
 
 
 def pool_reserved_bytes(pool, device: torch.device) -> int:
@@ -144,6 +142,9 @@ def warm_up_kernels(runner, sample_rows: int = 256):
     for small batches, one program per row for large ones), and one padded decode forward (norms,
     rotary, KV store). The cache's first blocks are filled with random values for the timings and
     zeroed again. Under the interpreter the shapes are tiny (nothing is timed there)."""
+    from bstar.kernels.decode_attention_triton import paged_decode_attention_triton  # triton: the GPU path only
+    from bstar.kernels.prefill_attention_triton import paged_prefill_attention_triton
+
     m, dev, dtype = runner.mcfg, runner.device, runner.dtype
     inputs = runner.inputs
     cuda = dev.type == "cuda"

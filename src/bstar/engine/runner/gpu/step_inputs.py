@@ -3,7 +3,7 @@
 On the Triton path (CUDA, or BSTAR_KERNELS=triton on CPU under the interpreter) a step's token ids,
 positions, cache slots, sequence lengths and block tables go into device buffers allocated once:
 
-- a captured CUDA graph (engine/cuda_graphs.py) reads the same addresses at every replay, and
+- a captured CUDA graph (bstar/engine/runner/gpu/cuda_graphs.py) reads the same addresses at every replay, and
   the eager path uses the same buffers (a replay is the same forward on the same tensors);
 - the host builds flat lists only. All int64 values of a step and all its int32 values are staged
   in one pinned host buffer (kernels.host.to_device_packed), copied with non_blocking=True, then
@@ -32,7 +32,7 @@ class BlockTables:
     owns it (int32 [rows, width]; entries past a sequence's blocks are stale and never read).
 
     `sync` finds, for each sequence of a step, the entries that changed since its row was last
-    written. What can change (engine/block_manager.py): blocks are appended; the block at index
+    written. What can change (bstar/engine/core/block_manager.py): blocks are appended; the block at index
     num_computed // block_size is replaced by copy-on-write in the step that writes into it; a
     preempted sequence is freed (its table becomes a new, empty list) and allocated again; a new
     sequence (a fork, a request, a prompt forward) brings a new list. So for the list object a row
