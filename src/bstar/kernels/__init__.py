@@ -20,6 +20,8 @@ meets them:
     sampling.py             sample: temperature, top-k, top-p, min-p, seeded draw (engine/runner/sampler.py)
     prm_scoring.py          prm_step_scores: P(good) at step tags, per-candidate aggregate (engine/entrypoints/prm.py)
     paged_triton.py         paged-KV addressing shared by the Triton attention kernels
+    contract.py             what a reference and its kernel agree on (PRM aggregates, split-KV limits,
+                            the MLP gate width), so neither imports the other
     dispatch.py             use_triton: CUDA tensors take Triton, CPU tensors the reference;
                             BSTAR_KERNELS=triton|torch forces one
     launch.py               every Triton launch goes through it: records the compiled variants a
