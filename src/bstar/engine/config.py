@@ -1,5 +1,6 @@
 """Model and engine configuration, as plain dataclasses."""
 
+import dataclasses
 import json
 import math
 import os
@@ -207,6 +208,15 @@ class EngineConfig:
     # step instead of adding to it. Outputs are the same; a candidate that stops computes one more token,
     # which is discarded. (bstar/engine/core/llm_engine.py, `_step_async`.)
     async_scheduling: bool = False
+
+    @classmethod
+    def split_kwargs(cls, kwargs: dict) -> "tuple[EngineConfig, dict]":
+        """An EngineConfig from the keywords that name its fields (LLM's, PRM's and AsyncEngineArgs' keywords are
+        these fields: one source for their names and defaults), and the other keywords, for the caller to check."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in kwargs.items() if k in names}), {
+            k: v for k, v in kwargs.items() if k not in names
+        }
 
     def validate(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

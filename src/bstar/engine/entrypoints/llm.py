@@ -24,48 +24,18 @@ class LLM:
         dtype: str = "auto",
         device: str = "auto",
         seed: int = 0,
-        block_size: int = 16,
-        num_kv_blocks: int | None = None,
-        gpu_memory_utilization: float = 0.9,
-        kv_cache_memory_bytes: int | None = None,
-        cpu_kv_cache_bytes: int = 256 << 20,
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int = 4096,
-        max_model_len: int | None = None,
-        enable_prefix_caching: bool = True,
-        cpu_gemm: str = "auto",
-        cpu_packed_weights_bytes: int = 1 << 30,
-        logprobs_mode: str = "raw_logprobs",
-        enforce_eager: bool = False,
-        max_logprobs: int = 20,
-        async_scheduling: bool = False,
         tokenizer: str | None = None,
         skip_tokenizer_init: bool = False,
         worker_extension_cls=None,
-        **vllm_kwargs,
+        **kwargs,
     ):
-        """The engine's options, plus vLLM's: max_logprobs (the most logprobs a request may ask for, -1: no
-        cap), tokenizer (another directory's tokenizer.json), skip_tokenizer_init (token-id prompts only),
-        worker_extension_cls (methods for collective_rpc), and the vLLM keywords of
-        bstar.engine.compat.vllm.VLLM_KWARGS at values that mean the same here (tensor_parallel_size=1, ...)."""
+        """model: a Hugging Face checkpoint directory. Every field of EngineConfig is a keyword here, with its
+        default and meaning (block_size, max_num_seqs, gpu_memory_utilization, ...). vLLM's own: tokenizer
+        (another directory's tokenizer.json), skip_tokenizer_init (token-id prompts only), worker_extension_cls
+        (methods for collective_rpc), and the vLLM keywords of bstar.engine.compat.vllm.VLLM_KWARGS at values that
+        mean the same here (tensor_parallel_size=1, ...)."""
+        cfg, vllm_kwargs = EngineConfig.split_kwargs(kwargs)
         vllm_compat.check_vllm_kwargs(vllm_kwargs)
-        cfg = EngineConfig(
-            block_size=block_size,
-            num_kv_blocks=num_kv_blocks,
-            gpu_memory_utilization=gpu_memory_utilization,
-            kv_cache_memory_bytes=kv_cache_memory_bytes,
-            cpu_kv_cache_bytes=cpu_kv_cache_bytes,
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-            max_model_len=max_model_len,
-            enable_prefix_caching=enable_prefix_caching,
-            cpu_gemm=cpu_gemm,
-            cpu_packed_weights_bytes=cpu_packed_weights_bytes,
-            logprobs_mode=logprobs_mode,
-            enforce_eager=enforce_eager,
-            max_logprobs=max_logprobs,
-            async_scheduling=async_scheduling,
-        )
         self.engine = LLMEngine(
             model,
             dtype=dtype,

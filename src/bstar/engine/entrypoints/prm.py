@@ -25,7 +25,7 @@ from bstar import kernels
 from bstar.engine.config import EngineConfig
 from bstar.engine.core.llm_engine import LLMEngine
 from bstar.engine.core.prompt_forward import forward_prompts
-from bstar.engine.errors import RequestError
+from bstar.engine.errors import RequestError, UnsupportedError
 from bstar.engine.model.tokenizer import require
 
 QWEN_PRM_SEPARATOR = "<extra_0>"
@@ -86,25 +86,18 @@ class PRM:
         question_template: str = "{question} ",
         dtype: str = "auto",
         device: str = "auto",
-        num_kv_blocks: int | None = None,
-        max_num_batched_tokens: int = 4096,
-        cpu_kv_cache_bytes: int = 256 << 20,
-        gpu_memory_utilization: float = 0.9,
-        kv_cache_memory_bytes: int | None = None,
+        **engine_kwargs,
     ):
+        """engine_kwargs: EngineConfig's fields (num_kv_blocks, gpu_memory_utilization, kv_cache_memory_bytes, ...)."""
         if aggregate not in kernels.prm_scoring.AGGREGATES:
             raise RequestError(f"unknown PRM aggregate {aggregate!r}; choose one of {kernels.prm_scoring.AGGREGATES}")
         if scale not in SCALES:
             raise RequestError(f"unknown PRM scale {scale!r}; choose one of {SCALES}")
         self.scale = scale
-        cfg = EngineConfig(
-            num_kv_blocks=num_kv_blocks,
-            max_num_batched_tokens=max_num_batched_tokens,
-            cpu_kv_cache_bytes=cpu_kv_cache_bytes,
-            gpu_memory_utilization=gpu_memory_utilization,
-            kv_cache_memory_bytes=kv_cache_memory_bytes,
-            enforce_eager=True,  # a PRM never decodes: no decode graphs to capture, no pool to hold
-        )
+        # a PRM never decodes: no decode graphs to capture, no pool to hold
+        cfg, unknown = EngineConfig.split_kwargs({**engine_kwargs, "enforce_eager": True})
+        if unknown:
+            raise UnsupportedError(f"PRM got unknown keyword(s) {', '.join(sorted(unknown))}")
         self.engine = LLMEngine(model, dtype=dtype, device=device, engine_config=cfg)
         head = self.engine.mcfg.head
         self.kind = kind or ("lm" if head == "lm" else "classifier")
