@@ -13,7 +13,7 @@ would not fit in what is left of the time budget is skipped and says so):
      prefill, a tight KV budget with n=2 copy-on-write, a forced graph re-capture);
   4. paged decode attention bandwidth (batch 64, context 2k) against the device's measured copy
      bandwidth, with torch SDPA (or flash-attn) on the same data as the peer (device times: CUDA graph
-     replays over caches rotated past L2, bench/gpu_timing.py);
+     replays over caches rotated past L2, bstar/testing/gpu_timing.py);
   3. decode speed on a random model with Qwen2.5-0.5B shapes at batch 1/16/64/256, graphs vs eager vs
      graphs with async scheduling: tokens/s, host time per step beside GPU time per step (the profiler's
      kernel time), transformers `generate` on the same prompts; Triton compiles while a batch drains from
@@ -73,7 +73,7 @@ if DRY:  # before triton is imported
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.gpu_timing import copy_bandwidth, device_times, l2_bytes, rotation_count  # noqa: E402
+from bstar.testing.gpu_timing import copy_bandwidth, device_times, l2_bytes, rotation_count  # noqa: E402
 
 DEV = torch.device("cpu" if DRY or not torch.cuda.is_available() else "cuda")
 CUDA = DEV.type == "cuda"
@@ -321,7 +321,7 @@ def _sdpa_peer(q, k, v):  # q [B, Hq, D], k/v [B, Hkv, L, D]
 
 
 def step_bandwidth():
-    """Decode attention's achieved bandwidth, timed as bench/gpu_timing.py does: graph replays (no
+    """Decode attention's achieved bandwidth, timed as bstar/testing/gpu_timing.py does: graph replays (no
     launch gaps) rotating among enough caches that none is read from L2 (the 0.5B shape's 64 MB at
     B=64 would mostly be)."""
     from bstar.kernels.decode_attention_triton import paged_decode_attention_triton

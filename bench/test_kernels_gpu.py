@@ -17,7 +17,7 @@
   torch.topk and top-p by sort + cumsum where asked, as vLLM's torch fallback does), vocabulary
   151936, after checking that both draw from the same distribution.
 
-Times are device times from bench/gpu_timing.py (CUDA graph replays, inputs rotated past L2, ours and
+Times are device times from bstar/testing/gpu_timing.py (CUDA graph replays, inputs rotated past L2, ours and
 the peer by the same method; `timing` in extra_info says which); pytest-benchmark's own figures are
 host wall times of one synchronised call.
 
@@ -31,7 +31,7 @@ import pytest
 import torch
 import triton
 
-from bench.gpu_timing import copy_bandwidth, device_time, device_times, l2_bytes, rotation_count
+from bstar.testing.gpu_timing import copy_bandwidth, device_time, device_times, l2_bytes, rotation_count
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU kernel benchmarks need CUDA")
 
@@ -59,7 +59,7 @@ def synced(fn):
 
 def input_sets(nbytes: int) -> int:
     """How many copies of a benchmark's inputs (of nbytes) to rotate among so that none is timed from
-    L2 (bench/gpu_timing.py)."""
+    L2 (bstar/testing/gpu_timing.py)."""
     return rotation_count(nbytes, l2_bytes("cuda"))
 
 

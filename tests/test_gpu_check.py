@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import bench_scripts
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,11 +129,7 @@ def test_access_report_reads_ptx_and_ttgir():
     """The access counter on a hand-written PTX and TTGIR: widths by vector size, cp.async by copy
     size, local memory, mma; 16-bit row traffic told from scalars by the TTGIR's types and, where
     the kernel loops, only the loop's."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("compile_check", REPO / "bench" / "compile_check.py")
-    cc = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cc)
+    cc = bench_scripts.load("compile_check")
     ttgir = "\n".join(
         [
             "tt.func public @_decode_split_kernel(%Q: !tt.ptr<bf16>) {",

@@ -369,7 +369,7 @@ def test_kernel_variants_do_not_depend_on_batch_size():
 _PTX_SCRIPT = """
 import json, re, sys
 import torch, triton.compiler
-from bench.compile_check import compile_launch
+from bench.compile_check import compile_launch  # cwd: the checkout
 from bstar.kernels.activation_triton import silu_and_mul_triton
 from bstar.kernels.launch import as_gpu, record_variants
 from bstar.kernels.norm_rope_triton import apply_rotary_triton, qk_norm_rope_triton

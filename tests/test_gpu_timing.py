@@ -1,10 +1,10 @@
-"""bench/gpu_timing.py: the rotation plan and the call order on any machine; graph replays against
+"""bstar/testing/gpu_timing.py: the rotation plan and the call order on any machine; graph replays against
 stream launches on CUDA (skipped without it)."""
 
 import pytest
 import torch
 
-from bench.gpu_timing import Timing, call_order, device_time, device_times, rotation_count
+from bstar.testing.gpu_timing import Timing, call_order, device_time, device_times, rotation_count
 
 L2 = 50 << 20  # an H100's
 

@@ -4,11 +4,11 @@ bench/memory_check.py's CPU dry run.
 """
 
 import gc
-import importlib.util
 import json
 import weakref
 from pathlib import Path
 
+import bench_scripts
 import pytest
 import torch
 from transformers import Qwen2Config
@@ -167,9 +167,7 @@ def test_train_phase_hand_off_and_level_2(llama_dir, tmp_path):
 def test_memory_check_dry_run(tmp_path, capsys):
     """The GPU script's phases on CPU with tiny shapes (no memory figures): it runs end to end, prints the
     plan first and writes its table and JSON."""
-    spec = importlib.util.spec_from_file_location("memory_check", REPO / "bench" / "memory_check.py")
-    memory_check = importlib.util.module_from_spec(spec)  # bench/ is scripts, not an installed package
-    spec.loader.exec_module(memory_check)
+    memory_check = bench_scripts.load("memory_check")
     memory_check.main(["--dry-run", "--out", str(tmp_path / "mem.json")])
     out = capsys.readouterr().out
     assert out.index("memory plan on") < out.index("phase")
