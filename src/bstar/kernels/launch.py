@@ -57,7 +57,26 @@ def launch(kernel, grid, *args, **kwargs):
     rec = _recorder
     if rec is not None and not rec(kernel, args, kwargs):
         return None
+    if interpreting():
+        kernel, kwargs = _one_config(kernel, args, kwargs)
     return kernel[grid](*args, **kwargs)
+
+
+def _one_config(kernel, args, kwargs):
+    """Under the interpreter, an autotuner whose candidates prune to one runs that config directly: Triton < 3.8
+    times even a single candidate, which needs a GPU driver (nothing is timed in the interpreter anyway)."""
+    from triton.runtime.autotuner import Autotuner
+
+    if not isinstance(kernel, Autotuner):
+        return kernel, kwargs
+    kernel.nargs = dict(zip(kernel.arg_names, args))
+    try:
+        configs = kernel.prune_configs(kwargs)
+    finally:
+        kernel.nargs = None
+    if len(configs) != 1:
+        return kernel, kwargs
+    return kernel.fn, {**kwargs, **configs[0].all_kwargs()}
 
 
 def jit(**options):
