@@ -1,6 +1,6 @@
-"""Adversarial review of async scheduling (issue 13): the cases that once made
-EngineConfig.async_scheduling=True give outputs other than the synchronous engine's (each the smallest
-that showed it; fixed since), and the strongest of the tries that held."""
+"""Async scheduling's edge cases: each the smallest case that once made EngineConfig.async_scheduling=True give
+outputs other than the synchronous engine's (fixed since), and the strongest of the tries that held: logprobs
+without a request for them, a tight KV cache, hand-driven steps with arrivals and aborts, the prefix cache."""
 
 import pytest
 import torch
