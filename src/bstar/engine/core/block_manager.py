@@ -131,11 +131,10 @@ class BlockManager:
             seq.block_table.append(self._take())
         return copies
 
-    def fork(self, parent: Sequence, child: Sequence):
-        """The child shares every block of the parent."""
-        for b in parent.block_table:
+    def fork(self, child: Sequence):
+        """A child made by Sequence.fork (its table a copy of the parent's) shares every block of it."""
+        for b in child.block_table:
             self._ref(b)
-        child.block_table = list(parent.block_table)
 
     def free_seq(self, seq: Sequence):
         # Release in reverse so a prefix's head blocks are evicted last.

@@ -160,7 +160,7 @@ class Scheduler:
         still takes the newest request's first."""
         children = [parent.fork(c) for c in range(1, parent.fork_count + 1)]
         for c in children:
-            self.bm.fork(parent, c)
+            self.bm.fork(c)
         i = self.running.index(parent)
         self.running[i + 1 : i + 1] = children
         parent.fork_count = 0
