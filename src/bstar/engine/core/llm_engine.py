@@ -221,6 +221,10 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work() or self._in_flight is not None
 
+    def get_num_unfinished_requests(self) -> int:
+        """vLLM's: requests added and not yet finished or aborted."""
+        return len(self.requests)
+
     # -- one step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one scheduled model step; return the requests that finished in it."""

@@ -5,6 +5,8 @@ with one line otherwise (engine/vllm_compat.py lists them); `llm.llm_engine`, `r
 `collective_rpc`, `sleep` / `wake_up`, `get_tokenizer` and `chat` are vLLM's calls.
 """
 
+import inspect
+
 import torch
 from tqdm.auto import tqdm
 
@@ -15,6 +17,12 @@ from bstar.engine.core.prompt_forward import forward_prompts
 from bstar.engine.entrypoints.inputs import prompt_list
 from bstar.engine.entrypoints.outputs import RequestOutput
 from bstar.engine.entrypoints.sampling_params import SamplingParams
+
+
+def _defaults_for_none(given: dict) -> dict:
+    """vLLM reads None as "the default" for these options (vllm_compat.NONE_MEANS_DEFAULT)."""
+    params = inspect.signature(LLM.__init__).parameters
+    return {k: params[k].default if v is None and k in vllm_compat.NONE_MEANS_DEFAULT else v for k, v in given.items()}
 
 
 class LLM:
@@ -48,7 +56,12 @@ class LLM:
         cap), tokenizer (another directory's tokenizer.json), skip_tokenizer_init (token-id prompts only),
         worker_extension_cls (methods for collective_rpc), and the vLLM keywords of
         engine.vllm_compat.VLLM_KWARGS at values that mean the same here (tensor_parallel_size=1, ...)."""
-        vllm_compat.check_vllm_kwargs(vllm_kwargs)
+        vllm_compat.check_vllm_kwargs(vllm_kwargs, model)
+        given = dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
+        given.update(gpu_memory_utilization=gpu_memory_utilization, seed=seed)
+        defaults = _defaults_for_none(given)
+        max_num_seqs, max_num_batched_tokens = defaults["max_num_seqs"], defaults["max_num_batched_tokens"]
+        gpu_memory_utilization, seed = defaults["gpu_memory_utilization"], defaults["seed"]
         cfg = EngineConfig(
             block_size=block_size,
             num_kv_blocks=num_kv_blocks,
@@ -159,9 +172,10 @@ class LLM:
         )
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
-    def load_weights(self, named_tensors) -> set[str]:
-        """Replace weights in place from (HF name, tensor) pairs, e.g. straight from a trainer."""
-        return self.engine.load_weights(named_tensors)
+    def load_weights(self, weights) -> set[str]:
+        """Replace weights in place from (HF name, tensor) pairs, e.g. straight from a trainer. (`weights`:
+        vLLM's parameter name, which callers pass by keyword.)"""
+        return self.engine.load_weights(weights)
 
     def sleep(self, level: int = 1, mode: str = "abort"):
         """Free the device memory: level 1 keeps the weights in host memory, level 2 discards them (reload with

@@ -1,0 +1,1 @@
+"""vllm.utils: network_utils (what TRL imports at load)."""
