@@ -23,13 +23,21 @@ from bstar.engine.core.sequence import Request, Sequence
 from bstar.engine.entrypoints.inputs import ParsedPrompt, parse_prompt
 from bstar.engine.entrypoints.outputs import RequestOutput
 from bstar.engine.entrypoints.sampling_params import SamplingParams
+from bstar.engine.entrypoints.vllm_sampling import uses_masks
 from bstar.engine.errors import CheckpointError, RequestError
 from bstar.engine.model.decoder import CausalLM
 from bstar.engine.model.loader import iter_weights
 from bstar.engine.model.tokenizer import load_tokenizer, require
+from bstar.engine.runner.logit_masks import LogitMasks
 from bstar.engine.runner.memory_plan import SLEEP_TAGS, engine_max_model_len
 from bstar.engine.runner.model_runner import ModelRunner
-from bstar.engine.runner.sampler import Draw, Sampler, position_logprob_entries, position_logprob_tensors
+from bstar.engine.runner.sampler import (
+    Draw,
+    Sampler,
+    position_logprob_entries,
+    position_logprob_tensors,
+    whole_vocabulary,
+)
 from bstar.kernels.host import HostCopy, to_device
 
 
@@ -134,6 +142,8 @@ class LLMEngine:
         me = weakref.proxy(self)
         self.model_config = vllm_compat.ModelConfig(me)
         self.model_executor = vllm_compat.Executor(me, worker_extension_cls)
+        # vLLM's per-request masks (logit_bias, allowed_token_ids, bad_words, structured_outputs)
+        self.sampler.masks = LogitMasks(lambda: me.get_tokenizer(), self.mcfg.vocab_size, self.eos_ids)
 
     @staticmethod
     def _generation_eos(path: str) -> set[int]:
@@ -184,9 +194,11 @@ class LLMEngine:
             raise RequestError(f"duplicate request id {request_id!r}")
         self.require_awake("add_request")
         cap = self.ecfg.max_logprobs
-        asked = max(params.logprobs or 0, params.prompt_logprobs or 0)
+        asked = max(whole_vocabulary([params.logprobs or 0, params.prompt_logprobs or 0], self.mcfg.vocab_size))
         if cap >= 0 and asked > cap:
             raise RequestError(f"requested {asked} logprobs, more than max_logprobs={cap} (an LLM option)")
+        if uses_masks(params):
+            self.sampler.masks.prepare(params)
         parsed = parse_prompt(prompt)
         text, ids = self.encode_prompt(parsed)
         self.check_prompt_len(len(ids))
@@ -374,7 +386,7 @@ class LLMEngine:
             part = rows[i : i + step]
             lp = torch.log_softmax(self.model.compute_logits(hidden[i : i + step]).float(), dim=-1)
             targets = to_device([s.token_ids[p + 1] for s, p in part], torch.int64, lp.device)
-            want = [s.params.prompt_logprobs for s, _ in part]
+            want = whole_vocabulary([s.params.prompt_logprobs for s, _ in part], self.mcfg.vocab_size)
             copy = HostCopy(list(position_logprob_tensors(lp, targets, want)))
             dest = [(self.requests[s.request_id], p + 1) for s, p in part]
             self._prompt_logprob_copies.append(_PromptLogprobsCopy(dest, want, copy))

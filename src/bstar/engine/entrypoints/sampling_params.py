@@ -53,6 +53,8 @@ class SamplingParams:
     truncate_prompt_tokens: int | None = None
     guided_decoding: StructuredOutputsParams | None = None
     stop_strings: list[str] = field(init=False, default_factory=list)
+    # bad_words as token id lists (vLLM's _bad_words_token_ids), set when a request is added
+    bad_words_token_ids: list[list[int]] | None = field(init=False, default=None, repr=False, compare=False)
     has_penalties: bool = field(init=False, default=False, repr=False, compare=False)
 
     def __post_init__(self):

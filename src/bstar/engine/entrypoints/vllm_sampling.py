@@ -118,9 +118,6 @@ def check_vllm_fields(params):
         params.structured_outputs = so = StructuredOutputsParams(**so)
     if so is not None and not isinstance(so, StructuredOutputsParams):
         _bad(params, "structured_outputs", "must be a StructuredOutputsParams (or a dict of its fields)")
-    for name in ("logit_bias", "allowed_token_ids", "bad_words", "structured_outputs"):
-        if getattr(params, name):
-            raise RequestError(f"SamplingParams({name}=...) is not supported yet")
 
 
 def uses_masks(params) -> bool:

@@ -22,6 +22,7 @@ from bstar import kernels
 from bstar.engine.core.sequence import Sequence
 from bstar.engine.entrypoints.outputs import Logprob
 from bstar.engine.entrypoints.sampling_params import SamplingParams
+from bstar.engine.entrypoints.vllm_sampling import uses_masks
 from bstar.kernels.host import HostCopy, to_device, to_device_packed
 from bstar.kernels.sampling import apply_filters, filter_plan
 
@@ -60,6 +61,7 @@ class Sampler:
             raise ValueError(f"logprobs_mode must be one of {', '.join(LOGPROBS_MODES)}, got {logprobs_mode!r}")
         self.logprobs_mode = logprobs_mode
         self._filters: dict = {}  # the last shared-values step's filter tensors (draw_rows' `filters` cache)
+        self.masks = None  # runner.logit_masks.LogitMasks: vLLM's per-request masks and bias (set by the engine)
 
     def __call__(self, logits: torch.Tensor, rows: list[int], seqs: list[Sequence]):
         """logits float32 [R, V]; seqs[i] draws from row rows[i]. Returns the Draw (on the device)."""
@@ -73,7 +75,12 @@ class Sampler:
         bans = [self._banned(s) if s.params.min_tokens else [] for s in seqs]
         params = [s.params for s in seqs]
         penalised = [s for s in seqs if s.params.has_penalties]
-        return draw_rows(logits, params, seeds, bans, penalised or None, self.logprobs_mode, filters=self._filters)
+        masked = None
+        if self.masks is not None and any(uses_masks(p) for p in params):
+            masked = lambda x: self.masks.apply(x, seqs)
+        return draw_rows(
+            logits, params, seeds, bans, penalised or None, self.logprobs_mode, filters=self._filters, masked=masked
+        )
 
     def _banned(self, s: Sequence) -> list[int]:
         if s.num_output >= s.params.min_tokens:
@@ -191,25 +198,29 @@ def draw_rows(
     penalised: list[Sequence] | None = None,
     logprobs_mode: str = "raw_logprobs",
     filters: dict | None = None,
+    masked=None,
 ):
     """logits float32 [R, V]; one SamplingParams, seed and banned-id list per row; `penalised`:
     the sequences of the rows whose params have penalties (None when no row has them), in row order.
     `filters`: a dict that keeps the filter tensors of the last step whose rows share their filter values
     (temperature, top-k, top-p, min-p), for the next such step with the same values and rows (a decode
     step of one call's candidates then makes none: four device fills a step fewer). They are only read.
-    Rows with different filter values send them with the seeds in one packed copy.
+    Rows with different filter values send them with the seeds in one packed copy. `masked`: applies vLLM's
+    per-request masks and bias in place (runner/logit_masks.py), after the bans, before the penalties.
 
     Returns the Draw (device tensors; Draw.host() gives the lists)."""
     dev = logits.device
     raw = logits
     banned = any(bans)
-    if penalised is not None or banned:  # keep the raw logits for the raw modes' values
+    if penalised is not None or banned or masked is not None:  # keep the raw logits for the raw modes' values
         logits = logits.clone()
     if banned:  # (index lists through to_device: a list index would copy without pinning, and wait)
         ban_rows = [r for r, ban in enumerate(bans) for _ in ban]
         cols = [t for ban in bans for t in ban]
         idx = to_device(ban_rows + cols, torch.int64, dev)
         logits[idx[: len(cols)], idx[len(cols) :]] = float("-inf")
+    if masked is not None:
+        masked(logits)
     if penalised is not None:
         prows = None
         if len(penalised) != len(params):
@@ -283,6 +294,7 @@ def draw_rows(
         want = [p.logprobs for p in params]
         if all(k is None for k in want):
             return Draw(tokens, logprobs)
+    want = whole_vocabulary(want, logits.shape[1])
     values = {
         "raw_logprobs": lambda: torch.log_softmax(raw, dim=-1),
         "raw_logits": lambda: raw,
@@ -290,6 +302,11 @@ def draw_rows(
         "processed_logits": lambda: proc,
     }[logprobs_mode]()
     return Draw(tokens, logprobs, want, *position_logprob_tensors(values, tokens, want))
+
+
+def whole_vocabulary(want: list[int | None], V: int) -> list[int | None]:
+    """vLLM's logprobs=-1 (and prompt_logprobs=-1): entries for the whole vocabulary."""
+    return [V if w == -1 else w for w in want]
 
 
 def sample_rows(*args, **kwargs):
