@@ -53,6 +53,9 @@ from vllm.lora.request import LoRARequest
 from vllm.entrypoints.chat_utils import resolve_hf_chat_template
 from vllm.transformers_utils.tokenizer import get_tokenizer
 from vllm.engine.arg_utils import EngineArgs
+from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.utils import random_uuid
+assert AsyncLLM is bstar.engine.AsyncLLM and len(random_uuid()) == 32
 from vllm.outputs import CompletionOutput
 from vllm.inputs import TokensPrompt as TP2
 import bstar.engine as E

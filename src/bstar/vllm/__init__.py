@@ -10,7 +10,8 @@ an unchanged `import vllm` (TRL, OpenRLHF, verl, lm-evaluation-harness) gets thi
     vllm.transformers_utils.tokenizer         get_tokenizer
     vllm.entrypoints.chat_utils               resolve_hf_chat_template
     vllm.engine.arg_utils                     EngineArgs, AsyncEngineArgs
-    vllm.utils.network_utils                  get_ip, get_open_port
+    vllm.utils / vllm.utils.network_utils     random_uuid / get_ip, get_open_port
+    vllm.v1.engine.async_llm                  AsyncLLM
     vllm.distributed.weight_transfer.*        server-mode NCCL transfer: importable, NotImplementedError
                                               (one line) when called
 
