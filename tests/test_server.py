@@ -138,11 +138,11 @@ def test_streaming_equals_non_streaming(server):
     assert finish == {0: whole.choices[0].finish_reason, 1: whole.choices[1].finish_reason}
     msgs = [{"role": "user", "content": "hi"}]
     ckw = dict(model="tiny", messages=msgs, temperature=1.0, max_tokens=12, seed=5, extra_body=CHAT)
-    whole = server.client.chat.completions.create(**ckw).choices[0].message.content
-    streamed = "".join(
-        c.choices[0].delta.content or "" for c in server.client.chat.completions.create(stream=True, **ckw)
-    )
-    assert streamed == whole
+    r = server.client.chat.completions.create(**ckw)
+    whole = r.choices[0].message.content
+    chunks = list(server.client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **ckw))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == r.usage.completion_tokens > 0
 
 
 def test_errors_are_openai_shaped(server):

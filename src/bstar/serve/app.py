@@ -141,6 +141,9 @@ def build_app(engine, model_name: str) -> FastAPI:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
+    def wants_usage(body: dict) -> bool:  # stream_options.include_usage: a last chunk with the usage
+        return bool((body.get("stream_options") or {}).get("include_usage"))
+
     def sse(obj) -> str:
         return f"data: {json.dumps(obj)}\n\n"
 
@@ -278,6 +281,8 @@ def build_app(engine, model_name: str) -> FastAPI:
                 if choices:
                     yield sse({**base, "choices": choices})
             count(list(last.values()))
+            if wants_usage(body):
+                yield sse({**base, "choices": [], "usage": P.usage(list(last.values()))})
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -352,6 +357,8 @@ def build_app(engine, model_name: str) -> FastAPI:
                         yield sse({**base, "object": "chat.completion.chunk", "choices": [{**ch, "delta": delta}]})
             if last is not None:
                 count([last])
+                if wants_usage(body):
+                    yield sse({**base, "object": "chat.completion.chunk", "choices": [], "usage": P.usage([last])})
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")

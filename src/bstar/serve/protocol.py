@@ -9,7 +9,7 @@ from bstar.engine.entrypoints.sampling_params import SamplingParams, StructuredO
 from bstar.engine.errors import RequestError
 
 # OpenAI fields that change nothing for this server (no accounts, no storage, no tools run)
-IGNORED = {"user", "stream_options", "service_tier", "metadata", "store", "parallel_tool_calls", "request_id"}
+IGNORED = {"user", "service_tier", "metadata", "store", "parallel_tool_calls", "request_id"}
 # OpenAI / vLLM-extra field -> SamplingParams field, where the name and meaning are the same
 SAMPLING = {
     "n": "n",
@@ -35,7 +35,17 @@ SAMPLING = {
 }
 # vLLM's older guided_* fields -> StructuredOutputsParams field
 GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
-COMMON = {"model", "stream", "max_tokens", "structured_outputs", "response_format", *SAMPLING, *GUIDED, *IGNORED}
+COMMON = {
+    "model",
+    "stream",
+    "stream_options",
+    "max_tokens",
+    "structured_outputs",
+    "response_format",
+    *SAMPLING,
+    *GUIDED,
+    *IGNORED,
+}
 COMPLETION_FIELDS = COMMON | {"prompt", "logprobs", "echo", "best_of", "suffix"}
 CHAT_FIELDS = COMMON | {
     "messages",
