@@ -34,8 +34,8 @@ from bstar.engine.runner.model_runner import ModelRunner
 from bstar.engine.runner.sampler import (
     Draw,
     Sampler,
-    position_logprob_entries,
-    position_logprob_tensors,
+    flat_logprob_entries,
+    prompt_logprob_tensors,
     whole_vocabulary,
 )
 from bstar.kernels.host import HostCopy, to_device
@@ -43,10 +43,11 @@ from bstar.kernels.host import HostCopy, to_device
 
 class _PromptLogprobsCopy:
     """Prompt logprobs computed on the device and on their way to the host (kernels.host.HostCopy): row r
-    is prompt_logprobs[rows[r][1]] of request rows[r][0]; `want`: the entries each row asks for."""
+    is prompt_logprobs[rows[r][1]] of request rows[r][0]; `want`: the entries each row asks for; `width`:
+    values per row in the flat copy (sampler.prompt_logprob_tensors)."""
 
-    def __init__(self, rows: list[tuple[Request, int]], want: list[int], copy: HostCopy):
-        self.rows, self.want, self.copy = rows, want, copy
+    def __init__(self, rows: list[tuple[Request, int]], want: list[int], copy: HostCopy, width: int):
+        self.rows, self.want, self.copy, self.width = rows, want, copy, width
 
 
 class _InFlight:
@@ -379,17 +380,20 @@ class LLMEngine:
     def _launch_prompt_logprobs(self, spans, hidden: torch.Tensor):
         """Raw logprobs (no penalty, temperature or filter, as vLLM) of each span's next prompt tokens
         from their hidden states, a slice of rows at a time (never [tokens, vocab] at once), launched on
-        the device and on their way to the host (`_take_prompt_logprobs` puts them in their requests)."""
+        the device and on their way to the host (`_take_prompt_logprobs` puts them in their requests).
+        On the CPU the slices are small enough for a slice's logits to stay in cache through the
+        logsumexp, top-k and rank passes (256 rows: 1.5-1.8x faster than 4096 here)."""
         rows = [(s, p) for s, start, end, _ in spans for p in range(start, end)]
-        step = max(1, (1 << 24) // self.mcfg.vocab_size)
+        V = self.mcfg.vocab_size
+        step = 256 if self.device.type == "cpu" else max(1, (1 << 24) // V)
         for i in range(0, len(rows), step):
             part = rows[i : i + step]
-            lp = torch.log_softmax(self.model.compute_logits(hidden[i : i + step]).float(), dim=-1)
-            targets = to_device([s.token_ids[p + 1] for s, p in part], torch.int64, lp.device)
-            want = whole_vocabulary([s.params.prompt_logprobs for s, _ in part], self.mcfg.vocab_size)
-            copy = HostCopy(list(position_logprob_tensors(lp, targets, want)))
+            logits = self.model.compute_logits(hidden[i : i + step]).float()
+            targets = to_device([s.token_ids[p + 1] for s, p in part], torch.int64, logits.device)
+            want = whole_vocabulary([s.params.prompt_logprobs for s, _ in part], V)
+            *tensors, width = prompt_logprob_tensors(logits, targets, want)
             dest = [(self.requests[s.request_id], p + 1) for s, p in part]
-            self._prompt_logprob_copies.append(_PromptLogprobsCopy(dest, want, copy))
+            self._prompt_logprob_copies.append(_PromptLogprobsCopy(dest, want, HostCopy(tensors), width))
 
     def _take_prompt_logprobs(self, upto: int | None = None):
         """Put the first `upto` launched prompt-logprob copies (all: None) in their requests, waiting
@@ -397,7 +401,7 @@ class LLMEngine:
         upto = len(self._prompt_logprob_copies) if upto is None else upto
         taken, self._prompt_logprob_copies = self._prompt_logprob_copies[:upto], self._prompt_logprob_copies[upto:]
         for c in taken:
-            _, entries = position_logprob_entries(*c.copy.lists(), c.want)
+            entries = flat_logprob_entries(*c.copy.lists(), c.want, c.width)
             for (req, i), e in zip(c.rows, entries):
                 if self.requests.get(req.request_id) is req:
                     req.prompt_logprobs[i] = e

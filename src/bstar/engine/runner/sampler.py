@@ -20,7 +20,7 @@ import torch
 
 from bstar import kernels
 from bstar.engine.core.sequence import Sequence
-from bstar.engine.entrypoints.outputs import Logprob
+from bstar.engine.entrypoints.outputs import Logprob, PositionLogprobs
 from bstar.engine.entrypoints.sampling_params import SamplingParams
 from bstar.engine.entrypoints.vllm_sampling import uses_masks
 from bstar.kernels.host import HostCopy, to_device, to_device_packed
@@ -346,3 +346,34 @@ def position_logprob_entries(vals: list, ids: list, ranks: list, want: list[int 
             e[i[j]] = Logprob(v[j], j)
         entries[r] = e
     return [v[0] for v in vals], entries
+
+
+def prompt_logprob_tensors(logits: torch.Tensor, targets: torch.Tensor, want: list[int]):
+    """position_logprob_tensors for raw logprobs, from float32 logits [R, V] (prompt_logprobs): the
+    log-softmax [R, V] is never written (the logsumexp is subtracted from the 1 + k kept values only),
+    and the values come flat: (values [R * (1 + k)], ids [R * (1 + k)], ranks [R], 1 + k), read on the host
+    by flat_logprob_entries (a flat tolist is ~100x faster than a nested one)."""
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    chosen = logits.gather(1, targets[:, None])
+    rank = (logits >= chosen).sum(-1)  # (the order of the logits is the order of the logprobs)
+    k = min(max(want), logits.shape[-1])
+    if k == 1:
+        top_v, top_i = logits.max(dim=-1, keepdim=True)
+    elif k:
+        top_v, top_i = logits.topk(k, dim=-1)
+    vals = torch.cat([chosen, top_v], 1) if k else chosen
+    ids = torch.cat([targets[:, None], top_i], 1) if k else targets[:, None]
+    return (vals - lse).flatten(), ids.flatten(), rank, 1 + k
+
+
+def flat_logprob_entries(vals: list, ids: list, ranks: list, want: list[int], width: int) -> list[PositionLogprobs]:
+    """position_logprob_entries from prompt_logprob_tensors' flat lists: per row {token: Logprob(value,
+    rank), then the top-want[r] ids: Logprob(value, 1..k)} (a token also in the top-k keeps its top-k entry)."""
+    entries = []
+    for r, w in enumerate(want):
+        at = r * width
+        e = {ids[at]: Logprob(vals[at], ranks[r])}
+        for j in range(1, min(w, width - 1) + 1):
+            e[ids[at + j]] = Logprob(vals[at + j], j)
+        entries.append(e)
+    return entries
