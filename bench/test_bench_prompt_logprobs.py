@@ -6,13 +6,15 @@ prompt_logprobs=1, max_tokens=1, detokenize=False), then per request the sum of 
 logprobs and whether each token was the greedy one (rank 1). The peer is lm-eval's hf backend's work:
 right-padded batches of 16 through the model, log_softmax, gather, argmax. Both sides include reading the
 numbers out. Rounds alternate peer / ours after one warm-up of each; our prefix cache is not used (vLLM
-skips it for prompt_logprobs requests, and so do we).
+skips it for prompt_logprobs requests, and so do we). Both run on one torch thread: on a shared machine
+two threads spin against other work and the figures mean nothing.
 
 Run: pytest bench/test_bench_prompt_logprobs.py --benchmark-only -s
 """
 
 import time
 
+import pytest
 import torch
 
 from bench.test_bench_generate import tiny_llama  # noqa: F401 (the CPU generation benchmark's model)
@@ -58,7 +60,15 @@ def peer_scores(hf, reqs):
     return scores
 
 
-def test_prompt_logprobs_cpu_vs_transformers(benchmark, tiny_llama):  # noqa: F811
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_prompt_logprobs_cpu_vs_transformers(benchmark, tiny_llama, one_thread):  # noqa: F811
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -87,3 +97,4 @@ def test_prompt_logprobs_cpu_vs_transformers(benchmark, tiny_llama):  # noqa: F8
     )
     ratio = peer_s / ours_s
     print(f"\n[cpu] prompt tokens/s: ours {tokens / ours_s:.0f}, transformers {tokens / peer_s:.0f}, {ratio:.2f}x")
+    print(f"rounds (s): ours {benchmark.extra_info['ours_s']}, transformers {benchmark.extra_info['transformers_s']}")
