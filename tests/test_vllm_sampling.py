@@ -240,3 +240,33 @@ def test_no_op_fields_accepted_and_others_refused_in_one_line(llama_dir):
     out = full.generate([[0, 5, 6]], SamplingParams(logprobs=-1, prompt_logprobs=-1, max_tokens=2), use_tqdm=False)[0]
     assert all(len(e) == V for e in out.outputs[0].logprobs)
     assert all(len(e) == V for e in out.prompt_logprobs[1:])
+
+
+def test_masks_and_bias_in_vllms_order():
+    """grammar / allowed ids / bad words, then the min_tokens bans, then logit_bias, then the penalties and
+    temperature: a biased banned or disallowed token stays at -inf, and the repetition penalty acts on the
+    biased logits (float64 reference of that order)."""
+    g = torch.Generator().manual_seed(4)
+    V, T, rep = 50, 0.7, 1.3
+    logits = torch.randn(1, V, generator=g) * 2
+    allowed = list(range(0, 40))
+    bias = {1: 30.0, 45: 30.0, 6: 2.5, 7: -1.5, 8: 4.0}  # 1: EOS (banned by min_tokens), 45: not allowed
+    p = SamplingParams(
+        temperature=T, logit_bias=bias, allowed_token_ids=allowed, min_tokens=3, repetition_penalty=rep, logprobs=-1
+    )
+    outputs = [8, 9]  # (prompt [0, 5, 6]: tokens 0, 5, 6, 8, 9 are penalised)
+    _, _, entries = _draw([p], logits, outputs={0: outputs})
+    x = logits[0].double().clone()
+    keep = torch.zeros(V, dtype=torch.bool)
+    keep[allowed] = True
+    x[~keep] = float("-inf")
+    x[1] = float("-inf")  # min_tokens bans EOS
+    for t, b in bias.items():
+        x[t] += b
+    seen = torch.zeros(V, dtype=torch.bool)
+    seen[[0, 5, 6, *outputs]] = True
+    x = torch.where(seen & (x > 0), x / rep, torch.where(seen, x * rep, x))
+    ref = torch.log_softmax(x / T, -1)
+    got = _entries_tensor(entries[0], V)
+    assert got[1] == float("-inf") and got[45] == float("-inf")
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=0)
