@@ -111,10 +111,21 @@ class LogitMasks:
             tok = self._tokenizer("bad_words")
             encode = lambda s: tok.encode(s, add_special_tokens=False)
             params.bad_words_token_ids = bad_words_token_ids(params.bad_words, encode)
+        if params.allowed_token_ids:
+            self._check_something_allowed(params)
         if params.structured_outputs is not None:
             if self._grammars is None:
                 self._grammars = _Grammars(self._tokenizer("structured_outputs"), self.V, self.stop_ids)
             self._grammars.compile(params.structured_outputs)  # (compile errors are the request's)
+
+    def _check_something_allowed(self, params):
+        """Refuse allowed_token_ids that the single-token bad words, or the min_tokens bans, leave empty
+        (the draw would have no token to choose: vLLM's result is undefined there)."""
+        never = {ids[0] for ids in params.bad_words_token_ids or () if len(ids) == 1}
+        banned = never | set(params.stop_token_ids) | (set() if params.ignore_eos else self.stop_ids)
+        for ban, why in ((never, "bad_words"), (banned if params.min_tokens else never, "min_tokens")):
+            if set(params.allowed_token_ids) <= ban:
+                raise RequestError(f"allowed_token_ids: {why} bans every allowed id; nothing could be drawn")
 
     def apply(self, logits: torch.Tensor, seqs) -> None:
         """Mask and bias `logits` [R, V] in place; row r belongs to seqs[r]."""
