@@ -230,6 +230,7 @@ def test_no_op_fields_accepted_and_others_refused_in_one_line(llama_dir):
     for kw, why in [
         (dict(allowed_token_ids=[V]), "outside the vocabulary"),
         (dict(structured_outputs=StructuredOutputsParams(regex="(unclosed")), "does not compile"),
+        (dict(structured_outputs=StructuredOutputsParams(regex="a+"), min_tokens=2), "min_tokens"),
         (dict(logprobs=-1), "max_logprobs"),  # the whole vocabulary is more than the default cap, as vLLM's
         (dict(allowed_token_ids=[1], min_tokens=2), "min_tokens bans every allowed id"),  # (1: EOS)
         (dict(allowed_token_ids=[1, 3], min_tokens=2, stop_token_ids=[3]), "min_tokens bans every allowed id"),

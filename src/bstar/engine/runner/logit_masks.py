@@ -114,6 +114,8 @@ class LogitMasks:
         if params.allowed_token_ids:
             self._check_something_allowed(params)
         if params.structured_outputs is not None:
+            if params.min_tokens:  # (a grammar that ends earlier allows only EOS, which min_tokens bans)
+                raise RequestError("structured_outputs with min_tokens > 0 is not supported: the grammar may end first")
             if self._grammars is None:
                 self._grammars = _Grammars(self._tokenizer("structured_outputs"), self.V, self.stop_ids)
             self._grammars.compile(params.structured_outputs)  # (compile errors are the request's)
