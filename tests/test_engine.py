@@ -828,14 +828,14 @@ def test_request_errors(llama, tmp_path):
         dict(max_tokens=0),
         dict(n=0),
         dict(min_tokens=50, max_tokens=10),
-        dict(logprobs=-1),
+        dict(logprobs=-2),  # (-1: the whole vocabulary, as vLLM)
         dict(temperature=float("nan")),
         dict(stop=[""]),
         dict(repetition_penalty=0),
         dict(repetition_penalty=float("inf")),
         dict(presence_penalty=2.5),
         dict(frequency_penalty=-3),
-        dict(prompt_logprobs=-1),
+        dict(prompt_logprobs=-2),
         dict(min_tokens=-1, max_tokens=None),
     ]:
         with pytest.raises(RequestError, match="invalid sampling value " + next(iter(bad))):

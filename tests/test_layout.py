@@ -10,9 +10,9 @@ LAYERS = [
     ("bstar.errors", "bstar.utils"),
     ("bstar.kernels",),
     ("bstar.engine",),
-    ("bstar.train",),
+    ("bstar.train", "bstar.vllm"),
     ("bstar.loop", "bstar.embedded"),
-    ("bstar.results", "bstar.testing"),
+    ("bstar.results", "bstar.testing", "bstar.serve"),
     ("bstar.cli", "bstar.__main__"),
 ]
 FACADE = "bstar"  # bstar/__init__.py re-exports the engine's public names: outside every layer

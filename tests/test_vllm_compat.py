@@ -139,7 +139,6 @@ def test_vllm_keywords_accepted_with_their_meaning(llama_dir, tmp_path):
         (dict(tensor_parallel_size=2), "one device per engine"),
         (dict(pipeline_parallel_size=2), "one device per engine"),
         (dict(quantization="bitsandbytes"), "unquantized"),
-        (dict(trust_remote_code=True), "never runs code"),
         (dict(model_impl="transformers"), "own model implementation"),
         (dict(distributed_executor_backend="ray"), "no Ray workers"),
         (dict(kv_cache_dtype="fp8"), "model's dtype"),
@@ -159,9 +158,8 @@ def test_unsupported_vllm_keywords_are_refused_in_one_line(llama_dir, kw, why):
 # -- item 5 and TRL: GRPO colocate ---------------------------------------------------------------------
 def test_trl_grpo_colocate_pattern(qwen3, tmp_path):
     """TRL's GRPO colocate loop with sleep mode: sleep(2) at start-up, then per step wake the weights,
-    sync them one tensor at a time through the deep path, reset the prefix cache, (reload_weights, which TRL
-    skips on NotImplementedError), wake the KV cache, generate from token ids with n=1 and duplicated
-    prompts, read processed logprobs sorted by rank, sleep(2) again."""
+    sync them one tensor at a time through the deep path, reset the prefix cache, wake the KV cache,
+    generate from token ids with n=1 and duplicated prompts, read processed logprobs sorted by rank, sleep(2) again."""
     llm = LLM(qwen3, **CPU, **TRL_KWARGS)
     llm.sleep(level=2)
     trainer = _trained(qwen3, seed=1)
@@ -179,8 +177,6 @@ def test_trl_grpo_colocate_pattern(qwen3, tmp_path):
     def generate(params):
         with pytest.warns(UserWarning, match="already awake"):  # TRL wakes the weights again: harmless
             llm.wake_up(tags=["weights"])
-        with pytest.raises(NotImplementedError):  # TRL: try: collective_rpc("reload_weights") except ...
-            llm.collective_rpc("reload_weights")
         llm.wake_up(tags=["kv_cache"])
         dup = [{"prompt_token_ids": p} for p in prompts for _ in range(num_generations)]
         outs = llm.generate(dup, params, use_tqdm=False)
@@ -306,7 +302,7 @@ def _run(coro):
 
 def test_openrlhf_async_pattern(llama_dir, tmp_path):
     path = str(llama_dir)
-    engine_args = AsyncEngineArgs(  # create_vllm_engines' keywords (trust_remote_code=True is refused here)
+    engine_args = AsyncEngineArgs(  # create_vllm_engines' keywords (OpenRLHF always passes trust_remote_code=True)
         model=path,
         enforce_eager=True,
         worker_extension_cls=f"{__name__}.WorkerWrap",
@@ -315,6 +311,7 @@ def test_openrlhf_async_pattern(llama_dir, tmp_path):
         distributed_executor_backend="uni",
         max_model_len=256,
         enable_prefix_caching=True,
+        trust_remote_code=True,
         dtype="float32",
         gpu_memory_utilization=0.5,
         enable_sleep_mode=True,

@@ -6,6 +6,7 @@ subcommand:
     generate.py  bstar-engine generate  sample candidates with the engine
     score.py     bstar-engine score     PRM step scores
     sft.py       bstar-engine sft       supervised fine-tuning (bstar.train)
+    serve.py     bstar-engine serve     the OpenAI-compatible server (bstar.serve)
 
 `python -m bstar.cli ...` and `torchrun ... -m bstar.cli ...` run the same group. The heavy modules
 (torch, transformers, the engine, matplotlib) load when a command runs, so --help stays fast.
@@ -19,6 +20,7 @@ from bstar.cli.generate import generate
 from bstar.cli.report import report_cmd
 from bstar.cli.run import run
 from bstar.cli.score import score
+from bstar.cli.serve import serve
 from bstar.cli.sft import sft
 from bstar.errors import BStarError
 
@@ -39,5 +41,5 @@ def main():
     """Paged-KV inference engine and B-STaR self-improvement loop."""
 
 
-for _cmd in (generate, score, sft, run, report_cmd):
+for _cmd in (generate, score, sft, run, report_cmd, serve):
     main.add_command(_cmd)

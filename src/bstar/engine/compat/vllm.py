@@ -11,6 +11,7 @@ engine: every call lands on LLMEngine's own methods.
 """
 
 import importlib
+import json
 import os
 from collections.abc import Callable
 
@@ -38,10 +39,6 @@ VLLM_KWARGS: dict[str, tuple[Callable[[object], bool], str]] = {
         "must be a bool (sleep/wake_up work either way: no special allocator is needed)",
     ),
     "quantization": (lambda v: v is None, "weights are served unquantized, in dtype"),
-    "trust_remote_code": (
-        lambda v: v is False or v is None,
-        "this engine never runs code shipped with a checkpoint; its architectures are built in",
-    ),
     "model_impl": (lambda v: v in ("auto", "vllm"), "only the engine's own model implementation exists"),
     "revision": (lambda v: v is None, "model is a local directory; check out the revision there"),
     "tokenizer_revision": (lambda v: v is None, "tokenizer is a local directory"),
@@ -65,13 +62,47 @@ VLLM_KWARGS: dict[str, tuple[Callable[[object], bool], str]] = {
     "swap_space": (lambda v: True, ""),  # preempted sequences are recomputed, never swapped
     "compilation_config": (lambda v: True, ""),  # no torch.compile; decode graphs follow enforce_eager
     "served_model_name": (lambda v: True, ""),
+    # LoRA sizing: meaningless without LoRA, which enable_lora=True (refused above) would turn on
+    "max_lora_rank": (lambda v: True, ""),
+    "max_loras": (lambda v: True, ""),
+    "max_cpu_loras": (lambda v: True, ""),
 }
 
+# Engine options where vLLM reads None as "the default" (lm-eval passes max_num_seqs=None)
+NONE_MEANS_DEFAULT = ("max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization", "seed")
 
-def check_vllm_kwargs(kwargs: dict):
-    """Accept the vLLM keywords in VLLM_KWARGS at a value with the same meaning here; refuse any other
-    keyword or value with one line naming it and why."""
+
+def has_remote_code(model_dir: str) -> bool:
+    """Whether the checkpoint's config.json names code of its own (auto_map): only then would vLLM's
+    trust_remote_code=True run anything."""
+    try:
+        with open(os.path.join(model_dir, "config.json")) as f:
+            return bool(json.load(f).get("auto_map"))
+    except (OSError, ValueError):
+        return False  # (a missing or bad config.json is the loader's one-line error)
+
+
+def check_trust_remote_code(value, model_dir: str):
+    """trust_remote_code=True is a no-op for a built-in architecture (OpenRLHF always passes it); refused
+    only when the checkpoint ships code (config.json's auto_map), which this engine never runs."""
+    if value in (None, False):
+        return
+    if value is not True:
+        raise UnsupportedError(f"LLM(trust_remote_code={value!r}) is not supported: must be a bool")
+    if has_remote_code(model_dir):
+        raise UnsupportedError(
+            f"LLM(trust_remote_code=True): {model_dir}/config.json has an auto_map (code of its own), and this "
+            "engine never runs code shipped with a checkpoint; its architectures are built in"
+        )
+
+
+def check_vllm_kwargs(kwargs: dict, model_dir: str | None = None):
+    """Accept the vLLM keywords in VLLM_KWARGS at a value with the same meaning here (trust_remote_code:
+    check_trust_remote_code); refuse any other keyword or value with one line naming it and why."""
     for k, v in kwargs.items():
+        if k == "trust_remote_code":
+            check_trust_remote_code(v, model_dir or "")
+            continue
         if k not in VLLM_KWARGS:
             raise UnsupportedError(
                 f"LLM got unknown keyword {k!r}: neither an engine option nor a vLLM option it knows "
@@ -157,9 +188,8 @@ class Worker:
     mixed in (make_worker), with these attributes at hand (OpenRLHF's and verl's extensions use
     self.model_runner.model.load_weights, self.device and self.model_config.dtype).
 
-    There is deliberately no reload_weights (vLLM's re-reads the checkpoint from disk): TRL calls it after
-    syncing the trainer's weights and would silently revert them; without it collective_rpc raises
-    NotImplementedError, which TRL expects and skips."""
+    reload_weights re-reads the checkpoint from disk, as vLLM's (undoing any in-process sync). OpenRLHF's
+    and verl's update_weight comes with their worker_extension_cls (vLLM's worker has none either)."""
 
     rank = local_rank = 0
 
@@ -184,6 +214,12 @@ class Worker:
 
     def check_health(self):
         return None
+
+    def reload_weights(self):
+        """vLLM's: load the weights again from the model directory (safetensors)."""
+        from bstar.engine.model.loader import iter_weights
+
+        self.engine.load_weights(iter_weights(self.engine.model_path))
 
 
 def _extension_class(ext):

@@ -23,22 +23,31 @@ from bstar.engine.core.sequence import Request, Sequence
 from bstar.engine.entrypoints.inputs import ParsedPrompt, parse_prompt
 from bstar.engine.entrypoints.outputs import RequestOutput
 from bstar.engine.entrypoints.sampling_params import SamplingParams
+from bstar.engine.entrypoints.vllm_sampling import uses_masks
 from bstar.engine.errors import CheckpointError, RequestError
 from bstar.engine.model.decoder import CausalLM
 from bstar.engine.model.loader import iter_weights
 from bstar.engine.model.tokenizer import load_tokenizer, require
+from bstar.engine.runner.logit_masks import LogitMasks
 from bstar.engine.runner.memory_plan import SLEEP_TAGS, engine_max_model_len
 from bstar.engine.runner.model_runner import ModelRunner
-from bstar.engine.runner.sampler import Draw, Sampler, position_logprob_entries, position_logprob_tensors
+from bstar.engine.runner.sampler import (
+    Draw,
+    Sampler,
+    flat_logprob_entries,
+    prompt_logprob_tensors,
+    whole_vocabulary,
+)
 from bstar.kernels.host import HostCopy, to_device
 
 
 class _PromptLogprobsCopy:
     """Prompt logprobs computed on the device and on their way to the host (kernels.host.HostCopy): row r
-    is prompt_logprobs[rows[r][1]] of request rows[r][0]; `want`: the entries each row asks for."""
+    is prompt_logprobs[rows[r][1]] of request rows[r][0]; `want`: the entries each row asks for; `width`:
+    values per row in the flat copy (sampler.prompt_logprob_tensors)."""
 
-    def __init__(self, rows: list[tuple[Request, int]], want: list[int], copy: HostCopy):
-        self.rows, self.want, self.copy = rows, want, copy
+    def __init__(self, rows: list[tuple[Request, int]], want: list[int], copy: HostCopy, width: int):
+        self.rows, self.want, self.copy, self.width = rows, want, copy, width
 
 
 class _InFlight:
@@ -134,6 +143,8 @@ class LLMEngine:
         me = weakref.proxy(self)
         self.model_config = vllm_compat.ModelConfig(me)
         self.model_executor = vllm_compat.Executor(me, worker_extension_cls)
+        # vLLM's per-request masks (logit_bias, allowed_token_ids, bad_words, structured_outputs)
+        self.sampler.masks = LogitMasks(lambda: me.get_tokenizer(), self.mcfg.vocab_size, self.eos_ids)
 
     @staticmethod
     def _generation_eos(path: str) -> set[int]:
@@ -184,9 +195,11 @@ class LLMEngine:
             raise RequestError(f"duplicate request id {request_id!r}")
         self.require_awake("add_request")
         cap = self.ecfg.max_logprobs
-        asked = max(params.logprobs or 0, params.prompt_logprobs or 0)
+        asked = max(whole_vocabulary([params.logprobs or 0, params.prompt_logprobs or 0], self.mcfg.vocab_size))
         if cap >= 0 and asked > cap:
             raise RequestError(f"requested {asked} logprobs, more than max_logprobs={cap} (an LLM option)")
+        if uses_masks(params):
+            self.sampler.masks.prepare(params)
         parsed = parse_prompt(prompt)
         text, ids = self.encode_prompt(parsed)
         self.check_prompt_len(len(ids))
@@ -220,6 +233,10 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work() or self._in_flight is not None
+
+    def get_num_unfinished_requests(self) -> int:
+        """vLLM's: requests added and not yet finished or aborted."""
+        return len(self.requests)
 
     # -- one step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -363,17 +380,20 @@ class LLMEngine:
     def _launch_prompt_logprobs(self, spans, hidden: torch.Tensor):
         """Raw logprobs (no penalty, temperature or filter, as vLLM) of each span's next prompt tokens
         from their hidden states, a slice of rows at a time (never [tokens, vocab] at once), launched on
-        the device and on their way to the host (`_take_prompt_logprobs` puts them in their requests)."""
+        the device and on their way to the host (`_take_prompt_logprobs` puts them in their requests).
+        On the CPU the slices are small enough for a slice's logits to stay in cache through the
+        logsumexp, top-k and rank passes (256 rows: 1.5-1.8x faster than 4096 here)."""
         rows = [(s, p) for s, start, end, _ in spans for p in range(start, end)]
-        step = max(1, (1 << 24) // self.mcfg.vocab_size)
+        V = self.mcfg.vocab_size
+        step = 256 if self.device.type == "cpu" else max(1, (1 << 24) // V)
         for i in range(0, len(rows), step):
             part = rows[i : i + step]
-            lp = torch.log_softmax(self.model.compute_logits(hidden[i : i + step]).float(), dim=-1)
-            targets = to_device([s.token_ids[p + 1] for s, p in part], torch.int64, lp.device)
-            want = [s.params.prompt_logprobs for s, _ in part]
-            copy = HostCopy(list(position_logprob_tensors(lp, targets, want)))
+            logits = self.model.compute_logits(hidden[i : i + step]).float()
+            targets = to_device([s.token_ids[p + 1] for s, p in part], torch.int64, logits.device)
+            want = whole_vocabulary([s.params.prompt_logprobs for s, _ in part], V)
+            *tensors, width = prompt_logprob_tensors(logits, targets, want)
             dest = [(self.requests[s.request_id], p + 1) for s, p in part]
-            self._prompt_logprob_copies.append(_PromptLogprobsCopy(dest, want, copy))
+            self._prompt_logprob_copies.append(_PromptLogprobsCopy(dest, want, HostCopy(tensors), width))
 
     def _take_prompt_logprobs(self, upto: int | None = None):
         """Put the first `upto` launched prompt-logprob copies (all: None) in their requests, waiting
@@ -381,7 +401,7 @@ class LLMEngine:
         upto = len(self._prompt_logprob_copies) if upto is None else upto
         taken, self._prompt_logprob_copies = self._prompt_logprob_copies[:upto], self._prompt_logprob_copies[upto:]
         for c in taken:
-            _, entries = position_logprob_entries(*c.copy.lists(), c.want)
+            entries = flat_logprob_entries(*c.copy.lists(), c.want, c.width)
             for (req, i), e in zip(c.rows, entries):
                 if self.requests.get(req.request_id) is req:
                     req.prompt_logprobs[i] = e

@@ -33,9 +33,12 @@ class LLM:
         default and meaning (block_size, max_num_seqs, gpu_memory_utilization, ...). vLLM's own: tokenizer
         (another directory's tokenizer.json), skip_tokenizer_init (token-id prompts only), worker_extension_cls
         (methods for collective_rpc), and the vLLM keywords of bstar.engine.compat.vllm.VLLM_KWARGS at values that
-        mean the same here (tensor_parallel_size=1, ...)."""
+        mean the same here (tensor_parallel_size=1, ...). As in vLLM, None means the default for the options of
+        vllm_compat.NONE_MEANS_DEFAULT."""
+        kwargs = {k: v for k, v in kwargs.items() if not (v is None and k in vllm_compat.NONE_MEANS_DEFAULT)}
+        seed = 0 if seed is None else seed
         cfg, vllm_kwargs = EngineConfig.split_kwargs(kwargs)
-        vllm_compat.check_vllm_kwargs(vllm_kwargs)
+        vllm_compat.check_vllm_kwargs(vllm_kwargs, model)
         self.engine = LLMEngine(
             model,
             dtype=dtype,
@@ -129,9 +132,10 @@ class LLM:
         )
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
-    def load_weights(self, named_tensors) -> set[str]:
-        """Replace weights in place from (HF name, tensor) pairs, e.g. straight from a trainer."""
-        return self.engine.load_weights(named_tensors)
+    def load_weights(self, weights) -> set[str]:
+        """Replace weights in place from (HF name, tensor) pairs, e.g. straight from a trainer. (`weights`:
+        vLLM's parameter name, which callers pass by keyword.)"""
+        return self.engine.load_weights(weights)
 
     def sleep(self, level: int = 1, mode: str = "abort"):
         """Free the device memory: level 1 keeps the weights in host memory, level 2 discards them (reload with

@@ -3,6 +3,12 @@
 import math
 from dataclasses import dataclass, field
 
+from bstar.engine.entrypoints.vllm_sampling import (  # noqa: F401 (GuidedDecodingParams: vllm.sampling_params')
+    GuidedDecodingParams,
+    RequestOutputKind,
+    StructuredOutputsParams,
+    check_vllm_fields,
+)
 from bstar.engine.errors import RequestError
 
 
@@ -28,7 +34,27 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # output tokens: logit - p * its count so far (0 = off)
     prompt_logprobs: int | None = None  # None: none; k: each prompt token's raw logprob plus the top-k
     detokenize: bool = True  # False: no .text, no Logprob.decoded_token, no stop strings
+    # vLLM's other fields (checked in entrypoints/vllm_sampling.py). Masks and bias, applied before the
+    # penalties in vLLM's order (runner/logit_masks.py):
+    logit_bias: dict[int, float] | None = None  # added to the logits (after the bans, before the penalties)
+    allowed_token_ids: list[int] | None = None  # only these may be drawn
+    bad_words: list[str] | None = None  # never completed (each word, with and without a leading space)
+    structured_outputs: StructuredOutputsParams | None = None  # JSON schema, regex, choice or grammar
+    # no-ops here
+    spaces_between_special_tokens: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    extra_args: dict | None = None
+    skip_clone: bool = False
+    flat_logprobs: bool = False
+    skip_reading_prefix_cache: bool | None = None
+    best_of: int | None = None  # None or n
+    # refused unless None
+    logits_processors: list | None = None
+    truncate_prompt_tokens: int | None = None
+    guided_decoding: StructuredOutputsParams | None = None
     stop_strings: list[str] = field(init=False, default_factory=list)
+    # bad_words as token id lists (vLLM's _bad_words_token_ids), set when a request is added
+    bad_words_token_ids: list[list[int]] | None = field(init=False, default=None, repr=False, compare=False)
     has_penalties: bool = field(init=False, default=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -63,10 +89,12 @@ class SamplingParams:
             bad("min_tokens", "must be an integer >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             bad("min_tokens", "must be an integer in [0, max_tokens]")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
-            bad("logprobs", "must be None or an integer >= 0")
-        if self.prompt_logprobs is not None and (not isinstance(self.prompt_logprobs, int) or self.prompt_logprobs < 0):
-            bad("prompt_logprobs", "must be None or an integer >= 0")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < -1):
+            bad("logprobs", "must be None or an integer >= 0 (-1: the whole vocabulary)")
+        if self.prompt_logprobs is not None and (
+            not isinstance(self.prompt_logprobs, int) or self.prompt_logprobs < -1
+        ):
+            bad("prompt_logprobs", "must be None or an integer >= 0 (-1: the whole vocabulary)")
         if self.seed is not None and not isinstance(self.seed, int):
             bad("seed", "must be an integer or None")
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
@@ -81,3 +109,4 @@ class SamplingParams:
             if not number(name) or not -2 <= getattr(self, name) <= 2:
                 bad(name, "must be in [-2, 2] (0 = off)")
         self.has_penalties = self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+        check_vllm_fields(self)

@@ -20,8 +20,9 @@ import torch
 
 from bstar import kernels
 from bstar.engine.core.sequence import Sequence
-from bstar.engine.entrypoints.outputs import Logprob
+from bstar.engine.entrypoints.outputs import Logprob, PositionLogprobs
 from bstar.engine.entrypoints.sampling_params import SamplingParams
+from bstar.engine.entrypoints.vllm_sampling import uses_masks
 from bstar.kernels.host import HostCopy, to_device, to_device_packed
 from bstar.kernels.sampling import apply_filters, filter_plan
 
@@ -60,6 +61,7 @@ class Sampler:
             raise ValueError(f"logprobs_mode must be one of {', '.join(LOGPROBS_MODES)}, got {logprobs_mode!r}")
         self.logprobs_mode = logprobs_mode
         self._filters: dict = {}  # the last shared-values step's filter tensors (draw_rows' `filters` cache)
+        self.masks = None  # runner.logit_masks.LogitMasks: vLLM's per-request masks and bias (set by the engine)
 
     def __call__(self, logits: torch.Tensor, rows: list[int], seqs: list[Sequence]):
         """logits float32 [R, V]; seqs[i] draws from row rows[i]. Returns the Draw (on the device)."""
@@ -73,7 +75,12 @@ class Sampler:
         bans = [self._banned(s) if s.params.min_tokens else [] for s in seqs]
         params = [s.params for s in seqs]
         penalised = [s for s in seqs if s.params.has_penalties]
-        return draw_rows(logits, params, seeds, bans, penalised or None, self.logprobs_mode, filters=self._filters)
+        masked = None
+        if self.masks is not None and any(uses_masks(p) for p in params):
+            masked = lambda x: self.masks.apply(x, seqs)
+        return draw_rows(
+            logits, params, seeds, bans, penalised or None, self.logprobs_mode, filters=self._filters, masked=masked
+        )
 
     def _banned(self, s: Sequence) -> list[int]:
         if s.num_output >= s.params.min_tokens:
@@ -191,25 +198,29 @@ def draw_rows(
     penalised: list[Sequence] | None = None,
     logprobs_mode: str = "raw_logprobs",
     filters: dict | None = None,
+    masked=None,
 ):
     """logits float32 [R, V]; one SamplingParams, seed and banned-id list per row; `penalised`:
     the sequences of the rows whose params have penalties (None when no row has them), in row order.
     `filters`: a dict that keeps the filter tensors of the last step whose rows share their filter values
     (temperature, top-k, top-p, min-p), for the next such step with the same values and rows (a decode
     step of one call's candidates then makes none: four device fills a step fewer). They are only read.
-    Rows with different filter values send them with the seeds in one packed copy.
+    Rows with different filter values send them with the seeds in one packed copy. `masked`: applies vLLM's
+    per-request masks and bias in place (runner/logit_masks.py), after the bans, before the penalties.
 
     Returns the Draw (device tensors; Draw.host() gives the lists)."""
     dev = logits.device
     raw = logits
     banned = any(bans)
-    if penalised is not None or banned:  # keep the raw logits for the raw modes' values
+    if penalised is not None or banned or masked is not None:  # keep the raw logits for the raw modes' values
         logits = logits.clone()
     if banned:  # (index lists through to_device: a list index would copy without pinning, and wait)
         ban_rows = [r for r, ban in enumerate(bans) for _ in ban]
         cols = [t for ban in bans for t in ban]
         idx = to_device(ban_rows + cols, torch.int64, dev)
         logits[idx[: len(cols)], idx[len(cols) :]] = float("-inf")
+    if masked is not None:
+        masked(logits)
     if penalised is not None:
         prows = None
         if len(penalised) != len(params):
@@ -283,6 +294,7 @@ def draw_rows(
         want = [p.logprobs for p in params]
         if all(k is None for k in want):
             return Draw(tokens, logprobs)
+    want = whole_vocabulary(want, logits.shape[1])
     values = {
         "raw_logprobs": lambda: torch.log_softmax(raw, dim=-1),
         "raw_logits": lambda: raw,
@@ -290,6 +302,11 @@ def draw_rows(
         "processed_logits": lambda: proc,
     }[logprobs_mode]()
     return Draw(tokens, logprobs, want, *position_logprob_tensors(values, tokens, want))
+
+
+def whole_vocabulary(want: list[int | None], V: int) -> list[int | None]:
+    """vLLM's logprobs=-1 (and prompt_logprobs=-1): entries for the whole vocabulary."""
+    return [V if w == -1 else w for w in want]
 
 
 def sample_rows(*args, **kwargs):
@@ -329,3 +346,34 @@ def position_logprob_entries(vals: list, ids: list, ranks: list, want: list[int 
             e[i[j]] = Logprob(v[j], j)
         entries[r] = e
     return [v[0] for v in vals], entries
+
+
+def prompt_logprob_tensors(logits: torch.Tensor, targets: torch.Tensor, want: list[int]):
+    """position_logprob_tensors for raw logprobs, from float32 logits [R, V] (prompt_logprobs): the
+    log-softmax [R, V] is never written (the logsumexp is subtracted from the 1 + k kept values only),
+    and the values come flat: (values [R * (1 + k)], ids [R * (1 + k)], ranks [R], 1 + k), read on the host
+    by flat_logprob_entries (a flat tolist is ~100x faster than a nested one)."""
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    chosen = logits.gather(1, targets[:, None])
+    rank = (logits >= chosen).sum(-1)  # (the order of the logits is the order of the logprobs)
+    k = min(max(want), logits.shape[-1])
+    if k == 1:
+        top_v, top_i = logits.max(dim=-1, keepdim=True)
+    elif k:
+        top_v, top_i = logits.topk(k, dim=-1)
+    vals = torch.cat([chosen, top_v], 1) if k else chosen
+    ids = torch.cat([targets[:, None], top_i], 1) if k else targets[:, None]
+    return (vals - lse).flatten(), ids.flatten(), rank, 1 + k
+
+
+def flat_logprob_entries(vals: list, ids: list, ranks: list, want: list[int], width: int) -> list[PositionLogprobs]:
+    """position_logprob_entries from prompt_logprob_tensors' flat lists: per row {token: Logprob(value,
+    rank), then the top-want[r] ids: Logprob(value, 1..k)} (a token also in the top-k keeps its top-k entry)."""
+    entries = []
+    for r, w in enumerate(want):
+        at = r * width
+        e = {ids[at]: Logprob(vals[at], ranks[r])}
+        for j in range(1, min(w, width - 1) + 1):
+            e[ids[at + j]] = Logprob(vals[at + j], j)
+        entries.append(e)
+    return entries

@@ -1,0 +1,1 @@
+"""vllm.entrypoints: LLM as vllm.entrypoints.llm has it; chat_utils."""

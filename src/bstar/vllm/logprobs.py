@@ -1,0 +1,5 @@
+"""vllm.logprobs"""
+
+from bstar.engine.entrypoints.outputs import Logprob, PositionLogprobs
+
+__all__ = ["Logprob", "PositionLogprobs"]
