@@ -520,4 +520,3 @@ def test_penalty_counts_kept_between_steps_match_float64_at_every_step():
             if r not in pending:
                 s.token_ids.append(int(torch.randint(0, V, (1,), generator=g)))
     assert state.num_slots == 32 and len({s.penalty_slot for s in live}) == len(live)
-
