@@ -48,6 +48,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None  # the stop string or stop token id that ended it
         self.stop_text: str | None = None  # output text cut at a stop string
+        self.stop_text_state = None  # its stop strings' incremental text (core.output_processor.StopTextState)
         self.num_preemptions = 0
         self.seed_base: int | None = None  # engine.sampler.candidate_seed of this candidate, once known
         self.prompt_logprobs_pending = False  # this sequence computes its request's prompt_logprobs
