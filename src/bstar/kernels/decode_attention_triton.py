@@ -5,7 +5,7 @@ goal is to read every K/V byte exactly once:
 
 * one program per (sequence, KV head, split): the G query heads that share a KV head are
   processed together as the rows of one `tl.dot` tile, so each KV head is loaded once per group;
-* split-KV: when batch * kv_heads is too small to fill the GPU (small batch, long context), the
+* split-KV: when batch * kv_heads programs do not fill whole waves of the GPU (wave_splits), the
   context is cut into `num_splits` ranges processed in parallel, each writing a normalised partial
   output and its log-sum-exp; a second small kernel merges them. With enough programs the split
   pass writes the final output directly and the merge kernel is skipped.
@@ -184,6 +184,37 @@ def _sm_count(device_index: int) -> int:
 
 
 MIN_TOKENS_PER_SPLIT = 256
+CTAS_PER_SM = 3  # resident decode programs per SM (registers, see _config): one wave is SMs x this
+FULL_WAVES = 4  # from this many waves on the last one's idle share (<= 1/4) is left alone; splits stay within
+SPLIT_FIXED_TOKENS = 64  # a program's fixed cost (q load, epilogue, its share of the merge), in key tokens
+
+
+def wave_splits(
+    programs: int,
+    context: int,
+    sms: int,
+    *,
+    ctas_per_sm: int = CTAS_PER_SM,
+    min_tokens_per_split: int = MIN_TOKENS_PER_SPLIT,
+    max_splits: int = MAX_SPLITS,
+) -> int:
+    """The split count that fills whole waves of resident programs: of the counts that keep splits at least
+    min_tokens_per_split tokens long and programs x splits within FULL_WAVES waves, the one with the least
+    estimated time, waves x one program's work (ceil(programs x s / (sms x ctas_per_sm)) x (context / s +
+    SPLIT_FIXED_TOKENS)); a tie keeps fewer splits. So 512 programs on 132 SMs (1.3 waves, the last one
+    mostly idle) take 3 splits (3.9 waves), and a few programs split until they fill one wave."""
+    slots = sms * ctas_per_sm
+    cap = max(1, min(triton.cdiv(context, min_tokens_per_split), max_splits))
+    if programs <= 0 or programs >= FULL_WAVES * slots:
+        return 1
+    best, best_time = 1, None
+    for s in range(1, cap + 1):
+        if s > 1 and programs * s > FULL_WAVES * slots:
+            break
+        t = triton.cdiv(programs * s, slots) * (triton.cdiv(context, s) + SPLIT_FIXED_TOKENS)
+        if best_time is None or t < best_time:
+            best, best_time = s, t
+    return best
 
 
 def choose_num_splits(
@@ -194,19 +225,15 @@ def choose_num_splits(
     min_tokens_per_split: int = MIN_TOKENS_PER_SPLIT,
     max_splits: int = MAX_SPLITS,
 ) -> int:
-    """Enough splits for about two waves of programs, never splits shorter than
-    min_tokens_per_split tokens (a split's fixed cost would dominate)."""
+    """wave_splits for batch x kv_heads programs on the device's SMs (132 off a GPU: an H100 SXM's or H200's)."""
     sms = (
         _sm_count(device.index if device.index is not None else torch.cuda.current_device())
         if device.type == "cuda"
         else 132
     )
-    programs = batch * kv_heads
-    if programs >= sms:
-        return 1
-    want = triton.cdiv(2 * sms, max(programs, 1))
-    by_len = triton.cdiv(max_context, min_tokens_per_split)
-    return max(1, min(want, by_len, max_splits))
+    return wave_splits(
+        batch * kv_heads, max_context, sms, min_tokens_per_split=min_tokens_per_split, max_splits=max_splits
+    )
 
 
 def _config(D: int, dtype: torch.dtype):
@@ -359,4 +386,4 @@ def paged_decode_attention_triton(
     return out
 
 
-__all__ = ["paged_decode_attention_triton", "choose_num_splits", "MAX_SPLITS", "MIN_TOKENS_PER_SPLIT"]
+__all__ = ["paged_decode_attention_triton", "choose_num_splits", "wave_splits", "MAX_SPLITS", "MIN_TOKENS_PER_SPLIT"]
