@@ -51,6 +51,7 @@ def _args():
     p.add_argument("--out", default=None, help="JSON path (default: $OUT/gpu_check.json, else bench/gpu_check.json)")
     p.add_argument("--budget", type=float, default=450.0, help="seconds for all steps (default 450)")
     p.add_argument("--only", default=None, help="comma-separated step numbers to run (default: all)")
+    p.add_argument("--launches-out", default=None, help="where the kernel calls go (default: beside the JSON)")
     p.add_argument("--step", type=int, default=None, help=argparse.SUPPRESS)  # (internal) run one step here
     p.add_argument("--rows-out", default=None, help=argparse.SUPPRESS)  # (internal) where that step's rows go
     return p.parse_args()
@@ -59,7 +60,9 @@ def _args():
 ARGS = (
     _args()
     if __name__ == "__main__"
-    else argparse.Namespace(dry_run=True, out=None, budget=450.0, only=None, step=None, rows_out=None)
+    else argparse.Namespace(
+        dry_run=True, out=None, budget=450.0, only=None, step=None, rows_out=None, launches_out=None
+    )
 )
 DRY = ARGS.dry_run
 OUT_JSON = Path(
@@ -772,9 +775,26 @@ def run_step_here(n: int) -> int:
         os.abort()
     if ARGS.rows_out:
         Path(ARGS.rows_out).write_text("[]")
-    with tempfile.TemporaryDirectory() as tmp, guarded(n, name):
-        fn(Path(tmp), ARGS.budget)
+    from bstar.kernels.launch import record_calls
+
+    with record_calls() as calls:
+        with tempfile.TemporaryDirectory() as tmp, guarded(n, name):
+            fn(Path(tmp), ARGS.budget)
+    if ARGS.rows_out:
+        Path(ARGS.rows_out + ".calls").write_text(json.dumps(calls))
     return 0
+
+
+LAUNCHES = REPO / "bench" / "gpu_launches.json"  # the dry run's kernel calls, what compile_check compiles
+
+
+def write_launches(calls: list, out: Path):
+    """The Triton wrapper calls of every step (kernels.launch.record_calls), for bench/compile_check.py: on the
+    dry run they are the engine's and this script's launches at the sizes the GPU run uses for the tiny models
+    (head dim 16 in fp32, page size 8, vocabulary 320); `--dry-run --launches-out bench/gpu_launches.json`
+    refreshes the list compile_check reads (tests/test_gpu_check.py fails when it is stale)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(sorted(calls, key=json.dumps), indent=0))
 
 
 def write_json(out: Path, seconds: float) -> dict:
@@ -800,6 +820,7 @@ def main() -> int:
     out = OUT_JSON
     only = {int(x) for x in ARGS.only.split(",")} if ARGS.only else None
     steps = [s for s in STEPS if only is None or s[0] in only]
+    calls: list = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, (n, name, need, _) in enumerate(steps):
             left = budget - (time.perf_counter() - T0)
@@ -818,11 +839,15 @@ def main() -> int:
                 rc = None
             if rows_file.exists():
                 ROWS.extend(json.loads(rows_file.read_text() or "[]"))
+            calls_file = Path(str(rows_file) + ".calls")
+            if calls_file.exists():
+                calls += [c for c in json.loads(calls_file.read_text()) if c not in calls]
             if rc != 0:
                 why = f"timed out after {limit:.0f} s" if rc is None else f"its process died (exit {rc})"
                 row(n, name, why, "", False, "rows above are what it reported before")
             print(f"step {n} ({name}): {time.perf_counter() - t:.1f} s", flush=True)
             write_json(out, time.perf_counter() - T0)  # after every step: a kill later loses nothing
+    write_launches(calls, Path(ARGS.launches_out) if ARGS.launches_out else OUT_DIR / "gpu_launches.json")
     meta = write_json(out, time.perf_counter() - T0)
     print(
         f"\n## GPU check: {meta['device']}, {meta['date']}, torch {meta['torch']}, triton {meta['triton']}, "

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from bstar.kernels.launch import gpu_configs, jit, launch
+from bstar.kernels.launch import gpu_configs, jit, launch, traced
 from bstar.kernels.paged_triton import needs_64bit_offsets as _needs_64bit_offsets
 from bstar.kernels.paged_triton import paged_row_offsets
 
@@ -273,6 +273,7 @@ _decode_split_tuned = triton.autotune(
 )(_decode_split_kernel)
 
 
+@traced
 def paged_decode_attention_triton(
     q, k_cache, v_cache, block_tables, seq_lens, scale=None, *, max_context=None, num_splits=None, block_n=None
 ):
