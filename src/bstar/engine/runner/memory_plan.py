@@ -29,6 +29,7 @@ from bstar.engine.config import ModelConfig
 from bstar.engine.errors import MemoryPlanError, RequestError
 from bstar.engine.runner.gpu.cuda_graphs import bucket_sizes
 from bstar.kernels.decode_attention_triton import CTAS_PER_SM, FULL_WAVES, MAX_SPLITS, MIN_TOKENS_PER_SPLIT
+from bstar.kernels.host import pinned_request_bytes
 
 GiB = 1 << 30
 PREFIX_CACHE_SLACK = 0.1  # extra KV blocks, as a fraction of the cap, to keep freed prefixes cached
@@ -97,6 +98,38 @@ def root_param_count(m: ModelConfig) -> int:
 
 def param_count(m: ModelConfig) -> int:
     return root_param_count(m) + m.num_layers * layer_param_count(m)
+
+
+def param_shapes(m: ModelConfig) -> list[tuple[int, ...]]:
+    """Every parameter tensor's shape (those param_count counts; tied embeddings once): FSDP shards and
+    offloads each on its own, so what its host copies hold depends on the tensors, not only their sum."""
+    h, q, kv, inter = m.hidden_size, m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim, m.intermediate_size
+    layer = [(q, h), (kv, h), (kv, h), (h, q), (inter, h), (inter, h), (h, inter), (h,), (h,)]
+    layer += [(q,), (kv,), (kv,)] if m.qkv_bias else []
+    layer += [(h,)] if m.o_bias else []
+    layer += [(inter,), (inter,), (h,)] if m.mlp_bias else []
+    root = [(m.vocab_size, h), (h,)]
+    labels = m.num_labels
+    if m.head == "lm":
+        root += [] if m.tie_word_embeddings else [(m.vocab_size, h)]
+    elif m.head == "token_cls":
+        root += [(labels, h), (labels,)]
+    else:
+        root += [(h, h), (h,), (labels, h), (labels,)]
+    return root + layer * m.num_layers
+
+
+def offload_host_bytes(spec: "TrainerSpec") -> int:
+    """One rank's host memory under FSDP's CPU offload: each parameter's shard (dim 0 cut in world_size
+    pieces, padded) as master weights and as gradients, both pinned, each request rounded up to a power of
+    two by the caching host allocator (kernels.host.pinned_request_bytes); the optimizer state beside them
+    in plain memory (torch.optim's zeros_like of a pinned tensor is not pinned)."""
+    n, total = spec.world_size, 0
+    for shape in param_shapes(spec.mcfg):
+        shard = -(-shape[0] // n) * math.prod(shape[1:])
+        total += pinned_request_bytes(shard * spec.master_bytes) + pinned_request_bytes(shard * spec.grad_bytes)
+        total += shard * spec.optim_bytes
+    return total
 
 
 def weight_bytes(m: ModelConfig, dtype: torch.dtype) -> int:
@@ -328,7 +361,7 @@ def trainer_estimate(spec: TrainerSpec) -> TrainerEstimate:
         params=p,
         state_bytes=state,
         gpu_state=0 if spec.offload else shard,
-        host_state=shard if spec.offload else 0,
+        host_state=offload_host_bytes(spec) if spec.offload else 0,
         unsharded=unsharded,
         grad_transient=grad_transient,
         activations=activations,
@@ -602,14 +635,15 @@ def plan_memory(
         trainer=est,
         host_memory=host_memory_bytes,
     )
+    level1_sleepers = [n for n in names if specs[n].sleep_level == 1 and any(n not in ph.engines for ph in phases)]
     for ph in phases:
         pp = PhasePlan(ph)
         for n in ph.engines:
             pp.weights += plans[n].weights
             pp.kv += plans[n].kv
             pp.activations += plans[n].working
-        asleep = [n for n in names if n not in ph.engines]
-        pp.host = sum(plans[n].weights for n in asleep if specs[n].sleep_level == 1)
+        # (a level-1 sleeper's flat host buffer, exactly its weights, is kept while it is awake: every phase)
+        pp.host = sum(plans[n].weights for n in level1_sleepers)
         if ph.train:
             pp.trainer = est.gpu_total
             pp.host += est.host_state
