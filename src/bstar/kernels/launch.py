@@ -89,7 +89,8 @@ _tuned: dict[tuple, dict] = {}  # launch(): (autotuner, tuning key, GPU configs?
 
 def _tuning_key(kernel, keys, args, kwargs) -> tuple:
     names = kernel.arg_names
-    values = [kwargs[k] if k in kwargs else args[names.index(k)] for k in keys]
+    given = len(args)  # (a key argument left to its default is not in the key, as in Autotuner.run)
+    values = [kwargs[k] if k in kwargs else args[names.index(k)] for k in keys if k in kwargs or names.index(k) < given]
     tensors = [a for a in args if hasattr(a, "dtype")] + [v for v in kwargs.values() if hasattr(v, "dtype")]
     # (the pruning that picks the candidates also depends on whether the launch takes GPU configs)
     return (id(kernel), *values, *(t.dtype for t in tensors), gpu_configs(tensors[0]) if tensors else None)
