@@ -799,7 +799,8 @@ def write_launches(calls: list, out: Path):
     (head dim 16 in fp32, page size 8, vocabulary 320); `--dry-run --launches-out bench/gpu_launches.json`
     refreshes the list compile_check reads (tests/test_gpu_check.py fails when it is stale)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(sorted(calls, key=json.dumps), indent=0))
+    lines = sorted(json.dumps(c) for c in calls)  # (one call a line: a diff shows which calls changed)
+    out.write_text("[\n" + ",\n".join(lines) + "\n]\n")
 
 
 def write_json(out: Path, seconds: float) -> dict:
