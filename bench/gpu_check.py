@@ -561,7 +561,8 @@ def _graph_pool_row(runner):
         f"{pool / 2**20:.0f} | {est / 2**20:.0f}",
         "<=",
         pool <= est,
-        "the capture stream's cuBLAS workspace (32 MiB on Hopper) is in the first pool this thread captured",
+        "the estimate counts the capture stream's cuBLAS workspace (and cuBLASLt's, for GEMMs with a bias): each "
+        "DecodeGraphs captures on a stream of its own",
     )
 
 
