@@ -605,7 +605,7 @@ def step_decode(tmp: Path):
             eng.block_manager.reset_prefix_cache()  # no prompt carried over between modes
             for p in prompts.tolist():
                 eng.add_request(
-                    f"d{rid}", p, SamplingParams(temperature=1.0, max_tokens=3 * K + 4, ignore_eos=True, seed=rid)
+                    f"d{rid}", p, SamplingParams(temperature=1.0, max_tokens=2 * K + 3, ignore_eos=True, seed=rid)
                 )
                 rid += 1
             while eng.scheduler.waiting or any(s.num_computed < len(s) - 1 for s in eng.scheduler.running):
