@@ -29,7 +29,9 @@ rows are told from the scalar loads (sequence lengths, block tables, slots, posi
 line, see access_report. A binary whose rows move narrower is "narrow", one with local memory
 "local" (both reported, not failed).
 
-Cases: paged decode and prefill attention at head dims 64 / 128 and GQA groups 1 / 4 / 7, KV store,
+Cases: every kernel call bench/gpu_check.py's dry run recorded (bench/gpu_launches.json: the engine's
+launches for the tiny models the GPU run checks, head dim 16 in fp32, page size 8, vocabulary 320, one-block
+tables), then paged decode and prefill attention at head dims 64 / 128 and GQA groups 1 / 4 / 7, KV store,
 RMSNorm, rotary, Qwen3's q/k-norm rotary, both fused with the KV store, and the MLP's silu_and_mul at
 the model shapes, PRM scoring, sampling at vocabulary 151,936 (both paths), each in bf16, fp16 and fp32 (the engine's
 dtypes; its logits are fp32).
@@ -80,11 +82,15 @@ def _cases(quick: bool):
                 paged_decode_attention_triton(q, kc, kc, tables[:1], lens[:1], max_context=512)
                 q = torch.zeros(4, hkv * G, D, dtype=dt)
                 paged_decode_attention_triton(q, kc, kc, tables, lens)
+                # a one-block table: its row stride 1 is a specialisation of its own
+                paged_decode_attention_triton(q, kc, kc, tables[:, :1].contiguous(), lens.clamp(max=page))
 
             def prefill(kc=kc, tables=tables, lens=lens, D=D, G=G, dt=dt):
                 q = torch.zeros(64, hkv * G, D, dtype=dt)
                 cu = torch.tensor([0, 16, 32, 48, 64], dtype=torch.int32)
                 paged_prefill_attention_triton(q, kc, kc, tables, cu, lens, max_seqlen_q=16)
+                one = tables[:, :1].contiguous()  # a one-block table (row stride 1)
+                paged_prefill_attention_triton(q, kc, kc, one, cu, lens.clamp(max=page), max_seqlen_q=16)
 
             out += [(f"decode D={D} G={G} {dt}", decode), (f"prefill D={D} G={G} {dt}", prefill)]
         # Qwen2.5-0.5B, -7B, -14B: heads, KV heads, head dim, hidden, MLP intermediate
@@ -133,6 +139,22 @@ def _cases(quick: bool):
                 sample_triton(logits, f, z, f, f * 0, z.long())
 
     out.append(("sampling V=151936", sampling))
+    return out
+
+
+def _recorded_cases(path: Path):
+    """(name, thunk) pairs replaying the kernel calls bench/gpu_check.py recorded (kernels.launch.record_calls):
+    what the engine and the check launch, derived rather than listed here, so the two cannot drift apart."""
+    from bstar.kernels.launch import replay_call
+
+    if not path.exists():
+        return []
+    calls = json.loads(path.read_text())
+    out = []
+    for spec in calls:
+        shapes = "x".join(str(n) for n in next((a["shape"] for a in spec["args"] if isinstance(a, dict)), []))
+        dt = next((a["tensor"] for a in spec["args"] if isinstance(a, dict)), "")
+        out.append((f"recorded {spec['fn'].split(':')[1]} {shapes} {dt}", lambda spec=spec: replay_call(spec)))
     return out
 
 
@@ -454,13 +476,19 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="one case per kernel, bf16 only")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     p.add_argument("--ptx", action="store_true", help="count accesses in the PTX, not the SASS (as without nvdisasm)")
+    p.add_argument(
+        "--launches",
+        default=str(REPO / "bench" / "gpu_launches.json"),
+        help="kernel calls recorded by `gpu_check.py --dry-run` to compile too ('' for none)",
+    )
     a = p.parse_args()
 
     from bstar.kernels.launch import as_gpu, record_variants, variant_key
 
     rows, done = [], set()
     t0 = time.perf_counter()
-    for name, thunk in _cases(a.quick):
+    recorded = _recorded_cases(Path(a.launches)) if a.launches else []
+    for name, thunk in _cases(a.quick) + recorded:
         launches = []
         with as_gpu(), record_variants(run=False, launches=launches):
             thunk()

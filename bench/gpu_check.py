@@ -15,10 +15,11 @@ would not fit in what is left of the time budget is skipped and says so):
      bandwidth, with torch SDPA (or flash-attn) on the same data as the peer (device times: CUDA graph
      replays over caches rotated past L2, bstar/testing/gpu_timing.py);
   3. decode speed on a random model with Qwen2.5-0.5B shapes at batch 1/16/64/256, graphs vs eager vs
-     graphs with async scheduling: tokens/s, host time per step beside GPU time per step (the profiler's
-     kernel time), transformers `generate` on the same prompts; Triton compiles while a batch drains from
-     256 to 1 (target 0); n=16 generation against transformers (target >= 10x), with and without async
-     scheduling;
+     graphs with async scheduling: tokens/s, host time per step (wall less the waits for the device)
+     beside GPU-busy time per step (CUDA events around back-to-back graph replays and sampler launches;
+     the profiler only as an optional breakdown), transformers `generate` on the same prompts; Triton
+     compiles while a batch drains from 256 to 1 (target 0); n=16 generation against transformers
+     (target >= 10x on the faster of the sync and async engines, both reported);
   5. the memory-plan run of issue 11, bench/memory_check.py at the 0.5B shapes (its table and JSON beside
      this one's; its 7B shape is a separate command).
 Prints one markdown table (for bench/RESULTS.md) and writes it, with the device and versions, as JSON.
@@ -50,6 +51,7 @@ def _args():
     p.add_argument("--out", default=None, help="JSON path (default: $OUT/gpu_check.json, else bench/gpu_check.json)")
     p.add_argument("--budget", type=float, default=450.0, help="seconds for all steps (default 450)")
     p.add_argument("--only", default=None, help="comma-separated step numbers to run (default: all)")
+    p.add_argument("--launches-out", default=None, help="where the kernel calls go (default: beside the JSON)")
     p.add_argument("--step", type=int, default=None, help=argparse.SUPPRESS)  # (internal) run one step here
     p.add_argument("--rows-out", default=None, help=argparse.SUPPRESS)  # (internal) where that step's rows go
     return p.parse_args()
@@ -58,7 +60,9 @@ def _args():
 ARGS = (
     _args()
     if __name__ == "__main__"
-    else argparse.Namespace(dry_run=True, out=None, budget=450.0, only=None, step=None, rows_out=None)
+    else argparse.Namespace(
+        dry_run=True, out=None, budget=450.0, only=None, step=None, rows_out=None, launches_out=None
+    )
 )
 DRY = ARGS.dry_run
 OUT_JSON = Path(
@@ -381,25 +385,42 @@ def step_bandwidth():
 
 
 class StepTimer:
-    """Times LLMEngine.step: wall, and the time the host waits for the forward (a synchronize just
-    before sampling). host = wall - that wait; the sampler's own short wait for its kernels is
-    counted as host time (conservative). GPU time comes from `device_busy_per_step`: CUDA events
-    around a step would measure its wall time again, since the GPU sits idle, between the events,
-    through every part of the step where the host works."""
+    """Times LLMEngine.step: wall, and the time the host spends waiting for the device, apart from its own
+    work. Two waits are counted: a synchronize this timer inserts just before sampling (the forward's device
+    time; `sync_before_sampling`, off for the async engine, whose point is not to wait there) and the wait of
+    every kernels.host.HostCopy for its copy (the sampler's draw reaching the host, prompt logprobs). host =
+    wall - waits: the Python, launches and host copies of a step, what "host < GPU" compares. GPU time comes
+    from `device_busy_per_step`: CUDA events around one step would measure its wall time again, since the
+    GPU sits idle, between the events, through every part of the step where the host works."""
 
     def __init__(self, engine):
+        from bstar.kernels.host import HostCopy
+
         self.engine, self.real = engine, engine.sampler
         self.wait = 0.0
+        self.sync_before_sampling = True
+        self._host_copy, self._lists = HostCopy, HostCopy.lists
+        timer = self
+
+        def lists(copy):  # its wait for the device, timed apart from turning the tensors into lists
+            if copy._event is not None:
+                t = time.perf_counter()
+                copy._event.synchronize()
+                timer.wait += time.perf_counter() - t
+            return timer._lists(copy)
+
+        HostCopy.lists = lists
         engine.sampler = self
 
     def __call__(self, *a, **k):
-        t = time.perf_counter()
-        sync()
-        self.wait += time.perf_counter() - t
+        if self.sync_before_sampling:
+            t = time.perf_counter()
+            sync()
+            self.wait += time.perf_counter() - t
         return self.real(*a, **k)
 
     def steps(self, n):
-        """(wall seconds of n steps, host seconds per step)"""
+        """(wall seconds of n steps, host seconds per step: wall less the waits for the device)"""
         self.wait = 0.0
         t = time.perf_counter()
         for _ in range(n):
@@ -407,16 +428,92 @@ class StepTimer:
         total = time.perf_counter() - t
         return total, (total - self.wait) / n
 
-    def restore(self):
+    def close(self):
         self.engine.sampler = self.real
-
-    def install(self):
-        self.engine.sampler = self
+        self._host_copy.lists = self._lists
 
 
-def device_busy_per_step(engine, n) -> float:
-    """Seconds per step the GPU spends running the step's kernels and copies, summed from the
-    profiler's device activity over n steps (on the dry run: CPU op time, to exercise the code)."""
+@functools.cache
+def _sleep_cycles_per_second() -> float:
+    """torch.cuda._sleep's spin rate (cycles per second), measured once with CUDA events."""
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(1000)  # (loads the kernel)
+    a.record()
+    torch.cuda._sleep(10_000_000)
+    b.record()
+    b.synchronize()
+    return 10_000_000 / (a.elapsed_time(b) / 1e3)
+
+
+def device_busy_per_step(engine, n: int, graphs=None) -> float:
+    """Seconds of device work per decode step, timed with CUDA events, not the profiler (CUPTI 13 drops kernel
+    events at a profiling run's start and mis-times graph replays: pytorch#192021, kineto#1165).
+
+    One engine step records the decode batch's bucket and its sampled sequences; then n back-to-back copies
+    of that step's device work are queued behind a spin kernel long enough for the host to queue all of them:
+    the graph replay of the bucket (`graphs`; None: the runner's), or the eager forward on the same buffers
+    when the engine runs without graphs, then the logits and the sampler's launches (its seeds, filter
+    values and penalty counts through pinned copies, no host wait). The events around the n copies then
+    time the device alone, with no launch gap between the steps. The replays read the same step inputs and
+    rewrite the same cache slots, so the engine's state is what it was. The per-step input copies (a few
+    KB, host to device) are left out. Off CUDA (the dry run): the same calls timed on the host."""
+    runner = engine.runner
+    graphs = graphs if graphs is not None else runner.graphs
+    seen = {}
+    real_run, real_sampler = runner.run, engine.sampler
+
+    def run(batch):
+        seen["B"] = len(batch.seqs) if batch.num_decode == len(batch.seqs) else None
+        return real_run(batch)
+
+    def sampler(logits, rows, seqs):
+        seen["rows"], seen["seqs"] = list(rows), list(seqs)
+        return real_sampler(logits, rows, seqs)
+
+    runner.run, engine.sampler = run, sampler
+    try:
+        engine.step()
+    finally:
+        del runner.run
+        engine.sampler = real_sampler
+    if seen.get("B") is None or "seqs" not in seen:
+        raise RuntimeError("device_busy_per_step: the step was not a decode-only step")
+    B, rows, seqs = seen["B"], seen["rows"], seen["seqs"]
+    bs = graphs.bucket(B)
+    use_graph = runner.graphs is not None and bs in graphs.graphs
+
+    @torch.inference_mode()
+    def one_step():
+        if use_graph:
+            h = graphs.replay(bs)
+        else:  # the eager forward on the rows the recorded step filled (not the bucket's: no padding there)
+            ids, pos, meta = runner.inputs.bucket_meta(B)
+            h = runner.model(ids, pos, runner.cos_sin, runner.kv_caches, meta)
+        logits = runner.model.compute_logits(h[:B]).float()
+        return real_sampler(logits, rows, seqs)
+
+    one_step()  # warm (and the host's time to queue one step, below)
+    sync()
+    t = time.perf_counter()
+    for _ in range(n):
+        one_step()
+    queue_s = time.perf_counter() - t
+    sync()
+    if not CUDA:
+        return queue_s / n
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(int((1.5 * queue_s + 2e-3) * _sleep_cycles_per_second()))  # the host queues meanwhile
+    a.record()
+    for _ in range(n):
+        one_step()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) / 1e3 / n
+
+
+def device_busy_profiler(engine, n) -> dict[str, float]:
+    """(Optional breakdown, not a judged figure) seconds per step of each kernel name over n engine steps, from
+    the profiler's device activity: CUPTI 13 may drop events (see device_busy_per_step)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -424,11 +521,9 @@ def device_busy_per_step(engine, n) -> float:
         for _ in range(n):
             engine.step()
         sync()
-    # Device-side events only: a runtime call (cudaLaunchKernel, a CPU event) also carries its kernel's time.
     kind = DeviceType.CUDA if CUDA else DeviceType.CPU
     events = [e for e in prof.key_averages() if e.device_type == kind]
-    busy_us = sum(e.self_device_time_total if CUDA else e.self_cpu_time_total for e in events)
-    return busy_us / 1e6 / n
+    return {e.key: (e.self_device_time_total if CUDA else e.self_cpu_time_total) / 1e6 / n for e in events}
 
 
 def _hf_generate(hf, ids, n_new, num_return=1):
@@ -466,7 +561,8 @@ def _graph_pool_row(runner):
         f"{pool / 2**20:.0f} | {est / 2**20:.0f}",
         "<=",
         pool <= est,
-        "the capture stream's cuBLAS workspace (32 MiB on Hopper) is in the first pool this thread captured",
+        "the estimate counts the capture stream's cuBLAS workspace (and cuBLASLt's, for GEMMs with a bias): each "
+        "DecodeGraphs captures on a stream of its own",
     )
 
 
@@ -500,11 +596,10 @@ def step_decode(tmp: Path):
     timer = StepTimer(eng)
     g = torch.Generator().manual_seed(0)
     rid = 0
-    host_vs_gpu = {}
     for B in batches:
         prompts = torch.randint(3, vocab, (B, prompt_len), generator=g)
         results = {}
-        for mode in ("graphs", "eager", "async"):  # async: graphs + async scheduling (wall time only)
+        for mode in ("graphs", "eager", "async"):  # async: graphs + async scheduling
             runner.graphs = graphs if mode != "eager" else None
             eng.ecfg.async_scheduling = mode == "async"
             eng.block_manager.reset_prefix_cache()  # no prompt carried over between modes
@@ -516,14 +611,24 @@ def step_decode(tmp: Path):
             while eng.scheduler.waiting or any(s.num_computed < len(s) - 1 for s in eng.scheduler.running):
                 eng.step()  # prefill
             eng.step()  # first decode step (buffers, bucket)
-            if mode == "async":  # (the timer's sync before sampling would undo the overlap)
-                timer.restore()
+            timer.sync_before_sampling = mode != "async"  # (a sync there would undo the async overlap)
             total, host = timer.steps(K)
-            gpu = device_busy_per_step(eng, K)  # the next K steps, under the profiler
+            eng.ecfg.async_scheduling = False  # (the device-time step: nothing in flight across it)
+            while eng._in_flight is not None:
+                eng.step()
+            gpu = float("nan")
+            with guarded(3, f"decode B={B} {mode}: GPU-busy time"):
+                gpu = device_busy_per_step(eng, K, graphs)
+            if B == batches[-1] and mode == "graphs" and not DRY:
+                check = f"decode B={B}: profiler's top kernels, ms/step (optional breakdown)"
+                try:  # (optional, never judged: a CUPTI failure is noted, not failed)
+                    top = sorted(device_busy_profiler(eng, 4).items(), key=lambda kv: -kv[1])[:3]
+                    row(3, check, ", ".join(f"{k[:40]} {v * 1e3:.3f}" for k, v in top))
+                except Exception as e:
+                    row(3, check, f"skipped: {type(e).__name__}: {e}"[:200])
             while eng.has_unfinished_requests():
                 eng.step()
             results[mode] = (B * K / total, host, gpu)
-            timer.install()
         runner.graphs = graphs
         eng.ecfg.async_scheduling = False
         ids = prompts.to(DEV)
@@ -535,8 +640,7 @@ def step_decode(tmp: Path):
         _hf_generate(hf, ids, K + 1)
         tk = time.perf_counter() - tk
         hf_tps = B * K / max(tk - t1, 1e-9)
-        (tg, hg, gg), (te, he, ge), (ta, _, _) = results["graphs"], results["eager"], results["async"]
-        host_vs_gpu[B] = (hg, gg)
+        (tg, hg, gg), (te, he, ge), (ta, ha, _) = results["graphs"], results["eager"], results["async"]
         row(
             3,
             f"decode B={B}: tok/s graphs | eager | graphs+async | transformers",
@@ -547,13 +651,15 @@ def step_decode(tmp: Path):
         )
         row(
             3,
-            f"decode B={B}: host | GPU-busy ms/step, graphs (eager)",
-            f"{hg * 1e3:.2f} | {gg * 1e3:.2f} ({he * 1e3:.2f} | {ge * 1e3:.2f})",
+            f"decode B={B}: host | GPU-busy ms/step, graphs (eager; async host)",
+            f"{hg * 1e3:.2f} | {gg * 1e3:.2f} ({he * 1e3:.2f} | {ge * 1e3:.2f}; {ha * 1e3:.2f})",
             "host < GPU at B=64, graphs" if B == 64 else "",
             (hg < gg) if (B == 64 and CUDA) else None,
-            "GPU-busy: the profiler's kernel + copy time" if CUDA else "dry run: CPU op time stands in",
+            "host: step wall less its waits for the device; GPU-busy: CUDA events around back-to-back replays"
+            if CUDA
+            else "dry run: host time of the same calls stands in for GPU-busy",
         )
-    timer.restore()
+    timer.close()
 
     # A batch draining from 256 to 1 (request i stops after i + 1 tokens): no compile, no new variant.
     n = 256 if CUDA else 4
@@ -593,16 +699,24 @@ def step_decode(tmp: Path):
             fn()
             ts.append(time.perf_counter() - t)
     tokens = n_prompts * n_cand * n_new
-    ratio = min(t_peer) / min(t_ours)
+    ratios = {"sync": min(t_peer) / min(t_ours), "async": min(t_peer) / min(t_async)}
+    best = max(ratios, key=ratios.get)  # the engine a user would run: the faster of the two
     llm = eng = runner = hf = None
     row(
         3,
         f"n={n_cand} generation, {n_prompts} prompts x {n_new} tokens: ours | ours async | transformers tok/s",
         f"{tokens / min(t_ours):,.0f} | {tokens / min(t_async):,.0f} | {tokens / min(t_peer):,.0f}",
-        ">= 10x" if CUDA else "",
-        (ratio >= 10) if CUDA else None,
-        f"{ratio:.1f}x, async {min(t_peer) / min(t_async):.1f}x",
+        ">= 10x, the faster engine" if CUDA else "",
+        (ratios[best] >= 10) if CUDA else None,
+        f"sync {ratios['sync']:.1f}x, async {ratios['async']:.1f}x; judged: {best} (the loop's default is "
+        f"{'async' if _loop_default_async() else 'sync'})",
     )
+
+
+def _loop_default_async() -> bool:
+    from bstar.loop.config import RunConfig
+
+    return RunConfig.__dataclass_fields__["async_scheduling"].default
 
 
 def _ours_n(llm, prompts, sp, async_scheduling=False):
@@ -667,9 +781,27 @@ def run_step_here(n: int) -> int:
         os.abort()
     if ARGS.rows_out:
         Path(ARGS.rows_out).write_text("[]")
-    with tempfile.TemporaryDirectory() as tmp, guarded(n, name):
-        fn(Path(tmp), ARGS.budget)
+    from bstar.kernels.launch import record_calls
+
+    with record_calls() as calls:
+        with tempfile.TemporaryDirectory() as tmp, guarded(n, name):
+            fn(Path(tmp), ARGS.budget)
+    if ARGS.rows_out:
+        Path(ARGS.rows_out + ".calls").write_text(json.dumps(calls))
     return 0
+
+
+LAUNCHES = REPO / "bench" / "gpu_launches.json"  # the dry run's kernel calls, what compile_check compiles
+
+
+def write_launches(calls: list, out: Path):
+    """The Triton wrapper calls of every step (kernels.launch.record_calls), for bench/compile_check.py: on the
+    dry run they are the engine's and this script's launches at the sizes the GPU run uses for the tiny models
+    (head dim 16 in fp32, page size 8, vocabulary 320); `--dry-run --launches-out bench/gpu_launches.json`
+    refreshes the list compile_check reads (tests/test_gpu_check.py fails when it is stale)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lines = sorted(json.dumps(c) for c in calls)  # (one call a line: a diff shows which calls changed)
+    out.write_text("[\n" + ",\n".join(lines) + "\n]\n")
 
 
 def write_json(out: Path, seconds: float) -> dict:
@@ -695,6 +827,7 @@ def main() -> int:
     out = OUT_JSON
     only = {int(x) for x in ARGS.only.split(",")} if ARGS.only else None
     steps = [s for s in STEPS if only is None or s[0] in only]
+    calls: list = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, (n, name, need, _) in enumerate(steps):
             left = budget - (time.perf_counter() - T0)
@@ -713,11 +846,15 @@ def main() -> int:
                 rc = None
             if rows_file.exists():
                 ROWS.extend(json.loads(rows_file.read_text() or "[]"))
+            calls_file = Path(str(rows_file) + ".calls")
+            if calls_file.exists():
+                calls += [c for c in json.loads(calls_file.read_text()) if c not in calls]
             if rc != 0:
                 why = f"timed out after {limit:.0f} s" if rc is None else f"its process died (exit {rc})"
                 row(n, name, why, "", False, "rows above are what it reported before")
             print(f"step {n} ({name}): {time.perf_counter() - t:.1f} s", flush=True)
             write_json(out, time.perf_counter() - T0)  # after every step: a kill later loses nothing
+    write_launches(calls, Path(ARGS.launches_out) if ARGS.launches_out else OUT_DIR / "gpu_launches.json")
     meta = write_json(out, time.perf_counter() - T0)
     print(
         f"\n## GPU check: {meta['device']}, {meta['date']}, torch {meta['torch']}, triton {meta['triton']}, "

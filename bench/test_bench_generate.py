@@ -102,21 +102,6 @@ def _run_pair(benchmark, path, device, dtype, rounds, workload="n16"):
 
 
 @pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    return make_model(
-        str(tmp_path_factory.mktemp("m")),
-        "llama",
-        vocab_size=4096,
-        hidden_size=256,
-        intermediate_size=704,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        tokenizer=False,
-    )
-
-
-@pytest.fixture(scope="module")
 def qwen05b(tmp_path_factory):
     """Qwen2.5-0.5B shapes, random weights."""
     return make_model(

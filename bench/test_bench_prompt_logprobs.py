@@ -17,7 +17,6 @@ import time
 import pytest
 import torch
 
-from bench.test_bench_generate import tiny_llama  # noqa: F401 (the CPU generation benchmark's model)
 from bstar.engine import LLM, SamplingParams
 
 N_REQ, BATCH, CONT = 64, 16, 8  # requests, the peer's batch size, continuation tokens scored per request

@@ -39,6 +39,16 @@ class FakeGraph:
         self.run()
 
 
+class FakeStream:
+    """torch.cuda.Stream's stand-in: an identity, and the streams it was told to wait for."""
+
+    def __init__(self, device=None):
+        self.waited: list = []
+
+    def wait_stream(self, other):
+        self.waited.append(other)
+
+
 class FakeCuda:
     """Records what DecodeGraphs.capture does with torch.cuda's graph API."""
 
@@ -49,6 +59,8 @@ class FakeCuda:
         # the allocator's segments: a capture of bucket bs adds one of bs MiB to its pool; another thread's
         # allocations meanwhile (1 GiB each, outside any pool) must not count
         self.segments = []
+        self.capture_streams: list = []  # the `stream=` of each capture
+        self.warm_up_streams: list = []  # the stream current at each eager forward
 
     def memory_snapshot(self):
         return self.segments
@@ -62,6 +74,7 @@ class FakeCuda:
     def graph(self, g, pool=None, stream=None, capture_error_mode="global"):
         assert self.capturing is None, "captures never nest"
         self.log.append(("capture", pool, capture_error_mode))
+        self.capture_streams.append(stream)
         self.capturing = g
         try:
             yield
@@ -81,6 +94,20 @@ def fake_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     monkeypatch.setattr(torch.cuda, "memory_snapshot", fake.memory_snapshot)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    default = FakeStream()
+    current = [default]
+
+    @contextlib.contextmanager
+    def stream(s):
+        current.append(s)
+        try:
+            yield
+        finally:
+            current.pop()
+
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "stream", stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[-1])
     init, forward = DecodeGraphs.__init__, DecodeGraphs._forward
 
     def cuda_init(self, runner, sizes, use_cuda_graphs):
@@ -90,6 +117,7 @@ def fake_cuda(monkeypatch):
         g = fake.capturing
         if g is None:  # eager (the warm-up before each capture)
             fake.log.append(("eager", bs))
+            fake.warm_up_streams.append(torch.cuda.current_stream())
             return forward(self, bs)
         r = self.runner
         ids, pos, meta = r.inputs.bucket_meta(bs)  # what the graph bakes in
@@ -149,6 +177,23 @@ def test_capture_order_pool_and_mode(fake_cuda, qwen2):
     p.data = p.data.clone()  # a weight swapped for a new tensor (load_weights of another storage)
     graphs.capture()
     assert graphs.captures == 4
+
+
+def test_each_engine_captures_on_a_stream_of_its_own(fake_cuda, qwen2):
+    """Every capture and its warm-up of one DecodeGraphs run on that object's own stream, made once (a
+    recapture keeps it), which waited for the stream the padding was filled on; two engines' graphs never
+    share a stream (cuBLAS keys its workspace by capture stream: pytorch#193402)."""
+    a = LLM(qwen2, dtype="float32", device="cpu", max_num_seqs=4).engine.runner.graphs
+    n = len(fake_cuda.capture_streams)
+    b = LLM(qwen2, dtype="float32", device="cpu", max_num_seqs=4).engine.runner.graphs
+    assert isinstance(a.stream, FakeStream) and isinstance(b.stream, FakeStream) and a.stream is not b.stream
+    assert fake_cuda.capture_streams[:n] == [a.stream] * len(a.sizes)
+    assert fake_cuda.capture_streams[n:] == [b.stream] * len(b.sizes)
+    assert b.stream in fake_cuda.warm_up_streams and a.stream in fake_cuda.warm_up_streams
+    assert a.stream.waited and b.stream.waited and a.stream not in a.stream.waited
+    kept = a.stream
+    a.capture(force=True)
+    assert a.stream is kept and fake_cuda.capture_streams[-1] is kept
 
 
 def test_the_graph_pool_is_measured_and_checked_against_its_budget(fake_cuda, qwen2):

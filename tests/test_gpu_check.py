@@ -40,6 +40,60 @@ def test_gpu_check_dry_run(tmp_path):
     assert (tmp_path / "memory_check.json").exists()  # step 5 ran bench/memory_check.py beside it
     assert any(row["check"].startswith("decode graphs' pool") for row in rows if row["step"] == 3)
     assert "| step | check | value | target | status | note |" in r.stdout  # the table for RESULTS.md
+    # compile_check compiles what this run launched: every variant the dry run's kernel calls need on a GPU
+    # is among those of the list it reads (else: `gpu_check.py --dry-run --launches-out bench/gpu_launches.json`)
+    ran = _gpu_variants(json.loads((tmp_path / "gpu_launches.json").read_text()))
+    listed = _gpu_variants(json.loads((REPO / "bench" / "gpu_launches.json").read_text()))
+    assert ran <= listed, f"bench/gpu_launches.json is stale: {len(ran - listed)} variants missing"
+
+
+def _gpu_variants(calls) -> set:
+    """The variant keys a GPU launches for these recorded wrapper calls (kernels.launch.replay_call)."""
+    from bstar.kernels.launch import as_gpu, record_variants, replay_call
+
+    keys = set()
+    for spec in calls:
+        with as_gpu(), record_variants(run=False) as seen:
+            replay_call(spec)
+        keys |= {k for v in seen.values() for k in v}
+    return keys
+
+
+def test_recorded_calls_replay_with_their_layout():
+    """record_calls keeps each traced wrapper call's tensor layout (shape, strides, dtype, 16-byte alignment)
+    and scalars; replay_call makes the same call on CPU tensors: the same variant keys, GPU configs or not.
+    A wrapper called inside another is recorded once, as the outer call."""
+    import torch
+
+    from bstar.kernels.decode_attention_triton import paged_decode_attention_triton
+    from bstar.kernels.launch import as_gpu, record_calls, record_variants, replay_call
+    from bstar.kernels.sampling_triton import sample_triton
+
+    kc = torch.zeros(9, 8, 2, 16)
+    f = torch.ones(3)
+    z = torch.zeros(3, dtype=torch.int32)
+
+    def calls():
+        paged_decode_attention_triton(
+            torch.zeros(2, 5, 16)[:, 1:], kc, kc, torch.zeros(2, 1, dtype=torch.int32), torch.ones(2, dtype=torch.int32)
+        )
+        sample_triton(torch.zeros(3, 321)[:, 1:], f, z, f, f * 0, z.long(), split=True)
+
+    with record_calls() as specs:
+        calls()
+        calls()  # (the same calls: recorded once)
+    assert [s["fn"].split(":")[1] for s in specs] == ["paged_decode_attention_triton", "sample_triton"]
+    q = specs[0]["args"][0]
+    assert (q["shape"], q["stride"], q["tensor"], q["align"]) == ([2, 4, 16], [80, 16, 1], "float32", 0)
+    assert specs[1]["args"][0]["align"] == 4 and specs[1]["kwargs"] == {"split": True}
+    for gpu in (False, True):
+        ctx = as_gpu if gpu else contextlib.nullcontext
+        with ctx(), record_variants(run=False) as want:
+            calls()
+        with ctx(), record_variants(run=False) as got:
+            for spec in json.loads(json.dumps(specs)):
+                replay_call(spec)
+        assert got == want
 
 
 def _ptxas_available() -> bool:
@@ -87,12 +141,21 @@ def test_compile_check_quick(tmp_path):
     rows move 16 bytes a thread, attention uses matrix instructions, and local
     memory is flagged. The same from the PTX (the fallback without nvdisasm)."""
     drop = ("BSTAR_KERNELS", "TRITON_INTERPRET")
-    rows = run_bench_script("compile_check.py", tmp_path / "compile.json", "--quick", drop=drop)[1]["rows"]
+    every = run_bench_script("compile_check.py", tmp_path / "compile.json", "--quick", drop=drop)[1]["rows"]
+    assert not [row for row in every if row["status"].startswith("FAIL")]
+    # the calls gpu_check's dry run recorded (bench/gpu_launches.json) compile too, with the GPU's configs: the
+    # sampler at the tiny models' vocabulary 320 (one chunk: BLOCK_C = 1), head dim 16 in fp32
+    recorded = [row for row in every if row["case"].startswith("recorded ")]
+    assert any(row["config"].get("BLOCK_C") == 1 and "x320 " in row["case"] for row in recorded)
+    assert {"_decode_split_kernel", "_prefill_kernel", "_rope_store_kv_kernel", "_sample_kernel"} <= {
+        row["kernel"] for row in recorded if row["case"].endswith("float32")
+    }
+    rows = [row for row in every if row not in recorded]
     kernels = {row["kernel"] for row in rows}
     assert {"_decode_split_kernel", "_decode_merge_kernel", "_prefill_kernel", "_sample_kernel"} <= kernels
     assert {"_chunk_stats_kernel", "_store_kv_kernel", "_rms_norm_kernel", "_qk_norm_rope_kernel"} <= kernels
     assert "_rope_store_kv_kernel" in kernels
-    assert sum(row["kernel"] == "_decode_split_kernel" for row in rows) == 3  # every autotune candidate
+    assert sum(row["kernel"] == "_decode_split_kernel" for row in rows) == 6  # every autotune candidate, 2 tables
     assert all(row["shared"] + row["static_smem"] <= 232448 and not row["status"].startswith("FAIL") for row in rows)
     for row in rows:
         acc = row["access"]
@@ -119,7 +182,9 @@ def test_compile_check_quick(tmp_path):
         assert row["access"]["bulk16"]["cp"] and row["access"]["mma"].get("HMMA", 0) > 0
     assert all(row["access"]["mma"].get("HGMMA", 0) > 0 for row in by("_prefill_kernel"))  # Hopper wgmma
 
-    ptx = run_bench_script("compile_check.py", tmp_path / "compile_ptx.json", "--quick", "--ptx", drop=drop)[1]["rows"]
+    ptx = run_bench_script(
+        "compile_check.py", tmp_path / "compile_ptx.json", "--quick", "--ptx", "--launches", "", drop=drop
+    )[1]["rows"]
     for row in ptx:
         if row["kernel"] == "_decode_split_kernel":
             assert row["access"]["source"] == "ptx" and set(row["access"]["bulk16"]["cp"]) == {"128"}, row

@@ -470,3 +470,53 @@ def test_a_rows_draw_does_not_depend_on_its_batch_or_the_kept_filters(mode, kern
             assert (e[0] is None) == (entries[r] is None)
             if e[0] is not None:
                 assert list(e[0]) == list(entries[r])
+
+
+def test_penalty_counts_kept_between_steps_match_float64_at_every_step():
+    """The PenaltyState's counts, updated with each step's new tokens only, give the float64 statement's
+    logits at every step: tokens appended on the host, a pending token read from a device draw (async
+    scheduling), sequences joining late (and more than one growth of the slots), a sequence gone (its slot
+    taken again, counted afresh) and one whose outputs were cut below what was counted."""
+    import gc
+
+    from bstar.engine.runner.sampler import PenaltyState
+
+    params = [
+        SamplingParams(repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.25),
+        SamplingParams(frequency_penalty=-0.7),
+        SamplingParams(repetition_penalty=0.8),
+    ]
+    seqs = _seqs(params * 7, seed=5, out_lens=(0, 3, 9, 1))  # 21 sequences: two growths of 16 slots
+    state = PenaltyState(V, "cpu")
+    g = torch.Generator().manual_seed(9)
+    live = seqs[:5]
+    for step in range(12):
+        if step == 4:
+            live += seqs[5:]
+        if step == 6:
+            dead = live.pop(2)
+            seqs.remove(dead)
+            dead_slot = dead.penalty_slot
+            del dead
+            gc.collect()
+            assert dead_slot in state.free
+        if step == 8:
+            live[0].token_ids = live[0].token_ids[: live[0].prompt_len + 1]  # outputs cut (counts rebuilt)
+        x = _logits(len(live), seed=20 + step)
+        draw = torch.randint(0, V, (len(live),), generator=g)
+        pending = [r for r in range(len(live)) if (r + step) % 3 == 0]
+        for r in pending:  # a pending token: its value only on the device, in row r of the draw
+            live[r].add_pending()
+            live[r].pending_source = (draw, r)
+        ours = x.clone()
+        apply_penalties(ours, None, live, state)
+        for r, s in enumerate(live):
+            if s.num_pending:
+                s.drop_pending()
+                s.token_ids.append(int(draw[r]))  # as the engine resolves it
+            ref = _penalties_f64(x[r].numpy(), s)  # (its outputs as they were, the pending one resolved)
+            np.testing.assert_allclose(ours[r].double().numpy(), ref, rtol=1e-6, atol=1e-5)
+        for r, s in enumerate(live):
+            if r not in pending:
+                s.token_ids.append(int(torch.randint(0, V, (1,), generator=g)))
+    assert state.num_slots == 32 and len({s.penalty_slot for s in live}) == len(live)

@@ -14,7 +14,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from bstar.kernels.contract import gate_width
-from bstar.kernels.launch import gpu_configs, interpreting, launch
+from bstar.kernels.launch import gpu_configs, interpreting, launch, traced
 
 GPU_BLOCK = 1024  # columns per program on a GPU: 4 warps x 32 threads x 8 values (16-byte loads in bf16)
 INTERPRET_BLOCK = 8192  # the interpreter runs programs one by one in Python: fewer, wider ones
@@ -40,6 +40,7 @@ def _silu_and_mul_kernel(X, OUT, I, stride_x, stride_o, BLOCK: tl.constexpr, PRE
     tl.store(OUT + row * stride_o + cols, (silu * up).to(dt), mask=mask)
 
 
+@traced
 def silu_and_mul_triton(x, block: int | None = None):
     """Same contract as kernels.activation.silu_and_mul_ref: x [..., 2 * I] -> new [..., I] in x.dtype.
 

@@ -5,7 +5,7 @@ goal is to read every K/V byte exactly once:
 
 * one program per (sequence, KV head, split): the G query heads that share a KV head are
   processed together as the rows of one `tl.dot` tile, so each KV head is loaded once per group;
-* split-KV: when batch * kv_heads is too small to fill the GPU (small batch, long context), the
+* split-KV: when batch * kv_heads programs do not fill whole waves of the GPU (wave_splits), the
   context is cut into `num_splits` ranges processed in parallel, each writing a normalised partial
   output and its log-sum-exp; a second small kernel merges them. With enough programs the split
   pass writes the final output directly and the merge kernel is skipped.
@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from bstar.kernels.contract import MAX_SPLITS, MIN_TOKENS_PER_SPLIT
-from bstar.kernels.launch import gpu_configs, jit, launch
+from bstar.kernels.contract import MAX_SPLITS, MIN_TOKENS_PER_SPLIT, wave_splits
+from bstar.kernels.launch import gpu_configs, jit, launch, traced
 from bstar.kernels.paged_triton import needs_64bit_offsets as _needs_64bit_offsets
 from bstar.kernels.paged_triton import paged_row_offsets
 
@@ -191,19 +191,15 @@ def choose_num_splits(
     min_tokens_per_split: int = MIN_TOKENS_PER_SPLIT,
     max_splits: int = MAX_SPLITS,
 ) -> int:
-    """Enough splits for about two waves of programs, never splits shorter than
-    min_tokens_per_split tokens (a split's fixed cost would dominate)."""
+    """wave_splits for batch x kv_heads programs on the device's SMs (132 off a GPU: an H100 SXM's or H200's)."""
     sms = (
         _sm_count(device.index if device.index is not None else torch.cuda.current_device())
         if device.type == "cuda"
         else 132
     )
-    programs = batch * kv_heads
-    if programs >= sms:
-        return 1
-    want = triton.cdiv(2 * sms, max(programs, 1))
-    by_len = triton.cdiv(max_context, min_tokens_per_split)
-    return max(1, min(want, by_len, max_splits))
+    return wave_splits(
+        batch * kv_heads, max_context, sms, min_tokens_per_split=min_tokens_per_split, max_splits=max_splits
+    )
 
 
 def _config(D: int, dtype: torch.dtype):
@@ -243,6 +239,7 @@ _decode_split_tuned = triton.autotune(
 )(_decode_split_kernel)
 
 
+@traced
 def paged_decode_attention_triton(
     q, k_cache, v_cache, block_tables, seq_lens, scale=None, *, max_context=None, num_splits=None, block_n=None
 ):
@@ -356,4 +353,4 @@ def paged_decode_attention_triton(
     return out
 
 
-__all__ = ["paged_decode_attention_triton", "choose_num_splits", "MAX_SPLITS", "MIN_TOKENS_PER_SPLIT"]
+__all__ = ["paged_decode_attention_triton", "choose_num_splits", "wave_splits", "MAX_SPLITS", "MIN_TOKENS_PER_SPLIT"]

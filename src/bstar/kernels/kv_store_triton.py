@@ -7,7 +7,7 @@ many under the interpreter, whose cost is per op."""
 import triton
 import triton.language as tl
 
-from bstar.kernels.launch import gpu_configs, launch
+from bstar.kernels.launch import gpu_configs, launch, traced
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -50,6 +50,7 @@ def _store_kv_kernel(
     tl.store(vc, v.to(VC.dtype.element_ty), mask=mask)
 
 
+@traced
 def store_kv_triton(k, v, k_cache, v_cache, slot_mapping):
     """Same contract as kernels.kv_store.store_kv_ref."""
     if k.dim() != 3 or k.shape != v.shape or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:

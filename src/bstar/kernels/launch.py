@@ -17,6 +17,12 @@ capture, so the engine warms every variant it will meet at start-up and must mee
   configs (tiles, rows per program, autotune candidates) or the interpreter's; `as_gpu()` makes
   CPU tensors take the GPU's, so bench/compile_check.py can record the exact launches a GPU
   would make and compile them for sm_90 on a machine without one.
+- `record_calls()` collects every call of a Triton wrapper (the `*_triton` functions, marked
+  `@traced`) as a JSON-able spec: each tensor's shape, strides, dtype and 16-byte alignment, the
+  other arguments as given. `replay_call(spec)` makes that call again on CPU tensors of the same
+  layout: bench/gpu_check.py's dry run records the engine's calls, and bench/compile_check.py
+  replays them inside `as_gpu()`, so it compiles what the engine launches (a tiny model's head dim
+  16 in fp32, page size 8, a 320-token vocabulary, one-block tables), not a list kept by hand.
 """
 
 import contextlib
@@ -27,6 +33,8 @@ import os
 _recorder = None  # callable(kernel, args, kwargs) -> bool (run the launch?), while recording
 _launched: dict[int, object] = {}  # kernels launched through `launch`, for compiled_count
 _as_gpu = False  # as_gpu(): CPU tensors take the GPU's launch configs
+_calls: list | None = None  # record_calls(): the traced wrapper calls, as specs
+_depth = 0  # traced calls in progress (a wrapper calling another records the outer call only)
 
 
 def interpreting() -> bool:
@@ -51,32 +59,54 @@ def as_gpu():
 
 
 def launch(kernel, grid, *args, **kwargs):
-    """kernel[grid](*args, **kwargs), seen by `record_variants` when it is active."""
+    """kernel[grid](*args, **kwargs), seen by `record_variants` when it is active.
+
+    An autotuned kernel goes through `Autotuner.run` once per tuning key (its key arguments' values and
+    its tensors' dtypes, as the autotuner keys its own cache); the config that run chose is kept here and
+    later launches with that key call the tuned function directly with it: Autotuner.run builds an
+    argument dict and a str(dtype) per argument on every launch, a few microseconds each eager step."""
     if id(kernel) not in _launched:
         _launched[id(kernel)] = kernel
     rec = _recorder
     if rec is not None and not rec(kernel, args, kwargs):
         return None
-    if interpreting():
-        kernel, kwargs = _one_config(kernel, args, kwargs)
-    return kernel[grid](*args, **kwargs)
+    keys = getattr(kernel, "keys", None)
+    if keys is None:
+        return kernel[grid](*args, **kwargs)
+    key = _tuning_key(kernel, keys, args, kwargs)
+    config = _tuned.get(key)
+    if config is None and interpreting():
+        config = _tuned[key] = _only_config(kernel, args, kwargs)
+    if config is not None:
+        return kernel.fn[grid](*args, **kwargs, **config)
+    out = kernel[grid](*args, **kwargs)
+    best = kernel.best_config
+    if best.pre_hook is None:  # (a config with a hook must run it: through the autotuner every time)
+        _tuned[key] = best.all_kwargs()
+    return out
 
 
-def _one_config(kernel, args, kwargs):
-    """Under the interpreter, an autotuner whose candidates prune to one runs that config directly: Triton < 3.8
-    times even a single candidate, which needs a GPU driver (nothing is timed in the interpreter anyway)."""
-    from triton.runtime.autotuner import Autotuner
+_tuned: dict[tuple, dict] = {}  # launch(): (autotuner, tuning key, GPU configs?) -> its chosen config's kwargs
 
-    if not isinstance(kernel, Autotuner):
-        return kernel, kwargs
+
+def _tuning_key(kernel, keys, args, kwargs) -> tuple:
+    names = kernel.arg_names
+    given = len(args)  # (a key argument left to its default is not in the key, as in Autotuner.run)
+    values = [kwargs[k] if k in kwargs else args[names.index(k)] for k in keys if k in kwargs or names.index(k) < given]
+    tensors = [a for a in args if hasattr(a, "dtype")] + [v for v in kwargs.values() if hasattr(v, "dtype")]
+    # (the pruning that picks the candidates also depends on whether the launch takes GPU configs)
+    return (id(kernel), *values, *(t.dtype for t in tensors), gpu_configs(tensors[0]) if tensors else None)
+
+
+def _only_config(kernel, args, kwargs) -> dict | None:
+    """Under the interpreter, the kwargs of an autotuner's one candidate left after pruning (None: several):
+    Triton < 3.8 times even a single candidate, which needs a GPU driver (the interpreter times nothing)."""
     kernel.nargs = dict(zip(kernel.arg_names, args))
     try:
         configs = kernel.prune_configs(kwargs)
     finally:
         kernel.nargs = None
-    if len(configs) != 1:
-        return kernel, kwargs
-    return kernel.fn, {**kwargs, **configs[0].all_kwargs()}
+    return configs[0].all_kwargs() if len(configs) == 1 and configs[0].pre_hook is None else None
 
 
 def jit(**options):
@@ -153,6 +183,87 @@ def record_variants(run: bool = True, launches: list | None = None):
         _recorder = old
 
 
+def _arg_spec(x):
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return {
+            "tensor": str(x.dtype).removeprefix("torch."),
+            "shape": list(x.shape),
+            "stride": list(x.stride()),
+            "align": x.storage_offset() * x.element_size() % 16,  # (the data_ptr % 16 a binder sees)
+        }
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    raise TypeError(f"cannot record an argument of type {type(x).__name__}")
+
+
+def traced(fn):
+    """Mark a Triton wrapper: record_calls() sees its calls."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        global _depth
+        if _calls is None:  # (the hot path: one global read)
+            return fn(*args, **kwargs)
+        if _depth == 0:
+            try:
+                spec = dict(
+                    fn=f"{fn.__module__}:{fn.__name__}",
+                    args=[_arg_spec(a) for a in args],
+                    kwargs={k: _arg_spec(v) for k, v in kwargs.items()},
+                )
+            except TypeError:
+                spec = None
+            if spec is not None and spec not in _calls:
+                _calls.append(spec)
+        _depth += 1
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _depth -= 1
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def record_calls():
+    """Yields a list filled with the spec of every distinct traced wrapper call inside the block."""
+    global _calls
+    old, _calls = _calls, []
+    try:
+        yield _calls
+    finally:
+        mine, _calls = _calls, old
+        if old is not None:  # (nested: the outer recorder sees them too)
+            old += [c for c in mine if c not in old]
+
+
+def _build_arg(spec):
+    import torch
+
+    if not isinstance(spec, dict):
+        return spec
+    dtype = getattr(torch, spec["tensor"])
+    size = dtype.itemsize
+    offset = spec["align"] // size
+    extent = 1 + sum((n - 1) * st for n, st in zip(spec["shape"], spec["stride"]) if n > 0)
+    if 0 in spec["shape"]:
+        extent = 0
+    base = torch.zeros(offset + extent, dtype=dtype)
+    return base.as_strided(spec["shape"], spec["stride"], offset)
+
+
+def replay_call(spec):
+    """Call the recorded wrapper again on zero-filled CPU tensors of the recorded layout (inside
+    as_gpu() and record_variants(run=False): the launches a GPU would make, none run)."""
+    import importlib
+
+    module, name = spec["fn"].split(":")
+    fn = getattr(importlib.import_module(module), name)
+    return fn(*[_build_arg(a) for a in spec["args"]], **{k: _build_arg(v) for k, v in spec["kwargs"].items()})
+
+
 def compiled_count() -> int:
     """Binaries Triton has compiled so far for the kernels launched through `launch` (0 under the
     interpreter, which compiles nothing)."""
@@ -176,4 +287,7 @@ __all__ = [
     "gpu_configs",
     "as_gpu",
     "interpreting",
+    "traced",
+    "record_calls",
+    "replay_call",
 ]

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from bstar.kernels.launch import gpu_configs, launch
+from bstar.kernels.launch import gpu_configs, launch, traced
 
 
 @triton.jit
@@ -50,6 +50,7 @@ def _rms_norm_kernel(
     tl.store(OUT + row * stride_o + offs, (w * h.to(tl.float32)).to(OUT.dtype.element_ty), mask=mask)
 
 
+@traced
 def rms_norm_triton(x, weight, eps, residual=None):
     """Same contract as kernels.norm_rope.rms_norm_ref (x [..., H]); returns new tensors."""
     H = x.shape[-1]
@@ -251,6 +252,7 @@ def _rotary_kernel(
     _store_halves(KO, t * stride_kot, tm, stride_koh, k1, k2, HK, HALF, BLOCK_HK, BLOCK_HALF)
 
 
+@traced
 def apply_rotary_triton(q, k, positions, cos_sin_cache):
     """Same contract as kernels.norm_rope.apply_rotary_ref; returns new (q, k)."""
     if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
@@ -392,6 +394,7 @@ def _qk_norm_rope_kernel(
     )
 
 
+@traced
 def qk_norm_rope_triton(q, k, q_weight, k_weight, eps, positions, cos_sin_cache):
     """Same contract as kernels.norm_rope.qk_norm_rope_ref; one program per block of tokens
     normalises and rotates all of their q and k heads (one read and one write of each, instead of

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from bstar.kernels.launch import gpu_configs, jit, launch
+from bstar.kernels.launch import gpu_configs, jit, launch, traced
 from bstar.kernels.paged_triton import needs_64bit_offsets as _needs_64bit_offsets
 from bstar.kernels.paged_triton import paged_row_offsets
 
@@ -182,6 +182,7 @@ _prefill_tuned = triton.autotune(
 )(_prefill_kernel)
 
 
+@traced
 def paged_prefill_attention_triton(
     q,
     k_cache,

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from bstar.kernels.contract import AGGREGATES
-from bstar.kernels.launch import launch
+from bstar.kernels.launch import launch, traced
 
 _AGG_CODE = {name: i for i, name in enumerate(AGGREGATES)}  # min 0, last 1, prod 2, mean 3
 
@@ -85,6 +85,7 @@ def _prm_aggregate_kernel(P_GOOD, STARTS, OUT, AGG: tl.constexpr, BLOCK: tl.cons
     tl.store(OUT + c, tl.where(n > 0, res, 0.0))
 
 
+@traced
 def prm_step_scores_triton(hidden, tag_index, head_weight, head_bias, step_candidate, num_candidates, agg="min"):
     """Same contract as kernels.prm_scoring.prm_step_scores_ref."""
     if agg not in AGGREGATES:

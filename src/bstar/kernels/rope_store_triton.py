@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from bstar.kernels.launch import launch
+from bstar.kernels.launch import launch, traced
 from bstar.kernels.norm_rope_triton import (
     _load_cos_sin,
     _load_halves,
@@ -96,6 +96,7 @@ def _rope_store_kv_kernel(
     _store_halves(VC, blk * stride_vcb + off * stride_vcs, sm, stride_vch, v1, v2, HK, HALF, BLOCK_HK, BLOCK_HALF)
 
 
+@traced
 def rope_store_kv_triton(
     q,
     k,

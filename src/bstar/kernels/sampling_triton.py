@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from bstar.kernels.launch import gpu_configs, launch
+from bstar.kernels.launch import gpu_configs, launch, traced
 
 SPLIT_VOCAB_MAX_ROWS = 64  # batches up to this many rows take the split-vocabulary path
 
@@ -530,6 +530,7 @@ def _sample_split(logits, temperature, top_k, top_p, min_p, seeds, tokens, logpr
     )
 
 
+@traced
 def sample_triton(logits, temperature, top_k, top_p, min_p, seeds, *, block_v=None, block_r=None, split=None):
     """Same contract as kernels.sampling.sample_ref (same distribution, not the same random stream).
 

@@ -277,14 +277,15 @@ def plan_memory(
         trainer=est,
         host_memory=host_memory_bytes,
     )
+    level1_sleepers = [n for n in names if specs[n].sleep_level == 1 and any(n not in ph.engines for ph in phases)]
     for ph in phases:
         pp = PhasePlan(ph)
         for n in ph.engines:
             pp.weights += plans[n].weights
             pp.kv += plans[n].kv
             pp.activations += plans[n].working
-        asleep = [n for n in names if n not in ph.engines]
-        pp.host = sum(plans[n].weights for n in asleep if specs[n].sleep_level == 1)
+        # (a level-1 sleeper's flat host buffer, exactly its weights, is kept while it is awake: every phase)
+        pp.host = sum(plans[n].weights for n in level1_sleepers)
         if ph.train:
             pp.trainer = est.gpu_total
             pp.host += est.host_state

@@ -121,7 +121,12 @@ def _waits_for_host(fn: Callable[[], object]) -> bool:
 
 def _capture(calls: list[Callable[[], object]]) -> "torch.cuda.CUDAGraph":
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):  # a private pool: what the calls allocate lives as long as the graph
+    # a private pool, and a capture stream of its own (kept with the graph): cuBLAS keys its workspace
+    # by capture stream, so graphs sharing torch's default capture stream share one, which freeing
+    # either graph can release under the other (pytorch#193402)
+    g.capture_stream = torch.cuda.Stream()
+    g.capture_stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.graph(g, stream=g.capture_stream):
         for fn in calls:
             fn()
     g.replay()  # the first replay uploads the graph

@@ -1,6 +1,7 @@
 """The trainer's device memory per rank, estimated from shapes before anything is built (pure functions; the
 trainer is checked against it, and a run's plan counts it per phase)."""
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,7 @@ from bstar.engine.runner.memory_plan import (
     param_count,
     root_param_count,
 )
+from bstar.kernels.host import pinned_request_bytes
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,7 @@ def trainer_estimate(spec: TrainerSpec) -> TrainerEstimate:
         params=p,
         state_bytes=state,
         gpu_state=0 if spec.offload else shard,
-        host_state=shard if spec.offload else 0,
+        host_state=offload_host_bytes(spec) if spec.offload else 0,
         unsharded=unsharded,
         grad_transient=grad_transient,
         activations=activations,
@@ -127,3 +129,35 @@ def trainer_refusal(spec: TrainerSpec, est: TrainerEstimate, available: int) -> 
         f"{gib(est.gpu_state)} of sharded state, but the train phase has {gib(available)} of GPU memory; lower "
         f"micro_batch_tokens, keep activation checkpointing on and the cross-entropy chunked"
     )
+
+
+def param_shapes(m: ModelConfig) -> list[tuple[int, ...]]:
+    """Every parameter tensor's shape (those param_count counts; tied embeddings once): FSDP shards and
+    offloads each on its own, so what its host copies hold depends on the tensors, not only their sum."""
+    h, q, kv, inter = m.hidden_size, m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim, m.intermediate_size
+    layer = [(q, h), (kv, h), (kv, h), (h, q), (inter, h), (inter, h), (h, inter), (h,), (h,)]
+    layer += [(q,), (kv,), (kv,)] if m.qkv_bias else []
+    layer += [(h,)] if m.o_bias else []
+    layer += [(inter,), (inter,), (h,)] if m.mlp_bias else []
+    root = [(m.vocab_size, h), (h,)]
+    labels = m.num_labels
+    if m.head == "lm":
+        root += [] if m.tie_word_embeddings else [(m.vocab_size, h)]
+    elif m.head == "token_cls":
+        root += [(labels, h), (labels,)]
+    else:
+        root += [(h, h), (h,), (labels, h), (labels,)]
+    return root + layer * m.num_layers
+
+
+def offload_host_bytes(spec: TrainerSpec) -> int:
+    """One rank's host memory under FSDP's CPU offload: each parameter's shard (dim 0 cut in world_size
+    pieces, padded) as master weights and as gradients, both pinned, each request rounded up to a power of
+    two by the caching host allocator (kernels.host.pinned_request_bytes); the optimizer state beside them
+    in plain memory (torch.optim's zeros_like of a pinned tensor is not pinned)."""
+    n, total = spec.world_size, 0
+    for shape in param_shapes(spec.mcfg):
+        shard = -(-shape[0] // n) * math.prod(shape[1:])
+        total += pinned_request_bytes(shard * spec.master_bytes) + pinned_request_bytes(shard * spec.grad_bytes)
+        total += shard * spec.optim_bytes
+    return total

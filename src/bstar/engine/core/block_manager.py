@@ -3,10 +3,15 @@
 Blocks hold `block_size` tokens of K and V for every layer. A block may be referenced by several
 sequences (the n candidates of a prompt, or requests with a common prefix); it is only written by a
 sequence that holds the sole reference, so a shared partial block is copied before a write.
-Full blocks are hashed by (previous block's hash, their tokens); a freed hashed block stays in the
-cache, reusable by a later request with the same prefix, until its slot is needed.
+Full blocks are hashed by a sha256 chain (previous block's digest, their tokens), as vLLM does: the
+digest stands for the whole prefix, and Python's 64-bit `hash` of a tuple can collide. A hit is also
+checked against the block's own tokens and previous digest (as nano-vllm compares tokens), so even a
+collision never serves another prompt's K/V. A freed hashed block stays in the cache, reusable by a
+later request with the same prefix, until its slot is needed.
 """
 
+import hashlib
+from array import array
 from collections import OrderedDict
 
 from bstar.engine.core.sequence import Sequence
@@ -24,8 +29,10 @@ class BlockManager:
         """Every block free, nothing cached (the KV cache was discarded: sleep). Only for an idle engine."""
         num_blocks = self.num_blocks
         self.ref_counts = [0] * num_blocks
-        self.block_hash: list[int | None] = [None] * num_blocks
-        self.hash_to_block: dict[int, int] = {}
+        self.block_hash: list[bytes | None] = [None] * num_blocks
+        # what a hashed block holds, checked on every hit: (previous block's digest, its tokens)
+        self.block_key: list[tuple | None] = [None] * num_blocks
+        self.hash_to_block: dict[bytes, int] = {}
         # Free blocks in eviction order: never-hashed first would be nicer, LRU is what matters.
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
 
@@ -71,6 +78,7 @@ class BlockManager:
             if self.hash_to_block.get(h) == block:
                 del self.hash_to_block[h]
             self.block_hash[block] = None
+            self.block_key[block] = None
         self.ref_counts[block] = 1
         return block
 
@@ -84,8 +92,11 @@ class BlockManager:
         if self.ref_counts[block] == 0:
             self.free[block] = None
 
-    def hash_block(self, prev: int | None, tokens) -> int:
-        return hash((prev, tuple(tokens)))
+    def hash_block(self, prev: bytes | int | None, tokens) -> bytes:
+        """sha256 of (the previous block's digest, or the sequence's hash_root, then the tokens as int64)."""
+        h = hashlib.sha256(prev if isinstance(prev, bytes) else repr(prev).encode())
+        h.update(array("q", tokens).tobytes())
+        return h.digest()
 
     def match_prefix(self, seq: Sequence, limit: int | None = None):
         """Give a fresh sequence the cached blocks of its longest cached prefix (of at most `limit` tokens).
@@ -97,9 +108,10 @@ class BlockManager:
         prev = seq.hash_root  # a cache_salt keeps the request's blocks apart from unsalted ones
         usable = len(seq.token_ids) - 1 if limit is None else min(limit, len(seq.token_ids) - 1)
         for i in range(usable // bs):
-            h = self.hash_block(prev, seq.token_ids[i * bs : (i + 1) * bs])
+            tokens = seq.token_ids[i * bs : (i + 1) * bs]
+            h = self.hash_block(prev, tokens)
             block = self.hash_to_block.get(h)
-            if block is None:
+            if block is None or self.block_key[block] != (prev, tuple(tokens)):  # (a collision: not ours)
                 break
             self._ref(block)
             seq.block_table.append(block)
@@ -155,11 +167,13 @@ class BlockManager:
             full = min(seq.num_computed, len(seq.token_ids) - seq.num_pending) // bs
             while seq.num_hashed_blocks < full:  # (the common case, a decode within a block: nothing new)
                 i = seq.num_hashed_blocks
-                h = self.hash_block(seq.last_hash, seq.token_ids[i * bs : (i + 1) * bs])
+                tokens = seq.token_ids[i * bs : (i + 1) * bs]
+                h = self.hash_block(seq.last_hash, tokens)
                 block = seq.block_table[i]
                 if h not in self.hash_to_block and self.block_hash[block] is None:
                     self.hash_to_block[h] = block
                     self.block_hash[block] = h
+                    self.block_key[block] = (seq.last_hash, tuple(tokens))
                 seq.last_hash = h
                 seq.num_hashed_blocks += 1
 
@@ -167,3 +181,4 @@ class BlockManager:
         """Forget every cached prefix (after a weight update the cached K/V are stale)."""
         self.hash_to_block.clear()
         self.block_hash = [None] * self.num_blocks
+        self.block_key = [None] * self.num_blocks

@@ -1,8 +1,25 @@
 """After sampling: the stop rules of each candidate, and the output of a finished request."""
 
+from dataclasses import dataclass, field
+
 from bstar.engine.core.sequence import Request, Sequence
 from bstar.engine.entrypoints.outputs import CompletionOutput, RequestOutput
 from bstar.engine.model.tokenizer import Tokenizer
+
+
+@dataclass
+class StopTextState:
+    """A candidate's output text for its stop strings, decoded incrementally as vLLM's
+    detokenize_incrementally does: each step decodes only the window of outputs [prefix, new end) and
+    takes what it adds to the decode of [prefix, read) (so a tokenizer that treats a text's first token
+    apart, or a character split over tokens, gives the full decode's text). The text is kept in pieces;
+    only its last characters (`tail`, as long as a stop string can reach back) are searched again."""
+
+    prefix: int = 0  # outputs before the window
+    read: int = 0  # outputs whose text is in `pieces`
+    pieces: list[str] = field(default_factory=list)
+    length: int = 0  # characters in `pieces`
+    tail: str = ""  # the last max(len(stop)) - 1 characters of the text
 
 
 class OutputProcessor:
@@ -28,16 +45,42 @@ class OutputProcessor:
             if tok in p.stop_token_ids:
                 s.stop_reason = tok
                 return "stop"
-            if p.stop_strings and self.tokenizer is not None:
-                text = self.tokenizer.decode(s.output_ids, p.skip_special_tokens)
-                tail = max(len(x) for x in p.stop_strings) + 16  # only the new tail can hold a new match
-                for stop in p.stop_strings:
-                    k = text.find(stop, max(0, len(text) - tail - len(stop)))
-                    if k >= 0:
-                        s.stop_text = text[: k + len(stop)] if p.include_stop_str_in_output else text[:k]
-                        s.stop_reason = stop
-                        return "stop"
+            if p.stop_strings and self.tokenizer is not None and self._stop_string(s):
+                return "stop"
         return "length" if self.length_reached(s) else None
+
+    def _stop_string(self, s: Sequence) -> bool:
+        """Whether the text the new tokens add completes a stop string (then s.stop_text and s.stop_reason are
+        set). Host work per step is O(new tokens + longest stop string), whatever the output's length."""
+        p, st = s.params, s.stop_text_state
+        start, end = s.prompt_len, len(s.token_ids) - s.num_pending
+        n = end - start
+        if st is None or n < st.read:  # (outputs cut below what was read: read them again)
+            st = s.stop_text_state = StopTextState()
+        if n == st.read:
+            return False
+        decode = self.tokenizer.decode
+        seen = decode(s.token_ids[start + st.prefix : start + st.read], p.skip_special_tokens) if st.read else ""
+        window = decode(s.token_ids[start + st.prefix : end], p.skip_special_tokens)
+        if len(window) <= len(seen) or window.endswith("\ufffd"):  # no new character yet (a split one)
+            return False
+        new = window[len(seen) :]
+        st.prefix, st.read = st.read, n
+        buf = st.tail + new
+        at = st.length - len(st.tail)  # where buf starts in the text
+        st.pieces.append(new)
+        st.length += len(new)
+        reach = max(len(x) for x in p.stop_strings) - 1
+        st.tail = buf[max(0, len(buf) - reach) :] if reach else ""
+        for stop in p.stop_strings:
+            k = buf.find(stop)
+            if k >= 0:
+                k += at
+                text = "".join(st.pieces)
+                s.stop_text = text[: k + len(stop)] if p.include_stop_str_in_output else text[:k]
+                s.stop_reason = stop
+                return True
+        return False
 
     def length_reached(self, s: Sequence) -> bool:
         """The candidate has all the tokens max_tokens or the context allow (max_tokens None: up to the

@@ -48,10 +48,12 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None  # the stop string or stop token id that ended it
         self.stop_text: str | None = None  # output text cut at a stop string
+        self.stop_text_state = None  # its stop strings' incremental text (core.output_processor.StopTextState)
         self.num_preemptions = 0
         self.seed_base: int | None = None  # bstar.engine.runner.sampler.candidate_seed of this candidate, once known
         self.prompt_logprobs_pending = False  # this sequence computes its request's prompt_logprobs
-        self.penalty_prompt_ids = None  # the prompt ids on the device, for repetition_penalty (runner.sampler)
+        self.penalty_slot: int | None = None  # its row of the sampler's PenaltyState (runner.sampler)
+        self.penalty_counted = 0  # output positions that PenaltyState counted so far
         # Async scheduling: the trailing PENDING_TOKENs in token_ids, and whether the first of them ends
         # the candidate for sure (max_tokens or the context): it is then not scheduled again.
         self.num_pending = 0
@@ -100,7 +102,6 @@ class Sequence:
         child.num_hashed_blocks = self.num_hashed_blocks
         child.hash_root = self.hash_root
         child.last_hash = self.last_hash
-        child.penalty_prompt_ids = self.penalty_prompt_ids
         return child
 
 

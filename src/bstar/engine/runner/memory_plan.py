@@ -9,13 +9,14 @@ peak is measured on CUDA.
 """
 
 import math
+import os
 
 import torch
 
 from bstar.engine.config import ModelConfig
 from bstar.engine.errors import MemoryPlanError
 from bstar.engine.runner.gpu.cuda_graphs import bucket_sizes
-from bstar.kernels.contract import MAX_SPLITS, MIN_TOKENS_PER_SPLIT
+from bstar.kernels.contract import CTAS_PER_SM, FULL_WAVES, MAX_SPLITS, MIN_TOKENS_PER_SPLIT
 
 GiB = 1 << 30
 PREFIX_CACHE_SLACK = 0.1  # extra KV blocks, as a fraction of the cap, to keep freed prefixes cached
@@ -29,6 +30,18 @@ GRAPH_POOL_SLACK_BYTES = 24 << 20
 # default on Hopper is 32 MiB (less on older GPUs).
 CUBLAS_WORKSPACE_BYTES = 32 << 20
 H100_SMS = 132  # (H200 too) the split-KV partials' bound below
+
+
+def cublaslt_workspace_bytes(m: ModelConfig, env=os.environ) -> int:
+    """The capture stream's second (cuBLASLt) workspace in a decode graph pool: a GEMM with a bias (qkv_bias,
+    o_bias, mlp_bias) on more than one row takes addmm's cuBLASLt path, whose workspace PyTorch allocates apart
+    from cuBLAS's (CUBLASLT_WORKSPACE_SIZE KiB, 32 MiB by default on Hopper) unless the build is told to share
+    cuBLAS's (TORCH_CUBLASLT_UNIFIED_WORKSPACE=1). 0 for a model without biases. The pool is also measured
+    at capture (DecodeGraphs.pool_bytes), and ModelRunner warns when it exceeds this estimate."""
+    if not (m.qkv_bias or m.o_bias or m.mlp_bias) or env.get("TORCH_CUBLASLT_UNIFIED_WORKSPACE") == "1":
+        return 0
+    kib = env.get("CUBLASLT_WORKSPACE_SIZE", "")
+    return int(kib) << 10 if kib.isdigit() else CUBLAS_WORKSPACE_BYTES
 
 
 def gib(n: float) -> str:
@@ -116,18 +129,20 @@ def decode_graph_pool_bytes(
     """Estimated private memory pool of an LM engine's decode CUDA graphs (gpu/cuda_graphs.py; 0 for a reward
     head, which captures none). The graphs share one pool and never run at once, so it holds about one decode
     forward of the largest bucket B: one layer's intermediates for each of its rows, and the split-KV partials
-    (float32 [b, Hq, splits, D] and [b, Hq, MAX_SPLITS]; for every bucket b, b x splits <= 2 x SMs / Hkv + b as
-    choose_num_splits aims at two waves, and <= b x the splits a context allows), plus the allocator's
-    rounding and the capture stream's cuBLAS workspace. The engine sets this aside when it sizes its own KV
+    (float32 [b, Hq, splits, D] and [b, Hq, MAX_SPLITS]; for every bucket b, b x splits <= max(b, FULL_WAVES x
+    CTAS_PER_SM x SMs / Hkv), as wave_splits splits within that many waves, and <= b x the splits a context
+    allows), plus the allocator's rounding and the capture stream's cuBLAS workspace, and its cuBLASLt one
+    where it applies (cublaslt_workspace_bytes). The engine sets this aside when it sizes its own KV
     cache; DecodeGraphs.capture measures the real pool, and ModelRunner warns when it came out bigger."""
     if m.head != "lm":
         return 0
     b = bucket_sizes(max_num_seqs)[-1]
     rows = b * layer_activation_bytes_per_token(m, dtype)
     by_len = min(MAX_SPLITS, -(-max_model_len // MIN_TOKENS_PER_SPLIT))
-    splits = min(2 * sms // m.num_kv_heads + b, b * by_len)  # the most of b x splits over the buckets
+    waves = FULL_WAVES * CTAS_PER_SM * sms // m.num_kv_heads
+    splits = min(max(b, waves), b * by_len)  # the most of b x splits over the buckets
     partials = 4 * m.num_heads * (m.head_dim * splits + MAX_SPLITS * b)
-    return rows + partials + GRAPH_POOL_SLACK_BYTES + CUBLAS_WORKSPACE_BYTES
+    return rows + partials + GRAPH_POOL_SLACK_BYTES + CUBLAS_WORKSPACE_BYTES + cublaslt_workspace_bytes(m)
 
 
 def kv_cap_blocks(

@@ -47,7 +47,7 @@ from bstar.engine.runner.memory_plan import (
 )
 from bstar.engine.runner.sampler import sample_rows
 from bstar.kernels.dispatch import triton_on, use_triton
-from bstar.kernels.host import long_tensor, to_device
+from bstar.kernels.host import HostBuffer, long_tensor, to_device
 
 
 def device_guard(device: torch.device):
@@ -57,6 +57,9 @@ def device_guard(device: torch.device):
     if device.type == "cuda":
         return torch.cuda.device(device)
     return contextlib.nullcontext()
+
+
+SLEEP_ALIGN = 512  # bytes: each storage's copy in the sleep buffer starts at a multiple (as CUDA allocations do)
 
 
 def _as_bytes(storage: torch.UntypedStorage) -> torch.Tensor:
@@ -81,6 +84,7 @@ class ModelRunner:
         self.cos_sin = mcfg.rope_cos_sin(max_model_len, device)
         self.asleep: set[str] = set()  # of SLEEP_TAGS
         self._slept_weights: list[tuple[torch.UntypedStorage, int, torch.Tensor | None]] | None = None
+        self.sleep_buffer: HostBuffer | None = None  # level-1 sleep's weights, kept for the next sleep
         self.activation_bytes = 0  # CUDA: the measured activation peak of the biggest step
         self.graph_pool_budget = 0  # CUDA: the memory set aside for the decode graphs' pool (when sized here)
         with self.guard():
@@ -319,6 +323,9 @@ class ModelRunner:
                 self._slept_weights = self._offload_weights(keep=level == 1)
             elif level == 2:
                 self._slept_weights = [(s, n, None) for s, n, _ in self._slept_weights]
+            if level == 2 and self.sleep_buffer is not None:  # (no host copy at level 2: its memory goes back)
+                self.sleep_buffer.close()
+                self.sleep_buffer = None
             self.asleep = set(SLEEP_TAGS)
             # No gc.collect(): every storage above is freed by resize_ at once, and a full collection costs
             # 0.35-0.6 s a sleep in a process holding a trainer's Python heap (TRL sleeps once per step).
@@ -326,21 +333,39 @@ class ModelRunner:
                 torch.cuda.empty_cache()
 
     def _offload_weights(self, keep: bool):
-        slept, seen = [], set()
+        """Each distinct weight storage, and with keep its bytes copied into one flat host buffer
+        (self.sleep_buffer, pinned on CUDA: kernels.host.HostBuffer, exactly its size), made at the first
+        level-1 sleep and reused by the next ones; the storages are then freed."""
+        storages, seen = [], set()
         for t in self.weight_tensors():
             s = t.untyped_storage()
             if not s.nbytes() or s.data_ptr() in seen:
                 continue
             seen.add(s.data_ptr())
-            backup = None
-            if keep:
-                backup = torch.empty(s.nbytes(), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
-                backup.copy_(_as_bytes(s), non_blocking=True)
-            slept.append((s, s.nbytes(), backup))
+            storages.append(s)
+        backups = [None] * len(storages)
+        if keep:
+            offsets, total = [], 0
+            for s in storages:
+                offsets.append(total)
+                total += -(-s.nbytes() // SLEEP_ALIGN) * SLEEP_ALIGN
+            if self.sleep_buffer is None or self.sleep_buffer.tensor.numel() < total:
+                if self.sleep_buffer is not None:
+                    self.sleep_buffer.close()
+                self.sleep_buffer = HostBuffer(total, pin=self.device.type == "cuda")
+            flat = self.sleep_buffer.tensor
+            for i, (s, at) in enumerate(zip(storages, offsets)):
+                backups[i] = flat[at : at + s.nbytes()]
+                backups[i].copy_(_as_bytes(s), non_blocking=True)
+        slept = [(s, s.nbytes(), b) for s, b in zip(storages, backups)]
         self._sync()  # the copies are done before the storages go
         for s, _, _ in slept:
             s.resize_(0)
         return slept
+
+    def host_bytes(self) -> int:
+        """Host memory this engine holds for its weights: the sleep buffer, once a level-1 sleep made it."""
+        return self.sleep_buffer.host_bytes if self.sleep_buffer is not None else 0
 
     def wake_up(self, tags) -> bool:
         """Bring back the tags (of SLEEP_TAGS) that are asleep: weights from their host copy or, after level 2,

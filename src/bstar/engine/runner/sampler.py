@@ -14,6 +14,7 @@ the draw samples the processed logits as they are, so the reported values are ex
 distribution drawn from.
 """
 
+import weakref
 from operator import attrgetter
 
 import torch
@@ -62,6 +63,7 @@ class Sampler:
         self.logprobs_mode = logprobs_mode
         self._filters: dict = {}  # the last shared-values step's filter tensors (draw_rows' `filters` cache)
         self.masks = None  # runner.logit_masks.LogitMasks: vLLM's per-request masks and bias (set by the engine)
+        self.penalties: PenaltyState | None = None  # the penalised sequences' token counts, made at first use
 
     def __call__(self, logits: torch.Tensor, rows: list[int], seqs: list[Sequence]):
         """logits float32 [R, V]; seqs[i] draws from row rows[i]. Returns the Draw (on the device)."""
@@ -78,8 +80,19 @@ class Sampler:
         masked = None
         if self.masks is not None and any(uses_masks(p) for p in params):
             masked = lambda x: self.masks.apply(x, seqs)
+        state = self.penalties
+        if penalised and (state is None or state.V != logits.shape[1] or state.device != logits.device):
+            state = self.penalties = PenaltyState(logits.shape[1], logits.device)
         return draw_rows(
-            logits, params, seeds, bans, penalised or None, self.logprobs_mode, filters=self._filters, masked=masked
+            logits,
+            params,
+            seeds,
+            bans,
+            penalised or None,
+            self.logprobs_mode,
+            filters=self._filters,
+            masked=masked,
+            penalties=state,
         )
 
     def _banned(self, s: Sequence) -> list[int]:
@@ -91,71 +104,120 @@ class Sampler:
         return ban
 
 
-def _penalty_prompt_ids(seqs: list[Sequence], device) -> list[torch.Tensor]:
-    """Each sequence's prompt ids as a device tensor, made once per request and kept on the
-    sequences (a request's candidates share one)."""
-    made = {}
-    out = []
-    for s in seqs:
-        t = s.penalty_prompt_ids
-        if t is None:
-            t = made.get(s.request_id)
-            if t is None:
-                t = to_device(s.token_ids[: s.prompt_len], torch.int64, device)
-            s.penalty_prompt_ids = t
-        made[s.request_id] = t
-        out.append(t)
-    return out
+class PenaltyState:
+    """The penalties' token counts, kept on the device and brought up to date with each step's new tokens
+    only (as vLLM keeps them per request): host work per step is O(new tokens), not O(output length).
+
+    Each penalised sequence holds a slot (a row) of `counts` float32 [slots, V] (its output tokens) and of
+    `prompt` bool [slots, V] (its prompt's tokens, set once when the slot is taken). A slot is taken at the
+    sequence's first penalised step (Sequence.penalty_slot, with Sequence.penalty_counted: the output
+    positions counted so far) and is reclaimed once the sequence is garbage (a weak reference), or built
+    again if its outputs were cut below what was counted. The rows grow by doubling, as slots are needed.
+
+    Interface: `slots(seqs)` updates and returns the sequences' slot indices (device int64 [P]); then
+    `counts[slots]` and `prompt[slots]` are their rows. apply_penalties is its one user."""
+
+    def __init__(self, vocab: int, device):
+        self.V, self.device = vocab, torch.device(device)
+        self.counts = torch.zeros(0, vocab, dtype=torch.float32, device=self.device)
+        self.prompt = torch.zeros(0, vocab, dtype=torch.bool, device=self.device)
+        self._owner: list = []  # slot -> weakref of the sequence that holds it (None: never taken)
+        self.free: list[int] = []  # slots whose sequence is gone (a weakref callback returns them)
+
+    @property
+    def num_slots(self) -> int:
+        return len(self._owner)
+
+    def _owns(self, s: Sequence, slot: int | None) -> bool:
+        ref = self._owner[slot] if slot is not None and slot < len(self._owner) else None
+        return ref is not None and ref() is s  # (not a slot of another state: a sequence sampled elsewhere)
+
+    def _take(self, s: Sequence) -> int:
+        if not self.free:
+            n = len(self._owner)
+            grow = max(16, n)
+            self.counts = torch.cat([self.counts, self.counts.new_zeros(grow, self.V)])
+            self.prompt = torch.cat([self.prompt, self.prompt.new_zeros(grow, self.V)])
+            self._owner += [None] * grow
+            self.free += range(n + grow - 1, n - 1, -1)
+        slot = self.free.pop()
+        self._owner[slot] = weakref.ref(s, lambda _, slot=slot: self.free.append(slot))
+        s.penalty_slot, s.penalty_counted = slot, 0
+        return slot
+
+    def slots(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Count what each sequence drew since its last penalised step (its pending token, drawn by the step
+        in flight, read on the device from the draw its Sequence.pending_source names); its slot indices."""
+        slots, fresh, prompt_ids, rows, toks, pend_src, draw = [], [], [], [], [], [], None
+        for s in seqs:
+            slot = s.penalty_slot
+            n = len(s.token_ids) - s.prompt_len
+            if not self._owns(s, slot) or n < s.penalty_counted:  # (outputs cut below the counts: count again)
+                slot = self._take(s)
+                fresh.append(slot)
+                prompt_ids += s.token_ids[: s.prompt_len]
+                rows += [slot] * s.prompt_len  # (their prompt rows first, then the new output tokens)
+            slots.append(slot)
+        n_prompt = len(rows)
+        pend_rows = []
+        for s, slot in zip(seqs, slots):
+            n = len(s.token_ids) - s.prompt_len
+            if s.penalty_counted < n:
+                known = s.token_ids[s.prompt_len + s.penalty_counted : len(s.token_ids) - s.num_pending]
+                rows += [slot] * len(known)
+                toks += known
+                if s.num_pending:  # (one at most when a step samples: its last)
+                    draw, r = s.pending_source
+                    pend_rows.append(slot)
+                    pend_src.append(r)
+                s.penalty_counted = n
+        host = slots + fresh + rows + pend_rows + prompt_ids + toks + pend_src
+        if len(host) == len(slots):  # nothing drawn since the last call: the counts are current
+            return to_device(slots, torch.int64, self.device)
+        t = to_device(host, torch.int64, self.device)  # one pinned, non-blocking copy
+        cuts = [len(slots), len(fresh), len(rows), len(pend_rows), len(prompt_ids), len(toks), len(pend_src)]
+        slot_t, fresh_t, rows_t, pend_rows_t, prompt_t, toks_t, src_t = t.split(cuts)
+        if fresh:
+            self.counts[fresh_t] = 0
+            self.prompt[fresh_t] = False
+            self.prompt[rows_t[:n_prompt], prompt_t] = True
+        out_rows = torch.cat([rows_t[n_prompt:], pend_rows_t])
+        if out_rows.numel():
+            out_toks = torch.cat([toks_t, draw.index_select(0, src_t)]) if pend_src else toks_t
+            ones = torch.ones(out_toks.shape, dtype=torch.float32, device=self.device)
+            self.counts.index_put_((out_rows, out_toks), ones, accumulate=True)
+        return slot_t
 
 
-def apply_penalties(x: torch.Tensor, rows: torch.Tensor | None, seqs: list[Sequence]) -> None:
+def apply_penalties(x: torch.Tensor, rows: torch.Tensor | None, seqs: list[Sequence], state=None) -> None:
     """Repetition, frequency and presence penalties, in place on float32 logits x [R, V], as vLLM
     applies them: rows `rows` (None: all rows) belong to `seqs`, in order.
 
     repetition_penalty p acts once on every token of prompt + output: a logit l becomes l / p if
     l > 0, else l * p. frequency_penalty f and presence_penalty r use the output tokens only:
-    l - f * count - r * (count > 0). Per-row counts are built on the device with scatter_add from
-    the padded output ids (the vocabulary size V is the padding id, dropped afterwards).
+    l - f * count - r * (count > 0). The counts are the PenaltyState's `state` (None: a fresh one, which
+    counts every output token), brought up to date with the tokens drawn since the sequences' last step.
 
-    A sequence's pending token (async scheduling: drawn by the step in flight) is read on the
-    device, from the draw its Sequence.pending_source names. Host values reach the device through
-    pinned, non-blocking copies: nothing here makes the host wait."""
+    Host values reach the device through pinned, non-blocking copies: nothing here makes the host wait."""
     dev, V = x.device, x.shape[1]
+    if state is None:
+        state = PenaltyState(V, dev)
+    slots = state.slots(seqs)
     P = len(seqs)
     xs = x if rows is None else x[rows]
-    f32 = dict(dtype=torch.float32, device=dev)
-    out_lens = [len(s.token_ids) - s.prompt_len for s in seqs]
-    width = max(out_lens)
-    counts = torch.zeros(P, V + 1, **f32)
-    if width:
-        flat, fix, src, draw = [], [], [], None
-        for i, (s, n) in enumerate(zip(seqs, out_lens)):
-            flat += s.token_ids[s.prompt_len :]
-            flat += [V] * (width - n)
-            if s.num_pending:  # (one at most when a step samples: its last)
-                draw, r = s.pending_source
-                fix.append(i * width + n - 1)
-                src.append(r)
-        ids = to_device(flat + fix + src, torch.int64, dev)
-        ids, fix_t, src_t = ids[: P * width], ids[P * width : P * width + len(fix)], ids[P * width + len(fix) :]
-        if fix:
-            ids = ids.index_copy(0, fix_t, draw.index_select(0, src_t))
-        counts.scatter_add_(1, ids.view(P, width), torch.ones(P, width, **f32))
-    counts = counts[:, :V]
+    counts = state.counts[slots]
     rep = [s.params.repetition_penalty for s in seqs]
-    if any(p != 1 for p in rep):
-        prompts = torch.nn.utils.rnn.pad_sequence(_penalty_prompt_ids(seqs, dev), batch_first=True, padding_value=V)
-        seen = torch.zeros(P, V + 1, dtype=torch.bool, device=dev).scatter_(1, prompts, True)[:, :V]
-        seen |= counts > 0
-        p = to_device(rep, torch.float32, dev)[:, None].expand(P, V)
-        p = torch.where(seen, p, torch.ones_like(p))
-        xs = torch.where(xs > 0, xs / p, xs * p)
     freq = [s.params.frequency_penalty for s in seqs]
-    if any(freq):
-        xs = xs - to_device(freq, torch.float32, dev)[:, None] * counts
     pres = [s.params.presence_penalty for s in seqs]
+    p, f, r = to_device_packed([(rep, torch.float32), (freq, torch.float32), (pres, torch.float32)], dev)
+    if any(v != 1 for v in rep):
+        seen = state.prompt[slots] | (counts > 0)
+        p = torch.where(seen, p[:, None].expand(P, V), 1.0)
+        xs = torch.where(xs > 0, xs / p, xs * p)
+    if any(freq):
+        xs = xs - f[:, None] * counts
     if any(pres):
-        xs = xs - to_device(pres, torch.float32, dev)[:, None] * (counts > 0).float()
+        xs = xs - r[:, None] * (counts > 0).float()
     if rows is None:
         x.copy_(xs)
     else:
@@ -199,6 +261,7 @@ def draw_rows(
     logprobs_mode: str = "raw_logprobs",
     filters: dict | None = None,
     masked=None,
+    penalties: PenaltyState | None = None,
 ):
     """logits float32 [R, V]; one SamplingParams, seed and banned-id list per row; `penalised`:
     the sequences of the rows whose params have penalties (None when no row has them), in row order.
@@ -207,6 +270,7 @@ def draw_rows(
     step of one call's candidates then makes none: four device fills a step fewer). They are only read.
     Rows with different filter values send them with the seeds in one packed copy. `masked`: applies vLLM's
     per-request masks and bias in place (runner/logit_masks.py), after the bans, before the penalties.
+    `penalties`: the PenaltyState that keeps the penalised sequences' counts between steps (None: counted afresh).
 
     Returns the Draw (device tensors; Draw.host() gives the lists)."""
     dev = logits.device
@@ -225,7 +289,7 @@ def draw_rows(
         prows = None
         if len(penalised) != len(params):
             prows = to_device([r for r, p in enumerate(params) if p.has_penalties], torch.int64, dev)
-        apply_penalties(logits, prows, penalised)
+        apply_penalties(logits, prows, penalised, penalties)
     R, p0 = len(params), params[0]
     uniform = all(p is p0 for p in params)
     f0 = _filter_values(p0)

@@ -11,6 +11,9 @@ overhead; replaying a captured graph issues them all at once. As nano-vllm and v
   writes its hidden states into `hidden[:bucket]`; logits and sampling stay outside the graph;
 - capture largest bucket first, each after an eager warm-up run at its size, into one memory pool
   shared by all graphs (they never run concurrently, so their intermediates may share memory);
+- warm up and capture on a stream of this DecodeGraphs' own: cuBLAS keys its workspace by the capture
+  stream, so graphs of two engines captured on one shared stream replay into one workspace, which
+  dropping either engine's graphs can free under the other's (pytorch#193402);
 - graphs hold raw addresses of the weights, the KV cache and the buffers: `ModelRunner.drop_graphs`
   before those are freed, `ModelRunner.recapture` after they are allocated again (a no-op when
   no address changed).
@@ -65,6 +68,7 @@ class DecodeGraphs:
         self.replays: Counter = Counter()  # bucket -> replays (statistics, tests)
         self.captures = 0  # capture passes so far
         self.pool_bytes = 0  # CUDA: the device memory the graphs' pool holds after the last capture pass
+        self.stream = None  # CUDA: this object's own capture stream, made at the first capture
 
     def bucket(self, n: int) -> int | None:
         """The smallest bucket >= n rows, or None past the largest."""
@@ -117,14 +121,18 @@ class DecodeGraphs:
         dev = self.runner.device
         inputs = self.runner.inputs
         pool = torch.cuda.graph_pool_handle()
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(device=dev)
         for bs in reversed(self.sizes):  # largest first: smaller graphs reuse its pool's blocks
             inputs.fill_padding(bs)
-            self._forward(bs)  # warm-up at this size, eagerly
+            self.stream.wait_stream(torch.cuda.current_stream(dev))  # (the padding, filled on the current one)
+            with torch.cuda.stream(self.stream):
+                self._forward(bs)  # warm-up at this size, eagerly, on the stream it is captured on
             torch.cuda.synchronize(dev)
             g = torch.cuda.CUDAGraph()
             # thread_local: CUDA work of other threads (a trainer beside an AsyncLLM engine thread, during
             # a wake_up recapture) cannot invalidate this capture; only this thread's unsafe calls could
-            with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):
+            with torch.cuda.graph(g, pool=pool, stream=self.stream, capture_error_mode="thread_local"):
                 self._forward(bs)
             self.graphs[bs] = g
         torch.cuda.synchronize(dev)
