@@ -3,7 +3,7 @@ handles below `llm.llm_engine` down to the model's `load_weights`. Thin adapters
 engine: every call lands on LLMEngine's own methods.
 
     llm.llm_engine                                      LLMEngine (model_config, model_executor set here)
-      .model_config                                     ModelConfig: max_model_len, dtype, model, ...
+      .model_config                                     VllmModelConfig: max_model_len, dtype, model, ...
       .model_executor.driver_worker                     Worker (also reached as driver_worker.worker)
         .model_runner.model.load_weights(weights=[...]) LLMEngine.load_weights: prefix cache reset,
                                                         decode buffers and graphs invalidated
@@ -129,7 +129,7 @@ GENERATE_KWARGS = {
 }
 
 
-class ModelConfig:
+class VllmModelConfig:
     """vLLM's `llm_engine.model_config`: the fields RL loops read."""
 
     def __init__(self, engine):
@@ -148,9 +148,6 @@ class ModelConfig:
 
     def get_vocab_size(self) -> int:
         return self._engine.mcfg.vocab_size
-
-    def get_hidden_size(self) -> int:
-        return self._engine.mcfg.hidden_size
 
     @property
     def hf_config(self):
@@ -177,7 +174,9 @@ class ModelHandle:
         return getattr(self._engine.model, name)
 
 
-class ModelRunner:
+class ModelRunnerHandle:
+    """`driver_worker.model_runner`: its `.model` and `.device`."""
+
     def __init__(self, engine):
         self.model = ModelHandle(engine)
         self.device = engine.device
@@ -195,7 +194,7 @@ class Worker:
 
     def __init__(self, engine):
         self.engine = engine
-        self.model_runner = ModelRunner(engine)
+        self.model_runner = ModelRunnerHandle(engine)
         self.device = engine.device
         self.model_config = engine.model_config
 
@@ -211,9 +210,6 @@ class Worker:
 
     def wake_up(self, tags: list[str] | None = None):
         self.engine.wake_up(tags)
-
-    def check_health(self):
-        return None
 
     def reload_weights(self):
         """vLLM's: load the weights again from the model directory (safetensors)."""

@@ -141,7 +141,7 @@ class LLMEngine:
         # vLLM's handles (llm_engine.model_config, .model_executor.driver_worker...): bstar/engine/compat/vllm.py
         # (they hold a weak proxy: no reference cycle, so dropping the engine frees its memory at once)
         me = weakref.proxy(self)
-        self.model_config = vllm_compat.ModelConfig(me)
+        self.model_config = vllm_compat.VllmModelConfig(me)
         self.model_executor = vllm_compat.Executor(me, worker_extension_cls)
         # vLLM's per-request masks (logit_bias, allowed_token_ids, bad_words, structured_outputs)
         self.sampler.masks = LogitMasks(lambda: me.get_tokenizer(), self.mcfg.vocab_size, self.eos_ids)

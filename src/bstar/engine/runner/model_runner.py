@@ -8,8 +8,8 @@ Two paths, picked per step by kernels.dispatch.use_triton (CUDA, or BSTAR_KERNEL
   (gpu/step_inputs.py), decode CUDA graphs per batch-size bucket (gpu/cuda_graphs.py; on CPU
   the same padded buckets run eagerly), every kernel variant compiled and tuned at start-up.
 
-A decode step on CUDA: scheduler batch -> StepInputs.prepare (flat host lists -> two pinned
-staging tensors -> two non-blocking copies -> persistent buffers; changed block-table entries
+A decode step on CUDA: scheduler batch -> StepInputs.prepare (flat host lists -> one packed pinned
+staging buffer -> one non-blocking copy -> persistent buffers; changed block-table entries
 written, tables gathered into batch order) -> graph replay of the batch's bucket (or the eager
 forward) -> logits of the sampled rows -> the sampler (bstar/engine/runner/sampler.py), whose tokens.tolist()
 is the step's one synchronisation.
