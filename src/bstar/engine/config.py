@@ -175,6 +175,9 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
+LOGPROBS_MODES = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")  # vLLM's
+
+
 @dataclass
 class EngineConfig:
     """Knobs of the paged KV cache and the scheduler."""
@@ -235,6 +238,5 @@ class EngineConfig:
             raise ValueError(f"cpu_packed_weights_bytes must be >= 0, got {self.cpu_packed_weights_bytes}")
         if not isinstance(self.max_logprobs, int) or self.max_logprobs < -1:
             raise ValueError(f"max_logprobs must be an integer >= -1 (-1: no cap), got {self.max_logprobs!r}")
-        modes = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")
-        if self.logprobs_mode not in modes:
-            raise ValueError(f"logprobs_mode must be one of {', '.join(modes)}, got {self.logprobs_mode!r}")
+        if self.logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(f"logprobs_mode must be one of {', '.join(LOGPROBS_MODES)}, got {self.logprobs_mode!r}")

@@ -6,7 +6,7 @@ batching, preemption or other requests.
 
 The order is vLLM's: min_tokens bans, then penalties (repetition, frequency, presence; only rows
 that use them, see `apply_penalties`), then temperature, min-p, top-k, top-p and the draw
-(kernels.sample). Reported values follow the engine's logprobs_mode (LOGPROBS_MODES): "raw_*" are
+(kernels.sample). Reported values follow the engine's logprobs_mode (config.LOGPROBS_MODES): "raw_*" are
 taken from the model's logits before any of that, "processed_*" from the logits the draw used
 (penalised, divided by the temperature, filtered tokens at -inf; a greedy row's are only
 penalised). In the processed modes the filters run here once (kernels.sampling.apply_filters) and
@@ -30,7 +30,6 @@ from bstar.kernels.sampling import apply_filters, filter_plan
 # A row's filter values, in the kernel's order (the draw's key to reuse them between steps)
 _filter_values = attrgetter("temperature", "top_k", "top_p", "min_p")
 
-LOGPROBS_MODES = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")
 
 _MASK64 = (1 << 64) - 1
 
@@ -58,8 +57,6 @@ class Sampler:
 
     def __init__(self, eos_ids: set[int], logprobs_mode: str = "raw_logprobs"):
         self.eos_ids = eos_ids  # banned, with params.stop_token_ids, until params.min_tokens
-        if logprobs_mode not in LOGPROBS_MODES:
-            raise ValueError(f"logprobs_mode must be one of {', '.join(LOGPROBS_MODES)}, got {logprobs_mode!r}")
         self.logprobs_mode = logprobs_mode
         self._filters: dict = {}  # the last shared-values step's filter tensors (draw_rows' `filters` cache)
         self.masks = None  # runner.logit_masks.LogitMasks: vLLM's per-request masks and bias (set by the engine)
