@@ -83,6 +83,10 @@ def test_a_held_device_to_host_slot_waits_for_its_reader():
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU tensors needs the interpreter")
 def test_an_autotuned_kernel_goes_through_the_autotuner_once_per_tuning_key(monkeypatch):
+    from bstar.kernels.launch import times_a_lone_candidate
+
+    if times_a_lone_candidate():
+        pytest.skip("Triton < 3.8 under the interpreter: launch() runs the one pruned candidate, not the autotuner")
     """The first launch of a tuning key (head dim, group, page size, dtypes) runs Autotuner.run; later ones
     launch the chosen config directly, with the reference's output; a new key tunes again."""
     from triton.runtime.autotuner import Autotuner
