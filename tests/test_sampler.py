@@ -251,81 +251,174 @@ def test_filter_plan_from_host_values_equals_the_device_read():
     assert len(seen) == 3
 
 
+_UNWRITTEN = 0xA5  # the byte that fills fresh pinned and device memory in _FakeCuda (no copy wrote it yet)
+
+
+class _FakeStream:
+    """One device's stream: operations queued in order, run only when something waits for them."""
+
+    def __init__(self):
+        self.pending, self.done = [], 0
+
+    @property
+    def queued(self) -> int:
+        return self.done + len(self.pending)
+
+    def run_until(self, count: int):
+        while self.done < count:
+            self.pending.pop(0)()
+            self.done += 1
+
+
+class _DeviceTensor(torch.Tensor):
+    """A CPU tensor that plays one on a CUDA device (`device`, set per index by _FakeCuda): read on the host
+    it raises (a real read would synchronise), and a copy_ to or from the host is queued on its device's
+    stream (_FakeCuda.queue_copy). Views of it (slices, dtype views) stay on that device."""
+
+    device: torch.device
+    fake: "_FakeCuda"
+    _HOST_READS = ("tolist", "item", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.copy_:
+            return cls.fake.queue_copy(*args, **kwargs)
+        if getattr(func, "__name__", None) in cls._HOST_READS:
+            raise AssertionError(f"{func.__name__}() of a device tensor on the host (a synchronising read)")
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """t as an ordinary CPU tensor (the same memory)."""
+    with torch._C.DisableTorchFunctionSubclass():
+        return t.as_subclass(torch.Tensor)
+
+
 class _FakeCuda:
-    """Just enough of CUDA's asynchrony to run Draw's CUDA branch on CPU: device tensors (`dev`),
-    per-device streams whose device-to-host copies run only when an event recorded after them is
-    waited on, and pinned host buffers that raise when read before their copy ran."""
+    """Just enough of CUDA's asynchrony to run kernels.host's CUDA staging (HostCopy, to_device_packed) on
+    CPU: device tensors (`dev`, and torch.empty(..., device="cuda:N")) are _DeviceTensors; a copy_ between
+    one and a host tensor must be non-blocking and from or to pinned memory (torch.empty(...,
+    pin_memory=True), kept in `pinned`), and is queued on the current stream of the device tensor's device,
+    to run only when an event recorded after it on that stream is synchronised (or the test synchronises
+    the device). Fresh pinned and device memory holds _UNWRITTEN bytes, so a buffer read before its copy ran
+    gives wrong values. The thread's PinnedRings are replaced by fresh ones, whose events are this fake's."""
 
-    def __init__(self, current_device: int):
+    def __init__(self, monkeypatch, current_device: int):
+        import threading
+
+        import bstar.kernels.host as host
+
         self.current = current_device
-        self.queues: dict[int, list] = {}
+        self.streams: dict[int, _FakeStream] = {}
+        self.pinned: list[torch.Tensor] = []  # every pinned allocation (kept alive: their addresses stay unique)
+        self.copies: list[tuple[str, int]] = []  # ("h2d" or "d2h", device index) per queued copy
+        self.events: list = []
+        self._classes: dict[int, type] = {}
+        orig_empty = torch.empty
 
-    @staticmethod
-    def dev(t: torch.Tensor, index: int):
-        return type("Dev", (), dict(t=t, device=torch.device("cuda", index), shape=t.shape, dtype=t.dtype))()
+        def empty(*size, pin_memory=False, device=None, **kwargs):
+            t = orig_empty(*size, **kwargs)
+            t.reshape(-1).view(torch.uint8).fill_(_UNWRITTEN)
+            if isinstance(device, int) or (device is not None and torch.device(device).type == "cuda"):
+                return t.as_subclass(self._device_class(self._index(device)))
+            if pin_memory:
+                self.pinned.append(t)
+            return t
 
-    def pinned(self):
-        queues = self.queues
+        monkeypatch.setattr(torch, "empty", empty)
+        monkeypatch.setattr(torch.cuda, "current_stream", self.stream)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: self.current)
+        monkeypatch.setattr(torch.cuda, "Event", self._event)
+        monkeypatch.setattr(host, "_rings", threading.local())
 
-        class Pinned:
-            value = None
+    def _index(self, device) -> int:
+        index = device if device is None or isinstance(device, int) else torch.device(device).index
+        return self.current if index is None else index
 
-            def copy_(self, src, non_blocking=False):
-                assert non_blocking  # (a blocking copy would wait)
-                queues.setdefault(src.device.index, []).append(lambda: setattr(self, "value", src.t.clone()))
+    def _device_class(self, index: int) -> type:
+        if index not in self._classes:
+            attrs = dict(device=torch.device("cuda", index), fake=self)
+            self._classes[index] = type(f"Cuda{index}Tensor", (_DeviceTensor,), attrs)
+        return self._classes[index]
 
-            def tolist(self):
-                assert self.value is not None, "pinned buffer read before its copy ran"
-                return self.value.tolist()
+    def dev(self, t: torch.Tensor, index: int) -> torch.Tensor:
+        """t's values in a tensor on cuda:index."""
+        return t.clone().as_subclass(self._device_class(index))
 
-        return Pinned()
+    def stream(self, device=None) -> _FakeStream:
+        """The current stream of `device` (the current device's when None): torch.cuda.current_stream."""
+        return self.streams.setdefault(self._index(device), _FakeStream())
 
-    def current_stream(self, device=None):
-        return self.current if device is None else torch.device(device).index
+    def synchronize(self, index: int):
+        s = self.stream(index)
+        s.run_until(s.queued)
 
-    def event(self):
+    def read(self, t: torch.Tensor) -> list:
+        """A device tensor's values, after its device's queued work (a synchronising read)."""
+        self.synchronize(t.device.index)
+        return _plain(t).tolist()
+
+    def queue_copy(self, dst, src, non_blocking=False):
+        """dst.copy_(src), one of them a device tensor: queued on its device's current stream."""
+        on_device = [t for t in (dst, src) if isinstance(t, _DeviceTensor)]
+        assert len(on_device) == 1, "a copy between two device tensors (kernels.host stages host copies only)"
+        assert non_blocking, "a blocking copy (the host would wait)"
+        host_side = src if on_device[0] is dst else dst
+        assert host_side.untyped_storage().data_ptr() in {p.untyped_storage().data_ptr() for p in self.pinned}, (
+            "a copy to or from pageable memory (the host would wait)"
+        )
+        index = on_device[0].device.index
+        d, s = _plain(dst), _plain(src)
+        self.copies.append(("h2d" if on_device[0] is dst else "d2h", index))
+        self.stream(index).pending.append(lambda: d.copy_(s))
+        return dst
+
+    def _event(self, **_):
         fake = self
 
         class Event:
+            """torch.cuda.Event: done once the work queued on its stream before record() has run."""
+
+            def __init__(self):
+                self.stream, self.mark = None, 0
+                fake.events.append(self)
+
             def record(self, stream=None):
-                self.stream = fake.current if stream is None else stream
-                self.upto = len(fake.queues.get(self.stream, []))
+                self.stream = fake.stream() if stream is None else stream
+                self.mark = self.stream.queued
+
+            def query(self):
+                return self.stream is None or self.stream.done >= self.mark
 
             def synchronize(self):
-                q = fake.queues.get(self.stream, [])
-                for op in q[: self.upto]:
-                    op()
-                del q[: self.upto]
+                if self.stream is not None:
+                    self.stream.run_until(self.mark)
 
         return Event()
 
 
 @pytest.mark.parametrize("device", [0, 1])
 def test_draw_on_cuda_waits_for_its_copies_on_their_device(monkeypatch, device):
-    """Draw's CUDA branch (never run in CI otherwise), on a stand-in for CUDA's asynchrony: the
-    tensors go to pinned buffers by non-blocking copies, and host() waits on an event recorded
-    after those copies on their device's stream, even when the current device is another one (an
-    engine on cuda:1 called outside its device guard); host() then reads them as lists."""
+    """Draw's CUDA branch (never run in CI otherwise), on a stand-in for CUDA's asynchrony: the tensors go
+    by non-blocking copies into one pinned buffer (a slot of the thread's PinnedRing for their device),
+    queued on their device's stream, and host() waits on an event recorded after those copies on that
+    stream, even when the current device is another one (an engine on cuda:1 called outside its device
+    guard); host() then reads them as lists. Read before its copy ran, the buffer holds no values of theirs."""
     from bstar.engine.runner.sampler import Draw
 
-    fake = _FakeCuda(current_device=0)
-    orig_empty = torch.empty
-
-    def empty(*shape, pin_memory=False, **kwargs):
-        return fake.pinned() if pin_memory else orig_empty(*shape, **kwargs)
-
-    monkeypatch.setattr(torch, "empty", empty)
-    monkeypatch.setattr(torch.cuda, "current_stream", fake.current_stream)
-    monkeypatch.setattr(torch.cuda, "Event", fake.event)
+    fake = _FakeCuda(monkeypatch, current_device=0)
     tokens, values = torch.tensor([5, 3]), torch.tensor([-0.5, -1.25])
     vals, ids, ranks = torch.tensor([[-0.5, -0.5], [-1.25, -0.1]]), torch.tensor([[5, 5], [3, 9]]), torch.tensor([1, 2])
     dev = [fake.dev(t, device) for t in (tokens, values, vals, ids, ranks)]
     draw = Draw(dev[0], dev[1], [1, None], *dev[2:])
     draw.start_copy()
-    assert len(fake.queues[device]) == 5 and draw.tokens is dev[0]  # (the next step reads it on the device)
+    assert fake.copies == [("d2h", device)] * 5 and len(fake.pinned) == 1  # one ring buffer for all five
+    assert fake.stream(device).done == 0 and draw.tokens is dev[0]  # (not waited for; the next step reads it)
     got_tokens, got_values, entries = draw.host()
     assert got_tokens == [5, 3] and got_values == [-0.5, -1.25] and entries[1] is None
-    assert list(entries[0]) == [5] and entries[0][5].rank == 1 and not fake.queues[device]
+    assert list(entries[0]) == [5] and entries[0][5].rank == 1
+    assert not fake.stream(device).pending
 
 
 def test_uniform_filter_tensors_kept_between_steps():
@@ -394,8 +487,9 @@ def test_filter_tensors_shared_by_rows_with_equal_values():
 
 def test_to_device_packed_one_copy_aligned_segments(monkeypatch):
     """to_device_packed: every column's values back exactly in its dtype, each a view of one buffer at a
-    16-byte-aligned offset (the alignment Triton specialises on), empty columns included; on CUDA one
-    pinned staging buffer and one non-blocking copy for all of them."""
+    16-byte-aligned offset (the alignment Triton specialises on), empty columns included; on CUDA (a stand-in)
+    one pinned staging buffer and one non-blocking copy for all of them, queued on the target device's stream
+    with the ring slot's event recorded after it, the values there once that stream has run."""
     from bstar.kernels.host import to_device_packed
 
     cols = [
@@ -405,23 +499,22 @@ def test_to_device_packed_one_copy_aligned_segments(monkeypatch):
         ([7, 0, 9, 1, 5], torch.int32),
         ([0.1], torch.float64),
     ]
+    dtypes = [d for _, d in cols]
     out = to_device_packed(cols, "cpu")
-    assert [t.tolist() for t in out] == [list(v) for v, _ in cols] and [t.dtype for t in out] == [d for _, d in cols]
+    assert [t.tolist() for t in out] == [list(v) for v, _ in cols] and [t.dtype for t in out] == dtypes
     assert len({t.untyped_storage().data_ptr() for t in out}) == 1
     assert all((t.data_ptr() - out[0].data_ptr()) % 16 == 0 for t in out)
     assert out[0].data_ptr() == out[0].untyped_storage().data_ptr()
 
-    calls = []
-    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: calls.append("pin") or self.clone())
-
-    def to(self, device, non_blocking=False):
-        calls.append(("copy", torch.device(device).type, non_blocking))
-        return self.clone()
-
-    monkeypatch.setattr(torch.Tensor, "to", to)
-    out = to_device_packed(cols, torch.device("cuda", 0))
-    assert calls == ["pin", ("copy", "cuda", True)]
-    assert [t.tolist() for t in out] == [list(v) for v, _ in cols]
+    fake = _FakeCuda(monkeypatch, current_device=0)  # (cuda:1 outside its device guard)
+    out = to_device_packed(cols, torch.device("cuda", 1))
+    assert len(fake.pinned) == 1 and fake.copies == [("h2d", 1)]  # one staging buffer, one copy
+    assert [t.device for t in out] == [torch.device("cuda", 1)] * len(cols) and [t.dtype for t in out] == dtypes
+    assert len({t.untyped_storage().data_ptr() for t in out}) == 1
+    assert all((t.data_ptr() - out[0].data_ptr()) % 16 == 0 for t in out)
+    (ring_event,) = fake.events  # recorded after the copy on cuda:1's stream: the slot is busy until it ran
+    assert fake.stream(1).done == 0 and ring_event.stream is fake.stream(1) and not ring_event.query()
+    assert [fake.read(t) for t in out] == [list(v) for v, _ in cols] and ring_event.query()
 
 
 @pytest.mark.parametrize("kernels_path", ["torch", "triton"])
