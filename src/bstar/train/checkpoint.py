@@ -287,6 +287,6 @@ def finish_replace(dest: Path) -> None:
         if dest.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(dest, old)
-            failpoint.hit("swap")  # the old state moved aside, the new one not yet in place
+        failpoint.hit("swap")  # the old state (if any) moved aside, the new one not yet in place
         os.replace(new, dest)
     shutil.rmtree(old, ignore_errors=True)

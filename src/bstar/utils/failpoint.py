@@ -38,7 +38,9 @@ def _die() -> None:
 
 
 def hit(name: str) -> None:
-    """Kill point `name` of the current scope."""
+    """Kill point `name` of the current scope (outside any scope there is nothing to kill)."""
+    if not _scope:
+        return
     full = f"{_scope}:{name}"
     trace = os.environ.get("BSTAR_FAILPOINT_TRACE")
     if trace:
