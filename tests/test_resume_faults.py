@@ -60,6 +60,7 @@ def _fork(fn, fault: str | None = None, stderr: Path | None = None) -> int:
             if stderr is not None:
                 fd = os.open(stderr, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
                 os.dup2(fd, 2)
+                sys.stderr = os.fdopen(fd, "w", buffering=1)  # pytest's capture replaced sys.stderr
             os.environ.pop("BSTAR_FAILPOINT", None)
             if fault:
                 os.environ["BSTAR_FAILPOINT"] = fault
@@ -170,6 +171,13 @@ def test_the_code_hits_exactly_the_enumerated_points(baseline):
     assert set(baseline["hits"]) == set(ALL_POINTS)
     first = list(dict.fromkeys(baseline["hits"]))  # in the order of their first hit
     assert first == ALL_POINTS
+
+
+def test_the_consistency_model_documents_every_phase():
+    """docs/resume.md's table has one row per phase of PHASES, in order."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "resume.md").read_text()
+    rows = [line.split("|")[1].strip() for line in doc.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows[1:] == [p.name for p in controller.PHASES]
 
 
 def test_the_uninterrupted_run_trained_and_committed(baseline):
