@@ -171,19 +171,23 @@ def write_checkpoint(
     tmp = Path(temp_path(path))
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    stream_safetensors(tmp / "model.safetensors", specs, weights, metadata={"format": "pt"})
-    dtypes = {dt for _, _, dt in specs if dt.is_floating_point}
-    save_dtype = str(max(dtypes, key=lambda d: d.itemsize) if dtypes else torch.float32).replace("torch.", "")
-    cfg = dict(model_config, use_cache=True, dtype=save_dtype)
-    cfg.pop("torch_dtype", None)
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    for f in sorted(source_dir.iterdir()):
-        if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and f.name not in _NOT_COPIED:
-            shutil.copy2(f, tmp / f.name)
-    if state is not None:
-        _write_state(tmp / STATE_DIR, state, info or {})
-    for name, text in (extra_files or {}).items():
-        (tmp / name).write_text(text)
+    try:
+        stream_safetensors(tmp / "model.safetensors", specs, weights, metadata={"format": "pt"})
+        dtypes = {dt for _, _, dt in specs if dt.is_floating_point}
+        save_dtype = str(max(dtypes, key=lambda d: d.itemsize) if dtypes else torch.float32).replace("torch.", "")
+        cfg = dict(model_config, use_cache=True, dtype=save_dtype)
+        cfg.pop("torch_dtype", None)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        for f in sorted(source_dir.iterdir()):
+            if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and f.name not in _NOT_COPIED:
+                shutil.copy2(f, tmp / f.name)
+        if state is not None:
+            _write_state(tmp / STATE_DIR, state, info or {})
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    except BaseException:  # an error, not a kill: no temporary left for a sweep
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     atomic_replace(tmp, path)
 
 
