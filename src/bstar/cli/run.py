@@ -135,15 +135,19 @@ def run(model, prm, train_data, eval_data, out, resume, compare, seeds, jobs, qu
     if quiet:
         quiet_transformers()
     # torch, transformers, the engine and matplotlib: loaded when the command runs, not for --help
-    from bstar.loop import controller
+    from bstar.loop import controller, run_dir
     from bstar.results.report import redraw
 
-    if resume:
-        _summary(controller.run(None, resume, resume=True, on_record=redraw))
-        return
-    if not compare:
-        _summary(controller.run(cfg, out, on_record=redraw))
-        return
+    try:
+        if resume:
+            _summary(controller.run(None, resume, resume=True, on_record=redraw))
+            return
+        if not compare:
+            _summary(controller.run(cfg, out, on_record=redraw))
+            return
+    except run_dir.RunStopped as e:  # SIGINT / SIGTERM: one line, the shell's exit status for the signal
+        click.echo(str(e), err=True)
+        sys.exit(e.exit_code)
     _compare(cfg, out, seeds, jobs or os.cpu_count() or 1, quiet)
 
 

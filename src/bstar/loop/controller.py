@@ -16,11 +16,15 @@ Each iteration t, with policy P(t-1), as the reference (hkust-nlp/B-STaR, train_
 Every iteration record carries the tokens it generated (search and pool; evaluation is not a cost of the
 method) and trained on, and their running totals, so modes are compared at equal cost.
 
-Every phase writes its result under --out before the next starts (atomically), so a killed run
-resumes from the last completed phase and, with the same seed, ends exactly where an
-uninterrupted run would: generation seeds depend only on (run seed, iteration, phase, query), and
-each iteration's trainer continues the checkpoint (weights, optimizer, schedule step) that the previous
-iteration saved. Under torchrun every rank generates for its shard of the queries with its own engine;
+An iteration is the phases of PHASES, in order (iteration 0: ITERATION_0). Each phase commits atomically or
+leaves nothing a resume mistakes for progress; the record in iterations.jsonl, written last, commits the
+iteration (docs/resume.md, "Consistency model"). A run killed at any instant (SIGKILL included) resumes
+from what was committed and, with the same seed, ends bit-identical to an uninterrupted run: every random
+stream is derived from (run seed, iteration, phase[, query]), each sampling phase starts with cold prefix
+caches (PRM scores do not depend on what an earlier phase left cached), and each iteration's trainer
+continues the checkpoint (weights, optimizer, schedule step) that the previous iteration committed. The
+fault-injection tests (tests/test_resume_faults.py) kill a run at every point `kill_points` names.
+Under torchrun every rank generates for its shard of the queries with its own engine;
 training is FSDP2 across ranks; every rank's engine receives the new weights.
 """
 
@@ -28,12 +32,12 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -42,6 +46,7 @@ from bstar.engine.config import EngineConfig
 from bstar.engine.core.llm_engine import resolve_device
 from bstar.engine.model.loader import iter_weights
 from bstar.errors import BStarError, DataError
+from bstar.loop import run_dir
 from bstar.loop.balance import mean_balance_score
 from bstar.loop.config import RunConfig
 from bstar.loop.memory import run_memory_plan, train_phase
@@ -52,9 +57,10 @@ from bstar.loop.search import SearchConfig, choose_subset, search_config, search
 from bstar.loop.selection import BROKEN, BROKEN_PROB, Candidate, select
 from bstar.loop.tasks import Example, format_prompt, load_task_examples
 from bstar.train import SFTConfig, SFTExample, SFTTrainer
-from bstar.train.checkpoint import STATE_DIR
+from bstar.train.checkpoint import STATE_DIR, atomic_replace
 from bstar.utils import distributed as dist_utils
-from bstar.utils.jsonl import read_jsonl, write_jsonl
+from bstar.utils import failpoint
+from bstar.utils.jsonl import atomic_write_json, read_jsonl, temp_path, write_jsonl
 
 _SEED_MASK = (1 << 62) - 1
 REFERENCE_BETAS = (0.9, 0.999)  # the reference's AdamW (train_sft_step.py arguments)
@@ -66,10 +72,46 @@ def _seed(*parts) -> int:
     return int.from_bytes(h[:8], "little") & _SEED_MASK
 
 
-def _atomic_json(path: Path, obj):
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+class Phase(NamedTuple):
+    name: str
+    commits: str  # what commits it (docs/resume.md lists these)
+    points: tuple[str, ...]  # its kill points in order (bstar.utils.failpoint): "start" ... "done"
+
+
+# The sampling phases' points inside Controller._sample: after generation, after grading and PRM scoring.
+_SAMPLING = ("sampled", "scored")
+
+# One iteration, in order: the one source of the consistency model (docs/resume.md) and the kill points.
+PHASES = (
+    Phase("search", "iter_NNN/search.json", ("start", *_SAMPLING, "commit", "mid-write", "done")),
+    Phase(
+        "generate",
+        "iter_NNN/candidates.jsonl (generate.json is written just before it)",
+        ("start", *_SAMPLING, "commit", "mid-write", "done"),
+    ),
+    Phase("select", "nothing: recomputed from the pool; selection.json", ("start", "commit", "mid-write", "done")),
+    Phase(
+        "train",
+        "policy/ swapped in whole: weights, AdamW state, schedule step and iteration.json together",
+        ("start", "trained", "commit", "mid-write", "staged", "swap", "done"),
+    ),
+    Phase(
+        "evaluate",
+        "nothing: recomputed until the record commits (eval_samples.jsonl rewritten)",
+        ("start", *_SAMPLING, "commit", "mid-write", "done"),
+    ),
+    Phase("record", "iterations.jsonl, the manifest: commits the iteration", ("start", "commit", "mid-write", "done")),
+    Phase("report", "nothing: plots/ and report.md are redrawn on resume", ("start", "redraw", "done")),
+)
+ITERATION_0 = ("evaluate", "record", "report")  # the starting policy's evaluation
+_PHASE = {p.name: p for p in PHASES}
+POLICY_MARKER = "iteration.json"  # in policy/: the iteration whose train phase committed it, and its train info
+
+
+def kill_points(iterations: int) -> list[str]:
+    """Every named kill point of a run of `iterations` iterations, in order ("t<iteration>/<phase>:<point>")."""
+    names = lambda t: ITERATION_0 if t == 0 else [p.name for p in PHASES]
+    return [f"t{t}/{n}:{x}" for t in range(iterations + 1) for n in names(t) for x in _PHASE[n].points]
 
 
 class TaskLabels:
@@ -99,8 +141,9 @@ class Controller:
         test: list[Example],
         labels: TaskLabels | None = None,
         on_record: Callable[[str], object] | None = None,
+        stop: run_dir.Stop | None = None,
     ):
-        self.cfg, self.out = cfg, Path(out_dir)
+        self.cfg, self.out, self.stop = cfg, Path(out_dir), stop
         self.on_record = on_record  # called with the run directory after each record (rank 0): the CLI redraws
         self.base, self.policy_dir = base, self.out / "policy"
         self.rank, self.world = dist_utils.world()
@@ -177,6 +220,7 @@ class Controller:
             for i in idx
         ]
         outs = self.llm.generate(prompts, params, use_tqdm=cfg.progress)
+        failpoint.hit("sampled")
         self._gen_tokens += sum(len(c.token_ids) for o in outs for c in o.outputs)
         texts = [[c.text for c in o.outputs] for o in outs]
         flat = [t for ts in texts for t in ts]
@@ -203,6 +247,7 @@ class Controller:
                 for i, qs, ts in zip(idx, scored, texts)
             ]
             steps = [[s.step_scores for s in qs] for qs in scored]
+        failpoint.hit("scored")
         recs = []
         for k, (i, o) in enumerate(zip(idx, outs)):
             recs.append(
@@ -253,6 +298,24 @@ class Controller:
         )
 
     # -- phases -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _phase(self, t: int, name: str):
+        """Phase `name` of iteration t: its kill points' scope; the sampling phases start with cold prefix
+        caches (so that a phase redone after a resume scores in the same batches, from the same cache state,
+        as the uninterrupted run: bit-identical PRM scores); a stop request is honoured once it committed."""
+        if name not in _PHASE:
+            raise AssertionError(f"phase {name!r} is not in PHASES (the consistency model and the fault tests)")
+        if "sampled" in _PHASE[name].points:
+            self.llm.reset_prefix_cache()
+            if self.prm is not None:
+                self.prm.engine.reset_prefix_cache()
+        with failpoint.scope(f"t{t}/{name}"):
+            failpoint.hit("start")
+            yield
+            failpoint.hit("done")
+        if self.stop is not None:
+            self.stop.check(f"iteration {t}'s {name} phase")
+
     def _phase_file(self, t: int, name: str) -> Path:
         d = self.out / f"iter_{t:03d}"
         d.mkdir(parents=True, exist_ok=True)
@@ -286,8 +349,9 @@ class Controller:
         res["time_s"] = time.perf_counter() - t0
         res["gen_tokens"] = self._gen_tokens
         res["tokens_per_s"] = self._gen_tokens / max(res["time_s"], 1e-9)
+        failpoint.hit("commit")
         if self.rank == 0:
-            _atomic_json(path, res)
+            atomic_write_json(path, res)
         dist_utils.barrier()
         return res
 
@@ -303,8 +367,9 @@ class Controller:
             recs = self._rationalize(t, recs)
         dt = time.perf_counter() - t0
         info = {"time_s": dt, "gen_tokens": self._gen_tokens, "tokens_per_s": self._gen_tokens / max(dt, 1e-9)}
+        failpoint.hit("commit")
         if self.rank == 0:
-            _atomic_json(self._phase_file(t, "generate.json"), info)
+            atomic_write_json(self._phase_file(t, "generate.json"), info)
             write_jsonl(str(path), recs)
         dist_utils.barrier()
         return recs, info
@@ -387,14 +452,31 @@ class Controller:
             offload_optimizer=cfg.offload_optimizer,
         )
 
+    def _policy_marker(self) -> dict | None:
+        """policy/iteration.json: {"iteration": the iteration whose train phase committed the policy, "train":
+        that phase's info}; None before the first commit."""
+        path = self.policy_dir / POLICY_MARKER
+        return json.loads(path.read_text()) if path.exists() else None
+
     def train_policy(self, t: int, examples: list) -> dict:
-        """Fine-tune for train_steps steps, save the policy checkpoint with its optimizer state and
-        schedule step (atomically), hand the weights to the engine."""
-        cfg = self.cfg
-        marker = self.policy_dir / "iteration.json"
-        if marker.exists() and json.loads(marker.read_text())["iteration"] == t:
+        """Fine-tune for train_steps steps; commit the policy checkpoint (weights, optimizer state, schedule
+        step and the iteration marker, swapped in as one directory); hand the weights to the engine."""
+        marker = self._policy_marker()
+        held = marker and marker["iteration"]
+        if held == t:  # committed before a kill: the engine loaded the policy dir at start
+            info = marker.get("train") or json.loads(self._phase_file(t, "train.json").read_text())
             self.llm.load_weights(iter_weights(str(self.policy_dir)))
-            return json.loads(self._phase_file(t, "train.json").read_text())
+        elif (held or 0) != t - 1:
+            raise BStarError(f"{self.policy_dir} holds iteration {held}'s policy, not iteration {t - 1}'s")
+        else:
+            info = self._train(t, examples)
+        if self.rank == 0:
+            atomic_write_json(self._phase_file(t, "train.json"), info)  # a copy for readers; the marker commits
+        dist_utils.barrier()
+        return info
+
+    def _train(self, t: int, examples: list) -> dict:
+        cfg = self.cfg
         carry = not cfg.restart_from_base and (self.policy_dir / STATE_DIR / "state.json").exists()
         start = str(self.policy_dir) if carry else self.base
         t0 = time.perf_counter()
@@ -402,12 +484,14 @@ class Controller:
         metrics = self._phase_file(t, "train_metrics.jsonl")
         if metrics.exists() and self.rank == 0:
             metrics.unlink()  # a killed earlier attempt of this phase
+        marker = lambda: json.dumps({"iteration": t, "train": info}, indent=1)
         if examples:
             # engines asleep (weights in host memory, KV freed) while the trainer holds the device; the
             # trainer is freed before they wake (bstar.loop.memory.train_phase)
             with self._train_phase() as phase:
                 trainer = SFTTrainer(start, self._sft_config(t))
                 result = trainer.train(examples, continue_from=start if carry else None)
+                failpoint.hit("trained")
                 tokens = sum(m["tokens"] for m in result.metrics)
                 info.update(
                     steps=len(result.losses),
@@ -416,28 +500,31 @@ class Controller:
                     train_tokens=tokens,
                     lr_last=result.metrics[-1]["lr"] if result.metrics else None,
                     tokens_per_s=tokens / max(time.perf_counter() - t0, 1e-9),
+                    time_s=time.perf_counter() - t0,
                 )
-                trainer.save(self.policy_dir, trainer_state=True)  # weights, AdamW state, schedule step
+                failpoint.hit("commit")
+                # weights, AdamW state, schedule step and the marker: one directory, swapped in whole
+                trainer.save(self.policy_dir, trainer_state=True, extra_files={POLICY_MARKER: marker()})
                 if phase is not None:  # in process: no disk round trip
                     phase.hand_off("policy", trainer.named_weights())
                 else:
                     self.llm.load_weights(trainer.named_weights())
                 del trainer
-        else:  # nothing selected: the policy (and its optimizer state) stays as it is
-            if start != str(self.policy_dir):
-                if self.rank == 0:
-                    tmp = self.out / ".policy.tmp"
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    shutil.copytree(start, tmp)
-                    shutil.rmtree(self.policy_dir, ignore_errors=True)
-                    os.replace(tmp, self.policy_dir)
-                dist_utils.barrier()
-                self.llm.load_weights(iter_weights(str(self.policy_dir)))
+            return info
+        # nothing selected: the policy (and its optimizer state) stays as it is
         info["time_s"] = time.perf_counter() - t0
+        failpoint.hit("commit")
         if self.rank == 0:
-            _atomic_json(self._phase_file(t, "train.json"), info)
-            _atomic_json(marker, {"iteration": t})
+            if start != str(self.policy_dir):  # the base model becomes the policy
+                tmp = Path(temp_path(self.policy_dir))
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(start, tmp)
+                (tmp / POLICY_MARKER).write_text(marker())
+                atomic_replace(tmp, self.policy_dir)
+            else:
+                atomic_write_json(self.policy_dir / POLICY_MARKER, json.loads(marker()))
         dist_utils.barrier()
+        self.llm.load_weights(iter_weights(str(self.policy_dir)))
         return info
 
     def _train_phase(self):
@@ -492,6 +579,7 @@ class Controller:
         m.update(self._truth(self.test, sampled, ""))
         m["eval_time_s"] = time.perf_counter() - t0
         m["eval_tokens_per_s"] = self._gen_tokens / max(m["eval_time_s"], 1e-9)
+        failpoint.hit("commit")
         if self.rank == 0:
             rows = [dict(r, kind="greedy") for r in greedy] + [dict(r, kind="sampled") for r in sampled]
             write_jsonl(str(self._phase_file(t, "eval_samples.jsonl")), rows)
@@ -502,41 +590,60 @@ class Controller:
         path = self.out / "iterations.jsonl"
         return read_jsonl(path) if path.exists() else []
 
-    def _record(self, rec: dict):
-        if self.rank == 0:
-            recs = self.completed() + [rec]
-            write_jsonl(str(self.out / "iterations.jsonl"), recs)
-            if self.on_record is not None:
+    def _record(self, t: int, rec: dict):
+        """The record phase (iterations.jsonl, the manifest: it commits iteration t), then the report."""
+        with self._phase(t, "record"):
+            failpoint.hit("commit")
+            if self.rank == 0:
+                write_jsonl(str(self.out / "iterations.jsonl"), self.completed() + [rec])
+            dist_utils.barrier()
+        self._print(rec)
+        self._report(t)
+
+    def _report(self, t: int):
+        with self._phase(t, "report"):
+            failpoint.hit("redraw")
+            if self.rank == 0 and self.on_record is not None:
                 self.on_record(str(self.out))
-        dist_utils.barrier()
+            dist_utils.barrier()
 
     def run(self) -> list[dict]:
         cfg = self.cfg
         done = self.completed()
-        if not done:  # iteration 0: the starting policy
+        if done:  # a resume: a redraw that a kill interrupted is redone
+            self._report(done[-1]["iteration"])
+        else:  # iteration 0: the starting policy
             rec = {"iteration": 0, "mode": cfg.mode, "seed": cfg.seed, "gen_tokens_total": 0, "train_tokens_total": 0}
-            rec.update(self.evaluate(0))
-            self._record(rec)
-            self._print(rec)
+            with self._phase(0, "evaluate"):
+                rec.update(self.evaluate(0))
+            self._record(0, rec)
         for t in range(len(self.completed()), cfg.iterations + 1):
-            prev = self.completed()[-1]
-            rec = {"iteration": t, "mode": cfg.mode, "seed": cfg.seed}
+            self._iteration(t, self.completed()[-1])
+        return self.completed()
+
+    def _iteration(self, t: int, prev: dict):
+        """Iteration t's phases (PHASES), given the previous iteration's record."""
+        cfg = self.cfg
+        rec = {"iteration": t, "mode": cfg.mode, "seed": cfg.seed}
+        with self._phase(t, "search"):
             s = self.search(t)
-            rec.update(
-                temperature=s["temperature"],
-                search_threshold=s.get("threshold"),
-                search_balance_score=s.get("balance_score"),
-                search_cap=s.get("cap"),
-                search_gen_tokens=s["gen_tokens"],
-                search_time_s=s["time_s"],
-                search_tokens_per_s=s["tokens_per_s"],
-            )
+        rec.update(
+            temperature=s["temperature"],
+            search_threshold=s.get("threshold"),
+            search_balance_score=s.get("balance_score"),
+            search_cap=s.get("cap"),
+            search_gen_tokens=s["gen_tokens"],
+            search_time_s=s["time_s"],
+            search_tokens_per_s=s["tokens_per_s"],
+        )
+        with self._phase(t, "generate"):
             recs, g = self.generate(t, s["temperature"])
-            rec.update(
-                generate_gen_tokens=g["gen_tokens"],
-                generate_time_s=g["time_s"],
-                generate_tokens_per_s=g["tokens_per_s"],
-            )
+        rec.update(
+            generate_gen_tokens=g["gen_tokens"],
+            generate_time_s=g["time_s"],
+            generate_tokens_per_s=g["tokens_per_s"],
+        )
+        with self._phase(t, "select"):
             t0 = time.perf_counter()
             sel, si = self.select(recs)
             rec.update(
@@ -548,32 +655,34 @@ class Controller:
                 select_time_s=time.perf_counter() - t0,
                 train_frac_any_correct=sum(any(r["correct"]) for r in recs) / max(1, len(recs)),
             )
+            failpoint.hit("commit")
             if self.rank == 0 and "table" in si:
-                _atomic_json(self._phase_file(t, "selection.json"), {k: si[k] for k in ("threshold", "cap", "table")})
-            if self.prm is not None:
-                auc, _ = within_question_auc([r["correct"] for r in recs], [r["prm"] for r in recs])
-                rec["pool_prm_within_auc"] = auc
-            rec.update(self._truth(self.train, recs, "pool_"))
-            if self.labels is not None and sel.size:
-                rec["selected_valid"] = sum(
-                    self.labels.is_valid(self.train[c.query_id].question, c.text) for c in sel.selected
-                ) / len(sel.selected)
+                table = {k: si[k] for k in ("threshold", "cap", "table")}
+                atomic_write_json(self._phase_file(t, "selection.json"), table)
+        if self.prm is not None:
+            auc, _ = within_question_auc([r["correct"] for r in recs], [r["prm"] for r in recs])
+            rec["pool_prm_within_auc"] = auc
+        rec.update(self._truth(self.train, recs, "pool_"))
+        if self.labels is not None and sel.size:
+            rec["selected_valid"] = sum(
+                self.labels.is_valid(self.train[c.query_id].question, c.text) for c in sel.selected
+            ) / len(sel.selected)
+        with self._phase(t, "train"):
             tr = self.train_policy(t, self._sft_examples(recs, sel))
-            rec.update(
-                train_time_s=tr["time_s"],
-                train_steps=tr["steps"],
-                train_loss=tr["final_loss"],
-                train_lr_last=tr.get("lr_last"),
-                train_tokens=tr.get("train_tokens", 0),
-                train_tokens_per_s=tr.get("tokens_per_s"),
-            )
-            rec["gen_tokens"] = rec["search_gen_tokens"] + rec["generate_gen_tokens"]
-            rec["gen_tokens_total"] = prev.get("gen_tokens_total", 0) + rec["gen_tokens"]
-            rec["train_tokens_total"] = prev.get("train_tokens_total", 0) + rec["train_tokens"]
+        rec.update(
+            train_time_s=tr["time_s"],
+            train_steps=tr["steps"],
+            train_loss=tr["final_loss"],
+            train_lr_last=tr.get("lr_last"),
+            train_tokens=tr.get("train_tokens", 0),
+            train_tokens_per_s=tr.get("tokens_per_s"),
+        )
+        rec["gen_tokens"] = rec["search_gen_tokens"] + rec["generate_gen_tokens"]
+        rec["gen_tokens_total"] = prev.get("gen_tokens_total", 0) + rec["gen_tokens"]
+        rec["train_tokens_total"] = prev.get("train_tokens_total", 0) + rec["train_tokens"]
+        with self._phase(t, "evaluate"):
             rec.update(self.evaluate(t))
-            self._record(rec)
-            self._print(rec)
-        return self.completed()
+        self._record(t, rec)
 
     def _print(self, rec: dict):
         if self.rank != 0 or not self.cfg.progress:
@@ -620,26 +729,35 @@ def _limit(cfg: RunConfig, train: list[Example], test: list[Example]) -> tuple[l
     return train[: cfg.max_train_queries or None], test[: cfg.max_eval_queries or None]
 
 
+def _writable_dir(out: str) -> None:
+    try:
+        p = Path(out)
+        p.mkdir(parents=True, exist_ok=True)
+        probe = Path(temp_path(p / "write-test"))
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise BStarError(f"cannot write to out dir {out}: {e.strerror or e}") from None
+
+
+def _check_resumable(out: str) -> None:
+    if not (Path(out) / "config.json").exists():
+        raise BStarError(f"cannot resume: {out} holds no run (no config.json)")
+
+
 def prepare_out_dir(out: str, cfg: RunConfig | None, resume: bool) -> RunConfig:
     """Create (or, with resume, reopen) a run directory; returns the run's config."""
     p = Path(out)
     cfg_file = p / "config.json"
     if resume:
-        if not cfg_file.exists():
-            raise BStarError(f"cannot resume: {out} holds no run (no config.json)")
+        _check_resumable(out)
         return RunConfig.from_json(str(cfg_file))
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        probe = p / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise BStarError(f"cannot write to out dir {out}: {e.strerror or e}") from None
+    _writable_dir(out)
     if cfg_file.exists() and (p / "iterations.jsonl").exists():
         raise BStarError(f"{out} already holds a run; use --resume {out} to continue it, or another --out")
     rank, _ = dist_utils.world()
     if rank == 0:
-        _atomic_json(cfg_file, asdict(cfg))
+        atomic_write_json(cfg_file, asdict(cfg))
     dist_utils.barrier()
     return cfg
 
@@ -647,12 +765,23 @@ def prepare_out_dir(out: str, cfg: RunConfig | None, resume: bool) -> RunConfig:
 def run(
     cfg: RunConfig | None, out: str, resume: bool = False, on_record: Callable[[str], object] | None = None
 ) -> list[dict]:
-    """Run (or, with resume, continue) a whole B-STaR run in `out`; returns the per-iteration records.
-    on_record(out) runs after each iteration's record is written (the CLI redraws plots and report.md)."""
+    """Run (or, with resume, continue) a whole B-STaR run in `out`; returns the per-iteration records. The run
+    holds the directory (bstar.loop.run_dir: one writer, recovery after a kill, SIGINT / SIGTERM stop it
+    between phases with run_dir.RunStopped). on_record(out) is the report phase's work after each record (the
+    CLI redraws plots/ and report.md with bstar.results.report.redraw)."""
+    dist_utils.init_from_env()
+    if resume:
+        _check_resumable(out)
+    else:
+        _writable_dir(out)
+    with run_dir.open_run(out) as stop:
+        cfg = prepare_out_dir(out, cfg, resume)
+        return _run(cfg, out, stop, on_record)
+
+
+def _run(cfg: RunConfig, out: str, stop: run_dir.Stop, on_record=None) -> list[dict]:
     from bstar.embedded import EmbeddedConfig, build_assets
 
-    dist_utils.init_from_env()
-    cfg = prepare_out_dir(out, cfg, resume)
     labels = None
     if cfg.model is None:
         # Tiny models on a small CPU: one thread avoids OpenMP overhead that costs more than it saves.
@@ -667,7 +796,7 @@ def run(
         train, test = _load_data(cfg)
     policy_dir = Path(out) / "policy"
     start = str(policy_dir) if (policy_dir / "config.json").exists() else policy_base
-    ctl = Controller(cfg, out, start, policy_base, prm, train, test, labels, on_record)
+    ctl = Controller(cfg, out, start, policy_base, prm, train, test, labels, on_record=on_record, stop=stop)
     return ctl.run()
 
 

@@ -10,7 +10,8 @@ Weights are streamed: `stream_safetensors` writes the header from the tensors' n
 each tensor as it is gathered, so rank 0 never holds the whole model (nor, under FSDP, do the other ranks:
 each gathered tensor is dropped at once). `WeightReader` reads a checkpoint's tensors one at a time by name
 (rank 0 reads, the trainer broadcasts). Rank 0 writes into a temp dir beside the destination and renames it
-into place (`atomic_replace`), so a crash never leaves a half-written checkpoint under the final name. The
+into place (`atomic_replace`), so a crash never leaves a half-written checkpoint under the final name, and
+weights, optimizer state and schedule step (trainer_state/) are always those of one save. The
 optimizer state is read on rank 0 and broadcast (a shared filesystem under multi-node torchrun still holds
 the checkpoint every rank names).
 """
@@ -34,6 +35,8 @@ from torch.distributed.checkpoint.state_dict import (
 
 from bstar.engine.errors import CheckpointError
 from bstar.engine.model.loader import weight_files
+from bstar.utils import failpoint
+from bstar.utils.jsonl import temp_path
 
 STATE_DIR = "trainer_state"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
@@ -89,7 +92,10 @@ def stream_safetensors(
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(head)))
         f.write(head)
-        for (name, shape, dtype), (got, t) in zip(specs, tensors, strict=True):
+        for i, ((name, shape, dtype), (got, t)) in enumerate(zip(specs, tensors, strict=True)):
+            if i == len(specs) // 2:
+                f.flush()
+                failpoint.hit("mid-write")
             if got != name or tuple(t.shape) != tuple(shape) or t.dtype != dtype:
                 raise CheckpointError(
                     f"{path}: tensor {got} {tuple(t.shape)} {t.dtype} does not match the header's {name} "
@@ -155,25 +161,33 @@ def write_checkpoint(
     source_dir: Path,
     state: dict | None = None,
     info: dict | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> None:
     """Writes (rank 0 only) the weights (streamed: `specs` for the header, then `weights` one tensor at a
     time), config.json (with the weights' dtype) and the source dir's other files (tokenizer, generation
     config, ...) to `path`, plus trainer_state/ when `state` (gather_optimizer_state) is given; `info` (step,
-    config, data fingerprint, ...) goes into trainer_state/state.json."""
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    config, data fingerprint, ...) goes into trainer_state/state.json; `extra_files` (name: text) are written
+    beside config.json, committed with the rest (the B-STaR controller's iteration marker)."""
+    tmp = Path(temp_path(path))
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    stream_safetensors(tmp / "model.safetensors", specs, weights, metadata={"format": "pt"})
-    dtypes = {dt for _, _, dt in specs if dt.is_floating_point}
-    save_dtype = str(max(dtypes, key=lambda d: d.itemsize) if dtypes else torch.float32).replace("torch.", "")
-    cfg = dict(model_config, use_cache=True, dtype=save_dtype)
-    cfg.pop("torch_dtype", None)
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    for f in sorted(source_dir.iterdir()):
-        if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and f.name not in _NOT_COPIED:
-            shutil.copy2(f, tmp / f.name)
-    if state is not None:
-        _write_state(tmp / STATE_DIR, state, info or {})
+    try:
+        stream_safetensors(tmp / "model.safetensors", specs, weights, metadata={"format": "pt"})
+        dtypes = {dt for _, _, dt in specs if dt.is_floating_point}
+        save_dtype = str(max(dtypes, key=lambda d: d.itemsize) if dtypes else torch.float32).replace("torch.", "")
+        cfg = dict(model_config, use_cache=True, dtype=save_dtype)
+        cfg.pop("torch_dtype", None)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        for f in sorted(source_dir.iterdir()):
+            if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and f.name not in _NOT_COPIED:
+                shutil.copy2(f, tmp / f.name)
+        if state is not None:
+            _write_state(tmp / STATE_DIR, state, info or {})
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    except BaseException:  # an error, not a kill: no temporary left for a sweep
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     atomic_replace(tmp, path)
 
 
@@ -252,14 +266,31 @@ def restore_rng(rng: dict) -> None:
         torch.cuda.set_rng_state(rng["cuda"])
 
 
+def _aside(dest: Path, what: str) -> Path:
+    return dest.parent / f".{dest.name}.{what}"
+
+
 def atomic_replace(tmp: Path, dest: Path) -> None:
-    """rename() cannot replace a non-empty directory, so an existing `dest` is first moved aside;
-    at every instant either the old or the new complete checkpoint exists under a known name."""
-    if dest.exists():
-        old = dest.parent / f".{dest.name}.old-{os.getpid()}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dest, old)
-        os.replace(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, dest)
+    """Puts the complete directory `tmp` in place of `dest` so that a crash at any instant leaves exactly one
+    of the two under `dest`, or leaves what `finish_replace` completes. rename() cannot replace a non-empty
+    directory, so it takes three renames: tmp -> .<dest>.new (the commit: the new state is complete under a
+    known name), dest -> .<dest>.old, .<dest>.new -> dest; then .<dest>.old is removed."""
+    new = _aside(dest, "new")
+    shutil.rmtree(new, ignore_errors=True)  # staged by a crashed earlier swap: superseded
+    shutil.rmtree(_aside(dest, "old"), ignore_errors=True)
+    os.replace(tmp, new)
+    failpoint.hit("staged")
+    finish_replace(dest)
+
+
+def finish_replace(dest: Path) -> None:
+    """Completes an `atomic_replace` of `dest` that a crash interrupted (nothing to do after a complete one):
+    a staged .<dest>.new is complete, so it is rolled forward into place; .<dest>.old is removed."""
+    new, old = _aside(dest, "new"), _aside(dest, "old")
+    if new.exists():
+        if dest.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(dest, old)
+        failpoint.hit("swap")  # the old state (if any) moved aside, the new one not yet in place
+        os.replace(new, dest)
+    shutil.rmtree(old, ignore_errors=True)

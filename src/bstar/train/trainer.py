@@ -252,11 +252,14 @@ class SFTTrainer:
 
     # -- checkpoints -----------------------------------------------------------------------------
 
-    def save(self, path: str | os.PathLike, *, trainer_state: bool = True) -> Path:
+    def save(
+        self, path: str | os.PathLike, *, trainer_state: bool = True, extra_files: dict[str, str] | None = None
+    ) -> Path:
         """HF safetensors dir (config.json, model.safetensors, tokenizer and generation config copied
         from the source dir) plus, after training, trainer_state/ for resume. Written to a temp dir
         beside `path` and renamed into place, so `path` is never half-written. Every rank must call it:
-        each tensor is gathered in turn and streamed to rank 0's file (no rank holds the whole model)."""
+        each tensor is gathered in turn and streamed to rank 0's file (no rank holds the whole model).
+        `extra_files` (name: text) are committed with it (checkpoint.write_checkpoint)."""
         path = Path(path)
         with_state = trainer_state and self.optimizer is not None
         state = checkpoint.gather_optimizer_state(self.model, self.optimizer) if with_state else None
@@ -278,7 +281,9 @@ class SFTTrainer:
                     world_size=self.world,
                 )
             weights = ((n, t.to("cpu", dtype[n])) for n, t in gathered)
-            checkpoint.write_checkpoint(path, specs, weights, self.model.config.to_dict(), self.model_dir, state, info)
+            checkpoint.write_checkpoint(
+                path, specs, weights, self.model.config.to_dict(), self.model_dir, state, info, extra_files
+            )
         else:
             for _ in gathered:  # the all-gathers rank 0's writer runs
                 pass

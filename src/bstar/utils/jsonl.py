@@ -1,13 +1,16 @@
-"""JSONL reading with line-numbered errors (the one reader of every JSONL file), and atomic writing."""
+"""JSONL reading with line-numbered errors (the one reader of every JSONL file), and atomic writing (of
+every file a run directory commits: JSON and JSONL alike)."""
 
 import json
 import os
-import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import IO
 
 import click
 
 from bstar.errors import DataError
+from bstar.utils import failpoint
 
 
 def parse_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict | None, str | None]]:
@@ -55,20 +58,57 @@ def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] = ()) -> list[
     return records
 
 
-def write_jsonl(path: str | os.PathLike, records) -> None:
-    """Write records atomically: a crash never leaves a half-written file at `path`."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".jsonl")
+TMP_TAG = ".tmp-"  # in every temporary name (".<name>.tmp-<pid>"): what a resume sweeps
+
+
+def temp_path(path: str | os.PathLike) -> str:
+    """The temporary name `path` is written under before it is renamed into place."""
+    d, name = os.path.split(os.path.abspath(path))
+    return os.path.join(d, f".{name}{TMP_TAG}{os.getpid()}")
+
+
+def is_temp(name: str) -> bool:
+    return name.startswith(".") and TMP_TAG in name
+
+
+@contextmanager
+def atomic_open(path: str | os.PathLike) -> Iterator[IO[str]]:
+    """A text file that appears at `path` only when the block ends without an error: a crash leaves the old
+    file (or none) there, never a half-written one; at most a temporary (`is_temp`) beside it."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = temp_path(path)
     try:
-        with os.fdopen(fd, "w") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        with open(tmp, "w") as f:
+            yield f
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_open(path) as f:
+        half = len(text) // 2
+        f.write(text[:half])
+        f.flush()
+        failpoint.hit("mid-write")
+        f.write(text[half:])
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=1))
+
+
+def write_jsonl(path: str | os.PathLike, records) -> None:
+    """Write records atomically (atomic_open), one line at a time."""
+    records = list(records)
+    with atomic_open(path) as f:
+        for i, r in enumerate(records):
+            if i == len(records) // 2:
+                f.flush()
+                failpoint.hit("mid-write")
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
 def emit(records: list[dict], out: str) -> None:
