@@ -11,6 +11,7 @@ subcommand:
 (torch, transformers, the engine, matplotlib) load when a command runs, so --help stays fast.
 """
 
+import errno
 import sys
 
 import click
@@ -22,6 +23,8 @@ from bstar.cli.score import score
 from bstar.cli.sft import sft
 from bstar.errors import BStarError
 
+_RETRYABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
 
 class _Group(click.Group):
     """Turns user-facing errors into one readable line and a non-zero exit, not a traceback."""
@@ -29,8 +32,13 @@ class _Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except (BStarError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+        except BStarError as e:
             click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+        except OSError as e:  # a missing file, no permission, no space left, a read-only disk...
+            where = f"{e.filename}: " if e.filename else ""
+            hint = "; free space (or fix permissions) and rerun (`run --resume DIR` continues a run)"
+            click.echo(f"error: {where}{e.strerror or e}{hint if e.errno in _RETRYABLE else ''}", err=True)
             sys.exit(1)
 
 

@@ -54,7 +54,7 @@ from bstar.results.report import redraw
 from bstar.train import SFTConfig, SFTExample, SFTTrainer
 from bstar.train.checkpoint import STATE_DIR
 from bstar.utils import distributed as dist_utils
-from bstar.utils.jsonl import read_jsonl, write_jsonl
+from bstar.utils.jsonl import read_json, read_jsonl, write_jsonl
 
 _SEED_MASK = (1 << 62) - 1
 REFERENCE_BETAS = (0.9, 0.999)  # the reference's AdamW (train_sft_step.py arguments)
@@ -261,7 +261,7 @@ class Controller:
         cfg = self.cfg
         path = self._phase_file(t, "search.json")
         if path.exists():
-            return json.loads(path.read_text())
+            return read_json(path)
         t0, self._gen_tokens = time.perf_counter(), 0
         if cfg.mode != "bstar":
             res = {"temperature": cfg.temperature}
@@ -292,7 +292,7 @@ class Controller:
     def generate(self, t: int, temperature: float) -> tuple[list[dict], dict]:
         path = self._phase_file(t, "candidates.jsonl")
         if path.exists():
-            return read_jsonl(path), json.loads(self._phase_file(t, "generate.json").read_text())
+            return read_jsonl(path), read_json(self._phase_file(t, "generate.json"))
         t0, self._gen_tokens = time.perf_counter(), 0
         recs = self._sample_all(
             self.train, list(range(len(self.train))), self.cfg.num_samples, temperature, f"generate-{t}"
@@ -390,9 +390,9 @@ class Controller:
         schedule step (atomically), hand the weights to the engine."""
         cfg = self.cfg
         marker = self.policy_dir / "iteration.json"
-        if marker.exists() and json.loads(marker.read_text())["iteration"] == t:
+        if marker.exists() and read_json(marker)["iteration"] == t:
             self.llm.load_weights(iter_weights(str(self.policy_dir)))
-            return json.loads(self._phase_file(t, "train.json").read_text())
+            return read_json(self._phase_file(t, "train.json"))
         carry = not cfg.restart_from_base and (self.policy_dir / STATE_DIR / "state.json").exists()
         start = str(self.policy_dir) if carry else self.base
         t0 = time.perf_counter()
@@ -617,6 +617,21 @@ def _limit(cfg: RunConfig, train: list[Example], test: list[Example]) -> tuple[l
     return train[: cfg.max_train_queries or None], test[: cfg.max_eval_queries or None]
 
 
+def check_inputs(cfg: RunConfig) -> tuple[list[Example], list[Example]] | None:
+    """What a new run reads, checked before its directory is made: the device, the checkpoints' configs
+    and (with --model) the data files, which it returns."""
+    from bstar.engine.config import ModelConfig
+    from bstar.engine.core.llm_engine import resolve_device
+
+    resolve_device(cfg.device)
+    for path in (cfg.model, cfg.prm):
+        if path is not None:
+            if not Path(path).is_dir():
+                raise BStarError(f"model directory {path} does not exist")
+            ModelConfig.from_dir(path)
+    return None if cfg.model is None else _load_data(cfg)
+
+
 def prepare_out_dir(out: str, cfg: RunConfig | None, resume: bool) -> RunConfig:
     """Create (or, with resume, reopen) a run directory; returns the run's config."""
     p = Path(out)
@@ -646,6 +661,7 @@ def run(cfg: RunConfig | None, out: str, resume: bool = False) -> list[dict]:
     from bstar.embedded import EmbeddedConfig, build_assets
 
     dist_utils.init_from_env()
+    data = None if resume else check_inputs(cfg)  # before anything is written under out
     cfg = prepare_out_dir(out, cfg, resume)
     labels = None
     if cfg.model is None:
@@ -658,7 +674,7 @@ def run(cfg: RunConfig | None, out: str, resume: bool = False) -> list[dict]:
         labels = builtin_labels()
     else:
         policy_base, prm = cfg.model, cfg.prm
-        train, test = _load_data(cfg)
+        train, test = data or _load_data(cfg)
     policy_dir = Path(out) / "policy"
     start = str(policy_dir) if (policy_dir / "config.json").exists() else policy_base
     ctl = Controller(cfg, out, start, policy_base, prm, train, test, labels)
