@@ -5,6 +5,7 @@ equal the same requests run alone."""
 
 import asyncio
 import json
+import os
 import random
 
 import pytest
@@ -248,3 +249,238 @@ def test_nan_weights_end_requests_with_an_error_and_valid_json(tmp_path):
     assert out.outputs[0].finish_reason == "error" and "NaN" in out.error
     json.dumps([c.cumulative_logprob for c in out.outputs], allow_nan=False)
     assert llm.llm_engine.block_manager.num_used == 0
+
+
+# -- the command line: one line, exit 1, no traceback, nothing written ---------------------------------
+
+
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from bstar.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _refused(r, *fragments):
+    """One line on stderr ("error: ..." from the group, "Error: ..." from sft's click), exit 1, no traceback."""
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), (r.output, r.exception)
+    text = r.output.split("\r")[-1].lstrip()  # (after a progress bar that cleared itself)
+    assert "Traceback" not in r.output and text.count("\n") == 1, r.output
+    assert text.lower().startswith("error: "), r.output
+    for f in fragments:
+        assert f in text, r.output
+
+
+@pytest.fixture
+def broken_models(llama_dir, tmp_path):
+    """Copies of the tiny Llama whose config.json is broken in one way each."""
+    import shutil
+
+    base = json.loads((llama_dir / "config.json").read_text())
+    cases = {
+        "list": [base],
+        "string": dict(base, hidden_size="ninety-six"),
+        "zero_heads": dict(base, num_attention_heads=0),
+        "negative_vocab": dict(base, vocab_size=-5),
+        "huge_context": dict(base, max_position_embeddings=10**12),
+    }
+    out = {}
+    for name, cfg in cases.items():
+        d = tmp_path / "models" / name
+        shutil.copytree(llama_dir, d)
+        (d / "config.json").write_text(json.dumps(cfg))
+        out[name] = d
+    truncated = tmp_path / "models" / "truncated"
+    shutil.copytree(llama_dir, truncated)
+    (truncated / "config.json").write_text(json.dumps(base)[:40])
+    out["truncated"] = truncated
+    return out
+
+
+WHY = {
+    "list": "must hold a JSON object",
+    "string": "malformed field",
+    "zero_heads": "num_heads must be >= 1",
+    "negative_vocab": "vocab_size must be >= 1",
+    "huge_context": "max_position_embeddings must be in",
+    "truncated": "not valid JSON",
+}
+
+
+def test_cli_malformed_model_config_refused_before_writing(broken_models, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt_token_ids": [1, 2]}) + "\n")
+    data = tmp_path / "sft.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"question": "q", "answer": "x\n#### 1"}) + "\n")
+    scores = tmp_path / "s.jsonl"
+    scores.write_text(json.dumps({"question": "q", "response": "a"}) + "\n")
+    for name, d in broken_models.items():
+        out = tmp_path / f"out-{name}"
+        why = WHY[name]
+        _refused(_cli("generate", "--model", d, "--prompts", prompts, "--out", out / "o.jsonl"), why)
+        _refused(_cli("score", "--prm", d, "--data", scores, "--out", out / "o.jsonl"), why)
+        _refused(_cli("sft", "--model", d, "--data", data, "--out", out), why)
+        _refused(_cli("run", "--model", d, "--train-data", qa, "--eval-data", qa, "--out", out), why)
+        assert not out.exists(), name
+
+
+RUN_BAD = [
+    (["--temperatures", "-1,0.5"], "--temperatures must be finite numbers >= 0"),
+    (["--temperatures", "0:1e9:1e-9"], "more than 10000 values"),
+    (["--lr", "nan"], "--lr must be a finite number > 0"),
+    (["--lr", "-1"], "--lr must be a finite number > 0"),
+    (["--search-subset", "0"], "--search-subset must be >= 1"),
+    (["--n-star", "0"], "--n-star must be >= 1"),
+    (["--target-per-query", "-1"], "--target-per-query must be a number > 0"),
+    (["--max-per-query", "0"], "--max-per-query must be >= 1"),
+    (["--device", "garbage"], "--device must be auto, cpu, cuda or cuda:N"),
+    (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N"),
+    (["--max-tokens", "0"], "--max-tokens must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("args, why", RUN_BAD, ids=[" ".join(a) for a, _ in RUN_BAD])
+def test_cli_run_bad_options_refused_before_the_run_directory(tmp_path, args, why):
+    out = tmp_path / "run"
+    _refused(_cli("run", "--out", out, *args), why)
+    assert not out.exists()  # so the corrected command just works
+
+
+def test_cli_generate_bad_inputs(llama_dir, tmp_path):
+    good = tmp_path / "p.jsonl"
+    good.write_text(json.dumps({"prompt_token_ids": [1, 2]}) + "\n")
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    gen = ["generate", "--model", llama_dir, "--max-tokens", "2"]
+    cases = [
+        (["--prompts", good, "--num-kv-blocks", "0"], "--num-kv-blocks must be >= 1"),
+        (["--prompts", good, "--device", "garbage"], "unsupported device 'garbage'"),
+        (["--prompts", good, "--device", "tpu"], "unsupported device 'tpu'"),
+        (["--prompts", good, "--out", a_file / "o.jsonl"], "is under a file"),
+        (["--prompts", good, "--temperature", "-1"], "invalid sampling value temperature=-1.0"),
+        (["--prompts", good, "--n", "0"], "invalid sampling value n=0"),
+    ]
+    lines = {
+        '{"prompt": 42}': "p.jsonl:2: 'prompt' must be a string",
+        '{"prompt_token_ids": "1 2 3"}': "p.jsonl:2: 'prompt_token_ids' must be a list of integers",
+        '{"prompt_token_ids": [1, true]}': "p.jsonl:2: 'prompt_token_ids' must be a list of integers",
+        "[" * 400_000 + "]" * 400_000: "p.jsonl:2: JSON nested too deeply",
+        '{"prompt": "\xff"}'.encode("latin-1"): "p.jsonl:2: line is not valid UTF-8",
+    }
+    for k, (line, why) in enumerate(lines.items()):
+        f = tmp_path / f"bad{k}" / "p.jsonl"
+        f.parent.mkdir()
+        f.write_bytes(b'{"prompt": "ok"}\n' + (line if isinstance(line, bytes) else line.encode()) + b"\n")
+        cases.append((["--prompts", f], why))
+    txt = tmp_path / "p.txt"
+    txt.write_bytes(b"fine\n\xff\xfe not utf-8\n")
+    cases.append((["--prompts", txt], "p.txt is not valid UTF-8"))
+    for args, why in cases:
+        out = tmp_path / "out" / "o.jsonl"
+        _refused(_cli(*gen, "--out", out, *args), why)
+        assert not (tmp_path / "out").exists()
+
+
+def test_cli_generate_io_fault_is_one_line_and_leaves_no_file(llama_dir, tmp_path, monkeypatch):
+    """No space left on the device when the outputs are written: one line naming the file, no partial file
+    and no temp file left behind; the same command then works."""
+    import errno
+
+    import bstar.utils.jsonl as jsonl
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt_token_ids": [1, 2]}) + "\n")
+    out = tmp_path / "o" / "o.jsonl"
+    cmd = ["generate", "--model", llama_dir, "--prompts", prompts, "--out", out, "--max-tokens", "2", "--device", "cpu"]
+    class FullDisk:  # jsonl's `os`, whose rename of the written file fails as on a full disk
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        @staticmethod
+        def replace(src, dst):
+            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+
+    monkeypatch.setattr(jsonl, "os", FullDisk())
+    _refused(_cli(*cmd), f"cannot write {out}: No space left on device")
+    assert not out.exists() and not list(out.parent.glob(".tmp-*"))
+    monkeypatch.setattr(jsonl, "os", os)
+    r = _cli(*cmd)
+    assert r.exit_code == 0, r.output
+    assert len(out.read_text().splitlines()) == 1
+
+
+def test_cli_group_reports_os_errors_in_one_line(tmp_path, monkeypatch):
+    """A disk that fills mid-run (any OSError out of a command) is one line with the file and the way on."""
+    import errno
+
+    import bstar.loop.controller as controller
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "iter_001" / "x"))
+
+    monkeypatch.setattr(controller, "run", full)
+    _refused(_cli("run", "--out", tmp_path / "run"), "No space left on device", "--resume")
+
+
+def test_cli_sft_refuses_pickle_bad_numbers_and_bad_data(llama_dir, tmp_path):
+    import shutil
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    pickled = tmp_path / "pickled"
+    shutil.copytree(llama_dir, pickled)
+    for f in pickled.glob("*.safetensors*"):
+        f.unlink()
+    (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    bad_data = tmp_path / "bad.jsonl"
+    bad_data.write_text('{"prompt": 42, "completion": "b"}\n')
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    cases = [
+        (["--model", pickled, "--data", data], "refusing to unpickle", "safetensors convert script"),
+        (["--model", llama_dir, "--data", data, "--lr", "nan"], "--lr must be a finite number > 0"),
+        (["--model", llama_dir, "--data", data, "--lr", "-1"], "--lr must be a finite number > 0"),
+        (["--model", llama_dir, "--data", data, "--device", "tpu"], "unsupported device 'tpu'"),
+        (["--model", llama_dir, "--data", bad_data], "bad.jsonl:1: field 'prompt' is not a string"),
+    ]
+    for args, *why in cases:
+        _refused(_cli("sft", *args, "--out", tmp_path / "out"), *why)
+        assert not (tmp_path / "out").exists()
+    _refused(_cli("sft", "--model", llama_dir, "--data", data, "--out", a_file / "out"), "is under a file")
+
+
+def test_cli_resume_with_corrupt_state_files(tmp_path):
+    """--resume with a truncated or garbage config.json: one line naming the file; the state files a resume
+    reads (search.json, state.json, optimizer file) are one line naming the file too."""
+    from bstar.errors import BStarError
+    from bstar.loop.config import RunConfig
+    from bstar.train.checkpoint import read_info, read_optimizer_state
+    from bstar.utils.jsonl import read_json
+
+    run = tmp_path / "run"
+    run.mkdir()
+    good = json.dumps(RunConfig().__dict__)
+    for text, why in [
+        (good[: len(good) // 2], "is corrupt"),
+        ("\xff\xfe", "is corrupt"),
+        ("[1, 2]", "not a JSON object"),
+        (json.dumps(dict(RunConfig().__dict__, iterations="5")), "iterations must be int"),
+        (json.dumps(dict(RunConfig().__dict__, lr=-1)), "--lr must be a finite number > 0"),
+        ("[" * 400_000, "is corrupt"),
+    ]:
+        (run / "config.json").write_bytes(text.encode("latin-1") if text.startswith("\xff") else text.encode())
+        _refused(_cli("run", "--resume", run), str(run / "config.json"), why)
+    (run / "search.json").write_text('{"temperature": 0.')
+    with pytest.raises(BStarError, match="search.json is corrupt"):
+        read_json(run / "search.json")
+    state = tmp_path / "ckpt" / "trainer_state"
+    state.mkdir(parents=True)
+    (state / "state.json").write_text("{")
+    with pytest.raises(BStarError, match="state.json is corrupt"):
+        read_info(tmp_path / "ckpt")
+    (state / "optimizer.safetensors").write_bytes(b"\x10\x00\x00\x00garbage")
+    with pytest.raises(BStarError, match="optimizer.safetensors is corrupt"):
+        read_optimizer_state(tmp_path / "ckpt", {"param_groups": []})

@@ -18,14 +18,18 @@ def check_number(option: str, value: float, low: float | None = None, low_open: 
 
 def check_out_dir(out: str | os.PathLike) -> None:
     """--out can be created (or is a directory) and written: not under a file, not read-only."""
-    p = Path(out).absolute()
-    if p.exists() and not p.is_dir():
+    if Path(out).exists() and not Path(out).is_dir():
         raise BStarError(f"--out {out} is a file; give a directory")
-    parent = p
+    _check_creatable(out)
+
+
+def _check_creatable(out: str | os.PathLike) -> None:
+    """Its nearest existing ancestor is a writable directory."""
+    parent = Path(out).absolute()
     while not parent.exists():
         parent = parent.parent
-    if not parent.is_dir():
-        raise BStarError(f"--out {out} is under a file ({parent}); give a directory path")
+    if parent != Path(out).absolute() and not parent.is_dir():
+        raise BStarError(f"--out {out} is under a file ({parent}); give a path in a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise BStarError(f"--out {out}: {parent} is not writable (read-only or no permission)")
 
@@ -45,4 +49,4 @@ def check_out_file(out: str) -> None:
         return
     if Path(out).is_dir():
         raise BStarError(f"--out {out} is a directory; give a file path")
-    check_out_dir(Path(out).parent if str(Path(out).parent) else ".")
+    _check_creatable(out)

@@ -80,9 +80,9 @@ def generate(
     if num_kv_blocks is not None and num_kv_blocks < 1:
         raise BStarError(f"--num-kv-blocks must be >= 1 (or left out: sized from memory), got {num_kv_blocks}")
     resolve_device(device)
-    ModelConfig.from_dir(model)
     check_out_file(out)
     prompts = _load_prompts(prompts_file)
+    ModelConfig.from_dir(model)
     params = SamplingParams(
         n=n,
         temperature=temperature,

@@ -34,17 +34,17 @@ def score(prm_path, data, out, kind, step_tag, good_token, bad_token, delimiter,
 
     # Every option, the PRM's config and the data, before anything loads or is written.
     resolve_device(device)
-    ModelConfig.from_dir(prm_path)
     check_out_file(out)
     records = read_jsonl(data, required=("question",))
     cands = []
     for i, r in enumerate(records):
         c = r.get("candidates", [r["response"]] if "response" in r else None)
         if not isinstance(r["question"], str):
-            raise DataError(f"{data}: record {i + 1}: 'question' must be a string")
+            raise DataError(f"{data}:{i + 1}: 'question' must be a string")
         if not isinstance(c, list) or not all(isinstance(x, str) for x in c):
-            raise DataError(f"{data}: record {i + 1}: needs 'candidates' (a list of strings) or 'response' (a string)")
+            raise DataError(f"{data}:{i + 1}: needs 'candidates' (a list of strings) or 'response' (a string)")
         cands.append(c)
+    ModelConfig.from_dir(prm_path)
     prm = PRM(
         prm_path,
         kind=kind,
