@@ -395,6 +395,7 @@ def test_cli_generate_io_fault_is_one_line_and_leaves_no_file(llama_dir, tmp_pat
     prompts.write_text(json.dumps({"prompt_token_ids": [1, 2]}) + "\n")
     out = tmp_path / "o" / "o.jsonl"
     cmd = ["generate", "--model", llama_dir, "--prompts", prompts, "--out", out, "--max-tokens", "2", "--device", "cpu"]
+
     class FullDisk:  # jsonl's `os`, whose rename of the written file fails as on a full disk
         def __getattr__(self, name):
             return getattr(os, name)
