@@ -170,6 +170,28 @@ def test_fifty_good_and_one_poisoned_request_in_a_step(llm, where):
         assert [c.token_ids for c in got[rid].outputs] == _alone(llm, prompt, params), rid
 
 
+def test_poisoned_step_with_async_scheduling(llama_dir):
+    """The same isolation when steps launch before the previous draw reaches the host."""
+    llm = LLM(str(llama_dir), **CPU, num_kv_blocks=48, async_scheduling=True)
+    eng, rng = llm.llm_engine, random.Random(5)
+    reqs = [_good(rng, k) for k in range(8)]
+    for k, (prompt, params) in enumerate(reqs):
+        eng.add_request(f"g{k}", prompt, params)
+    eng.add_request("poison", [9, 9], SamplingParams(max_tokens=5, ignore_eos=True))
+    restore = _poison_runner(eng, {"poison"}, "sampler")
+    try:
+        got = {}
+        while eng.has_unfinished_requests():
+            for out in eng.step():
+                got[out.request_id] = out
+    finally:
+        restore()
+    assert got["poison"].outputs[0].finish_reason == "error" and eng.block_manager.num_used == 0
+    for k, (prompt, params) in enumerate(reqs):
+        assert got[f"g{k}"].error is None
+        assert [c.token_ids for c in got[f"g{k}"].outputs] == _alone(llm, prompt, params), k
+
+
 def test_fuzz_mixed_batches_good_outputs_equal_alone(llm):
     """Random batches of good requests with bad ones mixed in (refused at admission, or poisoned inside a
     step): every good output equals the same request run alone."""

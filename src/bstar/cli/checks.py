@@ -29,9 +29,9 @@ def _check_creatable(out: str | os.PathLike) -> None:
     while not parent.exists():
         parent = parent.parent
     if parent != Path(out).absolute() and not parent.is_dir():
-        raise BStarError(f"--out {out} is under a file ({parent}); give a path in a directory")
+        raise BStarError(f"cannot write to out dir {out}: it is under a file ({parent}); give a path in a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise BStarError(f"--out {out}: {parent} is not writable (read-only or no permission)")
+        raise BStarError(f"cannot write to out dir {out}: {parent} is read-only (or not yours); give another --out")
 
 
 def make_out_dir(out: str | os.PathLike) -> None:
