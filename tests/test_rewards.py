@@ -525,17 +525,19 @@ def test_math_verify_is_imported_on_first_use():
 @pytest.mark.parametrize("workers", [0, 1])
 def test_junk_around_a_right_answer_is_graded_wrong(workers):
     """The documented rule (docs/errors.md, rewards.is_junk): a right answer buried in a 10 MB response, or
-    followed by 1,000 NUL bytes (or any control character but tab/newline/CR), gets no reward."""
+    followed by 1,000 NUL bytes (more than 16 control characters but tab/newline/CR), gets no reward."""
     right = "Adding them gives $\\boxed{\\frac{1}{2}}$."
+    noise = "".join(chr(c) for c in (0, 7, 0x0E, 0x1F, 0x7F))
     responses = [
         right,
         "x" * 10_000_000 + right,
         right + "\x00" * 1000,
-        "\x07" + right,
+        noise * 4 + right,  # 20 control characters
         "a" * (rw.MAX_RESPONSE_CHARS - len(right)) + right,  # at the limit: still graded
+        noise * 3 + right + "\x00",  # 16, a byte-level model's noise: still graded
     ]
     golds = ["0.5"] * len(responses)
     got = grade_batch(responses, golds, "math", workers=workers, progress=False)
-    assert got == [True, False, False, False, True]
+    assert got == [True, False, False, False, True, True]
     assert [grade(r, g, "math") for r, g in zip(responses, golds)] == got
     assert grade("#### 18\t\r\n", "18", "gsm8k") is True

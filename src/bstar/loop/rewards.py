@@ -54,7 +54,9 @@ MAX_DIGITS = 64  # longest digit run
 MAX_EXPONENT = 10_000  # largest integer literal inside an exponent
 MAX_FACTORIAL = 1_000  # largest integer literal next to ! or binomials
 MAX_RESPONSE_CHARS = 1 << 16  # a longer response is junk (is_junk): 16x any max_tokens the loop uses
-# Control characters other than tab, newline and carriage return (NUL bytes...) never belong in an answer.
+# Control characters other than tab, newline and carriage return (NUL bytes...): a few are a byte-level
+# model's noise (a tiny policy's right answers hold 2-3), more than this many are junk (is_junk).
+MAX_CONTROL_CHARS = 16
 _JUNK_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 TIMED_OUT = None  # what a comparison that ran past its limit gives (internally; grade() says False)
 _GRACE = 1.0  # extra seconds before a helper process that overran is killed
@@ -96,9 +98,16 @@ _MATH_SPAN_RE = re.compile(r"\$+([^$]+)\$+")
 
 def is_junk(text: str) -> bool:
     """A response the reward refuses whatever answer it holds: longer than MAX_RESPONSE_CHARS (a right
-    answer buried in 10 MB of text), or holding control characters such as NUL bytes. An RL policy must
-    not learn that padding around an answer is free; a genuine solution has neither."""
-    return len(text) > MAX_RESPONSE_CHARS or _JUNK_RE.search(text) is not None
+    answer buried in 10 MB of text), or holding more than MAX_CONTROL_CHARS control characters (an answer
+    followed by 1,000 NUL bytes). An RL policy must not learn that padding around an answer is free."""
+    if len(text) > MAX_RESPONSE_CHARS:
+        return True
+    found = 0
+    for _ in _JUNK_RE.finditer(text):
+        found += 1
+        if found > MAX_CONTROL_CHARS:
+            return True
+    return False
 
 
 def _tail(text: str) -> str:
