@@ -156,12 +156,14 @@ def test_fifty_good_and_one_poisoned_request_in_a_step(llm, where):
     eng.add_request("poison", [9, 9, 9], SamplingParams(max_tokens=4))
     restore = _poison_runner(eng, {"poison"}, where)
     try:
-        got = {}
+        got, steps = {}, 0
         while eng.has_unfinished_requests():
+            steps += 1
             for out in eng.step():
                 got[out.request_id] = out
     finally:
         restore()
+    assert steps < 51  # bisected: not a step (or more) per request of the poisoned batch
     assert got["poison"].outputs[0].finish_reason == "error"
     assert "IndexError" in got["poison"].error and "\n" not in got["poison"].error
     assert all(got[r].error is None for r in ids)

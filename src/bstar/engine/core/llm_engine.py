@@ -135,13 +135,12 @@ class LLMEngine:
         self.num_discarded_tokens = 0  # async scheduling: drawn for candidates that had stopped meanwhile
         self._weights_to_load: set[str] = set()  # after a level-2 sleep: names load_weights has yet to set
         self._in_flight: _InFlight | None = None  # async scheduling: the launched step whose draw is not taken in
-        # Isolation (step()): the scheduled batch of the step under way; the requests of a failed step still
-        # to run alone, the one running alone now (and its successful drawing steps); outputs a failed step
-        # had already produced.
+        # Isolation (step()): the scheduled batch of the step under way; groups of requests of a failed step
+        # still to run apart from the others; the group running now, with its members' successful drawing
+        # steps; outputs a failed step had already produced.
         self._batch = None
-        self._suspects: list[str] = []
-        self._focus: str | None = None
-        self._focus_draws = 0
+        self._suspects: list[list[str]] = []
+        self._focus: dict[str, int] | None = None
         self._salvaged: list[RequestOutput] = []
         # vLLM's handles (llm_engine.model_config, .model_executor.driver_worker...): engine/vllm_compat.py
         # (they hold a weak proxy: no reference cycle, so dropping the engine frees its memory at once)
@@ -262,16 +261,15 @@ class LLMEngine:
         """Run one scheduled model step; return the requests that finished in it.
 
         One bad request never takes the engine down: a step that raises is undone (every running sequence
-        is preempted, to be recomputed) and each of its requests then runs alone until it has drawn twice;
-        the one that fails alone finishes with finish_reason "error" and RequestOutput.error, the others'
-        outputs are those they would have had (draws depend only on the seed and the tokens)."""
-        if self._focus is not None and self._focus not in self.requests:
-            self._focus = None  # finished or aborted
+        is preempted, to be recomputed) and its requests are bisected: each half runs apart from the rest
+        until every member has drawn twice, and a half that fails again is split again. The request that
+        fails alone finishes with finish_reason "error" and RequestOutput.error; the others' outputs are
+        those they would have had (draws depend only on the seed and the tokens). A poisoned batch of n
+        requests costs about 4 log2(n) steps with fewer rows."""
         while self._focus is None and self._suspects:
-            rid = self._suspects.pop(0)
-            if rid in self.requests:
-                self._focus, self._focus_draws = rid, 0
-        self.scheduler.focus = self._focus
+            group = {rid: 0 for rid in self._suspects.pop(0) if rid in self.requests}
+            self._focus = group or None
+        self.scheduler.focus = None if self._focus is None else set(self._focus)
         with self.runner.guard():
             try:
                 done = self._step()
@@ -281,14 +279,15 @@ class LLMEngine:
         return done
 
     def _after_focus_step(self):
-        """Count the focused request's successful drawing steps; two (the step that failed, then one more:
-        async scheduling takes a draw in one step later) clear it."""
+        """Count the focused group's successful drawing steps; two for each live member (the step that
+        failed, then one more: async scheduling takes a draw in one step later) clear the group."""
         batch, self._batch = self._batch, None
-        if self._focus is None or batch is None:
+        if self._focus is None:
             return
-        if any(batch.seqs[i].request_id == self._focus for i in batch.sampled):
-            self._focus_draws += 1
-        if self._focus_draws >= 2 or self._focus not in self.requests:
+        for rid in {batch.seqs[i].request_id for i in batch.sampled} if batch else ():
+            if rid in self._focus:
+                self._focus[rid] += 1
+        if all(n >= 2 for rid, n in self._focus.items() if rid in self.requests):
             self._focus = None
 
     def _recover(self, err: Exception) -> list[RequestOutput]:
@@ -299,16 +298,18 @@ class LLMEngine:
         batch, self._batch = self._batch, None
         done, self._salvaged = self._salvaged, []
         involved = list(dict.fromkeys(s.request_id for s in batch.seqs)) if batch else list(self.requests)
+        self._focus = None
         self._undo_step(batch)
         why = str(err).strip().splitlines()[0] if str(err).strip() else "no message"
-        if self._focus is not None or len(involved) == 1:
-            rid = self._focus if self._focus is not None else involved[0]
-            self._focus = None
-            out = self.fail_request(rid, f"an engine step failed with this request: {type(err).__name__}: {why}")
+        if len(involved) == 1:
+            out = self.fail_request(
+                involved[0], f"an engine step failed with this request: {type(err).__name__}: {why}"
+            )
             if out is not None:
                 done.append(out)
-        else:
-            self._suspects = involved + [r for r in self._suspects if r not in involved]
+        elif involved:  # bisect: each half runs apart, first half first
+            half = len(involved) // 2
+            self._suspects[:0] = [involved[:half], involved[half:]]
         return done
 
     def _undo_step(self, batch):

@@ -64,7 +64,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
-        self.focus: str | None = None  # a request id: schedule only its sequences (LLMEngine's isolation)
+        self.focus: set[str] | None = None  # request ids: schedule only their sequences (LLMEngine's isolation)
 
     def add(self, seq: Sequence):
         self.waiting.append(seq)
@@ -87,9 +87,9 @@ class Scheduler:
     def schedule(self) -> Batch:
         if self.focus is None:
             return self._schedule()
-        # Only the focused request's sequences (the others wait, in order, behind them).
-        others = [s for s in self.waiting if s.request_id != self.focus]
-        self.waiting = deque(s for s in self.waiting if s.request_id == self.focus)
+        # Only the focused requests' sequences (the others wait, in order, behind them).
+        others = [s for s in self.waiting if s.request_id not in self.focus]
+        self.waiting = deque(s for s in self.waiting if s.request_id in self.focus)
         try:
             return self._schedule()
         finally:
@@ -103,7 +103,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            if seq.ends_at_pending or (self.focus is not None and seq.request_id != self.focus):
+            if seq.ends_at_pending or (self.focus is not None and seq.request_id not in self.focus):
                 i += 1  # (async scheduling: its pending token is its last; or another request has the focus)
                 continue
             n = min(len(seq.token_ids) - seq.num_computed, budget)
