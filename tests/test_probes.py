@@ -469,7 +469,10 @@ def test_cli_sft_refuses_pickle_bad_numbers_and_bad_data(llama_dir, tmp_path):
         (["--model", llama_dir, "--data", data, "--lr", "nan"], "--lr must be a finite number > 0"),
         (["--model", llama_dir, "--data", data, "--lr", "-1"], "--lr must be a finite number > 0"),
         (["--model", llama_dir, "--data", data, "--device", "tpu"], "unsupported device 'tpu'"),
-        (["--model", llama_dir, "--data", bad_data], "bad.jsonl:1: field 'prompt' is not a string"),
+        (
+            ["--model", llama_dir, "--data", bad_data],
+            "bad.jsonl: no usable (prompt, completion) example; line 1: field 'prompt' is not a string",
+        ),
     ]
     for args, *why in cases:
         _refused(_cli("sft", *args, "--out", tmp_path / "out"), *why)

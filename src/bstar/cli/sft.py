@@ -146,7 +146,7 @@ def _check_inputs(model: str, data: str, out: Path, max_grad_norm: float, kw: di
     from bstar.engine.config import ModelConfig
     from bstar.engine.core.llm_engine import resolve_device
     from bstar.engine.model.loader import weight_files
-    from bstar.train.data import _read_file
+    from bstar.train.data import _read_file, _report
 
     check_number("--lr", kw["lr"], low=0, low_open=True)
     check_number("--weight-decay", kw["weight_decay"], low=0)
@@ -156,8 +156,9 @@ def _check_inputs(model: str, data: str, out: Path, max_grad_norm: float, kw: di
     ModelConfig.from_dir(model)
     weight_files(model)
     items, problems = _read_file(data, "prompt", "completion")
-    if problems and (kw["on_bad_data"] == "refuse" or not items):
-        p = problems[0]
-        more = "" if items else " (no usable line)"
-        raise DataError(f"{data}:{p.line}: {p.reason}{more}")
+    if kw["on_bad_data"] == "refuse":
+        _report(problems, data, "refuse")
+    if not items:
+        why = f"; line {problems[0].line}: {problems[0].reason}" if problems else ""
+        raise DataError(f"{data}: no usable (prompt, completion) example{why}")
     check_out_dir(out)
