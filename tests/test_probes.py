@@ -57,6 +57,8 @@ BAD_PARAMS = [
     dict(ignore_eos="yes"),
     dict(presence_penalty=float("inf")),
     dict(repetition_penalty=None),
+    dict(top_k=10**30),
+    dict(seed=2**64),
 ]
 
 
@@ -86,6 +88,7 @@ def _bad_requests(eng):
         ([5] * 40, SamplingParams(max_tokens=2000), "needs .* KV blocks but the whole cache has"),
         ([5, 6], {"temperature": 0}, "must be a SamplingParams"),
         ([5, 6], SamplingParams(logprobs=10**6), "more than max_logprobs"),
+        ([5, 6], SamplingParams(n=10**6), "exceeds max_num_seqs"),
     ]
 
 
@@ -512,3 +515,69 @@ def test_cli_resume_with_corrupt_state_files(tmp_path):
     (state / "optimizer.safetensors").write_bytes(b"\x10\x00\x00\x00garbage")
     with pytest.raises(BStarError, match="optimizer.safetensors is corrupt"):
         read_optimizer_state(tmp_path / "ckpt", {"param_groups": []})
+
+
+JUNK_VALUES = [
+    None,
+    True,
+    False,
+    0,
+    1,
+    -1,
+    2,
+    7,
+    10**30,
+    -(10**30),
+    0.0,
+    0.5,
+    -0.5,
+    1.5,
+    2.5,
+    float("nan"),
+    float("inf"),
+    -float("inf"),
+    "",
+    "0.5",
+    "x",
+    [],
+    [1],
+    [10**9],
+    ["a"],
+    [""],
+    (3,),
+    {},
+    {"a": 1},
+    b"x",
+]
+
+
+def test_fuzz_sampling_params_fields_never_crash_the_engine(llm):
+    """Every field set to junk: either refused with one line (RequestError) when built or added, or served;
+    a request that is served never takes its batch down (a good request beside it finishes as alone)."""
+    from dataclasses import fields
+
+    rng = random.Random(11)
+    eng = llm.llm_engine
+    names = [f.name for f in fields(SamplingParams) if f.init]
+    good_prompt, good_params = [5, 6, 7], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    ref = _alone(llm, good_prompt, good_params)
+    served = 0
+    for k in range(200):
+        kw = {name: rng.choice(JUNK_VALUES) for name in rng.sample(names, rng.randint(1, 2))}
+        kw.setdefault("max_tokens", 3)
+        try:
+            params = SamplingParams(**kw)
+            eng.add_request(f"fz{k}", [rng.randrange(3, VOCAB) for _ in range(4)], params)
+        except RequestError as e:
+            assert "\n" not in str(e)
+            continue
+        served += 1
+        eng.add_request(f"ok{k}", good_prompt, good_params)
+        got = {}
+        while eng.has_unfinished_requests():
+            for out in eng.step():
+                got[out.request_id] = out
+        assert got[f"fz{k}"].error is None, (kw, got[f"fz{k}"].error)
+        assert [c.token_ids for c in got[f"ok{k}"].outputs] == ref, kw
+        assert eng.block_manager.num_used == 0
+    assert served > 10  # the fuzz reached the engine

@@ -50,3 +50,12 @@ def check_out_file(out: str) -> None:
     if Path(out).is_dir():
         raise BStarError(f"--out {out} is a directory; give a file path")
     _check_creatable(out)
+
+
+def check_model_dir(path: str, option: str = "--model") -> None:
+    """A checkpoint directory whose config.json describes a model the engine can build (no weights read)."""
+    from bstar.engine.config import ModelConfig  # torch: only when a command runs
+
+    if not Path(path).is_dir():
+        raise BStarError(f"{option}: model directory {path} does not exist")
+    ModelConfig.from_dir(path)

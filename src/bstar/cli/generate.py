@@ -2,7 +2,7 @@
 
 import click
 
-from bstar.cli.checks import check_out_file
+from bstar.cli.checks import check_model_dir, check_out_file
 from bstar.errors import BStarError, DataError
 from bstar.utils.jsonl import emit, iter_jsonl
 
@@ -73,7 +73,6 @@ def generate(
 ):
     """Generate candidates for every prompt and write one JSONL record per prompt."""
     from bstar.engine import LLM, SamplingParams  # torch: loaded when the command runs, not for --help
-    from bstar.engine.config import ModelConfig
     from bstar.engine.core.llm_engine import resolve_device
 
     # Every option, the model's config and the prompts, before anything loads or is written.
@@ -82,7 +81,7 @@ def generate(
     resolve_device(device)
     check_out_file(out)
     prompts = _load_prompts(prompts_file)
-    ModelConfig.from_dir(model)
+    check_model_dir(model)
     params = SamplingParams(
         n=n,
         temperature=temperature,

@@ -2,7 +2,7 @@
 
 import click
 
-from bstar.cli.checks import check_out_file
+from bstar.cli.checks import check_model_dir, check_out_file
 from bstar.errors import DataError
 from bstar.utils.jsonl import emit, read_jsonl
 
@@ -29,7 +29,6 @@ from bstar.utils.jsonl import emit, read_jsonl
 def score(prm_path, data, out, kind, step_tag, good_token, bad_token, delimiter, aggregate, scale, dtype, device):
     """Score every candidate's steps with a process reward model."""
     from bstar.engine import PRM  # torch: loaded when the command runs, not for --help
-    from bstar.engine.config import ModelConfig
     from bstar.engine.core.llm_engine import resolve_device
 
     # Every option, the PRM's config and the data, before anything loads or is written.
@@ -44,7 +43,7 @@ def score(prm_path, data, out, kind, step_tag, good_token, bad_token, delimiter,
         if not isinstance(c, list) or not all(isinstance(x, str) for x in c):
             raise DataError(f"{data}:{i + 1}: needs 'candidates' (a list of strings) or 'response' (a string)")
         cands.append(c)
-    ModelConfig.from_dir(prm_path)
+    check_model_dir(prm_path, "--prm")
     prm = PRM(
         prm_path,
         kind=kind,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import click
 
-from bstar.cli.checks import check_number, check_out_dir, make_out_dir
+from bstar.cli.checks import check_model_dir, check_number, check_out_dir, make_out_dir
 from bstar.errors import BStarError, DataError
 
 
@@ -143,7 +143,6 @@ def _run(model, data, out, resume, save_every, max_grad_norm, no_pack, kw):
 def _check_inputs(model: str, data: str, out: Path, max_grad_norm: float, kw: dict) -> None:
     """Everything sft reads, checked before --out is created (a refused command leaves no trace): the
     numbers, the device, the checkpoint (config.json, safetensors weights: pickle is refused) and the data."""
-    from bstar.engine.config import ModelConfig
     from bstar.engine.core.llm_engine import resolve_device
     from bstar.engine.model.loader import weight_files
     from bstar.train.data import _read_file, _report
@@ -153,7 +152,7 @@ def _check_inputs(model: str, data: str, out: Path, max_grad_norm: float, kw: di
     check_number("--max-grad-norm", max_grad_norm, low=0)
     if kw["device"] is not None:
         resolve_device(kw["device"])
-    ModelConfig.from_dir(model)
+    check_model_dir(model)
     weight_files(model)
     items, problems = _read_file(data, "prompt", "completion")
     if kw["on_bad_data"] == "refuse":

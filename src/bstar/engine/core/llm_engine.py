@@ -185,9 +185,11 @@ class LLMEngine:
             )
 
     def check_request(self, prompt_len: int, params: SamplingParams):
-        """What SamplingParams cannot check alone: stop ids in the vocabulary, and a candidate's full length
-        (prompt + max_tokens, within the context) against the whole KV cache (one candidate that outgrows
-        it could never be scheduled)."""
+        """What SamplingParams cannot check alone: n within max_num_seqs, stop ids in the vocabulary, and a
+        candidate's full length (prompt + max_tokens, within the context) against the whole KV cache (one
+        candidate that outgrows it could never be scheduled)."""
+        if params.n > self.ecfg.max_num_seqs:  # (its candidates run at once: they fork together)
+            raise RequestError(f"n={params.n} candidates exceeds max_num_seqs={self.ecfg.max_num_seqs} (an LLM option)")
         vocab = self.mcfg.vocab_size
         bad = [t for t in params.stop_token_ids if t >= vocab]
         if bad:

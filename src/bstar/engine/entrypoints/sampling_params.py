@@ -43,9 +43,12 @@ class SamplingParams:
             raise RequestError(f"invalid sampling value {name}={getattr(self, name)!r}: {why}")
 
         def integer(name, optional=False):
-            """An integer (numpy's too; not a bool: True is not a count), or None when optional."""
+            """An integer (numpy's too; not a bool: True is not a count) below 2**31 (counts reach int32
+            tensors: 10**30 is no count), or None when optional."""
             v = getattr(self, name)
-            return (optional and v is None) or (isinstance(v, numbers.Integral) and not isinstance(v, bool))
+            return (optional and v is None) or (
+                isinstance(v, numbers.Integral) and not isinstance(v, bool) and (name == "seed" or v < 2**31)
+            )
 
         def number(name):
             """A finite int or float (not a bool, not a string such as "0.5")."""
@@ -82,8 +85,8 @@ class SamplingParams:
             bad("logprobs", "must be None or an integer >= 0")
         if not integer("prompt_logprobs", optional=True) or (self.prompt_logprobs or 0) < 0:
             bad("prompt_logprobs", "must be None or an integer >= 0")
-        if not integer("seed", optional=True):
-            bad("seed", "must be an integer or None")
+        if not integer("seed", optional=True) or not -(2**63) <= (self.seed or 0) < 2**63:
+            bad("seed", "must be a 64-bit integer or None")
         for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens", "detokenize"):
             flag(name)
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
