@@ -581,3 +581,24 @@ def test_fuzz_sampling_params_fields_never_crash_the_engine(llm):
         assert [c.token_ids for c in got[f"ok{k}"].outputs] == ref, kw
         assert eng.block_manager.num_used == 0
     assert served > 10  # the fuzz reached the engine
+
+
+def test_aborting_requests_under_isolation_leaves_the_engine_serving(llm):
+    """Abort every request while a failed step's requests are being isolated: a new request is served
+    (the isolation forgets groups whose members are gone)."""
+    eng = llm.llm_engine
+    for k in range(4):
+        eng.add_request(f"iso{k}", [5 + k, 6, 7], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    eng.add_request("iso-poison", [9, 9], SamplingParams(max_tokens=4))
+    restore = _poison_runner(eng, {"iso-poison"})
+    try:
+        eng.step()  # fails: the step's requests are queued to run apart
+        eng.step()  # the first half runs apart from the rest
+        assert eng.scheduler.focus is not None
+        for rid in list(eng.requests):
+            eng.abort_request(rid)
+    finally:
+        restore()
+    assert not eng.has_unfinished_requests() and eng.block_manager.num_used == 0
+    good = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    assert llm.generate([[5, 6, 7]], good, use_tqdm=False)[0].outputs[0].token_ids == _alone(llm, [5, 6, 7], good)[0]

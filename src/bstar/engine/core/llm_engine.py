@@ -268,6 +268,8 @@ class LLMEngine:
         fails alone finishes with finish_reason "error" and RequestOutput.error; the others' outputs are
         those they would have had (draws depend only on the seed and the tokens). A poisoned batch of n
         requests costs about 4 log2(n) steps with fewer rows."""
+        if self._focus is not None and not any(rid in self.requests for rid in self._focus):
+            self._focus = None  # its members finished or were aborted
         while self._focus is None and self._suspects:
             group = {rid: 0 for rid in self._suspects.pop(0) if rid in self.requests}
             self._focus = group or None
