@@ -88,7 +88,7 @@ def _bad_requests(eng):
         ([5] * 40, SamplingParams(max_tokens=2000), "needs .* KV blocks but the whole cache has"),
         ([5, 6], {"temperature": 0}, "must be a SamplingParams"),
         ([5, 6], SamplingParams(logprobs=10**6), "more than max_logprobs"),
-        ([5, 6], SamplingParams(n=10**6), "exceeds max_num_seqs"),
+        ([5, 6], SamplingParams(n=10**6), "candidates is more than the KV cache's"),
     ]
 
 

@@ -185,11 +185,14 @@ class LLMEngine:
             )
 
     def check_request(self, prompt_len: int, params: SamplingParams):
-        """What SamplingParams cannot check alone: n within max_num_seqs, stop ids in the vocabulary, and a
+        """What SamplingParams cannot check alone: n within the KV blocks, stop ids in the vocabulary, and a
         candidate's full length (prompt + max_tokens, within the context) against the whole KV cache (one
         candidate that outgrows it could never be scheduled)."""
-        if params.n > self.ecfg.max_num_seqs:  # (its candidates run at once: they fork together)
-            raise RequestError(f"n={params.n} candidates exceeds max_num_seqs={self.ecfg.max_num_seqs} (an LLM option)")
+        if params.n > self.block_manager.num_blocks:  # (they fork at once, each to write a block of its own)
+            raise RequestError(
+                f"n={params.n} candidates is more than the KV cache's {self.block_manager.num_blocks} blocks "
+                "(each candidate needs one); lower n or raise num_kv_blocks"
+            )
         vocab = self.mcfg.vocab_size
         bad = [t for t in params.stop_token_ids if t >= vocab]
         if bad:
