@@ -230,7 +230,9 @@ def test_report_generate_score_errors(tmp_path):
     _one_line_error(_invoke("report", tmp_path), "holds no run (no iterations.jsonl)")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a"}\n{"text": "b"}\n')
-    _one_line_error(_invoke("generate", "--model", tmp_path, "--prompts", bad), "record 2 has neither 'prompt' nor")
+    _one_line_error(
+        _invoke("generate", "--model", tmp_path, "--prompts", bad), "bad.jsonl:2: record has neither 'prompt' nor"
+    )
     bad.write_text('{"question": "q", "candidates": ["a"]}\n{"question": "q", "candidates": "a"}\n')
     _one_line_error(_invoke("score", "--prm", tmp_path, "--data", bad), "bad.jsonl:2: needs 'candidates'")
     bad.write_text('{"question": "q"}\n{not json\n')

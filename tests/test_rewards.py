@@ -391,15 +391,18 @@ def test_time_limit_other_thread():
 
 
 def test_time_limit_in_worker_processes():
-    responses = [SLOW[0], "\\boxed{0.5}", SLOW[0], PATHOLOGICAL[1]]
-    golds = [SLOW[1], "\\frac12", SLOW[1], "1"]
+    slow = _slow(203)  # (not SLOW: the retries run in this process, where other tests cached SLOW's result)
+    responses = [slow[0], "\\boxed{0.5}", slow[0], PATHOLOGICAL[1]]
+    golds = [slow[1], "\\frac12", slow[1], "1"]
     t0 = time.monotonic()
-    assert grade_batch(responses, golds, "math", workers=2, timeout=SHORT, progress=False) == [
+    stats = {}
+    assert grade_batch(responses, golds, "math", workers=2, timeout=SHORT, progress=False, stats=stats) == [
         False,
         True,
         False,
         False,
     ]
+    assert stats == {"timed_out": 2, "timed_out_twice": 2}  # retried alone once, then wrong for time
     # A user's own process pool (spawned workers run grade on their main thread).
     with cf.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
         assert ex.submit(grade, *SLOW, "math", timeout=SHORT).result(timeout=120) is False
@@ -423,10 +426,14 @@ class _StopsOnItem(rw._Worker):
 
 
 def test_hung_worker_is_killed(monkeypatch):
+    """The frozen worker is killed and replaced; its item is graded again alone afterwards, so a hang (or a
+    busy machine) does not change its reward, and the retry is counted."""
     monkeypatch.setattr(rw, "_Worker", _StopsOnItem)
     responses = ["\\boxed{0.5}", "\\boxed{0.5}", "\\boxed{7}", "\\boxed{x+1}"]
     golds = ["\\frac12", "\\frac12", "7", "1+x"]
-    assert grade_batch(responses, golds, "math", workers=1, timeout=0.5, progress=False) == [True, False, True, True]
+    stats = {}
+    got = grade_batch(responses, golds, "math", workers=1, timeout=0.5, progress=False, stats=stats)
+    assert got == [True, True, True, True] and stats == {"timed_out": 1, "timed_out_twice": 0}
     assert len(_StopsOnItem.made) == 2  # the frozen worker was replaced
     assert all(w.proc.poll() is not None for w in _StopsOnItem.made)  # and none is left running
 
@@ -453,7 +460,7 @@ def test_hung_sandbox_is_killed():
     w = box._ensure()
     os.kill(w.proc.pid, signal.SIGSTOP)
     t0 = time.monotonic()
-    assert box.call("symbolic", ("\\frac{1}{2}", "0.5", 0.3), 0.3) is False
+    assert box.call("symbolic", ("\\frac{1}{2}", "0.5", 0.3), 0.3) is rw.TIMED_OUT  # (grade() says False)
     assert time.monotonic() - t0 < BOUND
     assert w.proc.poll() is not None
     assert box.call("symbolic", ("\\frac{1}{2}", "0.5", 5.0), 5.0) is True  # a fresh helper
@@ -513,3 +520,24 @@ def test_math_verify_is_imported_on_first_use():
     )
     r = subprocess.run([sys.executable, "-c", lazy], capture_output=True, text=True, timeout=300)
     assert r.stdout.split() == ["False", "True", "True"], (r.stdout, r.stderr[-2000:])
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_junk_around_a_right_answer_is_graded_wrong(workers):
+    """The documented rule (docs/errors.md, rewards.is_junk): a right answer buried in a 10 MB response, or
+    followed by 1,000 NUL bytes (more than 16 control characters but tab/newline/CR), gets no reward."""
+    right = "Adding them gives $\\boxed{\\frac{1}{2}}$."
+    noise = "".join(chr(c) for c in (0, 7, 0x0E, 0x1F, 0x7F))
+    responses = [
+        right,
+        "x" * 10_000_000 + right,
+        right + "\x00" * 1000,
+        noise * 4 + right,  # 20 control characters
+        "a" * (rw.MAX_RESPONSE_CHARS - len(right)) + right,  # at the limit: still graded
+        noise * 3 + right + "\x00",  # 16, a byte-level model's noise: still graded
+    ]
+    golds = ["0.5"] * len(responses)
+    got = grade_batch(responses, golds, "math", workers=workers, progress=False)
+    assert got == [True, False, False, False, True, True]
+    assert [grade(r, g, "math") for r, g in zip(responses, golds)] == got
+    assert grade("#### 18\t\r\n", "18", "gsm8k") is True

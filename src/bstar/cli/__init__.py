@@ -12,6 +12,7 @@ subcommand:
 (torch, transformers, the engine, matplotlib) load when a command runs, so --help stays fast.
 """
 
+import errno
 import sys
 
 import click
@@ -24,6 +25,8 @@ from bstar.cli.serve import serve
 from bstar.cli.sft import sft
 from bstar.errors import BStarError
 
+_RETRYABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
 
 class _Group(click.Group):
     """Turns user-facing errors into one readable line and a non-zero exit, not a traceback."""
@@ -31,8 +34,13 @@ class _Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except (BStarError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+        except BStarError as e:
             click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+        except OSError as e:  # a missing file, no permission, no space left, a read-only disk...
+            where = f"{e.filename}: " if e.filename else ""
+            hint = "; free space (or fix permissions) and rerun (`run --resume DIR` continues a run)"
+            click.echo(f"error: {where}{e.strerror or e}{hint if e.errno in _RETRYABLE else ''}", err=True)
             sys.exit(1)
 
 

@@ -2,23 +2,35 @@
 
 import click
 
-from bstar.errors import DataError
-from bstar.utils.jsonl import emit, read_jsonl
+from bstar.cli.checks import check_model_dir, check_out_file
+from bstar.errors import BStarError, DataError
+from bstar.utils.jsonl import emit, iter_jsonl
 
 
 def _load_prompts(path: str) -> list[str | list[int]]:
-    """JSONL lines with `prompt` (text) or `prompt_token_ids`; a .txt file gives one prompt per line."""
+    """JSONL lines with `prompt` (text) or `prompt_token_ids` (a list of ints); a .txt file gives one prompt
+    per line. A wrong type is refused with its line number ({"prompt": 42} is not a prompt)."""
     if path.endswith(".txt"):
-        with open(path, encoding="utf-8") as f:
-            return [line.rstrip("\n") for line in f if line.strip()]
+        try:
+            with open(path, encoding="utf-8") as f:
+                return [line.rstrip("\n") for line in f if line.strip()]
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path} is not valid UTF-8 ({e.reason} at byte {e.start}); save it as UTF-8") from None
     prompts = []
-    for i, rec in enumerate(read_jsonl(path)):
+    for lineno, rec in iter_jsonl(path):
         if "prompt_token_ids" in rec:
-            prompts.append(rec["prompt_token_ids"])
+            ids = rec["prompt_token_ids"]
+            if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                raise DataError(f"{path}:{lineno}: 'prompt_token_ids' must be a list of integers")
+            prompts.append(ids)
         elif "prompt" in rec:
+            if not isinstance(rec["prompt"], str):
+                raise DataError(f"{path}:{lineno}: 'prompt' must be a string (token ids go in 'prompt_token_ids')")
             prompts.append(rec["prompt"])
         else:
-            raise DataError(f"{path}: record {i + 1} has neither 'prompt' nor 'prompt_token_ids'")
+            raise DataError(f"{path}:{lineno}: record has neither 'prompt' nor 'prompt_token_ids'")
+    if not prompts:
+        raise DataError(f"{path} holds no prompts")
     return prompts
 
 
@@ -61,8 +73,15 @@ def generate(
 ):
     """Generate candidates for every prompt and write one JSONL record per prompt."""
     from bstar.engine import LLM, SamplingParams  # torch: loaded when the command runs, not for --help
+    from bstar.engine.core.llm_engine import resolve_device
 
+    # Every option, the model's config and the prompts, before anything loads or is written.
+    if num_kv_blocks is not None and num_kv_blocks < 1:
+        raise BStarError(f"--num-kv-blocks must be >= 1 (or left out: sized from memory), got {num_kv_blocks}")
+    resolve_device(device)
+    check_out_file(out)
     prompts = _load_prompts(prompts_file)
+    check_model_dir(model)
     params = SamplingParams(
         n=n,
         temperature=temperature,
@@ -78,6 +97,11 @@ def generate(
     )
     llm = LLM(model, dtype=dtype, device=device, seed=seed, num_kv_blocks=num_kv_blocks)
     outputs = llm.generate(prompts, params)
+    failed = [o for o in outputs if o.error is not None]
+    if len(failed) == len(outputs):  # nothing worth writing (e.g. NaN weights)
+        raise BStarError(f"every request failed; the first: {failed[0].error}")
+    if failed:
+        click.echo(f"warning: {len(failed)} of {len(outputs)} requests failed (their records hold 'error')", err=True)
     records = [
         {
             "prompt": o.prompt,
@@ -97,6 +121,7 @@ def generate(
                 }
                 for c in o.outputs
             ],
+            **({"error": o.error} if o.error is not None else {}),
         }
         for o in outputs
     ]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from bstar.cli.checks import check_out_dir
 from bstar.errors import BStarError
 from bstar.loop.config import EMBEDDED_PRESETS, MODES, SLEEP_ENGINES, RunConfig, embedded_run_config
 from bstar.loop.search import parse_grid
@@ -132,6 +133,7 @@ def run(model, prm, train_data, eval_data, out, resume, compare, seeds, jobs, qu
             while os.path.exists(out):
                 out += "x"
             click.echo(f"run directory: {out}")
+        check_out_dir(out)
     if quiet:
         quiet_transformers()
     # torch, transformers, the engine and matplotlib: loaded when the command runs, not for --help
@@ -158,6 +160,7 @@ def _compare(cfg: RunConfig, out: str, seeds: int, jobs: int, quiet: bool) -> No
     from bstar.loop import controller
     from bstar.results import compare
 
+    controller.check_inputs(cfg)  # before any run directory is made
     if cfg.model is None:  # build once here, not in every process
         build_assets(EmbeddedConfig.preset(cfg.embedded_preset), progress=cfg.progress)
     runs, todo = {}, []

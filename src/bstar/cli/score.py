@@ -2,6 +2,7 @@
 
 import click
 
+from bstar.cli.checks import check_model_dir, check_out_file
 from bstar.errors import DataError
 from bstar.utils.jsonl import emit, read_jsonl
 
@@ -28,14 +29,21 @@ from bstar.utils.jsonl import emit, read_jsonl
 def score(prm_path, data, out, kind, step_tag, good_token, bad_token, delimiter, aggregate, scale, dtype, device):
     """Score every candidate's steps with a process reward model."""
     from bstar.engine import PRM  # torch: loaded when the command runs, not for --help
+    from bstar.engine.core.llm_engine import resolve_device
 
+    # Every option, the PRM's config and the data, before anything loads or is written.
+    resolve_device(device)
+    check_out_file(out)
     records = read_jsonl(data, required=("question",))
     cands = []
     for i, r in enumerate(records):
         c = r.get("candidates", [r["response"]] if "response" in r else None)
+        if not isinstance(r["question"], str):
+            raise DataError(f"{data}:{i + 1}: 'question' must be a string")
         if not isinstance(c, list) or not all(isinstance(x, str) for x in c):
-            raise DataError(f"{data}:{i + 1}: needs 'candidates' (a list of strings) or 'response'")
+            raise DataError(f"{data}:{i + 1}: needs 'candidates' (a list of strings) or 'response' (a string)")
         cands.append(c)
+    check_model_dir(prm_path, "--prm")
     prm = PRM(
         prm_path,
         kind=kind,

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import click
 
-from bstar.errors import BStarError
+from bstar.cli.checks import check_model_dir, check_number, check_out_dir, make_out_dir
+from bstar.errors import BStarError, DataError
 
 
 @click.command("sft")
@@ -126,13 +127,37 @@ def sft(model, data, out, resume, save_every, max_grad_norm, no_pack, **kw):
 def _run(model, data, out, resume, save_every, max_grad_norm, no_pack, kw):
     from bstar.train import SFTConfig, SFTTrainer  # torch, transformers: not for --help
 
-    out.mkdir(parents=True, exist_ok=True)
+    _check_inputs(model, data, out, max_grad_norm, kw)
     cfg = SFTConfig(
         **kw, pack=not no_pack, max_grad_norm=max_grad_norm or None, metrics_path=str(out / "metrics.jsonl")
     )
+    make_out_dir(out)
     trainer = SFTTrainer(model, cfg)
     res = trainer.train(data, resume_from=resume, checkpoint_dir=out, save_every=save_every)
     final = trainer.save(out / "final")
     if trainer.rank == 0:
         last = f", last loss {res.losses[-1]:.4f}" if res.losses else ""
         click.echo(f"{res.steps} steps{last}; model saved to {final}")
+
+
+def _check_inputs(model: str, data: str, out: Path, max_grad_norm: float, kw: dict) -> None:
+    """Everything sft reads, checked before --out is created (a refused command leaves no trace): the
+    numbers, the device, the checkpoint (config.json, safetensors weights: pickle is refused) and the data."""
+    from bstar.engine.core.llm_engine import resolve_device
+    from bstar.engine.model.loader import weight_files
+    from bstar.train.data import _read_file, _report
+
+    check_number("--lr", kw["lr"], low=0, low_open=True)
+    check_number("--weight-decay", kw["weight_decay"], low=0)
+    check_number("--max-grad-norm", max_grad_norm, low=0)
+    if kw["device"] is not None:
+        resolve_device(kw["device"])
+    check_model_dir(model)
+    weight_files(model)
+    items, problems = _read_file(data, "prompt", "completion")
+    if kw["on_bad_data"] == "refuse":
+        _report(problems, data, "refuse")
+    if not items:
+        why = f"; line {problems[0].line}: {problems[0].reason}" if problems else ""
+        raise DataError(f"{data}: no usable (prompt, completion) example{why}")
+    check_out_dir(out)

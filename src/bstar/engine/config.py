@@ -11,6 +11,7 @@ import torch
 from bstar.engine.errors import CheckpointError, RequestError
 from bstar.engine.model.linear import CPU_GEMMS
 
+MAX_CONTEXT = 1 << 24  # max_position_embeddings above this (16M tokens) is a broken config.json
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "Qwen3ForCausalLM")
 # Reward-model heads on the same decoders (read by bstar.PRM): a token-classification head
 # (transformers' *ForTokenClassification) or Qwen2.5-Math-PRM's two-layer head.
@@ -85,7 +86,39 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, c: dict, where: str = "config") -> "ModelConfig":
+        if not isinstance(c, dict):
+            raise CheckpointError(f"{where} must hold a JSON object, not a {type(c).__name__}")
+        try:
+            m = cls._from_dict(c, where)
+        except (TypeError, ValueError, ZeroDivisionError, OverflowError) as e:
+            raise CheckpointError(f"{where} has a malformed field: {e}") from None
+        m._check_sizes(where)
+        return m
+
+    def _check_sizes(self, where: str):
+        """Sizes a model can have: positive, heads that divide, a context that fits a table in memory."""
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+            if getattr(self, name) < 1:
+                raise CheckpointError(f"{where}: {name} must be >= 1, got {getattr(self, name)}")
+        if self.head_dim < 2 or self.head_dim % 2:
+            raise CheckpointError(f"{where}: head_dim must be an even number >= 2, got {self.head_dim}")
+        if self.num_heads % self.num_kv_heads:
+            raise CheckpointError(
+                f"{where}: num_attention_heads {self.num_heads} is not a multiple of num_key_value_heads "
+                f"{self.num_kv_heads}"
+            )
+        if not 1 <= self.max_position_embeddings <= MAX_CONTEXT:
+            raise CheckpointError(
+                f"{where}: max_position_embeddings must be in [1, {MAX_CONTEXT}], got {self.max_position_embeddings}"
+            )
+        if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)) or not self.rms_norm_eps >= 0:
+            raise CheckpointError(f"{where}: rope_theta must be > 0 and rms_norm_eps >= 0")
+
+    @classmethod
+    def _from_dict(cls, c: dict, where: str) -> "ModelConfig":
         archs = c.get("architectures") or []
+        if not isinstance(archs, list):
+            raise CheckpointError(f"{where}: architectures must be a list of names")
         arch = archs[0] if archs else None
         if arch is None:
             arch = {
@@ -223,20 +256,20 @@ class EngineConfig:
 
     def validate(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
-            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+            raise RequestError(f"block_size must be a power of two, got {self.block_size}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
-            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+            raise RequestError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes < 1:
-            raise ValueError(f"kv_cache_memory_bytes must be >= 1, got {self.kv_cache_memory_bytes}")
+            raise RequestError(f"kv_cache_memory_bytes must be >= 1, got {self.kv_cache_memory_bytes}")
         if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+            raise RequestError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
-            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+            raise RequestError("max_num_seqs and max_num_batched_tokens must be >= 1")
         if self.cpu_gemm not in CPU_GEMMS:
-            raise ValueError(f"cpu_gemm must be one of {', '.join(CPU_GEMMS)}, got {self.cpu_gemm!r}")
+            raise RequestError(f"cpu_gemm must be one of {', '.join(CPU_GEMMS)}, got {self.cpu_gemm!r}")
         if self.cpu_packed_weights_bytes < 0:
-            raise ValueError(f"cpu_packed_weights_bytes must be >= 0, got {self.cpu_packed_weights_bytes}")
+            raise RequestError(f"cpu_packed_weights_bytes must be >= 0, got {self.cpu_packed_weights_bytes}")
         if not isinstance(self.max_logprobs, int) or self.max_logprobs < -1:
-            raise ValueError(f"max_logprobs must be an integer >= -1 (-1: no cap), got {self.max_logprobs!r}")
+            raise RequestError(f"max_logprobs must be an integer >= -1 (-1: no cap), got {self.max_logprobs!r}")
         if self.logprobs_mode not in LOGPROBS_MODES:
-            raise ValueError(f"logprobs_mode must be one of {', '.join(LOGPROBS_MODES)}, got {self.logprobs_mode!r}")
+            raise RequestError(f"logprobs_mode must be one of {', '.join(LOGPROBS_MODES)}, got {self.logprobs_mode!r}")

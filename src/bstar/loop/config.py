@@ -3,10 +3,11 @@ built-in task's run settings. Light to import: the command line builds one befor
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 
 from bstar.errors import BStarError
-from bstar.loop.search import REFERENCE_TEMPERATURES, REFERENCE_THRESHOLDS, grid
+from bstar.loop.search import MAX_GRID, REFERENCE_TEMPERATURES, REFERENCE_THRESHOLDS, grid
 from bstar.loop.selection import PRM_DIVISOR, PRM_SCALES
 from bstar.loop.tasks import DEFAULT_PROMPT, check_template
 
@@ -89,6 +90,7 @@ class RunConfig:
     embedded_preset: str = "default"
 
     def __post_init__(self):
+        self._check_types()
         if self.mode not in MODES:
             raise BStarError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if self.embedded_preset not in EMBEDDED_PRESETS:
@@ -110,18 +112,104 @@ class RunConfig:
             raise BStarError(f"unknown PRM scale {self.prm_scale!r}; choose one of {', '.join(PRM_SCALES)}")
         if not self.temperatures or not self.thresholds:
             raise BStarError("the temperature and threshold grids need at least one value each")
+        self._check_ranges()
         if self.max_per_query is not None:
             self.target_per_query = self.search_target_per_query = None
         if self.restart_from_base is None:
             self.restart_from_base = self.mode in ("rest-em", "star")
         self.temperatures = sorted(float(t) for t in self.temperatures)
 
+    def _check_types(self):
+        """Each field of the type its default has (a hand-edited or truncated config.json, a bad option)."""
+        for f in dataclasses.fields(self):
+            v, want = getattr(self, f.name), _FIELD_TYPES.get(f.name)
+            if want is None or v is None and f.name in _OPTIONAL:
+                continue
+            ok = isinstance(v, want) and not (isinstance(v, bool) and bool not in want)
+            if ok and list in want:
+                ok = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v) or f.name == "stop"
+            if not ok:
+                raise BStarError(f"{f.name} must be {' or '.join(t.__name__ for t in want)}, got {v!r}")
+
+    def _check_ranges(self):
+        """Values the loop can run with, checked before anything is written (the corrected command then works)."""
+
+        def need(ok: bool, name: str, what: str):
+            if not ok:
+                raise BStarError(f"--{name.replace('_', '-')} must be {what}, got {getattr(self, name)!r}")
+
+        for name in ("search_subset", "n_star", "max_tokens", "max_seq_len"):
+            need(getattr(self, name) >= 1, name, ">= 1")
+        for name in ("target_per_query", "search_target_per_query"):
+            v = getattr(self, name)
+            need(v is None or (math.isfinite(v) and v > 0), name, "a number > 0")
+        need(self.max_per_query is None or self.max_per_query >= 1, "max_per_query", ">= 1")
+        need(self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks", ">= 1")
+        need(math.isfinite(self.lr) and self.lr > 0, "lr", "a finite number > 0")
+        need(math.isfinite(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]")
+        need(math.isfinite(self.warmup_ratio) and 0 <= self.warmup_ratio < 1, "warmup_ratio", "in [0, 1)")
+        for name in ("temperature", "eval_temperature"):
+            need(math.isfinite(getattr(self, name)) and getattr(self, name) >= 0, name, "a finite number >= 0")
+        need(math.isfinite(self.threshold), "threshold", "a finite number")
+        need(math.isfinite(self.prm_divisor) and self.prm_divisor > 0, "prm_divisor", "a finite number > 0")
+        need(all(math.isfinite(t) and t >= 0 for t in self.temperatures), "temperatures", "finite numbers >= 0")
+        need(all(math.isfinite(t) for t in self.thresholds), "thresholds", "finite numbers")
+        for name in ("temperatures", "thresholds"):
+            need(len(getattr(self, name)) <= MAX_GRID, name, f"a grid of at most {MAX_GRID} values")
+        need(isinstance(self.device, str) and _device_ok(self.device), "device", "auto, cpu, cuda or cuda:N")
+        need(self.dtype in DTYPES, "dtype", " or ".join(DTYPES))
+        if self.model is None and (self.prm or self.train_data or self.eval_data):
+            raise BStarError("--prm/--train-data/--eval-data need --model (without it the built-in task runs)")
+
     @classmethod
     def from_json(cls, path: str) -> "RunConfig":
-        with open(path) as f:
-            d = json.load(f)
+        """A run directory's config.json; a truncated or hand-broken file is one line naming it."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except (ValueError, RecursionError) as e:  # (JSON, UTF-8)
+            raise BStarError(f"{path} is corrupt ({str(e)[:80]}); restore it or start a new run") from None
+        if not isinstance(d, dict):
+            raise BStarError(f"{path} is corrupt (not a JSON object); restore it or start a new run")
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        try:
+            return cls(**{k: v for k, v in d.items() if k in names})
+        except BStarError as e:
+            raise BStarError(f"{path} is corrupt ({e}); restore it or start a new run") from None
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # as the engine's (bstar.engine.config.DTYPES), without torch
+_OPTIONAL = {f.name for f in dataclasses.fields(RunConfig) if f.default is None or f.name in ("restart_from_base",)}
+_FIELD_TYPES = {
+    f.name: (
+        (bool,)
+        if isinstance(f.default, bool)
+        else (int,)
+        if isinstance(f.default, int)
+        else (float, int)
+        if isinstance(f.default, float)
+        else (str,)
+        if isinstance(f.default, str)
+        else (list,)
+        if f.default_factory is not dataclasses.MISSING
+        else None
+    )
+    for f in dataclasses.fields(RunConfig)
+}
+_FIELD_TYPES.update(
+    {
+        n: (int,)
+        for n in ("max_train_queries", "max_eval_queries", "eval_sample_queries", "mid_eval_queries", "max_per_query")
+    }
+)
+_FIELD_TYPES.update({n: (float, int) for n in ("search_target_per_query", "target_per_query")})
+_FIELD_TYPES.update({n: (str,) for n in ("model", "prm", "train_data", "eval_data")})
+_FIELD_TYPES.update(num_kv_blocks=(int,), restart_from_base=(bool,))
+
+
+def _device_ok(device: str) -> bool:
+    """auto, cpu, cuda or cuda:N (the engine's resolve_device says whether that GPU exists)."""
+    return device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())
 
 
 def embedded_run_config(**overrides) -> RunConfig:

@@ -60,7 +60,7 @@ from bstar.train import SFTConfig, SFTExample, SFTTrainer
 from bstar.train.checkpoint import STATE_DIR, atomic_replace
 from bstar.utils import distributed as dist_utils
 from bstar.utils import failpoint
-from bstar.utils.jsonl import atomic_write_json, read_jsonl, temp_path, write_jsonl
+from bstar.utils.jsonl import atomic_write_json, read_json, read_jsonl, temp_path, write_jsonl
 
 _SEED_MASK = (1 << 62) - 1
 REFERENCE_BETAS = (0.9, 0.999)  # the reference's AdamW (train_sft_step.py arguments)
@@ -326,7 +326,7 @@ class Controller:
         cfg = self.cfg
         path = self._phase_file(t, "search.json")
         if path.exists():
-            return json.loads(path.read_text())
+            return read_json(path)
         t0, self._gen_tokens = time.perf_counter(), 0
         if cfg.mode != "bstar":
             res = {"temperature": cfg.temperature}
@@ -358,7 +358,7 @@ class Controller:
     def generate(self, t: int, temperature: float) -> tuple[list[dict], dict]:
         path = self._phase_file(t, "candidates.jsonl")
         if path.exists():
-            return read_jsonl(path), json.loads(self._phase_file(t, "generate.json").read_text())
+            return read_jsonl(path), read_json(self._phase_file(t, "generate.json"))
         t0, self._gen_tokens = time.perf_counter(), 0
         recs = self._sample_all(
             self.train, list(range(len(self.train))), self.cfg.num_samples, temperature, f"generate-{t}"
@@ -456,7 +456,7 @@ class Controller:
         """policy/iteration.json: {"iteration": the iteration whose train phase committed the policy, "train":
         that phase's info}; None before the first commit."""
         path = self.policy_dir / POLICY_MARKER
-        return json.loads(path.read_text()) if path.exists() else None
+        return read_json(path) if path.exists() else None
 
     def train_policy(self, t: int, examples: list) -> dict:
         """Fine-tune for train_steps steps; commit the policy checkpoint (weights, optimizer state, schedule
@@ -464,7 +464,7 @@ class Controller:
         marker = self._policy_marker()
         held = marker and marker["iteration"]
         if held == t:  # committed before a kill: the engine loaded the policy dir at start
-            info = marker.get("train") or json.loads(self._phase_file(t, "train.json").read_text())
+            info = marker.get("train") or read_json(self._phase_file(t, "train.json"))
             self.llm.load_weights(iter_weights(str(self.policy_dir)))
         elif (held or 0) != t - 1:
             raise BStarError(f"{self.policy_dir} holds iteration {held}'s policy, not iteration {t - 1}'s")
@@ -745,6 +745,21 @@ def _check_resumable(out: str) -> None:
         raise BStarError(f"cannot resume: {out} holds no run (no config.json)")
 
 
+def check_inputs(cfg: RunConfig) -> tuple[list[Example], list[Example]] | None:
+    """What a new run reads, checked before its directory is made: the device, the checkpoints' configs
+    and (with --model) the data files, which it returns."""
+    from bstar.engine.config import ModelConfig
+    from bstar.engine.core.llm_engine import resolve_device
+
+    resolve_device(cfg.device)
+    for path in (cfg.model, cfg.prm):
+        if path is not None:
+            if not Path(path).is_dir():
+                raise BStarError(f"model directory {path} does not exist")
+            ModelConfig.from_dir(path)
+    return None if cfg.model is None else _load_data(cfg)
+
+
 def prepare_out_dir(out: str, cfg: RunConfig | None, resume: bool) -> RunConfig:
     """Create (or, with resume, reopen) a run directory; returns the run's config."""
     p = Path(out)
@@ -770,16 +785,18 @@ def run(
     between phases with run_dir.RunStopped). on_record(out) is the report phase's work after each record (the
     CLI redraws plots/ and report.md with bstar.results.report.redraw)."""
     dist_utils.init_from_env()
+    data = None
     if resume:
         _check_resumable(out)
     else:
+        data = check_inputs(cfg)  # before anything is written under out
         _writable_dir(out)
     with run_dir.open_run(out) as stop:
         cfg = prepare_out_dir(out, cfg, resume)
-        return _run(cfg, out, stop, on_record)
+        return _run(cfg, out, stop, on_record, data)
 
 
-def _run(cfg: RunConfig, out: str, stop: run_dir.Stop, on_record=None) -> list[dict]:
+def _run(cfg: RunConfig, out: str, stop: run_dir.Stop, on_record=None, data=None) -> list[dict]:
     from bstar.embedded import EmbeddedConfig, build_assets
 
     labels = None
@@ -793,7 +810,7 @@ def _run(cfg: RunConfig, out: str, stop: run_dir.Stop, on_record=None) -> list[d
         labels = builtin_labels()
     else:
         policy_base, prm = cfg.model, cfg.prm
-        train, test = _load_data(cfg)
+        train, test = data or _load_data(cfg)
     policy_dir = Path(out) / "policy"
     start = str(policy_dir) if (policy_dir / "config.json").exists() else policy_base
     ctl = Controller(cfg, out, start, policy_base, prm, train, test, labels, on_record=on_record, stop=stop)

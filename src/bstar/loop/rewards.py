@@ -42,6 +42,8 @@ from bstar.engine.errors import RequestError
 from bstar.errors import DataError
 from bstar.loop.tasks import last_boxed
 
+log = logging.getLogger(__name__)
+
 TASKS = ("gsm8k", "math")
 
 DEFAULT_TIMEOUT = 1.0  # seconds per symbolic comparison (MATH500 references need < 0.15)
@@ -51,6 +53,12 @@ MAX_DEPTH = 8  # bracket nesting (MATH500 answers: at most 2)
 MAX_DIGITS = 64  # longest digit run
 MAX_EXPONENT = 10_000  # largest integer literal inside an exponent
 MAX_FACTORIAL = 1_000  # largest integer literal next to ! or binomials
+MAX_RESPONSE_CHARS = 1 << 16  # a longer response is junk (is_junk): 16x any max_tokens the loop uses
+# Control characters other than tab, newline and carriage return (NUL bytes...): a few are a byte-level
+# model's noise (a tiny policy's right answers hold 2-3), more than this many are junk (is_junk).
+MAX_CONTROL_CHARS = 16
+_JUNK_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+TIMED_OUT = None  # what a comparison that ran past its limit gives (internally; grade() says False)
 _GRACE = 1.0  # extra seconds before a helper process that overran is killed
 _STARTUP_TIMEOUT = 120.0  # seconds for a helper process to import math-verify
 
@@ -86,6 +94,20 @@ _HASH_RE = re.compile(r"####\s*(.*)")
 _ANSWER_IS_RE = re.compile(r"(?i)answer\s*(?:is|:)\s*:?\s*(.*)")
 _BASE_RE = re.compile(r"(\w+)\s*_\s*\{?\s*(\d+)\s*\}?")  # a numeral in base b: 4210_{5}
 _MATH_SPAN_RE = re.compile(r"\$+([^$]+)\$+")
+
+
+def is_junk(text: str) -> bool:
+    """A response the reward refuses whatever answer it holds: longer than MAX_RESPONSE_CHARS (a right
+    answer buried in 10 MB of text), or holding more than MAX_CONTROL_CHARS control characters (an answer
+    followed by 1,000 NUL bytes). An RL policy must not learn that padding around an answer is free."""
+    if len(text) > MAX_RESPONSE_CHARS:
+        return True
+    found = 0
+    for _ in _JUNK_RE.finditer(text):
+        found += 1
+        if found > MAX_CONTROL_CHARS:
+            return True
+    return False
 
 
 def _tail(text: str) -> str:
@@ -323,8 +345,8 @@ def _alarm_usable() -> bool:
     return hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
 
 
-def _with_alarm(fn, args, timeout: float) -> bool:
-    """fn(*args) on the main thread, False if it runs past `timeout` seconds."""
+def _with_alarm(fn, args, timeout: float) -> bool | None:
+    """fn(*args) on the main thread, None (TIMED_OUT) if it runs past `timeout` seconds."""
     global _alarm_armed
     t0 = time.monotonic()
     old_hook = sys.unraisablehook
@@ -337,7 +359,7 @@ def _with_alarm(fn, args, timeout: float) -> bool:
     try:
         return fn(*args)
     except _Timeout:
-        return False
+        return TIMED_OUT
     finally:
         while True:  # a late alarm may land inside this block; retry until disarmed
             try:
@@ -353,14 +375,14 @@ def _with_alarm(fn, args, timeout: float) -> bool:
                 continue
 
 
-def _time_limited_equal(pred: str, ref: str, timeout: float) -> bool:
+def _time_limited_equal(pred: str, ref: str, timeout: float) -> bool | None:
     if _alarm_usable():
         _math_verify()  # imported outside the time limit (seconds on a cold start)
         return _with_alarm(_symbolic_equal, (pred, ref), timeout)
     return _SANDBOX.call("symbolic", (pred, ref, timeout), timeout)
 
 
-def _symbolic_job(pred: str, ref: str, timeout: float) -> bool:
+def _symbolic_job(pred: str, ref: str, timeout: float) -> bool | None:
     _math_verify()
     return _with_alarm(_symbolic_equal, (pred, ref), timeout)
 
@@ -370,9 +392,15 @@ def grade(response: str, gold: str, task: str, *, timeout: float = DEFAULT_TIMEO
 
     `gold` is the reference answer ('18', '\\frac{1}{2}') or a reference solution (GSM8K
     `#### N`, MATH `\\boxed{}`). Never raises on any response text; returns False when no answer
-    is found, the answer is rejected as pathological, or the comparison exceeds `timeout`
-    seconds. Works from any thread (off the main thread the comparison runs in a helper process).
+    is found, the response is junk (see is_junk), the answer is rejected as pathological, or the
+    comparison exceeds `timeout` seconds. Works from any thread (off the main thread the comparison
+    runs in a helper process).
     """
+    return _grade(response, gold, task, timeout) is True
+
+
+def _grade(response: str, gold: str, task: str, timeout: float) -> bool | None:
+    """grade(), or TIMED_OUT (None) when the comparison ran past `timeout`."""
     _check_task(task)
     if not isinstance(response, str) or not isinstance(gold, str):
         raise RequestError(
@@ -380,6 +408,8 @@ def grade(response: str, gold: str, task: str, *, timeout: float = DEFAULT_TIMEO
         )
     if not timeout > 0:
         raise RequestError(f"grade timeout must be > 0 seconds, got {timeout}")
+    if is_junk(response):
+        return False
     pred = extract_answer(response, task)
     ref = _gold_answer(gold, task)
     if not pred or not ref:
@@ -403,12 +433,12 @@ def grade(response: str, gold: str, task: str, *, timeout: float = DEFAULT_TIMEO
 # spawn they do not re-import the caller's __main__ (scripts need no main guard), they work from
 # daemonic processes, and nothing is unpickled.
 
-_JOBS = {"grade": lambda resp, gold, task, timeout: grade(resp, gold, task, timeout=timeout), "symbolic": _symbolic_job}
+_JOBS = {"grade": _grade, "symbolic": _symbolic_job}
 _CHILD_CODE = "from bstar.loop.rewards import _worker_main; _worker_main()"
 
 
 def _worker_main() -> None:
-    """Helper process loop: read [idx, job, args] lines, write [idx, bool] lines. Runs on its main
+    """Helper process loop: read [idx, job, args] lines, write [idx, bool or null (timed out)] lines. Runs on its main
     thread, so SIGALRM time limits work; the parent kills it if it still overruns."""
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # stray prints from libraries go to stderr, not into the protocol
@@ -423,7 +453,8 @@ def _worker_main() -> None:
     for line in sys.stdin.buffer:  # EOF (parent closed or died): exit
         idx, job, args = json.loads(line)
         try:
-            ok = bool(_JOBS[job](*args))
+            ok = _JOBS[job](*args)
+            ok = TIMED_OUT if ok is TIMED_OUT else bool(ok)
         except BaseException:  # noqa: BLE001 - an item that fails is graded wrong, the worker lives on
             ok = False
         send([idx, ok])
@@ -512,19 +543,19 @@ class _Sandbox:
         self._worker = w
         return w
 
-    def call(self, job: str, args: tuple, timeout: float) -> bool:
+    def call(self, job: str, args: tuple, timeout: float) -> bool | None:
         with self._lock:
             w = self._ensure()
             try:
                 w.send(0, job, args, timeout + _GRACE)
                 msgs = w.recv(timeout + _GRACE)
                 if msgs:
-                    return bool(msgs[0][1])
+                    return msgs[0][1]  # (True, False, or None: timed out)
             except OSError:  # it died under us
                 pass
-            w.stop(kill=True)  # overran (or died): the answer counts as wrong
+            w.stop(kill=True)  # overran (or died)
             self._worker = None
-            return False
+            return TIMED_OUT
 
     def reset_after_fork(self) -> None:
         # The parent's helper and a lock some other thread may have held are not ours to use.
@@ -551,11 +582,15 @@ def grade_batch(
     workers: int | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     progress: bool = True,
+    stats: dict | None = None,
 ) -> list[bool]:
     """grade() over many responses; golds[i] is the gold answer of responses[i].
 
     workers: helper processes (None: one per CPU, at most 8; 0: grade in this process).
-    An item whose worker overruns `timeout` (+1 s grace) is False and the worker is replaced.
+    An item whose comparison overruns `timeout` (a worker that overruns it by 1 s is replaced) is
+    graded again once, alone, after the others (a busy machine must not change a reward); only if
+    it overruns again is it False. stats, when given, receives "timed_out" (items retried) and
+    "timed_out_twice" (those graded False for time).
     """
     _check_task(task)
     if len(responses) != len(golds):
@@ -578,18 +613,29 @@ def grade_batch(
         if workers == 0:
             out = []
             for r, g in zip(responses, golds):
-                out.append(grade(r, g, task, timeout=timeout))
+                out.append(_grade(r, g, task, timeout))
                 bar.update(1)
-            return out
-        # The tails are all grade() reads; do not ship megabytes to the workers.
-        items = [(_tail(r), _tail(g)) for r, g in zip(responses, golds)]
-        return _run_pool(items, task, workers, timeout, bar)
+        else:
+            # The tails are all grade() reads (junk is judged on the whole text): no megabytes to the workers.
+            junk = [is_junk(r) for r in responses]
+            items = [("", "") if j else (_tail(r), _tail(g)) for r, g, j in zip(responses, golds, junk)]
+            out = _run_pool(items, task, workers, timeout, bar)
     finally:
         bar.close()
+    late = [i for i, ok in enumerate(out) if ok is TIMED_OUT]
+    for i in late:  # alone now: no other grading competes for the CPU
+        out[i] = _grade(responses[i], golds[i], task, timeout)
+    twice = sum(out[i] is TIMED_OUT for i in late)
+    if stats is not None:
+        stats.update(timed_out=len(late), timed_out_twice=twice)
+    if twice:
+        log.warning("grading: %d of %d items ran past the %.1f s limit twice (graded wrong)", twice, n, timeout)
+    return [ok is True for ok in out]
 
 
-def _run_pool(items, task, n_workers, timeout, bar) -> list[bool]:
-    results = [False] * len(items)
+def _run_pool(items, task, n_workers, timeout, bar) -> list[bool | None]:
+    """Each item's grade, or TIMED_OUT for one whose comparison (or worker) ran past the limit."""
+    results: list[bool | None] = [False] * len(items)
     pending = deque(range(len(items)))
     done = 0
     start_failures = 0
@@ -622,7 +668,7 @@ def _run_pool(items, task, n_workers, timeout, bar) -> list[bool]:
                         if idx == "ready":
                             w.ready = True
                         else:
-                            results[idx] = bool(ok)
+                            results[idx] = ok if ok is TIMED_OUT else bool(ok)
                             w.item = None
                             done += 1
                             bar.update(1)
@@ -630,7 +676,8 @@ def _run_pool(items, task, n_workers, timeout, bar) -> list[bool]:
                 slow_start = not w.ready and now > w.started + _STARTUP_TIMEOUT
                 if not (w in gone or overran or slow_start):
                     continue
-                if w.item is not None:  # its item counts as wrong
+                if w.item is not None:  # its item is graded again, alone, afterwards
+                    results[w.item] = TIMED_OUT
                     done += 1
                     bar.update(1)
                 elif not w.ready:

@@ -40,6 +40,9 @@ def grid(start: float, stop: float, step: float) -> tuple[float, ...]:
     return tuple(round(start + i * step, 4) for i in range(n + 1))
 
 
+MAX_GRID = 10_000  # values in a search grid from the command line or a config
+
+
 def parse_grid(spec: str) -> list[float]:
     """A grid from the command line: 'start:stop:step' (see grid) or a comma-separated list of numbers.
     An empty or malformed grid raises BStarError saying why."""
@@ -52,6 +55,8 @@ def parse_grid(spec: str) -> list[float]:
             if step <= 0 or stop < start:
                 why = "step must be > 0" if step <= 0 else f"stop {stop:g} is below start {start:g}"
                 raise BStarError(f"bad grid {spec!r}: {why}; {how}")
+            if (stop - start) / step >= MAX_GRID:  # (before building it: 0:1e9:1e-9 is 10^18 values)
+                raise BStarError(f"bad grid {spec!r}: more than {MAX_GRID} values; use a larger step")
             return list(grid(start, stop, step))
         values = [float(x) for x in spec.split(",")]
         if not all(math.isfinite(x) for x in values):

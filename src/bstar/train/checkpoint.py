@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
 from bstar.engine.errors import CheckpointError
 from bstar.engine.model.loader import weight_files
 from bstar.utils import failpoint
-from bstar.utils.jsonl import temp_path
+from bstar.utils.jsonl import read_json, temp_path
 
 STATE_DIR = "trainer_state"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
@@ -209,13 +209,13 @@ def read_info(ckpt: Path) -> dict:
     d = ckpt / STATE_DIR
     if not (d / "state.json").is_file():
         raise CheckpointError(f"{ckpt}: no {STATE_DIR}/state.json to resume from")
-    return json.loads((d / "state.json").read_text())
+    return read_json(d / "state.json")
 
 
 def read_optimizer_state(ckpt: Path, info: dict) -> dict:
     """The full optimizer state dict of a checkpoint's trainer_state/ (rank 0 reads it; see restore_optimizer)."""
     state: dict = {}
-    for key, v in load_file(str(ckpt / STATE_DIR / "optimizer.safetensors")).items():
+    for key, v in _load_state_file(ckpt / STATE_DIR / "optimizer.safetensors").items():
         name, k = key.rsplit("/", 1)
         state.setdefault(name, {})[k] = v
     groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in info["param_groups"]]
@@ -223,7 +223,16 @@ def read_optimizer_state(ckpt: Path, info: dict) -> dict:
 
 
 def read_rng(ckpt: Path) -> dict:
-    return load_file(str(ckpt / STATE_DIR / "rng.safetensors"))
+    return _load_state_file(ckpt / STATE_DIR / "rng.safetensors")
+
+
+def _load_state_file(path: Path) -> dict:
+    """A trainer_state safetensors file; a missing, truncated or garbage one is one line naming it."""
+    try:
+        return load_file(str(path))
+    except Exception as e:  # (safetensors raises its own error types for a bad header or truncation)
+        why = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path} is corrupt or missing ({why}); resume from an earlier checkpoint") from None
 
 
 def _read_state(ckpt: Path) -> tuple[dict, dict, dict]:

@@ -162,7 +162,9 @@ class SFTTrainer:
                 with torch.device("meta"):
                     m = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32, attn_implementation=attn)
             else:
-                m = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32, attn_implementation=attn)
+                m = AutoModelForCausalLM.from_pretrained(  # safetensors only: never unpickle a .bin
+                    self.model_dir, dtype=torch.float32, attn_implementation=attn, use_safetensors=True
+                )
         except (OSError, ValueError, KeyError) as e:
             raise CheckpointError(f"{self.model_dir}: cannot load model: {e}") from e
         m.config.use_cache = False

@@ -33,10 +33,24 @@ def parse_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict | None, str
             except json.JSONDecodeError as e:
                 yield lineno, None, f"malformed JSON ({e.msg})"
                 continue
+            except RecursionError:  # (e.g. 400,000 nested brackets: no data file nests that deep)
+                yield lineno, None, "JSON nested too deeply"
+                continue
             if not isinstance(rec, dict):
                 yield lineno, None, f"expected a JSON object, got {type(rec).__name__}"
                 continue
             yield lineno, rec, None
+
+
+def read_json(path: str | os.PathLike):
+    """A JSON state file (config.json, state.json, search.json...); a truncated or garbage one is one line
+    naming it and what to do (DataError)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (ValueError, RecursionError) as e:  # (bad JSON, not UTF-8, nested too deeply)
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0][:100]
+        raise DataError(f"{path} is corrupt ({why}); restore it from a backup or delete it to redo that step") from None
 
 
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
@@ -74,17 +88,27 @@ def is_temp(name: str) -> bool:
 @contextmanager
 def atomic_open(path: str | os.PathLike) -> Iterator[IO[str]]:
     """A text file that appears at `path` only when the block ends without an error: a crash leaves the old
-    file (or none) there, never a half-written one; at most a temporary (`is_temp`) beside it."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    file (or none) there, never a half-written one; at most a temporary (`is_temp`) beside it. An I/O error
+    (full disk, read-only directory) is one line naming the file (DataError)."""
     tmp = temp_path(path)
     try:
-        with open(tmp, "w") as f:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
             yield f
         os.replace(tmp, path)
-    except BaseException:
+    except OSError as e:
+        raise DataError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+
+
+def dumps(record) -> str:
+    """One JSONL line. NaN and infinities are not JSON: refused (DataError), never written as `NaN`."""
+    try:
+        return json.dumps(record, ensure_ascii=False, allow_nan=False)
+    except ValueError as e:
+        raise DataError(f"a record holds a value JSON cannot store ({e})") from None
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -101,21 +125,21 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
 
 
 def write_jsonl(path: str | os.PathLike, records) -> None:
-    """Write records atomically (atomic_open), one line at a time."""
-    records = list(records)
+    """Write records atomically (atomic_open), one line at a time; every record is checked (dumps) first."""
+    lines = [dumps(r) for r in records]
     with atomic_open(path) as f:
-        for i, r in enumerate(records):
-            if i == len(records) // 2:
+        for i, line in enumerate(lines):
+            if i == len(lines) // 2:
                 f.flush()
                 failpoint.hit("mid-write")
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            f.write(line + "\n")
 
 
 def emit(records: list[dict], out: str) -> None:
     """Records to `out` as JSONL (atomically), or to stdout when out is '-'."""
     if out == "-":
-        for r in records:
-            click.echo(json.dumps(r, ensure_ascii=False))
+        for line in [dumps(r) for r in records]:  # (all checked before the first is printed)
+            click.echo(line)
     else:
         write_jsonl(out, records)
         click.echo(f"wrote {len(records)} records to {out}", err=True)

@@ -7,6 +7,7 @@ This is the lower-level interface for embedding in RL loops:
 """
 
 import json
+import logging
 import os
 import random
 import warnings
@@ -21,7 +22,7 @@ from bstar.engine.core.output_processor import OutputProcessor
 from bstar.engine.core.scheduler import Scheduler
 from bstar.engine.core.sequence import Request, Sequence
 from bstar.engine.entrypoints.inputs import ParsedPrompt, parse_prompt
-from bstar.engine.entrypoints.outputs import RequestOutput
+from bstar.engine.entrypoints.outputs import CompletionOutput, RequestOutput
 from bstar.engine.entrypoints.sampling_params import SamplingParams
 from bstar.engine.entrypoints.vllm_sampling import uses_masks
 from bstar.engine.errors import CheckpointError, RequestError
@@ -39,6 +40,8 @@ from bstar.engine.runner.sampler import (
     whole_vocabulary,
 )
 from bstar.kernels.host import HostCopy, to_device
+
+log = logging.getLogger(__name__)  # (debug only: the CLI shows one line, never a traceback)
 
 
 class _PromptLogprobsCopy:
@@ -61,7 +64,10 @@ class _InFlight:
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise RequestError(f"unsupported device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RequestError("device 'cuda' requested but CUDA is not available")
     if dev.type not in ("cpu", "cuda"):
@@ -138,6 +144,13 @@ class LLMEngine:
         self.num_discarded_tokens = 0  # async scheduling: drawn for candidates that had stopped meanwhile
         self._weights_to_load: set[str] = set()  # after a level-2 sleep: names load_weights has yet to set
         self._in_flight: _InFlight | None = None  # async scheduling: the launched step whose draw is not taken in
+        # Isolation (step()): the scheduled batch of the step under way; groups of requests of a failed step
+        # still to run apart from the others; the group running now, with its members' successful drawing
+        # steps; outputs a failed step had already produced.
+        self._batch = None
+        self._suspects: list[list[str]] = []
+        self._focus: dict[str, int] | None = None
+        self._salvaged: list[RequestOutput] = []
         # vLLM's handles (llm_engine.model_config, .model_executor.driver_worker...): bstar/engine/compat/vllm.py
         # (they hold a weak proxy: no reference cycle, so dropping the engine frees its memory at once)
         me = weakref.proxy(self)
@@ -182,9 +195,35 @@ class LLMEngine:
                 f"{self.block_manager.num_blocks} (block_size {self.ecfg.block_size})"
             )
 
+    def check_request(self, prompt_len: int, params: SamplingParams):
+        """What SamplingParams cannot check alone: n within the KV blocks, stop ids in the vocabulary, and a
+        candidate's full length (prompt + max_tokens, within the context) against the whole KV cache (one
+        candidate that outgrows it could never be scheduled)."""
+        if params.n > self.block_manager.num_blocks:  # (they fork at once, each to write a block of its own)
+            raise RequestError(
+                f"n={params.n} candidates is more than the KV cache's {self.block_manager.num_blocks} blocks "
+                "(each candidate needs one); lower n or raise num_kv_blocks"
+            )
+        vocab = self.mcfg.vocab_size
+        bad = [t for t in params.stop_token_ids if t >= vocab]
+        if bad:
+            raise RequestError(f"stop token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        if params.max_tokens is None:
+            return
+        total = min(prompt_len + params.max_tokens, self.max_model_len)
+        bs, have = self.ecfg.block_size, self.block_manager.num_blocks
+        need = -(-total // bs)
+        if need > have:
+            raise RequestError(
+                f"prompt of {prompt_len} tokens plus max_tokens={params.max_tokens} needs {need} KV blocks but "
+                f"the whole cache has {have} (block_size {bs}); lower max_tokens or raise num_kv_blocks"
+            )
+
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None):
-        """prompt: a str, a list of token ids, or an bstar.engine.entrypoints.inputs TextPrompt / TokensPrompt dict."""
-        params = params or SamplingParams()
+        """prompt: a str, a list of token ids, or a bstar.engine.entrypoints.inputs TextPrompt / TokensPrompt dict."""
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise RequestError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         params.validate()  # again: fields may have changed since construction
         if self.mcfg.head != "lm":
             raise RequestError(
@@ -203,6 +242,7 @@ class LLMEngine:
         parsed = parse_prompt(prompt)
         text, ids = self.encode_prompt(parsed)
         self.check_prompt_len(len(ids))
+        self.check_request(len(ids), params)
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         req = Request(request_id, text, ids, params)
         seq = Sequence(request_id, ids, params, index=0, fork_count=params.n - 1, seed=seed)
@@ -240,9 +280,106 @@ class LLMEngine:
 
     # -- one step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled model step; return the requests that finished in it."""
+        """Run one scheduled model step; return the requests that finished in it.
+
+        One bad request never takes the engine down: a step that raises is undone (every running sequence
+        is preempted, to be recomputed) and its requests are bisected: each half runs apart from the rest
+        until every member has drawn twice, and a half that fails again is split again. The request that
+        fails alone finishes with finish_reason "error" and RequestOutput.error; the others' outputs are
+        those they would have had (draws depend only on the seed and the tokens). A poisoned batch of n
+        requests costs about 4 log2(n) steps with fewer rows."""
+        if self._focus is not None and not any(rid in self.requests for rid in self._focus):
+            self._focus = None  # its members finished or were aborted
+        while self._focus is None and self._suspects:
+            group = {rid: 0 for rid in self._suspects.pop(0) if rid in self.requests}
+            self._focus = group or None
+        self.scheduler.focus = None if self._focus is None else set(self._focus)
         with self.runner.guard():
-            return self._step()
+            try:
+                done = self._step()
+            except Exception as e:
+                return self._recover(e)
+        self._after_focus_step()
+        return done
+
+    def _after_focus_step(self):
+        """Count the focused group's successful drawing steps; two for each live member (the step that
+        failed, then one more: async scheduling takes a draw in one step later) clear the group."""
+        batch, self._batch = self._batch, None
+        if self._focus is None:
+            return
+        for rid in {batch.seqs[i].request_id for i in batch.sampled} if batch else ():
+            if rid in self._focus:
+                self._focus[rid] += 1
+        if all(n >= 2 for rid, n in self._focus.items() if rid in self.requests):
+            self._focus = None
+
+    def _recover(self, err: Exception) -> list[RequestOutput]:
+        """After a step raised: fail the request that ran alone (or the only one in the step), else queue
+        the step's requests to run alone; undo the step (preempt everything, drop pending draws) and
+        return the outputs that step had already finished."""
+        log.debug("engine step failed", exc_info=err)
+        batch, self._batch = self._batch, None
+        done, self._salvaged = self._salvaged, []
+        involved = list(dict.fromkeys(s.request_id for s in batch.seqs)) if batch else list(self.requests)
+        self._focus = None
+        self._undo_step(batch)
+        why = str(err).strip().splitlines()[0] if str(err).strip() else "no message"
+        if len(involved) == 1:
+            out = self.fail_request(
+                involved[0], f"an engine step failed with this request: {type(err).__name__}: {why}"
+            )
+            if out is not None:
+                done.append(out)
+        elif involved:  # bisect: each half runs apart, first half first
+            half = len(involved) // 2
+            self._suspects[:0] = [involved[:half], involved[half:]]
+        return done
+
+    def _undo_step(self, batch):
+        """Forget everything a failed step may have left half done: launched draws and their pending
+        tokens, prompt logprobs still on their way, the kept decode buffers and cached prefixes; every
+        running sequence is preempted and recomputed from its tokens."""
+        self._in_flight = None
+        try:
+            self._take_prompt_logprobs()
+        except Exception:
+            self._prompt_logprob_copies = []
+        for s in list(self.scheduler.running) + list(self.scheduler.waiting):
+            s.drop_pending()
+            s.ends_at_pending, s.pending_source = False, None
+        for s in batch.seqs if batch else []:  # prompt logprobs are computed again with the prompt
+            req = self.requests.get(s.request_id)
+            if req is not None and req.prompt_logprobs is not None and s.index == 0 and not s.output_ids:
+                if len(s.token_ids) > 1 and s.finish_reason is None:
+                    s.prompt_logprobs_pending = True
+                    self._prompt_logprob_seqs.add(s)
+        self.scheduler.preempt_all()
+        self.block_manager.reset_prefix_cache()
+        self.runner.cpu_decode.release()
+
+    def fail_request(self, request_id: str, message: str) -> RequestOutput | None:
+        """Finish a request with an error: its unfinished candidates end with finish_reason "error", its
+        blocks are freed, and its output carries `message`. None for an unknown id."""
+        gone = self.scheduler.abort(request_id)
+        for s in gone:
+            s.finish_reason = "error"
+            self._prompt_logprob_seqs.discard(s)
+            s.drop_pending()
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        req.finished += gone
+        try:
+            out = self.output_processor.request_output(req)
+        except Exception:  # (building the output is what failed: the tokens, without text)
+            outs = [
+                CompletionOutput(s.index, "", s.output_ids, s.cumulative_logprob, None, s.finish_reason)
+                for s in sorted(req.finished, key=lambda s: s.index)
+            ]
+            out = RequestOutput(request_id, req.prompt, req.prompt_token_ids, outs)
+        out.error = message
+        return out
 
     @torch.inference_mode()
     def _step(self) -> list[RequestOutput]:
@@ -253,10 +390,10 @@ class LLMEngine:
             prev, self._in_flight = self._in_flight, None
             self._take_prompt_logprobs()
             done = self._take_draw(prev)
-        batch = self.scheduler.schedule()
+        batch = self._batch = self.scheduler.schedule()
         if not batch:
             if self.scheduler.has_work():
-                raise RuntimeError("scheduler made no progress: KV cache too small for any waiting sequence")
+                done.append(self._fail_stuck())
             return done
         seqs, draw = self._run(batch)
         if seqs:
@@ -265,6 +402,17 @@ class LLMEngine:
         if not seqs:
             return done
         return done + self._postprocess(seqs, *draw.host())
+
+    def _fail_stuck(self) -> RequestOutput:
+        """Nothing could be scheduled with every block free: the first waiting sequence needs more KV than
+        the whole cache (max_tokens=None lets it grow to the context). Its request ends with an error."""
+        s = self.scheduler.waiting[0]
+        bs, have = self.ecfg.block_size, self.block_manager.num_blocks
+        return self.fail_request(
+            s.request_id,
+            f"a candidate of {len(s)} tokens needs more KV than the whole cache ({have} blocks of {bs} tokens); "
+            "set max_tokens or raise num_kv_blocks",
+        )
 
     def _run(self, batch) -> tuple[list[Sequence], "Draw | None"]:
         """Forward, advance and draw of a scheduled batch: the sequences that drew a token and the
@@ -291,7 +439,7 @@ class LLMEngine:
         not scheduled again (Sequence.ends_at_pending)."""
         prev, self._in_flight, done = self._in_flight, None, []
         launched = len(self._prompt_logprob_copies)  # the steps before this one launched these
-        batch = self.scheduler.schedule()
+        batch = self._batch = self.scheduler.schedule()
         if batch:
             if prev is not None:
                 for i, s in enumerate(batch.seqs[: batch.num_decode]):
@@ -303,8 +451,8 @@ class LLMEngine:
                 seqs, draw = self._run(batch)
             except BaseException:
                 self._take_prompt_logprobs(launched)
-                if prev is not None:  # its pending tokens must not outlive it
-                    self._take_draw(prev)
+                if prev is not None:  # its pending tokens must not outlive it; its outputs are kept
+                    self._salvaged += self._take_draw(prev)
                 raise
             if seqs:
                 draw.start_copy()
@@ -314,7 +462,7 @@ class LLMEngine:
                     s.pending_source = (draw.tokens, r)  # (penalties count it on the device)
                     s.ends_at_pending = self.output_processor.length_reached(s)
         elif prev is None and self.scheduler.has_work():
-            raise RuntimeError("scheduler made no progress: KV cache too small for any waiting sequence")
+            done.append(self._fail_stuck())
         self._take_prompt_logprobs(launched)  # (before the draw that may finish their requests)
         if prev is not None:
             done += self._take_draw(prev)
@@ -334,7 +482,7 @@ class LLMEngine:
                 continue
             # The first pending token is this draw's; one after it is the step just launched's.
             later = s.drop_pending() - 1
-            out = self._accept(s, tok, lp, top, register=True)
+            out = self._accept_isolated(s, tok, lp, top, register=True)
             if s.finish_reason is not None:
                 if out is not None:
                     done.append(out)
@@ -343,9 +491,24 @@ class LLMEngine:
                     s.add_pending()
         return done
 
+    def _accept_isolated(self, s: Sequence, tok: int, lp: float, top, register: bool = False):
+        """_accept, where a failure (a stop rule, detokenizing) ends only this candidate's request."""
+        try:
+            return self._accept(s, tok, lp, top, register)
+        except Exception as e:
+            log.debug("output processing failed", exc_info=e)
+            why = str(e).strip().splitlines()[0] if str(e).strip() else "no message"
+            return self.fail_request(
+                s.request_id, f"processing this request's output failed: {type(e).__name__}: {why}"
+            )
+
     def _accept(self, s: Sequence, tok: int, lp: float, top, register: bool = False) -> RequestOutput | None:
         """Append a drawn token and apply the stop rules; the request's output when its last
         candidate finished. register: hash the blocks the token completes (a pending token's waited)."""
+        if lp != lp:  # NaN: the logits were NaN (broken weights); its tokens mean nothing
+            return self.fail_request(
+                s.request_id, "the model's logits are NaN (check the checkpoint's weights for NaN/inf)"
+            )
         self.num_generated_tokens += 1
         s.append_token(tok, lp, top)
         if register:
@@ -357,7 +520,9 @@ class LLMEngine:
         req = self.requests[s.request_id]
         req.finished.append(s)
         if req.is_finished:
-            return self.output_processor.request_output(self.requests.pop(s.request_id))
+            out = self.output_processor.request_output(req)  # (then dropped: a failure here leaves it to fail)
+            del self.requests[s.request_id]
+            return out
         return None
 
     def _prompt_logprob_spans(self, batch):
@@ -411,7 +576,9 @@ class LLMEngine:
         requests whose candidates have all finished."""
         done = []
         for s, tok, lp, top in zip(seqs, tokens, logprobs, tops):
-            out = self._accept(s, tok, lp, top)
+            if s.finish_reason is not None:  # a sibling's error ended its request meanwhile
+                continue
+            out = self._accept_isolated(s, tok, lp, top)
             if out is not None:
                 done.append(out)
         return done

@@ -64,6 +64,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.focus: set[str] | None = None  # request ids: schedule only their sequences (LLMEngine's isolation)
 
     def add(self, seq: Sequence):
         self.waiting.append(seq)
@@ -77,7 +78,24 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
+    def preempt_all(self):
+        """Preempt every running sequence (newest first, so the oldest ends up first in the queue): they
+        are recomputed from their tokens. After a failed step nothing it wrote into the cache is trusted."""
+        while self.running:
+            self._preempt(self.running.pop())
+
     def schedule(self) -> Batch:
+        if self.focus is None:
+            return self._schedule()
+        # Only the focused requests' sequences (the others wait, in order, behind them).
+        others = [s for s in self.waiting if s.request_id not in self.focus]
+        self.waiting = deque(s for s in self.waiting if s.request_id in self.focus)
+        try:
+            return self._schedule()
+        finally:
+            self.waiting.extend(others)
+
+    def _schedule(self) -> Batch:
         budget = self.cfg.max_num_batched_tokens
         picked: list[tuple[Sequence, int]] = []
         copies: list[tuple[int, int]] = []
@@ -85,8 +103,8 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            if seq.ends_at_pending:  # (async scheduling) its pending token is its last
-                i += 1
+            if seq.ends_at_pending or (self.focus is not None and seq.request_id not in self.focus):
+                i += 1  # (async scheduling: its pending token is its last; or another request has the focus)
                 continue
             n = min(len(seq.token_ids) - seq.num_computed, budget)
             if n == 1 and self.bm.fits_in_place(seq):  # no block to take or copy

@@ -26,7 +26,7 @@ class CompletionOutput:
     token_ids: list[int]
     cumulative_logprob: float  # sum of the sampled tokens' values (always kept, even without logprobs)
     logprobs: list[PositionLogprobs] | None  # one dict per generated token when params.logprobs is set
-    finish_reason: str | None  # "stop" (EOS, stop token or string), "length", "abort"
+    finish_reason: str | None  # "stop" (EOS, stop token or string), "length", "abort", "error" (RequestOutput.error)
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
 
     def finished(self) -> bool:
@@ -42,3 +42,6 @@ class RequestOutput:
     finished: bool = True
     # params.prompt_logprobs: one entry per prompt token, the first None (nothing predicts it)
     prompt_logprobs: list[PositionLogprobs | None] | None = None
+    # Why the request failed (its unfinished candidates end with finish_reason "error"): one line, e.g. a
+    # step that raised with this request in it, NaN logits, more KV than the whole cache. None: no error.
+    error: str | None = None

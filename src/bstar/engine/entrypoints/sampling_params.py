@@ -1,6 +1,7 @@
 """Per-request sampling options, named as in vLLM."""
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 from bstar.engine.entrypoints.vllm_sampling import (  # noqa: F401 (GuidedDecodingParams: vllm.sampling_params')
@@ -67,41 +68,58 @@ class SamplingParams:
         def bad(name, why):
             raise RequestError(f"invalid sampling value {name}={getattr(self, name)!r}: {why}")
 
-        def number(name):
+        def integer(name, optional=False):
+            """An integer (numpy's too; not a bool: True is not a count) below 2**31 (counts reach int32
+            tensors: 10**30 is no count), or None when optional."""
             v = getattr(self, name)
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            return (optional and v is None) or (
+                isinstance(v, numbers.Integral) and not isinstance(v, bool) and (name == "seed" or v < 2**31)
+            )
 
+        def number(name):
+            """A finite int or float (not a bool, not a string such as "0.5")."""
+            v = getattr(self, name)
+            return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+        def flag(name):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "must be True or False")
+
+        if not isinstance(self.stop, (str, list, tuple, type(None))):
+            bad("stop", "must be a non-empty string or a list of them")
         self.stop_strings = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if not isinstance(self.stop_token_ids, (list, tuple, type(None))):
+            bad("stop_token_ids", "must be a list of non-negative integers")
         self.stop_token_ids = list(self.stop_token_ids or [])
-        if not isinstance(self.n, int) or self.n < 1:
+        if not integer("n") or self.n < 1:
             bad("n", "must be an integer >= 1")
-        if not self.temperature >= 0 or self.temperature != self.temperature:
-            bad("temperature", "must be >= 0 (0 = greedy)")
-        if not 0 < self.top_p <= 1:
-            bad("top_p", "must be in (0, 1]")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
+        if not number("temperature") or self.temperature < 0:
+            bad("temperature", "must be a finite number >= 0 (0 = greedy)")
+        if not number("top_p") or not 0 < self.top_p <= 1:
+            bad("top_p", "must be a number in (0, 1]")
+        if not integer("top_k") or self.top_k < -1:
             bad("top_k", "must be an integer >= 1, or -1/0 for off")
-        if not 0 <= self.min_p <= 1:
-            bad("min_p", "must be in [0, 1]")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+        if not number("min_p") or not 0 <= self.min_p <= 1:
+            bad("min_p", "must be a number in [0, 1]")
+        if not integer("max_tokens", optional=True) or (self.max_tokens is not None and self.max_tokens < 1):
             bad("max_tokens", "must be an integer >= 1, or None for up to the context")
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+        if not integer("min_tokens") or self.min_tokens < 0:
             bad("min_tokens", "must be an integer >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             bad("min_tokens", "must be an integer in [0, max_tokens]")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < -1):
+        if not integer("logprobs", optional=True) or (self.logprobs or 0) < -1:
             bad("logprobs", "must be None or an integer >= 0 (-1: the whole vocabulary)")
-        if self.prompt_logprobs is not None and (
-            not isinstance(self.prompt_logprobs, int) or self.prompt_logprobs < -1
-        ):
+        if not integer("prompt_logprobs", optional=True) or (self.prompt_logprobs or 0) < -1:
             bad("prompt_logprobs", "must be None or an integer >= 0 (-1: the whole vocabulary)")
-        if self.seed is not None and not isinstance(self.seed, int):
-            bad("seed", "must be an integer or None")
+        if not integer("seed", optional=True) or not -(2**63) <= (self.seed or 0) < 2**63:
+            bad("seed", "must be a 64-bit integer or None")
+        for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens", "detokenize"):
+            flag(name)
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
             bad("stop", "must be a non-empty string or a list of them")
         if self.stop_strings and not self.detokenize:
             bad("stop", "stop strings need detokenize=True (use stop_token_ids instead)")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+        if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in self.stop_token_ids):
             bad("stop_token_ids", "must be non-negative integers")
         if not number("repetition_penalty") or self.repetition_penalty <= 0:
             bad("repetition_penalty", "must be a finite number > 0 (1 = off)")

@@ -37,7 +37,9 @@ def weight_files(path: str) -> list[str]:
     if pickled:
         raise CheckpointError(
             f"{path} holds only pickle weights ({pickled[0]}); refusing to unpickle. "
-            "Convert the checkpoint to safetensors (model.safetensors)."
+            "Convert the checkpoint to safetensors (model.safetensors) on a machine you trust, with the "
+            "safetensors convert script (huggingface.co/spaces/safetensors/convert) or "
+            "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)."
         )
     raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path}")
 
