@@ -289,13 +289,13 @@ def test_prompt_logprobs_of_a_request_aborted_in_flight_are_dropped(llama):
     a, b = _prompts(3, [9, 12])
     eng.add_request("a", a, SamplingParams(max_tokens=3, temperature=0, prompt_logprobs=1))
     eng.add_request("b", b, SamplingParams(max_tokens=3, temperature=0, prompt_logprobs=1))
-    assert eng.step() == [] and len(eng._prompt_logprob_copies) == 1  # launched, not taken in
+    assert eng.step() == [] and len(eng.prompt_logprobs.copies) == 1  # launched, not taken in
     aborted = eng.abort_request("a")
     assert aborted.prompt_logprobs == [None] * 9
     outs = []
     while eng.has_unfinished_requests():
         outs += eng.step()
-    assert [o.request_id for o in outs] == ["b"] and not eng._prompt_logprob_copies
+    assert [o.request_id for o in outs] == ["b"] and not eng.prompt_logprobs.copies
     assert aborted.prompt_logprobs == [None] * 9  # an output handed out is not written to afterwards
     want = LLM(llama, dtype="float32", device="cpu").generate(
         [b], SamplingParams(max_tokens=3, temperature=0, prompt_logprobs=1), use_tqdm=False

@@ -594,7 +594,7 @@ def test_prompt_logprobs_survive_preemption_and_abort(llama):
     eng.add_request("x", prompts[2], sp)
     eng.step()  # the first 16-token chunk of 50
     eng.abort_request("x")
-    assert not eng._prompt_logprob_seqs and eng.block_manager.num_used == 0
+    assert not eng.prompt_logprobs.seqs and eng.block_manager.num_used == 0
 
 
 def test_penalties_seeded_and_batch_independent(llama):

@@ -16,8 +16,8 @@ from torch.utils._pytree import tree_flatten
 
 from bstar import kernels
 from bstar.engine import LLM, PRM, RequestError, SamplingParams
-from bstar.engine.config import ModelConfig, resolve_dtype
-from bstar.engine.core.llm_engine import LLMEngine, resolve_device
+from bstar.engine.config import ModelConfig, resolve_device, resolve_dtype
+from bstar.engine.core.llm_engine import LLMEngine
 from bstar.engine.model.linear import Linear, packing_available
 from bstar.engine.model.loader import iter_weights
 from bstar.engine.runner.memory_plan import param_count, unique_storage_bytes

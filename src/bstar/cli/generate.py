@@ -73,7 +73,7 @@ def generate(
 ):
     """Generate candidates for every prompt and write one JSONL record per prompt."""
     from bstar.engine import LLM, SamplingParams  # torch: loaded when the command runs, not for --help
-    from bstar.engine.core.llm_engine import resolve_device
+    from bstar.engine.config import resolve_device
 
     # Every option, the model's config and the prompts, before anything loads or is written.
     if num_kv_blocks is not None and num_kv_blocks < 1:

@@ -29,7 +29,7 @@ from bstar.utils.jsonl import emit, read_jsonl
 def score(prm_path, data, out, kind, step_tag, good_token, bad_token, delimiter, aggregate, scale, dtype, device):
     """Score every candidate's steps with a process reward model."""
     from bstar.engine import PRM  # torch: loaded when the command runs, not for --help
-    from bstar.engine.core.llm_engine import resolve_device
+    from bstar.engine.config import resolve_device
 
     # Every option, the PRM's config and the data, before anything loads or is written.
     resolve_device(device)

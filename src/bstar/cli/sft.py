@@ -143,7 +143,7 @@ def _run(model, data, out, resume, save_every, max_grad_norm, no_pack, kw):
 def _check_inputs(model: str, data: str, out: Path, max_grad_norm: float, kw: dict) -> None:
     """Everything sft reads, checked before --out is created (a refused command leaves no trace): the
     numbers, the device, the checkpoint (config.json, safetensors weights: pickle is refused) and the data."""
-    from bstar.engine.core.llm_engine import resolve_device
+    from bstar.engine.config import resolve_device
     from bstar.engine.model.loader import weight_files
     from bstar.train.data import _read_file, _report
 

@@ -273,3 +273,22 @@ class EngineConfig:
             raise RequestError(f"max_logprobs must be an integer >= -1 (-1: no cap), got {self.max_logprobs!r}")
         if self.logprobs_mode not in LOGPROBS_MODES:
             raise RequestError(f"logprobs_mode must be one of {', '.join(LOGPROBS_MODES)}, got {self.logprobs_mode!r}")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise RequestError(f"unsupported device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RequestError("device 'cuda' requested but CUDA is not available")
+    if dev.type not in ("cpu", "cuda"):
+        raise RequestError(f"unsupported device {device!r}; use 'cpu' or 'cuda'")
+    if dev.type == "cuda":
+        if dev.index is None:  # pin it: the device guard, KV and profiling all name this one
+            dev = torch.device("cuda", torch.cuda.current_device())
+        if dev.index >= torch.cuda.device_count():
+            raise RequestError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s)")
+    return dev

@@ -42,8 +42,7 @@ from typing import NamedTuple
 import torch
 
 from bstar.engine import LLM, PRM, SamplingParams
-from bstar.engine.config import EngineConfig
-from bstar.engine.core.llm_engine import resolve_device
+from bstar.engine.config import EngineConfig, resolve_device
 from bstar.engine.model.loader import iter_weights
 from bstar.errors import BStarError, DataError
 from bstar.loop import run_dir
@@ -748,8 +747,7 @@ def _check_resumable(out: str) -> None:
 def check_inputs(cfg: RunConfig) -> tuple[list[Example], list[Example]] | None:
     """What a new run reads, checked before its directory is made: the device, the checkpoints' configs
     and (with --model) the data files, which it returns."""
-    from bstar.engine.config import ModelConfig
-    from bstar.engine.core.llm_engine import resolve_device
+    from bstar.engine.config import ModelConfig, resolve_device
 
     resolve_device(cfg.device)
     for path in (cfg.model, cfg.prm):

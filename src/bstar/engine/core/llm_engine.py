@@ -6,7 +6,6 @@ This is the lower-level interface for embedding in RL loops:
     eng.sleep(2); ...train...; eng.wake_up(["weights"]); eng.load_weights(new); eng.wake_up(["kv_cache"])
 """
 
-import json
 import logging
 import os
 import random
@@ -16,41 +15,32 @@ import weakref
 import torch
 
 from bstar.engine.compat import vllm as vllm_compat
-from bstar.engine.config import EngineConfig, ModelConfig, resolve_dtype
+from bstar.engine.config import EngineConfig, ModelConfig, resolve_device, resolve_dtype
 from bstar.engine.core.block_manager import BlockManager
+from bstar.engine.core.input_checks import check_prompt_len, check_request, encode_prompt
+from bstar.engine.core.isolation import Isolation
 from bstar.engine.core.output_processor import OutputProcessor
+from bstar.engine.core.prompt_logprobs import PromptLogprobs
 from bstar.engine.core.scheduler import Scheduler
 from bstar.engine.core.sequence import Request, Sequence
-from bstar.engine.entrypoints.inputs import ParsedPrompt, parse_prompt
+from bstar.engine.entrypoints.inputs import parse_prompt
 from bstar.engine.entrypoints.outputs import CompletionOutput, RequestOutput
 from bstar.engine.entrypoints.sampling_params import SamplingParams
 from bstar.engine.entrypoints.vllm_sampling import uses_masks
 from bstar.engine.errors import CheckpointError, RequestError
-from bstar.engine.model.decoder import CausalLM
-from bstar.engine.model.loader import iter_weights
-from bstar.engine.model.tokenizer import load_tokenizer, require
+from bstar.engine.model.decoder import build_model
+from bstar.engine.model.loader import generation_eos_ids, iter_weights
+from bstar.engine.model.tokenizer import load_tokenizer
 from bstar.engine.runner.logit_masks import LogitMasks
 from bstar.engine.runner.memory_plan import SLEEP_TAGS, engine_max_model_len
 from bstar.engine.runner.model_runner import ModelRunner
 from bstar.engine.runner.sampler import (
     Draw,
     Sampler,
-    flat_logprob_entries,
-    prompt_logprob_tensors,
     whole_vocabulary,
 )
-from bstar.kernels.host import HostCopy, to_device
 
 log = logging.getLogger(__name__)  # (debug only: the CLI shows one line, never a traceback)
-
-
-class _PromptLogprobsCopy:
-    """Prompt logprobs computed on the device and on their way to the host (kernels.host.HostCopy): row r
-    is prompt_logprobs[rows[r][1]] of request rows[r][0]; `want`: the entries each row asks for; `width`:
-    values per row in the flat copy (sampler.prompt_logprob_tensors)."""
-
-    def __init__(self, rows: list[tuple[Request, int]], want: list[int], copy: HostCopy, width: int):
-        self.rows, self.want, self.copy, self.width = rows, want, copy, width
 
 
 class _InFlight:
@@ -59,37 +49,6 @@ class _InFlight:
 
     def __init__(self, seqs: list[Sequence], draw: Draw):
         self.seqs, self.draw = seqs, draw
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise RequestError(f"unsupported device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RequestError("device 'cuda' requested but CUDA is not available")
-    if dev.type not in ("cpu", "cuda"):
-        raise RequestError(f"unsupported device {device!r}; use 'cpu' or 'cuda'")
-    if dev.type == "cuda":
-        if dev.index is None:  # pin it: the device guard, KV and profiling all name this one
-            dev = torch.device("cuda", torch.cuda.current_device())
-        if dev.index >= torch.cuda.device_count():
-            raise RequestError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s)")
-    return dev
-
-
-def build_model(mcfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> CausalLM:
-    """The decoder with unset weights, materialised once on `device` directly in `dtype` (built and cast on
-    the meta device: no float32 copy of a bf16 model ever exists). load_weights then streams the
-    checkpoint in, one tensor at a time."""
-    with torch.device("meta"):
-        net = CausalLM(mcfg)
-    net = net.to(dtype).to_empty(device=device)
-    if mcfg.tie_word_embeddings and mcfg.head == "lm":  # to_empty unties
-        net.lm_head.weight = net.model.embed_tokens.weight
-    return net
 
 
 class LLMEngine:
@@ -122,7 +81,7 @@ class LLMEngine:
             raise CheckpointError(f"tokenizer directory {tokenizer} has no tokenizer.json")
         self.tokenizer = None if skip_tokenizer_init else load_tokenizer(self.tokenizer_path)
         self._hf_tokenizer = None
-        self.eos_ids = set(self.mcfg.eos_token_ids) | self._generation_eos(model)
+        self.eos_ids = set(self.mcfg.eos_token_ids) | generation_eos_ids(model)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
 
@@ -137,20 +96,14 @@ class LLMEngine:
         primary_eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
         self.output_processor = OutputProcessor(self.tokenizer, self.eos_ids, self.max_model_len, primary_eos)
         self.requests: dict[str, Request] = {}
-        self._prompt_logprob_seqs: set[Sequence] = set()  # sequences whose prefill fills prompt_logprobs
-        self._prompt_logprob_copies: list[_PromptLogprobsCopy] = []  # launched, not yet in their requests
+        self.prompt_logprobs = PromptLogprobs(self.mcfg.vocab_size, self.device)
         self._rng = random.Random(seed)
         self.num_generated_tokens = 0
         self.num_discarded_tokens = 0  # async scheduling: drawn for candidates that had stopped meanwhile
         self._weights_to_load: set[str] = set()  # after a level-2 sleep: names load_weights has yet to set
         self._in_flight: _InFlight | None = None  # async scheduling: the launched step whose draw is not taken in
-        # Isolation (step()): the scheduled batch of the step under way; groups of requests of a failed step
-        # still to run apart from the others; the group running now, with its members' successful drawing
-        # steps; outputs a failed step had already produced.
-        self._batch = None
-        self._suspects: list[list[str]] = []
-        self._focus: dict[str, int] | None = None
-        self._salvaged: list[RequestOutput] = []
+        self._batch = None  # the scheduled batch of the step under way (what a failed step involved)
+        self.isolation = Isolation()
         # vLLM's handles (llm_engine.model_config, .model_executor.driver_worker...): bstar/engine/compat/vllm.py
         # (they hold a weak proxy: no reference cycle, so dropping the engine frees its memory at once)
         me = weakref.proxy(self)
@@ -159,65 +112,9 @@ class LLMEngine:
         # vLLM's per-request masks (logit_bias, allowed_token_ids, bad_words, structured_outputs)
         self.sampler.masks = LogitMasks(lambda: me.get_tokenizer(), self.mcfg.vocab_size, self.eos_ids)
 
-    @staticmethod
-    def _generation_eos(path: str) -> set[int]:
-        f = os.path.join(path, "generation_config.json")
-        if not os.path.isfile(f):
-            return set()
-        with open(f) as fh:
-            eos = json.load(fh).get("eos_token_id")
-        return set() if eos is None else ({eos} if isinstance(eos, int) else set(eos))
-
     # -- requests -----------------------------------------------------------------------------
-    def encode_prompt(self, prompt) -> tuple[str | None, list[int]]:
-        """(prompt text or None, token ids) of a prompt in any bstar.engine.entrypoints.inputs form."""
-        parsed = prompt if isinstance(prompt, ParsedPrompt) else parse_prompt(prompt)
-        if parsed.token_ids is None:
-            return parsed.text, require(self.tokenizer, "a text prompt").encode(parsed.text)
-        ids = parsed.token_ids
-        bad = [t for t in ids if not 0 <= t < self.mcfg.vocab_size]
-        if bad:
-            raise RequestError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.mcfg.vocab_size})")
-        return parsed.text, ids
-
     def check_prompt_len(self, n: int):
-        if n == 0:
-            raise RequestError("empty prompt")
-        if n >= self.max_model_len:
-            raise RequestError(
-                f"prompt of {n} tokens is longer than the context: max_model_len is "
-                f"{self.max_model_len} and at least one token must be generated"
-            )
-        need = -(-(n + 1) // self.ecfg.block_size)
-        if need > self.block_manager.num_blocks:
-            raise RequestError(
-                f"prompt of {n} tokens needs {need} KV blocks but the whole cache has "
-                f"{self.block_manager.num_blocks} (block_size {self.ecfg.block_size})"
-            )
-
-    def check_request(self, prompt_len: int, params: SamplingParams):
-        """What SamplingParams cannot check alone: n within the KV blocks, stop ids in the vocabulary, and a
-        candidate's full length (prompt + max_tokens, within the context) against the whole KV cache (one
-        candidate that outgrows it could never be scheduled)."""
-        if params.n > self.block_manager.num_blocks:  # (they fork at once, each to write a block of its own)
-            raise RequestError(
-                f"n={params.n} candidates is more than the KV cache's {self.block_manager.num_blocks} blocks "
-                "(each candidate needs one); lower n or raise num_kv_blocks"
-            )
-        vocab = self.mcfg.vocab_size
-        bad = [t for t in params.stop_token_ids if t >= vocab]
-        if bad:
-            raise RequestError(f"stop token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        if params.max_tokens is None:
-            return
-        total = min(prompt_len + params.max_tokens, self.max_model_len)
-        bs, have = self.ecfg.block_size, self.block_manager.num_blocks
-        need = -(-total // bs)
-        if need > have:
-            raise RequestError(
-                f"prompt of {prompt_len} tokens plus max_tokens={params.max_tokens} needs {need} KV blocks but "
-                f"the whole cache has {have} (block_size {bs}); lower max_tokens or raise num_kv_blocks"
-            )
+        check_prompt_len(n, self.max_model_len, self.ecfg.block_size, self.block_manager.num_blocks)
 
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None):
         """prompt: a str, a list of token ids, or a bstar.engine.entrypoints.inputs TextPrompt / TokensPrompt dict."""
@@ -240,9 +137,16 @@ class LLMEngine:
         if uses_masks(params):
             self.sampler.masks.prepare(params)
         parsed = parse_prompt(prompt)
-        text, ids = self.encode_prompt(parsed)
+        text, ids = encode_prompt(parsed, self.tokenizer, self.mcfg.vocab_size)
         self.check_prompt_len(len(ids))
-        self.check_request(len(ids), params)
+        check_request(
+            len(ids),
+            params,
+            self.mcfg.vocab_size,
+            self.max_model_len,
+            self.ecfg.block_size,
+            self.block_manager.num_blocks,
+        )
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         req = Request(request_id, text, ids, params)
         seq = Sequence(request_id, ids, params, index=0, fork_count=params.n - 1, seed=seed)
@@ -254,7 +158,7 @@ class LLMEngine:
             req.prompt_logprobs = [None] * len(ids)
             if len(ids) > 1:
                 seq.prompt_logprobs_pending = True
-                self._prompt_logprob_seqs.add(seq)
+                self.prompt_logprobs.seqs.add(seq)
         self.requests[request_id] = req
         self.scheduler.add(seq)
 
@@ -263,7 +167,7 @@ class LLMEngine:
         candidates that were still running), or None for an unknown id."""
         gone = self.scheduler.abort(request_id)
         for s in gone:
-            self._prompt_logprob_seqs.discard(s)
+            self.prompt_logprobs.seqs.discard(s)
             s.drop_pending()  # (async scheduling: its draw in flight is discarded)
         req = self.requests.pop(request_id, None)
         if req is None:
@@ -288,31 +192,15 @@ class LLMEngine:
         fails alone finishes with finish_reason "error" and RequestOutput.error; the others' outputs are
         those they would have had (draws depend only on the seed and the tokens). A poisoned batch of n
         requests costs about 4 log2(n) steps with fewer rows."""
-        if self._focus is not None and not any(rid in self.requests for rid in self._focus):
-            self._focus = None  # its members finished or were aborted
-        while self._focus is None and self._suspects:
-            group = {rid: 0 for rid in self._suspects.pop(0) if rid in self.requests}
-            self._focus = group or None
-        self.scheduler.focus = None if self._focus is None else set(self._focus)
+        self.scheduler.focus = self.isolation.next_focus(self.requests)
         with self.runner.guard():
             try:
                 done = self._step()
             except Exception as e:
                 return self._recover(e)
-        self._after_focus_step()
-        return done
-
-    def _after_focus_step(self):
-        """Count the focused group's successful drawing steps; two for each live member (the step that
-        failed, then one more: async scheduling takes a draw in one step later) clear the group."""
         batch, self._batch = self._batch, None
-        if self._focus is None:
-            return
-        for rid in {batch.seqs[i].request_id for i in batch.sampled} if batch else ():
-            if rid in self._focus:
-                self._focus[rid] += 1
-        if all(n >= 2 for rid, n in self._focus.items() if rid in self.requests):
-            self._focus = None
+        self.isolation.after_step(batch, self.requests)
+        return done
 
     def _recover(self, err: Exception) -> list[RequestOutput]:
         """After a step raised: fail the request that ran alone (or the only one in the step), else queue
@@ -320,9 +208,8 @@ class LLMEngine:
         return the outputs that step had already finished."""
         log.debug("engine step failed", exc_info=err)
         batch, self._batch = self._batch, None
-        done, self._salvaged = self._salvaged, []
+        done = self.isolation.take_salvaged()
         involved = list(dict.fromkeys(s.request_id for s in batch.seqs)) if batch else list(self.requests)
-        self._focus = None
         self._undo_step(batch)
         why = str(err).strip().splitlines()[0] if str(err).strip() else "no message"
         if len(involved) == 1:
@@ -331,9 +218,8 @@ class LLMEngine:
             )
             if out is not None:
                 done.append(out)
-        elif involved:  # bisect: each half runs apart, first half first
-            half = len(involved) // 2
-            self._suspects[:0] = [involved[:half], involved[half:]]
+        else:
+            self.isolation.bisect(involved)
         return done
 
     def _undo_step(self, batch):
@@ -342,9 +228,9 @@ class LLMEngine:
         running sequence is preempted and recomputed from its tokens."""
         self._in_flight = None
         try:
-            self._take_prompt_logprobs()
+            self.prompt_logprobs.take(self.requests)
         except Exception:
-            self._prompt_logprob_copies = []
+            self.prompt_logprobs.copies = []
         for s in list(self.scheduler.running) + list(self.scheduler.waiting):
             s.drop_pending()
             s.ends_at_pending, s.pending_source = False, None
@@ -353,7 +239,7 @@ class LLMEngine:
             if req is not None and req.prompt_logprobs is not None and s.index == 0 and not s.output_ids:
                 if len(s.token_ids) > 1 and s.finish_reason is None:
                     s.prompt_logprobs_pending = True
-                    self._prompt_logprob_seqs.add(s)
+                    self.prompt_logprobs.seqs.add(s)
         self.scheduler.preempt_all()
         self.block_manager.reset_prefix_cache()
         self.runner.cpu_decode.release()
@@ -364,7 +250,7 @@ class LLMEngine:
         gone = self.scheduler.abort(request_id)
         for s in gone:
             s.finish_reason = "error"
-            self._prompt_logprob_seqs.discard(s)
+            self.prompt_logprobs.seqs.discard(s)
             s.drop_pending()
         req = self.requests.pop(request_id, None)
         if req is None:
@@ -388,7 +274,7 @@ class LLMEngine:
         done = []
         if self._in_flight is not None:  # async scheduling was switched off with a step in flight
             prev, self._in_flight = self._in_flight, None
-            self._take_prompt_logprobs()
+            self.prompt_logprobs.take(self.requests)
             done = self._take_draw(prev)
         batch = self._batch = self.scheduler.schedule()
         if not batch:
@@ -398,7 +284,7 @@ class LLMEngine:
         seqs, draw = self._run(batch)
         if seqs:
             draw.start_copy()  # (CUDA: its tensors in one pinned copy each, then one wait, not a wait per tensor)
-        self._take_prompt_logprobs()  # (before any output of the requests they belong to)
+        self.prompt_logprobs.take(self.requests)  # (before any output of the requests they belong to)
         if not seqs:
             return done
         return done + self._postprocess(seqs, *draw.host())
@@ -417,10 +303,10 @@ class LLMEngine:
     def _run(self, batch) -> tuple[list[Sequence], "Draw | None"]:
         """Forward, advance and draw of a scheduled batch: the sequences that drew a token and the
         draw, still on the device."""
-        spans = self._prompt_logprob_spans(batch) if self._prompt_logprob_seqs else None
+        spans = self.prompt_logprobs.spans(batch) if self.prompt_logprobs.seqs else None
         if spans:
             logits, hidden = self.runner.run_with_prompt_hidden(batch, [r for sp in spans for r in sp[3]])
-            self._launch_prompt_logprobs(spans, hidden)
+            self.prompt_logprobs.launch(spans, hidden, self.model, self.requests)
         else:
             logits = self.runner.run(batch)  # a row per sequence of batch.sampled
         seqs, rows = self.scheduler.advance(batch)  # prefilled prompts fork their siblings here
@@ -438,7 +324,7 @@ class LLMEngine:
         scheduled again: that row's draw is discarded; one that max_tokens or the context stops is
         not scheduled again (Sequence.ends_at_pending)."""
         prev, self._in_flight, done = self._in_flight, None, []
-        launched = len(self._prompt_logprob_copies)  # the steps before this one launched these
+        launched = len(self.prompt_logprobs.copies)  # the steps before this one launched these
         batch = self._batch = self.scheduler.schedule()
         if batch:
             if prev is not None:
@@ -450,9 +336,9 @@ class LLMEngine:
             try:
                 seqs, draw = self._run(batch)
             except BaseException:
-                self._take_prompt_logprobs(launched)
+                self.prompt_logprobs.take(self.requests, launched)
                 if prev is not None:  # its pending tokens must not outlive it; its outputs are kept
-                    self._salvaged += self._take_draw(prev)
+                    self.isolation.salvaged += self._take_draw(prev)
                 raise
             if seqs:
                 draw.start_copy()
@@ -463,7 +349,7 @@ class LLMEngine:
                     s.ends_at_pending = self.output_processor.length_reached(s)
         elif prev is None and self.scheduler.has_work():
             done.append(self._fail_stuck())
-        self._take_prompt_logprobs(launched)  # (before the draw that may finish their requests)
+        self.prompt_logprobs.take(self.requests, launched)  # (before the draw that may finish their requests)
         if prev is not None:
             done += self._take_draw(prev)
             cur = self._in_flight
@@ -524,52 +410,6 @@ class LLMEngine:
             del self.requests[s.request_id]
             return out
         return None
-
-    def _prompt_logprob_spans(self, batch):
-        """For the batch's sequences that fill prompt_logprobs: (seq, first position, end position,
-        token rows) of the prompt positions computed this step whose next token is a prompt token.
-        A sequence whose prefill ends this step is done with them."""
-        spans, row = [], 0
-        for s, n in zip(batch.seqs, batch.num_new):
-            if s.prompt_logprobs_pending:
-                start = s.num_computed
-                end = min(start + n, s.prompt_len - 1)
-                if end > start:
-                    spans.append((s, start, end, range(row, row + end - start)))
-                if start + n >= s.prompt_len:
-                    s.prompt_logprobs_pending = False
-                    self._prompt_logprob_seqs.discard(s)
-            row += n
-        return spans
-
-    def _launch_prompt_logprobs(self, spans, hidden: torch.Tensor):
-        """Raw logprobs (no penalty, temperature or filter, as vLLM) of each span's next prompt tokens
-        from their hidden states, a slice of rows at a time (never [tokens, vocab] at once), launched on
-        the device and on their way to the host (`_take_prompt_logprobs` puts them in their requests).
-        On the CPU the slices are small enough for a slice's logits to stay in cache through the
-        logsumexp, top-k and rank passes (256 rows: 1.5-1.8x faster than 4096 here)."""
-        rows = [(s, p) for s, start, end, _ in spans for p in range(start, end)]
-        V = self.mcfg.vocab_size
-        step = 256 if self.device.type == "cpu" else max(1, (1 << 24) // V)
-        for i in range(0, len(rows), step):
-            part = rows[i : i + step]
-            logits = self.model.compute_logits(hidden[i : i + step]).float()
-            targets = to_device([s.token_ids[p + 1] for s, p in part], torch.int64, logits.device)
-            want = whole_vocabulary([s.params.prompt_logprobs for s, _ in part], V)
-            *tensors, width = prompt_logprob_tensors(logits, targets, want)
-            dest = [(self.requests[s.request_id], p + 1) for s, p in part]
-            self._prompt_logprob_copies.append(_PromptLogprobsCopy(dest, want, HostCopy(tensors), width))
-
-    def _take_prompt_logprobs(self, upto: int | None = None):
-        """Put the first `upto` launched prompt-logprob copies (all: None) in their requests, waiting
-        for each copy to reach the host; a request aborted meanwhile is left as its output returned it."""
-        upto = len(self._prompt_logprob_copies) if upto is None else upto
-        taken, self._prompt_logprob_copies = self._prompt_logprob_copies[:upto], self._prompt_logprob_copies[upto:]
-        for c in taken:
-            entries = flat_logprob_entries(*c.copy.lists(), c.want, c.width)
-            for (req, i), e in zip(c.rows, entries):
-                if self.requests.get(req.request_id) is req:
-                    req.prompt_logprobs[i] = e
 
     def _postprocess(self, seqs, tokens, logprobs, tops) -> list[RequestOutput]:
         """Append each candidate's token, finish those a stop rule ends, and return the outputs of the

@@ -231,3 +231,15 @@ class CausalLM(nn.Module):
                 more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
                 raise CheckpointError(f"checkpoint lacks tensors: {', '.join(missing[:5])}{more}")
         return loaded
+
+
+def build_model(mcfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> CausalLM:
+    """The decoder with unset weights, materialised once on `device` directly in `dtype` (built and cast on
+    the meta device: no float32 copy of a bf16 model ever exists). load_weights then streams the
+    checkpoint in, one tensor at a time."""
+    with torch.device("meta"):
+        net = CausalLM(mcfg)
+    net = net.to(dtype).to_empty(device=device)
+    if mcfg.tie_word_embeddings and mcfg.head == "lm":  # to_empty unties
+        net.lm_head.weight = net.model.embed_tokens.weight
+    return net

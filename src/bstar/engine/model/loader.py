@@ -55,3 +55,13 @@ def iter_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
             raise
         except Exception as e:  # safetensors raises its own error types for bad headers/truncation
             raise CheckpointError(f"corrupt or truncated safetensors file {file}: {e}") from None
+
+
+def generation_eos_ids(path: str) -> set[int]:
+    """The eos_token_id(s) of a checkpoint's generation_config.json (none without one)."""
+    f = os.path.join(path, "generation_config.json")
+    if not os.path.isfile(f):
+        return set()
+    with open(f) as fh:
+        eos = json.load(fh).get("eos_token_id")
+    return set() if eos is None else ({eos} if isinstance(eos, int) else set(eos))
