@@ -22,6 +22,7 @@ from bstar.loop.memory import run_memory_plan, train_phase, trainer_spec
 from bstar.loop.memory_plan import DeviceMemory
 from bstar.testing.model_factory import QWEN25_7B
 from bstar.train.config import SFTConfig
+from bstar.train.memory_estimate import offload_host_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 GREEDY = SamplingParams(n=2, temperature=0, max_tokens=12, ignore_eos=True)
@@ -44,7 +45,8 @@ def test_run_plan_resolves_dtype_and_trainer_defaults_per_device(q7_dir):
     assert plan.engines["policy"].weights == 15_231_233_024
     s = plan.trainer_spec
     assert s.activation_checkpointing and s.compute_dtype == torch.bfloat16 and s.offload and s.ce_chunk == 1024
-    assert plan.trainer.host_state == 7_615_616_512 * 16 and plan.trainer.gpu_state == 0
+    # (the per-tensor pinned figure, hand-checked in test_memory_plan; at least 16 bytes a parameter)
+    assert plan.trainer.host_state == offload_host_bytes(s) >= 7_615_616_512 * 16 and plan.trainer.gpu_state == 0
     assert [p.phase.name for p in plan.phases] == ["generate", "train"]
     assert "offload on" in plan.table()
     # on the CPU: float32, no activation checkpointing, the plain loss when ce_chunk=0

@@ -135,11 +135,12 @@ def _poison_runner(eng, poison: set[str], where: str = "run"):
     if where == "run":
         eng.runner.run = poisoned
         return lambda: delattr(eng.runner, "run")
-    cls = type(eng.sampler)
-    eng.sampler = type("PoisonedSampler", (cls,), {"__call__": lambda self, *a, **k: poisoned(*a, **k)})(
+    real = eng.sampler
+    eng.sampler = type("PoisonedSampler", (type(real),), {"__call__": lambda self, *a, **k: poisoned(*a, **k)})(
         eng.eos_ids, eng.ecfg.logprobs_mode
     )
-    return lambda: setattr(eng, "sampler", cls(eng.eos_ids, eng.ecfg.logprobs_mode))
+    eng.sampler.masks = real.masks  # (the engine's per-request masks, as the real sampler holds them)
+    return lambda: setattr(eng, "sampler", real)
 
 
 def _alone(llm, prompt, params):

@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
 from bstar.cli import main
-from bstar.engine.errors import RequestError
+from bstar.errors import BStarError
 from bstar.testing.model_factory import make_model, make_records, write_lines
 from bstar.train.config import SFTConfig, adamw_options, resolve_grad_checkpointing
 from bstar.train.data import IGNORE, collate_packed, load_sft_examples
@@ -308,7 +308,7 @@ def test_records_as_bytes_round_trip(monkeypatch):
     monkeypatch.setenv("BSTAR_DIST_TIMEOUT_MIN", "240")
     assert dist_utils.timeout().total_seconds() == 240 * 60
     monkeypatch.setenv("BSTAR_DIST_TIMEOUT_MIN", "0")
-    with pytest.raises(RequestError, match="BSTAR_DIST_TIMEOUT_MIN"):
+    with pytest.raises(BStarError, match="BSTAR_DIST_TIMEOUT_MIN"):
         dist_utils.timeout()
 
 
