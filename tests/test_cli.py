@@ -83,7 +83,15 @@ def test_run_builtin_task_through_the_cli(tmp_path):
     # the options reached the run; everything else is the built-in task's setting
     cfg = json.loads((out / "config.json").read_text())
     want = embedded_run_config(
-        iterations=1, num_samples=4, search_k=4, search_subset=8, eval_k=4, max_tokens=24, train_steps=2, batch_size=4
+        embedded_preset="tiny",
+        iterations=1,
+        num_samples=4,
+        search_k=4,
+        search_subset=8,
+        eval_k=4,
+        max_tokens=24,
+        train_steps=2,
+        batch_size=4,
     )
     assert cfg["model"] is None and cfg["embedded_preset"] == "tiny"
     assert cfg["temperatures"] == [0.7, 1.0] and cfg["thresholds"] == [-1.0, -0.5, 0.0, 0.5, 1.0]
@@ -103,7 +111,7 @@ def test_run_builtin_task_through_the_cli(tmp_path):
     ):
         assert cfg[k] == getattr(want, k), k
     assert cfg["prm_scale"] == "logit" and cfg["train_steps"] == 2 and records[1]["train_steps"] == 2
-    # the tiny preset was built in $BSTAR_CACHE (a temp dir here) and its splits were used
+    # the tiny preset was built in $BSTAR_CACHE (a temp dir here); the run trained on fresh queries, its test split
     tiny = EmbeddedConfig.tiny()
     assert (Path(os.environ["BSTAR_CACHE"]) / f"embedded-{tiny.key()}" / "manifest.json").is_file()
     assert len(_lines(out / "iter_001" / "candidates.jsonl")) == 20 < tiny.n_train  # --max-train-queries

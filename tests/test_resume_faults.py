@@ -46,6 +46,7 @@ def _cfg():
         mid_eval_queries=4,
         max_eval_queries=8,
         max_train_queries=8,
+        include_gold=True,
         max_tokens=24,
         device="cpu",
         progress=False,

@@ -18,6 +18,7 @@ from bstar.loop.config import EMBEDDED_PRESETS, MODES, SLEEP_ENGINES, RunConfig,
 from bstar.loop.search import parse_grid
 
 COMPARE_MODES = ("bstar", "online-rft")
+SWEEP_NOISES = (0.0, 2.0, 8.0)  # --reward-sweep's verifier levels (with the learned PRM: four rewards)
 
 
 def quiet_transformers() -> None:
@@ -42,6 +43,18 @@ def quiet_transformers() -> None:
 )
 @click.option("--seeds", type=click.IntRange(min=1), default=2, show_default=True, help="Seeds per mode (--compare).")
 @click.option(
+    "--reward-sweep",
+    is_flag=True,
+    help="--compare at several reward reliabilities (built-in task): the learned PRM and the step verifier at each "
+    "--sweep-noises level; draws bstar's gain over online-rft against the reward's within-question AUC.",
+)
+@click.option(
+    "--sweep-noises",
+    default=",".join(f"{x:g}" for x in SWEEP_NOISES),
+    show_default=True,
+    help="Verifier noise levels of --reward-sweep (comma list).",
+)
+@click.option(
     "--jobs",
     type=click.IntRange(min=1),
     default=None,
@@ -63,6 +76,20 @@ def quiet_transformers() -> None:
 @click.option("--include-gold/--no-include-gold", default=None)
 @click.option("--rationalize", is_flag=True, default=None, help="STaR rationalisation.")
 @click.option("--prm-scale", type=click.Choice(["logit", "prob"]), default=None, help="PRM value (default logit).")
+@click.option(
+    "--verifier-noise",
+    type=float,
+    default=None,
+    help="Built-in task: select with the step verifier (true step labels, logit +-3 plus Gaussian noise of this "
+    "scale; 0 is an oracle) instead of the learned PRM.",
+)
+@click.option(
+    "--queries-per-iteration",
+    type=int,
+    default=None,
+    help="Fresh queries: iteration t trains on the t-th block of this many training queries (default: all, "
+    "every iteration; the built-in run: 256 new questions per iteration).",
+)
 @click.option("--prompt-template", default=None)
 @click.option("--max-tokens", type=int, default=None)
 @click.option("--eval-k", type=int, default=None)
@@ -107,8 +134,27 @@ def quiet_transformers() -> None:
     default=None,
     help="Built-in task size (without --model): 'tiny' builds in seconds, a smoke test whose models learn little.",
 )
-def run(model, prm, train_data, eval_data, out, resume, compare, seeds, jobs, quiet, temperatures, thresholds, **opts):
+def run(
+    model,
+    prm,
+    train_data,
+    eval_data,
+    out,
+    resume,
+    compare,
+    seeds,
+    jobs,
+    quiet,
+    temperatures,
+    thresholds,
+    reward_sweep,
+    sweep_noises,
+    **opts,
+):
     """Iterative self-improvement with balanced exploration and exploitation."""
+    noises = _noise_levels(sweep_noises) if reward_sweep else []
+    if reward_sweep and model is not None:
+        raise BStarError("--reward-sweep varies the built-in task's verifier; it does not go with --model")
     if resume:
         if out and out != resume:
             raise BStarError("give either --out (a new run) or --resume DIR, not both")
@@ -144,16 +190,40 @@ def run(model, prm, train_data, eval_data, out, resume, compare, seeds, jobs, qu
         if resume:
             _summary(controller.run(None, resume, resume=True, on_record=redraw))
             return
-        if not compare:
+        if not (compare or reward_sweep):
             _summary(controller.run(cfg, out, on_record=redraw))
             return
     except run_dir.RunStopped as e:  # SIGINT / SIGTERM: one line, the shell's exit status for the signal
         click.echo(str(e), err=True)
         sys.exit(e.exit_code)
-    _compare(cfg, out, seeds, jobs or os.cpu_count() or 1, quiet)
+    _compare(cfg, out, seeds, jobs or os.cpu_count() or 1, quiet, noises if reward_sweep else None)
 
 
-def _compare(cfg: RunConfig, out: str, seeds: int, jobs: int, quiet: bool) -> None:
+def _noise_levels(text: str) -> list[float]:
+    try:
+        levels = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise BStarError(f"--sweep-noises must be a comma list of numbers >= 0, got {text!r}") from None
+    if not levels or any(not (x >= 0 and x < float("inf")) for x in levels):
+        raise BStarError(f"--sweep-noises must be a comma list of numbers >= 0, got {text!r}")
+    return levels
+
+
+def _variants(cfg: RunConfig, noises: list[float] | None) -> list[tuple[str, RunConfig]]:
+    """(run-name prefix, config) of every run of a comparison: each mode of COMPARE_MODES, and under a reward
+    sweep each mode at each reward (the learned PRM, then the verifier at each noise level)."""
+    from bstar.results.sweep import level_name
+
+    if noises is None:
+        return [(mode, dataclasses.replace(cfg, mode=mode)) for mode in COMPARE_MODES]
+    return [
+        (f"{mode}-{level_name(n)}", dataclasses.replace(cfg, mode=mode, verifier_noise=n))
+        for n in [None, *noises]
+        for mode in COMPARE_MODES
+    ]
+
+
+def _compare(cfg: RunConfig, out: str, seeds: int, jobs: int, quiet: bool, noises: list[float] | None = None) -> None:
     """Each (mode, seed) in its own one-thread process (`run --resume` of a prepared run directory), at most
     `jobs` at a time; a directory that already holds a finished run is kept as it is."""
     from bstar.embedded import EmbeddedConfig, build_assets
@@ -164,13 +234,13 @@ def _compare(cfg: RunConfig, out: str, seeds: int, jobs: int, quiet: bool) -> No
     if cfg.model is None:  # build once here, not in every process
         build_assets(EmbeddedConfig.preset(cfg.embedded_preset), progress=cfg.progress)
     runs, todo = {}, []
-    for mode in COMPARE_MODES:
+    for prefix, vcfg in _variants(cfg, noises):
         for k in range(seeds):
-            name = f"{mode}-seed{cfg.seed + k}"
+            name = f"{prefix}-seed{cfg.seed + k}"
             d = Path(out) / name
             runs[name] = str(d)
             if not (d / "config.json").exists():
-                controller.prepare_out_dir(str(d), dataclasses.replace(cfg, mode=mode, seed=cfg.seed + k), False)
+                controller.prepare_out_dir(str(d), dataclasses.replace(vcfg, seed=cfg.seed + k), False)
             if len(compare.records(d)) < cfg.iterations + 1:
                 todo.append((name, d))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -196,6 +266,10 @@ def _compare(cfg: RunConfig, out: str, seeds: int, jobs: int, quiet: bool) -> No
                 raise BStarError(f"{name} failed (exit {p.returncode}); see {d / 'log.txt'}")
             click.echo(f"{name}: done after {time.perf_counter() - t0:.0f}s")
     summary = compare.report(out, runs)
+    if noises is not None:
+        from bstar.results import sweep
+
+        summary += sweep.report(out, runs, [sweep.level_name(n) for n in [None, *noises]])
     for line in summary:
         click.echo(line)
     click.echo(f"comparison plots and report in {out}")

@@ -11,7 +11,9 @@ from bstar.loop.search import MAX_GRID, REFERENCE_TEMPERATURES, REFERENCE_THRESH
 from bstar.loop.selection import PRM_DIVISOR, PRM_SCALES
 from bstar.loop.tasks import DEFAULT_PROMPT, check_template
 
-MODES = ("bstar", "online-rft", "rest-em", "star")
+# online-rft: a fixed temperature and the same reward at a fixed threshold; online-rft-answer: the answer check
+# alone (RFT's rule: every right answer, no reward); rest-em and star restart from the base model each iteration
+MODES = ("bstar", "online-rft", "online-rft-answer", "rest-em", "star")
 SLEEP_ENGINES = ("auto", "on", "off")
 EMBEDDED_PRESETS = ("default", "tiny")  # sizes of the built-in task: bstar.embedded.EmbeddedConfig.preset
 
@@ -33,6 +35,10 @@ class RunConfig:
     seed: int = 0
     max_train_queries: int | None = None  # use the first N training queries (None: all)
     max_eval_queries: int | None = None
+    # fresh queries: iteration t trains on the t-th block of q training queries (nothing is seen twice while the
+    # set lasts; then it wraps around); None: every training query every iteration (the reference). The built-in
+    # task draws a pool of iterations x q new questions from its generator
+    queries_per_iteration: int | None = None
     # generation
     num_samples: int = 64  # N candidates per training query
     max_tokens: int = 768
@@ -57,6 +63,9 @@ class RunConfig:
     prm_aggregate: str = "min"
     prm_scale: str = "logit"  # the PRM value: min step logit (reference), or "prob": min P(good)
     prm_divisor: float = PRM_DIVISOR  # score = correct + prm / prm_divisor
+    # the built-in task's reward: None, the learned PRM; sigma >= 0, the step verifier (bstar.loop.verifier: true
+    # step labels, each step's logit +-3 plus Gaussian noise of scale sigma; 0 is an oracle, large is chance)
+    verifier_noise: float | None = None
     # evaluation
     eval_k: int = 16  # samples per eval query for Pass@K / Reward@K / diversity
     eval_temperature: float = 1.0
@@ -101,7 +110,13 @@ class RunConfig:
         for name in ("iterations", "num_samples", "search_k", "eval_k", "train_steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise BStarError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_train_queries", "max_eval_queries", "eval_sample_queries", "mid_eval_queries"):
+        for name in (
+            "max_train_queries",
+            "max_eval_queries",
+            "eval_sample_queries",
+            "mid_eval_queries",
+            "queries_per_iteration",
+        ):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise BStarError(f"{name} must be >= 1 or unset, got {getattr(self, name)}")
         if not 0 < self.gpu_memory_utilization <= 1:
@@ -152,6 +167,8 @@ class RunConfig:
             need(math.isfinite(getattr(self, name)) and getattr(self, name) >= 0, name, "a finite number >= 0")
         need(math.isfinite(self.threshold), "threshold", "a finite number")
         need(math.isfinite(self.prm_divisor) and self.prm_divisor > 0, "prm_divisor", "a finite number > 0")
+        v = self.verifier_noise
+        need(v is None or (math.isfinite(v) and v >= 0), "verifier_noise", "a finite number >= 0")
         need(all(math.isfinite(t) and t >= 0 for t in self.temperatures), "temperatures", "finite numbers >= 0")
         need(all(math.isfinite(t) for t in self.thresholds), "thresholds", "finite numbers")
         for name in ("temperatures", "thresholds"):
@@ -160,6 +177,8 @@ class RunConfig:
         need(self.dtype in DTYPES, "dtype", " or ".join(DTYPES))
         if self.model is None and (self.prm or self.train_data or self.eval_data):
             raise BStarError("--prm/--train-data/--eval-data need --model (without it the built-in task runs)")
+        if self.model is not None and self.verifier_noise is not None:
+            raise BStarError("--verifier-noise reads the built-in task's true step labels; it does not go with --model")
 
     @classmethod
     def from_json(cls, path: str) -> "RunConfig":
@@ -199,10 +218,17 @@ _FIELD_TYPES = {
 _FIELD_TYPES.update(
     {
         n: (int,)
-        for n in ("max_train_queries", "max_eval_queries", "eval_sample_queries", "mid_eval_queries", "max_per_query")
+        for n in (
+            "max_train_queries",
+            "max_eval_queries",
+            "eval_sample_queries",
+            "mid_eval_queries",
+            "max_per_query",
+            "queries_per_iteration",
+        )
     }
 )
-_FIELD_TYPES.update({n: (float, int) for n in ("search_target_per_query", "target_per_query")})
+_FIELD_TYPES.update({n: (float, int) for n in ("search_target_per_query", "target_per_query", "verifier_noise")})
 _FIELD_TYPES.update({n: (str,) for n in ("model", "prm", "train_data", "eval_data")})
 _FIELD_TYPES.update(num_kv_blocks=(int,), restart_from_base=(bool,))
 
@@ -217,9 +243,15 @@ def embedded_run_config(**overrides) -> RunConfig:
     # sizes chosen so that a fresh `bstar-engine run` (build included) and `--compare` (2 modes x 2 seeds on
     # 2 one-thread processes) fit a 2-core CPU; sampling is most of the cost, evaluation (greedy on 1,000
     # questions, K samples on 300) a third of it (README, "The B-STaR loop", has the measured times)
+    # the design (issue 30, docs/experiments/2026-12-07-fresh-queries.md): fresh questions every iteration (256
+    # new ones from the task's generator: nothing is trained on twice, so the policy can be trained hard enough to
+    # sharpen on its own samples without memorising its questions), no gold solutions in the selection (the policy
+    # learns from its own samples only: a gold solution per fresh question would be plain SFT on new data, the same
+    # in every mode)
     base = dict(
         iterations=5,
-        max_train_queries=256,
+        queries_per_iteration=256,
+        include_gold=False,
         num_samples=8,
         max_tokens=64,
         search_k=8,
@@ -233,10 +265,12 @@ def embedded_run_config(**overrides) -> RunConfig:
         mid_eval_queries=150,
         train_steps=40,
         batch_size=32,
-        lr=2e-4,  # 1e-3 lost 3-4 points of greedy accuracy over 5 iterations in both modes (README)
+        lr=1e-3,  # with fresh questions (with a fixed set of 256, 1e-3 memorised it: docs/experiments)
         min_lr_ratio=0.05,
         warmup_ratio=0.02,
         max_seq_len=256,
     )
+    if overrides.get("embedded_preset") == "tiny":  # a smoke test: as many queries as the tiny build's split, and
+        base.update(queries_per_iteration=24, include_gold=True)  # gold solutions, so that every phase has work
     base.update({k: v for k, v in overrides.items() if v is not None})
     return RunConfig(**base)

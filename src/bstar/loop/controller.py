@@ -55,6 +55,7 @@ from bstar.loop.rewards import grade_batch, has_final_answer
 from bstar.loop.search import SearchConfig, choose_subset, search_config, search_threshold, target_size
 from bstar.loop.selection import BROKEN, BROKEN_PROB, Candidate, select
 from bstar.loop.tasks import Example, format_prompt, load_task_examples
+from bstar.loop.verifier import SIGMAS, StepVerifier, sigma_key
 from bstar.train import SFTConfig, SFTExample, SFTTrainer
 from bstar.train.checkpoint import STATE_DIR, atomic_replace
 from bstar.utils import distributed as dist_utils
@@ -177,7 +178,12 @@ class Controller:
                 kv_cache_memory_bytes=kv.get("prm"),
                 **engine_kw,
             )
-        self.subset = choose_subset(len(train), cfg.search_subset, cfg.seed)
+        # the reward selection reads: the PRM, or the built-in task's step verifier (cfg.verifier_noise)
+        self.reward = self.prm
+        if cfg.verifier_noise is not None:
+            if labels is None:
+                raise BStarError("--verifier-noise needs the built-in task's true step labels")
+            self.reward = StepVerifier(labels.step_labels, cfg.verifier_noise, seed=cfg.seed)
         self._gen_tokens = 0
 
     def _memory_plan(self, device, policy: str, prm: str | None) -> MemoryPlan | None:
@@ -238,14 +244,8 @@ class Controller:
                 correct[k] = ok
         prm_scores = [[0.0] * n for _ in idx]
         steps = [[[] for _ in range(n)] for _ in idx]
-        if self.prm is not None:
-            scored = self.prm.score_batch([examples[i].question for i in idx], texts, progress=cfg.progress)
-            broken = BROKEN if cfg.prm_scale == "logit" else BROKEN_PROB
-            prm_scores = [
-                [s.score if has_final_answer(t, examples[i].task) else min(s.score, broken) for s, t in zip(qs, ts)]
-                for i, qs, ts in zip(idx, scored, texts)
-            ]
-            steps = [[s.step_scores for s in qs] for qs in scored]
+        if self.reward is not None:
+            prm_scores, steps = self._reward_scores(self.reward, [examples[i] for i in idx], texts)
         failpoint.hit("scored")
         recs = []
         for k, (i, o) in enumerate(zip(idx, outs)):
@@ -261,6 +261,17 @@ class Controller:
                 }
             )
         return recs
+
+    def _reward_scores(self, reward, examples: list[Example], texts: list[list[str]]):
+        """(scores, step scores) per example and candidate from `reward` (a PRM or the step verifier); a
+        candidate without a final answer gets at most BROKEN (the reference's reward for an unscorable one)."""
+        scored = reward.score_batch([e.question for e in examples], texts, progress=self.cfg.progress)
+        broken = BROKEN if self.cfg.prm_scale == "logit" else BROKEN_PROB
+        scores = [
+            [s.score if has_final_answer(t, e.task) else min(s.score, broken) for s, t in zip(qs, ts)]
+            for e, qs, ts in zip(examples, scored, texts)
+        ]
+        return scores, [[s.step_scores for s in qs] for qs in scored]
 
     def _sample_all(self, examples, idx, n, temperature, tag) -> list[dict]:
         """All ranks' records for `idx`, in query order; self._gen_tokens counts all ranks' tokens."""
@@ -282,6 +293,22 @@ class Controller:
         if not self.cfg.include_gold:
             return None
         return [Candidate.gold(r["query"], self.train[r["query"]].gold_solution) for r in recs]
+
+    def queries(self, t: int) -> list[int]:
+        """Iteration t's training queries (indices into self.train, sorted): all of them, or with
+        queries_per_iteration q the t-th block of q (fresh queries; it wraps around a set that runs out)."""
+        n, q = len(self.train), self.cfg.queries_per_iteration
+        if q is None:
+            return list(range(n))
+        return sorted({((t - 1) * q + j) % n for j in range(min(q, n))})
+
+    def search_subset(self, t: int) -> list[int]:
+        """The temperature search's queries: a seeded random subset of iteration t's queries (fixed over the
+        run when every iteration trains on every query, as the reference's dev subset is)."""
+        cfg = self.cfg
+        qs = self.queries(t)
+        seed = cfg.seed if cfg.queries_per_iteration is None else _seed(cfg.seed, "subset", t)
+        return [qs[i] for i in choose_subset(len(qs), cfg.search_subset, seed)]
 
     def _search_config(self) -> SearchConfig:
         cfg = self.cfg
@@ -330,13 +357,12 @@ class Controller:
         if cfg.mode != "bstar":
             res = {"temperature": cfg.temperature}
         else:
+            subset = self.search_subset(t)
             samples = {
-                temp: self._candidates(
-                    self._sample_all(self.train, self.subset, cfg.search_k, temp, f"search-{t}-{temp}")
-                )
+                temp: self._candidates(self._sample_all(self.train, subset, cfg.search_k, temp, f"search-{t}-{temp}"))
                 for temp in cfg.temperatures
             }
-            golds = self._golds([{"query": i} for i in self.subset])
+            golds = self._golds([{"query": i} for i in subset])
             r = search_config(samples, self._search_config(), golds=golds)
             res = {
                 "temperature": r.temperature,
@@ -359,9 +385,7 @@ class Controller:
         if path.exists():
             return read_jsonl(path), read_json(self._phase_file(t, "generate.json"))
         t0, self._gen_tokens = time.perf_counter(), 0
-        recs = self._sample_all(
-            self.train, list(range(len(self.train))), self.cfg.num_samples, temperature, f"generate-{t}"
-        )
+        recs = self._sample_all(self.train, self.queries(t), self.cfg.num_samples, temperature, f"generate-{t}")
         if self.cfg.rationalize and self.cfg.mode == "star":
             recs = self._rationalize(t, recs)
         dt = time.perf_counter() - t0
@@ -399,6 +423,8 @@ class Controller:
         same target size (star: one per query)."""
         cfg = self.cfg
         groups, golds = self._candidates(recs), self._golds(recs)
+        if cfg.mode == "online-rft-answer":  # the answer check alone: the reward does not enter the score
+            groups = [[dataclasses.replace(c, prm=0.0) for c in g] for g in groups]
         info = {}
         if cfg.mode == "bstar":
             r = search_threshold(groups, self._search_config(), golds=golds, target_per_query=cfg.target_per_query)
@@ -540,7 +566,7 @@ class Controller:
             return {}
         lab = [[self.labels.step_labels(examples[r["query"]].question, x) for x in r["texts"]] for r in recs]
         out = {}
-        if self.prm is not None:
+        if self.reward is not None:
             scores = [s for r in recs for s in r["step_scores"]]
             out[f"{prefix}prm_step_auc"] = step_auc(scores, [x for q in lab for x in q])
         correct = [(ok, all(ls)) for r, q in zip(recs, lab) for ok, ls in zip(r["correct"], q)]
@@ -549,6 +575,26 @@ class Controller:
         out[f"{prefix}distinct_styles"] = sum(
             self.labels.distinct_valid(examples[r["query"]].question, r["texts"]) for r in recs
         ) / max(1, len(recs))
+        return out
+
+    def _reward_axis(self, sampled: list[dict]) -> dict:
+        """With true step labels (the built-in task): the within-question AUC against answer correctness of the
+        learned PRM and of the step verifier at every noise level of verifier.SIGMAS, on the same eval samples:
+        where the learned PRM sits on the reliability axis, iteration by iteration."""
+        if self.labels is None or not sampled:
+            return {}
+        correct = [r["correct"] for r in sampled]
+        examples = [self.test[r["query"]] for r in sampled]
+        texts = [r["texts"] for r in sampled]
+        out = {}
+        if self.prm is not None:
+            learned = [r["prm"] for r in sampled]
+            if self.reward is not self.prm:
+                learned, _ = self._reward_scores(self.prm, examples, texts)
+            out["learned_prm_within_auc"] = within_question_auc(correct, learned)[0]
+        for sigma in SIGMAS:
+            verifier = StepVerifier(self.labels.step_labels, sigma, seed=self.cfg.seed)
+            out[sigma_key(sigma)] = within_question_auc(correct, self._reward_scores(verifier, examples, texts)[0])[0]
         return out
 
     def evaluate(self, t: int) -> dict:
@@ -570,12 +616,13 @@ class Controller:
         m.update(
             sample_metrics(
                 [r["correct"] for r in sampled],
-                [r["prm"] for r in sampled] if self.prm else None,
+                [r["prm"] for r in sampled] if self.reward is not None else None,
                 [r["texts"] for r in sampled],
                 cfg.eval_k,
             )
         )
         m.update(self._truth(self.test, sampled, ""))
+        m.update(self._reward_axis(sampled))
         m["eval_time_s"] = time.perf_counter() - t0
         m["eval_tokens_per_s"] = self._gen_tokens / max(m["eval_time_s"], 1e-9)
         failpoint.hit("commit")
@@ -658,7 +705,7 @@ class Controller:
             if self.rank == 0 and "table" in si:
                 table = {k: si[k] for k in ("threshold", "cap", "table")}
                 atomic_write_json(self._phase_file(t, "selection.json"), table)
-        if self.prm is not None:
+        if self.reward is not None:
             auc, _ = within_question_auc([r["correct"] for r in recs], [r["prm"] for r in recs])
             rec["pool_prm_within_auc"] = auc
         rec.update(self._truth(self.train, recs, "pool_"))
@@ -795,16 +842,20 @@ def run(
 
 
 def _run(cfg: RunConfig, out: str, stop: run_dir.Stop, on_record=None, data=None) -> list[dict]:
-    from bstar.embedded import EmbeddedConfig, build_assets
+    from bstar.embedded import EmbeddedConfig, build_assets, fresh_queries
 
     labels = None
     if cfg.model is None:
         # Tiny models on a small CPU: one thread avoids OpenMP overhead that costs more than it saves.
         if cfg.device in ("auto", "cpu") and not torch.cuda.is_available():
             torch.set_num_threads(1)
-        assets = build_assets(EmbeddedConfig.preset(cfg.embedded_preset), progress=cfg.progress)
+        ecfg = EmbeddedConfig.preset(cfg.embedded_preset)
+        assets = build_assets(ecfg, progress=cfg.progress)
         policy_base, prm = str(assets.policy_path), str(assets.prm_path)
-        train, test = _limit(cfg, assets.train, assets.test)
+        train = assets.train
+        if cfg.queries_per_iteration:  # a pool of new questions, none seen twice
+            train = fresh_queries(ecfg, cfg.iterations * cfg.queries_per_iteration, cfg.seed)
+        train, test = _limit(cfg, train, assets.test)
         labels = builtin_labels()
     else:
         policy_base, prm = cfg.model, cfg.prm
