@@ -18,7 +18,7 @@ from bstar.loop.config import EMBEDDED_PRESETS, MODES, SLEEP_ENGINES, RunConfig,
 from bstar.loop.search import parse_grid
 
 COMPARE_MODES = ("bstar", "online-rft")
-SWEEP_NOISES = (0.0, 2.0, 8.0)  # --reward-sweep's verifier levels (with the learned PRM: four rewards)
+SWEEP_NOISES = (0.0, 16.0)  # --reward-sweep: an oracle and a near-chance verifier (with the learned PRM: three rewards)
 
 
 def quiet_transformers() -> None:
@@ -234,8 +234,8 @@ def _compare(cfg: RunConfig, out: str, seeds: int, jobs: int, quiet: bool, noise
     if cfg.model is None:  # build once here, not in every process
         build_assets(EmbeddedConfig.preset(cfg.embedded_preset), progress=cfg.progress)
     runs, todo = {}, []
-    for prefix, vcfg in _variants(cfg, noises):
-        for k in range(seeds):
+    for k in range(seeds):  # seed by seed: every variant's first seed finishes first
+        for prefix, vcfg in _variants(cfg, noises):
             name = f"{prefix}-seed{cfg.seed + k}"
             d = Path(out) / name
             runs[name] = str(d)
