@@ -263,7 +263,7 @@ def embedded_run_config(**overrides) -> RunConfig:
         eval_k=4,
         eval_sample_queries=300,
         mid_eval_queries=150,
-        train_steps=40,
+        train_steps=10,  # about 2 epochs of online-rft's selection (no gold solutions: 40 over-trained)
         batch_size=32,
         lr=1e-3,  # with fresh questions (with a fixed set of 256, 1e-3 memorised it: docs/experiments)
         min_lr_ratio=0.05,
