@@ -1,0 +1,162 @@
+"""A command's options derived from a config dataclass (RunConfig for `run`, SFTConfig for `sft`), as nano-vllm
+filters keywords through `fields(Config)`: each field's name, type, default and help (its
+bstar.utils.settings.setting metadata) are written once, beside the field. A field `max_per_query: int | None`
+becomes `--max-per-query INTEGER`; a bool becomes `--name/--no-name`; a list, a repeatable option or, with a
+parse function, one text form (a 'start:stop:step' grid); a tuple, several values. Every option shows its
+default in --help, and a bad value is one line naming the option (BStarError: the group prints it, exit 1)."""
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable, Iterable
+
+import click
+from click.core import ParameterSource
+
+from bstar.errors import BStarError
+from bstar.utils.settings import field_default
+
+
+def option_name(field_name: str) -> str:
+    """The option of a field: max_per_query -> --max-per-query."""
+    return "--" + field_name.replace("_", "-")
+
+
+def config_options(cls, *, covered: Iterable[str] = (), alternative: tuple[str, object] | None = None) -> Callable:
+    """A decorator adding one option per field of the dataclass `cls`, in field order, except the `covered`
+    fields (the command sets those from options of its own). `alternative`: (label, an instance of cls) whose
+    values --help shows beside the defaults where they differ (the built-in task's run settings)."""
+    hints = typing.get_type_hints(cls)
+    base = cls() if alternative is not None else None
+    decorators = []
+    for f in dataclasses.fields(cls):
+        if f.name in covered:
+            continue
+        shown = show_value(f, field_default(f))
+        if alternative is not None and getattr(alternative[1], f.name) != getattr(base, f.name):
+            shown += f"; {alternative[0]}: {show_value(f, getattr(alternative[1], f.name))}"
+        decorators.append(_option(f, hints[f.name], shown))
+
+    def decorate(fn):
+        for d in reversed(decorators):  # click lists a command's options in decoration order, last applied first
+            fn = d(fn)
+        return fn
+
+    return decorate
+
+
+def config_values(cls, values: dict) -> dict:
+    """The fields of `cls` among a command's parsed `values`, as the dataclass takes them (a list for a list)."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name in values:
+            v = values[f.name]
+            out[f.name] = list(v) if typing.get_origin(_strip_none(hints[f.name])) is list and v is not None else v
+    return out
+
+
+def given_options(values: dict, ctx: click.Context | None = None) -> dict:
+    """Those of `values` given on the command line, not left at their defaults."""
+    ctx = ctx or click.get_current_context()
+    unset = (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
+    return {k: v for k, v in values.items() if ctx.get_parameter_source(k) not in unset}
+
+
+def show_value(f: dataclasses.Field, value) -> str:
+    """A field's value as --help shows it (as it would be typed, where it can be)."""
+    meta = f.metadata
+    if value is None:
+        return meta.get("unset", "none")
+    if "show" in meta:
+        return meta["show"](value)
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple):
+        return " ".join(show_value(f, v) for v in value)
+    if isinstance(value, list):
+        return ", ".join(show_value(f, v) for v in value) or "none"
+    if isinstance(value, str) and (not value or any(c.isspace() and c != " " for c in value)):
+        return repr(value)
+    return str(value)
+
+
+def _strip_none(hint):
+    """int | None -> int."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return hint
+
+
+def _option(f: dataclasses.Field, hint, shown: str) -> Callable:
+    meta, kind = f.metadata, _strip_none(hint)
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    name, default = option_name(f.name), field_default(f)
+    # the default in the help text, as typed (click's show_default would wrap a text in parentheses)
+    attrs = dict(default=default, help=f"{meta.get('help', '')}  [default: {shown}]".lstrip())
+    if kind is bool:
+        return click.option(f"{name}/--no-{name[2:]}", f.name, **attrs)
+    if "choices" in meta:
+        attrs["type"] = _Choice(meta["choices"])
+    elif "parse" in meta:
+        attrs["type"] = _Parsed(meta["parse"])
+    elif origin is list:
+        attrs.update(type=_Scalar(args[0]), multiple=True, default=tuple(default))
+    elif origin is tuple:
+        attrs["type"] = click.Tuple([_Scalar(a) for a in args])
+    elif kind in (int, float, str):
+        attrs["type"] = _Scalar(kind, meta.get("low"), meta.get("high"))
+    else:
+        raise TypeError(f"{f.name}: no command-line form for {hint}; give it a parse function (setting(parse=...))")
+    return click.option(name, f.name, **attrs)
+
+
+def _fail(param: click.Parameter | None, what: str, value) -> None:
+    name = param.opts[0] if param is not None and param.opts else "a value"
+    raise BStarError(f"{name} must be {what}, got {value!r}")
+
+
+class _Scalar(click.ParamType):
+    """An int, float or str from the command line, within [low, high] where given."""
+
+    def __init__(self, kind: type, low: float | None = None, high: float | None = None):
+        self.kind, self.low, self.high = kind, low, high
+        self.name = {int: "integer", float: "float", str: "text"}[kind]
+
+    def convert(self, value, param, ctx):
+        v = value
+        if isinstance(value, str) and self.kind is not str:
+            try:
+                v = self.kind(value)
+            except ValueError:
+                _fail(param, "an integer" if self.kind is int else "a number", value)
+        if self.low is not None and v < self.low:
+            _fail(param, f">= {self.low:g}" if self.high is None else f"in [{self.low:g}, {self.high:g}]", v)
+        if self.high is not None and v > self.high:
+            _fail(param, f"in [{self.low:g}, {self.high:g}]" if self.low is not None else f"<= {self.high:g}", v)
+        return v
+
+
+class _Choice(click.Choice):
+    """One of the field's choices; anything else is one line naming them."""
+
+    def convert(self, value, param, ctx):
+        if value not in self.choices:
+            _fail(param, f"one of {', '.join(self.choices)}", value)
+        return value
+
+
+class _Parsed(click.ParamType):
+    """A list field written as text (a grid); its default passes as the list it is."""
+
+    name = "grid"
+
+    def __init__(self, parse: Callable[[str], list]):
+        self.parse = parse
+
+    def convert(self, value, param, ctx):
+        return self.parse(value) if isinstance(value, str) else list(value)
