@@ -236,3 +236,24 @@ def test_the_command_line_loads_no_torch_for_its_options():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
+
+
+def test_run_config_checks_each_field_against_its_annotation():
+    """A hand-edited config.json or a direct construction: each value of the field's annotated type."""
+    from bstar.errors import BStarError
+
+    for bad, why in [
+        (dict(iterations="5"), "iterations must be int, got '5'"),
+        (dict(lr="1e-5"), "lr must be float or int"),
+        (dict(include_gold=1), "include_gold must be bool"),
+        (dict(num_samples=True), "num_samples must be int"),
+        (dict(temperatures=[0.5, "1"]), "temperatures must be list"),
+        (dict(temperatures=[True]), "temperatures must be list"),
+        (dict(stop=["\n", 3]), "stop must be list"),
+        (dict(max_per_query="3"), "max_per_query must be int"),
+        (dict(model=5), "model must be str"),
+    ]:
+        with pytest.raises(BStarError, match=why):
+            RunConfig(**bad)
+    ok = RunConfig(lr=1, max_per_query=None, restart_from_base=None, stop=["\n"], temperatures=[1, 0.5])
+    assert ok.temperatures == [0.5, 1.0] and ok.restart_from_base is False

@@ -6,7 +6,6 @@ parse function, one text form (a 'start:stop:step' grid); a tuple, several value
 default in --help, and a bad value is one line naming the option (BStarError: the group prints it, exit 1)."""
 
 import dataclasses
-import types
 import typing
 from collections.abc import Callable, Iterable
 
@@ -14,7 +13,7 @@ import click
 from click.core import ParameterSource
 
 from bstar.errors import BStarError
-from bstar.utils.settings import field_default
+from bstar.utils.settings import field_default, field_type
 
 
 def option_name(field_name: str) -> str:
@@ -26,7 +25,6 @@ def config_options(cls, *, covered: Iterable[str] = (), alternative: tuple[str, 
     """A decorator adding one option per field of the dataclass `cls`, in field order, except the `covered`
     fields (the command sets those from options of its own). `alternative`: (label, an instance of cls) whose
     values --help shows beside the defaults where they differ (the built-in task's run settings)."""
-    hints = typing.get_type_hints(cls)
     base = cls() if alternative is not None else None
     decorators = []
     for f in dataclasses.fields(cls):
@@ -35,7 +33,7 @@ def config_options(cls, *, covered: Iterable[str] = (), alternative: tuple[str, 
         shown = show_value(f, field_default(f))
         if alternative is not None and getattr(alternative[1], f.name) != getattr(base, f.name):
             shown += f"; {alternative[0]}: {show_value(f, getattr(alternative[1], f.name))}"
-        decorators.append(_option(f, hints[f.name], shown))
+        decorators.append(_option(f, field_type(cls, f.name)[0], shown))
 
     def decorate(fn):
         for d in reversed(decorators):  # click lists a command's options in decoration order, last applied first
@@ -47,12 +45,11 @@ def config_options(cls, *, covered: Iterable[str] = (), alternative: tuple[str, 
 
 def config_values(cls, values: dict) -> dict:
     """The fields of `cls` among a command's parsed `values`, as the dataclass takes them (a list for a list)."""
-    hints = typing.get_type_hints(cls)
     out = {}
     for f in dataclasses.fields(cls):
         if f.name in values:
             v = values[f.name]
-            out[f.name] = list(v) if typing.get_origin(_strip_none(hints[f.name])) is list and v is not None else v
+            out[f.name] = list(v) if typing.get_origin(field_type(cls, f.name)[0]) is list and v is not None else v
     return out
 
 
@@ -83,17 +80,8 @@ def show_value(f: dataclasses.Field, value) -> str:
     return str(value)
 
 
-def _strip_none(hint):
-    """int | None -> int."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return hint
-
-
-def _option(f: dataclasses.Field, hint, shown: str) -> Callable:
-    meta, kind = f.metadata, _strip_none(hint)
+def _option(f: dataclasses.Field, kind, shown: str) -> Callable:
+    meta = f.metadata
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     name, default = option_name(f.name), field_default(f)
     # the default in the help text, as typed (click's show_default would wrap a text in parentheses)
@@ -111,7 +99,7 @@ def _option(f: dataclasses.Field, hint, shown: str) -> Callable:
     elif kind in (int, float, str):
         attrs["type"] = _Scalar(kind, meta.get("low"), meta.get("high"))
     else:
-        raise TypeError(f"{f.name}: no command-line form for {hint}; give it a parse function (setting(parse=...))")
+        raise TypeError(f"{f.name}: no command-line form for {kind}; give it a parse function (setting(parse=...))")
     return click.option(name, f.name, **attrs)
 
 

@@ -4,6 +4,7 @@ built-in task's run settings. Light to import: the command line builds one befor
 import dataclasses
 import json
 import math
+import typing
 from dataclasses import dataclass
 
 from bstar.engine.choices import DTYPE_NAMES
@@ -11,7 +12,7 @@ from bstar.errors import BStarError
 from bstar.loop.search import MAX_GRID, REFERENCE_TEMPERATURES, REFERENCE_THRESHOLDS, format_grid, grid, parse_grid
 from bstar.loop.selection import PRM_DIVISOR, PRM_SCALES
 from bstar.loop.tasks import DEFAULT_PROMPT, check_template
-from bstar.utils.settings import setting
+from bstar.utils.settings import field_type, setting
 
 MODES = ("bstar", "online-rft", "rest-em", "star")
 SLEEP_ENGINES = ("auto", "on", "off")
@@ -164,14 +165,16 @@ class RunConfig:
         self.temperatures = sorted(float(t) for t in self.temperatures)
 
     def _check_types(self):
-        """Each field of the type its default has (a hand-edited or truncated config.json, a bad option)."""
+        """Each field of its annotated type (a hand-edited or truncated config.json, a bad option)."""
         for f in dataclasses.fields(self):
-            v, want = getattr(self, f.name), _FIELD_TYPES.get(f.name)
-            if want is None or v is None and f.name in _OPTIONAL:
+            v, (kind, optional) = getattr(self, f.name), field_type(RunConfig, f.name)
+            want = _ACCEPTS.get(typing.get_origin(kind) or kind)
+            if want is None or v is None and optional:
                 continue
             ok = isinstance(v, want) and not (isinstance(v, bool) and bool not in want)
             if ok and list in want:
-                ok = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v) or f.name == "stop"
+                item = _ACCEPTS[typing.get_args(kind)[0]]
+                ok = all(isinstance(x, item) and not (isinstance(x, bool) and bool not in item) for x in v)
             if not ok:
                 raise BStarError(f"{f.name} must be {' or '.join(t.__name__ for t in want)}, got {v!r}")
 
@@ -222,32 +225,7 @@ class RunConfig:
             raise BStarError(f"{path} is corrupt ({e}); restore it or start a new run") from None
 
 
-_OPTIONAL = {f.name for f in dataclasses.fields(RunConfig) if f.default is None or f.name in ("restart_from_base",)}
-_FIELD_TYPES = {
-    f.name: (
-        (bool,)
-        if isinstance(f.default, bool)
-        else (int,)
-        if isinstance(f.default, int)
-        else (float, int)
-        if isinstance(f.default, float)
-        else (str,)
-        if isinstance(f.default, str)
-        else (list,)
-        if f.default_factory is not dataclasses.MISSING
-        else None
-    )
-    for f in dataclasses.fields(RunConfig)
-}
-_FIELD_TYPES.update(
-    {
-        n: (int,)
-        for n in ("max_train_queries", "max_eval_queries", "eval_sample_queries", "mid_eval_queries", "max_per_query")
-    }
-)
-_FIELD_TYPES.update({n: (float, int) for n in ("search_target_per_query", "target_per_query")})
-_FIELD_TYPES.update({n: (str,) for n in ("model", "prm", "train_data", "eval_data")})
-_FIELD_TYPES.update(num_kv_blocks=(int,), restart_from_base=(bool,))
+_ACCEPTS = {bool: (bool,), int: (int,), float: (float, int), str: (str,), list: (list,)}  # a field's type -> values
 
 
 def _device_ok(device: str) -> bool:

@@ -3,6 +3,9 @@ metadata the command line reads (bstar.cli.options derives a command's options f
 field's name, type, default and help are written once, beside the field: adding a field with its help is all
 it takes to get an option."""
 
+import functools
+import types
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import MISSING, Field, field
 
@@ -34,3 +37,17 @@ def setting(
 def field_default(f: Field):
     """A field's default value (a fresh one from its factory)."""
     return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
+def field_type(cls: type, name: str) -> tuple[object, bool]:
+    """A dataclass field's type without None, and whether None is allowed: `int | None` -> (int, True)."""
+    hint = _hints(cls)[name]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return (args[0] if len(args) == 1 else hint), len(args) < len(typing.get_args(hint))
+    return hint, False
+
+
+@functools.cache
+def _hints(cls: type) -> dict:
+    return typing.get_type_hints(cls)
