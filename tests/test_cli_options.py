@@ -257,3 +257,26 @@ def test_run_config_checks_each_field_against_its_annotation():
             RunConfig(**bad)
     ok = RunConfig(lr=1, max_per_query=None, restart_from_base=None, stop=["\n"], temperatures=[1, 0.5])
     assert ok.temperatures == [0.5, 1.0] and ok.restart_from_base is False
+
+
+def test_generate_sampling_options_are_sampling_params_fields():
+    """generate's sampling options: SamplingParams' fields with their help; its defaults but generate's own."""
+    from bstar.engine import SamplingParams
+
+    gen_mod = importlib.import_module("bstar.cli.generate")
+    params = _params(gen_mod.generate)
+    fields = {f.name: f for f in dataclasses.fields(SamplingParams)}
+    assert set(params) - set(fields) == {"model", "prompts_file", "out", "dtype", "device", "num_kv_blocks"}
+    assert set(params) & set(fields) == set(gen_mod.SAMPLING)
+    for name in gen_mod.SAMPLING:
+        want = gen_mod.DEFAULTS.get(name, field_default(fields[name]))
+        assert params[name].default == (tuple(want or ()) if params[name].multiple else want), name
+        assert fields[name].metadata["help"] in params[name].help, name
+    values = dict(n=3, temperature=0.7, top_p=0.9, top_k=20, min_p=0.05, max_tokens=9, min_tokens=2)
+    values.update(stop=["\n\n", "Q:"], ignore_eos=True, seed=7, logprobs=2)
+    argv = ["--model", "m", "--prompts", "p.jsonl", *_argv(SamplingParams, values)]
+    with gen_mod.generate.make_context("generate", argv) as ctx:
+        assert SamplingParams(**gen_mod.config_values(SamplingParams, ctx.params)) == SamplingParams(**values)
+    with gen_mod.generate.make_context("generate", ["--model", "m", "--prompts", "p.jsonl"]) as ctx:
+        got = SamplingParams(**gen_mod.config_values(SamplingParams, ctx.params))
+    assert got == SamplingParams(max_tokens=256, seed=0) and got.stop is None

@@ -21,19 +21,30 @@ def option_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
-def config_options(cls, *, covered: Iterable[str] = (), alternative: tuple[str, object] | None = None) -> Callable:
-    """A decorator adding one option per field of the dataclass `cls`, in field order, except the `covered`
-    fields (the command sets those from options of its own). `alternative`: (label, an instance of cls) whose
-    values --help shows beside the defaults where they differ (the built-in task's run settings)."""
+def config_options(
+    cls,
+    *,
+    covered: Iterable[str] = (),
+    only: Iterable[str] | None = None,
+    defaults: dict | None = None,
+    alternative: tuple[str, object] | None = None,
+) -> Callable:
+    """A decorator adding one option per field of the dataclass `cls`, in field order: every field but the
+    `covered` ones (the command sets those from options of its own), or `only` those named. `defaults`: the
+    command's own defaults for some fields (generate: 256 new tokens, not SamplingParams' 16). `alternative`:
+    (label, an instance of cls) whose values --help shows beside the defaults where they differ (the built-in
+    task's run settings)."""
+    defaults = defaults or {}
     base = cls() if alternative is not None else None
     decorators = []
     for f in dataclasses.fields(cls):
-        if f.name in covered:
+        if f.name in covered or (only is not None and f.name not in only):
             continue
-        shown = show_value(f, field_default(f))
+        default = defaults.get(f.name, field_default(f))
+        shown = show_value(f, default)
         if alternative is not None and getattr(alternative[1], f.name) != getattr(base, f.name):
             shown += f"; {alternative[0]}: {show_value(f, getattr(alternative[1], f.name))}"
-        decorators.append(_option(f, field_type(cls, f.name)[0], shown))
+        decorators.append(_option(f, field_type(cls, f.name)[0], default, shown))
 
     def decorate(fn):
         for d in reversed(decorators):  # click lists a command's options in decoration order, last applied first
@@ -44,13 +55,20 @@ def config_options(cls, *, covered: Iterable[str] = (), alternative: tuple[str, 
 
 
 def config_values(cls, values: dict) -> dict:
-    """The fields of `cls` among a command's parsed `values`, as the dataclass takes them (a list for a list)."""
+    """The fields of `cls` among a command's parsed `values`, as the dataclass takes them: a repeatable option
+    as a list (given none, the field's default)."""
     out = {}
     for f in dataclasses.fields(cls):
         if f.name in values:
             v = values[f.name]
-            out[f.name] = list(v) if typing.get_origin(field_type(cls, f.name)[0]) is list and v is not None else v
+            out[f.name] = (list(v) or field_default(f)) if isinstance(v, tuple) and _repeatable(cls, f.name) else v
     return out
+
+
+def _repeatable(cls, name: str) -> bool:
+    """A list of strings or numbers (or one string, or a list of them): given as a repeated option."""
+    kind = field_type(cls, name)[0]
+    return typing.get_origin(kind) is list or list[str] in typing.get_args(kind)
 
 
 def given_options(values: dict, ctx: click.Context | None = None) -> dict:
@@ -80,10 +98,12 @@ def show_value(f: dataclasses.Field, value) -> str:
     return str(value)
 
 
-def _option(f: dataclasses.Field, kind, shown: str) -> Callable:
+def _option(f: dataclasses.Field, kind, default, shown: str) -> Callable:
     meta = f.metadata
+    if list[str] in typing.get_args(kind):  # one string or a list of them (SamplingParams.stop): a list
+        kind = list[str]
     origin, args = typing.get_origin(kind), typing.get_args(kind)
-    name, default = option_name(f.name), field_default(f)
+    name = option_name(f.name)
     # the default in the help text, as typed (click's show_default would wrap a text in parentheses)
     attrs = dict(default=default, help=f"{meta.get('help', '')}  [default: {shown}]".lstrip())
     if kind is bool:
@@ -93,7 +113,7 @@ def _option(f: dataclasses.Field, kind, shown: str) -> Callable:
     elif "parse" in meta:
         attrs["type"] = _Parsed(meta["parse"])
     elif origin is list:
-        attrs.update(type=_Scalar(args[0]), multiple=True, default=tuple(default))
+        attrs.update(type=_Scalar(args[0]), multiple=True, default=tuple(default or ()))
     elif origin is tuple:
         attrs["type"] = click.Tuple([_Scalar(a) for a in args])
     elif kind in (int, float, str):
