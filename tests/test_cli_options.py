@@ -65,7 +65,7 @@ def _other_value(cls, f):
     if kind is float:
         return default / 2 if default else 0.5
     if typing.get_origin(kind) is list:
-        return [0.3, 0.9] if "parse" in meta else ["\n\n", "Question:"]
+        return ["\n\n", "Question:"] if typing.get_args(kind)[0] is str else [0.3, 0.9]
     if typing.get_origin(kind) is tuple:
         return tuple(x / 2 for x in default)
     return "x"
@@ -84,7 +84,7 @@ def _argv(cls, values: dict) -> list[str]:
             argv += [name, f.metadata["show"](v)]
         elif isinstance(v, list):
             for x in v:
-                argv += [name, x]
+                argv += [name, str(x)]
         elif isinstance(v, tuple):
             argv += [name, *map(str, v)]
         else:
@@ -101,6 +101,8 @@ def test_every_field_has_exactly_one_option_and_every_option_a_field(cmd, cls, c
     params = _params(cmd)
     assert len(params) == len(cmd.params)  # no name twice
     fields = {f.name for f in dataclasses.fields(cls)}
+    for f in dataclasses.fields(cls):  # the help is kept beside the field: bstar.utils.settings.setting
+        assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help: declare it with setting(default, help)"
     for name in fields - set(covered):
         assert params[name].opts == [option_name(name)], name
         assert params[name].help and "[default: " in params[name].help, name

@@ -1,4 +1,5 @@
-"""A command's options derived from a config dataclass (RunConfig for `run`, SFTConfig for `sft`), as nano-vllm
+"""A command's options derived from a config dataclass (RunConfig for `run`, SFTConfig for `sft`, SamplingParams
+for `generate`'s sampling options), as nano-vllm
 filters keywords through `fields(Config)`: each field's name, type, default and help (its
 bstar.utils.settings.setting metadata) are written once, beside the field. A field `max_per_query: int | None`
 becomes `--max-per-query INTEGER`; a bool becomes `--name/--no-name`; a list, a repeatable option or, with a
@@ -99,28 +100,28 @@ def show_value(f: dataclasses.Field, value) -> str:
 
 
 def _option(f: dataclasses.Field, kind, default, shown: str) -> Callable:
-    meta = f.metadata
+    meta, decls = f.metadata, [option_name(f.name), f.name]
     if list[str] in typing.get_args(kind):  # one string or a list of them (SamplingParams.stop): a list
         kind = list[str]
     origin, args = typing.get_origin(kind), typing.get_args(kind)
-    name = option_name(f.name)
-    # the default in the help text, as typed (click's show_default would wrap a text in parentheses)
-    attrs = dict(default=default, help=f"{meta.get('help', '')}  [default: {shown}]".lstrip())
+    attrs, text = dict(default=default), meta.get("help", "")
     if kind is bool:
-        return click.option(f"{name}/--no-{name[2:]}", f.name, **attrs)
-    if "choices" in meta:
+        decls[0] = f"{decls[0]}/--no-{decls[0][2:]}"
+    elif "choices" in meta:
         attrs["type"] = _Choice(meta["choices"])
     elif "parse" in meta:
         attrs["type"] = _Parsed(meta["parse"])
     elif origin is list:
         attrs.update(type=_Scalar(args[0]), multiple=True, default=tuple(default or ()))
+        text += "" if "repeatable" in text else " (repeatable)"
     elif origin is tuple:
         attrs["type"] = click.Tuple([_Scalar(a) for a in args])
     elif kind in (int, float, str):
         attrs["type"] = _Scalar(kind, meta.get("low"), meta.get("high"))
     else:
         raise TypeError(f"{f.name}: no command-line form for {kind}; give it a parse function (setting(parse=...))")
-    return click.option(name, f.name, **attrs)
+    # the default in the help text, as typed (click's show_default would wrap a text in parentheses)
+    return click.option(*decls, help=f"{text}  [default: {shown}]".lstrip(), **attrs)
 
 
 def _fail(param: click.Parameter | None, what: str, value) -> None:

@@ -172,8 +172,8 @@ class RunConfig:
             if want is None or v is None and optional:
                 continue
             ok = isinstance(v, want) and not (isinstance(v, bool) and bool not in want)
-            if ok and list in want:
-                item = _ACCEPTS[typing.get_args(kind)[0]]
+            item = _ACCEPTS.get(typing.get_args(kind)[0]) if ok and list in want else None
+            if item is not None:
                 ok = all(isinstance(x, item) and not (isinstance(x, bool) and bool not in item) for x in v)
             if not ok:
                 raise BStarError(f"{f.name} must be {' or '.join(t.__name__ for t in want)}, got {v!r}")
