@@ -16,8 +16,9 @@ Importing the package (and bstar.train.config) is light, no torch: the command l
 from SFTConfig; the names below load their module on first use (PEP 562).
 """
 
-import importlib
 from typing import TYPE_CHECKING
+
+from bstar.utils.lazy import lazy_names
 
 if TYPE_CHECKING:
     from bstar.train.config import SFTConfig
@@ -32,8 +33,4 @@ _MODULE_OF = {  # name -> the module that defines it
     "TrainResult": "bstar.train.trainer",
 }
 
-
-def __getattr__(name: str):
-    if name not in _MODULE_OF:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_MODULE_OF[name]), name)
+__getattr__, __dir__ = lazy_names(__name__, _MODULE_OF)
