@@ -282,3 +282,23 @@ def test_generate_sampling_options_are_sampling_params_fields():
     with gen_mod.generate.make_context("generate", ["--model", "m", "--prompts", "p.jsonl"]) as ctx:
         got = SamplingParams(**gen_mod.config_values(SamplingParams, ctx.params))
     assert got == SamplingParams(max_tokens=256, seed=0) and got.stop is None
+
+
+def test_configs_check_their_fields_choices_and_bounds_as_their_options_do():
+    """The same choices and bounds refuse a direct construction (the loop, a hand-edited config.json)."""
+    from bstar.errors import BStarError
+
+    for cls, bad, why in [
+        (RunConfig, dict(mode="greedy"), "mode must be one of bstar, online-rft, rest-em, star, got 'greedy'"),
+        (RunConfig, dict(search_subset=0), "search_subset must be >= 1, got 0"),
+        (RunConfig, dict(max_train_queries=0), "max_train_queries must be >= 1, got 0"),
+        (RunConfig, dict(dtype="int8"), "dtype must be one of auto, float32, bfloat16, float16"),
+        (SFTConfig, dict(epochs=0), "epochs must be >= 1, got 0"),
+        (SFTConfig, dict(warmup_ratio=float("nan")), r"warmup_ratio must be in \[0, 1\], got nan"),
+        (SFTConfig, dict(schedule="linear"), "schedule must be one of cosine, constant"),
+        (SFTConfig, dict(on_bad_data="ignore"), "on_bad_data must be one of skip, refuse"),
+        (SFTConfig, dict(ce_chunk=-1), "ce_chunk must be >= 0"),
+    ]:
+        with pytest.raises(BStarError, match=why):
+            cls(**bad)
+    assert RunConfig(max_train_queries=None).max_train_queries is None and SFTConfig(ce_chunk=0).ce_chunk == 0

@@ -14,7 +14,7 @@ import click
 from click.core import ParameterSource
 
 from bstar.errors import BStarError
-from bstar.utils.settings import field_default, field_type
+from bstar.utils.settings import bounds_text, field_default, field_type, within
 
 
 def option_name(field_name: str) -> str:
@@ -143,10 +143,8 @@ class _Scalar(click.ParamType):
                 v = self.kind(value)
             except ValueError:
                 _fail(param, "an integer" if self.kind is int else "a number", value)
-        if self.low is not None and v < self.low:
-            _fail(param, f">= {self.low:g}" if self.high is None else f"in [{self.low:g}, {self.high:g}]", v)
-        if self.high is not None and v > self.high:
-            _fail(param, f"in [{self.low:g}, {self.high:g}]" if self.low is not None else f"<= {self.high:g}", v)
+        if (self.low, self.high) != (None, None) and not within(v, self.low, self.high):
+            _fail(param, bounds_text(self.low, self.high), v)
         return v
 
 

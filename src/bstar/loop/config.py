@@ -12,7 +12,7 @@ from bstar.errors import BStarError
 from bstar.loop.search import MAX_GRID, REFERENCE_TEMPERATURES, REFERENCE_THRESHOLDS, format_grid, grid, parse_grid
 from bstar.loop.selection import PRM_DIVISOR, PRM_SCALES
 from bstar.loop.tasks import DEFAULT_PROMPT, check_template
-from bstar.utils.settings import field_type, setting
+from bstar.utils.settings import check_settings, field_type, setting
 
 MODES = ("bstar", "online-rft", "rest-em", "star")
 SLEEP_ENGINES = ("auto", "on", "off")
@@ -37,13 +37,13 @@ class RunConfig:
     train_data: str | None = setting(None, "Training queries, JSONL (GSM8K or MATH format); needs --model.")
     eval_data: str | None = setting(None, "Evaluation queries, JSONL (GSM8K or MATH format); needs --model.")
     prompt_template: str = setting(DEFAULT_PROMPT, "Prompt around each query; holds exactly the field {question}.")
-    iterations: int = setting(5, "Iterations of sample, score, select, train.")
+    iterations: int = setting(5, "Iterations of sample, score, select, train.", low=1)
     seed: int = setting(0, "Seed of the run's random streams (sampling, subsets, shuffles).")
-    max_train_queries: int | None = setting(None, "Use only the first N training queries.", unset="all")
-    max_eval_queries: int | None = setting(None, "Use only the first N evaluation queries.", unset="all")
+    max_train_queries: int | None = setting(None, "Use only the first N training queries.", unset="all", low=1)
+    max_eval_queries: int | None = setting(None, "Use only the first N evaluation queries.", unset="all", low=1)
     # generation
-    num_samples: int = setting(64, "N candidates per training query.")
-    max_tokens: int = setting(768, "Most tokens generated per candidate.")
+    num_samples: int = setting(64, "N candidates per training query.", low=1)
+    max_tokens: int = setting(768, "Most tokens generated per candidate.", low=1)
     stop: list[str] = setting(help="Stop string of generation (repeatable).", factory=list)
     # configuration search (mode bstar): the temperature from a subset, then the threshold and cap
     # re-searched on the full pool (bstar.loop.search)
@@ -59,9 +59,9 @@ class RunConfig:
         parse=parse_grid,
         show=format_grid,
     )
-    search_k: int = setting(64, "K samples per query and temperature in the search.")
-    search_subset: int = setting(1000, "Training queries in the temperature search's subset.")
-    n_star: int = setting(8, "n*: correct candidates per query at which the balance score saturates.")
+    search_k: int = setting(64, "K samples per query and temperature in the search.", low=1)
+    search_subset: int = setting(1000, "Training queries in the temperature search's subset.", low=1)
+    n_star: int = setting(8, "n*: correct candidates per query at which the balance score saturates.", low=1)
     search_target_per_query: float | None = setting(  # the reference: 3,550 / 1,000
         3.55, "Subset selection's target size per query (off with --max-per-query)."
     )
@@ -71,7 +71,7 @@ class RunConfig:
         9.0, "Training set target size per query: the cap M grows until it is reached (off with --max-per-query)."
     )
     max_per_query: int | None = setting(
-        None, "A fixed cap M of selected candidates per query, instead of the target sizes.", unset="none"
+        None, "A fixed cap M of selected candidates per query, instead of the target sizes.", unset="none", low=1
     )
     # fixed configuration (online-rft, rest-em, star)
     temperature: float = setting(1.0, "Fixed temperature (online-rft, rest-em, star).")
@@ -87,24 +87,26 @@ class RunConfig:
     )
     prm_divisor: float = setting(PRM_DIVISOR, "score = correct + PRM value / divisor.")
     # evaluation
-    eval_k: int = setting(16, "Samples per evaluation query for Pass@K, Reward@K and diversity.")
+    eval_k: int = setting(16, "Samples per evaluation query for Pass@K, Reward@K and diversity.", low=1)
     eval_temperature: float = setting(1.0, "Temperature of the evaluation's K samples.")
-    eval_sample_queries: int | None = setting(None, "The first N evaluation queries get the K samples.", unset="all")
+    eval_sample_queries: int | None = setting(
+        None, "The first N evaluation queries get the K samples.", unset="all", low=1
+    )
     # Evaluation is most of a small run's cost, and the curves' end points are what the intervals are reported
     # for: the starting policy and the final one always get the full evaluation
     mid_eval_queries: int | None = setting(
-        None, "Evaluation queries (the first N) between the first and the last iteration.", unset="all"
+        None, "Evaluation queries (the first N) between the first and the last iteration.", unset="all", low=1
     )
     # training: train_steps optimizer steps of batch_size sequences per iteration in every mode; model,
     # AdamW state and one warmup + cosine schedule (iterations x train_steps long) carried across
     # iterations (the reference: 500 steps of 128, lr 4.12e-6 -> 2e-7)
-    train_steps: int = setting(500, "Optimizer steps per iteration (every mode).")
-    batch_size: int = setting(128, "Sequences per optimizer step.")
+    train_steps: int = setting(500, "Optimizer steps per iteration (every mode).", low=1)
+    batch_size: int = setting(128, "Sequences per optimizer step.", low=1)
     lr: float = setting(4.12e-6, "Peak LR of the run's one warmup + cosine schedule.")
     min_lr_ratio: float = setting(2e-7 / 4.12e-6, "The cosine's floor, as a fraction of --lr.")
     # the reference: 0.2 epoch of its 9-epoch horizon
     warmup_ratio: float = setting(0.022, "Linear warmup, as a fraction of the whole run's schedule.")
-    max_seq_len: int = setting(2048, "Longest training sequence (prompt and completion), in tokens.")
+    max_seq_len: int = setting(2048, "Longest training sequence (prompt and completion), in tokens.", low=2)
     restart_from_base: bool | None = setting(
         None, "Train every iteration from the base model, on a schedule of its own.", unset="on for rest-em and star"
     )
@@ -113,7 +115,7 @@ class RunConfig:
     dtype: str = setting("auto", "Weights and compute dtype of the engines.", choices=DTYPES)
     device: str = setting("auto", "auto, cpu, cuda or cuda:N.")
     num_kv_blocks: int | None = setting(
-        None, "A fixed KV budget per engine, in blocks (overrides the memory plan's).", unset="the memory plan's"
+        None, "A fixed KV budget per engine, in blocks (overrides the memory plan's).", unset="the memory plan's", low=1
     )
     gpu_memory_utilization: float = setting(
         0.9, "Share of the GPU the run may use (policy, PRM and trainer; the memory plan splits it)."
@@ -136,25 +138,14 @@ class RunConfig:
 
     def __post_init__(self):
         self._check_types()
-        if self.mode not in MODES:
-            raise BStarError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if self.embedded_preset not in EMBEDDED_PRESETS:
             raise BStarError(
                 f"unknown embedded preset {self.embedded_preset!r}; choose one of {', '.join(EMBEDDED_PRESETS)}"
             )
+        check_settings(self)  # each field's choices and bounds, as its option checks them
         check_template(self.prompt_template)
-        for name in ("iterations", "num_samples", "search_k", "eval_k", "train_steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise BStarError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_train_queries", "max_eval_queries", "eval_sample_queries", "mid_eval_queries"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise BStarError(f"{name} must be >= 1 or unset, got {getattr(self, name)}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise BStarError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.sleep_engines not in SLEEP_ENGINES:
-            raise BStarError(f"sleep_engines must be one of {', '.join(SLEEP_ENGINES)}, got {self.sleep_engines!r}")
-        if self.prm_scale not in PRM_SCALES:
-            raise BStarError(f"unknown PRM scale {self.prm_scale!r}; choose one of {', '.join(PRM_SCALES)}")
         if not self.temperatures or not self.thresholds:
             raise BStarError("the temperature and threshold grids need at least one value each")
         self._check_ranges()
@@ -185,13 +176,9 @@ class RunConfig:
             if not ok:
                 raise BStarError(f"--{name.replace('_', '-')} must be {what}, got {getattr(self, name)!r}")
 
-        for name in ("search_subset", "n_star", "max_tokens", "max_seq_len"):
-            need(getattr(self, name) >= 1, name, ">= 1")
         for name in ("target_per_query", "search_target_per_query"):
             v = getattr(self, name)
             need(v is None or (math.isfinite(v) and v > 0), name, "a number > 0")
-        need(self.max_per_query is None or self.max_per_query >= 1, "max_per_query", ">= 1")
-        need(self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks", ">= 1")
         need(math.isfinite(self.lr) and self.lr > 0, "lr", "a finite number > 0")
         need(math.isfinite(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]")
         need(math.isfinite(self.warmup_ratio) and 0 <= self.warmup_ratio < 1, "warmup_ratio", "in [0, 1)")
@@ -204,7 +191,6 @@ class RunConfig:
         for name in ("temperatures", "thresholds"):
             need(len(getattr(self, name)) <= MAX_GRID, name, f"a grid of at most {MAX_GRID} values")
         need(isinstance(self.device, str) and _device_ok(self.device), "device", "auto, cpu, cuda or cuda:N")
-        need(self.dtype in DTYPES, "dtype", " or ".join(DTYPES))
         if self.model is None and (self.prm or self.train_data or self.eval_data):
             raise BStarError("--prm/--train-data/--eval-data need --model (without it the built-in task runs)")
 

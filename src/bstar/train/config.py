@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from bstar.engine.choices import CPU_GEMMS, DTYPE_NAMES
 from bstar.errors import BStarError
-from bstar.utils.settings import setting
+from bstar.utils.settings import check_settings, setting
 
 VARLEN = "bstar_varlen"  # our packed attention (bstar.train.varlen_attention)
 SCHEDULES = ("cosine", "constant")  # both after a linear warmup
@@ -103,27 +103,15 @@ class SFTConfig:
     device: str | None = setting(None, "cpu, cuda or cuda:N.", unset="cuda (LOCAL_RANK) if available, else cpu")
 
     def __post_init__(self):
+        check_settings(self)  # each field's choices and bounds, as its option checks them
         if self.batch_tokens is None and self.batch_examples is None:
             raise BStarError("set batch_tokens or batch_examples")
         if self.batch_examples is not None:
             self.batch_tokens = None
-        if self.schedule not in SCHEDULES:
-            raise BStarError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
-        if self.precision not in PRECISIONS:
-            raise BStarError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
-        if self.cpu_gemm not in CPU_GEMMS:
-            raise BStarError(f"cpu_gemm must be one of {', '.join(CPU_GEMMS)}, got {self.cpu_gemm!r}")
-        if self.save_dtype not in SAVE_DTYPES:
-            raise BStarError(f"save_dtype must be 'auto' or one of {list(DTYPE_NAMES)}, got {self.save_dtype!r}")
-        if self.ce_chunk is not None and self.ce_chunk < 0:
-            raise BStarError(f"ce_chunk must be None, 0 or >= 1, got {self.ce_chunk}")
         if self.micro_batch_tokens < self.max_seq_len:
             raise BStarError(f"micro_batch_tokens {self.micro_batch_tokens} < max_seq_len {self.max_seq_len}")
-        if self.lr <= 0 or self.epochs < 1:
-            raise BStarError("lr must be > 0 and epochs >= 1")
-        for name in ("steps", "schedule_steps"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise BStarError(f"{name} must be None or >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise BStarError(f"lr must be > 0, got {self.lr}")
         self.betas = tuple(self.betas)
 
 

@@ -7,7 +7,9 @@ import functools
 import types
 import typing
 from collections.abc import Callable, Sequence
-from dataclasses import MISSING, Field, field
+from dataclasses import MISSING, Field, field, fields
+
+from bstar.errors import BStarError
 
 
 def setting(
@@ -51,3 +53,27 @@ def field_type(cls: type, name: str) -> tuple[object, bool]:
 @functools.cache
 def _hints(cls: type) -> dict:
     return typing.get_type_hints(cls)
+
+
+def check_settings(obj) -> None:
+    """Every field of the dataclass instance `obj` among its choices and within its bounds (setting's
+    choices, low, high; None passes): one line naming the field (NaN is out of every range)."""
+    for f in fields(obj):
+        v, meta = getattr(obj, f.name), f.metadata
+        if v is None:
+            continue
+        if "choices" in meta and v not in meta["choices"]:
+            raise BStarError(f"{f.name} must be one of {', '.join(meta['choices'])}, got {v!r}")
+        if ("low" in meta or "high" in meta) and not within(v, meta.get("low"), meta.get("high")):
+            raise BStarError(f"{f.name} must be {bounds_text(meta.get('low'), meta.get('high'))}, got {v!r}")
+
+
+def within(value, low: float | None, high: float | None) -> bool:
+    return (low is None or value >= low) and (high is None or value <= high)
+
+
+def bounds_text(low: float | None, high: float | None) -> str:
+    """'>= 1', '<= 2' or 'in [0, 1]'."""
+    if low is not None and high is not None:
+        return f"in [{low:g}, {high:g}]"
+    return f">= {low:g}" if low is not None else f"<= {high:g}"
