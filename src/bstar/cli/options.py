@@ -1,10 +1,10 @@
 """A command's options derived from a config dataclass (RunConfig for `run`, SFTConfig for `sft`, SamplingParams
-for `generate`'s sampling options), as nano-vllm
-filters keywords through `fields(Config)`: each field's name, type, default and help (its
-bstar.utils.settings.setting metadata) are written once, beside the field. A field `max_per_query: int | None`
-becomes `--max-per-query INTEGER`; a bool becomes `--name/--no-name`; a list, a repeatable option or, with a
-parse function, one text form (a 'start:stop:step' grid); a tuple, several values. Every option shows its
-default in --help, and a bad value is one line naming the option (BStarError: the group prints it, exit 1)."""
+for `generate`'s sampling), as nano-vllm filters keywords through `fields(Config)`: each field's name, type,
+default and help (its bstar.utils.settings.setting metadata) are written once, beside the field. A field
+`max_per_query: int | None` becomes `--max-per-query INTEGER`; a bool becomes `--name/--no-name`; a list, a
+repeatable option or, with a parse function, one text form (a 'start:stop:step' grid); a tuple, several values.
+Every option shows its default in --help, and a bad value is one line naming the option (BStarError: the group
+prints it, exit 1)."""
 
 import dataclasses
 import typing

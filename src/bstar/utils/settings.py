@@ -1,7 +1,7 @@
 """Config fields that carry their own help. `setting(default, help, ...)` is a dataclasses.field whose
 metadata the command line reads (bstar.cli.options derives a command's options from the dataclass), so a
 field's name, type, default and help are written once, beside the field: adding a field with its help is all
-it takes to get an option."""
+it takes to get an option. check_settings holds an instance to the same choices and bounds the option checks."""
 
 import functools
 import types
@@ -28,7 +28,8 @@ def setting(
 
     factory: a mutable default's factory (dataclasses' default_factory). choices: the values allowed.
     unset: what None means, shown as the default (e.g. "all"). parse / show: a list field's text form on the
-    command line and back (e.g. a 'start:stop:step' grid). low / high: bounds the option checks."""
+    command line and back (e.g. a 'start:stop:step' grid). low / high: bounds (inclusive), checked by the option
+    and by check_settings."""
     meta = {"help": help, "choices": choices, "unset": unset, "parse": parse, "show": show, "low": low, "high": high}
     meta = {k: v for k, v in meta.items() if v is not None}
     if factory is not None:
