@@ -13,12 +13,13 @@ from pathlib import Path
 import click
 
 from bstar.cli.checks import check_out_dir
+from bstar.cli.options import config_options, config_values, given_options
 from bstar.errors import BStarError
-from bstar.loop.config import EMBEDDED_PRESETS, MODES, SLEEP_ENGINES, RunConfig, embedded_run_config
-from bstar.loop.search import parse_grid
+from bstar.loop.config import RunConfig, embedded_run_config
 
 COMPARE_MODES = ("bstar", "online-rft")
 SWEEP_NOISES = (0.0, 16.0)  # --reward-sweep: an oracle and a near-chance verifier (with the learned PRM: three rewards)
+COVERED = {"progress": "quiet"}  # RunConfig fields set from an option of run's own: field -> that option
 
 
 def quiet_transformers() -> None:
@@ -32,10 +33,6 @@ def quiet_transformers() -> None:
 
 
 @click.command("run")
-@click.option("--model", default=None, help="Policy checkpoint (HF dir). Default: the built-in task and models.")
-@click.option("--prm", default=None, help="PRM checkpoint (HF dir).")
-@click.option("--train-data", default=None, help="Training queries, JSONL (GSM8K or MATH format).")
-@click.option("--eval-data", default=None, help="Evaluation queries, JSONL (GSM8K or MATH format).")
 @click.option("--out", default=None, help="Run directory. Default: a new runs/<date-time>/ folder.")
 @click.option("--resume", default=None, help="Continue the run in this directory from its last completed step.")
 @click.option(
@@ -58,122 +55,23 @@ def quiet_transformers() -> None:
     "--jobs",
     type=click.IntRange(min=1),
     default=None,
-    help="Runs at a time under --compare, one thread each (default: the CPU count).",
-)
-@click.option("--mode", type=click.Choice(MODES), default=None)
-@click.option("--iterations", type=int, default=None)
-@click.option("--num-samples", type=int, default=None, help="N candidates per training query.")
-@click.option("--search-k", type=int, default=None, help="K samples per query and temperature in the search.")
-@click.option("--search-subset", type=int, default=None)
-@click.option("--temperatures", default=None, help="Search grid, start:stop:step or a list.")
-@click.option("--thresholds", default=None, help="Search grid, start:stop:step or a list.")
-@click.option("--n-star", type=int, default=None)
-@click.option("--search-target-per-query", type=float, default=None, help="Subset target size per query (3.55).")
-@click.option("--target-per-query", type=float, default=None, help="Training set target size per query (9).")
-@click.option("--max-per-query", type=int, default=None, help="Fixed M (instead of the target sizes).")
-@click.option("--temperature", type=float, default=None, help="Fixed temperature (online-rft, rest-em, star).")
-@click.option("--threshold", type=float, default=None, help="Fixed threshold (online-rft, rest-em, star).")
-@click.option("--include-gold/--no-include-gold", default=None)
-@click.option("--rationalize", is_flag=True, default=None, help="STaR rationalisation.")
-@click.option("--prm-scale", type=click.Choice(["logit", "prob"]), default=None, help="PRM value (default logit).")
-@click.option(
-    "--verifier-noise",
-    type=float,
-    default=None,
-    help="Built-in task: select with the step verifier (true step labels, logit +-3 plus Gaussian noise of this "
-    "scale; 0 is an oracle) instead of the learned PRM.",
-)
-@click.option(
-    "--queries-per-iteration",
-    type=int,
-    default=None,
-    help="Fresh queries: iteration t trains on the t-th block of this many training queries (default: all, "
-    "every iteration; the built-in run: 256 new questions per iteration).",
-)
-@click.option("--prompt-template", default=None)
-@click.option("--max-tokens", type=int, default=None)
-@click.option("--eval-k", type=int, default=None)
-@click.option("--eval-sample-queries", type=int, default=None, help="Eval queries that get eval-k samples.")
-@click.option("--mid-eval-queries", type=int, default=None, help="Eval queries between the first and last iteration.")
-@click.option("--max-train-queries", type=int, default=None)
-@click.option("--max-eval-queries", type=int, default=None)
-@click.option("--train-steps", type=int, default=None, help="Optimizer steps per iteration (every mode).")
-@click.option("--batch-size", type=int, default=None, help="Sequences per optimizer step.")
-@click.option("--lr", type=float, default=None, help="Peak LR of the run's one warmup + cosine schedule.")
-@click.option("--seed", type=int, default=None)
-@click.option("--dtype", default=None)
-@click.option("--device", default=None)
-@click.option(
-    "--gpu-memory-utilization",
-    type=float,
-    default=None,
-    help="Share of the GPU the run may use (policy, PRM and trainer; the memory plan splits it). Default 0.9.",
-)
-@click.option(
-    "--sleep-engines",
-    type=click.Choice(SLEEP_ENGINES),
-    default=None,
-    help="Policy and PRM asleep while training (default auto: on CUDA).",
-)
-@click.option(
-    "--offload-optimizer",
-    is_flag=True,
-    default=None,
-    help="AdamW state and master weights in host memory (a 7B policy on one 80 GB GPU).",
-)
-@click.option(
-    "--async-scheduling",
-    is_flag=True,
-    default=None,
-    help="Generation steps launched before the previous step's tokens reach the host (same samples; see README).",
+    help="Runs at a time under --compare, one thread each.  [default: the CPU count]",
 )
 @click.option("--quiet", is_flag=True, help="No progress bars (ours or transformers').")
-@click.option(
-    "--embedded-preset",
-    type=click.Choice(EMBEDDED_PRESETS),
-    default=None,
-    help="Built-in task size (without --model): 'tiny' builds in seconds, a smoke test whose models learn little.",
-)
-def run(
-    model,
-    prm,
-    train_data,
-    eval_data,
-    out,
-    resume,
-    compare,
-    seeds,
-    jobs,
-    quiet,
-    temperatures,
-    thresholds,
-    reward_sweep,
-    sweep_noises,
-    **opts,
-):
-    """Iterative self-improvement with balanced exploration and exploitation."""
-    noises = _noise_levels(sweep_noises) if reward_sweep else []
-    if reward_sweep and model is not None:
+@config_options(RunConfig, covered=COVERED, alternative=("built-in task", embedded_run_config()))
+def run(out, resume, compare, seeds, jobs, quiet, reward_sweep, sweep_noises, **opts):
+    """Iterative self-improvement with balanced exploration and exploitation.
+
+    Without --model, the built-in task and models run with the built-in task's settings (shown beside the
+    defaults); options given override them."""
+    noises = _noise_levels(sweep_noises) if reward_sweep else None
+    if reward_sweep and opts.get("model") is not None:
         raise BStarError("--reward-sweep varies the built-in task's verifier; it does not go with --model")
     if resume:
         if out and out != resume:
             raise BStarError("give either --out (a new run) or --resume DIR, not both")
     else:  # options are checked before anything heavy loads
-        if model is None and (prm or train_data or eval_data):
-            raise BStarError("--prm/--train-data/--eval-data need --model (without it the built-in task runs)")
-        if model is not None and opts["embedded_preset"] is not None:
-            raise BStarError("--embedded-preset sizes the built-in task; it does not go with --model")
-        opts.update(
-            model=model,
-            prm=prm,
-            train_data=train_data,
-            eval_data=eval_data,
-            temperatures=None if temperatures is None else parse_grid(temperatures),
-            thresholds=None if thresholds is None else parse_grid(thresholds),
-            progress=not quiet,
-        )
-        given = {k: v for k, v in opts.items() if v is not None}
-        cfg = embedded_run_config(**given) if model is None else RunConfig(**given)
+        cfg = run_config(given_options(opts), quiet)
         if not out:  # a fresh folder, announced first
             out = os.path.join("runs", datetime.now().strftime("%Y%m%d-%H%M%S"))
             while os.path.exists(out):
@@ -196,7 +94,16 @@ def run(
     except run_dir.RunStopped as e:  # SIGINT / SIGTERM: one line, the shell's exit status for the signal
         click.echo(str(e), err=True)
         sys.exit(e.exit_code)
-    _compare(cfg, out, seeds, jobs or os.cpu_count() or 1, quiet, noises if reward_sweep else None)
+    _compare(cfg, out, seeds, jobs or os.cpu_count() or 1, quiet, noises)
+
+
+def run_config(given: dict, quiet: bool = False) -> RunConfig:
+    """The run's config from the options given on the command line: over the built-in task's settings
+    without --model, over RunConfig's defaults with it."""
+    given = dict(config_values(RunConfig, given), progress=not quiet)
+    if given.get("model") is not None and "embedded_preset" in given:
+        raise BStarError("--embedded-preset sizes the built-in task; it does not go with --model")
+    return embedded_run_config(**given) if given.get("model") is None else RunConfig(**given)
 
 
 def _noise_levels(text: str) -> list[float]:

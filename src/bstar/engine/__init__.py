@@ -23,8 +23,9 @@ A prompt's path through the folders:
 Importing the package is light (no torch): the names below load their module on first use (PEP 562).
 """
 
-import importlib
 from typing import TYPE_CHECKING
+
+from bstar.utils.lazy import lazy_names
 
 if TYPE_CHECKING:
     from bstar.engine.core.llm_engine import LLMEngine
@@ -79,13 +80,4 @@ _MODULE_OF = {  # name -> the module that defines it
 }
 
 
-def __getattr__(name: str):
-    if name not in _MODULE_OF:
-        raise AttributeError(f"module 'bstar.engine' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_MODULE_OF[name]), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_names(__name__, _MODULE_OF)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from bstar.engine.choices import DTYPE_NAMES
 from bstar.engine.errors import CheckpointError, RequestError
 from bstar.engine.model.linear import CPU_GEMMS
 
@@ -20,7 +21,7 @@ HEAD_ARCHITECTURES = {
     **{f"{f}ForTokenClassification": "token_cls" for f in ("Llama", "Qwen2", "Mistral", "Qwen3")},
     "Qwen2ForProcessRewardModel": "prm_mlp",
 }
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def resolve_dtype(dtype: "str | torch.dtype", mcfg: "ModelConfig", device: torch.device) -> torch.dtype:
