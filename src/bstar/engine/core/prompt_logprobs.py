@@ -15,6 +15,7 @@ from bstar.engine.core.block_manager import BlockManager
 from bstar.engine.core.sequence import Request, Sequence
 from bstar.engine.runner.sampler import flat_logprob_entries, prompt_logprob_tensors, whole_vocabulary
 from bstar.kernels.host import HostCopy, to_device
+from bstar.kernels.logprob_rows import logprob_rows
 
 MAX_STORED_BLOCKS = 4096  # prompt blocks whose entries are kept (Python objects: ~5 KB a block at top-1)
 
@@ -130,7 +131,8 @@ class PromptLogprobs:
             logits = model.compute_logits(hidden[i : i + step]).float()
             targets = to_device([s.token_ids[p + 1] for s, p in part], torch.int64, logits.device)
             want = whole_vocabulary([s.params.prompt_logprobs for s, _ in part], V)
-            *tensors, width = prompt_logprob_tensors(logits, targets, want)
+            flat = logprob_rows(logits, targets) if max(want) <= 1 else None  # (lm-eval's: the C kernel)
+            *tensors, width = flat or prompt_logprob_tensors(logits, targets, want)
             dest = [(requests[s.request_id], p + 1) for s, p in part]
             self.copies.append(_Copy(dest, want, HostCopy(tensors), width))
             self.launched += 1
