@@ -63,18 +63,25 @@ def _same(a: dict[int, tuple], b: dict[int, tuple]):
         assert flat == pytest.approx([lp.logprob for e in lps2 for lp in e.values()], rel=1e-5, abs=1e-5)
 
 
-def test_delta_pieces_concatenate_to_the_cumulative_output(llama_dir):
+@pytest.mark.parametrize(
+    "stops",
+    [{}, dict(stop=["ab", "b b"]), dict(stop=["ab"], include_stop_str_in_output=True)],
+    ids=["no-stop", "stop-strings", "stop-kept"],
+)
+def test_delta_pieces_concatenate_to_the_cumulative_output(llama_dir, stops):
     engine = AsyncLLM(str(llama_dir), **CPU)
     tok = engine.llm_engine.tokenizer
     assert all(len(tok.encode(ch, add_special_tokens=False)) > 1 for ch in "€😀")  # split across tokens
     prompts = [tok.encode(t) for t in ("a cat sat", "the dog ran far", "x")]
     try:
-        cumulative = _stream(engine, prompts, _params(tok, RequestOutputKind.CUMULATIVE))
-        delta = _stream(engine, prompts, _params(tok, RequestOutputKind.DELTA))
-        final_only = _stream(engine, prompts, _params(tok, RequestOutputKind.FINAL_ONLY))
+        cumulative = _stream(engine, prompts, _params(tok, RequestOutputKind.CUMULATIVE, **stops))
+        delta = _stream(engine, prompts, _params(tok, RequestOutputKind.DELTA, **stops))
+        final_only = _stream(engine, prompts, _params(tok, RequestOutputKind.FINAL_ONLY, **stops))
     finally:
         engine.shutdown()
-    final = LLM(str(llama_dir), **CPU).generate(prompts, _params(tok, RequestOutputKind.DELTA), use_tqdm=False)
+    final = LLM(str(llama_dir), **CPU).generate(prompts, _params(tok, RequestOutputKind.DELTA, **stops), use_tqdm=False)
+    if stops:  # some candidates did end at a stop string
+        assert any(c.stop_reason in stops["stop"] for o in final for c in o.outputs)
     split = False
     for cum, pieces, last, whole in zip(cumulative, delta, final_only, final):
         _same(_joined(pieces), _as_tuples(cum[-1]))
