@@ -138,3 +138,30 @@ def test_output_kind_checked_in_one_line():
     SamplingParams(output_kind=RequestOutputKind.DELTA)
     with pytest.raises(RequestError, match="output_kind"):
         SamplingParams(output_kind=7)
+
+
+def test_delta_stream_aborted_midway_ends_with_the_rest(llama_dir):
+    """abort() ends a DELTA stream with what was not yet sent and finish_reason "abort"; the pieces are a
+    prefix of the uninterrupted greedy output."""
+    engine = AsyncLLM(str(llama_dir), **CPU)
+    tok = engine.llm_engine.tokenizer
+    prompt = tok.encode("the dog ran far")
+    sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+
+    async def main():
+        pieces = []
+        async for out in engine.generate(prompt, sp, "a"):
+            pieces.append(out)
+            if len(pieces) == 2:
+                await engine.abort("a")
+        return pieces
+
+    try:
+        pieces = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    whole = LLM(str(llama_dir), **CPU).generate([prompt], sp, use_tqdm=False)[0].outputs[0]
+    ids = [t for o in pieces for c in o.outputs for t in c.token_ids]
+    assert pieces[-1].finished and pieces[-1].outputs[0].finish_reason == "abort"
+    assert 2 <= len(ids) < 40 and ids == whole.token_ids[: len(ids)]
+    assert "".join(c.text for o in pieces for c in o.outputs) == tok.decode(ids)
