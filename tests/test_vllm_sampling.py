@@ -213,7 +213,7 @@ def test_no_op_fields_accepted_and_others_refused_in_one_line(llama_dir):
         (dict(truncate_prompt_tokens=8), "truncate_prompt_tokens"),
         (dict(guided_decoding=object()), "guided_decoding"),
         (dict(best_of=3), "best_of"),
-        (dict(output_kind=RequestOutputKind.DELTA), "output_kind"),
+        (dict(output_kind=5), "output_kind"),
         (dict(logit_bias={"a": 1}), "logit_bias"),
         (dict(allowed_token_ids=[]), "allowed_token_ids"),
         (dict(bad_words=[""]), "bad_words"),

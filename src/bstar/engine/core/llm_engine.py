@@ -96,7 +96,8 @@ class LLMEngine:
         primary_eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
         self.output_processor = OutputProcessor(self.tokenizer, self.eos_ids, self.max_model_len, primary_eos)
         self.requests: dict[str, Request] = {}
-        self.prompt_logprobs = PromptLogprobs(self.mcfg.vocab_size, self.device)
+        self.prompt_logprobs = PromptLogprobs(self.mcfg.vocab_size, self.device, self.block_manager, self.requests)
+        self.scheduler.match_scored_prefix = self.prompt_logprobs.match
         self._rng = random.Random(seed)
         self.num_generated_tokens = 0
         self.num_discarded_tokens = 0  # async scheduling: drawn for candidates that had stopped meanwhile
@@ -153,8 +154,8 @@ class LLMEngine:
         if parsed.cache_salt is not None:
             seq.hash_root = seq.last_hash = hash(("cache_salt", parsed.cache_salt))
         if params.prompt_logprobs is not None:
-            # Computed once per request, by candidate 0's prefill; it skips the prefix cache (a
-            # cached prefix has no logits), as vLLM does for such requests.
+            # Computed once per request, by candidate 0's prefill; a cached prefix is used only with
+            # its stored entries (PromptLogprobs.match).
             req.prompt_logprobs = [None] * len(ids)
             if len(ids) > 1:
                 seq.prompt_logprobs_pending = True
@@ -242,6 +243,7 @@ class LLMEngine:
                     self.prompt_logprobs.seqs.add(s)
         self.scheduler.preempt_all()
         self.block_manager.reset_prefix_cache()
+        self.prompt_logprobs.forget()
         self.runner.cpu_decode.release()
 
     def fail_request(self, request_id: str, message: str) -> RequestOutput | None:
@@ -432,6 +434,7 @@ class LLMEngine:
         loaded = self.model.load_weights(named_tensors, strict=strict)
         self._weights_to_load -= loaded
         self.block_manager.reset_prefix_cache()
+        self.prompt_logprobs.forget()
         self.runner.invalidate_buffers()
         return loaded
 
@@ -442,6 +445,7 @@ class LLMEngine:
             warnings.warn("reset_prefix_cache: requests are unfinished; the prefix cache was kept", stacklevel=2)
             return False
         self.block_manager.reset_prefix_cache()
+        self.prompt_logprobs.forget()
         return True
 
     def collective_rpc(self, method, timeout: float | None = None, args: tuple = (), kwargs: dict | None = None):
@@ -469,6 +473,7 @@ class LLMEngine:
             )
         self.runner.sleep(level)
         self.block_manager.reset()
+        self.prompt_logprobs.forget()
         self._in_flight = None  # (only aborted candidates' rows can be left)
 
     def wake_up(self, tags: list[str] | None = None):
