@@ -6,12 +6,15 @@ SIGINT / SIGTERM.
 
 Runs are forked from the test process (imports and the built-in task's build are paid once), on the tiny
 preset. The CI part kills at a subset of the points (those the issue found wrong, one per phase); the
-whole sweep is marked slow (`pytest -m slow tests/test_resume_faults.py`)."""
+whole sweep is marked slow (`pytest -m slow tests/test_resume_faults.py`). Under torchrun (2 ranks, gloo): one
+rank killed mid-phase, `--resume` on all ranks, equals the uninterrupted 2-rank run (one point in CI, more slow)."""
 
 import hashlib
 import json
 import os
+import re
 import signal
+import subprocess
 import sys
 import traceback
 import types
@@ -20,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from bstar.cli import main
+from bstar.embedded import EmbeddedConfig, build_assets
 from bstar.loop import controller, run_dir
 from bstar.loop.config import embedded_run_config
 from bstar.results.report import redraw
@@ -378,3 +382,74 @@ def test_signals_stop_cleanly_and_resume(baseline, tmp_path, signals, point, cod
     assert committed_train == ("after iteration 1's train" in says)
     assert _fork(_resume(out)) == 0
     assert _contents(out) == baseline["contents"]
+
+
+# -- two ranks under torchrun: one killed mid-phase, --resume on all ranks ----------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+# the CLI's options for a small 2-rank run of the tiny preset (one iteration: ~30 s on 2 busy cores)
+RANK_RUN = ["--embedded-preset", "tiny", "--iterations", "1", "--train-steps", "2", "--batch-size", "4"]
+RANK_RUN += ["--num-samples", "2", "--search-k", "2", "--search-subset", "4", "--temperatures", "0.7,1.0"]
+RANK_RUN += ["--eval-k", "2", "--eval-sample-queries", "4", "--max-eval-queries", "8", "--max-train-queries", "8"]
+RANK_RUN += ["--max-tokens", "24", "--device", "cpu"]
+
+
+def _torchrun(args: list[str], fault: str | None = None) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=2 -m bstar.cli run ARGS` (a free port is picked), with
+    $BSTAR_FAILPOINT = fault ("<point>@<rank>": only that rank dies)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("BSTAR_FAILPOINT", None)
+    if fault:
+        env["BSTAR_FAILPOINT"] = fault
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["-m", "bstar.cli", "run", "--quiet", *args]
+    p = subprocess.Popen(
+        cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        out, err = p.communicate(timeout=500)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)  # torchrun and its ranks
+        raise
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """The uninterrupted 2-rank run's files."""
+    # built here once, as `run --compare` does: the ranks of a cold cache would each build it (not supported)
+    build_assets(EmbeddedConfig.preset("tiny"), progress=False)
+    root = tmp_path_factory.mktemp("ranks")
+    p = _torchrun(["--out", str(root / "baseline"), *RANK_RUN])
+    assert p.returncode == 0, p.stderr[-3000:]
+    return dict(root=root, contents=_contents(root / "baseline"))
+
+
+def _kill_rank_and_resume(two_ranks, fault: str) -> None:
+    point, rank = fault.rsplit("@", 1)
+    assert point in controller.kill_points(1)
+    out = two_ranks["root"] / fault.replace("/", "_").replace(":", "_").replace("@", "_")
+    p = _torchrun(["--out", str(out), *RANK_RUN], fault)
+    # torchrun ends the other rank and names the one that died of SIGKILL as the root cause
+    assert p.returncode != 0 and re.search(rf"rank\s*: {rank} .*\n\s*exitcode\s*: -9 ", p.stderr), p.stderr[-3000:]
+    p = _torchrun(["--resume", str(out)])
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = _contents(out)
+    assert got.keys() == two_ranks["contents"].keys(), f"{fault}: files differ (leftovers or missing)"
+    assert [k for k in got if got[k] != two_ranks["contents"][k]] == []
+    assert run_dir.temporaries(out) == []
+
+
+def test_two_ranks_one_killed_mid_training_resume_equals_uninterrupted(two_ranks):
+    """Rank 1 dies inside the FSDP2 train phase; rank 0 is ended by torchrun. `--resume` on both ranks:
+    the same records, candidates, weights and AdamW state as the uninterrupted 2-rank run."""
+    _kill_rank_and_resume(two_ranks, "t1/train:trained@1")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "fault", ["t1/generate:sampled@1", "t1/train:swap@0", "t1/evaluate:scored@0", "t1/record:mid-write@0"]
+)
+def test_two_ranks_one_killed_sweep(two_ranks, fault):
+    """A rank that generates its shard, the rank that commits (in the checkpoint swap, in the manifest write)."""
+    _kill_rank_and_resume(two_ranks, fault)

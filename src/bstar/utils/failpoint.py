@@ -4,8 +4,10 @@ $BSTAR_FAILPOINT names it, and does nothing otherwise (one dict lookup).
 A point's full name is "<scope>:<name>"; the scope is set by whoever owns the work (the B-STaR controller
 sets "t<iteration>/<phase>"), so shared helpers (atomic writes, the checkpoint swap) name their points
 once and every phase that uses them gets its own. $BSTAR_FAILPOINT is a full name, optionally with "#k"
-to die at its k-th hit (default the first) and "+S" to die S seconds after the hit instead (a timer: a kill
-in the middle of work that has no point of its own, such as the plot redraw). $BSTAR_FAILPOINT_TRACE
+to die at its k-th hit (default the first), "+S" to die S seconds after the hit instead (a timer: a kill
+in the middle of work that has no point of its own, such as the plot redraw) and "@r" to kill only the
+torchrun rank r ($RANK; the other ranks hit the point and go on, as when one node of a job is lost).
+$BSTAR_FAILPOINT_TRACE
 names a file that every hit appends its full name to, so a test can check that the points it enumerates
 are the points the code has."""
 
@@ -22,6 +24,10 @@ def _spec() -> tuple[str, int, float | None] | None:
     spec = os.environ.get("BSTAR_FAILPOINT")
     if not spec:
         return None
+    if "@" in spec:
+        spec, rank = spec.rsplit("@", 1)
+        if int(rank) != int(os.environ.get("RANK", "0")):
+            return None
     delay = None
     if "+" in spec:
         spec, d = spec.rsplit("+", 1)
