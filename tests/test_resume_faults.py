@@ -16,6 +16,8 @@ import re
 import signal
 import subprocess
 import sys
+import threading
+import time
 import traceback
 import types
 from pathlib import Path
@@ -453,3 +455,37 @@ def test_two_ranks_one_killed_mid_training_resume_equals_uninterrupted(two_ranks
 def test_two_ranks_one_killed_sweep(two_ranks, fault):
     """A rank that generates its shard, the rank that commits (in the checkpoint swap, in the manifest write)."""
     _kill_rank_and_resume(two_ranks, fault)
+
+
+def test_compare_parent_stops_its_runs_on_sigterm_then_the_same_command_continues(baseline, tmp_path):
+    """`run --compare` sent SIGTERM once its runs hold their directories: it passes the signal on (each run
+    stops after committing its phase), prints one line naming how to continue each, exits 143. The same
+    command then continues both, and the bstar run ends equal to the uninterrupted one."""
+    out, err = tmp_path / "cmp", tmp_path / "err.txt"
+    runs = [out / "bstar-seed0", out / "online-rft-seed0"]
+    cfg = _cfg()
+    assert cfg.seed == 0
+
+    def compare(signal_when_started: bool):
+        sys.modules["bstar.cli.run"].embedded_run_config = lambda **kw: cfg  # (the child exits: nothing to undo)
+        if signal_when_started:
+
+            def kill_when_locked():  # each run holds its lock (its Stop handler installed with it)
+                while not all((d / run_dir.LOCK).exists() for d in runs):
+                    time.sleep(0.05)
+                os.kill(os.getpid(), signal.SIGTERM)
+
+            threading.Thread(target=kill_when_locked, daemon=True).start()
+        main(["run", "--compare", "--seeds", "1", "--jobs", "2", "--out", str(out), "--quiet"])
+
+    assert _fork(lambda: compare(True), stderr=err) == 128 + signal.SIGTERM
+    lines = [x for x in err.read_text().splitlines() if x.startswith("stopped by")]
+    assert len(lines) == 1 and lines[0].startswith("stopped by SIGTERM; rerun the same command"), lines
+    assert all(f"bstar-engine run --resume {d}" in lines[0] for d in runs)
+    for d in runs:
+        log = (d / "log.txt").read_text()
+        assert "stopped by SIGTERM after iteration 0's" in log and "Traceback" not in log, log[-2000:]
+        assert run_dir.temporaries(d) == []
+    assert _fork(lambda: compare(False), stderr=err) == 0
+    got = _contents(runs[0])
+    assert got.pop("log.txt") and got == baseline["contents"]
