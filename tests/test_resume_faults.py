@@ -489,3 +489,48 @@ def test_compare_parent_stops_its_runs_on_sigterm_then_the_same_command_continue
     assert _fork(lambda: compare(False), stderr=err) == 0
     got = _contents(runs[0])
     assert got.pop("log.txt") and got == baseline["contents"]
+
+
+def _spy_fsync(monkeypatch) -> list[tuple[str, str]]:
+    """(what, path) of every fsync and rename, in order (Linux: an fd's path from /proc)."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(a, b):
+        real_replace(a, b)
+        events.append(("rename", str(b)))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads fd paths from /proc")
+def test_committed_files_are_fsynced_before_their_rename_and_the_directory_after(tmp_path, monkeypatch):
+    """Power loss: a committed file's data is on disk before the rename commits it, the rename after."""
+    events = _spy_fsync(monkeypatch)
+    path = tmp_path / "d" / "search.json"
+    controller.atomic_write_json(path, {"temperature": 0.7})
+    tmp = Path(events[0][1])
+    assert tmp.parent == path.parent and tmp.name.startswith(".search.json.tmp-")
+    assert events == [("fsync", str(tmp)), ("rename", str(path)), ("fsync", str(path.parent))]
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads fd paths from /proc")
+def test_the_checkpoint_swap_is_fsynced(tmp_path, monkeypatch):
+    """Every file and folder of the new checkpoint before it is staged; the parent after each rename."""
+    dest = _dir(tmp_path / "ckpt", "old")
+    new = _dir(tmp_path / ".ckpt.tmp-1", "new")
+    (new / "sub").mkdir()
+    (new / "sub" / "y").write_text("y")
+    events = _spy_fsync(monkeypatch)
+    atomic_replace(new, dest)
+    staged, aside = tmp_path / ".ckpt.new", tmp_path / ".ckpt.old"
+    tree = [("fsync", str(p)) for p in (new / "sub" / "y", new / "sub", new / "x", new)]
+    renames = [("rename", str(staged)), ("rename", str(aside)), ("rename", str(dest))]
+    assert events == tree + [e for r in renames for e in (r, ("fsync", str(tmp_path)))]
+    assert (dest / "x").read_text() == "new"
