@@ -534,3 +534,39 @@ def test_the_checkpoint_swap_is_fsynced(tmp_path, monkeypatch):
     renames = [("rename", str(staged)), ("rename", str(aside)), ("rename", str(dest))]
     assert events == tree + [e for r in renames for e in (r, ("fsync", str(tmp_path)))]
     assert (dest / "x").read_text() == "new"
+
+
+@pytest.mark.parametrize(
+    "point,file",
+    # (the generate phase's second write is the pool; its first, generate.json)
+    [
+        (f"t{ITERATIONS}/generate:mid-write#2", f"iter_00{ITERATIONS}/candidates.jsonl"),
+        ("t1/train:mid-write", "policy"),
+    ],
+)
+def test_disk_fills_mid_run_one_line_nothing_lost_then_resume(baseline, tmp_path, point, file):
+    """A write fails with ENOSPC in the middle of a run (a JSONL file of the pool; the checkpoint): one line
+    naming the file, exit 1; every file committed before is the uninterrupted run's; once the disk has room
+    again (the fault removed), `--resume` ends equal to the uninterrupted run."""
+    out, err = tmp_path / "run", tmp_path / "err.txt"
+
+    def full_disk():
+        cfg = _cfg()
+        sys.modules["bstar.cli.run"].embedded_run_config = lambda **kw: cfg  # (the child exits: nothing to undo)
+        main(["run", "--out", str(out), "--quiet"])
+
+    assert _fork(full_disk, f"{point}!ENOSPC", stderr=err) == 1
+    lines = err.read_text().splitlines()
+    what = "the checkpoint " if file == "policy" else ""
+    assert lines == [f"error: cannot write {what}{out / file}: No space left on device"]
+    assert run_dir.temporaries(out) == []
+    got, want = _contents(out), baseline["contents"]
+    records = got["iterations.jsonl"]
+    assert records == want["iterations.jsonl"][: len(records)] and records
+    # the phases' committed files (policy/, plots and report.md are replaced by later iterations)
+    phases = {k: v for k, v in got.items() if k.startswith("iter_")}
+    assert phases and {k: v for k, v in phases.items() if v != want.get(k, "missing")} == {}
+    marker = got.get("policy/iteration.json")
+    assert (marker or {}).get("iteration", 0) == len(records) - 1
+    assert _fork(_resume(out)) == 0
+    assert _contents(out) == want

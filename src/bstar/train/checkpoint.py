@@ -185,8 +185,10 @@ def write_checkpoint(
             _write_state(tmp / STATE_DIR, state, info or {})
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-    except BaseException:  # an error, not a kill: no temporary left for a sweep
+    except BaseException as e:  # an error, not a kill: no temporary left for a sweep
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # (a full disk: a write's error names no file)
+            raise CheckpointError(f"cannot write the checkpoint {path}: {e.strerror or e}") from None
         raise
     atomic_replace(tmp, path)
 
