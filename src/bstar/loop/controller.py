@@ -148,7 +148,7 @@ class Controller:
         self.rank, self.world = dist_utils.world()
         self.train, self.test, self.labels = train, test, labels
         device = resolve_device(cfg.device)
-        self.sleep = cfg.sleep_engines == "on" or (cfg.sleep_engines == "auto" and device.type == "cuda")
+        self.sleep = _sleeps(cfg, device)
         # before anything loads: the plan sizes both KV caches, or refuses (MemoryPlanError, one line)
         self.plan = self._memory_plan(device, policy, prm)
         kv = {}
@@ -181,24 +181,7 @@ class Controller:
         self._gen_tokens = 0
 
     def _memory_plan(self, device, policy: str, prm: str | None) -> MemoryPlan | None:
-        """The run's memory plan on a CUDA device (None elsewhere): policy and PRM engines with their
-        defaults, the trainer as _sft_config builds it, engines asleep while training if self.sleep."""
-        mem = device_memory(device)
-        if mem is None:
-            return None
-        e = EngineConfig()
-        return run_memory_plan(
-            policy,
-            prm,
-            device=mem,
-            sft=self._sft_config(1),
-            dtype=self.cfg.dtype,
-            max_num_seqs=e.max_num_seqs,
-            max_num_batched_tokens=e.max_num_batched_tokens,
-            sleep=self.sleep,
-            world_size=self.world,
-            gpu_memory_utilization=self.cfg.gpu_memory_utilization,
-        )
+        return memory_plan(self.cfg, device, policy, prm, self.world)
 
     # -- generation, grading, PRM -------------------------------------------------------------
     def _sample(self, examples: list[Example], idx: list[int], n: int, temperature: float, tag: str) -> list[dict]:
@@ -433,23 +416,8 @@ class Controller:
         return out
 
     def _sft_config(self, t: int) -> SFTConfig:
-        cfg = self.cfg
-        return SFTConfig(
-            lr=cfg.lr,
-            steps=cfg.train_steps,
-            schedule_steps=cfg.train_steps if cfg.restart_from_base else cfg.train_steps * cfg.iterations,
-            batch_examples=cfg.batch_size,
-            micro_batch_tokens=max(4096, cfg.max_seq_len),
-            max_seq_len=cfg.max_seq_len,
-            warmup_ratio=cfg.warmup_ratio,
-            min_lr_ratio=cfg.min_lr_ratio,
-            betas=REFERENCE_BETAS,
-            seed=_seed(cfg.seed, "train", t) % (1 << 31),
-            progress=cfg.progress,
-            metrics_path=str(self._phase_file(t, "train_metrics.jsonl")) if self.rank == 0 else None,
-            device=None if cfg.device == "auto" else cfg.device,
-            offload_optimizer=cfg.offload_optimizer,
-        )
+        metrics = str(self._phase_file(t, "train_metrics.jsonl")) if self.rank == 0 else None
+        return sft_config(self.cfg, t, metrics)
 
     def _policy_marker(self) -> dict | None:
         """policy/iteration.json: {"iteration": the iteration whose train phase committed the policy, "train":
@@ -709,6 +677,53 @@ class Controller:
         print("  ".join(cells), flush=True)
 
 
+def sft_config(cfg: RunConfig, t: int, metrics_path: str | None = None) -> SFTConfig:
+    """Iteration t's trainer config (its data order's seed from (run seed, t)); metrics to metrics_path."""
+    return SFTConfig(
+        lr=cfg.lr,
+        steps=cfg.train_steps,
+        schedule_steps=cfg.train_steps if cfg.restart_from_base else cfg.train_steps * cfg.iterations,
+        batch_examples=cfg.batch_size,
+        micro_batch_tokens=max(4096, cfg.max_seq_len),
+        max_seq_len=cfg.max_seq_len,
+        warmup_ratio=cfg.warmup_ratio,
+        min_lr_ratio=cfg.min_lr_ratio,
+        betas=REFERENCE_BETAS,
+        seed=_seed(cfg.seed, "train", t) % (1 << 31),
+        progress=cfg.progress,
+        metrics_path=metrics_path,
+        device=None if cfg.device == "auto" else cfg.device,
+        offload_optimizer=cfg.offload_optimizer,
+    )
+
+
+def _sleeps(cfg: RunConfig, device: torch.device) -> bool:
+    """Whether the engines sleep while the trainer holds the device."""
+    return cfg.sleep_engines == "on" or (cfg.sleep_engines == "auto" and device.type == "cuda")
+
+
+def memory_plan(cfg: RunConfig, device: torch.device, policy: str, prm: str | None, world: int) -> MemoryPlan | None:
+    """The run's memory plan on a CUDA device (None elsewhere), or MemoryPlanError (one line) when the run
+    cannot fit: policy and PRM engines with their defaults, the trainer as sft_config builds it, engines
+    asleep while training when they sleep. Pure: it reads the checkpoints' configs, writes nothing."""
+    mem = device_memory(device)
+    if mem is None:
+        return None
+    e = EngineConfig()
+    return run_memory_plan(
+        policy,
+        prm,
+        device=mem,
+        sft=sft_config(cfg, 1),
+        dtype=cfg.dtype,
+        max_num_seqs=e.max_num_seqs,
+        max_num_batched_tokens=e.max_num_batched_tokens,
+        sleep=_sleeps(cfg, device),
+        world_size=world,
+        gpu_memory_utilization=cfg.gpu_memory_utilization,
+    )
+
+
 # -- entry points ---------------------------------------------------------------------------
 
 
@@ -745,17 +760,31 @@ def _check_resumable(out: str) -> None:
 
 
 def check_inputs(cfg: RunConfig) -> tuple[list[Example], list[Example]] | None:
-    """What a new run reads, checked before its directory is made: the device, the checkpoints' configs
-    and (with --model) the data files, which it returns."""
+    """What a new run reads, checked before its directory is made: the device, the checkpoints' configs,
+    (with --model) the data files, which it returns, and on a GPU the memory need against the device."""
     from bstar.engine.config import ModelConfig, resolve_device
 
-    resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     for path in (cfg.model, cfg.prm):
         if path is not None:
             if not Path(path).is_dir():
                 raise BStarError(f"model directory {path} does not exist")
             ModelConfig.from_dir(path)
-    return None if cfg.model is None else _load_data(cfg)
+    data = None if cfg.model is None else _load_data(cfg)
+    if device_memory(device) is not None:  # the memory need against the device (MemoryPlanError: one line)
+        memory_plan(cfg, device, *_models(cfg), dist_utils.world()[1])
+    return data
+
+
+def _models(cfg: RunConfig) -> tuple[str, str | None]:
+    """(starting policy, PRM) checkpoint dirs of a new run: --model / --prm, or the built-in task's (built
+    into the cache, outside any run directory, when not there yet)."""
+    if cfg.model is not None:
+        return cfg.model, cfg.prm
+    from bstar.embedded import EmbeddedConfig, build_assets
+
+    assets = build_assets(EmbeddedConfig.preset(cfg.embedded_preset), progress=cfg.progress)
+    return str(assets.policy_path), str(assets.prm_path)
 
 
 def prepare_out_dir(out: str, cfg: RunConfig | None, resume: bool) -> RunConfig:
