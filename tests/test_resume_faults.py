@@ -9,6 +9,7 @@ preset. The CI part kills at a subset of the points (those the issue found wrong
 whole sweep is marked slow (`pytest -m slow tests/test_resume_faults.py`). Under torchrun (2 ranks, gloo): one
 rank killed mid-phase, `--resume` on all ranks, equals the uninterrupted 2-rank run (one point in CI, more slow)."""
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -570,3 +571,29 @@ def test_disk_fills_mid_run_one_line_nothing_lost_then_resume(baseline, tmp_path
     assert (marker or {}).get("iteration", 0) == len(records) - 1
     assert _fork(_resume(out)) == 0
     assert _contents(out) == want
+
+
+def test_records_count_the_answers_a_grading_limit_decided(tmp_path):
+    """Each grading call here reports one answer refused as too large (rewards.limited): the iteration record
+    counts them per phase and in all (`grade_limited`), and the search and generate counts are committed with
+    their phases (search.json, generate.json), so a resumed iteration records the same."""
+    out = tmp_path / "run"
+
+    def counted():
+        real = controller.grade_batch
+
+        def grade_batch(*args, stats, **kw):
+            got = real(*args, stats=stats, **kw)
+            stats["too_large"] += 1
+            return got
+
+        controller.grade_batch = grade_batch  # (the child exits: nothing to undo)
+        controller.run(dataclasses.replace(_cfg(), iterations=1), str(out))
+
+    assert _fork(counted) == 0
+    r0, r1 = controller.read_jsonl(out / "iterations.jsonl")
+    assert (r0["eval_grade_limited"], r0["grade_limited"]) == (2, 2)  # greedy and sampled evaluation
+    parts = [r1[f"{p}_grade_limited"] for p in ("search", "generate", "eval")]
+    assert parts == [2, 1, 2] and r1["grade_limited"] == 5  # a search call per temperature
+    assert controller.read_json(out / "iter_001" / "search.json")["grade_limited"] == 2
+    assert controller.read_json(out / "iter_001" / "generate.json")["grade_limited"] == 1

@@ -51,7 +51,7 @@ from bstar.loop.config import RunConfig
 from bstar.loop.memory import run_memory_plan, train_phase
 from bstar.loop.memory_plan import DeviceMemory, MemoryPlan
 from bstar.loop.metrics import greedy_accuracy, sample_metrics, step_auc, within_question_auc
-from bstar.loop.rewards import grade_batch, has_final_answer
+from bstar.loop.rewards import grade_batch, has_final_answer, limited
 from bstar.loop.search import SearchConfig, choose_subset, search_config, search_threshold, target_size
 from bstar.loop.selection import BROKEN, BROKEN_PROB, Candidate, select
 from bstar.loop.tasks import Example, format_prompt, load_task_examples
@@ -179,6 +179,7 @@ class Controller:
             )
         self.subset = choose_subset(len(train), cfg.search_subset, cfg.seed)
         self._gen_tokens = 0
+        self._grade_limited = 0  # this phase's answers whose grade a limit decided (rewards.limited)
 
     def _memory_plan(self, device, policy: str, prm: str | None) -> MemoryPlan | None:
         return memory_plan(self.cfg, device, policy, prm, self.world)
@@ -210,13 +211,16 @@ class Controller:
         correct = [False] * len(flat)
         for task in sorted({examples[i].task for i in idx}):  # one grading call per task
             ks = [k for k, i in enumerate(owner) if examples[i].task == task]
+            stats: dict = {}
             res = grade_batch(
                 [flat[k] for k in ks],
                 [examples[owner[k]].gold_answer for k in ks],
                 task,
                 workers=0 if len(ks) < 512 or self.labels is not None else None,
                 progress=cfg.progress,
+                stats=stats,
             )
+            self._grade_limited += limited(stats)
             for k, ok in zip(ks, res):
                 correct[k] = ok
         prm_scores = [[0.0] * n for _ in idx]
@@ -247,12 +251,14 @@ class Controller:
 
     def _sample_all(self, examples, idx, n, temperature, tag) -> list[dict]:
         """All ranks' records for `idx`, in query order; self._gen_tokens counts all ranks' tokens."""
-        before = self._gen_tokens
+        before, limited_before = self._gen_tokens, self._grade_limited
         mine = self._sample(
             examples, [i for j, i in enumerate(idx) if j % self.world == self.rank], n, temperature, tag
         )
-        parts = dist_utils.all_gather_json({"recs": mine, "tokens": self._gen_tokens - before})
+        limited_here = self._grade_limited - limited_before
+        parts = dist_utils.all_gather_json({"recs": mine, "tokens": self._gen_tokens - before, "limited": limited_here})
         self._gen_tokens = before + sum(p["tokens"] for p in parts)
+        self._grade_limited = limited_before + sum(p["limited"] for p in parts)
         return sorted((r for p in parts for r in p["recs"]), key=lambda r: r["query"])
 
     def _candidates(self, recs: list[dict]) -> list[list[Candidate]]:
@@ -309,7 +315,7 @@ class Controller:
         path = self._phase_file(t, "search.json")
         if path.exists():
             return read_json(path)
-        t0, self._gen_tokens = time.perf_counter(), 0
+        t0, self._gen_tokens, self._grade_limited = time.perf_counter(), 0, 0
         if cfg.mode != "bstar":
             res = {"temperature": cfg.temperature}
         else:
@@ -330,6 +336,7 @@ class Controller:
             }
         res["time_s"] = time.perf_counter() - t0
         res["gen_tokens"] = self._gen_tokens
+        res["grade_limited"] = self._grade_limited
         res["tokens_per_s"] = self._gen_tokens / max(res["time_s"], 1e-9)
         failpoint.hit("commit")
         if self.rank == 0:
@@ -341,7 +348,7 @@ class Controller:
         path = self._phase_file(t, "candidates.jsonl")
         if path.exists():
             return read_jsonl(path), read_json(self._phase_file(t, "generate.json"))
-        t0, self._gen_tokens = time.perf_counter(), 0
+        t0, self._gen_tokens, self._grade_limited = time.perf_counter(), 0, 0
         recs = self._sample_all(
             self.train, list(range(len(self.train))), self.cfg.num_samples, temperature, f"generate-{t}"
         )
@@ -349,6 +356,7 @@ class Controller:
             recs = self._rationalize(t, recs)
         dt = time.perf_counter() - t0
         info = {"time_s": dt, "gen_tokens": self._gen_tokens, "tokens_per_s": self._gen_tokens / max(dt, 1e-9)}
+        info["grade_limited"] = self._grade_limited
         failpoint.hit("commit")
         if self.rank == 0:
             atomic_write_json(self._phase_file(t, "generate.json"), info)
@@ -523,7 +531,7 @@ class Controller:
         """Greedy accuracy on all eval queries; Pass@1 / Pass@K / Reward@K / exploration and the PRM's
         quality from eval_k samples of the first eval_sample_queries."""
         cfg = self.cfg
-        t0, self._gen_tokens = time.perf_counter(), 0
+        t0, self._gen_tokens, self._grade_limited = time.perf_counter(), 0, 0
         idx = list(range(len(self.test)))
         if 0 < t < cfg.iterations and cfg.mid_eval_queries:
             idx = idx[: cfg.mid_eval_queries]
@@ -544,6 +552,7 @@ class Controller:
             )
         )
         m.update(self._truth(self.test, sampled, ""))
+        m["eval_grade_limited"] = self._grade_limited
         m["eval_time_s"] = time.perf_counter() - t0
         m["eval_tokens_per_s"] = self._gen_tokens / max(m["eval_time_s"], 1e-9)
         failpoint.hit("commit")
@@ -559,6 +568,8 @@ class Controller:
 
     def _record(self, t: int, rec: dict):
         """The record phase (iterations.jsonl, the manifest: it commits iteration t), then the report."""
+        # answers whose grade a limit decided, over the iteration's phases (search, generate, evaluate)
+        rec["grade_limited"] = sum(v for k, v in rec.items() if k.endswith("_grade_limited"))
         with self._phase(t, "record"):
             failpoint.hit("commit")
             if self.rank == 0:
@@ -600,6 +611,7 @@ class Controller:
             search_balance_score=s.get("balance_score"),
             search_cap=s.get("cap"),
             search_gen_tokens=s["gen_tokens"],
+            search_grade_limited=s.get("grade_limited", 0),
             search_time_s=s["time_s"],
             search_tokens_per_s=s["tokens_per_s"],
         )
@@ -607,6 +619,7 @@ class Controller:
             recs, g = self.generate(t, s["temperature"])
         rec.update(
             generate_gen_tokens=g["gen_tokens"],
+            generate_grade_limited=g.get("grade_limited", 0),
             generate_time_s=g["time_s"],
             generate_tokens_per_s=g["tokens_per_s"],
         )
