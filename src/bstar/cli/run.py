@@ -199,8 +199,9 @@ def _compare(cfg: RunConfig, out: str, seeds: int, jobs: int, quiet: bool) -> No
                         other[2].terminate()
                     raise BStarError(f"{name} failed (exit {p.returncode}); see {d / 'log.txt'}")
                 click.echo(f"{name}: done after {time.perf_counter() - t0:.0f}s")
-    if fwd.signum is not None:
-        raise fwd.stopped([d for d in runs.values() if len(compare.records(d)) < cfg.iterations + 1])
+    left = [d for d in runs.values() if len(compare.records(d)) < cfg.iterations + 1]
+    if fwd.signum is not None and left:  # (a signal after the last run finished: the report is still made)
+        raise fwd.stopped(left)
     summary = compare.report(out, runs)
     for line in summary:
         click.echo(line)
