@@ -24,10 +24,12 @@ from bstar.utils.settings import field_default, setting
 run_mod = importlib.import_module("bstar.cli.run")  # (bstar.cli.run is also the name of the command)
 sft_mod = importlib.import_module("bstar.cli.sft")
 # each command's options that are not config fields
-OWN = {run_mod.run: {"out", "resume", "compare", "seeds", "jobs", "quiet", "reward_sweep", "sweep_noises"}, sft_mod.sft: {"model", "data", "out"}}
+OWN = {run_mod.run: {"out", "resume", "compare", "seeds", "jobs", "quiet", "reward_sweep", "sweep_noises"}}
+OWN[sft_mod.sft] = {"model", "data", "out"}
 OWN[sft_mod.sft] |= {"resume", "save_every"}
 CASES = [(run_mod.run, RunConfig, run_mod.COVERED), (sft_mod.sft, SFTConfig, sft_mod.COVERED)]
 IDS = ["run", "sft"]
+MODE_LIST = "bstar, online-rft, online-rft-answer, rest-em, star"
 
 # text fields whose values are checked: a valid value other than the default
 TEXT = {
@@ -176,7 +178,7 @@ def test_sft_command_line_parses_to_the_directly_built_config(tmp_path):
 BAD = [
     (["run", "--iterations", "two"], "--iterations must be an integer, got 'two'"),
     (["run", "--lr", "fast"], "--lr must be a number, got 'fast'"),
-    (["run", "--mode", "greedy"], "--mode must be one of bstar, online-rft, online-rft-answer, rest-em, star, got 'greedy'"),
+    (["run", "--mode", "greedy"], f"--mode must be one of {MODE_LIST}, got 'greedy'"),
     (["run", "--dtype", "int8"], "--dtype must be one of auto, float32, bfloat16, float16, got 'int8'"),
     (["run", "--temperatures", "hot"], "bad grid 'hot'"),
     (["sft", "--epochs", "0"], "--epochs must be >= 1, got 0"),
@@ -290,7 +292,7 @@ def test_configs_check_their_fields_choices_and_bounds_as_their_options_do():
     from bstar.errors import BStarError
 
     for cls, bad, why in [
-        (RunConfig, dict(mode="greedy"), "mode must be one of bstar, online-rft, online-rft-answer, rest-em, star, got 'greedy'"),
+        (RunConfig, dict(mode="greedy"), f"mode must be one of {MODE_LIST}, got 'greedy'"),
         (RunConfig, dict(search_subset=0), "search_subset must be >= 1, got 0"),
         (RunConfig, dict(max_train_queries=0), "max_train_queries must be >= 1, got 0"),
         (RunConfig, dict(dtype="int8"), "dtype must be one of auto, float32, bfloat16, float16"),

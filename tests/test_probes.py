@@ -377,6 +377,29 @@ def test_cli_run_bad_options_refused_before_the_run_directory(tmp_path, args, wh
     assert not out.exists()  # so the corrected command just works
 
 
+def test_cli_run_memory_need_refused_before_the_run_directory(llama_dir, tmp_path, monkeypatch):
+    """On a GPU too small for the run, the memory plan refuses it before --out is made (a stand-in device:
+    the plan is pure; on the CPU there is none). With room, the same check passes."""
+    from bstar.engine.errors import MemoryPlanError
+    from bstar.loop import controller
+    from bstar.loop.config import RunConfig
+    from bstar.loop.memory_plan import DeviceMemory
+
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"question": "q", "answer": "x\n#### 1"}) + "\n")
+    small = DeviceMemory(total=8 << 20, free=8 << 20, name="cuda:0")
+    monkeypatch.setattr(controller, "device_memory", lambda device: small)
+    out = tmp_path / "run"
+    r = _cli("run", "--model", llama_dir, "--train-data", qa, "--eval-data", qa, "--out", out)
+    _refused(r, "KV cache would get", "use a bigger GPU")
+    assert not out.exists()  # so the corrected command just works
+    cfg = RunConfig(model=str(llama_dir), train_data=str(qa), eval_data=str(qa))
+    with pytest.raises(MemoryPlanError):
+        controller.check_inputs(cfg)
+    monkeypatch.setattr(controller, "device_memory", lambda device: DeviceMemory(80 << 30, 80 << 30, "cuda:0"))
+    controller.check_inputs(cfg)
+
+
 def test_cli_generate_bad_inputs(llama_dir, tmp_path):
     good = tmp_path / "p.jsonl"
     good.write_text(json.dumps({"prompt_token_ids": [1, 2]}) + "\n")

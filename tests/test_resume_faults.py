@@ -6,13 +6,19 @@ SIGINT / SIGTERM.
 
 Runs are forked from the test process (imports and the built-in task's build are paid once), on the tiny
 preset. The CI part kills at a subset of the points (those the issue found wrong, one per phase); the
-whole sweep is marked slow (`pytest -m slow tests/test_resume_faults.py`)."""
+whole sweep is marked slow (`pytest -m slow tests/test_resume_faults.py`). Under torchrun (2 ranks, gloo): one
+rank killed mid-phase, `--resume` on all ranks, equals the uninterrupted 2-rank run (one point in CI, more slow)."""
 
+import dataclasses
 import hashlib
 import json
 import os
+import re
 import signal
+import subprocess
 import sys
+import threading
+import time
 import traceback
 import types
 from pathlib import Path
@@ -20,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from bstar.cli import main
+from bstar.embedded import EmbeddedConfig, build_assets
 from bstar.loop import controller, run_dir
 from bstar.loop.config import embedded_run_config
 from bstar.results.report import redraw
@@ -379,3 +386,215 @@ def test_signals_stop_cleanly_and_resume(baseline, tmp_path, signals, point, cod
     assert committed_train == ("after iteration 1's train" in says)
     assert _fork(_resume(out)) == 0
     assert _contents(out) == baseline["contents"]
+
+
+# -- two ranks under torchrun: one killed mid-phase, --resume on all ranks ----------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+# the CLI's options for a small 2-rank run of the tiny preset (one iteration: ~30 s on 2 busy cores)
+RANK_RUN = ["--embedded-preset", "tiny", "--iterations", "1", "--train-steps", "2", "--batch-size", "4"]
+RANK_RUN += ["--num-samples", "2", "--search-k", "2", "--search-subset", "4", "--temperatures", "0.7,1.0"]
+RANK_RUN += ["--eval-k", "2", "--eval-sample-queries", "4", "--max-eval-queries", "8", "--max-train-queries", "8"]
+RANK_RUN += ["--max-tokens", "24", "--device", "cpu"]
+
+
+def _torchrun(args: list[str], fault: str | None = None) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=2 -m bstar.cli run ARGS` (a free port is picked), with
+    $BSTAR_FAILPOINT = fault ("<point>@<rank>": only that rank dies)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("BSTAR_FAILPOINT", None)
+    if fault:
+        env["BSTAR_FAILPOINT"] = fault
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["-m", "bstar.cli", "run", "--quiet", *args]
+    p = subprocess.Popen(
+        cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        out, err = p.communicate(timeout=500)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)  # torchrun and its ranks
+        raise
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """The uninterrupted 2-rank run's files."""
+    # built here once, as `run --compare` does: the ranks of a cold cache would each build it (not supported)
+    build_assets(EmbeddedConfig.preset("tiny"), progress=False)
+    root = tmp_path_factory.mktemp("ranks")
+    p = _torchrun(["--out", str(root / "baseline"), *RANK_RUN])
+    assert p.returncode == 0, p.stderr[-3000:]
+    return dict(root=root, contents=_contents(root / "baseline"))
+
+
+def _kill_rank_and_resume(two_ranks, fault: str) -> None:
+    point, rank = fault.rsplit("@", 1)
+    assert point in controller.kill_points(1)
+    out = two_ranks["root"] / fault.replace("/", "_").replace(":", "_").replace("@", "_")
+    p = _torchrun(["--out", str(out), *RANK_RUN], fault)
+    # torchrun ends the other rank and names the one that died of SIGKILL as the root cause
+    assert p.returncode != 0 and re.search(rf"rank\s*: {rank} .*\n\s*exitcode\s*: -9 ", p.stderr), p.stderr[-3000:]
+    p = _torchrun(["--resume", str(out)])
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = _contents(out)
+    assert got.keys() == two_ranks["contents"].keys(), f"{fault}: files differ (leftovers or missing)"
+    assert [k for k in got if got[k] != two_ranks["contents"][k]] == []
+    assert run_dir.temporaries(out) == []
+
+
+def test_two_ranks_one_killed_mid_training_resume_equals_uninterrupted(two_ranks):
+    """Rank 1 dies inside the FSDP2 train phase; rank 0 is ended by torchrun. `--resume` on both ranks:
+    the same records, candidates, weights and AdamW state as the uninterrupted 2-rank run."""
+    _kill_rank_and_resume(two_ranks, "t1/train:trained@1")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "fault", ["t1/generate:sampled@1", "t1/train:swap@0", "t1/evaluate:scored@0", "t1/record:mid-write@0"]
+)
+def test_two_ranks_one_killed_sweep(two_ranks, fault):
+    """A rank that generates its shard, the rank that commits (in the checkpoint swap, in the manifest write)."""
+    _kill_rank_and_resume(two_ranks, fault)
+
+
+def test_compare_parent_stops_its_runs_on_sigterm_then_the_same_command_continues(baseline, tmp_path):
+    """`run --compare` sent SIGTERM once its runs hold their directories: it passes the signal on (each run
+    stops after committing its phase), prints one line naming how to continue each, exits 143. The same
+    command then continues both, and the bstar run ends equal to the uninterrupted one."""
+    out, err = tmp_path / "cmp", tmp_path / "err.txt"
+    runs = [out / "bstar-seed0", out / "online-rft-seed0"]
+    cfg = _cfg()
+    assert cfg.seed == 0
+
+    def compare(signal_when_started: bool):
+        sys.modules["bstar.cli.run"].embedded_run_config = lambda **kw: cfg  # (the child exits: nothing to undo)
+        if signal_when_started:
+
+            def kill_when_locked():  # each run holds its lock (its Stop handler installed with it)
+                while not all((d / run_dir.LOCK).exists() for d in runs):
+                    time.sleep(0.05)
+                os.kill(os.getpid(), signal.SIGTERM)
+
+            threading.Thread(target=kill_when_locked, daemon=True).start()
+        main(["run", "--compare", "--seeds", "1", "--jobs", "2", "--out", str(out), "--quiet"])
+
+    assert _fork(lambda: compare(True), stderr=err) == 128 + signal.SIGTERM
+    lines = [x for x in err.read_text().splitlines() if x.startswith("stopped by")]
+    assert len(lines) == 1 and lines[0].startswith("stopped by SIGTERM; rerun the same command"), lines
+    assert all(f"bstar-engine run --resume {d}" in lines[0] for d in runs)
+    for d in runs:
+        log = (d / "log.txt").read_text()
+        assert "stopped by SIGTERM after iteration 0's" in log and "Traceback" not in log, log[-2000:]
+        assert run_dir.temporaries(d) == []
+    assert _fork(lambda: compare(False), stderr=err) == 0
+    got = _contents(runs[0])
+    assert got.pop("log.txt") and got == baseline["contents"]
+
+
+def _spy_fsync(monkeypatch) -> list[tuple[str, str]]:
+    """(what, path) of every fsync and rename, in order (Linux: an fd's path from /proc)."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(a, b):
+        real_replace(a, b)
+        events.append(("rename", str(b)))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads fd paths from /proc")
+def test_committed_files_are_fsynced_before_their_rename_and_the_directory_after(tmp_path, monkeypatch):
+    """Power loss: a committed file's data is on disk before the rename commits it, the rename after."""
+    events = _spy_fsync(monkeypatch)
+    path = tmp_path / "d" / "search.json"
+    controller.atomic_write_json(path, {"temperature": 0.7})
+    tmp = Path(events[0][1])
+    assert tmp.parent == path.parent and tmp.name.startswith(".search.json.tmp-")
+    assert events == [("fsync", str(tmp)), ("rename", str(path)), ("fsync", str(path.parent))]
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads fd paths from /proc")
+def test_the_checkpoint_swap_is_fsynced(tmp_path, monkeypatch):
+    """Every file and folder of the new checkpoint before it is staged; the parent after each rename."""
+    dest = _dir(tmp_path / "ckpt", "old")
+    new = _dir(tmp_path / ".ckpt.tmp-1", "new")
+    (new / "sub").mkdir()
+    (new / "sub" / "y").write_text("y")
+    events = _spy_fsync(monkeypatch)
+    atomic_replace(new, dest)
+    staged, aside = tmp_path / ".ckpt.new", tmp_path / ".ckpt.old"
+    tree = [("fsync", str(p)) for p in (new / "sub" / "y", new / "sub", new / "x", new)]
+    renames = [("rename", str(staged)), ("rename", str(aside)), ("rename", str(dest))]
+    assert events == tree + [e for r in renames for e in (r, ("fsync", str(tmp_path)))]
+    assert (dest / "x").read_text() == "new"
+
+
+@pytest.mark.parametrize(
+    "point,file",
+    # (the generate phase's second write is the pool; its first, generate.json)
+    [
+        (f"t{ITERATIONS}/generate:mid-write#2", f"iter_00{ITERATIONS}/candidates.jsonl"),
+        ("t1/train:mid-write", "policy"),
+    ],
+)
+def test_disk_fills_mid_run_one_line_nothing_lost_then_resume(baseline, tmp_path, point, file):
+    """A write fails with ENOSPC in the middle of a run (a JSONL file of the pool; the checkpoint): one line
+    naming the file, exit 1; every file committed before is the uninterrupted run's; once the disk has room
+    again (the fault removed), `--resume` ends equal to the uninterrupted run."""
+    out, err = tmp_path / "run", tmp_path / "err.txt"
+
+    def full_disk():
+        cfg = _cfg()
+        sys.modules["bstar.cli.run"].embedded_run_config = lambda **kw: cfg  # (the child exits: nothing to undo)
+        main(["run", "--out", str(out), "--quiet"])
+
+    assert _fork(full_disk, f"{point}!ENOSPC", stderr=err) == 1
+    lines = err.read_text().splitlines()
+    what = "the checkpoint " if file == "policy" else ""
+    assert lines == [f"error: cannot write {what}{out / file}: No space left on device"]
+    assert run_dir.temporaries(out) == []
+    got, want = _contents(out), baseline["contents"]
+    records = got["iterations.jsonl"]
+    assert records == want["iterations.jsonl"][: len(records)] and records
+    # the phases' committed files (policy/, plots and report.md are replaced by later iterations)
+    phases = {k: v for k, v in got.items() if k.startswith("iter_")}
+    assert phases and {k: v for k, v in phases.items() if v != want.get(k, "missing")} == {}
+    marker = got.get("policy/iteration.json")
+    assert (marker or {}).get("iteration", 0) == len(records) - 1
+    assert _fork(_resume(out)) == 0
+    assert _contents(out) == want
+
+
+def test_records_count_the_answers_a_grading_limit_decided(tmp_path):
+    """Each grading call here reports one answer refused as too large (rewards.limited): the iteration record
+    counts them per phase and in all (`grade_limited`), and the search and generate counts are committed with
+    their phases (search.json, generate.json), so a resumed iteration records the same."""
+    out = tmp_path / "run"
+
+    def counted():
+        real = controller.grade_batch
+
+        def grade_batch(*args, stats, **kw):
+            got = real(*args, stats=stats, **kw)
+            stats["too_large"] += 1
+            return got
+
+        controller.grade_batch = grade_batch  # (the child exits: nothing to undo)
+        controller.run(dataclasses.replace(_cfg(), iterations=1), str(out))
+
+    assert _fork(counted) == 0
+    r0, r1 = controller.read_jsonl(out / "iterations.jsonl")
+    assert (r0["eval_grade_limited"], r0["grade_limited"]) == (2, 2)  # greedy and sampled evaluation
+    parts = [r1[f"{p}_grade_limited"] for p in ("search", "generate", "eval")]
+    assert parts == [2, 1, 2] and r1["grade_limited"] == 5  # a search call per temperature
+    assert controller.read_json(out / "iter_001" / "search.json")["grade_limited"] == 2
+    assert controller.read_json(out / "iter_001" / "generate.json")["grade_limited"] == 1

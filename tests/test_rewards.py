@@ -27,9 +27,10 @@ from bstar.utils.jsonl import read_jsonl
 
 
 def _slow(n):
-    """A correct answer whose check legitimately takes ~1-3 s of sympy: it passes the pre-screen,
-    so only the time limit can stop it. sympy caches results, hence a distinct n per use."""
-    return (f"The answer is $\\boxed{{(x+1)^{{{n}}}(x-1)^{{{n}}}}}$.", f"(x^2-1)^{{{n}}}")
+    """(answer, gold): a correct answer whose symbolic check takes ~1-3 s of sympy. The pre-screen refuses it
+    (a symbolic base to a power above MAX_SYMBOLIC_EXPONENT), so the time limit, the last resort behind the
+    screen, is tested on it directly (rewards._time_limited_equal). sympy caches results: a distinct n per use."""
+    return f"(x+1)^{{{n}}}(x-1)^{{{n}}}", f"(x^2-1)^{{{n}}}"
 
 
 SLOW = _slow(200)
@@ -332,10 +333,10 @@ def test_fuzz_adversarial_structure(response, gold, task):
 
 def test_time_limit_main_thread():
     t0 = time.monotonic()
-    assert grade(*SLOW, "math", timeout=SHORT) is False
+    assert rw._time_limited_equal(*SLOW, SHORT) is rw.TIMED_OUT
     assert time.monotonic() - t0 < BOUND
-    # The same check given time is True: it was the limit, not the answer, that said False.
-    assert grade(*SLOW, "math", timeout=120) is True
+    # The same check given time is True: it was the limit, not the answer, that said no.
+    assert rw._time_limited_equal(*SLOW, 120) is True
 
 
 def test_outer_alarm_is_restored():
@@ -346,7 +347,7 @@ def test_outer_alarm_is_restored():
     try:
         signal.setitimer(signal.ITIMER_REAL, 30.0)
         assert grade("\\boxed{\\frac{2}{4}}", "0.5", "math") is True
-        assert grade(*_slow(199), "math", timeout=SHORT) is False
+        assert rw._time_limited_equal(*_slow(199), SHORT) is rw.TIMED_OUT
         assert sys.unraisablehook is hook
         assert signal.getsignal(signal.SIGALRM) is not rw._on_alarm
         left, _ = signal.getitimer(signal.ITIMER_REAL)
@@ -382,19 +383,23 @@ def test_time_limit_other_thread():
 
     def limited():
         t0 = time.monotonic()
-        return grade(*SLOW, "math", timeout=SHORT), time.monotonic() - t0
+        return rw._time_limited_equal(*SLOW, SHORT), time.monotonic() - t0
 
     ok, took = _in_thread(limited)
-    assert ok is False and took < BOUND
+    assert ok is rw.TIMED_OUT and took < BOUND
     assert _in_thread(lambda: grade(PATHOLOGICAL[0], "1", "math")) is False
-    assert _in_thread(lambda: grade(*SLOW, "math", timeout=120)) is True
+    assert _in_thread(lambda: rw._time_limited_equal(*SLOW, 120)) is True
 
 
-def test_time_limit_in_worker_processes():
+def test_time_limit_in_worker_processes(monkeypatch):
     slow = _slow(203)  # (not SLOW: the retries run in this process, where other tests cached SLOW's result)
-    responses = [slow[0], "\\boxed{0.5}", slow[0], PATHOLOGICAL[1]]
+    responses = [f"\\boxed{{{slow[0]}}}", "\\boxed{0.5}", f"\\boxed{{{slow[0]}}}", PATHOLOGICAL[1]]
     golds = [slow[1], "\\frac12", slow[1], "1"]
     t0 = time.monotonic()
+    # the workers' pre-screen passes the slow answer (a bound raised in them), so only the limit stops it
+    code = "import bstar.loop.rewards as r; r.MAX_SYMBOLIC_EXPONENT = 10**4; r._worker_main()"
+    monkeypatch.setattr(rw, "_CHILD_CODE", code)
+    monkeypatch.setattr(rw, "MAX_SYMBOLIC_EXPONENT", 10**4)  # (the retries, alone, run in this process)
     stats = {}
     assert grade_batch(responses, golds, "math", workers=2, timeout=SHORT, progress=False, stats=stats) == [
         False,
@@ -402,10 +407,12 @@ def test_time_limit_in_worker_processes():
         False,
         False,
     ]
-    assert stats == {"timed_out": 2, "timed_out_twice": 2}  # retried alone once, then wrong for time
+    # retried alone once, then wrong for time; the pathological item refused as too large, not timed
+    assert stats == {"timed_out": 2, "timed_out_twice": 2, "too_large": 1}
+    assert rw.limited(stats) == 3
     # A user's own process pool (spawned workers run grade on their main thread).
     with cf.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
-        assert ex.submit(grade, *SLOW, "math", timeout=SHORT).result(timeout=120) is False
+        assert ex.submit(rw._time_limited_equal, *SLOW, SHORT).result(timeout=120) is rw.TIMED_OUT
         assert ex.submit(grade, "\\boxed{0.5}", "\\frac12", "math").result(timeout=120) is True
     print(f"\nworker-process time-limit checks: {time.monotonic() - t0:.1f}s")
 
@@ -433,7 +440,7 @@ def test_hung_worker_is_killed(monkeypatch):
     golds = ["\\frac12", "\\frac12", "7", "1+x"]
     stats = {}
     got = grade_batch(responses, golds, "math", workers=1, timeout=0.5, progress=False, stats=stats)
-    assert got == [True, True, True, True] and stats == {"timed_out": 1, "timed_out_twice": 0}
+    assert got == [True, True, True, True] and stats == {"timed_out": 1, "timed_out_twice": 0, "too_large": 0}
     assert len(_StopsOnItem.made) == 2  # the frozen worker was replaced
     assert all(w.proc.poll() is not None for w in _StopsOnItem.made)  # and none is left running
 
@@ -541,3 +548,24 @@ def test_junk_around_a_right_answer_is_graded_wrong(workers):
     assert got == [True, False, False, False, True, True]
     assert [grade(r, g, "math") for r, g in zip(responses, golds)] == got
     assert grade("#### 18\t\r\n", "18", "gsm8k") is True
+
+
+def test_work_is_bounded_by_counts_not_the_clock(shared_data):
+    """What could keep sympy busy is refused before it starts, whatever the time limit (a generous one here):
+    the verdict is the same on any machine. Every MATH500 reference answer passes the same screen."""
+    too_large = [
+        "(x+1)^{10000}",  # expands for minutes: a symbolic base to a big power
+        "(x+y+z)^{17}",
+        "(x+1)(x+2)(x+3)(x+4)(x+5)(x+6)(x+7)(x+8)(x+9)",  # more groups than MAX_GROUPS
+        "+".join(f"x_{{{k}}}" for k in range(40)),  # more operations than MAX_OPERATIONS
+    ]
+    responses = [f"\\boxed{{{a}}}" for a in too_large] + ["\\boxed{\\frac{2 \\cdot 7}{2}}", "\\boxed{(x+1)^{8}}"]
+    golds = ["1"] * len(too_large) + ["7", "(1+x)^8"]
+    t0 = time.monotonic()
+    stats = {}
+    got = grade_batch(responses, golds, "math", workers=0, timeout=60, progress=False, stats=stats)
+    assert got == [False] * len(too_large) + [True, True]
+    assert stats == {"timed_out": 0, "timed_out_twice": 0, "too_large": len(too_large)}
+    assert time.monotonic() - t0 < 30  # (the refused ones cost nothing; the two checked ones well under 1 s idle)
+    golds = [json.loads(x)["answer"] for x in (shared_data / "math500_test.jsonl").read_text().splitlines()]
+    assert [g for g in golds if not rw._is_safe(rw._gold_answer(g, "math"))] == []

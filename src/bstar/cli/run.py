@@ -87,14 +87,13 @@ def run(out, resume, compare, seeds, jobs, quiet, reward_sweep, sweep_noises, **
     try:
         if resume:
             _summary(controller.run(None, resume, resume=True, on_record=redraw))
-            return
-        if not (compare or reward_sweep):
+        elif not (compare or reward_sweep):
             _summary(controller.run(cfg, out, on_record=redraw))
-            return
+        else:
+            _compare(cfg, out, seeds, jobs or os.cpu_count() or 1, quiet, noises)
     except run_dir.RunStopped as e:  # SIGINT / SIGTERM: one line, the shell's exit status for the signal
         click.echo(str(e), err=True)
         sys.exit(e.exit_code)
-    _compare(cfg, out, seeds, jobs or os.cpu_count() or 1, quiet, noises)
 
 
 def run_config(given: dict, quiet: bool = False) -> RunConfig:
@@ -134,7 +133,7 @@ def _compare(cfg: RunConfig, out: str, seeds: int, jobs: int, quiet: bool, noise
     """Each (mode, seed) in its own one-thread process (`run --resume` of a prepared run directory), at most
     `jobs` at a time; a directory that already holds a finished run is kept as it is."""
     from bstar.embedded import EmbeddedConfig, build_assets
-    from bstar.loop import controller
+    from bstar.loop import controller, run_dir
     from bstar.results import compare
 
     controller.check_inputs(cfg)  # before any run directory is made
@@ -153,25 +152,33 @@ def _compare(cfg: RunConfig, out: str, seeds: int, jobs: int, quiet: bool, noise
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     running: list = []
     t0 = time.perf_counter()
-    while todo or running:
-        while todo and len(running) < jobs:
-            name, d = todo.pop(0)
-            cmd = [sys.executable, "-m", "bstar.cli", "run", "--resume", str(d)] + (["--quiet"] if quiet else [])
-            log = open(d / "log.txt", "a")
-            running.append((name, d, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
-            click.echo(f"{name}: started (log in {d / 'log.txt'})")
-        time.sleep(0.5)
-        for item in list(running):
-            name, d, p, log = item
-            if p.poll() is None:
-                continue
-            running.remove(item)
-            log.close()
-            if p.returncode != 0:
-                for other in running:
-                    other[2].terminate()
-                raise BStarError(f"{name} failed (exit {p.returncode}); see {d / 'log.txt'}")
-            click.echo(f"{name}: done after {time.perf_counter() - t0:.0f}s")
+    with run_dir.Forward() as fwd:  # SIGINT / SIGTERM: passed on to the runs, which stop resumably
+        while (todo and fwd.signum is None) or running:
+            while todo and fwd.signum is None and len(running) < jobs:
+                name, d = todo.pop(0)
+                cmd = [sys.executable, "-m", "bstar.cli", "run", "--resume", str(d)] + (["--quiet"] if quiet else [])
+                log = open(d / "log.txt", "a")
+                p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                fwd.children.append(p)
+                running.append((name, d, p, log))
+                click.echo(f"{name}: started (log in {d / 'log.txt'})")
+            time.sleep(0.5)
+            for item in list(running):
+                name, d, p, log = item
+                if p.poll() is None:
+                    continue
+                running.remove(item)
+                log.close()
+                if fwd.signum is not None:  # stopped (or finished meanwhile): the line below names what is left
+                    continue
+                if p.returncode != 0:
+                    for other in running:
+                        other[2].terminate()
+                    raise BStarError(f"{name} failed (exit {p.returncode}); see {d / 'log.txt'}")
+                click.echo(f"{name}: done after {time.perf_counter() - t0:.0f}s")
+    left = [d for d in runs.values() if len(compare.records(d)) < cfg.iterations + 1]
+    if fwd.signum is not None and left:  # (a signal after the last run finished: the report is still made)
+        raise fwd.stopped(left)
     summary = compare.report(out, runs)
     if noises is not None:
         from bstar.results import sweep

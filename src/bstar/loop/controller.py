@@ -51,7 +51,7 @@ from bstar.loop.config import RunConfig
 from bstar.loop.memory import run_memory_plan, train_phase
 from bstar.loop.memory_plan import DeviceMemory, MemoryPlan
 from bstar.loop.metrics import greedy_accuracy, sample_metrics, step_auc, within_question_auc
-from bstar.loop.rewards import grade_batch, has_final_answer
+from bstar.loop.rewards import grade_batch, has_final_answer, limited
 from bstar.loop.search import SearchConfig, choose_subset, search_config, search_threshold, target_size
 from bstar.loop.selection import BROKEN, BROKEN_PROB, Candidate, select
 from bstar.loop.tasks import Example, format_prompt, load_task_examples
@@ -149,7 +149,7 @@ class Controller:
         self.rank, self.world = dist_utils.world()
         self.train, self.test, self.labels = train, test, labels
         device = resolve_device(cfg.device)
-        self.sleep = cfg.sleep_engines == "on" or (cfg.sleep_engines == "auto" and device.type == "cuda")
+        self.sleep = _sleeps(cfg, device)
         # before anything loads: the plan sizes both KV caches, or refuses (MemoryPlanError, one line)
         self.plan = self._memory_plan(device, policy, prm)
         kv = {}
@@ -185,26 +185,10 @@ class Controller:
                 raise BStarError("--verifier-noise needs the built-in task's true step labels")
             self.reward = StepVerifier(labels.step_labels, cfg.verifier_noise, seed=cfg.seed)
         self._gen_tokens = 0
+        self._grade_limited = 0  # this phase's answers whose grade a limit decided (rewards.limited)
 
     def _memory_plan(self, device, policy: str, prm: str | None) -> MemoryPlan | None:
-        """The run's memory plan on a CUDA device (None elsewhere): policy and PRM engines with their
-        defaults, the trainer as _sft_config builds it, engines asleep while training if self.sleep."""
-        mem = device_memory(device)
-        if mem is None:
-            return None
-        e = EngineConfig()
-        return run_memory_plan(
-            policy,
-            prm,
-            device=mem,
-            sft=self._sft_config(1),
-            dtype=self.cfg.dtype,
-            max_num_seqs=e.max_num_seqs,
-            max_num_batched_tokens=e.max_num_batched_tokens,
-            sleep=self.sleep,
-            world_size=self.world,
-            gpu_memory_utilization=self.cfg.gpu_memory_utilization,
-        )
+        return memory_plan(self.cfg, device, policy, prm, self.world)
 
     # -- generation, grading, PRM -------------------------------------------------------------
     def _sample(self, examples: list[Example], idx: list[int], n: int, temperature: float, tag: str) -> list[dict]:
@@ -233,13 +217,16 @@ class Controller:
         correct = [False] * len(flat)
         for task in sorted({examples[i].task for i in idx}):  # one grading call per task
             ks = [k for k, i in enumerate(owner) if examples[i].task == task]
+            stats: dict = {}
             res = grade_batch(
                 [flat[k] for k in ks],
                 [examples[owner[k]].gold_answer for k in ks],
                 task,
                 workers=0 if len(ks) < 512 or self.labels is not None else None,
                 progress=cfg.progress,
+                stats=stats,
             )
+            self._grade_limited += limited(stats)
             for k, ok in zip(ks, res):
                 correct[k] = ok
         prm_scores = [[0.0] * n for _ in idx]
@@ -275,12 +262,14 @@ class Controller:
 
     def _sample_all(self, examples, idx, n, temperature, tag) -> list[dict]:
         """All ranks' records for `idx`, in query order; self._gen_tokens counts all ranks' tokens."""
-        before = self._gen_tokens
+        before, limited_before = self._gen_tokens, self._grade_limited
         mine = self._sample(
             examples, [i for j, i in enumerate(idx) if j % self.world == self.rank], n, temperature, tag
         )
-        parts = dist_utils.all_gather_json({"recs": mine, "tokens": self._gen_tokens - before})
+        limited_here = self._grade_limited - limited_before
+        parts = dist_utils.all_gather_json({"recs": mine, "tokens": self._gen_tokens - before, "limited": limited_here})
         self._gen_tokens = before + sum(p["tokens"] for p in parts)
+        self._grade_limited = limited_before + sum(p["limited"] for p in parts)
         return sorted((r for p in parts for r in p["recs"]), key=lambda r: r["query"])
 
     def _candidates(self, recs: list[dict]) -> list[list[Candidate]]:
@@ -353,7 +342,7 @@ class Controller:
         path = self._phase_file(t, "search.json")
         if path.exists():
             return read_json(path)
-        t0, self._gen_tokens = time.perf_counter(), 0
+        t0, self._gen_tokens, self._grade_limited = time.perf_counter(), 0, 0
         if cfg.mode != "bstar":
             res = {"temperature": cfg.temperature}
         else:
@@ -373,6 +362,7 @@ class Controller:
             }
         res["time_s"] = time.perf_counter() - t0
         res["gen_tokens"] = self._gen_tokens
+        res["grade_limited"] = self._grade_limited
         res["tokens_per_s"] = self._gen_tokens / max(res["time_s"], 1e-9)
         failpoint.hit("commit")
         if self.rank == 0:
@@ -384,12 +374,13 @@ class Controller:
         path = self._phase_file(t, "candidates.jsonl")
         if path.exists():
             return read_jsonl(path), read_json(self._phase_file(t, "generate.json"))
-        t0, self._gen_tokens = time.perf_counter(), 0
+        t0, self._gen_tokens, self._grade_limited = time.perf_counter(), 0, 0
         recs = self._sample_all(self.train, self.queries(t), self.cfg.num_samples, temperature, f"generate-{t}")
         if self.cfg.rationalize and self.cfg.mode == "star":
             recs = self._rationalize(t, recs)
         dt = time.perf_counter() - t0
         info = {"time_s": dt, "gen_tokens": self._gen_tokens, "tokens_per_s": self._gen_tokens / max(dt, 1e-9)}
+        info["grade_limited"] = self._grade_limited
         failpoint.hit("commit")
         if self.rank == 0:
             atomic_write_json(self._phase_file(t, "generate.json"), info)
@@ -459,23 +450,8 @@ class Controller:
         return out
 
     def _sft_config(self, t: int) -> SFTConfig:
-        cfg = self.cfg
-        return SFTConfig(
-            lr=cfg.lr,
-            steps=cfg.train_steps,
-            schedule_steps=cfg.train_steps if cfg.restart_from_base else cfg.train_steps * cfg.iterations,
-            batch_examples=cfg.batch_size,
-            micro_batch_tokens=max(4096, cfg.max_seq_len),
-            max_seq_len=cfg.max_seq_len,
-            warmup_ratio=cfg.warmup_ratio,
-            min_lr_ratio=cfg.min_lr_ratio,
-            betas=REFERENCE_BETAS,
-            seed=_seed(cfg.seed, "train", t) % (1 << 31),
-            progress=cfg.progress,
-            metrics_path=str(self._phase_file(t, "train_metrics.jsonl")) if self.rank == 0 else None,
-            device=None if cfg.device == "auto" else cfg.device,
-            offload_optimizer=cfg.offload_optimizer,
-        )
+        metrics = str(self._phase_file(t, "train_metrics.jsonl")) if self.rank == 0 else None
+        return sft_config(self.cfg, t, metrics)
 
     def _policy_marker(self) -> dict | None:
         """policy/iteration.json: {"iteration": the iteration whose train phase committed the policy, "train":
@@ -601,7 +577,7 @@ class Controller:
         """Greedy accuracy on all eval queries; Pass@1 / Pass@K / Reward@K / exploration and the PRM's
         quality from eval_k samples of the first eval_sample_queries."""
         cfg = self.cfg
-        t0, self._gen_tokens = time.perf_counter(), 0
+        t0, self._gen_tokens, self._grade_limited = time.perf_counter(), 0, 0
         idx = list(range(len(self.test)))
         if 0 < t < cfg.iterations and cfg.mid_eval_queries:
             idx = idx[: cfg.mid_eval_queries]
@@ -623,6 +599,7 @@ class Controller:
         )
         m.update(self._truth(self.test, sampled, ""))
         m.update(self._reward_axis(sampled))
+        m["eval_grade_limited"] = self._grade_limited
         m["eval_time_s"] = time.perf_counter() - t0
         m["eval_tokens_per_s"] = self._gen_tokens / max(m["eval_time_s"], 1e-9)
         failpoint.hit("commit")
@@ -638,6 +615,8 @@ class Controller:
 
     def _record(self, t: int, rec: dict):
         """The record phase (iterations.jsonl, the manifest: it commits iteration t), then the report."""
+        # answers whose grade a limit decided, over the iteration's phases (search, generate, evaluate)
+        rec["grade_limited"] = sum(v for k, v in rec.items() if k.endswith("_grade_limited"))
         with self._phase(t, "record"):
             failpoint.hit("commit")
             if self.rank == 0:
@@ -679,6 +658,7 @@ class Controller:
             search_balance_score=s.get("balance_score"),
             search_cap=s.get("cap"),
             search_gen_tokens=s["gen_tokens"],
+            search_grade_limited=s.get("grade_limited", 0),
             search_time_s=s["time_s"],
             search_tokens_per_s=s["tokens_per_s"],
         )
@@ -686,6 +666,7 @@ class Controller:
             recs, g = self.generate(t, s["temperature"])
         rec.update(
             generate_gen_tokens=g["gen_tokens"],
+            generate_grade_limited=g.get("grade_limited", 0),
             generate_time_s=g["time_s"],
             generate_tokens_per_s=g["tokens_per_s"],
         )
@@ -756,6 +737,53 @@ class Controller:
         print("  ".join(cells), flush=True)
 
 
+def sft_config(cfg: RunConfig, t: int, metrics_path: str | None = None) -> SFTConfig:
+    """Iteration t's trainer config (its data order's seed from (run seed, t)); metrics to metrics_path."""
+    return SFTConfig(
+        lr=cfg.lr,
+        steps=cfg.train_steps,
+        schedule_steps=cfg.train_steps if cfg.restart_from_base else cfg.train_steps * cfg.iterations,
+        batch_examples=cfg.batch_size,
+        micro_batch_tokens=max(4096, cfg.max_seq_len),
+        max_seq_len=cfg.max_seq_len,
+        warmup_ratio=cfg.warmup_ratio,
+        min_lr_ratio=cfg.min_lr_ratio,
+        betas=REFERENCE_BETAS,
+        seed=_seed(cfg.seed, "train", t) % (1 << 31),
+        progress=cfg.progress,
+        metrics_path=metrics_path,
+        device=None if cfg.device == "auto" else cfg.device,
+        offload_optimizer=cfg.offload_optimizer,
+    )
+
+
+def _sleeps(cfg: RunConfig, device: torch.device) -> bool:
+    """Whether the engines sleep while the trainer holds the device."""
+    return cfg.sleep_engines == "on" or (cfg.sleep_engines == "auto" and device.type == "cuda")
+
+
+def memory_plan(cfg: RunConfig, device: torch.device, policy: str, prm: str | None, world: int) -> MemoryPlan | None:
+    """The run's memory plan on a CUDA device (None elsewhere), or MemoryPlanError (one line) when the run
+    cannot fit: policy and PRM engines with their defaults, the trainer as sft_config builds it, engines
+    asleep while training when they sleep. Pure: it reads the checkpoints' configs, writes nothing."""
+    mem = device_memory(device)
+    if mem is None:
+        return None
+    e = EngineConfig()
+    return run_memory_plan(
+        policy,
+        prm,
+        device=mem,
+        sft=sft_config(cfg, 1),
+        dtype=cfg.dtype,
+        max_num_seqs=e.max_num_seqs,
+        max_num_batched_tokens=e.max_num_batched_tokens,
+        sleep=_sleeps(cfg, device),
+        world_size=world,
+        gpu_memory_utilization=cfg.gpu_memory_utilization,
+    )
+
+
 # -- entry points ---------------------------------------------------------------------------
 
 
@@ -792,17 +820,31 @@ def _check_resumable(out: str) -> None:
 
 
 def check_inputs(cfg: RunConfig) -> tuple[list[Example], list[Example]] | None:
-    """What a new run reads, checked before its directory is made: the device, the checkpoints' configs
-    and (with --model) the data files, which it returns."""
+    """What a new run reads, checked before its directory is made: the device, the checkpoints' configs,
+    (with --model) the data files, which it returns, and on a GPU the memory need against the device."""
     from bstar.engine.config import ModelConfig, resolve_device
 
-    resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     for path in (cfg.model, cfg.prm):
         if path is not None:
             if not Path(path).is_dir():
                 raise BStarError(f"model directory {path} does not exist")
             ModelConfig.from_dir(path)
-    return None if cfg.model is None else _load_data(cfg)
+    data = None if cfg.model is None else _load_data(cfg)
+    if device_memory(device) is not None:  # the memory need against the device (MemoryPlanError: one line)
+        memory_plan(cfg, device, *_models(cfg), dist_utils.world()[1])
+    return data
+
+
+def _models(cfg: RunConfig) -> tuple[str, str | None]:
+    """(starting policy, PRM) checkpoint dirs of a new run: --model / --prm, or the built-in task's (built
+    into the cache, outside any run directory, when not there yet)."""
+    if cfg.model is not None:
+        return cfg.model, cfg.prm
+    from bstar.embedded import EmbeddedConfig, build_assets
+
+    assets = build_assets(EmbeddedConfig.preset(cfg.embedded_preset), progress=cfg.progress)
+    return str(assets.policy_path), str(assets.prm_path)
 
 
 def prepare_out_dir(out: str, cfg: RunConfig | None, resume: bool) -> RunConfig:
