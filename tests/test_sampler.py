@@ -519,7 +519,7 @@ def test_to_device_packed_one_copy_aligned_segments(monkeypatch):
 
 @pytest.mark.parametrize("kernels_path", ["torch", "triton"])
 @pytest.mark.parametrize("mode", ["raw_logprobs", "processed_logprobs"])
-def test_a_rows_draw_does_not_depend_on_its_batch_or_the_kept_filters(mode, kernels_path, monkeypatch):
+def test_a_rows_draw_does_not_depend_on_its_batch_or_the_kept_filters(mode, kernels_path):
     """Random batches mixing the three ways rows carry their filter values (one shared SamplingParams,
     equal values in separate objects, values of their own), drawn with one filters cache across all of
     them: every row draws the token, value and logprobs entry it draws alone without the cache (on the
@@ -529,7 +529,7 @@ def test_a_rows_draw_does_not_depend_on_its_batch_or_the_kept_filters(mode, kern
     if kernels_path == "triton":
         if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
             pytest.skip("Triton kernels on CPU tensors need TRITON_INTERPRET=1")
-        monkeypatch.setenv("BSTAR_KERNELS", "triton")
+    triton = kernels_path == "triton"
 
     rng = random.Random(7)
     V, cache = 64, {}
@@ -555,9 +555,11 @@ def test_a_rows_draw_does_not_depend_on_its_batch_or_the_kept_filters(mode, kern
             params = [fresh() for _ in range(R)]
         logits = torch.randn(R, V, generator=torch.Generator().manual_seed(rng.randrange(1 << 30))) * 3
         seeds = [rng.randrange(1 << 62) for _ in range(R)]
-        tokens, values, entries = draw_rows(logits, params, seeds, [[]] * R, None, mode, filters=cache).host()
+        tokens, values, entries = draw_rows(logits, params, seeds, [[]] * R, None, mode, filters=cache, triton=triton).host()
         for r in range(R):
-            t, v, e = draw_rows(logits[r : r + 1], params[r : r + 1], seeds[r : r + 1], [[]], None, mode).host()
+            t, v, e = draw_rows(
+                logits[r : r + 1], params[r : r + 1], seeds[r : r + 1], [[]], None, mode, triton=triton
+            ).host()
             assert t == tokens[r : r + 1], (kind, r)
             assert v[0] == pytest.approx(values[r], abs=1e-5)
             assert (e[0] is None) == (entries[r] is None)

@@ -55,9 +55,10 @@ def position_seed(candidate_base: int, position: int) -> int:
 class Sampler:
     """Draws the next token of each candidate of a step."""
 
-    def __init__(self, eos_ids: set[int], logprobs_mode: str = "raw_logprobs"):
+    def __init__(self, eos_ids: set[int], logprobs_mode: str = "raw_logprobs", triton: bool | None = None):
         self.eos_ids = eos_ids  # banned, with params.stop_token_ids, until params.min_tokens
         self.logprobs_mode = logprobs_mode
+        self.triton = triton  # the kernel backend the engine chose (ModelRunner.triton); None: the logits' device
         self._filters: dict = {}  # the last shared-values step's filter tensors (draw_rows' `filters` cache)
         self.masks = None  # runner.logit_masks.LogitMasks: vLLM's per-request masks and bias (set by the engine)
         self.penalties: PenaltyState | None = None  # the penalised sequences' token counts, made at first use
@@ -90,6 +91,7 @@ class Sampler:
             filters=self._filters,
             masked=masked,
             penalties=state,
+            triton=self.triton,
         )
 
     def _banned(self, s: Sequence) -> list[int]:
@@ -259,6 +261,7 @@ def draw_rows(
     filters: dict | None = None,
     masked=None,
     penalties: PenaltyState | None = None,
+    triton: bool | None = None,
 ):
     """logits float32 [R, V]; one SamplingParams, seed and banned-id list per row; `penalised`:
     the sequences of the rows whose params have penalties (None when no row has them), in row order.
@@ -268,6 +271,7 @@ def draw_rows(
     Rows with different filter values send them with the seeds in one packed copy. `masked`: applies vLLM's
     per-request masks and bias in place (runner/logit_masks.py), after the bans, before the penalties.
     `penalties`: the PenaltyState that keeps the penalised sequences' counts between steps (None: counted afresh).
+    `triton`: the sampling kernel's backend (kernels.dispatch; None: the logits' device).
 
     Returns the Draw (device tensors; Draw.host() gives the lists)."""
     dev = logits.device
@@ -335,10 +339,10 @@ def draw_rows(
             plan=filter_plan(*zip(*eff), V=logits.shape[1]),  # from the host values: no wait for the device
         )
         tokens, logprobs = kernels.sample(
-            proc, torch.where(greedy, torch.zeros_like(one), one), top_k * 0, one, min_p * 0, seed_t
+            proc, torch.where(greedy, torch.zeros_like(one), one), top_k * 0, one, min_p * 0, seed_t, triton=triton
         )
     else:
-        tokens, logprobs = kernels.sample(logits, temperature, top_k, top_p, min_p, seed_t)
+        tokens, logprobs = kernels.sample(logits, temperature, top_k, top_p, min_p, seed_t, triton=triton)
         if logits is not raw:  # the kernel's logprob is of the banned / penalised logits
             logprobs = raw.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(raw, dim=-1)
     # Each row's value (what cumulative_logprob sums) is the mode's value of its token, whether or not

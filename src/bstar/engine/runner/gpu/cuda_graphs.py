@@ -192,6 +192,7 @@ def warm_up_kernels(runner, sample_rows: int = 256):
                 ones,
                 torch.zeros(rows, device=dev),
                 torch.arange(rows, device=dev),
+                triton=True,
             )
     inputs.fill_padding(1)
     ids, pos, meta = inputs.bucket_meta(1)
