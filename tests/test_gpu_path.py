@@ -547,6 +547,7 @@ def no_host_sync(staging: bool = False):
             (torch.Tensor, "pin_memory"),
             (bstar.kernels.host, "to_device"),
             (bstar.kernels.host, "to_device_packed"),
+            (bstar.kernels.host, "to_device_segments"),
         )
         targets.update(dict.fromkeys(staged))
     saved = [(obj, name, when, obj.__dict__.get(name), getattr(obj, name)) for (obj, name), when in targets.items()]
@@ -640,7 +641,7 @@ def test_decode_step_stages_host_memory_twice(tiny, triton_path, monkeypatch):
     import bstar.kernels.host
 
     staged = []
-    for name in ("to_device", "to_device_packed"):
+    for name in ("to_device", "to_device_packed", "to_device_segments"):
         real = getattr(bstar.kernels.host, name)
 
         def counted(*args, _real=real, **kwargs):

@@ -368,8 +368,8 @@ def test_engine_kv_sizing_on_cuda_sets_aside_activations_and_the_graph_pool(monk
     import types
 
     from bstar.engine.config import EngineConfig
-    from bstar.engine.runner.memory_plan import decode_graph_pool_bytes
     from bstar.engine.runner.gpu.runner import GpuRunner
+    from bstar.engine.runner.memory_plan import decode_graph_pool_bytes
 
     r = object.__new__(GpuRunner)  # (its __init__ would allocate on the device)
     r.mcfg, r.max_model_len, r.block_size = mcfg("qwen2.5-0.5b"), 2048, 16

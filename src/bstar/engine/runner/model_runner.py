@@ -43,7 +43,7 @@ from bstar.engine.runner.memory_plan import (
     unique_storage_bytes,
 )
 from bstar.engine.runner.sampler import sample_rows
-from bstar.kernels.host import HostBuffer, to_device
+from bstar.kernels.host import HostBuffer, index_pairs, to_device_segments
 
 
 def device_guard(device: torch.device):
@@ -199,8 +199,7 @@ class ModelRunner:
     def copy_blocks(self, copies: list[tuple[int, int]]):
         """Copy whole blocks (src, dst) of every layer's K and V (copy-on-write)."""
         if copies:
-            idx = to_device([s for s, _ in copies] + [d for _, d in copies], torch.int64, self.device)
-            src, dst = idx[: len(copies)], idx[len(copies) :]
+            src, dst = index_pairs([s for s, _ in copies], [d for _, d in copies], self.device)
             self.kv[:, :, dst] = self.kv[:, :, src]
 
     def read_kv(self) -> torch.Tensor:
@@ -329,9 +328,8 @@ class ModelRunner:
         into prompt_logprobs in slices, so a long prompt never holds [tokens, vocab] logits at once."""
         h, last_rows = self.hidden_states(batch)
         sampled = [last_rows[r] for r in batch.sampled]
-        idx = to_device(sampled + prompt_rows, torch.int64, self.device)  # (one pinned, non-blocking copy)
-        if sampled:
-            logits = self.model.compute_logits(h[idx[: len(sampled)]]).float()
-        else:
-            logits = self.no_logits()
-        return logits, h[idx[len(sampled) :]]
+        rows = to_device_segments(
+            {"sampled": (sampled, torch.int64), "prompt": (prompt_rows, torch.int64)}, self.device
+        )
+        logits = self.model.compute_logits(h[rows["sampled"]]).float() if sampled else self.no_logits()
+        return logits, h[rows["prompt"]]
