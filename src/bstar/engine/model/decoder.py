@@ -128,7 +128,7 @@ class CausalLM(nn.Module):
             )
 
     def set_backend(self, backend: AttentionBackend):
-        """Run every layer on `backend` (chosen once, when the engine is built: ModelRunner)."""
+        """Run every layer on `backend` (chosen once, when the engine is built: the runner sets it)."""
         for m in self.modules():
             if isinstance(m, Attention):
                 m.backend = backend
