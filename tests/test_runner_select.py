@@ -83,6 +83,16 @@ def test_the_cpu_engine_chooses_once_and_ignores_the_environment_after(tiny, mon
         assert not launched
     assert len(calls) == 1 and type(llm.engine.runner) is CpuRunner
     assert not llm.engine.model.backend.triton and llm.engine.sampler.triton is False
+    _one_backend(llm.engine.model)
+
+
+def _one_backend(model):
+    """Every attention layer holds the one backend object; the norms and MLPs follow its kernels."""
+    from bstar.engine.model.decoder import MLP, Attention, RMSNorm
+
+    backend = model.backend
+    assert all(m.backend is backend for m in model.modules() if isinstance(m, Attention))
+    assert all(m.triton is backend.triton for m in model.modules() if isinstance(m, (MLP, RMSNorm)))
 
 
 @needs_interpreter
@@ -93,6 +103,7 @@ def test_the_triton_engine_keeps_its_backend_when_the_environment_changes(tiny, 
     monkeypatch.setenv("BSTAR_KERNELS", "triton")
     llm = LLM(tiny, dtype="float32", device="cpu", max_num_seqs=4)
     assert type(llm.engine.runner) is GpuRunner and llm.engine.model.backend.triton and llm.engine.sampler.triton
+    _one_backend(llm.engine.model)
     monkeypatch.setenv("BSTAR_KERNELS", "torch")
     with record_variants() as launched:
         assert _tokens(llm) == want
