@@ -412,7 +412,7 @@ def test_write_back_keeps_the_cache_whole(tiny, monkeypatch):
 def test_prompt_forward_right_after_write_back_reads_the_written_tokens(tiny):
     """A request's last decode steps leave their K/V only in the cascade buffers (write-back). A
     prompt forward that follows at once and takes those blocks from the prefix cache must see them
-    (ModelRunner.prepare flushes before a forward without torch-path decode rows)."""
+    (CpuRunner.prepare flushes before a forward without decode rows)."""
     from bstar.engine.config import EngineConfig
     from bstar.engine.core.llm_engine import LLMEngine
 

@@ -291,9 +291,13 @@ def test_prm_scoring_on_the_gpu_path_compiles_nothing_after_start_up(tmp_path_fa
 
 
 def test_cpu_default_path_untouched(tiny):
-    """Without BSTAR_KERNELS the CPU engine keeps its torch path: no persistent inputs, no buckets."""
+    """Without BSTAR_KERNELS the CPU engine keeps its torch path: the CPU runner (no persistent inputs, no
+    buckets), torch attention."""
+    from bstar.engine.runner.cpu.runner import CpuRunner
+
     llm = LLM(tiny["llama"], dtype="float32", device="cpu")
-    assert llm.engine.runner.inputs is None and llm.engine.runner.graphs is None
+    assert type(llm.engine.runner) is CpuRunner and not hasattr(llm.engine.runner, "graphs")
+    assert not llm.engine.model.backend.triton and not llm.engine.sampler.triton
 
 
 def test_kernel_variants_do_not_depend_on_batch_size():
@@ -543,6 +547,7 @@ def no_host_sync(staging: bool = False):
             (torch.Tensor, "pin_memory"),
             (bstar.kernels.host, "to_device"),
             (bstar.kernels.host, "to_device_packed"),
+            (bstar.kernels.host, "to_device_segments"),
         )
         targets.update(dict.fromkeys(staged))
     saved = [(obj, name, when, obj.__dict__.get(name), getattr(obj, name)) for (obj, name), when in targets.items()]
@@ -636,7 +641,7 @@ def test_decode_step_stages_host_memory_twice(tiny, triton_path, monkeypatch):
     import bstar.kernels.host
 
     staged = []
-    for name in ("to_device", "to_device_packed"):
+    for name in ("to_device", "to_device_packed", "to_device_segments"):
         real = getattr(bstar.kernels.host, name)
 
         def counted(*args, _real=real, **kwargs):

@@ -147,16 +147,13 @@ def test_decode_triton_bf16_gpu(splits):
 
 
 def test_decode_default_tiles_and_dispatcher(monkeypatch):
-    """Default tile sizes and split heuristic, reached through the public dispatcher."""
+    """Default tile sizes and split heuristic, reached through the public dispatcher (the backend passed
+    explicitly, as the engine passes it; the environment is never read per call)."""
     q, k, v, table, seq = decode_case(3, 8, 2, 64, 16, torch.float32, 3, lens=[100, 7, 300])
-    monkeypatch.setenv("BSTAR_KERNELS", "triton")
-    got = paged_decode_attention(q, k, v, table, seq)
-    monkeypatch.setenv("BSTAR_KERNELS", "torch")
-    want = paged_decode_attention(q, k, v, table, seq)
+    monkeypatch.setenv("BSTAR_KERNELS", "bogus")  # (a wrapper would raise if it read it)
+    got = paged_decode_attention(q, k, v, table, seq, triton=True)
+    want = paged_decode_attention(q, k, v, table, seq, triton=False)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
-    monkeypatch.setenv("BSTAR_KERNELS", "bogus")
-    with pytest.raises(ValueError, match="BSTAR_KERNELS"):
-        paged_decode_attention(q, k, v, table, seq)
 
 
 def test_attention_64bit_offset_path(monkeypatch):
@@ -803,14 +800,14 @@ def test_rope_store_kv(dtype, hq, hkv, d, qk_norm):
             assert (tq == rq).float().mean() > 0.99 and (tkv == rkv).float().mean() > 0.99
 
 
-def test_rope_store_kv_dispatch_casts_and_errors(monkeypatch):
-    """The dispatcher follows BSTAR_KERNELS; a cache of another dtype gets k and v cast as store_kv
+def test_rope_store_kv_dispatch_casts_and_errors():
+    """The dispatcher follows its triton argument; a cache of another dtype gets k and v cast as store_kv
     casts them; contiguous inputs and T = 0 work; bad input is one clear line from the wrapper."""
     q, k, v, slots, pos, cos_sin, (wq, wk) = rope_store_case(6, 2, 24, torch.float16, 3, True)
-    for name in ("triton", "torch"):
-        monkeypatch.setenv("BSTAR_KERNELS", name)
+    for triton in (True, False):
         kv = torch.zeros(2, 6, 4, 2, 24, dtype=torch.float32, device=DEV)  # fp32 cache, fp16 activations
-        got = rope_store_kv(q.contiguous(), k.contiguous(), v.contiguous(), kv[0], kv[1], slots, pos, cos_sin, wq, wk)
+        qc, kc, vc = q.contiguous(), k.contiguous(), v.contiguous()
+        got = rope_store_kv(qc, kc, vc, kv[0], kv[1], slots, pos, cos_sin, wq, wk, triton=triton)
         kr = torch.zeros_like(kv)
         want = rope_store_kv_ref(q, k, v, kr[0], kr[1], slots, pos, cos_sin, wq, wk)
         torch.testing.assert_close(got.float(), want.float(), atol=1e-3, rtol=1e-3)
@@ -926,9 +923,9 @@ def test_silu_and_mul(dtype, T, I):
             torch.testing.assert_close(got.float(), ref.float(), atol=1e-6, rtol=2e-2)
 
 
-def test_silu_and_mul_shapes_dispatch_and_errors(monkeypatch):
+def test_silu_and_mul_shapes_dispatch_and_errors():
     """Leading dims are kept, a transposed (column-strided) input is copied rather than misread,
-    empty inputs give empty outputs, the dispatcher follows BSTAR_KERNELS, and an odd last dim or an
+    empty inputs give empty outputs, the dispatcher follows its triton argument, and an odd last dim or an
     integer tensor is one clear line from both paths."""
     gen = torch.Generator().manual_seed(11)
     x = torch.randn(2, 3, 40, generator=gen).to(DEV)
@@ -937,10 +934,8 @@ def test_silu_and_mul_shapes_dispatch_and_errors(monkeypatch):
     xt = torch.randn(40, 5, generator=gen).to(DEV).t()  # [5, 40] with stride(-1) == 5
     torch.testing.assert_close(silu_and_mul_triton(xt), silu_and_mul_ref(xt), atol=0, rtol=1e-6)
     assert silu_and_mul_triton(x[:0]).shape == (0, 3, 20)
-    monkeypatch.setenv("BSTAR_KERNELS", "triton")
-    torch.testing.assert_close(silu_and_mul(xt), silu_and_mul_ref(xt), atol=0, rtol=1e-6)
-    monkeypatch.setenv("BSTAR_KERNELS", "torch")
-    assert torch.equal(silu_and_mul(xt), silu_and_mul_ref(xt))
+    torch.testing.assert_close(silu_and_mul(xt, triton=True), silu_and_mul_ref(xt), atol=0, rtol=1e-6)
+    assert torch.equal(silu_and_mul(xt, triton=False), silu_and_mul_ref(xt))
     for bad in (torch.randn(3, 7), torch.zeros(3, 8, dtype=torch.int32), torch.tensor(1.0)):
         for fn in (silu_and_mul_ref, silu_and_mul_triton):
             with pytest.raises(ValueError, match=r"silu_and_mul needs a floating-point \[\.\.\., 2 \* I\]") as e:

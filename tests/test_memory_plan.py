@@ -361,18 +361,17 @@ def test_profile_step_for_every_head(tmp_path, head):
 
 @pytest.mark.parametrize("enforce_eager", [False, True])
 def test_engine_kv_sizing_on_cuda_sets_aside_activations_and_the_graph_pool(monkeypatch, enforce_eager):
-    """ModelRunner._auto_num_blocks' CUDA branch, on CPU with the allocator's readings faked: the activation
+    """GpuRunner._auto_num_blocks' CUDA branch, on CPU with the allocator's readings faked: the activation
     peak is read on the second profiling step (the first compiles and autotunes, and the autotuner's
     benchmark allocates a 256 MB flush buffer), and the decode graphs' pool estimated at the device's SM count
     is set aside beside it, unless enforce_eager (then no graph is captured)."""
     import types
 
     from bstar.engine.config import EngineConfig
+    from bstar.engine.runner.gpu.runner import GpuRunner
     from bstar.engine.runner.memory_plan import decode_graph_pool_bytes
-    from bstar.engine.runner.model_runner import ModelRunner
 
-    monkeypatch.delenv("BSTAR_KERNELS", raising=False)
-    r = object.__new__(ModelRunner)  # (its __init__ would allocate on the device)
+    r = object.__new__(GpuRunner)  # (its __init__ would allocate on the device)
     r.mcfg, r.max_model_len, r.block_size = mcfg("qwen2.5-0.5b"), 2048, 16
     r.ecfg = EngineConfig(max_num_seqs=64, gpu_memory_utilization=0.02, enforce_eager=enforce_eager)
     r.device, r.dtype = torch.device("cuda"), torch.bfloat16

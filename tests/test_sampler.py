@@ -468,17 +468,17 @@ def test_filter_tensors_shared_by_rows_with_equal_values():
     assert draw(own, [7, 8, 9], filters=cache) == draw([one] * 3, [7, 8, 9]) and next(iter(cache.values())) is kept
 
     packed = []
-    real = sampler.to_device_packed
+    real = sampler.to_device_segments
     mixed = [
         SamplingParams(temperature=0.5, top_k=3),
         SamplingParams(temperature=1.2, top_p=0.8, min_p=0.1),
         SamplingParams(temperature=0.0),
     ]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sampler, "to_device_packed", lambda cols, dev: packed.append(cols) or real(cols, dev))
+        mp.setattr(sampler, "to_device_segments", lambda layout, dev: packed.append(layout) or real(layout, dev))
         tokens, values, _ = draw(mixed, [11, 12, 13])
     columns = [[11, 12, 13], [0.5, 1.2, 0.0], [3, -1, -1], [1.0, 0.8, 1.0], [0.0, 0.1, 0.0]]
-    assert len(packed) == 1 and [list(c) for c, _ in packed[0]] == columns
+    assert len(packed) == 1 and [list(c) for c, _ in packed[0].values()] == columns
     for r, p in enumerate(mixed):  # each row as drawn alone (its own values, not a neighbour's)
         t, v, _ = draw([p], [11 + r], rows=slice(r, r + 1))
         assert t == tokens[r : r + 1] and v == pytest.approx(values[r : r + 1], abs=1e-6)
@@ -517,9 +517,31 @@ def test_to_device_packed_one_copy_aligned_segments(monkeypatch):
     assert [fake.read(t) for t in out] == [list(v) for v, _ in cols] and ring_event.query()
 
 
+def test_named_segments_and_index_pairs():
+    """to_device_segments: each name's values back exactly, in its dtype, views of one buffer (to_device_packed's
+    copy); index_pairs: two lists of one length as two tensors, and lists of two lengths refused."""
+    from bstar.kernels.host import index_pairs, to_device_segments
+
+    layout = {
+        "tokens": ([3, 1, 4, 1, 5, 9], torch.int64),
+        "empty": ([], torch.int64),
+        "lens": ([2, 7, 1], torch.int32),
+        "p": ([0.25, -1.5], torch.float32),
+    }
+    seg = to_device_segments(layout, "cpu")
+    assert list(seg) == list(layout)
+    assert {k: (t.tolist(), t.dtype) for k, t in seg.items()} == {k: (list(v), d) for k, (v, d) in layout.items()}
+    assert len({t.untyped_storage().data_ptr() for t in seg.values()}) == 1
+    rows, cols = index_pairs([0, 2, 2], [5, 1, 7], "cpu")
+    assert rows.tolist() == [0, 2, 2] and cols.tolist() == [5, 1, 7] and rows.dtype == torch.int64
+    assert [t.numel() for t in index_pairs([], [], "cpu")] == [0, 0]
+    with pytest.raises(ValueError, match="index_pairs needs lists of one length, got 2 and 1"):
+        index_pairs([1, 2], [3], "cpu")
+
+
 @pytest.mark.parametrize("kernels_path", ["torch", "triton"])
 @pytest.mark.parametrize("mode", ["raw_logprobs", "processed_logprobs"])
-def test_a_rows_draw_does_not_depend_on_its_batch_or_the_kept_filters(mode, kernels_path, monkeypatch):
+def test_a_rows_draw_does_not_depend_on_its_batch_or_the_kept_filters(mode, kernels_path):
     """Random batches mixing the three ways rows carry their filter values (one shared SamplingParams,
     equal values in separate objects, values of their own), drawn with one filters cache across all of
     them: every row draws the token, value and logprobs entry it draws alone without the cache (on the
@@ -529,7 +551,7 @@ def test_a_rows_draw_does_not_depend_on_its_batch_or_the_kept_filters(mode, kern
     if kernels_path == "triton":
         if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
             pytest.skip("Triton kernels on CPU tensors need TRITON_INTERPRET=1")
-        monkeypatch.setenv("BSTAR_KERNELS", "triton")
+    triton = kernels_path == "triton"
 
     rng = random.Random(7)
     V, cache = 64, {}
@@ -555,9 +577,12 @@ def test_a_rows_draw_does_not_depend_on_its_batch_or_the_kept_filters(mode, kern
             params = [fresh() for _ in range(R)]
         logits = torch.randn(R, V, generator=torch.Generator().manual_seed(rng.randrange(1 << 30))) * 3
         seeds = [rng.randrange(1 << 62) for _ in range(R)]
-        tokens, values, entries = draw_rows(logits, params, seeds, [[]] * R, None, mode, filters=cache).host()
+        draw = draw_rows(logits, params, seeds, [[]] * R, None, mode, filters=cache, triton=triton)
+        tokens, values, entries = draw.host()
         for r in range(R):
-            t, v, e = draw_rows(logits[r : r + 1], params[r : r + 1], seeds[r : r + 1], [[]], None, mode).host()
+            t, v, e = draw_rows(
+                logits[r : r + 1], params[r : r + 1], seeds[r : r + 1], [[]], None, mode, triton=triton
+            ).host()
             assert t == tokens[r : r + 1], (kind, r)
             assert v[0] == pytest.approx(values[r], abs=1e-5)
             assert (e[0] is None) == (entries[r] is None)

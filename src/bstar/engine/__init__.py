@@ -11,11 +11,13 @@ A prompt's path through the folders:
                         block_manager.py (shared prompt blocks, prefix cache, copy-on-write)
                      4. output_processor.py: stop rules, then RequestOutputs
                    prompt_forward.py runs prompts without sampling (compute_logits, PRM)
-    runner/        2. run and 3. sample: model_runner.py owns the paged KV cache and runs the decoder;
-                   sampler.py draws (seeds, penalties, filters, logprobs); cpu/ keeps the CPU decode
-                   path's state, gpu/ the Triton path's step inputs and CUDA graphs; memory_plan.py
-                   sizes the KV cache
-    model/         the checkpoint: decoder.py (the network, its kernels from bstar.kernels),
+    runner/        2. run and 3. sample: model_runner.py is the runner interface (it owns the paged KV
+                   cache and runs the decoder); runners.py picks, once when the engine is built, the
+                   CPU runner (cpu/: torch references, the decode state kept across steps) or the GPU
+                   runner (gpu/: Triton kernels, step inputs, CUDA graphs); sampler.py draws (seeds,
+                   penalties, filters, logprobs); memory_plan.py sizes the KV cache
+    model/         the checkpoint: decoder.py (the network, its kernels from bstar.kernels; attention
+                   on the runner's backend, attention_backend.py),
                    loader.py (safetensors), tokenizer.py, linear.py (the CPU GEMM per machine)
     compat/        vllm.py: vLLM's keywords and the handles RL loops reach into
     config.py      EngineConfig (and the checkpoint's ModelConfig); errors.py: the engine's errors

@@ -33,7 +33,7 @@ from bstar.engine.model.loader import generation_eos_ids, iter_weights
 from bstar.engine.model.tokenizer import load_tokenizer
 from bstar.engine.runner.logit_masks import LogitMasks
 from bstar.engine.runner.memory_plan import SLEEP_TAGS, engine_max_model_len
-from bstar.engine.runner.model_runner import ModelRunner
+from bstar.engine.runner.runners import build_runner
 from bstar.engine.runner.sampler import (
     Draw,
     Sampler,
@@ -88,10 +88,10 @@ class LLMEngine:
         net = build_model(self.mcfg, self.dtype, self.device)
         net.load_weights(iter_weights(model))
         self.model = net.eval().requires_grad_(False)
-        self.runner = ModelRunner(net, self.mcfg, self.ecfg, self.max_model_len, self.device, self.dtype)
+        self.runner = build_runner(net, self.mcfg, self.ecfg, self.max_model_len, self.device, self.dtype)
         self.block_manager = BlockManager(self.runner.num_blocks, self.ecfg.block_size, self.ecfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.ecfg, self.block_manager)
-        self.sampler = Sampler(self.eos_ids, self.ecfg.logprobs_mode)
+        self.sampler = Sampler(self.eos_ids, self.ecfg.logprobs_mode, triton=self.runner.triton)
         # vLLM's primary EOS (the tokenizer's) ends with stop_reason None; the others give their id.
         primary_eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
         self.output_processor = OutputProcessor(self.tokenizer, self.eos_ids, self.max_model_len, primary_eos)
@@ -244,7 +244,7 @@ class LLMEngine:
         self.scheduler.preempt_all()
         self.block_manager.reset_prefix_cache()
         self.prompt_logprobs.forget()
-        self.runner.cpu_decode.release()
+        self.runner.release_decode_state()
 
     def fail_request(self, request_id: str, message: str) -> RequestOutput | None:
         """Finish a request with an error: its unfinished candidates end with finish_reason "error", its
