@@ -23,7 +23,7 @@ from what was committed and, with the same seed, ends bit-identical to an uninte
 stream is derived from (run seed, iteration, phase[, query]), each sampling phase starts with cold prefix
 caches (PRM scores do not depend on what an earlier phase left cached), and each iteration's trainer
 continues the checkpoint (weights, optimizer, schedule step) that the previous iteration committed. The
-fault-injection tests (tests/test_resume_faults.py) kill a run at every point `kill_points` names.
+fault-injection tests (tests/integration/test_resume_faults.py) kill a run at every point `kill_points` names.
 Under torchrun every rank generates for its shard of the queries with its own engine;
 training is FSDP2 across ranks; every rank's engine receives the new weights.
 """

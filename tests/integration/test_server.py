@@ -237,7 +237,7 @@ def test_serve_command(llama_dir):
     from pathlib import Path
 
     port = _port()
-    src = str(Path(__file__).resolve().parents[1] / "src")
+    src = str(Path(__file__).resolve().parents[2] / "src")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p))
     cmd = [sys.executable, "-m", "bstar", "serve", "--model", str(llama_dir), "--port", str(port), "--device", "cpu"]
     proc = subprocess.Popen(cmd + ["--served-model-name", "m"], env=env, stderr=subprocess.PIPE, text=True)

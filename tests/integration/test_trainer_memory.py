@@ -29,7 +29,7 @@ from bstar.train.loss import chunked_cross_entropy, sft_loss_sum
 from bstar.train.trainer import SFTTrainer
 from bstar.utils import distributed as dist_utils
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SMALL = dict(micro_batch_tokens=256, max_seq_len=256, progress=False)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -335,7 +335,7 @@ def test_torchrun_exchange_as_bytes(tmp_path, free_port):
 
 def test_two_nodes_simulated_match_one_process(llama_dir, tmp_path, free_port):
     """Two torchrun 'nodes' (--nnodes 2, one process each, c10d rendezvous on 127.0.0.1) run one `sft`
-    training run; it matches one process. (The loop across two nodes: tests/test_controller.py.)"""
+    training run; it matches one process. (The loop across two nodes: tests/integration/test_controller.py.)"""
     recs = make_records(20, seed=8)
     data = write_lines(tmp_path / "d.jsonl", recs)
     opts = ["--batch-examples", "5", "--micro-batch-tokens", "256", "--max-seq-len", "256", "--lr", "3e-3"]

@@ -6,7 +6,7 @@ SIGINT / SIGTERM.
 
 Runs are forked from the test process (imports and the built-in task's build are paid once), on the tiny
 preset. The CI part kills at a subset of the points (those the issue found wrong, one per phase); the
-whole sweep is marked slow (`pytest -m slow tests/test_resume_faults.py`). Under torchrun (2 ranks, gloo): one
+whole sweep is marked slow (`pytest -m slow tests/integration/test_resume_faults.py`). Under torchrun (2 ranks, gloo): one
 rank killed mid-phase, `--resume` on all ranks, equals the uninterrupted 2-rank run (one point in CI, more slow)."""
 
 import dataclasses
@@ -184,7 +184,7 @@ def test_the_code_hits_exactly_the_enumerated_points(baseline):
 
 def test_the_consistency_model_documents_every_phase():
     """docs/resume.md's table has one row per phase of PHASES, in order."""
-    doc = (Path(__file__).resolve().parents[1] / "docs" / "resume.md").read_text()
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "resume.md").read_text()
     rows = [line.split("|")[1].strip() for line in doc.splitlines() if line.startswith("| ") and "---" not in line]
     assert rows[1:] == [p.name for p in controller.PHASES]
 
@@ -390,7 +390,7 @@ def test_signals_stop_cleanly_and_resume(baseline, tmp_path, signals, point, cod
 
 # -- two ranks under torchrun: one killed mid-phase, --resume on all ranks ----------------------------------------
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # the CLI's options for a small 2-rank run of the tiny preset (one iteration: ~30 s on 2 busy cores)
 RANK_RUN = ["--embedded-preset", "tiny", "--iterations", "1", "--train-steps", "2", "--batch-size", "4"]
 RANK_RUN += ["--num-samples", "2", "--search-k", "2", "--search-subset", "4", "--temperatures", "0.7,1.0"]

@@ -35,7 +35,7 @@ pytestmark = [
 ]
 
 CPU = torch.device("cpu")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # Kernels on CPU tensors need the interpreter (tests/conftest.py sets it where CUDA is absent; on a GPU
 # machine bench/gpu_check.py runs these checks natively).
 needs_interpreter = pytest.mark.skipif(

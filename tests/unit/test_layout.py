@@ -5,7 +5,7 @@ own layer and those below."""
 import ast
 from pathlib import Path
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 LAYERS = [
     ("bstar.errors", "bstar.utils"),
     ("bstar.kernels",),

@@ -18,7 +18,7 @@ from bstar.testing.model_factory import hf_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(Path(__file__).resolve().parents[2] / "src")
 CPU = dict(device="cpu", dtype="float32")
 
 

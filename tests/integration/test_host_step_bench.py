@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def test_host_step_bench_quick(capsys):
-    spec = importlib.util.spec_from_file_location("host_step", Path(__file__).parents[1] / "bench" / "host_step.py")
+    spec = importlib.util.spec_from_file_location("host_step", Path(__file__).parents[2] / "bench" / "host_step.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert mod.main(["--quick"]) == 0

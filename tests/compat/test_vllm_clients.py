@@ -2,10 +2,10 @@
 `pip install -e '.[compat]'`): TRL's GRPOTrainer for 2 steps in colocate mode through bstar.vllm.install()
 (sleep mode off and on, and TRL's structured-outputs regex), and lm-evaluation-harness's `vllm` and
 `local-completions` (against the server) backends each against its `hf` backend on one tiny checkpoint.
-Each client runs in a subprocess (tests/clients/): 2 min 14 s in all on 2 busy CPU cores, so the
+Each client runs in a subprocess (tests/compat/clients/): 2 min 14 s in all on 2 busy CPU cores, so the
 default selection leaves them out (pyproject addopts).
 
-Run: pytest -m compat tests/test_vllm_clients.py"""
+Run: pytest -m compat tests/compat/test_vllm_clients.py"""
 
 import importlib.util
 import json

@@ -11,7 +11,7 @@ from pathlib import Path
 import bench_scripts
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run_bench_script(script, out, *args, drop=("BSTAR_KERNELS", "OUT"), rc=0, **env_extra):

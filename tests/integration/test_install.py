@@ -11,7 +11,7 @@ import pytest
 
 import bstar
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 DIST = "bstar-engine"
 
 

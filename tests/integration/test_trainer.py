@@ -40,7 +40,7 @@ from bstar.train.data import (
 from bstar.train.trainer import SFTTrainer, sft_loss_sum
 from bstar.train.varlen_attention import register_varlen_attention
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SMALL = dict(micro_batch_tokens=256, max_seq_len=256, progress=False)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models; robust on a busy machine
 

@@ -443,7 +443,7 @@ def test_two_ranks_match_one_process(setup, full_run, tmp_path, free_port, layou
     else:
         rdzv = ["--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port}"]
         cmds = [launch + rdzv + ["--rdzv-id=bstar-loop", f"--node-rank={n}"] + run for n in (0, 1)]
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     procs = [
         subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=repo) for c in cmds
     ]

@@ -24,7 +24,7 @@ from bstar.testing.model_factory import QWEN25_7B
 from bstar.train.config import SFTConfig
 from bstar.train.memory_estimate import offload_host_bytes
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 GREEDY = SamplingParams(n=2, temperature=0, max_tokens=12, ignore_eos=True)
 PROMPTS = [[5, 9, 17, 33, 40], [7, 8, 9]]
 
