@@ -11,7 +11,7 @@ from bstar.engine.entrypoints.sampling_params import SamplingParams
 _ids = itertools.count()
 
 # An output token drawn on the device whose value the host does not know yet (async scheduling,
-# bstar/engine/core/llm_engine.py): it counts in every length, and the next step reads it on the device.
+# bstar/engine/core/async_step.py): it counts in every length, and the next step reads it on the device.
 PENDING_TOKEN = -1
 
 
