@@ -264,7 +264,7 @@ def step_parity(tmp: Path):
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 320, (n,), generator=g).tolist() for n in ((5, 19, 40) if CUDA else (5, 12, 24))]
     archs = (("qwen2", dict(num_key_value_heads=1)), ("llama", {}))
-    for arch, opts in archs[1:] if DRY else archs:  # (the dry run: Qwen2 runs in tests/test_gpu_path.py)
+    for arch, opts in archs[1:] if DRY else archs:  # (the dry run: Qwen2 runs in tests/integration/test_gpu_path.py)
         with guarded(2, f"{arch} engine parity"):
             path = make_model(str(tmp / arch), arch, seed=1, tokenizer=False, **opts)
             hf = hf_model(path).to(DEV)
@@ -798,7 +798,7 @@ def write_launches(calls: list, out: Path):
     """The Triton wrapper calls of every step (kernels.launch.record_calls), for bench/compile_check.py: on the
     dry run they are the engine's and this script's launches at the sizes the GPU run uses for the tiny models
     (head dim 16 in fp32, page size 8, vocabulary 320); `--dry-run --launches-out bench/gpu_launches.json`
-    refreshes the list compile_check reads (tests/test_gpu_check.py fails when it is stale)."""
+    refreshes the list compile_check reads (tests/integration/test_gpu_check.py fails when it is stale)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     lines = sorted(json.dumps(c) for c in calls)  # (one call a line: a diff shows which calls changed)
     out.write_text("[\n" + ",\n".join(lines) + "\n]\n")

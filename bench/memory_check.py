@@ -12,7 +12,7 @@ bytes (the peak reset after each row), and at the end prints one table and write
     python bench/memory_check.py --out bench/memory_check.json       # on a CUDA machine
     python bench/memory_check.py --dry-run                           # CPU, tiny shapes: checks the script
 
-The dry run (tests/test_memory.py runs it) uses a pretend 80 GiB device for the plan and reports no memory.
+The dry run (tests/integration/test_memory.py runs it) uses a pretend 80 GiB device for the plan and reports no memory.
 """
 
 import argparse

@@ -3,10 +3,11 @@
 Without CUDA, Triton kernels run under the interpreter on CPU tensors; the variable must be set
 before triton is first imported, which is why it lives here (conftest loads before test modules).
 
-The folder holds one test file per module (the B-STaR side: test_<module>.py for bstar/<module>.py,
-test_embedded*.py for bstar/embedded/, test_trainer*.py for bstar/train/, test_cli.py), the one checkpoint
-factory (model_factory.py) and reference_selection.py (a naive selection the search and loop tests compare
-with).
+Tests by kind: `unit/` (one module or function against a reference: scheduler, block manager, sampler, memory
+plan, kernels, selection, metrics, ...), `integration/` (the engine against transformers end to end, the loop, the
+CLI, the trainer, faults, the server) and `compat/` (the vLLM surface and real clients: TRL, lm-eval). Beside them:
+the torchrun workers (fsdp_worker.py, dist_worker.py), bench_scripts.py (loads bench/ scripts by path) and
+reference_selection.py (a naive selection the search and loop tests compare with); this folder is on sys.path.
 
 Fixtures: `shared_data` (the GSM8K / MATH500 files beside the project), `free_port` (for torchrun
 tests), `one_torch_thread`, and tiny checkpoints built once per session by model_factory.py

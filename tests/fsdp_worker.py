@@ -1,4 +1,4 @@
-"""torchrun worker for tests/test_trainer.py: trains under FSDP2 (gloo, CPU), saves, resumes.
+"""torchrun worker for tests/integration/test_trainer.py: trains under FSDP2 (gloo, CPU), saves, resumes.
 
     torchrun --nproc_per_node 2 tests/fsdp_worker.py MODEL_DIR DATA.jsonl OUT_DIR CONFIG_JSON
 

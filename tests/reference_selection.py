@@ -51,7 +51,7 @@ def hand_samples():
     }
 
 
-# A worked literal example: its expected selections, caps and balance scores (tests/test_selection.py) were
+# A worked literal example: its expected selections, caps and balance scores (tests/unit/test_selection.py) were
 # obtained by running the reference's own functions (hkust-nlp/B-STaR @ a0f5d95, train_code/determine_hyper.py
 # and metric_modiacc_auto.py, unmodified) on this data, with 5 shuffle seeds. Per query, (text, correct, reward
 # list); the prm value is min(reward list). Q2's candidate without the answer marker is dropped before scoring in

@@ -3,8 +3,16 @@
 import click
 
 from bstar.cli.checks import check_model_dir, check_out_file
+from bstar.cli.options import config_options, config_values
+from bstar.engine.entrypoints.sampling_params import SamplingParams  # light: no torch
 from bstar.errors import BStarError, DataError
 from bstar.utils.jsonl import emit, iter_jsonl
+
+# SamplingParams' fields that are generate's options, and generate's own defaults: a completion's worth of
+# tokens, and the same outputs for the same command
+SAMPLING = ("n", "temperature", "top_p", "top_k", "min_p", "max_tokens", "min_tokens", "stop", "ignore_eos")
+SAMPLING += ("seed", "logprobs")
+DEFAULTS = {"max_tokens": 256, "seed": 0}
 
 
 def _load_prompts(path: str) -> list[str | list[int]]:
@@ -38,41 +46,13 @@ def _load_prompts(path: str) -> list[str | list[int]]:
 @click.option("--model", required=True, help="Local Hugging Face model directory.")
 @click.option("--prompts", "prompts_file", required=True, help="JSONL with 'prompt' (or 'prompt_token_ids'), or .txt.")
 @click.option("--out", default="-", show_default=True, help="Output JSONL ('-' for stdout).")
-@click.option("--n", default=1, show_default=True, help="Candidates per prompt.")
-@click.option("--temperature", default=1.0, show_default=True)
-@click.option("--top-p", default=1.0, show_default=True)
-@click.option("--top-k", default=-1, show_default=True)
-@click.option("--min-p", default=0.0, show_default=True)
-@click.option("--max-tokens", default=256, show_default=True)
-@click.option("--min-tokens", default=0, show_default=True)
-@click.option("--stop", multiple=True, help="Stop string (repeatable).")
-@click.option("--ignore-eos", is_flag=True)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--logprobs", default=None, type=int, help="Return logprobs (and top-k when > 0).")
-@click.option("--dtype", default="auto", show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--num-kv-blocks", default=None, type=int)
-def generate(
-    model,
-    prompts_file,
-    out,
-    n,
-    temperature,
-    top_p,
-    top_k,
-    min_p,
-    max_tokens,
-    min_tokens,
-    stop,
-    ignore_eos,
-    seed,
-    logprobs,
-    dtype,
-    device,
-    num_kv_blocks,
-):
+@click.option("--dtype", default="auto", show_default=True, help="auto, float32, bfloat16 or float16.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--num-kv-blocks", default=None, type=int, help="KV budget in blocks.  [default: sized from memory]")
+@config_options(SamplingParams, only=SAMPLING, defaults=DEFAULTS)
+def generate(model, prompts_file, out, dtype, device, num_kv_blocks, **sampling):
     """Generate candidates for every prompt and write one JSONL record per prompt."""
-    from bstar.engine import LLM, SamplingParams  # torch: loaded when the command runs, not for --help
+    from bstar.engine import LLM  # torch: loaded when the command runs, not for --help
     from bstar.engine.config import resolve_device
 
     # Every option, the model's config and the prompts, before anything loads or is written.
@@ -82,20 +62,8 @@ def generate(
     check_out_file(out)
     prompts = _load_prompts(prompts_file)
     check_model_dir(model)
-    params = SamplingParams(
-        n=n,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        min_p=min_p,
-        max_tokens=max_tokens,
-        min_tokens=min_tokens,
-        stop=list(stop) or None,
-        ignore_eos=ignore_eos,
-        seed=seed,
-        logprobs=logprobs,
-    )
-    llm = LLM(model, dtype=dtype, device=device, seed=seed, num_kv_blocks=num_kv_blocks)
+    params = SamplingParams(**config_values(SamplingParams, sampling))
+    llm = LLM(model, dtype=dtype, device=device, seed=params.seed, num_kv_blocks=num_kv_blocks)
     outputs = llm.generate(prompts, params)
     failed = [o for o in outputs if o.error is not None]
     if len(failed) == len(outputs):  # nothing worth writing (e.g. NaN weights)

@@ -21,7 +21,7 @@ Build phases (each logs one line with its time; the slow ones show tqdm bars):
                 measured on held-out questions' steps with bstar.PRM.
 """
 
-from bstar.embedded.build import EmbeddedAssets, build_assets, default_cache_dir, load_assets
+from bstar.embedded.build import EmbeddedAssets, build_assets, default_cache_dir, fresh_queries, load_assets
 from bstar.embedded.config import EmbeddedConfig
 
-__all__ = ["EmbeddedAssets", "EmbeddedConfig", "build_assets", "default_cache_dir", "load_assets"]
+__all__ = ["EmbeddedAssets", "EmbeddedConfig", "build_assets", "default_cache_dir", "fresh_queries", "load_assets"]

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from bstar.embedded.config import VERSION, EmbeddedConfig
 from bstar.embedded.policy import measure_greedy_accuracy, save_random_policy, warm_start
 from bstar.embedded.prm import PRM_QUESTION_TEMPLATE, dump_rows, prm_data, prm_quality, train_prm
-from bstar.embedded.task import make_splits
+from bstar.embedded.task import generate, make_splits
 from bstar.embedded.tokenizer import BAD, GOOD, STEP_TAG, build_tokenizer, check_round_trip
 from bstar.engine.errors import CheckpointError
 from bstar.errors import BStarError
@@ -246,3 +246,11 @@ def make_data(cfg: EmbeddedConfig) -> tuple[list[Example], list[Example], list[E
     disjoint from both splits and the train split is exactly make_splits(n_train, n_test)."""
     train, test = make_splits(cfg.n_train + cfg.n_seed, cfg.n_test, cfg.seed)
     return train[: cfg.n_train], test, train[cfg.n_train :]
+
+
+def fresh_queries(cfg: EmbeddedConfig, n: int, run_seed: int) -> list[Example]:
+    """n new training questions for a run with fresh queries per iteration (RunConfig.queries_per_iteration): a
+    stream of their own per run seed, disjoint from the build's splits and warm-start set, so neither the policy
+    nor the PRM has seen them, and no eval question is among them."""
+    train, test, seed_set = make_data(cfg)
+    return generate(n, f"{cfg.seed}-run{run_seed}", exclude={e.question for e in train + test + seed_set}, split="loop")

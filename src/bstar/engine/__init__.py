@@ -12,11 +12,13 @@ A prompt's path through the folders:
                      4. output_processor.py: stop rules, then RequestOutputs
                    prompt_forward.py runs prompts without sampling (compute_logits, PRM) as the
                    scheduler's prompt-only sequences; async_step.py: the overlapped step
-    runner/        2. run and 3. sample: model_runner.py owns the paged KV cache and runs the decoder;
-                   sampler.py draws (seeds, penalties, filters, logprobs); cpu/ keeps the CPU decode
-                   path's state, gpu/ the Triton path's step inputs and CUDA graphs; memory_plan.py
-                   sizes the KV cache
-    model/         the checkpoint: decoder.py (the network, its kernels from bstar.kernels),
+    runner/        2. run and 3. sample: model_runner.py is the runner interface (it owns the paged KV
+                   cache and runs the decoder); runners.py picks, once when the engine is built, the
+                   CPU runner (cpu/: torch references, the decode state kept across steps) or the GPU
+                   runner (gpu/: Triton kernels, step inputs, CUDA graphs); sampler.py draws (seeds,
+                   penalties, filters, logprobs); memory_plan.py sizes the KV cache
+    model/         the checkpoint: decoder.py (the network, its kernels from bstar.kernels; attention
+                   on the runner's backend, attention_backend.py),
                    loader.py (safetensors), tokenizer.py, linear.py (the CPU GEMM per machine)
     compat/        vllm.py: vLLM's keywords and the handles RL loops reach into
     config.py      EngineConfig (and the checkpoint's ModelConfig); errors.py: the engine's errors
@@ -24,8 +26,9 @@ A prompt's path through the folders:
 Importing the package is light (no torch): the names below load their module on first use (PEP 562).
 """
 
-import importlib
 from typing import TYPE_CHECKING
+
+from bstar.utils.lazy import lazy_names
 
 if TYPE_CHECKING:
     from bstar.engine.core.llm_engine import LLMEngine
@@ -80,13 +83,4 @@ _MODULE_OF = {  # name -> the module that defines it
 }
 
 
-def __getattr__(name: str):
-    if name not in _MODULE_OF:
-        raise AttributeError(f"module 'bstar.engine' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_MODULE_OF[name]), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_names(__name__, _MODULE_OF)

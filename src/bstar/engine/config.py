@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from bstar.engine.choices import DTYPE_NAMES
 from bstar.engine.errors import CheckpointError, RequestError
 from bstar.engine.model.linear import CPU_GEMMS
+from bstar.kernels.dispatch import KERNEL_CHOICES
 
 MAX_CONTEXT = 1 << 24  # max_position_embeddings above this (16M tokens) is a broken config.json
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "Qwen3ForCausalLM")
@@ -20,7 +22,7 @@ HEAD_ARCHITECTURES = {
     **{f"{f}ForTokenClassification": "token_cls" for f in ("Llama", "Qwen2", "Mistral", "Qwen3")},
     "Qwen2ForProcessRewardModel": "prm_mlp",
 }
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def resolve_dtype(dtype: "str | torch.dtype", mcfg: "ModelConfig", device: torch.device) -> torch.dtype:
@@ -237,6 +239,11 @@ class EngineConfig:
     logprobs_mode: str = "raw_logprobs"
     # Decode CUDA graphs per batch-size bucket (bstar/engine/runner/gpu/cuda_graphs.py); True runs every step eagerly.
     enforce_eager: bool = False
+    # The kernel backend, chosen once when the engine is built (bstar.kernels.dispatch.triton_on): "triton"
+    # (Triton kernels and decode CUDA graphs; on CPU tensors only under TRITON_INTERPRET=1), "torch" (the torch
+    # references and the CPU decode path), or "auto": the BSTAR_KERNELS environment variable when set, else
+    # Triton on CUDA and torch elsewhere.
+    kernels: str = "auto"
     # The most logprobs / prompt_logprobs a request may ask for, as vLLM's max_logprobs (-1: no cap).
     max_logprobs: int = 20
     # As vLLM's async_scheduling: each step is scheduled and launched before the previous step's tokens
@@ -271,6 +278,8 @@ class EngineConfig:
             raise RequestError(f"cpu_packed_weights_bytes must be >= 0, got {self.cpu_packed_weights_bytes}")
         if not isinstance(self.max_logprobs, int) or self.max_logprobs < -1:
             raise RequestError(f"max_logprobs must be an integer >= -1 (-1: no cap), got {self.max_logprobs!r}")
+        if self.kernels not in KERNEL_CHOICES:
+            raise RequestError(f"kernels must be one of {', '.join(KERNEL_CHOICES)}, got {self.kernels!r}")
         if self.logprobs_mode not in LOGPROBS_MODES:
             raise RequestError(f"logprobs_mode must be one of {', '.join(LOGPROBS_MODES)}, got {self.logprobs_mode!r}")
 

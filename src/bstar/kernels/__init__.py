@@ -22,8 +22,8 @@ meets them:
     paged_triton.py         paged-KV addressing shared by the Triton attention kernels
     contract.py             what a reference and its kernel agree on (PRM aggregates, split-KV limits,
                             the MLP gate width), so neither imports the other
-    dispatch.py             use_triton: CUDA tensors take Triton, CPU tensors the reference;
-                            BSTAR_KERNELS=triton|torch forces one
+    dispatch.py             triton_on: the backend, chosen once when an engine is built (EngineConfig.kernels,
+                            else BSTAR_KERNELS=triton|torch, else the device); every wrapper takes it as triton=
     launch.py               every Triton launch goes through it: records the compiled variants a
                             run needs (tests), counts compiles (GPU)
     host.py                 long_tensor: host lists to int64 tensors, fast; to_device: the same

@@ -14,8 +14,8 @@ def silu_and_mul_ref(x):
     return F.silu(gate) * up
 
 
-def silu_and_mul(x):
-    if use_triton(x):
+def silu_and_mul(x, *, triton=None):
+    if use_triton(x, triton):
         from bstar.kernels.activation_triton import silu_and_mul_triton
 
         return silu_and_mul_triton(x)

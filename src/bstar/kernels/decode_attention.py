@@ -35,8 +35,8 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scal
     return out.reshape(B, Hq, D).to(q.dtype)
 
 
-def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=None, max_context=None):
-    if use_triton(q):
+def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=None, max_context=None, *, triton=None):
+    if use_triton(q, triton):
         from bstar.kernels.decode_attention_triton import paged_decode_attention_triton
 
         return paged_decode_attention_triton(

@@ -187,6 +187,22 @@ def to_device_packed(columns: list[tuple[list, torch.dtype]], device) -> list[to
     return [host[at : at + len(v) * dt.itemsize].view(dt) for (v, dt), at in zip(columns, offsets)]
 
 
+def to_device_segments(layout: dict[str, tuple[list, torch.dtype]], device) -> dict[str, torch.Tensor]:
+    """Named lists on `device` through one copy (to_device_packed): `layout` {name: (values, dtype)} is the one
+    description of what the copy holds, and the result {name: 1-D view} is read by name, never at a counted
+    offset."""
+    return dict(zip(layout, to_device_packed(list(layout.values()), device)))
+
+
+def index_pairs(rows: list[int], cols: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two equally long index lists (rows and columns of the entries to set, sources and destinations of
+    the blocks to copy) as int64 tensors on `device`, through one to_device copy."""
+    if len(rows) != len(cols):
+        raise ValueError(f"index_pairs needs lists of one length, got {len(rows)} and {len(cols)}")
+    both = to_device(rows + cols, torch.int64, device).view(2, len(rows))
+    return both[0], both[1]
+
+
 class HostCopy:
     """Device tensors on their way to the host, the reverse of to_device: on CUDA they are copied, without
     blocking, into one slot of the thread's PinnedRing (each at a 16-byte aligned offset) and an event is

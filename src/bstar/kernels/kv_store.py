@@ -22,8 +22,8 @@ def store_kv_ref(k, v, k_cache, v_cache, slot_mapping):
     v_cache.view(-1, h, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
-def store_kv(k, v, k_cache, v_cache, slot_mapping):
-    if use_triton(k):
+def store_kv(k, v, k_cache, v_cache, slot_mapping, *, triton=None):
+    if use_triton(k, triton):
         from bstar.kernels.kv_store_triton import store_kv_triton
 
         return store_kv_triton(k, v, k_cache, v_cache, slot_mapping)

@@ -61,24 +61,24 @@ def qk_norm_rope_ref(q, k, q_weight, k_weight, eps, positions, cos_sin_cache):
     return apply_rotary_ref(rms_norm_ref(q, q_weight, eps), rms_norm_ref(k, k_weight, eps), positions, cos_sin_cache)
 
 
-def rms_norm(x, weight, eps, residual=None):
-    if use_triton(x):
+def rms_norm(x, weight, eps, residual=None, *, triton=None):
+    if use_triton(x, triton):
         from bstar.kernels.norm_rope_triton import rms_norm_triton
 
         return rms_norm_triton(x, weight, eps, residual)
     return rms_norm_ref(x, weight, eps, residual)
 
 
-def apply_rotary(q, k, positions, cos_sin_cache):
-    if use_triton(q):
+def apply_rotary(q, k, positions, cos_sin_cache, *, triton=None):
+    if use_triton(q, triton):
         from bstar.kernels.norm_rope_triton import apply_rotary_triton
 
         return apply_rotary_triton(q, k, positions, cos_sin_cache)
     return apply_rotary_ref(q, k, positions, cos_sin_cache)
 
 
-def qk_norm_rope(q, k, q_weight, k_weight, eps, positions, cos_sin_cache):
-    if use_triton(q):
+def qk_norm_rope(q, k, q_weight, k_weight, eps, positions, cos_sin_cache, *, triton=None):
+    if use_triton(q, triton):
         from bstar.kernels.norm_rope_triton import qk_norm_rope_triton
 
         return qk_norm_rope_triton(q, k, q_weight, k_weight, eps, positions, cos_sin_cache)

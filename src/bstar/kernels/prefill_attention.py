@@ -63,8 +63,10 @@ def _prefix_then_causal(q, k, v, p, scale):
     return o[0]
 
 
-def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale=None, max_seqlen_q=None):
-    if use_triton(q):
+def paged_prefill_attention(
+    q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale=None, max_seqlen_q=None, *, triton=None
+):
+    if use_triton(q, triton):
         from bstar.kernels.prefill_attention_triton import paged_prefill_attention_triton
 
         return paged_prefill_attention_triton(

@@ -41,8 +41,10 @@ def prm_step_scores_ref(hidden, tag_index, head_weight, head_bias, step_candidat
     return p_good, torch.where(count > 0, out, torch.zeros_like(out))
 
 
-def prm_step_scores(hidden, tag_index, head_weight, head_bias, step_candidate, num_candidates, agg="min"):
-    if use_triton(hidden):
+def prm_step_scores(
+    hidden, tag_index, head_weight, head_bias, step_candidate, num_candidates, agg="min", *, triton=None
+):
+    if use_triton(hidden, triton):
         from bstar.kernels.prm_scoring_triton import prm_step_scores_triton
 
         return prm_step_scores_triton(hidden, tag_index, head_weight, head_bias, step_candidate, num_candidates, agg)

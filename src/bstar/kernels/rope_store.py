@@ -30,9 +30,21 @@ def rope_store_kv_ref(
 
 
 def rope_store_kv(
-    q, k, v, k_cache, v_cache, slot_mapping, positions, cos_sin_cache, q_weight=None, k_weight=None, eps=1e-6
+    q,
+    k,
+    v,
+    k_cache,
+    v_cache,
+    slot_mapping,
+    positions,
+    cos_sin_cache,
+    q_weight=None,
+    k_weight=None,
+    eps=1e-6,
+    *,
+    triton=None,
 ):
-    if use_triton(q):
+    if use_triton(q, triton):
         from bstar.kernels.rope_store_triton import rope_store_kv_triton
 
         return rope_store_kv_triton(

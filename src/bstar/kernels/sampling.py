@@ -135,8 +135,8 @@ def sample_ref(logits, temperature, top_k, top_p, min_p, seeds):
     return tokens, logprobs
 
 
-def sample(logits, temperature, top_k, top_p, min_p, seeds):
-    if use_triton(logits):
+def sample(logits, temperature, top_k, top_p, min_p, seeds, *, triton=None):
+    if use_triton(logits, triton):
         from bstar.kernels.sampling_triton import sample_triton
 
         return sample_triton(logits, temperature, top_k, top_p, min_p, seeds)

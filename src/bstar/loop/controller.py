@@ -23,7 +23,7 @@ from what was committed and, with the same seed, ends bit-identical to an uninte
 stream is derived from (run seed, iteration, phase[, query]), each sampling phase starts with cold prefix
 caches (PRM scores do not depend on what an earlier phase left cached), and each iteration's trainer
 continues the checkpoint (weights, optimizer, schedule step) that the previous iteration committed. The
-fault-injection tests (tests/test_resume_faults.py) kill a run at every point `kill_points` names.
+fault-injection tests (tests/integration/test_resume_faults.py) kill a run at every point `kill_points` names.
 Under torchrun every rank generates for its shard of the queries with its own engine;
 training is FSDP2 across ranks; every rank's engine receives the new weights.
 """
@@ -51,10 +51,11 @@ from bstar.loop.config import RunConfig
 from bstar.loop.memory import run_memory_plan, train_phase
 from bstar.loop.memory_plan import DeviceMemory, MemoryPlan
 from bstar.loop.metrics import greedy_accuracy, sample_metrics, step_auc, within_question_auc
-from bstar.loop.rewards import grade_batch, has_final_answer
+from bstar.loop.rewards import grade_batch, has_final_answer, limited
 from bstar.loop.search import SearchConfig, choose_subset, search_config, search_threshold, target_size
 from bstar.loop.selection import BROKEN, BROKEN_PROB, Candidate, select
 from bstar.loop.tasks import Example, format_prompt, load_task_examples
+from bstar.loop.verifier import SIGMAS, StepVerifier, sigma_key
 from bstar.train import SFTConfig, SFTExample, SFTTrainer
 from bstar.train.checkpoint import STATE_DIR, atomic_replace
 from bstar.utils import distributed as dist_utils
@@ -148,7 +149,7 @@ class Controller:
         self.rank, self.world = dist_utils.world()
         self.train, self.test, self.labels = train, test, labels
         device = resolve_device(cfg.device)
-        self.sleep = cfg.sleep_engines == "on" or (cfg.sleep_engines == "auto" and device.type == "cuda")
+        self.sleep = _sleeps(cfg, device)
         # before anything loads: the plan sizes both KV caches, or refuses (MemoryPlanError, one line)
         self.plan = self._memory_plan(device, policy, prm)
         kv = {}
@@ -177,28 +178,17 @@ class Controller:
                 kv_cache_memory_bytes=kv.get("prm"),
                 **engine_kw,
             )
-        self.subset = choose_subset(len(train), cfg.search_subset, cfg.seed)
+        # the reward selection reads: the PRM, or the built-in task's step verifier (cfg.verifier_noise)
+        self.reward = self.prm
+        if cfg.verifier_noise is not None:
+            if labels is None:
+                raise BStarError("--verifier-noise needs the built-in task's true step labels")
+            self.reward = StepVerifier(labels.step_labels, cfg.verifier_noise, seed=cfg.seed)
         self._gen_tokens = 0
+        self._grade_limited = 0  # this phase's answers whose grade a limit decided (rewards.limited)
 
     def _memory_plan(self, device, policy: str, prm: str | None) -> MemoryPlan | None:
-        """The run's memory plan on a CUDA device (None elsewhere): policy and PRM engines with their
-        defaults, the trainer as _sft_config builds it, engines asleep while training if self.sleep."""
-        mem = device_memory(device)
-        if mem is None:
-            return None
-        e = EngineConfig()
-        return run_memory_plan(
-            policy,
-            prm,
-            device=mem,
-            sft=self._sft_config(1),
-            dtype=self.cfg.dtype,
-            max_num_seqs=e.max_num_seqs,
-            max_num_batched_tokens=e.max_num_batched_tokens,
-            sleep=self.sleep,
-            world_size=self.world,
-            gpu_memory_utilization=self.cfg.gpu_memory_utilization,
-        )
+        return memory_plan(self.cfg, device, policy, prm, self.world)
 
     # -- generation, grading, PRM -------------------------------------------------------------
     def _sample(self, examples: list[Example], idx: list[int], n: int, temperature: float, tag: str) -> list[dict]:
@@ -227,25 +217,22 @@ class Controller:
         correct = [False] * len(flat)
         for task in sorted({examples[i].task for i in idx}):  # one grading call per task
             ks = [k for k, i in enumerate(owner) if examples[i].task == task]
+            stats: dict = {}
             res = grade_batch(
                 [flat[k] for k in ks],
                 [examples[owner[k]].gold_answer for k in ks],
                 task,
                 workers=0 if len(ks) < 512 or self.labels is not None else None,
                 progress=cfg.progress,
+                stats=stats,
             )
+            self._grade_limited += limited(stats)
             for k, ok in zip(ks, res):
                 correct[k] = ok
         prm_scores = [[0.0] * n for _ in idx]
         steps = [[[] for _ in range(n)] for _ in idx]
-        if self.prm is not None:
-            scored = self.prm.score_batch([examples[i].question for i in idx], texts, progress=cfg.progress)
-            broken = BROKEN if cfg.prm_scale == "logit" else BROKEN_PROB
-            prm_scores = [
-                [s.score if has_final_answer(t, examples[i].task) else min(s.score, broken) for s, t in zip(qs, ts)]
-                for i, qs, ts in zip(idx, scored, texts)
-            ]
-            steps = [[s.step_scores for s in qs] for qs in scored]
+        if self.reward is not None:
+            prm_scores, steps = self._reward_scores(self.reward, [examples[i] for i in idx], texts)
         failpoint.hit("scored")
         recs = []
         for k, (i, o) in enumerate(zip(idx, outs)):
@@ -262,14 +249,27 @@ class Controller:
             )
         return recs
 
+    def _reward_scores(self, reward, examples: list[Example], texts: list[list[str]]):
+        """(scores, step scores) per example and candidate from `reward` (a PRM or the step verifier); a
+        candidate without a final answer gets at most BROKEN (the reference's reward for an unscorable one)."""
+        scored = reward.score_batch([e.question for e in examples], texts, progress=self.cfg.progress)
+        broken = BROKEN if self.cfg.prm_scale == "logit" else BROKEN_PROB
+        scores = [
+            [s.score if has_final_answer(t, e.task) else min(s.score, broken) for s, t in zip(qs, ts)]
+            for e, qs, ts in zip(examples, scored, texts)
+        ]
+        return scores, [[s.step_scores for s in qs] for qs in scored]
+
     def _sample_all(self, examples, idx, n, temperature, tag) -> list[dict]:
         """All ranks' records for `idx`, in query order; self._gen_tokens counts all ranks' tokens."""
-        before = self._gen_tokens
+        before, limited_before = self._gen_tokens, self._grade_limited
         mine = self._sample(
             examples, [i for j, i in enumerate(idx) if j % self.world == self.rank], n, temperature, tag
         )
-        parts = dist_utils.all_gather_json({"recs": mine, "tokens": self._gen_tokens - before})
+        limited_here = self._grade_limited - limited_before
+        parts = dist_utils.all_gather_json({"recs": mine, "tokens": self._gen_tokens - before, "limited": limited_here})
         self._gen_tokens = before + sum(p["tokens"] for p in parts)
+        self._grade_limited = limited_before + sum(p["limited"] for p in parts)
         return sorted((r for p in parts for r in p["recs"]), key=lambda r: r["query"])
 
     def _candidates(self, recs: list[dict]) -> list[list[Candidate]]:
@@ -282,6 +282,22 @@ class Controller:
         if not self.cfg.include_gold:
             return None
         return [Candidate.gold(r["query"], self.train[r["query"]].gold_solution) for r in recs]
+
+    def queries(self, t: int) -> list[int]:
+        """Iteration t's training queries (indices into self.train, sorted): all of them, or with
+        queries_per_iteration q the t-th block of q (fresh queries; it wraps around a set that runs out)."""
+        n, q = len(self.train), self.cfg.queries_per_iteration
+        if q is None:
+            return list(range(n))
+        return sorted({((t - 1) * q + j) % n for j in range(min(q, n))})
+
+    def search_subset(self, t: int) -> list[int]:
+        """The temperature search's queries: a seeded random subset of iteration t's queries (fixed over the
+        run when every iteration trains on every query, as the reference's dev subset is)."""
+        cfg = self.cfg
+        qs = self.queries(t)
+        seed = cfg.seed if cfg.queries_per_iteration is None else _seed(cfg.seed, "subset", t)
+        return [qs[i] for i in choose_subset(len(qs), cfg.search_subset, seed)]
 
     def _search_config(self) -> SearchConfig:
         cfg = self.cfg
@@ -326,17 +342,16 @@ class Controller:
         path = self._phase_file(t, "search.json")
         if path.exists():
             return read_json(path)
-        t0, self._gen_tokens = time.perf_counter(), 0
+        t0, self._gen_tokens, self._grade_limited = time.perf_counter(), 0, 0
         if cfg.mode != "bstar":
             res = {"temperature": cfg.temperature}
         else:
+            subset = self.search_subset(t)
             samples = {
-                temp: self._candidates(
-                    self._sample_all(self.train, self.subset, cfg.search_k, temp, f"search-{t}-{temp}")
-                )
+                temp: self._candidates(self._sample_all(self.train, subset, cfg.search_k, temp, f"search-{t}-{temp}"))
                 for temp in cfg.temperatures
             }
-            golds = self._golds([{"query": i} for i in self.subset])
+            golds = self._golds([{"query": i} for i in subset])
             r = search_config(samples, self._search_config(), golds=golds)
             res = {
                 "temperature": r.temperature,
@@ -347,6 +362,7 @@ class Controller:
             }
         res["time_s"] = time.perf_counter() - t0
         res["gen_tokens"] = self._gen_tokens
+        res["grade_limited"] = self._grade_limited
         res["tokens_per_s"] = self._gen_tokens / max(res["time_s"], 1e-9)
         failpoint.hit("commit")
         if self.rank == 0:
@@ -358,14 +374,13 @@ class Controller:
         path = self._phase_file(t, "candidates.jsonl")
         if path.exists():
             return read_jsonl(path), read_json(self._phase_file(t, "generate.json"))
-        t0, self._gen_tokens = time.perf_counter(), 0
-        recs = self._sample_all(
-            self.train, list(range(len(self.train))), self.cfg.num_samples, temperature, f"generate-{t}"
-        )
+        t0, self._gen_tokens, self._grade_limited = time.perf_counter(), 0, 0
+        recs = self._sample_all(self.train, self.queries(t), self.cfg.num_samples, temperature, f"generate-{t}")
         if self.cfg.rationalize and self.cfg.mode == "star":
             recs = self._rationalize(t, recs)
         dt = time.perf_counter() - t0
         info = {"time_s": dt, "gen_tokens": self._gen_tokens, "tokens_per_s": self._gen_tokens / max(dt, 1e-9)}
+        info["grade_limited"] = self._grade_limited
         failpoint.hit("commit")
         if self.rank == 0:
             atomic_write_json(self._phase_file(t, "generate.json"), info)
@@ -399,6 +414,8 @@ class Controller:
         same target size (star: one per query)."""
         cfg = self.cfg
         groups, golds = self._candidates(recs), self._golds(recs)
+        if cfg.mode == "online-rft-answer":  # the answer check alone: the reward does not enter the score
+            groups = [[dataclasses.replace(c, prm=0.0) for c in g] for g in groups]
         info = {}
         if cfg.mode == "bstar":
             r = search_threshold(groups, self._search_config(), golds=golds, target_per_query=cfg.target_per_query)
@@ -433,23 +450,8 @@ class Controller:
         return out
 
     def _sft_config(self, t: int) -> SFTConfig:
-        cfg = self.cfg
-        return SFTConfig(
-            lr=cfg.lr,
-            steps=cfg.train_steps,
-            schedule_steps=cfg.train_steps if cfg.restart_from_base else cfg.train_steps * cfg.iterations,
-            batch_examples=cfg.batch_size,
-            micro_batch_tokens=max(4096, cfg.max_seq_len),
-            max_seq_len=cfg.max_seq_len,
-            warmup_ratio=cfg.warmup_ratio,
-            min_lr_ratio=cfg.min_lr_ratio,
-            betas=REFERENCE_BETAS,
-            seed=_seed(cfg.seed, "train", t) % (1 << 31),
-            progress=cfg.progress,
-            metrics_path=str(self._phase_file(t, "train_metrics.jsonl")) if self.rank == 0 else None,
-            device=None if cfg.device == "auto" else cfg.device,
-            offload_optimizer=cfg.offload_optimizer,
-        )
+        metrics = str(self._phase_file(t, "train_metrics.jsonl")) if self.rank == 0 else None
+        return sft_config(self.cfg, t, metrics)
 
     def _policy_marker(self) -> dict | None:
         """policy/iteration.json: {"iteration": the iteration whose train phase committed the policy, "train":
@@ -540,7 +542,7 @@ class Controller:
             return {}
         lab = [[self.labels.step_labels(examples[r["query"]].question, x) for x in r["texts"]] for r in recs]
         out = {}
-        if self.prm is not None:
+        if self.reward is not None:
             scores = [s for r in recs for s in r["step_scores"]]
             out[f"{prefix}prm_step_auc"] = step_auc(scores, [x for q in lab for x in q])
         correct = [(ok, all(ls)) for r, q in zip(recs, lab) for ok, ls in zip(r["correct"], q)]
@@ -551,11 +553,31 @@ class Controller:
         ) / max(1, len(recs))
         return out
 
+    def _reward_axis(self, sampled: list[dict]) -> dict:
+        """With true step labels (the built-in task): the within-question AUC against answer correctness of the
+        learned PRM and of the step verifier at every noise level of verifier.SIGMAS, on the same eval samples:
+        where the learned PRM sits on the reliability axis, iteration by iteration."""
+        if self.labels is None or not sampled:
+            return {}
+        correct = [r["correct"] for r in sampled]
+        examples = [self.test[r["query"]] for r in sampled]
+        texts = [r["texts"] for r in sampled]
+        out = {}
+        if self.prm is not None:
+            learned = [r["prm"] for r in sampled]
+            if self.reward is not self.prm:
+                learned, _ = self._reward_scores(self.prm, examples, texts)
+            out["learned_prm_within_auc"] = within_question_auc(correct, learned)[0]
+        for sigma in SIGMAS:
+            verifier = StepVerifier(self.labels.step_labels, sigma, seed=self.cfg.seed)
+            out[sigma_key(sigma)] = within_question_auc(correct, self._reward_scores(verifier, examples, texts)[0])[0]
+        return out
+
     def evaluate(self, t: int) -> dict:
         """Greedy accuracy on all eval queries; Pass@1 / Pass@K / Reward@K / exploration and the PRM's
         quality from eval_k samples of the first eval_sample_queries."""
         cfg = self.cfg
-        t0, self._gen_tokens = time.perf_counter(), 0
+        t0, self._gen_tokens, self._grade_limited = time.perf_counter(), 0, 0
         idx = list(range(len(self.test)))
         if 0 < t < cfg.iterations and cfg.mid_eval_queries:
             idx = idx[: cfg.mid_eval_queries]
@@ -570,12 +592,14 @@ class Controller:
         m.update(
             sample_metrics(
                 [r["correct"] for r in sampled],
-                [r["prm"] for r in sampled] if self.prm else None,
+                [r["prm"] for r in sampled] if self.reward is not None else None,
                 [r["texts"] for r in sampled],
                 cfg.eval_k,
             )
         )
         m.update(self._truth(self.test, sampled, ""))
+        m.update(self._reward_axis(sampled))
+        m["eval_grade_limited"] = self._grade_limited
         m["eval_time_s"] = time.perf_counter() - t0
         m["eval_tokens_per_s"] = self._gen_tokens / max(m["eval_time_s"], 1e-9)
         failpoint.hit("commit")
@@ -591,6 +615,8 @@ class Controller:
 
     def _record(self, t: int, rec: dict):
         """The record phase (iterations.jsonl, the manifest: it commits iteration t), then the report."""
+        # answers whose grade a limit decided, over the iteration's phases (search, generate, evaluate)
+        rec["grade_limited"] = sum(v for k, v in rec.items() if k.endswith("_grade_limited"))
         with self._phase(t, "record"):
             failpoint.hit("commit")
             if self.rank == 0:
@@ -632,6 +658,7 @@ class Controller:
             search_balance_score=s.get("balance_score"),
             search_cap=s.get("cap"),
             search_gen_tokens=s["gen_tokens"],
+            search_grade_limited=s.get("grade_limited", 0),
             search_time_s=s["time_s"],
             search_tokens_per_s=s["tokens_per_s"],
         )
@@ -639,6 +666,7 @@ class Controller:
             recs, g = self.generate(t, s["temperature"])
         rec.update(
             generate_gen_tokens=g["gen_tokens"],
+            generate_grade_limited=g.get("grade_limited", 0),
             generate_time_s=g["time_s"],
             generate_tokens_per_s=g["tokens_per_s"],
         )
@@ -658,7 +686,7 @@ class Controller:
             if self.rank == 0 and "table" in si:
                 table = {k: si[k] for k in ("threshold", "cap", "table")}
                 atomic_write_json(self._phase_file(t, "selection.json"), table)
-        if self.prm is not None:
+        if self.reward is not None:
             auc, _ = within_question_auc([r["correct"] for r in recs], [r["prm"] for r in recs])
             rec["pool_prm_within_auc"] = auc
         rec.update(self._truth(self.train, recs, "pool_"))
@@ -709,6 +737,53 @@ class Controller:
         print("  ".join(cells), flush=True)
 
 
+def sft_config(cfg: RunConfig, t: int, metrics_path: str | None = None) -> SFTConfig:
+    """Iteration t's trainer config (its data order's seed from (run seed, t)); metrics to metrics_path."""
+    return SFTConfig(
+        lr=cfg.lr,
+        steps=cfg.train_steps,
+        schedule_steps=cfg.train_steps if cfg.restart_from_base else cfg.train_steps * cfg.iterations,
+        batch_examples=cfg.batch_size,
+        micro_batch_tokens=max(4096, cfg.max_seq_len),
+        max_seq_len=cfg.max_seq_len,
+        warmup_ratio=cfg.warmup_ratio,
+        min_lr_ratio=cfg.min_lr_ratio,
+        betas=REFERENCE_BETAS,
+        seed=_seed(cfg.seed, "train", t) % (1 << 31),
+        progress=cfg.progress,
+        metrics_path=metrics_path,
+        device=None if cfg.device == "auto" else cfg.device,
+        offload_optimizer=cfg.offload_optimizer,
+    )
+
+
+def _sleeps(cfg: RunConfig, device: torch.device) -> bool:
+    """Whether the engines sleep while the trainer holds the device."""
+    return cfg.sleep_engines == "on" or (cfg.sleep_engines == "auto" and device.type == "cuda")
+
+
+def memory_plan(cfg: RunConfig, device: torch.device, policy: str, prm: str | None, world: int) -> MemoryPlan | None:
+    """The run's memory plan on a CUDA device (None elsewhere), or MemoryPlanError (one line) when the run
+    cannot fit: policy and PRM engines with their defaults, the trainer as sft_config builds it, engines
+    asleep while training when they sleep. Pure: it reads the checkpoints' configs, writes nothing."""
+    mem = device_memory(device)
+    if mem is None:
+        return None
+    e = EngineConfig()
+    return run_memory_plan(
+        policy,
+        prm,
+        device=mem,
+        sft=sft_config(cfg, 1),
+        dtype=cfg.dtype,
+        max_num_seqs=e.max_num_seqs,
+        max_num_batched_tokens=e.max_num_batched_tokens,
+        sleep=_sleeps(cfg, device),
+        world_size=world,
+        gpu_memory_utilization=cfg.gpu_memory_utilization,
+    )
+
+
 # -- entry points ---------------------------------------------------------------------------
 
 
@@ -745,17 +820,31 @@ def _check_resumable(out: str) -> None:
 
 
 def check_inputs(cfg: RunConfig) -> tuple[list[Example], list[Example]] | None:
-    """What a new run reads, checked before its directory is made: the device, the checkpoints' configs
-    and (with --model) the data files, which it returns."""
+    """What a new run reads, checked before its directory is made: the device, the checkpoints' configs,
+    (with --model) the data files, which it returns, and on a GPU the memory need against the device."""
     from bstar.engine.config import ModelConfig, resolve_device
 
-    resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     for path in (cfg.model, cfg.prm):
         if path is not None:
             if not Path(path).is_dir():
                 raise BStarError(f"model directory {path} does not exist")
             ModelConfig.from_dir(path)
-    return None if cfg.model is None else _load_data(cfg)
+    data = None if cfg.model is None else _load_data(cfg)
+    if device_memory(device) is not None:  # the memory need against the device (MemoryPlanError: one line)
+        memory_plan(cfg, device, *_models(cfg), dist_utils.world()[1])
+    return data
+
+
+def _models(cfg: RunConfig) -> tuple[str, str | None]:
+    """(starting policy, PRM) checkpoint dirs of a new run: --model / --prm, or the built-in task's (built
+    into the cache, outside any run directory, when not there yet)."""
+    if cfg.model is not None:
+        return cfg.model, cfg.prm
+    from bstar.embedded import EmbeddedConfig, build_assets
+
+    assets = build_assets(EmbeddedConfig.preset(cfg.embedded_preset), progress=cfg.progress)
+    return str(assets.policy_path), str(assets.prm_path)
 
 
 def prepare_out_dir(out: str, cfg: RunConfig | None, resume: bool) -> RunConfig:
@@ -795,16 +884,20 @@ def run(
 
 
 def _run(cfg: RunConfig, out: str, stop: run_dir.Stop, on_record=None, data=None) -> list[dict]:
-    from bstar.embedded import EmbeddedConfig, build_assets
+    from bstar.embedded import EmbeddedConfig, build_assets, fresh_queries
 
     labels = None
     if cfg.model is None:
         # Tiny models on a small CPU: one thread avoids OpenMP overhead that costs more than it saves.
         if cfg.device in ("auto", "cpu") and not torch.cuda.is_available():
             torch.set_num_threads(1)
-        assets = build_assets(EmbeddedConfig.preset(cfg.embedded_preset), progress=cfg.progress)
+        ecfg = EmbeddedConfig.preset(cfg.embedded_preset)
+        assets = build_assets(ecfg, progress=cfg.progress)
         policy_base, prm = str(assets.policy_path), str(assets.prm_path)
-        train, test = _limit(cfg, assets.train, assets.test)
+        train = assets.train
+        if cfg.queries_per_iteration:  # a pool of new questions, none seen twice
+            train = fresh_queries(ecfg, cfg.iterations * cfg.queries_per_iteration, cfg.seed)
+        train, test = _limit(cfg, train, assets.test)
         labels = builtin_labels()
     else:
         policy_base, prm = cfg.model, cfg.prm

@@ -11,12 +11,15 @@ brace matching; symbolic equivalence goes through `math-verify` (an ANTLR LaTeX 
 unevaluated sympy trees; its expression fallback only sees digits and operators). sympy can
 still be made to work forever (10^(10^10), 10^6!, deep nesting), so every comparison
   1. sees only the tail of the text (answers live at the end),
-  2. is pre-screened: size, nesting depth, digit runs, exponent towers, factorials of big
-     numbers and big operators are rejected before sympy sees them,
-  3. runs under a time limit: SIGALRM (setitimer) when on the main thread, which is where
-     grade_batch's workers call it; from any other thread, in a helper process that is killed
-     when it overruns. math-verify's own timeouts are disabled because they use signal.alarm,
-     which raises off the main thread and has whole-second resolution.
+  2. is pre-screened: size, operation and group counts, nesting depth, digit runs, exponent
+     towers, big exponents (on a symbolic base: small ones), factorials of big numbers and big
+     operators are rejected (TOO_LARGE, graded wrong and counted) before sympy sees them, so the
+     work and hence the verdict do not depend on the machine's load,
+  3. runs under a time limit, a last resort the pre-screen keeps out of reach: SIGALRM
+     (setitimer) when on the main thread, which is where grade_batch's workers call it; from any
+     other thread, in a helper process that is killed when it overruns. An item that overran is
+     graded again alone (grade_batch). math-verify's own timeouts are disabled because they use
+     signal.alarm, which raises off the main thread and has whole-second resolution.
 """
 
 from __future__ import annotations
@@ -46,19 +49,31 @@ log = logging.getLogger(__name__)
 
 TASKS = ("gsm8k", "math")
 
-DEFAULT_TIMEOUT = 1.0  # seconds per symbolic comparison (MATH500 references need < 0.15)
+# Seconds per symbolic comparison: a last resort behind the pre-screen. Realistic answers take far less
+# (MATH500 references < 0.15 s idle: a 60x margin for a loaded machine), so load does not change their
+# verdict. The screen cannot bound everything sympy does: an adversarial multivariate identity within it,
+# (x+y+z+1)^{8}(x-y+z-1)^{8} against ((x+z)^2-(y-1)^2)^{8}, took 9.9 s idle; such an item is retried once
+# alone and, if it runs out again, graded wrong and counted (grade_batch's stats, the run's grade_limited).
+DEFAULT_TIMEOUT = 10.0
 MAX_TEXT_CHARS = 16_384  # tail of a response that is searched for an answer
 MAX_ANSWER_CHARS = 400  # longer extracted answers are rejected, not parsed (MATH500: <= 53)
 MAX_DEPTH = 8  # bracket nesting (MATH500 answers: at most 2)
 MAX_DIGITS = 64  # longest digit run
 MAX_EXPONENT = 10_000  # largest integer literal inside an exponent
 MAX_FACTORIAL = 1_000  # largest integer literal next to ! or binomials
+# The work sympy may do is bounded by counts, not by the clock (the same verdict on any machine): MATH500's
+# gold answers need at most 31 operations (commands, operators, numbers, letters), 2 bracket groups and
+# exponent 8 on a symbolic base; expanding (x+1)^{10000} or a product of many sums is the unbounded part.
+MAX_OPERATIONS = 64
+MAX_GROUPS = 8  # ( and [ groups: each can be a factor of a product sympy expands
+MAX_SYMBOLIC_EXPONENT = 8  # largest integer literal in an exponent of a base holding a letter (MATH500: 8)
 MAX_RESPONSE_CHARS = 1 << 16  # a longer response is junk (is_junk): 16x any max_tokens the loop uses
 # Control characters other than tab, newline and carriage return (NUL bytes...): a few are a byte-level
 # model's noise (a tiny policy's right answers hold 2-3), more than this many are junk (is_junk).
 MAX_CONTROL_CHARS = 16
 _JUNK_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 TIMED_OUT = None  # what a comparison that ran past its limit gives (internally; grade() says False)
+TOO_LARGE = "too_large"  # what an answer refused by the pre-screen gives (internally; grade() says False)
 _GRACE = 1.0  # extra seconds before a helper process that overran is killed
 _STARTUP_TIMEOUT = 120.0  # seconds for a helper process to import math-verify
 
@@ -268,9 +283,15 @@ def _group_start(s: str, j: int) -> int:
     return 0
 
 
+_OPERATION_RE = re.compile(r"\\[A-Za-z]+|[-+*/^_=<>,!|]|\d+(?:\.\d+)?|[A-Za-z]")
+
+
 def _is_safe(s: str) -> bool:
-    """False for answers that could keep sympy busy for long (checked before parsing)."""
+    """False for answers that could keep sympy busy for long (checked before parsing): the work is bounded
+    by counts (size, operations, groups, nesting, digits, exponents), never by how busy the machine is."""
     if len(s) > MAX_ANSWER_CHARS or re.search(rf"\d{{{MAX_DIGITS + 1}}}", s):
+        return False
+    if len(_OPERATION_RE.findall(s)) > MAX_OPERATIONS or s.count("(") + s.count("[") > MAX_GROUPS:
         return False
     depth = 0
     braces = 0
@@ -310,9 +331,21 @@ def _is_safe(s: str) -> bool:
         operand = s[i:end]
         if _EXP_RE.search(operand) or _EXP_RE.match(s[end:].lstrip()):
             return False
-        if any(int(x) > MAX_EXPONENT for x in _INT_RE.findall(operand)):
+        limit = MAX_SYMBOLIC_EXPONENT if re.search(r"[A-Za-z]", _base(s, j)) else MAX_EXPONENT
+        if any(int(x) > limit for x in _INT_RE.findall(operand)):
             return False
     return True
+
+
+def _base(s: str, j: int) -> str:
+    """The base of the power whose ^ (or **) is at s[j]: the group or the token before it."""
+    k = j
+    while k > 0 and s[k - 1] == " ":
+        k -= 1
+    if k > 0 and s[k - 1] in _CLOSE:
+        return s[_group_start(s, k - 1) : k]
+    m = re.search(r"(?:\\[A-Za-z]+|\d+(?:\.\d*)?|.)$", s[:k], re.S)
+    return m.group() if m else ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,8 +432,9 @@ def grade(response: str, gold: str, task: str, *, timeout: float = DEFAULT_TIMEO
     return _grade(response, gold, task, timeout) is True
 
 
-def _grade(response: str, gold: str, task: str, timeout: float) -> bool | None:
-    """grade(), or TIMED_OUT (None) when the comparison ran past `timeout`."""
+def _grade(response: str, gold: str, task: str, timeout: float) -> bool | str | None:
+    """grade(), or TIMED_OUT (None) when the comparison ran past `timeout`, or TOO_LARGE when the answer
+    was refused before it (the work it could take is not bounded)."""
     _check_task(task)
     if not isinstance(response, str) or not isinstance(gold, str):
         raise RequestError(
@@ -423,7 +457,7 @@ def _grade(response: str, gold: str, task: str, timeout: float) -> bool | None:
     if a and b:  # '52_8': math-verify drops the base subscript, so compare digits and base here
         return a.group(1, 2) == b.group(1, 2)
     if not _is_safe(pred):
-        return False
+        return TOO_LARGE
     return _time_limited_equal(pred, ref, timeout)
 
 
@@ -453,11 +487,15 @@ def _worker_main() -> None:
     for line in sys.stdin.buffer:  # EOF (parent closed or died): exit
         idx, job, args = json.loads(line)
         try:
-            ok = _JOBS[job](*args)
-            ok = TIMED_OUT if ok is TIMED_OUT else bool(ok)
+            ok = _verdict(_JOBS[job](*args))
         except BaseException:  # noqa: BLE001 - an item that fails is graded wrong, the worker lives on
             ok = False
         send([idx, ok])
+
+
+def _verdict(ok) -> bool | str | None:
+    """A grade as it crosses the worker protocol: True / False, TIMED_OUT or TOO_LARGE kept as they are."""
+    return ok if ok is TIMED_OUT or ok == TOO_LARGE else bool(ok)
 
 
 def _child_env() -> dict:
@@ -587,10 +625,12 @@ def grade_batch(
     """grade() over many responses; golds[i] is the gold answer of responses[i].
 
     workers: helper processes (None: one per CPU, at most 8; 0: grade in this process).
-    An item whose comparison overruns `timeout` (a worker that overruns it by 1 s is replaced) is
-    graded again once, alone, after the others (a busy machine must not change a reward); only if
-    it overruns again is it False. stats, when given, receives "timed_out" (items retried) and
-    "timed_out_twice" (those graded False for time).
+    The work of a comparison is bounded before it starts (the pre-screen: an answer beyond it is False,
+    counted as "too_large"), so the time limit is a last resort: an item whose comparison overruns
+    `timeout` (a worker that overruns it by 1 s is replaced) is graded again once, alone, after the
+    others; only if it overruns again is it False. stats, when given, receives "timed_out" (items
+    retried), "timed_out_twice" (those graded False for time) and "too_large"; the last two are the items
+    a limit decided (`limited`).
     """
     _check_task(task)
     if len(responses) != len(golds):
@@ -627,13 +667,18 @@ def grade_batch(
         out[i] = _grade(responses[i], golds[i], task, timeout)
     twice = sum(out[i] is TIMED_OUT for i in late)
     if stats is not None:
-        stats.update(timed_out=len(late), timed_out_twice=twice)
+        stats.update(timed_out=len(late), timed_out_twice=twice, too_large=sum(ok == TOO_LARGE for ok in out))
     if twice:
         log.warning("grading: %d of %d items ran past the %.1f s limit twice (graded wrong)", twice, n, timeout)
     return [ok is True for ok in out]
 
 
-def _run_pool(items, task, n_workers, timeout, bar) -> list[bool | None]:
+def limited(stats: dict) -> int:
+    """The items of a grade_batch call whose verdict a limit decided (refused as too large, timed out twice)."""
+    return stats.get("timed_out_twice", 0) + stats.get("too_large", 0)
+
+
+def _run_pool(items, task, n_workers, timeout, bar) -> list[bool | str | None]:
     """Each item's grade, or TIMED_OUT for one whose comparison (or worker) ran past the limit."""
     results: list[bool | None] = [False] * len(items)
     pending = deque(range(len(items)))
@@ -668,7 +713,7 @@ def _run_pool(items, task, n_workers, timeout, bar) -> list[bool | None]:
                         if idx == "ready":
                             w.ready = True
                         else:
-                            results[idx] = ok if ok is TIMED_OUT else bool(ok)
+                            results[idx] = _verdict(ok)
                             w.item = None
                             done += 1
                             bar.update(1)

@@ -154,3 +154,47 @@ def open_run(out: str | os.PathLike) -> Iterator[Stop]:
         stop.restore()
         if fd is not None:
             os.close(fd)
+
+
+class Forward:
+    """SIGINT / SIGTERM of a parent that runs resumable runs as child processes (`run --compare`): each signal
+    is passed on to every running child (each child's own Stop handles it: the first lets its phase commit, a
+    second abandons it), and the first also stops the parent from starting more. The children run in
+    sessions of their own (`start_new_session`), so a terminal's Ctrl-C reaches them only through here, once."""
+
+    def __init__(self):
+        self.signum, self.children = None, []
+        self._old: dict = {}
+
+    def __enter__(self) -> "Forward":
+        if threading.current_thread() is threading.main_thread():
+            for s in SIGNALS:
+                self._old[s] = signal.signal(s, self._on_signal)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old = {}
+
+    def _on_signal(self, signum, frame) -> None:
+        first = self.signum is None
+        self.signum = self.signum or signum
+        for p in self.children:
+            if p.poll() is None:
+                p.send_signal(signum)
+        if first:
+            print(
+                f"{signal.Signals(signum).name}: stopping the runs once their current phases are committed "
+                "(send it again to stop at once)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def stopped(self, dirs: list[str | os.PathLike]) -> RunStopped:
+        """The one line for a stop, naming how to continue each of `dirs` (the runs not finished)."""
+        name = signal.Signals(self.signum).name
+        each = "; ".join(f"bstar-engine run --resume {d}" for d in dirs)
+        return RunStopped(
+            f"stopped by {name}; rerun the same command to continue, or each run with: {each}", self.signum
+        )

@@ -66,6 +66,17 @@ def parse_grid(spec: str) -> list[float]:
         raise BStarError(f"bad grid {spec!r}: {how}") from None
 
 
+def format_grid(values) -> str:
+    """A grid as parse_grid reads it: 'start:stop:step' when the values are one (three or more), else a
+    comma-separated list."""
+    values = [float(x) for x in values]
+    if len(values) >= 3:
+        step = round(values[1] - values[0], 4)
+        if step > 0 and list(grid(values[0], values[-1], step)) == values:
+            return f"{values[0]:g}:{values[-1]:g}:{step:g}"
+    return ",".join(f"{x:g}" for x in values)
+
+
 # Reference grids: temperatures 0.50..1.20 by 0.05 (train_bstar.sh), thresholds -1.00..0.99 by 0.01 (the
 # reference's `h += 0.01; if h > 1.0: break` loop tries 200 values; 1.00 is never reached).
 REFERENCE_TEMPERATURES = grid(0.50, 1.20, 0.05)

@@ -78,6 +78,28 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
+def cost_lines(mean_runs: dict[str, list[dict]]) -> list[str]:
+    """Generated tokens per mode (search + pool, cumulative; evaluation is not a cost of the method), and each
+    mode's greedy accuracy at equal tokens: at its last iteration whose cumulative tokens stay within the
+    cheapest mode's final total (means over seeds; the inner iterations may be evaluated on fewer questions)."""
+    finals = {m: rows[-1] for m, rows in mean_runs.items() if rows and "gen_tokens_total" in rows[-1]}
+    if len(finals) < 2:
+        return []
+    budget = min(r["gen_tokens_total"] for r in finals.values())
+    out = ["## Cost: generated tokens (search + pool), means over seeds", ""]
+    out.append(f"| mode | tokens, final | greedy, final | greedy at <= {budget:,.0f} tokens (iteration) |")
+    out.append("|---|---|---|---|")
+    for m, rows in mean_runs.items():
+        if m not in finals:
+            continue
+        within = [r for r in rows if r.get("gen_tokens_total", 0) <= budget * (1 + 1e-9) and "greedy_acc" in r]
+        at = within[-1] if within else None
+        cell = f"{at['greedy_acc']:.3f} ({at['iteration']:.0f})" if at else "n/a"
+        out.append(f"| {m} | {finals[m]['gen_tokens_total']:,.0f} | {finals[m].get('greedy_acc', float('nan')):.3f} "
+                   f"| {cell} |")  # fmt: skip
+    return out + [""]
+
+
 def report(out: str, runs: dict[str, str], labels=None, questions=None) -> list[str]:
     """report.md and plots/ in `out` for runs {name: run dir} named '<mode>-seed<k>'; returns summary lines."""
     out_p = Path(out)
@@ -152,6 +174,7 @@ def report(out: str, runs: dict[str, str], labels=None, questions=None) -> list[
                     row[k] = v
             rows.append(row)
         mean_runs[m] = rows
+    lines += cost_lines(mean_runs)
     rel = [Path("plots") / Path(f).name for f in figures]
     text = write_report(
         mean_runs, None, title="B-STaR comparison report (tables: means over seeds)", figures=rel, preamble=lines

@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
 from bstar.engine.errors import CheckpointError
 from bstar.engine.model.loader import weight_files
 from bstar.utils import failpoint
-from bstar.utils.jsonl import read_json, temp_path
+from bstar.utils.jsonl import fsync_dir, fsync_tree, read_json, temp_path
 
 STATE_DIR = "trainer_state"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
@@ -185,8 +185,10 @@ def write_checkpoint(
             _write_state(tmp / STATE_DIR, state, info or {})
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-    except BaseException:  # an error, not a kill: no temporary left for a sweep
+    except BaseException as e:  # an error, not a kill: no temporary left for a sweep
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # (a full disk: a write's error names no file)
+            raise CheckpointError(f"cannot write the checkpoint {path}: {e.strerror or e}") from None
         raise
     atomic_replace(tmp, path)
 
@@ -283,11 +285,14 @@ def atomic_replace(tmp: Path, dest: Path) -> None:
     """Puts the complete directory `tmp` in place of `dest` so that a crash at any instant leaves exactly one
     of the two under `dest`, or leaves what `finish_replace` completes. rename() cannot replace a non-empty
     directory, so it takes three renames: tmp -> .<dest>.new (the commit: the new state is complete under a
-    known name), dest -> .<dest>.old, .<dest>.new -> dest; then .<dest>.old is removed."""
+    known name), dest -> .<dest>.old, .<dest>.new -> dest; then .<dest>.old is removed. `tmp` is fsync'ed
+    before it is staged and the parent directory after each rename, so this holds after a power loss too."""
     new = _aside(dest, "new")
     shutil.rmtree(new, ignore_errors=True)  # staged by a crashed earlier swap: superseded
     shutil.rmtree(_aside(dest, "old"), ignore_errors=True)
+    fsync_tree(tmp)
     os.replace(tmp, new)
+    fsync_dir(dest.parent)
     failpoint.hit("staged")
     finish_replace(dest)
 
@@ -300,6 +305,8 @@ def finish_replace(dest: Path) -> None:
         if dest.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(dest, old)
+            fsync_dir(dest.parent)
         failpoint.hit("swap")  # the old state (if any) moved aside, the new one not yet in place
         os.replace(new, dest)
+        fsync_dir(dest.parent)
     shutil.rmtree(old, ignore_errors=True)

@@ -79,7 +79,7 @@ def init_single_process() -> None:
 def destroy() -> None:
     """Destroy the process group, after collecting garbage: sharded modules and DTensors left in reference
     cycles, torn down after the group, made a 2-rank gloo run abort at exit now and then ("terminate called
-    without an active exception", tests/test_trainer.py with offload)."""
+    without an active exception", tests/integration/test_trainer.py with offload)."""
     if dist.is_available() and dist.is_initialized():
         gc.collect()
         dist.destroy_process_group()

@@ -85,17 +85,40 @@ def is_temp(name: str) -> bool:
     return name.startswith(".") and TMP_TAG in name
 
 
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Makes the names in directory `path` durable (a rename into it survives a power loss)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: str | os.PathLike) -> None:
+    """Makes a directory written in full (a checkpoint before it is renamed into place) durable: every file's
+    data, then every directory's names, deepest first."""
+    for root, _, files in os.walk(path, topdown=False):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(root)
+
+
 @contextmanager
 def atomic_open(path: str | os.PathLike) -> Iterator[IO[str]]:
     """A text file that appears at `path` only when the block ends without an error: a crash leaves the old
-    file (or none) there, never a half-written one; at most a temporary (`is_temp`) beside it. An I/O error
-    (full disk, read-only directory) is one line naming the file (DataError)."""
+    file (or none) there, never a half-written one; at most a temporary (`is_temp`) beside it. The data is
+    fsync'ed before the rename and the directory after it, so a commit also survives a power loss. An I/O
+    error (full disk, read-only directory) is one line naming the file (DataError)."""
     tmp = temp_path(path)
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(tmp, "w", encoding="utf-8") as f:
             yield f
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
     except OSError as e:
         raise DataError(f"cannot write {path}: {e.strerror or e}") from None
     finally:

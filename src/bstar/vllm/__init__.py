@@ -19,9 +19,9 @@ VLLM_API_VERSION (version.py) is the vLLM release whose API this mirrors: `vllm.
 install() `importlib.metadata.version("vllm")` in this process.
 """
 
-import importlib
 from typing import TYPE_CHECKING
 
+from bstar.utils.lazy import lazy_names
 from bstar.vllm.version import VLLM_API_VERSION
 
 __version__ = VLLM_API_VERSION
@@ -66,13 +66,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name not in _MODULE_OF:
-        raise AttributeError(f"module 'vllm' (bstar.vllm) has no attribute {name!r}")
-    value = getattr(importlib.import_module(_MODULE_OF[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_names(__name__, _MODULE_OF, shown="'vllm' (bstar.vllm)")

@@ -34,7 +34,7 @@ from bstar.engine.model.loader import generation_eos_ids, iter_weights
 from bstar.engine.model.tokenizer import load_tokenizer
 from bstar.engine.runner.logit_masks import LogitMasks
 from bstar.engine.runner.memory_plan import SLEEP_TAGS, engine_max_model_len
-from bstar.engine.runner.model_runner import ModelRunner
+from bstar.engine.runner.runners import build_runner
 from bstar.engine.runner.sampler import (
     Draw,
     Sampler,
@@ -81,15 +81,16 @@ class LLMEngine:
         net = build_model(self.mcfg, self.dtype, self.device)
         net.load_weights(iter_weights(model))
         self.model = net.eval().requires_grad_(False)
-        self.runner = ModelRunner(net, self.mcfg, self.ecfg, self.max_model_len, self.device, self.dtype)
+        self.runner = build_runner(net, self.mcfg, self.ecfg, self.max_model_len, self.device, self.dtype)
         self.block_manager = BlockManager(self.runner.num_blocks, self.ecfg.block_size, self.ecfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.ecfg, self.block_manager)
-        self.sampler = Sampler(self.eos_ids, self.ecfg.logprobs_mode)
+        self.sampler = Sampler(self.eos_ids, self.ecfg.logprobs_mode, triton=self.runner.triton)
         # vLLM's primary EOS (the tokenizer's) ends with stop_reason None; the others give their id.
         primary_eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
         self.output_processor = OutputProcessor(self.tokenizer, self.eos_ids, self.max_model_len, primary_eos)
         self.requests: dict[str, Request] = {}
-        self.prompt_logprobs = PromptLogprobs(self.mcfg.vocab_size, self.device)
+        self.prompt_logprobs = PromptLogprobs(self.mcfg.vocab_size, self.device, self.block_manager, self.requests)
+        self.scheduler.match_scored_prefix = self.prompt_logprobs.match
         self._rng = random.Random(seed)
         self.num_generated_tokens = 0
         self.num_discarded_tokens = 0  # async scheduling: drawn for candidates that had stopped meanwhile
@@ -146,8 +147,8 @@ class LLMEngine:
         if parsed.cache_salt is not None:
             seq.hash_root = seq.last_hash = hash(("cache_salt", parsed.cache_salt))
         if params.prompt_logprobs is not None:
-            # Computed once per request, by candidate 0's prefill; it skips the prefix cache (a
-            # cached prefix has no logits), as vLLM does for such requests.
+            # Computed once per request, by candidate 0's prefill; a cached prefix is used only with
+            # its stored entries (PromptLogprobs.match).
             req.prompt_logprobs = [None] * len(ids)
             if len(ids) > 1:
                 seq.prompt_logprobs_pending = True
@@ -235,7 +236,8 @@ class LLMEngine:
                     self.prompt_logprobs.seqs.add(s)
         self.scheduler.preempt_all()
         self.block_manager.reset_prefix_cache()
-        self.runner.cpu_decode.release()
+        self.prompt_logprobs.forget()
+        self.runner.release_decode_state()
 
     def fail_request(self, request_id: str, message: str) -> RequestOutput | None:
         """Finish a request with an error: its unfinished candidates end with finish_reason "error", its
@@ -362,6 +364,7 @@ class LLMEngine:
         loaded = self.model.load_weights(named_tensors, strict=strict)
         self._weights_to_load -= loaded
         self.block_manager.reset_prefix_cache()
+        self.prompt_logprobs.forget()
         self.runner.invalidate_buffers()
         return loaded
 
@@ -372,6 +375,7 @@ class LLMEngine:
             warnings.warn("reset_prefix_cache: requests are unfinished; the prefix cache was kept", stacklevel=2)
             return False
         self.block_manager.reset_prefix_cache()
+        self.prompt_logprobs.forget()
         return True
 
     def collective_rpc(self, method, timeout: float | None = None, args: tuple = (), kwargs: dict | None = None):
@@ -399,6 +403,7 @@ class LLMEngine:
             )
         self.runner.sleep(level)
         self.block_manager.reset()
+        self.prompt_logprobs.forget()
         self._in_flight = None  # (only aborted candidates' rows can be left)
 
     def wake_up(self, tags: list[str] | None = None):

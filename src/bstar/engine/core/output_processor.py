@@ -142,3 +142,67 @@ class OutputProcessor:
             finished=True,
             prompt_logprobs=req.prompt_logprobs,
         )
+
+
+@dataclass
+class _Sent:
+    """What a candidate's earlier DELTA outputs carried."""
+
+    tokens: int = 0
+    text: int = 0  # characters
+    finished: bool = False
+
+
+class DeltaOutputs:
+    """vLLM's output_kind=DELTA for one request's stream: each output carries only what is new since the
+    previous one (token ids, text, logprobs; prompt_logprobs in the first only), and only the candidates
+    with something new; the pieces concatenate to the CUMULATIVE outputs. Made from the cumulative
+    outputs the stream would deliver, so a slow consumer gets one larger delta, never a lost one.
+
+    Text that a later token could still change is held back until it cannot: trailing U+FFFD (a
+    character whose bytes are split across tokens) and, when stop strings cut the text, the last
+    characters a stop string could still complete (as vLLM's stop buffer). The final output flushes."""
+
+    def __init__(self, params):
+        self.sent: dict[int, _Sent] = {}
+        self.prompt_sent = False
+        stops = params.stop_strings if not params.include_stop_str_in_output else ()
+        self.hold = max((len(s) for s in stops), default=1) - 1
+
+    def _visible(self, c: CompletionOutput) -> str:
+        """The part of an unfinished candidate's text that no later token can change."""
+        text = c.text.rstrip("\ufffd")
+        return text[: len(text) - self.hold] if self.hold else text
+
+    def next(self, out: RequestOutput) -> RequestOutput | None:
+        """The delta of cumulative output `out` against what was sent; None when it adds nothing."""
+        pieces = []
+        for c in out.outputs:
+            sent = self.sent.setdefault(c.index, _Sent())
+            if sent.finished:
+                continue
+            done = c.finish_reason is not None
+            text = c.text if done else self._visible(c)
+            new_text = text[sent.text :] if len(text) > sent.text else ""
+            if len(c.token_ids) == sent.tokens and not new_text and not done:
+                continue
+            n = sent.tokens
+            pieces.append(
+                CompletionOutput(
+                    c.index,
+                    new_text,
+                    c.token_ids[n:],
+                    c.cumulative_logprob,
+                    None if c.logprobs is None else c.logprobs[n:],
+                    c.finish_reason,
+                    c.stop_reason,
+                )
+            )
+            sent.tokens, sent.text, sent.finished = len(c.token_ids), max(sent.text, len(text)), done
+        if not pieces and not out.finished and (self.prompt_sent or out.prompt_logprobs is None):
+            return None
+        prompt_logprobs = None if self.prompt_sent else out.prompt_logprobs
+        self.prompt_sent = True
+        return RequestOutput(
+            out.request_id, out.prompt, out.prompt_token_ids, pieces, out.finished, prompt_logprobs, out.error
+        )

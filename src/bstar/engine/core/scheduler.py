@@ -71,6 +71,8 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.focus: set[str] | None = None  # request ids: schedule only their sequences (LLMEngine's isolation)
+        # A waiting prompt_logprobs sequence's prefix hits (PromptLogprobs.match); False: it waits a step.
+        self.match_scored_prefix = lambda seq, may_wait: True
 
     def add(self, seq: Sequence):
         self.waiting.append(seq)
@@ -132,12 +134,16 @@ class Scheduler:
                 i += 1
         # Admit new work only when nothing was preempted: otherwise it would be evicted again.
         in_flight = sum(1 + s.fork_count for s in self.running) if self.waiting else 0
+        later: list[Sequence] = []  # scoring prompts whose head another one computes now: next step
         while self.waiting and budget > 0 and not preempted:
             seq = self.waiting[0]
             if in_flight + 1 + seq.fork_count > self.cfg.max_num_seqs and self.running:
                 break
             if not seq.block_table and not seq.prompt_logprobs_pending:  # (a cached prefix has no logits)
                 self.bm.match_prefix(seq, seq.prefix_limit)
+            elif not seq.block_table and not self.match_scored_prefix(seq, self.focus is None):
+                later.append(self.waiting.popleft())
+                continue
             n = min(len(seq) - seq.num_computed, budget)
             if self.bm.blocks_needed(seq, n) > self.bm.num_free:
                 # Give back its prefix hits: held by a waiting sequence, nothing could preempt them, and
@@ -151,6 +157,7 @@ class Scheduler:
             picked.append((seq, n))
             budget -= n
             in_flight += 1 + seq.fork_count
+        self.waiting.extendleft(reversed(later))
         num_new = [n for _, n in picked]
         num_decode = num_new.count(1)
         if num_decode < len(picked):  # single-token rows first (a stable sort)

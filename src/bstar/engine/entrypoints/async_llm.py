@@ -8,8 +8,10 @@ LLMEngine is not thread-safe, so one background thread owns it: it runs the comm
 concurrent generate calls batch together (continuous batching). Each step's outputs go back to the event
 loop of the request's caller. As vLLM's default (CUMULATIVE), each output holds everything generated so
 far; a consumer slower than the engine gets the newest one (older ones are superseded, not queued), and
-the last output has finished=True. abort() ends a request's stream with its tokens so far and
-finish_reason "abort"; cancelling the consuming task (or closing the generator) aborts the request.
+the last output has finished=True. output_kind DELTA gives only what is new since the consumer's previous
+output (so a slow consumer gets a larger piece), FINAL_ONLY only the finished output. abort() ends a
+request's stream with its tokens so far and finish_reason "abort"; cancelling the consuming task (or
+closing the generator) aborts the request.
 The engine thread steps the synchronous LLMEngine unchanged: no cost to LLM.generate.
 """
 
@@ -21,10 +23,12 @@ import threading
 from collections.abc import Iterable
 
 from bstar.engine.compat.vllm import GENERATE_KWARGS, no_lora
+from bstar.engine.core.output_processor import DeltaOutputs
 from bstar.engine.core.sequence import Request
 from bstar.engine.entrypoints.llm import LLM
 from bstar.engine.entrypoints.outputs import RequestOutput
 from bstar.engine.entrypoints.sampling_params import SamplingParams
+from bstar.engine.entrypoints.vllm_sampling import RequestOutputKind
 from bstar.engine.errors import RequestError, UnsupportedError
 
 _STOP = object()
@@ -46,6 +50,7 @@ class _Stream:
         self.latest: RequestOutput | BaseException | None = None
         self.ready = asyncio.Event()
         self.done = False  # the final output (or an error) was delivered
+        self.final_only = False  # output_kind FINAL_ONLY: no progress outputs are made for it
 
     def put(self, item):  # on the event loop
         self.latest = item
@@ -156,7 +161,11 @@ class AsyncLLM:
     def _deliver_progress(self, skip: set[str]):
         """Cumulative outputs of the unfinished requests whose consumer took the previous one."""
         with self._lock:
-            wanted = {rid for rid, st in self._streams.items() if not st.ready.is_set() and rid not in skip}
+            wanted = {
+                rid
+                for rid, st in self._streams.items()
+                if not st.ready.is_set() and not st.final_only and rid not in skip
+            }
         if not wanted:
             return
         eng = self.llm_engine
@@ -190,13 +199,17 @@ class AsyncLLM:
 
     # -- requests -----------------------------------------------------------------------------
     async def generate(self, prompt, sampling_params: SamplingParams, request_id: str, **_ignored):
-        """Yield cumulative RequestOutputs of one request until the finished one. vLLM's other keywords
+        """Yield RequestOutputs of one request until the finished one: cumulative ones, only what is new in
+        each (output_kind DELTA), or only the finished one (FINAL_ONLY). vLLM's other keywords
         (compat.vllm.GENERATE_KWARGS: priority, trace_headers...) have no use here; lora_request only None."""
         unknown = sorted(set(_ignored) - GENERATE_KWARGS)
         if unknown:
             raise UnsupportedError(f"generate got unknown keyword {unknown[0]!r}")
         no_lora(_ignored.get("lora_request"))
         stream = _Stream(asyncio.get_running_loop())
+        kind = getattr(sampling_params, "output_kind", RequestOutputKind.CUMULATIVE)
+        stream.final_only = kind == RequestOutputKind.FINAL_ONLY
+        delta = DeltaOutputs(sampling_params) if kind == RequestOutputKind.DELTA else None
         with self._lock:
             if request_id in self._streams:
                 raise RequestError(f"duplicate request id {request_id!r}")
@@ -210,8 +223,12 @@ class AsyncLLM:
         try:
             while True:
                 out = await stream.get()
-                yield out
-                if out.finished:
+                finished = out.finished
+                if delta is not None:
+                    out = delta.next(out)
+                if out is not None:
+                    yield out
+                if finished:
                     return
         finally:
             if not stream.done and self._thread.is_alive():  # the consumer left early: free the blocks

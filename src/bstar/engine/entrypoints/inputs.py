@@ -45,7 +45,10 @@ _FORMS = "a str, a list of token ids, TextPrompt {'prompt': str} or TokensPrompt
 
 
 def _is_token_ids(x) -> bool:
-    return isinstance(x, (list, tuple)) and all(isinstance(t, Integral) and not isinstance(t, bool) for t in x)
+    if not isinstance(x, (list, tuple)):
+        return False
+    # (plain ints first: the ABC check costs ~1 us a token, 10 ms per 10k-token scoring batch)
+    return all(type(t) is int for t in x) or all(isinstance(t, Integral) and not isinstance(t, bool) for t in x)
 
 
 def parse_prompt(prompt) -> ParsedPrompt:

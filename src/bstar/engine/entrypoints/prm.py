@@ -117,7 +117,7 @@ class PRM:
                     f"classification PRM needs a 2-class head, this one has {self._last_layer().out_features}"
                 )
             self.label_rows = [good_label, 1 - good_label]
-        if self.engine.runner.inputs is not None:  # the Triton path: compile the scoring kernels now, not mid-run
+        if self.engine.runner.triton:  # the Triton path: compile the scoring kernels now, not mid-run
             with torch.inference_mode():
                 h = torch.zeros(2, self.engine.mcfg.hidden_size, dtype=self.engine.dtype, device=self.engine.device)
                 self._score_hidden(h, torch.zeros(2, dtype=torch.long, device=h.device), 1)
@@ -144,7 +144,9 @@ class PRM:
             if pre is not None:
                 hidden = pre(hidden)
             tags = torch.arange(hidden.shape[0], device=hidden.device)
-            p_good, agg = kernels.prm_step_scores(hidden, tags, weight, bias, step_cand, num_candidates, self.aggregate)
+            p_good, agg = kernels.prm_step_scores(
+                hidden, tags, weight, bias, step_cand, num_candidates, self.aggregate, triton=self.engine.runner.triton
+            )
             if self.scale == "logit":
                 p_good, agg = to_logit(p_good), to_logit(agg)
         return p_good, agg

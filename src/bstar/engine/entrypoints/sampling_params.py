@@ -11,23 +11,29 @@ from bstar.engine.entrypoints.vllm_sampling import (  # noqa: F401 (GuidedDecodi
     check_vllm_fields,
 )
 from bstar.engine.errors import RequestError
+from bstar.utils.settings import setting
 
 
 @dataclass
 class SamplingParams:
-    n: int = 1  # candidates per prompt; they share the prompt's KV blocks
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = -1  # -1 or 0 = off
-    min_p: float = 0.0
-    max_tokens: int | None = 16  # None: up to the context (max_model_len - prompt length)
-    min_tokens: int = 0  # EOS and stop_token_ids are banned until this many tokens
-    stop: str | list[str] | None = None
+    # (the help of a field is its `bstar-engine generate` option's, where it has one)
+    n: int = setting(1, "Candidates per prompt; they share the prompt's KV blocks.")
+    temperature: float = setting(1.0, "Sampling temperature; 0: greedy.")
+    top_p: float = setting(1.0, "Nucleus sampling: the most likely tokens up to this total probability (1: off).")
+    top_k: int = setting(-1, "Sample from the k most likely tokens (-1 or 0: off).")
+    min_p: float = setting(0.0, "Drop tokens below this fraction of the most likely one's probability (0: off).")
+    max_tokens: int | None = setting(
+        16, "Most tokens generated per candidate.", unset="up to the context (max_model_len - prompt length)"
+    )
+    min_tokens: int = setting(0, "EOS and stop_token_ids are banned until this many tokens.")
+    stop: str | list[str] | None = setting(None, "Stop string (repeatable).", unset="none")
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False  # keep the stop string (or the stop/EOS token's text) in .text
-    ignore_eos: bool = False
-    seed: int | None = None  # per-request seed: same seed + inputs -> same outputs
-    logprobs: int | None = None  # None: none; 0: the sampled token's; k: plus the top-k
+    ignore_eos: bool = setting(False, "Go on after EOS, up to max_tokens.")
+    seed: int | None = setting(
+        None, "Per-request seed: the same seed and inputs give the same outputs.", unset="drawn by the engine"
+    )
+    logprobs: int | None = setting(None, "Each token's logprob (0), plus the top-k (k > 0).", unset="none")
     skip_special_tokens: bool = True  # only affects .text
     # Penalties, before temperature and the filters (vLLM's order: repetition, frequency, presence).
     repetition_penalty: float = 1.0  # tokens of prompt + output: logit / p if > 0 else logit * p (1 = off)

@@ -12,8 +12,9 @@ from bstar.engine.errors import RequestError
 
 
 class RequestOutputKind(enum.IntEnum):
-    """vLLM's output_kind. LLM.generate returns final outputs whatever it is; AsyncLLM streams cumulative
-    outputs (CUMULATIVE, FINAL_ONLY: only its last output is read); DELTA is refused."""
+    """vLLM's output_kind. LLM.generate returns final outputs whatever it is (as vLLM's); AsyncLLM streams
+    cumulative outputs (CUMULATIVE), only what each adds (DELTA: core.output_processor.DeltaOutputs), or
+    only the finished output (FINAL_ONLY)."""
 
     CUMULATIVE = 0
     DELTA = 1
@@ -102,9 +103,8 @@ def check_vllm_fields(params):
             raise RequestError(f"SamplingParams({name}=...) is not supported: {why}")
     if params.best_of not in (None, params.n):
         _bad(params, "best_of", "must be None or n (vLLM 1.x has no best_of; draw n and pick)")
-    kind = params.output_kind
-    if kind not in (RequestOutputKind.CUMULATIVE, RequestOutputKind.FINAL_ONLY):
-        _bad(params, "output_kind", "CUMULATIVE or FINAL_ONLY (DELTA outputs are not streamed)")
+    if params.output_kind not in tuple(RequestOutputKind):
+        _bad(params, "output_kind", "must be a RequestOutputKind (CUMULATIVE, DELTA or FINAL_ONLY)")
     if params.logit_bias is not None:
         params.logit_bias = _logit_bias(params)
     ids = params.allowed_token_ids

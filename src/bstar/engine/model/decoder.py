@@ -14,8 +14,9 @@ from torch import nn
 from bstar import kernels
 from bstar.engine.config import ModelConfig
 from bstar.engine.errors import CheckpointError
+from bstar.engine.model.attention_backend import AttentionBackend, TorchAttention, attention_backend
 from bstar.engine.model.linear import Linear, unpack_linears
-from bstar.kernels.cascade_attention import CascadePlan, cascade_decode_attention
+from bstar.kernels.cascade_attention import CascadePlan
 
 
 @dataclass
@@ -53,56 +54,18 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
+        self.backend: AttentionBackend = TorchAttention()  # the engine's choice: CausalLM.set_backend
+
+    def qk_norm_args(self) -> tuple:
+        """Qwen3's q/k norm weights and eps, as the rotary kernels take them."""
+        return self.q_norm.weight, self.k_norm.weight, self.q_norm.eps
 
     def forward(self, x, positions, cos_sin, kv_cache, meta: AttnMetadata):
         T = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
         q, k, v = q.view(T, self.nh, self.hd), k.view(T, self.nkv, self.hd), v.view(T, self.nkv, self.hd)
-        k_cache, v_cache = kv_cache  # [num_blocks, block_size, Hkv, D]
-        # Write the new tokens' K/V first: both kernels then read everything from the cache. (On the
-        # CPU decode path a steady step keeps them in the cascade buffers; runner/cpu/decode_state.py writes back.)
-        norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else ()
-        if meta.cascade is None and kernels.dispatch.use_triton(x):
-            # One kernel rotates q and k (Qwen3: norms them first) and stores k and v (slot -1, graph
-            # padding: skipped). k and v then live only in the cache: no kernel below reads them.
-            q = kernels.rope_store_kv(q, k, v, k_cache, v_cache, meta.slot_mapping, positions, cos_sin, *norm)
-            k = v = None
-        else:
-            if self.qk_norm:
-                q, k = kernels.qk_norm_rope(q, k, norm[0], norm[1], norm[2], positions, cos_sin)
-            else:
-                q, k = kernels.apply_rotary(q, k, positions, cos_sin)
-            if meta.cascade is None or not meta.cascade.write_back:
-                kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)  # slot -1 (graph padding): skipped
-        nd = meta.num_decode
-        if nd == T:
-            o = self._decode(q, k, v, k_cache, v_cache, meta)
-        else:
-            o = torch.empty_like(q)
-            if nd:
-                kv_new = (None, None) if k is None else (k[:nd], v[:nd])
-                o[:nd] = self._decode(q[:nd], *kv_new, k_cache, v_cache, meta)
-            o[nd:] = kernels.paged_prefill_attention(
-                q[nd:],
-                k_cache,
-                v_cache,
-                meta.block_tables[nd:],
-                meta.cu_seqlens_q,
-                meta.seq_lens[nd:],
-                self.scale,
-                max_seqlen_q=meta.max_seqlen_q,
-            )
+        o = self.backend.forward(self, q, k, v, positions, cos_sin, kv_cache, meta)
         return self.o_proj(o.view(T, self.nh * self.hd))
-
-    def _decode(self, q, k, v, k_cache, v_cache, meta: AttnMetadata):
-        """k, v: the rows' own new K/V, read by the cascade path only (None on the fused Triton path)."""
-        nd, plan = q.shape[0], meta.cascade
-        if plan is not None:
-            bufs = plan.buffers[self.layer_idx] if plan.buffers is not None else None
-            return cascade_decode_attention(q, k_cache, v_cache, plan, self.scale, bufs, (k, v))
-        return kernels.paged_decode_attention(
-            q, k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], self.scale, max_context=meta.max_seq_len
-        )
 
 
 class MLP(nn.Module):
@@ -110,9 +73,10 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.triton = False  # the engine's kernel backend: CausalLM.set_backend
 
     def forward(self, x):
-        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x), triton=self.triton))
 
 
 class RMSNorm(nn.Module):
@@ -120,9 +84,10 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden))
         self.eps = eps
+        self.triton = False  # the engine's kernel backend: CausalLM.set_backend
 
     def forward(self, x, residual=None):
-        return kernels.rms_norm(x, self.weight, self.eps, residual)
+        return kernels.rms_norm(x, self.weight, self.eps, residual, triton=self.triton)
 
 
 class DecoderLayer(nn.Module):
@@ -161,6 +126,18 @@ class CausalLM(nn.Module):
             self.score = nn.Sequential(
                 nn.Linear(cfg.hidden_size, cfg.hidden_size), nn.ReLU(), nn.Linear(cfg.hidden_size, cfg.num_labels)
             )
+
+    def set_backend(self, backend: AttentionBackend):
+        """Run every layer on `backend` (chosen once, when the engine is built: the runner sets it)."""
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.backend = backend
+            elif isinstance(m, (MLP, RMSNorm)):
+                m.triton = backend.triton
+
+    @property
+    def backend(self) -> AttentionBackend:
+        return self.model.layers[0].self_attn.backend
 
     def forward(self, input_ids, positions, cos_sin, kv_caches, meta: AttnMetadata):
         """input_ids, positions int64 [T] -> final normed hidden states [T, hidden]."""
@@ -242,4 +219,5 @@ def build_model(mcfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> 
     net = net.to(dtype).to_empty(device=device)
     if mcfg.tie_word_embeddings and mcfg.head == "lm":  # to_empty unties
         net.lm_head.weight = net.model.embed_tokens.weight
+    net.set_backend(attention_backend(device.type == "cuda"))  # the device's default; the runner sets the engine's
     return net

@@ -22,9 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bstar.engine.choices import CPU_GEMMS
 from bstar.engine.errors import UnsupportedError
-
-CPU_GEMMS = ("auto", "onednn", "mkl", "aten")
 
 
 def packing_available() -> bool:

@@ -17,7 +17,7 @@ import json
 import torch
 
 from bstar.engine.errors import RequestError
-from bstar.kernels.host import to_device
+from bstar.kernels.host import index_pairs, to_device
 
 
 def bad_words_token_ids(bad_words: list[str], encode) -> list[list[int]]:
@@ -147,19 +147,16 @@ class LogitMasks:
             keep = torch.zeros(len(allowed), V, dtype=torch.bool, device=dev)
             kr = [i for i, (_, ids) in enumerate(allowed) for _ in ids]
             kc = [t for _, ids in allowed for t in ids]
-            idx = to_device(kr + kc, torch.int64, dev)
-            keep[idx[: len(kr)], idx[len(kr) :]] = True
+            keep[index_pairs(kr, kc, dev)] = True
             rows_t = to_device([r for r, _ in allowed], torch.int64, dev)
             logits[rows_t] = logits[rows_t].masked_fill(~keep, float("-inf"))
         if mask_r:
-            idx = to_device(mask_r + mask_c, torch.int64, dev)
-            logits[idx[: len(mask_r)], idx[len(mask_r) :]] = float("-inf")
+            logits[index_pairs(mask_r, mask_c, dev)] = float("-inf")
         bias = [(r, t, b) for r, s in enumerate(seqs) for t, b in (s.params.logit_bias or {}).items()]
         if bias:
             br, bc, bv = zip(*bias)
-            idx = to_device(list(br) + list(bc), torch.int64, dev)
             vals = to_device(list(bv), torch.float32, dev)
-            logits.index_put_((idx[: len(br)], idx[len(br) :]), vals, accumulate=True)
+            logits.index_put_(index_pairs(list(br), list(bc), dev), vals, accumulate=True)
 
     def _apply_grammar(self, logits: torch.Tensor, rows: list[int], seqs) -> None:
         g = self._grammars

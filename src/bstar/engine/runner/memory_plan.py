@@ -37,7 +37,7 @@ def cublaslt_workspace_bytes(m: ModelConfig, env=os.environ) -> int:
     o_bias, mlp_bias) on more than one row takes addmm's cuBLASLt path, whose workspace PyTorch allocates apart
     from cuBLAS's (CUBLASLT_WORKSPACE_SIZE KiB, 32 MiB by default on Hopper) unless the build is told to share
     cuBLAS's (TORCH_CUBLASLT_UNIFIED_WORKSPACE=1). 0 for a model without biases. The pool is also measured
-    at capture (DecodeGraphs.pool_bytes), and ModelRunner warns when it exceeds this estimate."""
+    at capture (DecodeGraphs.pool_bytes), and GpuRunner warns when it exceeds this estimate."""
     if not (m.qkv_bias or m.o_bias or m.mlp_bias) or env.get("TORCH_CUBLASLT_UNIFIED_WORKSPACE") == "1":
         return 0
     kib = env.get("CUBLASLT_WORKSPACE_SIZE", "")
@@ -133,7 +133,7 @@ def decode_graph_pool_bytes(
     CTAS_PER_SM x SMs / Hkv), as wave_splits splits within that many waves, and <= b x the splits a context
     allows), plus the allocator's rounding and the capture stream's cuBLAS workspace, and its cuBLASLt one
     where it applies (cublaslt_workspace_bytes). The engine sets this aside when it sizes its own KV
-    cache; DecodeGraphs.capture measures the real pool, and ModelRunner warns when it came out bigger."""
+    cache; DecodeGraphs.capture measures the real pool, and GpuRunner warns when it came out bigger."""
     if m.head != "lm":
         return 0
     b = bucket_sizes(max_num_seqs)[-1]

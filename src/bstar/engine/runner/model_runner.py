@@ -1,18 +1,18 @@
-"""Owns the model and its paged KV cache; turns a scheduled batch into hidden states and logits.
+"""The runner interface: owns the model and its paged KV cache; turns a scheduled batch into hidden
+states and logits. One of two runners serves an engine, chosen once when it is built
+(`bstar.engine.runner.runners.build_runner`: EngineConfig.kernels, else BSTAR_KERNELS, else the device):
 
-Two paths, picked per step by kernels.dispatch.use_triton (CUDA, or BSTAR_KERNELS):
-- the torch path (CPU by default): per-step tensors from host lists; its decode state across steps
-  (cascade buffers, write-back, weight packing) lives in `bstar.engine.runner.cpu.decode_state.CpuDecodeState`, which
-  this runner asks for the decode rows' plan and flushes before anything else touches the cache;
-- the Triton (GPU) path: persistent step inputs filled without host syncs and device block tables
-  (gpu/step_inputs.py), decode CUDA graphs per batch-size bucket (gpu/cuda_graphs.py; on CPU
-  the same padded buckets run eagerly), every kernel variant compiled and tuned at start-up.
+- `CpuRunner` (runner/cpu/runner.py; CPU by default): torch references, per-step tensors from host
+  lists, and the decode state kept across steps (cascade buffers, write-back, weight packing:
+  runner/cpu/decode_state.py), which it alone flushes before the paged cache is read or copied;
+- `GpuRunner` (runner/gpu/runner.py; CUDA by default): Triton kernels, persistent step inputs filled
+  without host syncs and device block tables (gpu/step_inputs.py), decode CUDA graphs per batch-size
+  bucket (gpu/cuda_graphs.py; on CPU under the interpreter the same padded buckets run eagerly), every
+  kernel variant compiled and tuned at start-up.
 
-A decode step on CUDA: scheduler batch -> StepInputs.prepare (flat host lists -> one packed pinned
-staging buffer -> one non-blocking copy -> persistent buffers; changed block-table entries
-written, tables gathered into batch order) -> graph replay of the batch's bucket (or the eager
-forward) -> logits of the sampled rows -> the sampler (bstar/engine/runner/sampler.py), whose tokens.tolist()
-is the step's one synchronisation.
+Both share what this base class holds: the KV layout ([layers, K/V, blocks, block_size, kv_heads,
+head_dim]) and its sizing, block copies, sleep / wake, and the head on hidden rows. The model's attention
+runs on the runner's backend (`CausalLM.set_backend`), as does every kernel call the engine makes.
 
 KV sizing (`_auto_num_blocks`): `num_kv_blocks` when given; else `kv_cache_memory_bytes`, or on CUDA
 `gpu_memory_utilization` x the device's memory minus this engine's own weights, measured activation
@@ -21,22 +21,19 @@ never more than the engine can use (bstar.engine.runner.memory_plan).
 
 Sleep / wake (`sleep`, `wake_up`): the weights' and the KV cache's storages are resized to nothing and
 back, so every tensor object and view (tied weights, per-layer K/V views) stays valid and needs no
-rebuilding; only addresses change, so the decode graphs are dropped before and captured again after
-(`before_sleep`, `after_wake_up`).
+rebuilding; only addresses change, so whatever holds them (the GPU runner's decode graphs, the CPU
+runner's kept buffers) is dropped before (`before_sleep`) and made again after (`after_wake_up`).
 """
 
 import contextlib
-import warnings
 
 import torch
 
 from bstar.engine.config import EngineConfig, ModelConfig
 from bstar.engine.core.scheduler import Batch
 from bstar.engine.entrypoints.sampling_params import SamplingParams
+from bstar.engine.model.attention_backend import attention_backend
 from bstar.engine.model.decoder import AttnMetadata, CausalLM
-from bstar.engine.runner.cpu.decode_state import CpuDecodeState
-from bstar.engine.runner.gpu.cuda_graphs import DecodeGraphs, bucket_sizes, warm_up_kernels
-from bstar.engine.runner.gpu.step_inputs import StepInputs
 from bstar.engine.runner.memory_plan import (
     SLEEP_TAGS,
     activation_peak_bytes,
@@ -46,8 +43,7 @@ from bstar.engine.runner.memory_plan import (
     unique_storage_bytes,
 )
 from bstar.engine.runner.sampler import sample_rows
-from bstar.kernels.dispatch import triton_on, use_triton
-from bstar.kernels.host import HostBuffer, long_tensor, to_device
+from bstar.kernels.host import HostBuffer, index_pairs, to_device_segments
 
 
 def device_guard(device: torch.device):
@@ -68,6 +64,12 @@ def _as_bytes(storage: torch.UntypedStorage) -> torch.Tensor:
 
 
 class ModelRunner:
+    """What the engine asks of a runner (the CPU and the GPU runner subclass it): `hidden_states`, `run`
+    and `run_with_prompt_hidden` turn a batch into hidden states / logits; `kv`, `kv_caches`, `num_blocks`
+    and `read_kv` give the paged cache; `sleep` / `wake_up` free and restore the device memory."""
+
+    triton: bool  # the kernel backend of every call this engine makes (kernels.dispatch)
+
     def __init__(
         self,
         model: CausalLM,
@@ -78,6 +80,7 @@ class ModelRunner:
         dtype: torch.dtype,
     ):
         self.model, self.mcfg, self.ecfg = model, mcfg, ecfg
+        model.set_backend(attention_backend(self.triton))  # before the profiling forward that sizes the cache
         self.device, self.dtype = device, dtype
         self.block_size = ecfg.block_size
         self.max_model_len = max_model_len
@@ -93,12 +96,6 @@ class ModelRunner:
             # Zeroed, not empty: masked-out slots still meet a 0 weight, and 0 * NaN garbage would be NaN.
             self.kv = self._new_kv(self.num_blocks)
         self.kv_caches = [(self.kv[i, 0], self.kv[i, 1]) for i in range(mcfg.num_layers)]
-        self.cpu_decode = CpuDecodeState(model, mcfg, ecfg, self.kv, self.kv_caches)
-        self.inputs: StepInputs | None = None  # the Triton path's persistent step inputs
-        self.graphs: DecodeGraphs | None = None  # its decode graphs (None: enforce_eager, or no LM head)
-        if use_triton(self.kv):
-            with self.guard():
-                self.init_gpu_path()
 
     def guard(self):
         return device_guard(self.device)
@@ -173,7 +170,7 @@ class ModelRunner:
 
     def _captures_graphs(self) -> bool:
         """Decode graphs will be captured: an LM head on the Triton path, not enforce_eager."""
-        return triton_on(self.device) and not self.ecfg.enforce_eager and self.mcfg.head == "lm"
+        return self.triton and not self.ecfg.enforce_eager and self.mcfg.head == "lm"
 
     @torch.inference_mode()
     def profile_step(self, n: int, kv: torch.Tensor) -> torch.Tensor:
@@ -195,115 +192,35 @@ class ModelRunner:
         out = self.model.compute_logits(h[-rows:])
         if self.mcfg.head == "lm":
             out = out.float()
-            sample_rows(out, [SamplingParams(top_p=0.95)] * rows, list(range(rows)), [[]] * rows)
+            sample_rows(out, [SamplingParams(top_p=0.95)] * rows, list(range(rows)), [[]] * rows, triton=self.triton)
         return out
-
-    # -- the Triton (GPU) path: buffers, warm-up, graphs --------------------------------------
-    def init_gpu_path(self):
-        """Persistent step inputs, every kernel variant compiled (and autotuned on a GPU), then the
-        decode graphs captured (CUDA; on CPU the padded buckets run eagerly) unless enforce_eager."""
-        e = self.ecfg
-        sizes = bucket_sizes(e.max_num_seqs)
-        width = -(-self.max_model_len // self.block_size)
-        self.inputs = StepInputs(
-            max(e.max_num_batched_tokens, sizes[-1]), sizes[-1], width, self.block_size, self.device
-        )
-        warm_up_kernels(self, sample_rows=e.max_num_seqs)
-        if self._captures_graphs():
-            self.graphs = DecodeGraphs(self, sizes, use_cuda_graphs=self.device.type == "cuda")
-            self._capture()
-
-    def drop_graphs(self):
-        """Call before the weights or the KV cache are freed or moved (sleep): the captured graphs hold
-        their addresses. Idempotent."""
-        if self.graphs is not None:
-            self.graphs.drop()
-
-    def recapture(self):
-        """Call after the weights or the KV cache were allocated again (wake_up), once self.kv_caches
-        and the model's parameters are the new tensors: captures the decode graphs again when an address
-        they read changed (or they were dropped); a no-op otherwise, so it is safe to call any time."""
-        if self.graphs is not None:
-            self._capture()
-
-    def _capture(self):
-        """Capture the decode graphs (unless those in hand still match every address); warn when their pool
-        came out bigger than what was set aside for it when the KV cache was sized."""
-        before = self.graphs.captures
-        self.graphs.capture()
-        over = self.graphs.pool_bytes - self.graph_pool_budget
-        if self.graphs.captures > before and self.graph_pool_budget and over > 0:
-            warnings.warn(
-                f"the decode graphs' memory pool holds {self.graphs.pool_bytes / 2**20:.0f} MiB, {over / 2**20:.0f} "
-                f"MiB more than was set aside for it: this engine uses that much more than gpu_memory_utilization "
-                f"allows (set kv_cache_memory_bytes lower, or enforce_eager=True; PYTORCH_CUDA_ALLOC_CONF settings "
-                f"such as expandable_segments or max_split_size_mb change how the pool rounds its blocks)",
-                stacklevel=2,
-            )
-
-    def _gpu_path(self) -> bool:
-        if not use_triton(self.kv):
-            return False
-        if self.inputs is None:  # BSTAR_KERNELS switched to triton after start-up
-            self.init_gpu_path()
-        return True
 
     @torch.inference_mode()
     def copy_blocks(self, copies: list[tuple[int, int]]):
+        """Copy whole blocks (src, dst) of every layer's K and V (copy-on-write)."""
         if copies:
-            self.cpu_decode.flush()  # a copied block may hold K/V that is still only in the decode buffers
-            idx = to_device([s for s, _ in copies] + [d for _, d in copies], torch.int64, self.device)
-            src, dst = idx[: len(copies)], idx[len(copies) :]
+            src, dst = index_pairs([s for s, _ in copies], [d for _, d in copies], self.device)
             self.kv[:, :, dst] = self.kv[:, :, src]
 
-    def prepare(self, batch: Batch):
-        """The torch path's step tensors (per-step tensors from host lists; cascade plan for decodes)."""
-        nd = batch.num_decode
-        ids, pos, slots, lens, last_rows, cu = batch.flat_tokens(self.block_size)
-        dev = self.device
-        cascade = None
-        if nd and not use_triton(self.kv):  # the torch path reads shared prefixes once per group
-            cascade = self.cpu_decode.plan(batch.seqs[:nd], lens[:nd], decode_only=nd == len(batch.seqs))
-        else:
-            self.cpu_decode.flush()  # this forward reads and writes the paged cache itself
-        # Block tables for the kernels that read them (the cascade path has its own plan for decodes).
-        need = batch.seqs if cascade is None else batch.seqs[nd:]
-        width = max((len(s.block_table) for s in need), default=0)
-        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in need]
-        if cascade is not None:
-            tables = [[0] * width] * nd + tables  # decode rows' entries are never read
-        meta = AttnMetadata(
-            slot_mapping=long_tensor(slots, dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev).view(len(batch.seqs), width),
-            seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
-            num_decode=batch.num_decode,
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
-            max_seqlen_q=max(batch.num_new[nd:], default=1),
-            cascade=cascade,
-        )
-        ids_t = long_tensor(ids, dev)
-        if batch.feed_rows:  # inputs drawn by the step in flight (async scheduling)
-            ids_t[long_tensor(batch.feed_rows, dev)] = batch.feed_tokens[long_tensor(batch.feed_src, dev)]
-        return ids_t, long_tensor(pos, dev), meta, last_rows
+    def read_kv(self) -> torch.Tensor:
+        """The paged cache with every token's K/V in it (the CPU runner writes back what it kept first)."""
+        return self.kv
 
     def invalidate_buffers(self):
-        """Forget the kept decode buffers and packed weights (new weights, or a changed cache); the decode
-        graphs are captured again if an address they read changed (not while asleep: wake_up does it)."""
-        self.cpu_decode.reset()
-        if not self.asleep:
-            self.recapture()
+        """Call after the weights changed (load_weights): forget whatever was derived from them."""
+
+    def release_decode_state(self):
+        """Call when every sequence's K/V is discarded (all preempted): drop what was kept across steps
+        without writing it back."""
 
     # -- sleep / wake (LLMEngine.sleep, LLMEngine.wake_up) --------------------------------------------
     def before_sleep(self):
         """Hook: runs before the weights or the KV cache leave the device. Drop here whatever holds their
         addresses (CUDA graphs and their pool, persistent decode buffers)."""
-        self.drop_graphs()
 
     def after_wake_up(self):
         """Hook: runs once the weights and the KV cache are both back on the device after a sleep (KV zeroed;
-        weights restored, or allocated for load_weights after level 2). Their addresses have changed:
-        re-capture CUDA graphs here."""
-        self.recapture()
+        weights restored, or allocated for load_weights after level 2). Their addresses have changed."""
 
     def _sync(self):
         if self.device.type == "cuda":
@@ -317,7 +234,7 @@ class ModelRunner:
             self._sync()
             self.before_sleep()
             if "kv_cache" not in self.asleep:
-                self.cpu_decode.release()
+                self.release_decode_state()
                 self.kv.untyped_storage().resize_(0)
             if "weights" not in self.asleep:
                 self._slept_weights = self._offload_weights(keep=level == 1)
@@ -393,47 +310,16 @@ class ModelRunner:
                 self.after_wake_up()
         return discarded
 
-    @torch.inference_mode()
-    def hidden_states(self, batch: Batch):
+    def hidden_states(self, batch: Batch) -> tuple[torch.Tensor, list[int]]:
         """Final hidden states [T, hidden] of every new token, and the row of each sequence's last token."""
-        self.copy_blocks(batch.copies)
-        if self._gpu_path():
-            self.cpu_decode.flush()  # (only ever dirty if BSTAR_KERNELS switched mid-run)
-            ids, pos, meta, _ = self.inputs.prepare(batch)
-            last, rows = -1, []
-            for n in batch.num_new:
-                last += n
-                rows.append(last)
-            return self.model(ids, pos, self.cos_sin, self.kv_caches, meta), rows
-        ids, pos, meta, last_rows = self.prepare(batch)
-        self.cpu_decode.maybe_pack(batch)
-        return self.model(ids, pos, self.cos_sin, self.kv_caches, meta), last_rows
+        raise NotImplementedError
 
-    @torch.inference_mode()
     def run(self, batch: Batch) -> torch.Tensor:
         """Logits [len(batch.sampled), vocab] (float32) at the last token of the sequences batch.sampled picks."""
-        if not self._gpu_path():
-            h, last_rows = self.hidden_states(batch)
-            rows = batch.sampled
-            if not rows:
-                return torch.empty(0, self.mcfg.vocab_size, device=self.device)
-            idx = torch.tensor([last_rows[r] for r in rows], device=self.device)
-            return self.model.compute_logits(h[idx]).float()
-        self.copy_blocks(batch.copies)
-        self.cpu_decode.flush()
-        B = len(batch.seqs)
-        bs = self.graphs.bucket(B) if self.graphs is not None and batch.num_decode == B else None
-        if bs is not None:
-            _, _, _, sample = self.inputs.prepare(batch, pad_to=bs)
-            h = self.graphs.replay(bs)
-        else:
-            ids, pos, meta, sample = self.inputs.prepare(batch)
-            self.cpu_decode.maybe_pack(batch)
-            h = self.model(ids, pos, self.cos_sin, self.kv_caches, meta)
-        if not batch.sampled:
-            return torch.empty(0, self.mcfg.vocab_size, device=self.device)
-        h = h[sample] if sample is not None else h[: len(batch.sampled)]
-        return self.model.compute_logits(h).float()
+        raise NotImplementedError
+
+    def no_logits(self) -> torch.Tensor:
+        return torch.empty(0, self.mcfg.vocab_size, device=self.device)
 
     @torch.inference_mode()
     def run_with_prompt_hidden(self, batch: Batch, prompt_rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -442,9 +328,8 @@ class ModelRunner:
         into prompt_logprobs in slices, so a long prompt never holds [tokens, vocab] logits at once."""
         h, last_rows = self.hidden_states(batch)
         sampled = [last_rows[r] for r in batch.sampled]
-        idx = to_device(sampled + prompt_rows, torch.int64, self.device)  # (one pinned, non-blocking copy)
-        if sampled:
-            logits = self.model.compute_logits(h[idx[: len(sampled)]]).float()
-        else:
-            logits = torch.empty(0, self.mcfg.vocab_size, device=self.device)
-        return logits, h[idx[len(sampled) :]]
+        rows = to_device_segments(
+            {"sampled": (sampled, torch.int64), "prompt": (prompt_rows, torch.int64)}, self.device
+        )
+        logits = self.model.compute_logits(h[rows["sampled"]]).float() if sampled else self.no_logits()
+        return logits, h[rows["prompt"]]

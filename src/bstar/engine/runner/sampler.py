@@ -24,7 +24,7 @@ from bstar.engine.core.sequence import Sequence
 from bstar.engine.entrypoints.outputs import Logprob, PositionLogprobs
 from bstar.engine.entrypoints.sampling_params import SamplingParams
 from bstar.engine.entrypoints.vllm_sampling import uses_masks
-from bstar.kernels.host import HostCopy, to_device, to_device_packed
+from bstar.kernels.host import HostCopy, index_pairs, to_device, to_device_segments
 from bstar.kernels.sampling import apply_filters, filter_plan
 
 # A row's filter values, in the kernel's order (the draw's key to reuse them between steps)
@@ -55,9 +55,10 @@ def position_seed(candidate_base: int, position: int) -> int:
 class Sampler:
     """Draws the next token of each candidate of a step."""
 
-    def __init__(self, eos_ids: set[int], logprobs_mode: str = "raw_logprobs"):
+    def __init__(self, eos_ids: set[int], logprobs_mode: str = "raw_logprobs", triton: bool | None = None):
         self.eos_ids = eos_ids  # banned, with params.stop_token_ids, until params.min_tokens
         self.logprobs_mode = logprobs_mode
+        self.triton = triton  # the kernel backend the engine chose (ModelRunner.triton); None: the logits' device
         self._filters: dict = {}  # the last shared-values step's filter tensors (draw_rows' `filters` cache)
         self.masks = None  # runner.logit_masks.LogitMasks: vLLM's per-request masks and bias (set by the engine)
         self.penalties: PenaltyState | None = None  # the penalised sequences' token counts, made at first use
@@ -90,6 +91,7 @@ class Sampler:
             filters=self._filters,
             masked=masked,
             penalties=state,
+            triton=self.triton,
         )
 
     def _banned(self, s: Sequence) -> list[int]:
@@ -168,12 +170,14 @@ class PenaltyState:
                     pend_rows.append(slot)
                     pend_src.append(r)
                 s.penalty_counted = n
-        host = slots + fresh + rows + pend_rows + prompt_ids + toks + pend_src
-        if len(host) == len(slots):  # nothing drawn since the last call: the counts are current
+        if not (fresh or rows or pend_rows):  # nothing drawn since the last call: the counts are current
             return to_device(slots, torch.int64, self.device)
-        t = to_device(host, torch.int64, self.device)  # one pinned, non-blocking copy
-        cuts = [len(slots), len(fresh), len(rows), len(pend_rows), len(prompt_ids), len(toks), len(pend_src)]
-        slot_t, fresh_t, rows_t, pend_rows_t, prompt_t, toks_t, src_t = t.split(cuts)
+        layout = dict(
+            slots=slots, fresh=fresh, rows=rows, pend_rows=pend_rows, prompt=prompt_ids, toks=toks, src=pend_src
+        )
+        seg = to_device_segments({k: (v, torch.int64) for k, v in layout.items()}, self.device)  # one copy
+        slot_t, fresh_t, rows_t, pend_rows_t = seg["slots"], seg["fresh"], seg["rows"], seg["pend_rows"]
+        prompt_t, toks_t, src_t = seg["prompt"], seg["toks"], seg["src"]
         if fresh:
             self.counts[fresh_t] = 0
             self.prompt[fresh_t] = False
@@ -206,7 +210,10 @@ def apply_penalties(x: torch.Tensor, rows: torch.Tensor | None, seqs: list[Seque
     rep = [s.params.repetition_penalty for s in seqs]
     freq = [s.params.frequency_penalty for s in seqs]
     pres = [s.params.presence_penalty for s in seqs]
-    p, f, r = to_device_packed([(rep, torch.float32), (freq, torch.float32), (pres, torch.float32)], dev)
+    seg = to_device_segments(
+        {"rep": (rep, torch.float32), "freq": (freq, torch.float32), "pres": (pres, torch.float32)}, dev
+    )
+    p, f, r = seg["rep"], seg["freq"], seg["pres"]
     if any(v != 1 for v in rep):
         seen = state.prompt[slots] | (counts > 0)
         p = torch.where(seen, p[:, None].expand(P, V), 1.0)
@@ -259,6 +266,7 @@ def draw_rows(
     filters: dict | None = None,
     masked=None,
     penalties: PenaltyState | None = None,
+    triton: bool | None = None,
 ):
     """logits float32 [R, V]; one SamplingParams, seed and banned-id list per row; `penalised`:
     the sequences of the rows whose params have penalties (None when no row has them), in row order.
@@ -268,6 +276,7 @@ def draw_rows(
     Rows with different filter values send them with the seeds in one packed copy. `masked`: applies vLLM's
     per-request masks and bias in place (runner/logit_masks.py), after the bans, before the penalties.
     `penalties`: the PenaltyState that keeps the penalised sequences' counts between steps (None: counted afresh).
+    `triton`: the sampling kernel's backend (kernels.dispatch; None: the logits' device).
 
     Returns the Draw (device tensors; Draw.host() gives the lists)."""
     dev = logits.device
@@ -278,8 +287,7 @@ def draw_rows(
     if banned:  # (index lists through to_device: a list index would copy without pinning, and wait)
         ban_rows = [r for r, ban in enumerate(bans) for _ in ban]
         cols = [t for ban in bans for t in ban]
-        idx = to_device(ban_rows + cols, torch.int64, dev)
-        logits[idx[: len(cols)], idx[len(cols) :]] = float("-inf")
+        logits[index_pairs(ban_rows, cols, dev)] = float("-inf")
     if masked is not None:
         masked(logits)
     if penalised is not None:
@@ -309,16 +317,18 @@ def draw_rows(
         # rows with their own filter values: the four columns and the seeds through one pinned,
         # non-blocking copy (no stream sync before the kernel; one copy, not five)
         temps, ks, tps, mps = zip(*map(_filter_values, params))
-        seed_t, temperature, top_k, top_p, min_p = to_device_packed(
-            [
-                (seeds, torch.int64),
-                (temps, torch.float32),
-                (ks, torch.int32),
-                (tps, torch.float32),
-                (mps, torch.float32),
-            ],
+        seg = to_device_segments(
+            {
+                "seeds": (seeds, torch.int64),
+                "temperature": (temps, torch.float32),
+                "top_k": (ks, torch.int32),
+                "top_p": (tps, torch.float32),
+                "min_p": (mps, torch.float32),
+            },
             dev,
         )
+        seed_t, temperature, top_k, top_p = seg["seeds"], seg["temperature"], seg["top_k"], seg["top_p"]
+        min_p = seg["min_p"]
     processed = logprobs_mode.startswith("processed")
     if processed:
         # The logits the draw uses, filtered once here; a greedy row keeps its penalised logits
@@ -335,10 +345,10 @@ def draw_rows(
             plan=filter_plan(*zip(*eff), V=logits.shape[1]),  # from the host values: no wait for the device
         )
         tokens, logprobs = kernels.sample(
-            proc, torch.where(greedy, torch.zeros_like(one), one), top_k * 0, one, min_p * 0, seed_t
+            proc, torch.where(greedy, torch.zeros_like(one), one), top_k * 0, one, min_p * 0, seed_t, triton=triton
         )
     else:
-        tokens, logprobs = kernels.sample(logits, temperature, top_k, top_p, min_p, seed_t)
+        tokens, logprobs = kernels.sample(logits, temperature, top_k, top_p, min_p, seed_t, triton=triton)
         if logits is not raw:  # the kernel's logprob is of the banned / penalised logits
             logprobs = raw.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(raw, dim=-1)
     # Each row's value (what cumulative_logprob sums) is the mode's value of its token, whether or not

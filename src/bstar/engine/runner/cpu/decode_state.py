@@ -1,7 +1,7 @@
-"""State the torch decode path keeps across steps (on CPU; on CUDA only when BSTAR_KERNELS=torch).
+"""State the CPU runner keeps across steps (on CPU; on CUDA only when the torch kernels were chosen).
 
-The Triton path needs none of this; `ModelRunner` asks this object for the decode rows' cascade
-plan and calls `flush` before anything else touches the paged cache. It keeps:
+The GPU runner needs none of this; `CpuRunner` (cpu/runner.py), its only user, asks this object for the
+decode rows' cascade plan and calls `flush` before anything else touches the paged cache. It keeps:
 
 - per layer, `CascadeBuffers` (kernels/cascade_attention.py): each decode row's own K/V kept
   contiguous across steps, and the gathered group prefixes, so a steady step copies one new token
@@ -14,9 +14,10 @@ plan and calls `flush` before anything else touches the paged cache. It keeps:
 
 Flush ordering. The buffers may hold K/V the paged cache lacks, so `flush` must run before anything
 reads or writes the cache slots of those tokens, or changes what the bookkeeping describes:
-- every forward that does not continue the write-back (ModelRunner.prepare: a batch without
-  torch-path decode rows; `plan` itself when the step does not continue the previous one);
-- every block copy (ModelRunner.copy_blocks), since a copied block may hold unwritten tokens;
+- every forward that does not continue the write-back (CpuRunner.prepare: a batch without decode
+  rows; `plan` itself when the step does not continue the previous one);
+- every block copy (CpuRunner.copy_blocks), since a copied block may hold unwritten tokens;
+- every read of the cache from outside the runner (CpuRunner.read_kv);
 - before the buffers or the previous step's plan are replaced (`plan`, `reset`).
 A slot whose sequence was freed meanwhile is at worst rewritten before its new owner writes it.
 """

@@ -14,8 +14,8 @@ overhead; replaying a captured graph issues them all at once. As nano-vllm and v
 - warm up and capture on a stream of this DecodeGraphs' own: cuBLAS keys its workspace by the capture
   stream, so graphs of two engines captured on one shared stream replay into one workspace, which
   dropping either engine's graphs can free under the other's (pytorch#193402);
-- graphs hold raw addresses of the weights, the KV cache and the buffers: `ModelRunner.drop_graphs`
-  before those are freed, `ModelRunner.recapture` after they are allocated again (a no-op when
+- graphs hold raw addresses of the weights, the KV cache and the buffers: `GpuRunner.drop_graphs`
+  before those are freed, `GpuRunner.recapture` after they are allocated again (a no-op when
   no address changed).
 
 Without CUDA (BSTAR_KERNELS=triton on CPU, the CI path) nothing is captured and a "replay" calls
@@ -53,7 +53,7 @@ def bucket_sizes(max_num_seqs: int) -> list[int]:
 
 
 class DecodeGraphs:
-    """The decode graphs of one ModelRunner (whose `inputs`, `model`, `kv_caches` and `cos_sin`
+    """The decode graphs of one GpuRunner (whose `inputs`, `model`, `kv_caches` and `cos_sin`
     they run on), or their stand-in without CUDA."""
 
     def __init__(self, runner, sizes: list[int], use_cuda_graphs: bool):
@@ -192,6 +192,7 @@ def warm_up_kernels(runner, sample_rows: int = 256):
                 ones,
                 torch.zeros(rows, device=dev),
                 torch.arange(rows, device=dev),
+                triton=True,
             )
     inputs.fill_padding(1)
     ids, pos, meta = inputs.bucket_meta(1)

@@ -1,14 +1,13 @@
 """The GPU path's step inputs: persistent buffers filled in place, no host synchronisation.
 
-On the Triton path (CUDA, or BSTAR_KERNELS=triton on CPU under the interpreter) a step's token ids,
+On the GPU runner (CUDA, or BSTAR_KERNELS=triton on CPU under the interpreter) a step's token ids,
 positions, cache slots, sequence lengths and block tables go into device buffers allocated once:
 
 - a captured CUDA graph (bstar/engine/runner/gpu/cuda_graphs.py) reads the same addresses at every replay, and
   the eager path uses the same buffers (a replay is the same forward on the same tensors);
-- the host builds flat lists only. All int64 values of a step and all its int32 values are staged
-  in one pinned host buffer (kernels.host.to_device_packed), copied with non_blocking=True, then
-  spread on the device into the persistent buffers: one host-to-device copy per step, which does
-  not make the host wait;
+- the host builds flat lists only. All values of a step are staged in one pinned host buffer as named
+  segments (kernels.host.to_device_segments), copied with non_blocking=True, then spread on the device
+  into the persistent buffers: one host-to-device copy per step, which does not make the host wait;
 - block tables stay on the device (`BlockTables`): one row per sequence, written only where the
   sequence's table changed, then gathered into batch order by one index_select.
 
@@ -22,7 +21,7 @@ import torch
 from bstar.engine.core.scheduler import Batch
 from bstar.engine.core.sequence import Sequence
 from bstar.engine.model.decoder import AttnMetadata
-from bstar.kernels.host import to_device_packed
+from bstar.kernels.host import to_device_segments
 
 PAD_SLOT = -1
 
@@ -191,24 +190,27 @@ class StepInputs:
         Tp, Bp = T + pad, B + pad
 
         # One host-to-device copy, then the persistent buffers are filled on the device.
-        feed = batch.feed_rows + batch.feed_src
-        d64, d32 = to_device_packed(
-            [(ids + pos + slots + rows + upd_idx + sample + feed, torch.int64), (lens + cu + upd_val, torch.int32)],
+        seg = to_device_segments(
+            {
+                "tokens": (ids + pos + slots, torch.int64),  # token_rows' three rows: one device copy fills them
+                "table_rows": (rows, torch.int64),  # each batch row's BlockTables row
+                "entry_index": (upd_idx, torch.int64),  # BlockTables.sync's changed entries: flat index...
+                "entry_block": (upd_val, torch.int32),  # ...and block id
+                "sample": (sample, torch.int64),
+                "feed_rows": (batch.feed_rows, torch.int64),  # async scheduling: rows whose input the step
+                "feed_src": (batch.feed_src, torch.int64),  # in flight draws, and their rows in its draw
+                "seq_lens": (lens, torch.int32),
+                "cu_seqlens_q": (cu, torch.int32),
+            },
             self.device,
         )
-        self.token_rows[:, :Tp].copy_(d64[: 3 * Tp].view(3, Tp), non_blocking=True)
-        o = 3 * Tp
-        rows_d = d64[o : o + Bp]
-        upd_idx_d = d64[o + Bp : o + Bp + len(upd_idx)]
-        o2 = o + Bp + len(upd_idx)
-        sample_d = d64[o2 : o2 + len(sample)] if sample else None
-        if feed:  # inputs drawn by the step in flight (async scheduling), read on the device
-            nf = len(batch.feed_rows)
-            src = batch.feed_tokens.index_select(0, d64[o2 + len(sample) + nf :])
-            self.input_ids.index_copy_(0, d64[o2 + len(sample) : o2 + len(sample) + nf], src)
-        self.seq_lens[:Bp].copy_(d32[:Bp], non_blocking=True)
-        cu_d = d32[Bp : Bp + len(cu)]
-        self.tables.write(upd_idx_d, d32[Bp + len(cu) :])
+        self.token_rows[:, :Tp].copy_(seg["tokens"].view(3, Tp), non_blocking=True)
+        if batch.feed_rows:  # (read on the device)
+            src = batch.feed_tokens.index_select(0, seg["feed_src"])
+            self.input_ids.index_copy_(0, seg["feed_rows"], src)
+        self.seq_lens[:Bp].copy_(seg["seq_lens"], non_blocking=True)
+        self.tables.write(seg["entry_index"], seg["entry_block"])
+        rows_d, sample_d = seg["table_rows"], seg["sample"] if sample else None
         if Bp <= self.block_tables.shape[0]:
             block_tables = self.block_tables[:Bp]
             torch.index_select(self.tables.table, 0, rows_d, out=block_tables)
@@ -219,7 +221,7 @@ class StepInputs:
             block_tables=block_tables,
             seq_lens=self.seq_lens[:Bp],
             num_decode=nd + pad,
-            cu_seqlens_q=cu_d,
+            cu_seqlens_q=seg["cu_seqlens_q"],
             max_seqlen_q=max(batch.num_new[nd:], default=1),
             max_seq_len=None if pad_to is not None else max(lens[:nd], default=1),
         )
