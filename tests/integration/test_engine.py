@@ -91,6 +91,38 @@ def test_chunked_prefill_matches_whole(llama):
         assert (a - b).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("use_prefix_cache", [False, True])
+def test_prompt_forward_preempted_midway_is_recomputed(llama, monkeypatch, use_prefix_cache):
+    """Prompt-only forwards (compute_logits, PRM) run under the scheduler's rules, preemption included: a
+    list preempted mid-prefill is computed again and its rows are those of an uninterrupted run. A consumer
+    that stops early leaves the engine idle with every block free."""
+    from bstar.engine.core.prompt_forward import forward_prompts
+
+    prompts = _prompts(2, [70, 45, 9, 33])
+    eng = LLM(llama, dtype="float32", device="cpu", max_num_batched_tokens=16).engine
+    want = [h for _, _, h in forward_prompts(eng, prompts)]
+    eng.reset_prefix_cache()
+    sched, advance, steps = eng.scheduler, eng.scheduler.advance, []
+
+    def advance_then_preempt(batch):
+        out = advance(batch)
+        steps.append(batch)
+        if len(steps) in (2, 6):
+            sched.preempt_all()
+        return out
+
+    monkeypatch.setattr(sched, "advance", advance_then_preempt)
+    got = list(forward_prompts(eng, prompts, use_prefix_cache=use_prefix_cache))
+    assert sched.num_preemptions >= 2 and [k for k, _, _ in got] == [0, 1, 2, 3]
+    for (_, first, h), w in zip(got, want):
+        assert h.shape[0] == len(w) - first and (h - w[first:]).abs().max().item() < 1e-4
+    assert not sched.has_work() and eng.block_manager.num_used == 0
+    stream = forward_prompts(eng, prompts)
+    next(stream)
+    stream.close()
+    assert not sched.has_work() and eng.block_manager.num_used == 0
+
+
 # With a 16-token step budget, prompts longer than it prefill in chunks next to other prompts' decodes.
 @pytest.mark.parametrize("max_num_batched_tokens", [4096, 16])
 @pytest.mark.parametrize("arch", [*ARCHS, "qwen3"])

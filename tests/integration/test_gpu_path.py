@@ -254,8 +254,8 @@ def test_gpu_path_preemption_and_copy_on_write(tiny, triton_path):
 
 @needs_interpreter
 def test_gpu_path_prompt_forwards(tiny, monkeypatch):
-    """LLM.compute_logits (the PRM's path too) on the GPU path, with more prompts in one forward
-    than the largest decode bucket (a fresh block-table gather): the torch path's logits."""
+    """LLM.compute_logits (the PRM's path too) on the GPU path, with more prompts than the largest decode
+    bucket (the scheduler admits them max_num_seqs at a time, chunked): the torch path's logits."""
     prompts = _prompts(9, [3, 17, 1, 30, 8, 12])
     want = LLM(tiny["llama"], dtype="float32", device="cpu").compute_logits(prompts)
     monkeypatch.setenv("BSTAR_KERNELS", "triton")

@@ -10,7 +10,8 @@ A prompt's path through the folders:
                         (continuous batching, chunked prefill, preemption, sibling forks), with
                         block_manager.py (shared prompt blocks, prefix cache, copy-on-write)
                      4. output_processor.py: stop rules, then RequestOutputs
-                   prompt_forward.py runs prompts without sampling (compute_logits, PRM)
+                   prompt_forward.py runs prompts without sampling (compute_logits, PRM) as the
+                   scheduler's prompt-only sequences; async_step.py: the overlapped step
     runner/        2. run and 3. sample: model_runner.py is the runner interface (it owns the paged KV
                    cache and runs the decoder); runners.py picks, once when the engine is built, the
                    CPU runner (cpu/: torch references, the decode state kept across steps) or the GPU

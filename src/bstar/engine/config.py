@@ -249,7 +249,7 @@ class EngineConfig:
     # As vLLM's async_scheduling: each step is scheduled and launched before the previous step's tokens
     # reach the host, so the host's work (scheduling, inputs, stop checks, outputs) overlaps the device's
     # step instead of adding to it. Outputs are the same; a candidate that stops computes one more token,
-    # which is discarded. (bstar/engine/core/llm_engine.py, `_step_async`.)
+    # which is discarded. (bstar/engine/core/async_step.py.)
     async_scheduling: bool = False
 
     @classmethod

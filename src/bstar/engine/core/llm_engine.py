@@ -16,6 +16,7 @@ import torch
 
 from bstar.engine.compat import vllm as vllm_compat
 from bstar.engine.config import EngineConfig, ModelConfig, resolve_device, resolve_dtype
+from bstar.engine.core.async_step import InFlight, step_async, take_draw
 from bstar.engine.core.block_manager import BlockManager
 from bstar.engine.core.input_checks import check_prompt_len, check_request, encode_prompt
 from bstar.engine.core.isolation import Isolation
@@ -41,14 +42,6 @@ from bstar.engine.runner.sampler import (
 )
 
 log = logging.getLogger(__name__)  # (debug only: the CLI shows one line, never a traceback)
-
-
-class _InFlight:
-    """A launched step whose draw has not reached the host: the sequences that drew (sequence i
-    from row i of the draw, its Sequence.pending_source) and the draw."""
-
-    def __init__(self, seqs: list[Sequence], draw: Draw):
-        self.seqs, self.draw = seqs, draw
 
 
 class LLMEngine:
@@ -102,7 +95,7 @@ class LLMEngine:
         self.num_generated_tokens = 0
         self.num_discarded_tokens = 0  # async scheduling: drawn for candidates that had stopped meanwhile
         self._weights_to_load: set[str] = set()  # after a level-2 sleep: names load_weights has yet to set
-        self._in_flight: _InFlight | None = None  # async scheduling: the launched step whose draw is not taken in
+        self._in_flight: InFlight | None = None  # async scheduling: the launched step whose draw is not taken in
         self._batch = None  # the scheduled batch of the step under way (what a failed step involved)
         self.isolation = Isolation()
         # vLLM's handles (llm_engine.model_config, .model_executor.driver_worker...): bstar/engine/compat/vllm.py
@@ -270,14 +263,14 @@ class LLMEngine:
         return out
 
     @torch.inference_mode()
-    def _step(self) -> list[RequestOutput]:
+    def _step(self) -> list[RequestOutput]:  # (async scheduling: core.async_step)
         if self.ecfg.async_scheduling:
-            return self._step_async()
+            return step_async(self)
         done = []
         if self._in_flight is not None:  # async scheduling was switched off with a step in flight
             prev, self._in_flight = self._in_flight, None
             self.prompt_logprobs.take(self.requests)
-            done = self._take_draw(prev)
+            done = take_draw(self, prev)
         batch = self._batch = self.scheduler.schedule()
         if not batch:
             if self.scheduler.has_work():
@@ -315,69 +308,6 @@ class LLMEngine:
         if not seqs:
             return [], None
         return seqs, self.sampler(logits, rows, seqs)
-
-    def _step_async(self) -> list[RequestOutput]:
-        """A step with async scheduling: schedule and launch this step while the previous step's draw
-        is still on its way to the host, then take that draw in (stop rules, outputs).
-
-        Each sequence that drew a token holds a PENDING_TOKEN in its place until then: lengths,
-        blocks and seeds count it, this step's forward reads its value on the device (Batch.feed_*),
-        and its prefix-cache block waits for it. A candidate that the previous token stops was
-        scheduled again: that row's draw is discarded; one that max_tokens or the context stops is
-        not scheduled again (Sequence.ends_at_pending)."""
-        prev, self._in_flight, done = self._in_flight, None, []
-        launched = len(self.prompt_logprobs.copies)  # the steps before this one launched these
-        batch = self._batch = self.scheduler.schedule()
-        if batch:
-            if prev is not None:
-                for i, s in enumerate(batch.seqs[: batch.num_decode]):
-                    if s.num_pending:
-                        batch.feed_rows.append(i)
-                        batch.feed_src.append(s.pending_source[1])
-                batch.feed_tokens = prev.draw.tokens
-            try:
-                seqs, draw = self._run(batch)
-            except BaseException:
-                self.prompt_logprobs.take(self.requests, launched)
-                if prev is not None:  # its pending tokens must not outlive it; its outputs are kept
-                    self.isolation.salvaged += self._take_draw(prev)
-                raise
-            if seqs:
-                draw.start_copy()
-                self._in_flight = _InFlight(seqs, draw)
-                for r, s in enumerate(seqs):
-                    s.add_pending()
-                    s.pending_source = (draw.tokens, r)  # (penalties count it on the device)
-                    s.ends_at_pending = self.output_processor.length_reached(s)
-        elif prev is None and self.scheduler.has_work():
-            done.append(self._fail_stuck())
-        self.prompt_logprobs.take(self.requests, launched)  # (before the draw that may finish their requests)
-        if prev is not None:
-            done += self._take_draw(prev)
-            cur = self._in_flight
-            if cur is not None and all(s.finish_reason is not None for s in cur.seqs):
-                self._in_flight = None  # every row of it is discarded
-        return done
-
-    def _take_draw(self, inflight: "_InFlight") -> list[RequestOutput]:
-        """Put a launched step's tokens in place of their PENDING_TOKENs, apply the stop rules, and
-        return the requests that finished. Candidates finished (or aborted) since the draw skip it."""
-        tokens, logprobs, tops = inflight.draw.host()
-        done = []
-        for s, tok, lp, top in zip(inflight.seqs, tokens, logprobs, tops):
-            if s.finish_reason is not None:
-                self.num_discarded_tokens += 1
-                continue
-            # The first pending token is this draw's; one after it is the step just launched's.
-            later = s.drop_pending() - 1
-            out = self._accept_isolated(s, tok, lp, top, register=True)
-            if s.finish_reason is not None:
-                if out is not None:
-                    done.append(out)
-            else:
-                for _ in range(later):
-                    s.add_pending()
-        return done
 
     def _accept_isolated(self, s: Sequence, tok: int, lp: float, top, register: bool = False):
         """_accept, where a failure (a stop rule, detokenizing) ends only this candidate's request."""

@@ -8,6 +8,12 @@ are preempted: their blocks are freed and they rejoin the front of the queue to 
 
 After the forward, `advance` counts the computed tokens and forks the n - 1 siblings of every
 prompt whose prefill just ended: they share its KV blocks and draw from its logits row.
+
+Prompt-only sequences (Sequence.prompt_only: PRM scoring and compute_logits, core.prompt_forward) follow
+the same rules but draw nothing: `advance` finishes them when their prefill ends.
+
+Each sequence's status (SequenceStatus) says which queue holds it: waiting or preempted (self.waiting),
+running (self.running), finished (neither).
 """
 
 from collections import deque
@@ -15,7 +21,7 @@ from dataclasses import dataclass, field
 
 from bstar.engine.config import EngineConfig
 from bstar.engine.core.block_manager import BlockManager
-from bstar.engine.core.sequence import Sequence
+from bstar.engine.core.sequence import Sequence, SequenceStatus
 
 
 @dataclass
@@ -24,7 +30,7 @@ class Batch:
     num_new: list[int] = field(default_factory=list)  # tokens computed this step, per sequence
     num_decode: int = 0
     copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst) blocks
-    sampled: list[int] = field(default_factory=list)  # sequences whose last token is computed this step
+    sampled: list[int] = field(default_factory=list)  # sequences that draw (their last token is computed this step)
     # Async scheduling: decode rows whose input is a pending token, still on the device: row
     # feed_rows[k] reads feed_tokens[feed_src[k]] (the draw of the step in flight).
     feed_rows: list[int] = field(default_factory=list)
@@ -76,6 +82,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence):
         self.bm.free_seq(seq)
+        seq.status = SequenceStatus.PREEMPTED
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
@@ -132,8 +139,8 @@ class Scheduler:
             seq = self.waiting[0]
             if in_flight + 1 + seq.fork_count > self.cfg.max_num_seqs and self.running:
                 break
-            if not seq.block_table and not seq.prompt_logprobs_pending:
-                self.bm.match_prefix(seq)
+            if not seq.block_table and not seq.prompt_logprobs_pending:  # (a cached prefix has no logits)
+                self.bm.match_prefix(seq, seq.prefix_limit)
             elif not seq.block_table and not self.match_scored_prefix(seq, self.focus is None):
                 later.append(self.waiting.popleft())
                 continue
@@ -146,6 +153,7 @@ class Scheduler:
             self.waiting.popleft()
             copies += self.bm.allocate(seq, n)
             self.running.append(seq)
+            seq.status = SequenceStatus.RUNNING
             picked.append((seq, n))
             budget -= n
             in_flight += 1 + seq.fork_count
@@ -156,17 +164,23 @@ class Scheduler:
             picked.sort(key=lambda p: p[1] != 1)
             num_new = [n for _, n in picked]
         batch = Batch([s for s, _ in picked], num_new, num_decode, copies)
-        batch.sampled = [i for i, (s, n) in enumerate(picked) if s.num_computed + n == len(s.token_ids)]
+        batch.sampled = [
+            i for i, (s, n) in enumerate(picked) if s.num_computed + n == len(s.token_ids) and not s.prompt_only
+        ]
         return batch
 
     def advance(self, batch: Batch) -> tuple[list[Sequence], list[int]]:
         """After the batch's forward: count its computed tokens, register the blocks they filled,
-        and fork the siblings of each prompt whose prefill just ended. Returns the sequences to
-        sample, siblings right after their parent, and for each its row of the logits (the row of
-        batch.sampled it comes from: a parent's row serves its siblings)."""
+        finish the prompt-only sequences whose prefill ended, and fork the siblings of each prompt
+        whose prefill just ended. Returns the sequences to sample, siblings right after their
+        parent, and for each its row of the logits (the row of batch.sampled it comes from: a
+        parent's row serves its siblings)."""
         for s, n in zip(batch.seqs, batch.num_new):
             s.num_computed += n
         self.bm.register_full_blocks(batch.seqs)
+        for s in batch.seqs:
+            if s.prompt_only and s.num_computed == len(s.token_ids):
+                self.finish(s, "prompt")
         seqs, rows = [], []
         for row, i in enumerate(batch.sampled):
             s = batch.seqs[i]
@@ -186,26 +200,26 @@ class Scheduler:
         children = [parent.fork(c) for c in range(1, parent.fork_count + 1)]
         for c in children:
             self.bm.fork(c)
+            c.status = SequenceStatus.RUNNING
         i = self.running.index(parent)
         self.running[i + 1 : i + 1] = children
         parent.fork_count = 0
         return children
 
     def finish(self, seq: Sequence, reason: str):
+        """A running sequence stopped (or, with async scheduling, one preempted after its last draw)."""
+        if seq.status not in (SequenceStatus.RUNNING, SequenceStatus.PREEMPTED):
+            raise ValueError(f"cannot finish a {seq.status.value} sequence")
+        (self.running if seq.status is SequenceStatus.RUNNING else self.waiting).remove(seq)
         seq.finish_reason = reason
+        seq.status = SequenceStatus.FINISHED
         self.bm.free_seq(seq)
-        if seq.num_preemptions and seq not in self.running:  # (async scheduling: preempted after its last draw)
-            self.waiting.remove(seq)
-        else:
-            self.running.remove(seq)
 
     def abort(self, request_id: str) -> list[Sequence]:
         gone = [s for s in list(self.waiting) + self.running if s.request_id == request_id]
         for s in gone:
-            if s in self.running:
-                self.running.remove(s)
-            else:
-                self.waiting.remove(s)
+            (self.running if s.status is SequenceStatus.RUNNING else self.waiting).remove(s)
             self.bm.free_seq(s)
             s.finish_reason = "abort"
+            s.status = SequenceStatus.FINISHED
         return gone

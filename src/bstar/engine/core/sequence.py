@@ -1,6 +1,7 @@
 """A sequence: one candidate's tokens, its place in the KV cache, and its sampling state; a request:
 the candidates of one prompt."""
 
+import enum
 import itertools
 from dataclasses import dataclass, field
 
@@ -10,8 +11,17 @@ from bstar.engine.entrypoints.sampling_params import SamplingParams
 _ids = itertools.count()
 
 # An output token drawn on the device whose value the host does not know yet (async scheduling,
-# bstar/engine/core/llm_engine.py): it counts in every length, and the next step reads it on the device.
+# bstar/engine/core/async_step.py): it counts in every length, and the next step reads it on the device.
 PENDING_TOKEN = -1
+
+
+class SequenceStatus(enum.Enum):
+    """Where a sequence is in the scheduler (core.scheduler): which of its queues holds it, if any."""
+
+    WAITING = "waiting"  # queued, never run
+    RUNNING = "running"  # in the running set: its blocks are held
+    PREEMPTED = "preempted"  # back in the queue, its blocks freed: it is recomputed from its tokens
+    FINISHED = "finished"  # in no queue: stopped, aborted, failed, or (prompt-only) its prefill is done
 
 
 class Sequence:
@@ -31,6 +41,7 @@ class Sequence:
         seed: int = 0,
     ):
         self.seq_id = next(_ids)
+        self.status = SequenceStatus.WAITING
         self.request_id = request_id
         self.index = index  # candidate index within the request
         self.seed = seed  # the request's seed, shared by its candidates
@@ -52,6 +63,9 @@ class Sequence:
         self.num_preemptions = 0
         self.seed_base: int | None = None  # bstar.engine.runner.sampler.candidate_seed of this candidate, once known
         self.prompt_logprobs_pending = False  # this sequence computes its request's prompt_logprobs
+        # Prompt-only (core.prompt_forward: PRM scoring, compute_logits): it prefills and finishes, drawing nothing.
+        self.prompt_only = False
+        self.prefix_limit: int | None = None  # at most this many tokens from the prefix cache (None: any)
         self.penalty_slot: int | None = None  # its row of the sampler's PenaltyState (runner.sampler)
         self.penalty_counted = 0  # output positions that PenaltyState counted so far
         # Async scheduling: the trailing PENDING_TOKENs in token_ids, and whether the first of them ends
