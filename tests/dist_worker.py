@@ -1,4 +1,5 @@
-"""torchrun worker for tests/integration/test_trainer_memory.py: bstar.utils.distributed' byte exchange on 2 ranks (gloo, CPU).
+"""torchrun worker for tests/integration/test_trainer_memory.py: bstar.utils.distributed' byte exchange on 2
+ranks (gloo, CPU).
 
     torchrun --nproc_per_node 2 tests/dist_worker.py OUT_DIR
 

@@ -6,8 +6,9 @@ SIGINT / SIGTERM.
 
 Runs are forked from the test process (imports and the built-in task's build are paid once), on the tiny
 preset. The CI part kills at a subset of the points (those the issue found wrong, one per phase); the
-whole sweep is marked slow (`pytest -m slow tests/integration/test_resume_faults.py`). Under torchrun (2 ranks, gloo): one
-rank killed mid-phase, `--resume` on all ranks, equals the uninterrupted 2-rank run (one point in CI, more slow)."""
+whole sweep is marked slow (`pytest -m slow tests/integration/test_resume_faults.py`). Under torchrun (2
+ranks, gloo): one rank killed mid-phase, `--resume` on all ranks, equals the uninterrupted 2-rank run (one
+point in CI, more slow)."""
 
 import dataclasses
 import hashlib

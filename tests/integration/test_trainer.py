@@ -448,7 +448,8 @@ def test_continue_carries_optimizer_and_one_schedule(llama_dir, tmp_path):
     r1 = t1.train(a)
     t1.save(tmp_path / "it1")
     before = _optim_tensors(t1.optimizer)
-    _, osd, _ = checkpoint_mod._read_state(tmp_path / "it1")  # what was written: the live state, exactly
+    ckpt = tmp_path / "it1"
+    osd = checkpoint_mod.read_optimizer_state(ckpt, checkpoint_mod.read_info(ckpt))  # what was written, exactly
     assert {(i, k) for i, st in enumerate(osd["state"].values()) for k in st} == set(before)
     loaded = SFTTrainer(tmp_path / "it1", cfg)
     loaded.optimizer = loaded._make_optimizer()

@@ -3,6 +3,7 @@
     records(run_dir)                  the run's iterations.jsonl records
     per_query(run_dir, iteration)     per-query outcomes of one evaluation (greedy and sampled)
     bootstrap_ci(rows, ...)           mean over seeds and its 95% interval, resampling queries
+    exploration_change(dirs, 1, last) Pass@K and distinct valid solutions, last minus first, paired
     report(out, runs)                 report.md and plots/ for all runs; returns summary lines
 
 Intervals: the same eval questions are resampled (with replacement, 2,000 times) for every seed of every
@@ -39,6 +40,7 @@ def per_query(run_dir, iteration: int, labels=None, questions=None) -> dict[str,
     sampled = [r for r in rows if r.get("kind") == "sampled"]
     out = {"greedy_acc": [float(r["correct"][0]) for r in greedy]}
     if sampled:
+        out["sampled_query"] = [r["query"] for r in sampled]
         out["pass_at_1"] = [sum(r["correct"]) / len(r["correct"]) for r in sampled]
         out["pass_at_k"] = [float(any(r["correct"])) for r in sampled]
         out["reward_at_k"] = [
@@ -67,6 +69,49 @@ def paired_difference_ci(a: list[list[float]], b: list[list[float]], n_boot: int
     n = len(a[0])
     diff = [sum(v[i] for v in a) / len(a) - sum(v[i] for v in b) / len(b) for i in range(n)]
     return bootstrap_ci([diff], n_boot, seed)
+
+
+EXPLORATION_KEYS = ("pass_at_k", "distinct_styles")
+
+
+def exploration_change(run_dirs: list[str], first: int, last: int, labels=None, questions=None) -> dict:
+    """{key: (mean, lo, hi)}: each exploration measure at iteration `last` minus at `first`, over the sampled eval
+    questions both iterations evaluated (the curves' inner points sample fewer), mean over seeds, paired
+    bootstrap interval over questions; and "questions": how many."""
+    at = {i: [per_query(d, i, labels, questions) for d in run_dirs] for i in (first, last)}
+    runs = list(zip(at[first], at[last]))
+    common = sorted(set.intersection(*(set(v["sampled_query"]) & set(w["sampled_query"]) for v, w in runs)))
+    out: dict = {"questions": len(common)} if common else {}
+    for k in EXPLORATION_KEYS:
+        if not common or not all(k in v and k in w for v, w in runs):
+            continue
+        by_q = [(dict(zip(v["sampled_query"], v[k])), dict(zip(w["sampled_query"], w[k]))) for v, w in runs]
+        last_v = [[b[q] for q in common] for _, b in by_q]
+        out[k] = paired_difference_ci(last_v, [[a[q] for q in common] for a, _ in by_q])
+    return out
+
+
+def exploration_lines(modes: dict[str, list[str]], data: dict, runs: dict, labels=None, questions=None) -> list[str]:
+    """The report's table of exploration from the first trained iteration (1) to the last, per mode."""
+    rows = []
+    for m, names in modes.items():
+        last = data[names[0]][min(len(data[n]) for n in names) - 1]["iteration"]
+        if last <= 1:
+            continue
+        ch = exploration_change([runs[n] for n in names], 1, last, labels, questions)
+        if ch:
+            cells = [_fmt_ci(*ch[k]) if k in ch else "–" for k in EXPLORATION_KEYS]
+            rows.append(f"| {m} | 1 → {last} | {ch['questions']} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    head = " | ".join(LABELS.get(k, k) for k in EXPLORATION_KEYS)
+    return [
+        "## Exploration from iteration 1 to the last: change, mean over seeds, 95% interval paired over questions",
+        "",
+        f"| mode | iterations | eval questions | {head} |",
+        "|" + "---|" * (3 + len(EXPLORATION_KEYS)),
+        *rows,
+    ]
 
 
 def _fmt_ci(m, lo, hi) -> str:
@@ -155,6 +200,7 @@ def report(out: str, runs: dict[str, str], labels=None, questions=None) -> list[
         d = paired_difference_ci([v["greedy_acc"] for v in finals["bstar"][1]],
                                  [v["greedy_acc"] for v in finals["online-rft"][1]])  # fmt: skip
         summary.append(f"bstar - online-rft greedy accuracy: {_fmt_ci(*d)}")
+    lines += [""] + exploration_lines(modes, data, runs, labels, questions)
     sizes = sorted({(r.get("eval_greedy_queries"), r.get("eval_sampled_queries")) for rs in data.values() for r in rs})
     if len(sizes) > 1:  # mid_eval_queries: the curves' inner points come from fewer questions
         lines += ["", "Eval questions (greedy, sampled) per iteration differ: "

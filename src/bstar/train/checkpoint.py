@@ -237,12 +237,6 @@ def _load_state_file(path: Path) -> dict:
         raise CheckpointError(f"{path} is corrupt or missing ({why}); resume from an earlier checkpoint") from None
 
 
-def _read_state(ckpt: Path) -> tuple[dict, dict, dict]:
-    """(state.json info, full optimizer state dict, RNG state) of a checkpoint's trainer_state/."""
-    info = read_info(ckpt)
-    return info, read_optimizer_state(ckpt, info), read_rng(ckpt)
-
-
 def check_resume(ckpt: Path, info: dict, run_info: dict) -> None:
     """Refuses a checkpoint written for other data or another schedule (`run_info`'s "data", "total_steps"
     and "schedule_steps"): resume continues this same call."""
