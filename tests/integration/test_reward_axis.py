@@ -154,7 +154,14 @@ def test_fresh_queries_train_on_new_questions_each_iteration(fresh_baseline):
     assert json.loads((out / "config.json").read_text())["verifier_noise"] == 1.0
 
 
-@pytest.mark.parametrize("point", ["t1/search:scored", "t2/generate:scored", "t2/evaluate:sampled"])
+@pytest.mark.parametrize(  # one point in CI: the pool of fresh queries redrawn; the other two with -m slow
+    "point",
+    [
+        pytest.param("t1/search:scored", marks=pytest.mark.slow),
+        "t2/generate:scored",
+        pytest.param("t2/evaluate:sampled", marks=pytest.mark.slow),
+    ],
+)
 def test_a_killed_fresh_query_run_resumes_identically(fresh_baseline, tmp_path, point):
     import signal
 
