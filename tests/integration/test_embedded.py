@@ -307,3 +307,44 @@ def test_corrupt_cache_is_a_clear_error(tmp_path):
     (d / "manifest.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="delete it to rebuild"):
         load_assets(d)
+
+
+def test_two_torchrun_ranks_on_a_cold_cache_build_it_once(tmp_path, free_port):
+    """Under torchrun the node's local rank 0 builds in a one-rank child process (the build's trainer joins
+    no process group) and the other rank waits for its manifest: a 2-rank run on an empty cache ends well,
+    with one finished build and no temporaries (before the fix rank 1 failed inside the build's trainer)."""
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    env = {**os.environ, "BSTAR_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port}"]
+    cmd += ["-m", "bstar", "run", "--embedded-preset", "tiny", "--iterations", "1", "--quiet"]
+    r = subprocess.run(cmd + ["--out", str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    built = sorted(p.name for p in cache.iterdir() if p.name.startswith((".embedded", "embedded")))
+    assert built == [f"embedded-{EmbeddedConfig.tiny().key()}"]
+    assert (tmp_path / "run" / "iterations.jsonl").is_file()
+
+
+def test_a_waiting_rank_loads_what_local_rank_0_builds(tmp_path, monkeypatch, built):
+    """A rank other than the node's first builds nothing: it waits until the manifest appears, then loads."""
+    import shutil
+    import threading
+
+    root, assets, _ = built
+    src = assets.policy_path.parent
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(build_mod, "_build", lambda *a, **k: pytest.fail("a waiting rank must not build"))
+
+    def finish():  # as a build ends: the whole directory renamed into place at once
+        shutil.copytree(src, tmp_path / "staged")
+        os.replace(tmp_path / "staged", tmp_path / src.name)
+
+    later = threading.Timer(1.0, finish)
+    later.start()
+    got = build_assets(EmbeddedConfig.tiny(), cache_dir=tmp_path, progress=False)
+    later.join()
+    assert got.manifest == assets.manifest and got.policy_path == tmp_path / src.name / "policy"

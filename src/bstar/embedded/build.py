@@ -6,7 +6,9 @@
 
 Cache: `$BSTAR_CACHE` or ~/.cache/bstar-engine, subfolder `embedded-<hash of config + VERSION>`.
 A build happens in a temp dir beside it and is renamed into place at the end, so a killed or failed
-build never leaves a partial cache under the final name.
+build never leaves a partial cache under the final name. Under torchrun the node's local rank 0 builds in a
+child process of its own (the build's trainer must not join the ranks' process group) while the node's other
+ranks wait for its manifest.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +38,7 @@ from bstar.engine.errors import CheckpointError
 from bstar.errors import BStarError
 from bstar.kernels.native import cache_root
 from bstar.loop.tasks import DEFAULT_PROMPT, Example
+from bstar.utils import distributed as dist_utils
 
 _MANIFEST = "manifest.json"
 
@@ -81,6 +85,9 @@ def build_assets(
         raise BStarError(f"cannot create the embedded-model cache dir {root}: {e}") from None
     if not os.access(root, os.W_OK):
         raise BStarError(f"embedded-model cache dir {root} is not writable (set BSTAR_CACHE to another dir)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _build_once_per_node(cfg, root, dest, progress, threads)
+        return load_assets(dest)
     _sweep_stale(root)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-{os.getpid()}-", dir=root))
     before = torch.get_num_threads()
@@ -97,6 +104,40 @@ def build_assets(
         torch.set_num_threads(before)
         shutil.rmtree(tmp, ignore_errors=True)  # no-op after a successful rename
     return load_assets(dest)
+
+
+# torchrun's variables: without them the child is one process, and its trainer joins no process group
+_TORCHRUN_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                 "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")  # fmt: skip
+
+
+def _build_once_per_node(cfg: EmbeddedConfig, root: Path, dest: Path, progress: bool, threads: int | None) -> None:
+    """Under torchrun: the node's local rank 0 builds in a child process (`_main`, a process of one rank);
+    the node's other ranks wait for the manifest, at most the process-group timeout."""
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        env = {k: v for k, v in os.environ.items() if k not in _TORCHRUN_ENV and not k.startswith("TORCHELASTIC")}
+        args = [json.dumps(asdict(cfg)), str(root), "1" if progress else "0", str(threads or 0)]
+        code = "import sys; from bstar.embedded.build import _main; sys.exit(_main(sys.argv[1:]))"
+        r = subprocess.run([sys.executable, "-c", code, *args], env=env)
+        if r.returncode != 0:
+            raise BStarError(f"building the built-in task into {root} failed (exit {r.returncode}; its line is above)")
+        return
+    deadline = time.monotonic() + dist_utils.timeout().total_seconds()
+    while not (dest / _MANIFEST).is_file():
+        if time.monotonic() > deadline:
+            raise BStarError(f"waited {dist_utils.timeout()} for local rank 0 to build the built-in task into {dest}")
+        time.sleep(0.5)
+
+
+def _main(argv: list[str]) -> int:
+    """The child of _build_once_per_node: CONFIG_JSON CACHE_DIR PROGRESS(0/1) THREADS(0: leave as is)."""
+    cfg_json, root, progress, threads = argv
+    try:
+        build_assets(EmbeddedConfig(**json.loads(cfg_json)), root, progress == "1", int(threads) or None)
+    except BStarError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def load_assets(path: str | os.PathLike) -> EmbeddedAssets:
