@@ -326,6 +326,7 @@ def test_two_torchrun_ranks_on_a_cold_cache_build_it_once(tmp_path, free_port):
     built = sorted(p.name for p in cache.iterdir() if p.name.startswith((".embedded", "embedded")))
     assert built == [f"embedded-{EmbeddedConfig.tiny().key()}"]
     assert (tmp_path / "run" / "iterations.jsonl").is_file()
+    assert r.stdout.count("greedy accuracy:") == 1  # the summary line from rank 0 only
 
 
 def test_a_waiting_rank_loads_what_local_rank_0_builds(tmp_path, monkeypatch, built):

@@ -190,7 +190,9 @@ def _compare(cfg: RunConfig, out: str, seeds: int, jobs: int, quiet: bool, noise
 
 
 def _summary(records):
-    if records:
+    from bstar.utils.distributed import world
+
+    if records and world()[0] == 0:  # (under torchrun: one line, from rank 0)
         first, last = records[0], records[-1]
         click.echo(
             f"greedy accuracy: iteration {first['iteration']} {first.get('greedy_acc', 0):.3f} -> "
