@@ -238,14 +238,19 @@ def _build(cfg: EmbeddedConfig, out: Path, progress: bool) -> None:
     t = time.perf_counter()
     rows, data_stats = prm_data(cfg, policy_dir, train[: cfg.prm_questions])
     dump_rows(out / "prm_data.jsonl", rows)
+    times["prm_data"] = time.perf_counter() - t
     _log(
         progress,
         f"prm data: {data_stats['candidates']} solutions ({data_stats['policy_candidates']} sampled from the policy), "
         f"{data_stats['steps']} steps, {data_stats['good_rate']:.2f} good ({time.perf_counter() - t:.1f}s)",
     )
     prm_dir = out / "prm"
+    t_train = time.perf_counter()
     prm_loss = train_prm(cfg, policy_dir, tok, rows, prm_dir, progress)
+    times["prm_train"] = time.perf_counter() - t_train
+    t_quality = time.perf_counter()
     quality = prm_quality(cfg, prm_dir, policy_dir, test[: cfg.prm_eval_questions])
+    times["prm_quality"] = time.perf_counter() - t_quality
     times["prm"] = time.perf_counter() - t
     metrics.update(prm_data=data_stats, prm_final_loss=prm_loss, **quality)
     _log(
