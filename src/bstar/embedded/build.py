@@ -68,7 +68,7 @@ def build_assets(
     """The cached assets for `cfg`, building them first when the cache has none.
 
     `threads`: torch intra-op threads during the build (restored after). 1 by default, whoever calls: the
-    weights depend on it (2 threads sum in another order: on an idle Intel Xeon the default build took 456 s
+    weights depend on it (2 threads sum in another order: on an idle Intel Xeon a build with 1,500 PRM steps took 456 s
     instead of 719 s but warm-started a policy of greedy accuracy 0.153 instead of 0.183), and on a busy
     2-core machine 2 threads spin against other processes and run ~15x slower (4.8 s vs 0.3 s per SFT
     step). The manifest records it. None: leave as is."""

@@ -108,9 +108,9 @@ def _batches(encoded, batch: int, steps: int, seed: int, pool: int = 16):
 
 def train_prm(cfg: EmbeddedConfig, policy: Path, tok, rows, out: Path, progress: bool) -> float:
     """Fine-tunes the warm policy into the PRM: BCE on the good-minus-bad logit at every step tag, batches bucketed
-    by length, Linear layers on the trainer's CPU GEMM (bstar/train/cpu_gemm.py; with both, 1,500 steps take 245 s
-    instead of 360 s on the AMD EPYC machine). Saves an HF directory (weights, config, the policy's tokenizer);
-    returns the mean loss of the last 50 steps."""
+    by length, Linear layers on the trainer's CPU GEMM (bstar/train/cpu_gemm.py; with both, 1,500 steps took 245 s
+    instead of 360 s on an AMD EPYC; 900 steps take 229 s on an idle Intel Xeon, one thread). Saves an HF
+    directory (weights, config, the policy's tokenizer); returns the mean loss of the last 50 steps."""
     if not rows:
         raise BStarError("embedded PRM: no labelled steps to train on")
     good, bad = tok.token_to_id(GOOD), tok.token_to_id(BAD)
