@@ -25,6 +25,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (`pytest -n 2`, as CI runs the suite) each worker takes one core: one torch thread, and one for
+# the processes tests start (torchrun ranks, CLI runs); two threads per worker on 2 cores spin against each other
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 from bstar.testing.model_factory import make_model  # noqa: E402 (imports triton, after TRITON_INTERPRET is set)
 
 REPO = Path(__file__).resolve().parents[1]
