@@ -85,7 +85,7 @@ def build_assets(
         raise BStarError(f"cannot create the embedded-model cache dir {root}: {e}") from None
     if not os.access(root, os.W_OK):
         raise BStarError(f"embedded-model cache dir {root} is not writable (set BSTAR_CACHE to another dir)")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if dist_utils.launched_world_size() > 1:
         _build_once_per_node(cfg, root, dest, progress, threads)
         return load_assets(dest)
     _sweep_stale(root)
@@ -114,7 +114,7 @@ _TORCHRUN_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_
 def _build_once_per_node(cfg: EmbeddedConfig, root: Path, dest: Path, progress: bool, threads: int | None) -> None:
     """Under torchrun: the node's local rank 0 builds in a child process (`_main`, a process of one rank);
     the node's other ranks wait for the manifest, at most the process-group timeout."""
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+    if dist_utils.local_rank() == 0:
         env = {k: v for k, v in os.environ.items() if k not in _TORCHRUN_ENV and not k.startswith("TORCHELASTIC")}
         args = [json.dumps(asdict(cfg)), str(root), "1" if progress else "0", str(threads or 0)]
         code = "import sys; from bstar.embedded.build import _main; sys.exit(_main(sys.argv[1:]))"
@@ -242,7 +242,7 @@ def _build(cfg: EmbeddedConfig, out: Path, progress: bool) -> None:
     _log(
         progress,
         f"prm data: {data_stats['candidates']} solutions ({data_stats['policy_candidates']} sampled from the policy), "
-        f"{data_stats['steps']} steps, {data_stats['good_rate']:.2f} good ({time.perf_counter() - t:.1f}s)",
+        f"{data_stats['steps']} steps, {data_stats['good_rate']:.2f} good ({times['prm_data']:.1f}s)",
     )
     prm_dir = out / "prm"
     t_train = time.perf_counter()

@@ -133,7 +133,7 @@ class SFTTrainer:
         if c.device:
             self.device = torch.device(c.device)
         elif torch.cuda.is_available():
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            self.device = torch.device("cuda", dist_utils.local_rank())
         else:
             self.device = torch.device("cpu")
         self.offload = c.offload_optimizer

@@ -31,6 +31,16 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def launched_world_size() -> int:
+    """The world size torchrun launched this process into ($WORLD_SIZE; 1 without torchrun), joined or not."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_rank() -> int:
+    """This process's rank on its node ($LOCAL_RANK; 0 without torchrun)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def timeout() -> timedelta:
     """The process-group timeout: $BSTAR_DIST_TIMEOUT_MIN minutes, 60 by default."""
     raw = os.environ.get("BSTAR_DIST_TIMEOUT_MIN", str(DEFAULT_TIMEOUT_MIN))
@@ -53,7 +63,7 @@ def init_process_group(*, store=None, rank: int | None = None, world_size: int |
     with this module's backend and timeout; with CUDA each rank on its LOCAL_RANK device."""
     kw = {}
     if torch.cuda.is_available():
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        dev = torch.device("cuda", local_rank())
         torch.cuda.set_device(dev)
         kw["device_id"] = dev
     if store is not None:
@@ -64,7 +74,7 @@ def init_process_group(*, store=None, rank: int | None = None, world_size: int |
 def init_from_env() -> tuple[int, int]:
     """Join the process group torchrun describes; a no-op without torchrun (WORLD_SIZE unset or 1) or when
     already joined."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+    if launched_world_size() > 1 and not dist.is_initialized():
         init_process_group()
     return world()
 
